@@ -1,0 +1,84 @@
+"""Decoded pixels as numpy arrays, with the stored bit depth made explicit.
+
+Compressed transfer syntaxes (JPEG 2000, JPEG-LS, JPEG lossless/lossy, RLE) are decoded by
+the pylibjpeg plugins and pyjpegls; a decoder failure becomes a :class:`DicomReadError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from radguard.errors import DicomReadError
+
+__all__ = ["PixelInfo", "pixel_array", "pixel_info"]
+
+
+@dataclass(frozen=True)
+class PixelInfo:
+    """The Image Pixel Module facts a consumer needs to interpret the array correctly."""
+
+    rows: int
+    columns: int
+    frames: int
+    samples_per_pixel: int
+    bits_allocated: int
+    bits_stored: int
+    high_bit: int
+    signed: bool
+    photometric: str
+
+    @property
+    def min_value(self) -> int:
+        """Smallest value the stored bits can hold."""
+        return -(1 << (self.bits_stored - 1)) if self.signed else 0
+
+    @property
+    def max_value(self) -> int:
+        """Largest value the stored bits can hold."""
+        return (1 << (self.bits_stored - 1)) - 1 if self.signed else (1 << self.bits_stored) - 1
+
+
+def pixel_info(ds: Dataset) -> PixelInfo:
+    """Read the Image Pixel Module; raises :class:`DicomReadError` if it is incomplete."""
+    name = getattr(ds, "filename", None) or "dataset"
+    if "PixelData" not in ds and "FloatPixelData" not in ds:
+        raise DicomReadError(f"{name}: has no pixel data")
+    try:
+        bits_allocated = int(ds.BitsAllocated)
+        return PixelInfo(
+            rows=int(ds.Rows),
+            columns=int(ds.Columns),
+            frames=int(ds.get("NumberOfFrames", 1) or 1),
+            samples_per_pixel=int(ds.get("SamplesPerPixel", 1)),
+            bits_allocated=bits_allocated,
+            bits_stored=int(ds.get("BitsStored", bits_allocated)),
+            high_bit=int(ds.get("HighBit", bits_allocated - 1)),
+            signed=int(ds.get("PixelRepresentation", 0)) == 1,
+            photometric=str(ds.get("PhotometricInterpretation", "MONOCHROME2")),
+        )
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise DicomReadError(f"{name}: incomplete Image Pixel Module ({exc})") from exc
+
+
+def pixel_array(ds: Dataset) -> np.ndarray:
+    """Decode the pixel data to stored values (no rescale, no VOI), as numpy.
+
+    Shape is (rows, cols), (frames, rows, cols) or with a trailing samples axis; dtype is
+    the smallest integer type holding ``BitsAllocated`` with the module's signedness.
+    """
+    info = pixel_info(ds)
+    name = getattr(ds, "filename", None) or "dataset"
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:
+        text = " ".join(str(exc).split())[:200]
+        raise DicomReadError(f"{name}: cannot decode pixel data ({text})") from exc
+    expected = info.rows * info.columns * info.frames * info.samples_per_pixel
+    if arr.size != expected:
+        raise DicomReadError(
+            f"{name}: pixel data holds {arr.size} values, header says {expected}"
+        )
+    return np.asarray(arr)

@@ -1,0 +1,302 @@
+"""The PS3.15 / PS3.3 C.12.1.1.3.1.1 byte stream that a DICOM digital signature covers.
+
+The signed elements are encoded in dataset order in Explicit VR Little Endian (the MAC
+Calculation Transfer Syntax), with these rules (matching dcmtk's ``writeSignatureFormat``
+byte for byte, which the interoperability tests check):
+
+* ordinary elements: tag, VR, (2 reserved bytes,) length, value -- as on the wire;
+* sequences: tag, ``SQ``, two reserved bytes, *no length*; each item as its item tag with
+  *no length* followed by its elements; no item delimiters; a sequence delimitation tag
+  (FFFE,E0DD) with *no length* at the end;
+* encapsulated pixel data: like a sequence (tag, ``OB``, 00 00), each fragment (the basic
+  offset table included) as an item tag with no length followed by its bytes, then
+  (FFFE,E0DD);
+* never signed at the top level: group lengths, Length to End, groups below 0008, group
+  FFFA, MAC Parameters (4FFE,0001), Data Set Trailing Padding (FFFC,FFFC), delimiters, and
+  any element that is or contains a UN element (its meaning is unknown, so its encoding is
+  not canonical).
+
+Values are taken from the bytes that were read whenever pydicom still holds them raw, so a
+value is hashed exactly as it was signed, whatever pydicom's value conversion would do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import correct_ambiguous_vr_element, write_data_element
+from pydicom.hooks import _private_vr_for_tag  # noqa: PLC2701 - the rule pydicom itself applies
+from pydicom.tag import BaseTag, Tag
+
+__all__ = [
+    "EXCLUDED_FROM_ITEM_STREAM",
+    "MAC_TRANSFER_SYNTAX",
+    "MacStream",
+    "element_vr",
+    "is_signable_element",
+    "is_signable_tag",
+    "signable_tags",
+]
+
+MAC_TRANSFER_SYNTAX = "1.2.840.10008.1.2.1"  # Explicit VR Little Endian
+
+_LONG_VRS = frozenset(
+    {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
+)
+_ITEM_TAG = struct.pack("<HH", 0xFFFE, 0xE000)
+_SEQ_DELIM_TAG = struct.pack("<HH", 0xFFFE, 0xE0DD)
+_ITEM_DELIM = 0xFFFEE00D
+_SEQ_DELIM = 0xFFFEE0DD
+_UNDEFINED = 0xFFFFFFFF
+
+#: Signature item elements that are not part of the MAC (PS3.15 C.12.1.1.3.1.2).
+EXCLUDED_FROM_ITEM_STREAM = frozenset(
+    {0x04000115, 0x04000120, 0x04000305, 0x04000310}  # certificate, signature, timestamp
+)
+
+
+def is_signable_tag(tag: int) -> bool:
+    """PS3.15 rules on which tags can ever be part of a signature."""
+    group, elem = tag >> 16, tag & 0xFFFF
+    if elem == 0 or group < 0x0008 or group == 0xFFFA:
+        return False
+    if tag in (0x00080001, 0x4FFE0001, 0xFFFCFFFC, _ITEM_DELIM, _SEQ_DELIM):
+        return False
+    return True
+
+
+def element_vr(ds: Dataset, tag: int, is_implicit: bool) -> str:
+    """The VR this element has in Explicit VR Little Endian, resolving implicit VR and the
+    ambiguous dictionary VRs the same way pydicom (and dcmtk) write them."""
+    elem = ds.get_item(tag)
+    vr = elem.VR
+    if vr is not None and " or " not in vr:
+        return str(vr)
+    if vr is None:
+        try:
+            vr = dictionary_VR(tag)
+        except KeyError:
+            btag = BaseTag(tag)
+            if btag.is_private:
+                return str(_private_vr_for_tag(ds, btag))
+            return "UL" if (tag & 0xFFFF) == 0 else "UN"
+        if " or " not in vr:
+            return vr
+    if tag == 0x7FE00010 or (tag & 0xFF00FFFF) == 0x60003000:
+        undefined = getattr(elem, "length", 0) == _UNDEFINED or getattr(
+            elem, "is_undefined_length", False
+        )
+        if undefined:
+            return "OB"
+        if is_implicit:
+            return "OW"  # PS3.5 A.1: native pixel data in implicit VR is OW
+        return "OW" if int(ds.get("BitsAllocated", 16)) > 8 else "OB"
+    converted = _converted(ds, tag, is_little_endian=True)
+    fixed = correct_ambiguous_vr_element(converted, ds, True)
+    return str(fixed.VR).split(" or ")[0]
+
+
+def is_signable_element(ds: Dataset, tag: int, is_implicit: bool) -> bool:
+    """Signable tag, not UN, and (for sequences) no UN anywhere inside."""
+    return is_signable_tag(tag) and not _contains_un(ds, tag, is_implicit)
+
+
+def signable_tags(ds: Dataset, is_implicit: bool) -> list[int]:
+    """Top-level tags of ``ds`` that a signature can cover, in dataset order."""
+    return [int(t) for t in sorted(ds.keys()) if is_signable_element(ds, int(t), is_implicit)]
+
+
+def _contains_un(ds: Dataset, tag: int, is_implicit: bool) -> bool:
+    vr = element_vr(ds, tag, is_implicit)
+    if vr == "UN":
+        return True
+    if vr != "SQ":
+        return False
+    for item in _sequence_items(ds, tag):
+        for sub in item.keys():
+            if _contains_un(item, int(sub), is_implicit):
+                return True
+    return False
+
+
+def _converted(ds: Dataset, tag: int, *, is_little_endian: bool) -> DataElement:
+    """The element as a DataElement, without replacing the raw element stored in ``ds``."""
+    elem = ds.get_item(tag)
+    if isinstance(elem, RawDataElement):
+        return convert_raw_data_element(elem, encoding=ds._character_set, ds=ds)
+    return elem
+
+
+def _sequence_items(ds: Dataset, tag: int) -> list[Dataset]:
+    value = _converted(ds, tag, is_little_endian=True).value
+    return list(value or [])
+
+
+class MacStream:
+    """Feeds the PS3.15 MAC byte stream of a dataset into a hash object.
+
+    Small headers are buffered and large values are passed straight to the hash, so a 7 MB
+    pixel data element is hashed without being copied.
+    """
+
+    def __init__(
+        self,
+        hasher: Any,
+        *,
+        is_implicit: bool,
+        is_little_endian: bool,
+        tap: Callable[[bytes], None] | None = None,
+    ) -> None:
+        self._hash = hasher
+        self._implicit = is_implicit
+        self._little = is_little_endian
+        self._buf = bytearray()
+        self._tap = tap  # receives every byte too (tests compare with dcmtk's dump)
+
+    # -- output -------------------------------------------------------------------------
+    def _write(self, data: bytes | bytearray | memoryview) -> None:
+        if len(data) >= 65536:
+            self._flush()
+            self._hash.update(data)
+            if self._tap is not None:
+                self._tap(bytes(data))
+        else:
+            self._buf += data
+
+    def _flush(self) -> None:
+        if self._buf:
+            self._hash.update(self._buf)
+            if self._tap is not None:
+                self._tap(bytes(self._buf))
+            self._buf = bytearray()
+
+    def digest(self) -> bytes:
+        """Finish and return the hash of everything written."""
+        self._flush()
+        return self._hash.digest()
+
+    # -- encoding ----------------------------------------------------------------------
+    def add_elements(self, ds: Dataset, tags: Iterable[int]) -> None:
+        """Append the given top-level elements of ``ds`` (present ones, dataset order)."""
+        wanted = set(int(t) for t in tags)
+        for tag in sorted(ds.keys()):
+            if int(tag) in wanted:
+                self._element(ds, int(tag))
+
+    def add_signature_item(self, item: Dataset) -> None:
+        """Append the signature item's own elements, minus certificate/signature/timestamp."""
+        for tag in sorted(item.keys()):
+            t = int(tag)
+            if t in EXCLUDED_FROM_ITEM_STREAM or not is_signable_tag(t):
+                continue
+            self._element(item, t)
+
+    def _element(self, ds: Dataset, tag: int) -> None:
+        vr = element_vr(ds, tag, self._implicit)
+        if vr == "SQ":
+            self._sequence(ds, tag)
+            return
+        elem = ds.get_item(tag)
+        raw_value = self._raw_value(elem)
+        undefined = (
+            elem.length == _UNDEFINED
+            if isinstance(elem, RawDataElement)
+            else bool(getattr(elem, "is_undefined_length", False))
+        )
+        if undefined:
+            value = raw_value if raw_value is not None else _converted_bytes(ds, tag)
+            self._encapsulated(tag, vr, value)
+            return
+        if raw_value is None:
+            self._write(_encode_converted(ds, tag, vr))
+            return
+        if len(raw_value) % 2:
+            pad = b"\0" if vr in ("UI", "OB", "UN") else b" "
+            raw_value = bytes(raw_value) + pad
+        self._header(tag, vr, len(raw_value))
+        self._write(memoryview(raw_value))
+
+    def _raw_value(self, elem: DataElement | RawDataElement) -> bytes | None:
+        """Original little-endian value bytes, if pydicom still holds them unconverted."""
+        if isinstance(elem, RawDataElement) and self._little and elem.value is not None:
+            return elem.value
+        if isinstance(elem, RawDataElement) and elem.value is None:
+            return b""
+        return None
+
+    def _header(self, tag: int, vr: str, length: int) -> None:
+        head = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr.encode("ascii")
+        if vr in _LONG_VRS:
+            head += b"\0\0" + struct.pack("<L", length)
+        else:
+            if length > 0xFFFF:
+                raise ValueError(f"value of {Tag(tag)} too long for VR {vr}")
+            head += struct.pack("<H", length)
+        self._write(head)
+
+    def _sequence(self, ds: Dataset, tag: int) -> None:
+        self._write(struct.pack("<HH", tag >> 16, tag & 0xFFFF) + b"SQ\0\0")
+        for item in _sequence_items(ds, tag):
+            self._write(_ITEM_TAG)
+            for sub in sorted(item.keys()):
+                self._element(item, int(sub))
+        self._write(_SEQ_DELIM_TAG)
+
+    def _encapsulated(self, tag: int, vr: str, value: bytes) -> None:
+        self._write(struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr.encode("ascii") + b"\0\0")
+        view = memoryview(value)
+        pos, end = 0, len(view)
+        while pos + 8 <= end:
+            group, element, length = struct.unpack_from("<HHL", view, pos)
+            item_tag = (group << 16) | element
+            pos += 8
+            if item_tag == _SEQ_DELIM:
+                break
+            if item_tag != 0xFFFEE000 or length == _UNDEFINED or pos + length > end:
+                raise ValueError(f"malformed encapsulated value in {Tag(tag)}")
+            self._write(_ITEM_TAG)
+            self._write(view[pos : pos + length])
+            pos += length
+        self._write(_SEQ_DELIM_TAG)
+
+
+def _encode_converted(ds: Dataset, tag: int, vr: str) -> bytes:
+    """Encode a non-raw (or big-endian) element in Explicit VR Little Endian via pydicom."""
+    elem = _converted(ds, tag, is_little_endian=True)
+    if elem.VR != vr:
+        elem = DataElement(elem.tag, vr, elem.value, is_undefined_length=elem.is_undefined_length)
+    fp = DicomBytesIO()
+    fp.is_little_endian = True
+    fp.is_implicit_VR = False
+    write_data_element(fp, elem, ds._character_set)
+    return fp.getvalue()
+
+
+def _converted_bytes(ds: Dataset, tag: int) -> bytes:
+    value = _converted(ds, tag, is_little_endian=True).value
+    return bytes(value or b"")
+
+
+def new_hasher(mac_algorithm: str) -> Any:
+    """A hashlib object for a DICOM MAC Algorithm (0400,0015) defined term."""
+    name = _HASHLIB_NAMES.get(mac_algorithm.strip().upper())
+    if name is None:
+        raise ValueError(f"unknown MAC algorithm {mac_algorithm!r}")
+    return hashlib.new(name)
+
+
+_HASHLIB_NAMES = {
+    "SHA256": "sha256",
+    "SHA384": "sha384",
+    "SHA512": "sha512",
+    "SHA1": "sha1",
+    "MD5": "md5",
+    "RIPEMD160": "ripemd160",
+}
