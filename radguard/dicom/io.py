@@ -12,8 +12,11 @@ import os
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pydicom
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRLittleEndian
@@ -22,8 +25,10 @@ from radguard.errors import DicomReadError
 from radguard.fileio import atomic_writer
 
 __all__ = [
+    "detached_view",
     "encode_dataset",
     "iter_dicom_paths",
+    "peek",
     "read_dataset",
     "read_dataset_bytes",
     "write_dataset",
@@ -68,6 +73,11 @@ def read_dataset_bytes(
     eof_warnings = [w for w in caught if "end of file" in str(w.message).lower()]
     if fp.short_read or eof_warnings:
         raise DicomReadError(f"{name}: truncated DICOM file (data ends inside an element)")
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or "TransferSyntaxUID" not in meta:
+        raise DicomReadError(f"{name}: no File Meta Information (transfer syntax unknown)")
+    if len(ds) == 0:
+        raise DicomReadError(f"{name}: DICOM file holds no data set")
     if not stop_before_pixels:
         _check_complete(ds, name)
     ds.filename = name
@@ -108,7 +118,7 @@ def encode_dataset(ds: Dataset, transfer_syntax: str | None = None) -> bytes:
     _ensure_file_meta(ds, transfer_syntax)
     buf = io.BytesIO()
     try:
-        ds.save_as(buf, enforce_file_format=True)
+        detached_view(ds).save_as(buf, enforce_file_format=True)
     except Exception as exc:
         raise DicomReadError(f"cannot encode dataset ({_one_line(exc)})") from exc
     return buf.getvalue()
@@ -136,10 +146,40 @@ def _ensure_file_meta(ds: Dataset, transfer_syntax: str | None) -> None:
         # a dataset built in memory: its encoding is the one it is about to be written in
         tsyntax = UID(meta.TransferSyntaxUID)
         ds.set_original_encoding(tsyntax.is_implicit_VR, tsyntax.is_little_endian)
-    if "SOPClassUID" in ds:
-        meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    if "SOPInstanceUID" in ds:
-        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    for src, dst in (("SOPClassUID", "MediaStorageSOPClassUID"),
+                     ("SOPInstanceUID", "MediaStorageSOPInstanceUID")):
+        value = peek(ds, src)
+        if value:
+            setattr(meta, dst, value)
+
+
+def detached_view(ds: Dataset) -> Dataset:
+    """A dataset sharing ``ds``'s elements but with its own element table.
+
+    pydicom converts raw elements in place whenever something reads them (the writer and
+    the pixel decoder included); working on a view keeps the caller's raw bytes intact.
+    """
+    view = Dataset({tag: ds.get_item(tag) for tag in ds.keys()})
+    view.file_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+    view.set_original_encoding(*ds.original_encoding, ds.original_character_set)
+    view.preamble = getattr(ds, "preamble", None)
+    return view
+
+
+def peek(ds: Dataset, keyword: str | int, default: Any = None) -> Any:  # noqa: ANN401
+    """An element's value without converting it in place.
+
+    ``ds.Keyword`` makes pydicom replace the raw element by a decoded one, and a decoded
+    value is re-encoded on writing (trailing spaces dropped, numbers reformatted...), which
+    would change bytes a signature covers. Read-only consumers use this instead.
+    """
+    tag = keyword if isinstance(keyword, int) else tag_for_keyword(keyword)
+    if tag is None or tag not in ds:
+        return default
+    elem = ds.get_item(tag)
+    if isinstance(elem, RawDataElement):
+        elem = convert_raw_data_element(elem, encoding=ds._character_set, ds=ds)
+    return elem.value
 
 
 def iter_dicom_paths(paths: Iterable[str | os.PathLike[str]]) -> Iterator[Path]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from pydicom.dataset import Dataset
 
+from radguard.dicom.io import detached_view
 from radguard.errors import DicomReadError
 
 __all__ = ["PixelInfo", "pixel_array", "pixel_info"]
@@ -68,11 +69,15 @@ def pixel_array(ds: Dataset) -> np.ndarray:
 
     Shape is (rows, cols), (frames, rows, cols) or with a trailing samples axis; dtype is
     the smallest integer type holding ``BitsAllocated`` with the module's signedness.
+    ``ds`` itself is not modified.
     """
     info = pixel_info(ds)
     name = getattr(ds, "filename", None) or "dataset"
+    # decode through a view with its own element dict: pydicom replaces raw elements by
+    # converted ones on access, and the caller's original bytes must stay untouched
+    # (signature verification and byte-faithful re-writing depend on them)
     try:
-        arr = ds.pixel_array
+        arr = detached_view(ds).pixel_array
     except Exception as exc:
         text = " ".join(str(exc).split())[:200]
         raise DicomReadError(f"{name}: cannot decode pixel data ({text})") from exc

@@ -27,6 +27,7 @@ import struct
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
@@ -55,6 +56,11 @@ _SEQ_DELIM_TAG = struct.pack("<HH", 0xFFFE, 0xE0DD)
 _ITEM_DELIM = 0xFFFEE00D
 _SEQ_DELIM = 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF
+
+_BYTE_VRS = frozenset({"OB", "UN"})
+_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST",
+                       "TM", "UC", "UI", "UR", "UT"})
+_WORD_VRS = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
 
 #: Signature item elements that are not part of the MAC (PS3.15 C.12.1.1.3.1.2).
 EXCLUDED_FROM_ITEM_STREAM = frozenset(
@@ -204,7 +210,7 @@ class MacStream:
             self._sequence(ds, tag)
             return
         elem = ds.get_item(tag)
-        raw_value = self._raw_value(elem)
+        raw_value = self._raw_value(elem, vr)
         undefined = (
             elem.length == _UNDEFINED
             if isinstance(elem, RawDataElement)
@@ -223,13 +229,22 @@ class MacStream:
         self._header(tag, vr, len(raw_value))
         self._write(memoryview(raw_value))
 
-    def _raw_value(self, elem: DataElement | RawDataElement) -> bytes | None:
-        """Original little-endian value bytes, if pydicom still holds them unconverted."""
-        if isinstance(elem, RawDataElement) and self._little and elem.value is not None:
-            return elem.value
-        if isinstance(elem, RawDataElement) and elem.value is None:
+    def _raw_value(self, elem: DataElement | RawDataElement, vr: str) -> bytes | None:
+        """Original value bytes in little-endian order, if pydicom still holds them raw.
+
+        Big-endian OB/UN/text values need no swap and OW/OF/OL/OD/OV values are swapped
+        word by word here; numbers (US, FL, AT...) go through pydicom's conversion instead.
+        """
+        if not isinstance(elem, RawDataElement):
+            return None
+        if elem.value is None:
             return b""
-        return None
+        if self._little or vr in _BYTE_VRS or vr in _TEXT_VRS:
+            return elem.value
+        width = _WORD_VRS.get(vr)
+        if width is None or len(elem.value) % width:
+            return None
+        return np.frombuffer(elem.value, dtype=f">u{width}").astype(f"<u{width}").tobytes()
 
     def _header(self, tag: int, vr: str, length: int) -> None:
         head = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr.encode("ascii")

@@ -32,6 +32,7 @@ __all__ = [
     "Signer",
     "create_ca",
     "create_signer",
+    "describe_name",
     "describe_subject",
     "generate_private_key",
     "load_certificates",
@@ -286,9 +287,26 @@ def _check_pair(key: PrivateKey, cert: x509.Certificate, what: str) -> None:
         raise KeyMaterialError(f"{what}: certificate does not match the private key")
 
 
+_SHORT_NAMES = {
+    NameOID.COMMON_NAME: "CN", NameOID.ORGANIZATION_NAME: "O",
+    NameOID.ORGANIZATIONAL_UNIT_NAME: "OU", NameOID.SERIAL_NUMBER: "serialNumber",
+    NameOID.LOCALITY_NAME: "L", NameOID.COUNTRY_NAME: "C", NameOID.EMAIL_ADDRESS: "email",
+    NameOID.STATE_OR_PROVINCE_NAME: "ST", NameOID.USER_ID: "UID",
+}
+
+
+def describe_name(name: x509.Name) -> str:
+    """A name in the order it was written, e.g. ``CN=DX Room 3, O=..., serialNumber=SN1``."""
+    parts = []
+    for attr in name:
+        label = _SHORT_NAMES.get(attr.oid, attr.oid.dotted_string)
+        parts.append(f"{label}={attr.value}")
+    return ", ".join(parts)
+
+
 def describe_subject(cert: x509.Certificate) -> str:
-    """A human-readable subject, e.g. ``CN=DX Room 3,OU=Acquisition Device,...``."""
-    return cert.subject.rfc4514_string()
+    """The signer as a person reads it: ``CN=DX Room 3, O=..., OU=Acquisition Device, ...``."""
+    return describe_name(cert.subject)
 
 
 def _read(p: Path, what: str) -> bytes:

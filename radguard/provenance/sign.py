@@ -28,6 +28,7 @@ from pydicom.tag import Tag
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from radguard.dicom.io import read_dataset, write_dataset
+from radguard.dicom.pixels import pixel_array
 from radguard.dicom.uids import new_uid
 from radguard.errors import RadguardError, SignatureError
 from radguard.provenance.bytestream import (
@@ -262,10 +263,18 @@ def sign_file(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
     signer: Signer,
+    *,
+    check_pixels: bool = True,
     **options: object,
 ) -> SignatureInfo:
-    """Sign one file into ``dst`` (written atomically; ``src`` may equal ``dst``)."""
+    """Sign one file into ``dst`` (written atomically; ``src`` may equal ``dst``).
+
+    With ``check_pixels`` the pixel data is decoded first: a signer must not vouch for an
+    image that cannot be displayed (a corrupt JPEG stream, a short native buffer).
+    """
     ds = read_dataset(src)
+    if check_pixels and ("PixelData" in ds or "FloatPixelData" in ds):
+        pixel_array(ds)
     info = sign_dataset(ds, signer, **options)  # type: ignore[arg-type]
     write_dataset(ds, dst, transfer_syntax=output_transfer_syntax(ds))
     return info

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from radguard.errors import TimestampError
+from radguard.provenance.keys import describe_name
 from radguard.provenance.trust import TrustStore
 
 __all__ = ["TimestampCheck", "http_timestamper", "verify_timestamp_token"]
@@ -143,7 +144,7 @@ def verify_timestamp_token(
         if tsa_cert is None:
             return TimestampCheck(False, False, gen_time, None,
                                   "timestamp token carries no TSA certificate")
-        tsa_name = tsa_cert.subject.rfc4514_string()
+        tsa_name = describe_name(tsa_cert.subject)
         problem = _check_cms_signature(signer_info, encap_bytes(signed), tsa_cert)
         if problem:
             return TimestampCheck(False, False, gen_time, tsa_name, problem)

@@ -20,7 +20,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 
 from radguard.errors import KeyMaterialError
-from radguard.provenance.keys import load_certificates
+from radguard.provenance.keys import describe_name, load_certificates
 
 __all__ = ["ChainResult", "TrustStore"]
 
@@ -95,7 +95,7 @@ class TrustStore:
             if issuer is None:
                 return ChainResult(
                     False,
-                    f"issuer '{current.issuer.rfc4514_string()}' is not in the trust store",
+                    f"issuer '{describe_name(current.issuer)}' is not in the trust store",
                     tuple(path),
                 )
             if issuer is current or _fingerprint(issuer) == _fingerprint(current):
@@ -123,16 +123,16 @@ def _find_issuer(cert: x509.Certificate, pool: list[x509.Certificate]) -> x509.C
 
 def _date_problem(cert: x509.Certificate, at: dt.datetime) -> str:
     if at < cert.not_valid_before_utc:
-        return (f"certificate '{cert.subject.rfc4514_string()}' not valid before "
+        return (f"certificate '{describe_name(cert.subject)}' not valid before "
                 f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M:%SZ}")
     if at > cert.not_valid_after_utc:
-        return (f"certificate '{cert.subject.rfc4514_string()}' expired on "
+        return (f"certificate '{describe_name(cert.subject)}' expired on "
                 f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}")
     return ""
 
 
 def _ca_problem(cert: x509.Certificate) -> str:
-    name = cert.subject.rfc4514_string()
+    name = describe_name(cert.subject)
     try:
         bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:

@@ -35,7 +35,7 @@ from pydicom.tag import Tag
 from pydicom.uid import UID
 from pydicom.valuerep import DT
 
-from radguard.dicom.io import read_dataset
+from radguard.dicom.io import peek, read_dataset
 from radguard.errors import RadguardError, SignatureError
 from radguard.provenance.bytestream import (
     MAC_TRANSFER_SYNTAX,
@@ -45,6 +45,7 @@ from radguard.provenance.bytestream import (
     new_hasher,
     signable_tags,
 )
+from radguard.provenance.keys import describe_name
 from radguard.provenance.profiles import VERIFY_MACS, satisfied_profiles
 from radguard.provenance.sign import crypto_hash
 from radguard.provenance.timestamp import TimestampCheck, verify_timestamp_token
@@ -162,10 +163,7 @@ def _parse_dt(text: str) -> dt.datetime:
 
 
 def _seq(ds: Dataset, tag: int) -> list[Dataset]:
-    if tag not in ds:
-        return []
-    value = ds[tag].value
-    return list(value or [])
+    return list(peek(ds, tag) or [])
 
 
 def _check_one(
@@ -215,7 +213,7 @@ def _check_one(
             check.reason = f"unsupported certificate type {sig.get('CertificateType')!r}"
             return check
         cert = x509.load_der_x509_certificate(_der_trim(bytes(sig.CertificateOfSigner)))
-        check.signer = cert.subject.rfc4514_string()
+        check.signer = describe_name(cert.subject)
         check.signed_at = _parse_dt(str(sig.DigitalSignatureDateTime))
         signature = bytes(sig.Signature)
         try:
@@ -234,7 +232,8 @@ def _check_one(
             key.verify(signature, digest, padding.PKCS1v15(), prehashed)
         elif isinstance(key, ec.EllipticCurvePublicKey):
             check.key_type = "ECDSA"
-            key.verify(signature, digest, ec.ECDSA(prehashed))
+            # DICOM pads the odd-length DER of an ECDSA signature with a zero byte
+            key.verify(_der_trim(signature), digest, ec.ECDSA(prehashed))
         else:
             check.reason = "signer key type is not RSA or ECDSA"
             return check
