@@ -74,6 +74,19 @@ def _read_passphrase(path: str | None, *, env: str = PASSPHRASE_ENV) -> bytes | 
     return value.encode("utf-8") if value else None
 
 
+_workers_option = click.option(
+    "--workers", type=click.IntRange(1, 64), default=None,
+    help="Files processed in parallel (default: one per core, at most 4).",
+    callback=lambda _ctx, _param, value: value or _default_workers(),
+)
+
+
+def _default_workers() -> int:
+    from radguard.concurrency import default_workers
+
+    return default_workers()
+
+
 _passphrase_option = click.option(
     "--passphrase-file", type=click.Path(dir_okay=False),
     help=f"File whose first line is the key passphrase (or set {PASSPHRASE_ENV}).",
@@ -270,43 +283,50 @@ def _progress(total: int, label: str):  # noqa: ANN202
 @click.option("--tag", "tags", multiple=True,
               help="Sign only this element (keyword or gggg,eeee); repeatable. Default: all.")
 @click.option("--tsa", help="RFC 3161 time-stamping authority URL for a certified timestamp.")
+@click.option("--fsync/--no-fsync", default=False, show_default=True,
+              help="fsync each output (survives power loss; outputs are always written "
+                   "atomically, so a crash never leaves a partial file).")
+@_workers_option
 @_passphrase_option
 def sign(inputs: tuple[str, ...], out: str, key_path: str, cert_path: str, profile: str,
-         mac: str, purpose: int | None, tags: tuple[str, ...], tsa: str | None,
-         passphrase_file: str | None) -> None:
+         mac: str, purpose: int | None, tags: tuple[str, ...], tsa: str | None, fsync: bool,
+         workers: int, passphrase_file: str | None) -> None:
     """Add a DICOM PS3.15 digital signature to files or whole folders."""
     from radguard.provenance.keys import load_signer
-    from radguard.provenance.sign import plan_outputs, sign_file
+    from radguard.provenance.sign import BatchResult, plan_outputs, sign_paths
     from radguard.provenance.timestamp import http_timestamper
 
     signer = load_signer(key_path, cert_path, _read_passphrase(passphrase_file))
     options: dict[str, Any] = {"profile": profile, "mac": mac, "purpose": purpose,
-                               "tags": _parse_tags(tags)}
+                               "tags": _parse_tags(tags), "durable": fsync}
     if tsa:
         options["timestamper"] = http_timestamper(tsa)
     for path in inputs:
         if not Path(path).exists():
             raise RadguardError(f"{path}: no such file or folder")
-    plan = list(plan_outputs(inputs, out))
-    if not plan:
+    total = len(plan_outputs(inputs, out))
+    if not total:
         raise RadguardError("no input files found")
-    failures = 0
-    with _progress(len(plan), "signing") as progress:
-        task = progress.add_task("sign", total=len(plan))
-        for src, dst in plan:
-            try:
-                info = sign_file(src, dst, signer, **options)
-                click.echo(f"signed  {src} -> {dst}  (MAC ID {info.mac_id}, {info.profile}, "
-                           f"{info.mac_algorithm}, {len(info.covered)} elements"
+    with _progress(total, "signing") as progress:
+        task = progress.add_task("sign", total=total)
+
+        def report(result: BatchResult) -> None:
+            if result.info is not None:
+                info = result.info
+                click.echo(f"signed  {result.source} -> {result.destination}  (MAC ID "
+                           f"{info.mac_id}, {info.profile}, {info.mac_algorithm}, "
+                           f"{len(info.covered)} elements"
                            f"{', timestamped' if info.timestamped else ''})")
-            except RadguardError as exc:
-                failures += 1
-                _err(str(exc))
+            else:
+                _err(str(result.error))
             progress.advance(task)
-    if len(plan) > 1:
-        click.echo(f"{len(plan) - failures} signed, {failures} failed")
+
+        results = sign_paths(inputs, out, signer, workers=workers, on_result=report, **options)
+    failures = sum(r.error is not None for r in results)
+    if total > 1:
+        click.echo(f"{total - failures} signed, {failures} failed")
     if failures:
-        sys.exit(2 if failures == len(plan) else 1)
+        sys.exit(2 if failures == total else 1)
 
 
 # -- verify -------------------------------------------------------------------------------
@@ -317,33 +337,31 @@ def sign(inputs: tuple[str, ...], out: str, key_path: str, cert_path: str, profi
               help="Trusted CA or signer certificate(s): PEM/DER files or folders; repeatable. "
                    "Add the TSA's CA to trust certified timestamps.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per file.")
-def verify(paths: tuple[str, ...], trust_paths: tuple[str, ...], as_json: bool) -> None:
+@_workers_option
+def verify(paths: tuple[str, ...], trust_paths: tuple[str, ...], as_json: bool,
+           workers: int) -> None:
     """Verify DICOM signatures; exit 0 only if every file is validly signed by a trusted
     signer."""
     from radguard.dicom.io import iter_dicom_paths
     from radguard.provenance.trust import TrustStore
-    from radguard.provenance.verify import VerificationReport, verify_file
+    from radguard.provenance.verify import VerificationReport, verify_paths
 
     trust = TrustStore.from_paths(trust_paths) if trust_paths else None
-    files: list[Path] = []
-    reports: list[VerificationReport] = []
-    for p in paths:
-        if not Path(p).exists():
-            reports.append(VerificationReport(path=p, status="error",
-                                              error=f"{p}: no such file or folder"))
-    files = list(iter_dicom_paths(p for p in paths if Path(p).exists()))
-    all_ok = not reports
-    for report in reports:
-        _print_report(report, as_json)
-    with _progress(len(files), "verifying") as progress:
-        task = progress.add_task("verify", total=len(files))
-        for f in files:
-            report = verify_file(f, trust)
+    missing = [p for p in paths if not Path(p).exists()]
+    all_ok = not missing
+    for p in missing:
+        _print_report(VerificationReport(path=p, status="error",
+                                         error=f"{p}: no such file or folder"), as_json)
+    present = [p for p in paths if Path(p).exists()]
+    total = len(list(iter_dicom_paths(present)))
+    if not total and not missing:
+        raise RadguardError("no input files found")
+    with _progress(total, "verifying") as progress:
+        task = progress.add_task("verify", total=total)
+        for report in verify_paths(present, trust, workers=workers):
             all_ok &= report.ok
             _print_report(report, as_json)
             progress.advance(task)
-    if not files and not reports:
-        raise RadguardError("no input files found")
     if trust is None and not as_json:
         click.echo("note: no --trust given, so no signer can be trusted", err=True)
     sys.exit(0 if all_ok else 1)

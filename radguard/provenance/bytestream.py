@@ -78,10 +78,13 @@ def is_signable_tag(tag: int) -> bool:
     return True
 
 
-def element_vr(ds: Dataset, tag: int, is_implicit: bool) -> str:
+def element_vr(
+    ds: Dataset, tag: int, is_implicit: bool, elem: DataElement | RawDataElement | None = None
+) -> str:
     """The VR this element has in Explicit VR Little Endian, resolving implicit VR and the
     ambiguous dictionary VRs the same way pydicom (and dcmtk) write them."""
-    elem = ds.get_item(tag)
+    if elem is None:
+        elem = ds.get_item(tag, keep_deferred=True)
     vr = elem.VR
     if vr is not None and " or " not in vr:
         return str(vr)
@@ -116,7 +119,11 @@ def is_signable_element(ds: Dataset, tag: int, is_implicit: bool) -> bool:
 
 def signable_tags(ds: Dataset, is_implicit: bool) -> list[int]:
     """Top-level tags of ``ds`` that a signature can cover, in dataset order."""
-    return [int(t) for t in sorted(ds.keys()) if is_signable_element(ds, int(t), is_implicit)]
+    return [t for t in _sorted_tags(ds) if is_signable_element(ds, t, is_implicit)]
+
+
+def _sorted_tags(ds: Dataset) -> list[int]:
+    return sorted(int(t) for t in ds.keys())
 
 
 def _contains_un(ds: Dataset, tag: int, is_implicit: bool) -> bool:
@@ -126,8 +133,8 @@ def _contains_un(ds: Dataset, tag: int, is_implicit: bool) -> bool:
     if vr != "SQ":
         return False
     for item in _sequence_items(ds, tag):
-        for sub in item.keys():
-            if _contains_un(item, int(sub), is_implicit):
+        for sub in _sorted_tags(item):
+            if _contains_un(item, sub, is_implicit):
                 return True
     return False
 
@@ -158,9 +165,11 @@ class MacStream:
         *,
         is_implicit: bool,
         is_little_endian: bool,
+        source: memoryview | None = None,
         tap: Callable[[bytes], None] | None = None,
     ) -> None:
         self._hash = hasher
+        self._source = source  # the file, for values pydicom left unread (deferred)
         self._implicit = is_implicit
         self._little = is_little_endian
         self._buf = bytearray()
@@ -192,24 +201,29 @@ class MacStream:
     def add_elements(self, ds: Dataset, tags: Iterable[int]) -> None:
         """Append the given top-level elements of ``ds`` (present ones, dataset order)."""
         wanted = set(int(t) for t in tags)
-        for tag in sorted(ds.keys()):
-            if int(tag) in wanted:
-                self._element(ds, int(tag))
+        for tag in _sorted_tags(ds):
+            if tag in wanted:
+                self._element(ds, tag)
 
     def add_signature_item(self, item: Dataset) -> None:
         """Append the signature item's own elements, minus certificate/signature/timestamp."""
-        for tag in sorted(item.keys()):
-            t = int(tag)
+        for t in _sorted_tags(item):
             if t in EXCLUDED_FROM_ITEM_STREAM or not is_signable_tag(t):
                 continue
             self._element(item, t)
 
     def _element(self, ds: Dataset, tag: int) -> None:
-        vr = element_vr(ds, tag, self._implicit)
+        elem = ds.get_item(tag, keep_deferred=True)
+        vr = element_vr(ds, tag, self._implicit, elem)
         if vr == "SQ":
             self._sequence(ds, tag)
             return
-        elem = ds.get_item(tag)
+        if isinstance(elem, RawDataElement) and elem.value is None and elem.length:
+            if self._source is not None and elem.length != _UNDEFINED:
+                elem = elem._replace(
+                    value=self._source[elem.value_tell : elem.value_tell + elem.length])
+            else:
+                elem = ds.get_item(tag)  # let pydicom read the deferred value
         raw_value = self._raw_value(elem, vr)
         undefined = (
             elem.length == _UNDEFINED
@@ -260,8 +274,8 @@ class MacStream:
         self._write(struct.pack("<HH", tag >> 16, tag & 0xFFFF) + b"SQ\0\0")
         for item in _sequence_items(ds, tag):
             self._write(_ITEM_TAG)
-            for sub in sorted(item.keys()):
-                self._element(item, int(sub))
+            for sub in _sorted_tags(item):
+                self._element(item, sub)
         self._write(_SEQ_DELIM_TAG)
 
     def _encapsulated(self, tag: int, vr: str, value: bytes) -> None:

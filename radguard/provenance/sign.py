@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes, serialization
@@ -27,8 +27,10 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
-from radguard.dicom.io import read_dataset, write_dataset
-from radguard.dicom.pixels import pixel_array
+from radguard.concurrency import map_ordered
+from radguard.dicom.io import iter_dicom_paths, read_dataset, source_view, write_dataset
+from radguard.dicom.pixels import validate_pixel_data
+from radguard.dicom.splice import source_layout, write_spliced
 from radguard.dicom.uids import new_uid
 from radguard.errors import RadguardError, SignatureError
 from radguard.provenance.bytestream import (
@@ -193,7 +195,8 @@ def sign_dataset(
         code.CodeMeaning = PURPOSES[purpose]
         item.DigitalSignaturePurposeCodeSequence = DicomSequence([code])
 
-    stream = MacStream(new_hasher(mac_name), is_implicit=is_implicit, is_little_endian=is_little)
+    stream = MacStream(new_hasher(mac_name), is_implicit=is_implicit, is_little_endian=is_little,
+                       source=source_view(ds))
     stream.add_elements(ds, covered)
     stream.add_signature_item(item)
     digest = stream.digest()
@@ -238,7 +241,7 @@ def mac_transfer_syntax(ds: Dataset) -> str:
     they are, and a verifier such as dcmsign refuses to compute an Explicit VR Little Endian
     MAC over pixel data it would first have to decompress.
     """
-    raw = ds.get_item(0x7FE00010) if 0x7FE00010 in ds else None
+    raw = ds.get_item(0x7FE00010, keep_deferred=True) if 0x7FE00010 in ds else None
     meta = getattr(ds, "file_meta", None)
     encapsulated = raw is not None and (
         getattr(raw, "length", None) == 0xFFFFFFFF or getattr(raw, "is_undefined_length", False)
@@ -265,19 +268,32 @@ def sign_file(
     signer: Signer,
     *,
     check_pixels: bool = True,
+    durable: bool = False,
     **options: object,
 ) -> SignatureInfo:
     """Sign one file into ``dst`` (written atomically; ``src`` may equal ``dst``).
 
-    With ``check_pixels`` the pixel data is decoded first: a signer must not vouch for an
-    image that cannot be displayed (a corrupt JPEG stream, a short native buffer).
+    With ``check_pixels`` the pixel data is checked first (compressed data decoded): a
+    signer must not vouch for an image that cannot be displayed. ``durable`` fsyncs the
+    output (see :func:`radguard.fileio.atomic_writer`). Explicit VR Little Endian sources
+    are rewritten by splicing the two signature sequences into the original bytes.
     """
-    ds = read_dataset(src)
+    path = Path(src)
+    ds = read_dataset(path)
     if check_pixels and ("PixelData" in ds or "FloatPixelData" in ds):
-        pixel_array(ds)
+        validate_pixel_data(ds)
+    view = source_view(ds)
+    layout = source_layout(ds, path, len(view)) if view is not None else None
     info = sign_dataset(ds, signer, **options)  # type: ignore[arg-type]
-    write_dataset(ds, dst, transfer_syntax=output_transfer_syntax(ds))
+    out_ts = output_transfer_syntax(ds)
+    same_syntax = out_ts == str(ds.file_meta.TransferSyntaxUID)
+    if not (layout and same_syntax and write_spliced(layout, ds, _SIGNATURE_TAGS, dst,
+                                                     durable=durable)):
+        write_dataset(ds, dst, transfer_syntax=out_ts, durable=durable)
     return info
+
+
+_SIGNATURE_TAGS = [0x4FFE0001, 0xFFFAFFFA]
 
 
 @dataclass
@@ -288,27 +304,24 @@ class BatchResult:
     destination: Path | None
     info: SignatureInfo | None = None
     error: str | None = None
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 def plan_outputs(inputs: Sequence[str | os.PathLike[str]], output: str | os.PathLike[str]
-                 ) -> Iterator[tuple[Path, Path]]:
+                 ) -> list[tuple[Path, Path]]:
     """Map inputs to outputs: one file to a file path, or anything to a folder that mirrors
     the input folders' structure."""
-    from radguard.dicom.io import iter_dicom_paths
-
     out = Path(output)
     sources = [Path(p) for p in inputs]
-    single_file = len(sources) == 1 and sources[0].is_file() and not out.is_dir()
-    if single_file:
-        yield sources[0], out
-        return
+    if len(sources) == 1 and sources[0].is_file() and not out.is_dir():
+        return [(sources[0], out)]
+    plan: list[tuple[Path, Path]] = []
     for root in sources:
         if root.is_dir():
-            for f in iter_dicom_paths([root]):
-                yield f, out / root.name / f.relative_to(root)
+            plan.extend((f, out / root.name / f.relative_to(root))
+                        for f in iter_dicom_paths([root]))
         else:
-            yield root, out / root.name
+            plan.append((root, out / root.name))
+    return plan
 
 
 def sign_paths(
@@ -316,18 +329,30 @@ def sign_paths(
     output: str | os.PathLike[str],
     signer: Signer,
     *,
+    workers: int = 1,
     on_result: Callable[[BatchResult], None] | None = None,
     **options: object,
 ) -> list[BatchResult]:
-    """Sign files and folders; a bad file is reported and skipped, never half-written."""
-    results = []
-    for src, dst in plan_outputs(inputs, output):
+    """Sign files and folders; a bad file is reported and skipped, never half-written.
+
+    ``workers`` threads sign files concurrently: hashing, kernel copies and RSA release
+    the GIL, so two cores sign nearly twice as many files per second. Results come back in
+    input order.
+    """
+    plan = plan_outputs(inputs, output)
+
+    def one(pair: tuple[Path, Path]) -> BatchResult:
+        src, dst = pair
         result = BatchResult(src, dst)
         try:
-            result.info = sign_file(src, dst, signer, **options)
+            result.info = sign_file(src, dst, signer, **options)  # type: ignore[arg-type]
         except RadguardError as exc:
             result.error = str(exc)
             result.destination = None
+        return result
+
+    results = []
+    for result in map_ordered(one, plan, workers):
         results.append(result)
         if on_result is not None:
             on_result(result)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -35,7 +36,8 @@ from pydicom.tag import Tag
 from pydicom.uid import UID
 from pydicom.valuerep import DT
 
-from radguard.dicom.io import peek, read_dataset
+from radguard.concurrency import map_ordered
+from radguard.dicom.io import iter_dicom_paths, peek, read_dataset, source_view
 from radguard.errors import RadguardError, SignatureError
 from radguard.provenance.bytestream import (
     MAC_TRANSFER_SYNTAX,
@@ -51,7 +53,14 @@ from radguard.provenance.sign import crypto_hash
 from radguard.provenance.timestamp import TimestampCheck, verify_timestamp_token
 from radguard.provenance.trust import TrustStore
 
-__all__ = ["SignatureCheck", "Status", "VerificationReport", "verify_dataset", "verify_file"]
+__all__ = [
+    "SignatureCheck",
+    "Status",
+    "VerificationReport",
+    "verify_dataset",
+    "verify_file",
+    "verify_paths",
+]
 
 Status = Literal["valid", "invalid", "untrusted", "unsigned", "error"]
 
@@ -175,6 +184,7 @@ def _check_one(
     is_implicit: bool,
     is_little: bool,
     location: str,
+    source: memoryview | None,
 ) -> SignatureCheck:
     check = SignatureCheck(status="invalid", reason="", location=location)
     try:
@@ -221,7 +231,8 @@ def _check_one(
         except ValueError:
             check.reason = f"MAC algorithm {mac} is not available on this system"
             return check
-        stream = MacStream(hasher, is_implicit=is_implicit, is_little_endian=is_little)
+        stream = MacStream(hasher, is_implicit=is_implicit, is_little_endian=is_little,
+                           source=source)
         stream.add_elements(ds, tags)
         stream.add_signature_item(sig)
         digest = stream.digest()
@@ -314,7 +325,7 @@ def verify_dataset(
         for sig in _seq(site, 0xFFFAFFFA):
             report.signatures.append(
                 _check_one(site, sig, mac_params, trust, now, is_implicit, is_little,
-                           location.rstrip("."))
+                           location.rstrip("."), source_view(ds))
             )
     covered: set[int] = set()
     for check in report.signatures:
@@ -349,3 +360,15 @@ def verify_file(
     except RadguardError as exc:
         return VerificationReport(path=str(path), status="error", error=str(exc))
     return verify_dataset(ds, trust, now=now, path=str(path))
+
+
+def verify_paths(
+    paths: Iterable[str | os.PathLike[str]],
+    trust: TrustStore | None = None,
+    *,
+    workers: int = 1,
+    now: dt.datetime | None = None,
+) -> Iterator[VerificationReport]:
+    """Verify many files (folders expanded), ``workers`` at a time, reports in order."""
+    files = list(iter_dicom_paths(paths))
+    yield from map_ordered(lambda f: verify_file(f, trust, now=now), files, workers)

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Install radguard and everything it needs on a fresh Debian machine (run as root or with sudo).
+#   bash scripts/install.sh          # runtime: dcmtk + the radguard package
+#   bash scripts/install.sh --dev    # plus test and lint tools
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo"; fi
+
+# dcmtk (dcmsign, dcmconv) is the interoperability peer for DICOM signatures;
+# openssl serves as a local time-stamping authority in the tests.
+need_apt=()
+command -v dcmsign >/dev/null 2>&1 || need_apt+=(dcmtk)
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+extras=""
+if [ "${1:-}" = "--dev" ]; then extras="[dev]"; fi
+python -m pip install --quiet --disable-pip-version-check -e ".${extras}"
+# pyenv installs console scripts behind shims that must be regenerated
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
+python -c "import radguard; print('radguard', radguard.__version__, 'installed')"
