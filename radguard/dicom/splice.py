@@ -9,8 +9,8 @@ Bytes that are not replaced are therefore preserved exactly, whatever their enco
 
 from __future__ import annotations
 
-import io
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from radguard.fileio import atomic_writer, copy_range
 
-__all__ = ["SourceLayout", "source_layout", "write_spliced"]
+__all__ = ["SourceLayout", "encode_element", "source_layout", "write_spliced"]
 
 _LONG_VRS = frozenset(
     {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
@@ -75,7 +75,8 @@ def source_layout(ds: Dataset, path: str | os.PathLike[str], size: int) -> Sourc
     return SourceLayout(p, starts, size, _identity(p))
 
 
-def _encode(ds: Dataset, tag: int) -> bytes:
+def encode_element(ds: Dataset, tag: int) -> bytes:
+    """One top-level element of ``ds`` encoded in Explicit VR Little Endian."""
     fp = DicomBytesIO()
     fp.is_little_endian = True
     fp.is_implicit_VR = False
@@ -84,33 +85,39 @@ def _encode(ds: Dataset, tag: int) -> bytes:
 
 
 def write_spliced(
-    layout: SourceLayout, ds: Dataset, tags: list[int], dst: str | os.PathLike[str],
-    *, durable: bool = False,
+    layout: SourceLayout,
+    edits: Mapping[int, bytes | Callable[[], bytes]],
+    dst: str | os.PathLike[str],
+    *,
+    durable: bool = False,
 ) -> bool:
-    """Write ``dst`` = source file with ``tags`` taken from ``ds`` (added, replaced or
-    removed). Returns False, writing nothing, when the source changed since it was read or
-    a group length of an affected group would go stale."""
-    groups = {t >> 16 for t in tags}
+    """Write ``dst`` = the source file with the top-level elements in ``edits`` added or
+    replaced by the given encoded bytes (``b""`` removes one).
+
+    A value may be a callable: it is called only when the writer reaches that element, so
+    work that produces it (a signature over the data being copied) can run meanwhile.
+    Returns False, writing nothing, when the source changed since it was read or a group
+    length of an affected group would go stale.
+    """
+    groups = {t >> 16 for t in edits}
     if any((t >> 16) in groups and (t & 0xFFFF) == 0 for t in layout.starts):
         return False
     if _identity(layout.path) != layout.identity:
         return False
-    edits = []
-    for tag in sorted(tags):
-        new = _encode(ds, tag) if tag in ds else b""
+    spans = []
+    for tag in sorted(edits):
         if tag in layout.starts:
             start, end = layout.span(tag)
         else:
             start = end = layout.insertion_point(tag)
-        edits.append((start, end, new))
-    edits.sort()
+        spans.append((start, end, tag))
+    spans.sort()
     with open(layout.path, "rb") as src, atomic_writer(dst, durable=durable) as out:
-        if not isinstance(out, io.BufferedWriter | io.FileIO):
-            return False
         pos = 0
-        for start, end, new in edits:
+        for start, end, tag in spans:
             copy_range(src, out, pos, start - pos)
-            out.write(new)
+            value = edits[tag]
+            out.write(value() if callable(value) else value)
             pos = end
         copy_range(src, out, pos, layout.data_end - pos)
     return True

@@ -127,11 +127,15 @@ def _sorted_tags(ds: Dataset) -> list[int]:
 
 
 def _contains_un(ds: Dataset, tag: int, is_implicit: bool) -> bool:
-    vr = element_vr(ds, tag, is_implicit)
+    elem = ds.get_item(tag, keep_deferred=True)
+    vr = element_vr(ds, tag, is_implicit, elem)
     if vr == "UN":
         return True
     if vr != "SQ":
         return False
+    if (isinstance(elem, RawDataElement) and not is_implicit and elem.value is not None
+            and b"UN\0\0" not in elem.value):
+        return False  # explicit VR: a UN element inside would show its VR bytes
     for item in _sequence_items(ds, tag):
         for sub in _sorted_tags(item):
             if _contains_un(item, sub, is_implicit):
@@ -199,11 +203,49 @@ class MacStream:
 
     # -- encoding ----------------------------------------------------------------------
     def add_elements(self, ds: Dataset, tags: Iterable[int]) -> None:
-        """Append the given top-level elements of ``ds`` (present ones, dataset order)."""
+        """Append the given top-level elements of ``ds`` (present ones, dataset order).
+
+        In an Explicit VR Little Endian file an ordinary element's bytes *are* its MAC
+        encoding, so runs of such elements are hashed straight from the file in one piece.
+        """
         wanted = set(int(t) for t in tags)
+        run: list[int] = []  # [start, end) of the pending run of file bytes
         for tag in _sorted_tags(ds):
-            if tag in wanted:
+            if tag not in wanted:
+                continue
+            span = self._file_span(ds, tag)
+            if span is not None and run and run[1] == span[0]:
+                run[1] = span[1]
+                continue
+            self._flush_run(run)
+            if span is not None:
+                run = list(span)
+            else:
+                run = []
                 self._element(ds, tag)
+        self._flush_run(run)
+
+    def _file_span(self, ds: Dataset, tag: int) -> tuple[int, int] | None:
+        """Where an element's bytes sit in the source file, if they equal its MAC encoding."""
+        if self._source is None or self._implicit or not self._little:
+            return None
+        elem = ds.get_item(tag, keep_deferred=True)
+        if not isinstance(elem, RawDataElement):
+            return None
+        vr, length, tell = elem.VR, elem.length, elem.value_tell
+        if vr is None or vr in ("SQ", "UN") or " or " in vr or length == _UNDEFINED or length % 2:
+            return None
+        head = 12 if vr in _LONG_VRS else 8
+        start = tell - head
+        if start < 0 or tell + length > len(self._source):
+            return None
+        if head == 12 and self._source[tell - 6 : tell - 4] != b"\0\0":
+            return None  # non-zero reserved bytes: not the canonical encoding
+        return start, tell + length
+
+    def _flush_run(self, run: list[int]) -> None:
+        if run and self._source is not None:
+            self._write(self._source[run[0] : run[1]])
 
     def add_signature_item(self, item: Dataset) -> None:
         """Append the signature item's own elements, minus certificate/signature/timestamp."""

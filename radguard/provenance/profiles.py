@@ -122,8 +122,7 @@ def missing_for_profile(
     if profile not in ("creator", "authorization"):
         return []
     covered_set = set(covered)
-    missing = [t for t in sorted(present) if _required_if_present(profile, t)
-               and t not in covered_set]
+    missing = [t for t in sorted(set(present) - covered_set) if _required_if_present(profile, t)]
     missing += [t for t in sorted(_ALWAYS_TAGS) if t not in covered_set and t not in missing]
     return missing
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from radguard.concurrency import map_ordered
 from radguard.dicom.io import iter_dicom_paths, read_dataset, source_view, write_dataset
 from radguard.dicom.pixels import validate_pixel_data
-from radguard.dicom.splice import source_layout, write_spliced
+from radguard.dicom.splice import encode_element, source_layout, write_spliced
 from radguard.dicom.uids import new_uid
 from radguard.errors import RadguardError, SignatureError
 from radguard.provenance.bytestream import (
@@ -47,7 +48,9 @@ __all__ = [
     "PURPOSES",
     "SignatureInfo",
     "Timestamper",
+    "PendingSignature",
     "crypto_hash",
+    "prepare_signature",
     "sign_dataset",
     "sign_file",
     "sign_paths",
@@ -155,7 +158,91 @@ def sign_dataset(
     ``tags`` restricts the signature to those top-level elements (default: every signable
     element). ``profile`` enforces Base/Creator/Authorization RSA requirements; ``none`` is
     the only choice for ECDSA keys. ``timestamper`` adds an RFC 3161 certified timestamp.
+    On any error ``ds`` is left as it was.
     """
+    return prepare_signature(ds, signer, profile=profile, mac=mac, tags=tags, purpose=purpose,
+                             timestamper=timestamper, signed_at=signed_at).finish()
+
+
+@dataclass
+class PendingSignature:
+    """A signature whose MAC Parameters item is in the data set but whose MAC is not yet
+    computed. Splitting the two lets a writer copy the file while the hash runs."""
+
+    ds: Dataset
+    signer: Signer
+    params: Dataset
+    item: Dataset
+    covered: list[int]
+    mac_name: str
+    profile: str
+    moment: dt.datetime
+    timestamper: Timestamper | None
+
+    def finish(self) -> SignatureInfo:
+        """Hash, sign, timestamp and append the Digital Signatures item."""
+        try:
+            return self._finish()
+        except BaseException:
+            self.abandon()
+            raise
+
+    def abandon(self) -> None:
+        """Take the MAC Parameters item back out (the data set is as before)."""
+        seq = self.ds.get("MACParametersSequence")
+        if seq is not None and any(p is self.params for p in seq):
+            remaining = [p for p in seq if p is not self.params]
+            if remaining:
+                self.ds.MACParametersSequence = DicomSequence(remaining)
+            else:
+                del self.ds.MACParametersSequence
+
+    def _finish(self) -> SignatureInfo:
+        ds, item = self.ds, self.item
+        is_implicit, is_little = ds.original_encoding
+        stream = MacStream(new_hasher(self.mac_name), is_implicit=bool(is_implicit),
+                           is_little_endian=is_little is not False, source=source_view(ds))
+        stream.add_elements(ds, self.covered)
+        stream.add_signature_item(item)
+        digest = stream.digest()
+        algorithm = utils.Prehashed(crypto_hash(self.mac_name))
+        if isinstance(self.signer.key, rsa.RSAPrivateKey):
+            signature = self.signer.key.sign(digest, padding.PKCS1v15(), algorithm)
+        else:
+            signature = self.signer.key.sign(digest, ec.ECDSA(algorithm))
+        item.CertificateOfSigner = self.signer.certificate.public_bytes(
+            serialization.Encoding.DER)
+        item.Signature = signature
+        if self.timestamper is not None:
+            item.CertifiedTimestampType = "CMS_TSP"
+            item.CertifiedTimestamp = self.timestamper(signature)
+        signatures = _items(ds, 0xFFFAFFFA)
+        signatures.append(item)
+        ds.DigitalSignaturesSequence = signatures
+        return SignatureInfo(
+            mac_id=int(item.MACIDNumber),
+            uid=str(item.DigitalSignatureUID),
+            signed_at=self.moment,
+            signer=describe_subject(self.signer.certificate),
+            profile=self.profile,
+            mac_algorithm=self.mac_name,
+            covered=tuple(self.covered),
+            timestamped=self.timestamper is not None,
+        )
+
+
+def prepare_signature(
+    ds: Dataset,
+    signer: Signer,
+    *,
+    profile: str = "base",
+    mac: str = "sha256",
+    tags: Iterable[int] | None = None,
+    purpose: int | None = None,
+    timestamper: Timestamper | None = None,
+    signed_at: dt.datetime | None = None,
+) -> PendingSignature:
+    """Check the request and add the MAC Parameters item; see :func:`sign_dataset`."""
     if profile not in PROFILES:
         raise SignatureError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
     mac_name = _normalise_mac(mac)
@@ -164,10 +251,7 @@ def sign_dataset(
     if purpose is not None and purpose not in PURPOSES:
         raise SignatureError(f"signature purpose must be 1..18, not {purpose}")
 
-    is_implicit, is_little = ds.original_encoding
-    is_implicit = bool(is_implicit)
-    is_little = True if is_little is None else bool(is_little)
-    covered = _choose_covered(ds, is_implicit, tags)
+    covered = _choose_covered(ds, bool(ds.original_encoding[0]), tags)
     if not covered:
         raise SignatureError("nothing to sign: the data set has no signable element")
     missing = missing_for_profile(profile, [int(t) for t in ds.keys()], covered)
@@ -176,8 +260,8 @@ def sign_dataset(
         raise SignatureError(f"the {profile} profile requires signing: {names}")
 
     mac_params = _items(ds, 0x4FFE0001)
-    signatures = _items(ds, 0xFFFAFFFA)
-    used_ids = {int(item.MACIDNumber) for item in mac_params if "MACIDNumber" in item}
+    used_ids = {int(p.MACIDNumber) for p in mac_params if "MACIDNumber" in p}
+    used_ids |= {int(s.MACIDNumber) for s in _items(ds, 0xFFFAFFFA) if "MACIDNumber" in s}
     mac_id = max(used_ids) + 1 if used_ids else 0
     if mac_id > 0xFFFF:
         raise SignatureError("no free MAC ID number left in this instance")
@@ -195,42 +279,15 @@ def sign_dataset(
         code.CodeMeaning = PURPOSES[purpose]
         item.DigitalSignaturePurposeCodeSequence = DicomSequence([code])
 
-    stream = MacStream(new_hasher(mac_name), is_implicit=is_implicit, is_little_endian=is_little,
-                       source=source_view(ds))
-    stream.add_elements(ds, covered)
-    stream.add_signature_item(item)
-    digest = stream.digest()
-    algorithm = utils.Prehashed(crypto_hash(mac_name))
-    if isinstance(signer.key, rsa.RSAPrivateKey):
-        signature = signer.key.sign(digest, padding.PKCS1v15(), algorithm)
-    else:
-        signature = signer.key.sign(digest, ec.ECDSA(algorithm))
-
-    item.CertificateOfSigner = signer.certificate.public_bytes(serialization.Encoding.DER)
-    item.Signature = signature
-    if timestamper is not None:
-        item.CertifiedTimestampType = "CMS_TSP"
-        item.CertifiedTimestamp = timestamper(signature)
-
     params = Dataset()
     params.MACIDNumber = mac_id
     params.MACCalculationTransferSyntaxUID = mac_transfer_syntax(ds)
     params.MACAlgorithm = mac_name
     params.DataElementsSigned = [Tag(t) for t in covered]
     mac_params.append(params)
-    signatures.append(item)
     ds.MACParametersSequence = mac_params
-    ds.DigitalSignaturesSequence = signatures
-    return SignatureInfo(
-        mac_id=mac_id,
-        uid=str(item.DigitalSignatureUID),
-        signed_at=moment,
-        signer=describe_subject(signer.certificate),
-        profile=profile,
-        mac_algorithm=mac_name,
-        covered=tuple(covered),
-        timestamped=timestamper is not None,
-    )
+    return PendingSignature(ds, signer, params, item, covered, mac_name, profile, moment,
+                            timestamper)
 
 
 def mac_transfer_syntax(ds: Dataset) -> str:
@@ -275,8 +332,11 @@ def sign_file(
 
     With ``check_pixels`` the pixel data is checked first (compressed data decoded): a
     signer must not vouch for an image that cannot be displayed. ``durable`` fsyncs the
-    output (see :func:`radguard.fileio.atomic_writer`). Explicit VR Little Endian sources
-    are rewritten by splicing the two signature sequences into the original bytes.
+    output (see :func:`radguard.fileio.atomic_writer`).
+
+    Explicit VR Little Endian sources are rewritten by splicing the two signature sequences
+    into the original bytes; the kernel copies the pixel data into the output while another
+    thread hashes it, so the copy costs (almost) no time.
     """
     path = Path(src)
     ds = read_dataset(path)
@@ -284,16 +344,27 @@ def sign_file(
         validate_pixel_data(ds)
     view = source_view(ds)
     layout = source_layout(ds, path, len(view)) if view is not None else None
-    info = sign_dataset(ds, signer, **options)  # type: ignore[arg-type]
+    pending = prepare_signature(ds, signer, **options)  # type: ignore[arg-type]
     out_ts = output_transfer_syntax(ds)
-    same_syntax = out_ts == str(ds.file_meta.TransferSyntaxUID)
-    if not (layout and same_syntax and write_spliced(layout, ds, _SIGNATURE_TAGS, dst,
-                                                     durable=durable)):
-        write_dataset(ds, dst, transfer_syntax=out_ts, durable=durable)
+    if layout is not None and out_ts == str(ds.file_meta.TransferSyntaxUID):
+        mac_parameters = encode_element(ds, 0x4FFE0001)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            future = pool.submit(pending.finish)
+            edits = {0x4FFE0001: mac_parameters,
+                     0xFFFAFFFA: lambda: (future.result(), encode_element(ds, 0xFFFAFFFA))[1]}
+            try:
+                spliced = write_spliced(layout, edits, dst, durable=durable)
+            finally:
+                info = future.result()  # re-raises a signing error; nothing was written then
+        if spliced:
+            return info
+    else:
+        info = pending.finish()
+    write_dataset(ds, dst, transfer_syntax=out_ts, durable=durable)
     return info
 
 
-_SIGNATURE_TAGS = [0x4FFE0001, 0xFFFAFFFA]
+
 
 
 @dataclass

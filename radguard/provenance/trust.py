@@ -51,6 +51,8 @@ class TrustStore:
         self.anchors = list(anchors)
         self.intermediates = list(intermediates)
         self._anchor_prints = {_fingerprint(c) for c in self.anchors}
+        self._paths: dict[tuple[bytes, tuple[bytes, ...]],
+                          tuple[bool, str, tuple[x509.Certificate, ...]]] = {}
 
     @classmethod
     def from_paths(cls, paths: Iterable[str | os.PathLike[str]]) -> TrustStore:
@@ -78,35 +80,49 @@ class TrustStore:
         at: dt.datetime,
         extra_intermediates: Iterable[x509.Certificate] = (),
     ) -> ChainResult:
-        """Validate ``cert`` for signing at time ``at`` (timezone-aware)."""
+        """Validate ``cert`` for signing at time ``at`` (timezone-aware).
+
+        The path (whose signatures are the expensive part) is built once per certificate and
+        cached; validity dates are checked on every call, for the time asked about.
+        """
+        extra = tuple(extra_intermediates)
+        key = (_fingerprint(cert), tuple(_fingerprint(c) for c in extra))
+        cached = self._paths.get(key)
+        if cached is None:
+            cached = self._build_path(cert, extra)
+            if len(self._paths) > 4096:
+                self._paths.clear()
+            self._paths[key] = cached
+        trusted, reason, path = cached
+        for member in path:
+            dates = _date_problem(member, at)
+            if dates:
+                return ChainResult(False, dates, path)
+        return ChainResult(trusted, reason, path)
+
+    def _build_path(self, cert: x509.Certificate, extra: tuple[x509.Certificate, ...]
+                    ) -> tuple[bool, str, tuple[x509.Certificate, ...]]:
         usage_problem = _signer_usage_problem(cert)
         if usage_problem:
-            return ChainResult(False, usage_problem)
-        pool = self.anchors + self.intermediates + list(extra_intermediates)
+            return False, usage_problem, (cert,)
+        pool = self.anchors + self.intermediates + list(extra)
         path = [cert]
         current = cert
         for _ in range(_MAX_DEPTH):
-            dates = _date_problem(current, at)
-            if dates:
-                return ChainResult(False, dates, tuple(path))
             if _fingerprint(current) in self._anchor_prints:
-                return ChainResult(True, "chains to a trusted certificate", tuple(path))
+                return True, "chains to a trusted certificate", tuple(path)
             issuer = _find_issuer(current, pool)
             if issuer is None:
-                return ChainResult(
-                    False,
-                    f"issuer '{describe_name(current.issuer)}' is not in the trust store",
-                    tuple(path),
-                )
-            if issuer is current or _fingerprint(issuer) == _fingerprint(current):
-                return ChainResult(False, "self-signed certificate not in the trust store",
-                                   tuple(path))
+                return (False, f"issuer '{describe_name(current.issuer)}' is not in the "
+                        "trust store", tuple(path))
+            if _fingerprint(issuer) == _fingerprint(current):
+                return False, "self-signed certificate not in the trust store", tuple(path)
             ca_problem = _ca_problem(issuer)
             if ca_problem:
-                return ChainResult(False, ca_problem, tuple(path))
+                return False, ca_problem, tuple(path)
             path.append(issuer)
             current = issuer
-        return ChainResult(False, "certificate chain too long", tuple(path))
+        return False, "certificate chain too long", tuple(path)
 
 
 def _find_issuer(cert: x509.Certificate, pool: list[x509.Certificate]) -> x509.Certificate | None:

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import threading
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -187,6 +189,7 @@ def _check_one(
     source: memoryview | None,
 ) -> SignatureCheck:
     check = SignatureCheck(status="invalid", reason="", location=location)
+    digest_future: Future[bytes] | None = None
     try:
         check.mac_id = int(sig.MACIDNumber)
         check.uid = str(sig.get("DigitalSignatureUID", "")) or None
@@ -214,6 +217,14 @@ def _check_one(
         if removed:
             check.reason = "signed element(s) removed: " + ", ".join(_name(t) for t in removed)
             return check
+        try:
+            hasher = new_hasher(mac)
+        except ValueError:
+            check.reason = f"MAC algorithm {mac} is not available on this system"
+            return check
+        # the hash (GIL-free, most of the time) runs while the checks below are made
+        digest_future = _hash_pool().submit(_digest, hasher, ds, sig, tags, is_implicit,
+                                            is_little, source)
         bad = [t for t in tags if not is_signable_element(ds, t, is_implicit)]
         if bad:
             check.reason = "signature lists unsignable element(s): " + ", ".join(
@@ -226,28 +237,20 @@ def _check_one(
         check.signer = describe_name(cert.subject)
         check.signed_at = _parse_dt(str(sig.DigitalSignatureDateTime))
         signature = bytes(sig.Signature)
-        try:
-            hasher = new_hasher(mac)
-        except ValueError:
-            check.reason = f"MAC algorithm {mac} is not available on this system"
-            return check
-        stream = MacStream(hasher, is_implicit=is_implicit, is_little_endian=is_little,
-                           source=source)
-        stream.add_elements(ds, tags)
-        stream.add_signature_item(sig)
-        digest = stream.digest()
         key = cert.public_key()
-        prehashed = utils.Prehashed(crypto_hash(mac))
-        if isinstance(key, rsa.RSAPublicKey):
-            check.key_type = "RSA"
-            key.verify(signature, digest, padding.PKCS1v15(), prehashed)
-        elif isinstance(key, ec.EllipticCurvePublicKey):
-            check.key_type = "ECDSA"
-            # DICOM pads the odd-length DER of an ECDSA signature with a zero byte
-            key.verify(_der_trim(signature), digest, ec.ECDSA(prehashed))
-        else:
+        if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
             check.reason = "signer key type is not RSA or ECDSA"
             return check
+        check.key_type = "RSA" if isinstance(key, rsa.RSAPublicKey) else "ECDSA"
+        timestamp = _timestamp_check(sig, signature, trust)
+        trust_problem = _trust_problem(cert, trust, timestamp, check.signed_at, now)
+        digest = digest_future.result()
+        prehashed = utils.Prehashed(crypto_hash(mac))
+        if isinstance(key, rsa.RSAPublicKey):
+            key.verify(signature, digest, padding.PKCS1v15(), prehashed)
+        else:
+            # DICOM pads the odd-length DER of an ECDSA signature with a zero byte
+            key.verify(_der_trim(signature), digest, ec.ECDSA(prehashed))
     except InvalidSignature:
         check.reason = "data changed after signing: signature does not match the content"
         return check
@@ -257,35 +260,80 @@ def _check_one(
     except (AttributeError, KeyError, ValueError, TypeError) as exc:
         check.reason = f"malformed signature item ({' '.join(str(exc).split())[:120]})"
         return check
+    finally:
+        if digest_future is not None:
+            digest_future.cancel()
+            wait([digest_future])  # never leave a hash running over a closing file
 
     check.intact = True
     check.profiles = satisfied_profiles(check.key_type or "", mac, list(ds.keys()), tags)
-    if "CertifiedTimestamp" in sig:
-        ts_type = str(sig.get("CertifiedTimestampType", "")).strip()
-        if ts_type != "CMS_TSP":
-            check.reason = f"unsupported certified timestamp type {ts_type!r}"
-            return check
-        check.timestamp = verify_timestamp_token(bytes(sig.CertifiedTimestamp), signature, trust)
-        if not check.timestamp.ok:
-            check.reason = f"certified timestamp invalid: {check.timestamp.reason}"
-            return check
-
-    check.status = "untrusted"
-    if trust is None or not len(trust):
-        check.reason = "no trust store given"
+    check.timestamp = timestamp if isinstance(timestamp, TimestampCheck) else None
+    if isinstance(timestamp, str):
+        check.reason = timestamp
         return check
-    if check.timestamp is not None and check.timestamp.trusted and check.timestamp.time:
-        moments = [("timestamp", check.timestamp.time)]
-    else:
-        moments = [("signing", check.signed_at), ("now", now)]
-    for label, moment in moments:
-        chain = trust.validate(cert, moment)
-        if not chain.trusted:
-            check.reason = f"{chain.reason} (checked at {label} time {moment:%Y-%m-%d %H:%M:%SZ})"
-            return check
+    if check.timestamp is not None and not check.timestamp.ok:
+        check.reason = f"certified timestamp invalid: {check.timestamp.reason}"
+        return check
+    check.status = "untrusted"
+    if trust_problem:
+        check.reason = trust_problem
+        return check
     check.status = "valid"
     check.reason = "signature matches the data and the signer is trusted"
     return check
+
+
+def _digest(hasher: Any, ds: Dataset, sig: Dataset, tags: list[int], is_implicit: bool,  # noqa: ANN401
+            is_little: bool, source: memoryview | None) -> bytes:
+    stream = MacStream(hasher, is_implicit=is_implicit, is_little_endian=is_little,
+                       source=source)
+    stream.add_elements(ds, tags)
+    stream.add_signature_item(sig)
+    return stream.digest()
+
+
+def _timestamp_check(sig: Dataset, signature: bytes, trust: TrustStore | None
+                     ) -> TimestampCheck | str | None:
+    """The certified timestamp's verdict, a reason string if it is of an unknown type, or
+    None if there is none."""
+    if "CertifiedTimestamp" not in sig:
+        return None
+    ts_type = str(sig.get("CertifiedTimestampType", "")).strip()
+    if ts_type != "CMS_TSP":
+        return f"unsupported certified timestamp type {ts_type!r}"
+    return verify_timestamp_token(bytes(sig.CertifiedTimestamp), signature, trust)
+
+
+def _trust_problem(cert: x509.Certificate, trust: TrustStore | None,
+                   timestamp: TimestampCheck | str | None, signed_at: dt.datetime,
+                   now: dt.datetime) -> str:
+    """Why the signer is not trusted at the relevant time(s), or "" if it is."""
+    if trust is None or not len(trust):
+        return "no trust store given"
+    if isinstance(timestamp, TimestampCheck) and timestamp.trusted and timestamp.time:
+        moments = [("timestamp", timestamp.time)]
+    else:
+        moments = [("signing", signed_at), ("now", now)]
+    for label, moment in moments:
+        chain = trust.validate(cert, moment)
+        if not chain.trusted:
+            return f"{chain.reason} (checked at {label} time {moment:%Y-%m-%d %H:%M:%SZ})"
+    return ""
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _hash_pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="radguard-hash")
+        return _POOL
+
+
+_SIGNATURES_TAG_BYTES = (b"\xfa\xff\xfa\xff", b"\xff\xfa\xff\xfa")  # (FFFA,FFFA) LE, BE
 
 
 def _signature_sites(ds: Dataset, location: str = "") -> list[tuple[Dataset, str]]:
@@ -296,8 +344,14 @@ def _signature_sites(ds: Dataset, location: str = "") -> list[tuple[Dataset, str
         if t in _MACHINERY or (t >> 16) < 0x0008:
             continue
         try:
-            if element_vr(ds, t, bool(ds.original_encoding[0])) != "SQ":
+            raw = ds.get_item(t, keep_deferred=True)
+            if raw.VR not in ("SQ", None) and " or " not in raw.VR:
+                continue  # explicit VR says it is not a sequence
+            if element_vr(ds, t, bool(ds.original_encoding[0]), raw) != "SQ":
                 continue
+            if getattr(raw, "is_raw", False) and raw.value is not None \
+                    and not any(marker in raw.value for marker in _SIGNATURES_TAG_BYTES):
+                continue  # no signature inside: do not parse the sequence at all
             items = _seq(ds, t)
         except Exception:  # an unparsable sequence simply holds no signature we can find
             continue
