@@ -385,7 +385,7 @@ def _print_report(report: Any, as_json: bool) -> None:  # noqa: ANN401
             ts = sig.timestamp
             click.echo(f"      certified timestamp {ts.time:%Y-%m-%d %H:%M:%SZ} by {ts.tsa}: "
                        f"{ts.reason}" if ts.time else f"      certified timestamp: {ts.reason}")
-    if report.uncovered and report.signatures:
+    if report.uncovered and any(sig.intact for sig in report.signatures):
         shown = ", ".join(report.uncovered[:12])
         more = f" (+{len(report.uncovered) - 12} more)" if len(report.uncovered) > 12 else ""
         click.echo(f"    NOT covered by any signature: {shown}{more}")

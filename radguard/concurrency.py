@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -10,7 +11,21 @@ from typing import TypeVar
 T = TypeVar("T")
 R = TypeVar("R")
 
-__all__ = ["default_workers", "map_ordered"]
+__all__ = ["background_pool", "default_workers", "map_ordered"]
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def background_pool() -> ThreadPoolExecutor:
+    """A shared pool for work that overlaps a caller's own (hashing while copying...).
+
+    Shared, so per-file work does not pay for creating threads."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="radguard-bg")
+        return _POOL
 
 
 def default_workers() -> int:

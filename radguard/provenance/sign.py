@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
-from radguard.concurrency import map_ordered
+from radguard.concurrency import background_pool, map_ordered
 from radguard.dicom.io import iter_dicom_paths, read_dataset, source_view, write_dataset
 from radguard.dicom.pixels import validate_pixel_data
 from radguard.dicom.splice import encode_element, source_layout, write_spliced
@@ -348,14 +347,13 @@ def sign_file(
     out_ts = output_transfer_syntax(ds)
     if layout is not None and out_ts == str(ds.file_meta.TransferSyntaxUID):
         mac_parameters = encode_element(ds, 0x4FFE0001)
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            future = pool.submit(pending.finish)
-            edits = {0x4FFE0001: mac_parameters,
-                     0xFFFAFFFA: lambda: (future.result(), encode_element(ds, 0xFFFAFFFA))[1]}
-            try:
-                spliced = write_spliced(layout, edits, dst, durable=durable)
-            finally:
-                info = future.result()  # re-raises a signing error; nothing was written then
+        future = background_pool().submit(pending.finish)
+        edits = {0x4FFE0001: mac_parameters,
+                 0xFFFAFFFA: lambda: (future.result(), encode_element(ds, 0xFFFAFFFA))[1]}
+        try:
+            spliced = write_spliced(layout, edits, dst, durable=durable)
+        finally:
+            info = future.result()  # re-raises a signing error; nothing was written then
         if spliced:
             return info
     else:

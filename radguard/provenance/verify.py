@@ -23,9 +23,8 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import threading
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -38,7 +37,7 @@ from pydicom.tag import Tag
 from pydicom.uid import UID
 from pydicom.valuerep import DT
 
-from radguard.concurrency import map_ordered
+from radguard.concurrency import background_pool, map_ordered
 from radguard.dicom.io import iter_dicom_paths, peek, read_dataset, source_view
 from radguard.errors import RadguardError, SignatureError
 from radguard.provenance.bytestream import (
@@ -223,7 +222,7 @@ def _check_one(
             check.reason = f"MAC algorithm {mac} is not available on this system"
             return check
         # the hash (GIL-free, most of the time) runs while the checks below are made
-        digest_future = _hash_pool().submit(_digest, hasher, ds, sig, tags, is_implicit,
+        digest_future = background_pool().submit(_digest, hasher, ds, sig, tags, is_implicit,
                                             is_little, source)
         bad = [t for t in tags if not is_signable_element(ds, t, is_implicit)]
         if bad:
@@ -319,18 +318,6 @@ def _trust_problem(cert: x509.Certificate, trust: TrustStore | None,
         if not chain.trusted:
             return f"{chain.reason} (checked at {label} time {moment:%Y-%m-%d %H:%M:%SZ})"
     return ""
-
-
-_POOL: ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
-
-
-def _hash_pool() -> ThreadPoolExecutor:
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="radguard-hash")
-        return _POOL
 
 
 _SIGNATURES_TAG_BYTES = (b"\xfa\xff\xfa\xff", b"\xff\xfa\xff\xfa")  # (FFFA,FFFA) LE, BE

@@ -8,7 +8,7 @@ import pytest
 
 from radguard.dicom import encode_dataset, read_dataset, read_dataset_bytes, write_dataset
 from radguard.errors import DicomReadError, RadguardError
-from tests.conftest import NIH_DX, RG1_J2K
+from tests.conftest import MR_NATIVE, NIH_DX, RG1_J2K
 
 
 def test_reads_implicit_and_compressed_files():
@@ -79,3 +79,16 @@ def test_encode_defaults_to_explicit_vr_for_new_datasets():
 
     data = encode_dataset(synthetic_radiograph(32, 32))
     assert read_dataset_bytes(data).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+
+
+def test_truncated_large_file_read_through_mmap(tmp_path):
+    """Files over 1 MiB are memory-mapped with deferred pixel data; truncation still shows."""
+    data = MR_NATIVE.read_bytes()
+    assert len(data) > 1 << 20
+    short = tmp_path / "short_mr.dcm"
+    short.write_bytes(data[:-5000])
+    with pytest.raises(DicomReadError, match="truncated"):
+        read_dataset(short)
+    full = read_dataset(MR_NATIVE)
+    assert full.get_item(0x7FE00010, keep_deferred=True).value is None  # left in the file
+    assert len(full.PixelData) == 1024 * 1024 * 2  # ...and read on demand
