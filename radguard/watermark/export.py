@@ -56,8 +56,13 @@ def _crc16(value: int) -> int:
     return crc
 
 
+def codeword(export_id: int) -> int:
+    """The 64-bit word carried for an export ID: the ID followed by its CRC-16."""
+    return (export_id << CRC_BITS) | _crc16(export_id)
+
+
 def _codeword(export_id: int) -> np.ndarray:
-    word = (export_id << CRC_BITS) | _crc16(export_id)
+    word = codeword(export_id)
     n = ID_BITS + CRC_BITS
     return np.array([(word >> (n - 1 - i)) & 1 for i in range(n)], dtype=np.int64)
 
@@ -113,6 +118,7 @@ class ExportMark:
     export_id: int
     crc_ok: bool
     confidence: float  # mean |soft vote| per bit, 0..1
+    codeword: int = 0  # the 64 decoded bits (ID and CRC), for bit-error measurements
 
     @property
     def hex_id(self) -> str:
@@ -136,7 +142,7 @@ def decode_export_mark(img: np.ndarray, key: WatermarkKey) -> ExportMark:
     word = int("".join(map(str, bits)), 2)
     export_id, crc = word >> CRC_BITS, word & 0xFFFF
     confidence = float(np.mean(np.abs(votes / counts)))
-    return ExportMark(export_id, crc == _crc16(export_id), confidence)
+    return ExportMark(export_id, crc == _crc16(export_id), confidence, word)
 
 
 def register_export(registry: str | os.PathLike[str], export_id: int, record: dict) -> None:
