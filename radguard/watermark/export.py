@@ -5,8 +5,11 @@ survives resizing. Each cell's mean grey level is moved (by at most delta/2 leve
 keyed quantisation lattice that encodes one bit (quantisation index modulation with a
 secret dither per cell). A 48-bit export ID plus a CRC-16 is spread over the 1024 cells,
 16 cells per bit, with a keyed assignment; decoding sums soft votes per bit and checks the
-CRC. JPEG compression, resizing and grey conversion keep cell means within a fraction of a
-grey level, far inside the lattice's decision margin.
+CRC. Cell means are area-weighted over exact fractions of the image side, so a resized copy
+is measured over the same regions. JPEG compression, resizing and grey conversion keep cell
+means within a fraction of a grey level, inside the lattice's decision margin. Images need a
+short side of at least 256 pixels: after a 0.5x resize a smaller one leaves cells of under
+four pixels, and the mark stops being reliable.
 
 This mark is *not* reversible and not meant for diagnosis: it goes only on exported copies.
 The export ID links back to the instance through the export registry (JSON lines).
@@ -34,6 +37,7 @@ GRID = 32
 ID_BITS = 48
 CRC_BITS = 16
 DELTA = 6.0  # lattice step in grey levels; the largest mean shift is DELTA / 2
+MIN_SIDE = 256
 
 
 class ExportMarkError(RadguardError):
@@ -81,25 +85,35 @@ def _edges(size: int) -> np.ndarray:
     return np.round(np.linspace(0, size, GRID + 1)).astype(int)
 
 
+def _coverage(size: int) -> np.ndarray:
+    """(GRID, size) weights: how much of each pixel lies in each cell, the cells being exact
+    fractions of the side (no rounding), so a resized copy measures the same areas."""
+    bounds = np.linspace(0.0, float(size), GRID + 1)
+    left, right = np.arange(size, dtype=np.float64), np.arange(1, size + 1, dtype=np.float64)
+    overlap = (np.minimum(right[None, :], bounds[1:, None])
+               - np.maximum(left[None, :], bounds[:-1, None]))
+    return np.clip(overlap, 0.0, None)
+
+
 def _cell_means(img: np.ndarray) -> np.ndarray:
-    ys, xs = _edges(img.shape[0]), _edges(img.shape[1])
-    sums = np.add.reduceat(np.add.reduceat(img.astype(np.float64), ys[:-1], axis=0),
-                           xs[:-1], axis=1)
-    counts = np.outer(np.diff(ys), np.diff(xs))
-    return (sums / counts).ravel()
+    """Area-weighted mean of every cell of the relative 32 x 32 grid."""
+    wy, wx = _coverage(img.shape[0]), _coverage(img.shape[1])
+    sums = wy @ img.astype(np.float64) @ wx.T
+    return (sums / np.outer(wy.sum(axis=1), wx.sum(axis=1))).ravel()
 
 
 def embed_export_mark(img: np.ndarray, key: WatermarkKey, export_id: int) -> np.ndarray:
     """Return an 8-bit copy of ``img`` carrying ``export_id``."""
     if img.ndim != 2 or img.dtype != np.uint8:
         raise ExportMarkError("the export mark needs an 8-bit grey image")
-    if min(img.shape) < 4 * GRID:
-        raise ExportMarkError(f"image too small for the export mark (min side {4 * GRID})")
+    if min(img.shape) < MIN_SIDE:
+        raise ExportMarkError(f"image too small for the export mark (short side "
+                              f"{min(img.shape)} < {MIN_SIDE} pixels)")
     assignment, dither = _plan(key)
     bits = _codeword(export_id)[assignment]
     ys, xs = _edges(img.shape[0]), _edges(img.shape[1])
     out = img.astype(np.float64)
-    for _ in range(4):  # clipping at 0/255 can leave a cell short of its target: retry
+    for _ in range(8):  # clipping and shared border pixels leave cells short: iterate
         means = _cell_means(out)
         offset = dither + bits * DELTA / 2
         target = np.round((means - offset) / DELTA) * DELTA + offset

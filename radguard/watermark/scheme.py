@@ -114,10 +114,10 @@ def uid_digest(sop_instance_uid: str) -> str:
 
 
 def max_threshold(lo: int, hi: int, bits_stored: int) -> int:
-    """Largest T keeping PSNR >= 70 dB on 12-16 bit data (MSE <= T^2 + 1); 4 below 12 bits
-    (8-10 bit copies are for viewing, and a finer block grid is worth a few grey levels)."""
+    """Largest T keeping PSNR >= 70 dB on 12-16 bit data (MSE <= T^2 + 1); 8 below 12 bits
+    (8-10 bit data has little room; the smallest T that fits is always tried first)."""
     if bits_stored < 12:
-        return 4
+        return 8
     peak = hi - lo
     return max(1, int(math.floor(math.sqrt(max(0.0, peak**2 / 1e7 - 1.0)))))
 
@@ -199,20 +199,27 @@ def embed_frame(frame: np.ndarray, key: WatermarkKey, identity: Identity, *, lo:
         raise WatermarkError("pixel values outside the stored range (Bits Stored)")
     id_bytes = identity.encode()
     t_max = max_threshold(lo, hi, bits_stored)
+    # finest / strongest tag layout first, at a threshold that keeps the image pristine
+    # (the 70 dB cap on 12-16 bit data, 2 levels below 12 bits); then, for small or noisy
+    # images only, larger thresholds up to the cap
+    preferred = t_max if bits_stored >= 12 else min(2, t_max)
+    candidates = []
     for block, rows in LAYOUTS:
         split = _split(original, block, rows)
         n_tag = int(np.count_nonzero(split.tag_rows)) * width
-        compact = split.compact
         # estimated capacity for every T at once; 3% margin for pass-1 drift and the header
-        counts = rhombus.error_counts(compact, lo, hi, t_max)
-        need = 8 * (len(id_bytes) + 16) + n_tag + 2 * width
-        for threshold in range(1, t_max + 1):
-            if counts[threshold] < need * 1.03:
-                continue
-            result = _try_embed(original, split, compact, key, id_bytes, threshold, lo, hi,
-                                n_tag, identity.frame)
-            if result is not None:
-                return result
+        counts = rhombus.error_counts(split.compact, lo, hi, t_max)
+        need = 8 * (len(id_bytes) + 16) + n_tag + 2 * width + ANCHOR_BITS
+        candidates.append((split, n_tag, counts, need))
+    order = [(c, t) for c in candidates for t in range(1, preferred + 1)]
+    order += [(c, t) for t in range(preferred + 1, t_max + 1) for c in candidates]
+    for (split, n_tag, counts, need), threshold in order:
+        if counts[threshold] < need * 1.03:
+            continue
+        result = _try_embed(original, split, split.compact, key, id_bytes, threshold, lo, hi,
+                            n_tag, identity.frame)
+        if result is not None:
+            return result
     raise WatermarkError(
         "image too small or too flat (or too noisy) to hold the watermark payload "
         f"within the distortion limit (T <= {t_max})")

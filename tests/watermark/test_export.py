@@ -42,7 +42,7 @@ ATTACKS = {"jpeg75": _jpeg, "half": _half, "grey": _grey,
 def _exports():
     for path in DICOM_IMAGES + [p for p in PNG_SAMPLE if "dcgan" not in str(p)]:
         frame, *_ = load(path)
-        if min(frame.shape) >= 128:
+        if min(frame.shape) >= 256:
             yield path.name, window_to_8bit(frame)
 
 
@@ -66,6 +66,13 @@ def test_no_mark_and_wrong_key_are_not_misread(wm_key):
     marked = embed_export_mark(grey, wm_key, 12345)
     other = WatermarkKey.from_secret(b"another export key, not ours!")
     assert not decode_export_mark(marked, other).crc_ok
+
+
+def test_too_small_for_an_export_mark(wm_key):
+    from radguard.errors import RadguardError
+
+    with pytest.raises(RadguardError, match="too small"):
+        embed_export_mark(np.full((200, 300), 100, np.uint8), wm_key, 1)
 
 
 def test_registry_round_trip(tmp_path):
