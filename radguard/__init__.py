@@ -4,6 +4,7 @@ Sub-packages, one concept each; dependencies point inward to :mod:`radguard.dico
 
 * :mod:`radguard.dicom`       DICOM I/O, pixels, UIDs
 * :mod:`radguard.provenance`  keys, certificates, PS3.15 signatures, trust
+* :mod:`radguard.watermark`   reversible identity mark, tamper localisation, export marks
 """
 
 from radguard.errors import RadguardError
