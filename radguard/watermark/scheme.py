@@ -203,18 +203,23 @@ def embed_frame(frame: np.ndarray, key: WatermarkKey, identity: Identity, *, lo:
     # (the 70 dB cap on 12-16 bit data, 2 levels below 12 bits); then, for small or noisy
     # images only, larger thresholds up to the cap
     preferred = t_max if bits_stored >= 12 else min(2, t_max)
-    candidates = []
-    for block, rows in LAYOUTS:
-        split = _split(original, block, rows)
-        n_tag = int(np.count_nonzero(split.tag_rows)) * width
-        # estimated capacity for every T at once; 3% margin for pass-1 drift and the header
-        counts = rhombus.error_counts(split.compact, lo, hi, t_max)
-        need = 8 * (len(id_bytes) + 16) + n_tag + 2 * width + ANCHOR_BITS
-        candidates.append((split, n_tag, counts, need))
-    order = [(c, t) for c in candidates for t in range(1, preferred + 1)]
-    order += [(c, t) for t in range(preferred + 1, t_max + 1) for c in candidates]
-    for (split, n_tag, counts, need), threshold in order:
-        if counts[threshold] < need * 1.03:
+    cache: dict[tuple[int, int], tuple[_Split, int, np.ndarray, int]] = {}
+
+    def candidate(layout: tuple[int, int]) -> tuple[_Split, int, np.ndarray, int]:
+        # estimated capacity for every T at once (computed once per layout, when needed)
+        if layout not in cache:
+            split = _split(original, *layout)
+            n_tag = int(np.count_nonzero(split.tag_rows)) * width
+            counts = rhombus.error_counts(split.compact, lo, hi, t_max)
+            need = 8 * (len(id_bytes) + 16) + n_tag + 2 * width + ANCHOR_BITS
+            cache[layout] = (split, n_tag, counts, need)
+        return cache[layout]
+
+    order = [(lay, t) for lay in LAYOUTS for t in range(1, preferred + 1)]
+    order += [(lay, t) for t in range(preferred + 1, t_max + 1) for lay in LAYOUTS]
+    for layout, threshold in order:
+        split, n_tag, counts, need = candidate(layout)
+        if counts[threshold] < need * 1.03:  # 3% margin: pass-1 drift, header growth
             continue
         result = _try_embed(original, split, split.compact, key, id_bytes, threshold, lo, hi,
                             n_tag, identity.frame)
