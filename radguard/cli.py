@@ -431,6 +431,52 @@ def dicom_info(paths: tuple[str, ...], no_pixels: bool) -> None:
     sys.exit(0 if not failures else (2 if failures == len(files) else 1))
 
 
+# -- evaluate -----------------------------------------------------------------------------
+
+@main.command()
+@click.argument("predictions", type=click.Path(dir_okay=False))
+@click.option("--labels", "labels_path", type=click.Path(dir_okay=False),
+              help="Labels CSV (id, label) when the predictions carry no label column.")
+@click.option("--by", default="", help="Comma-separated columns for subgroup analysis.")
+@click.option("--compare", "compare_path", type=click.Path(dir_okay=False),
+              help="Predictions of an external site, compared at the same threshold.")
+@click.option("--threshold", type=float, help="Operating threshold (default: Youden's J).")
+@click.option("--bootstrap", is_flag=True, help="Also give a stratified bootstrap AUC CI.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False),
+              help="Write the self-contained HTML report here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON summary.")
+def evaluate(predictions: str, labels_path: str | None, by: str, compare_path: str | None,
+             threshold: float | None, bootstrap: bool, out_path: str | None,
+             as_json: bool) -> None:
+    """AUC with DeLong CIs, metrics at a threshold, calibration, subgroups, external sites."""
+    from radguard.evaluation.report import evaluate as run
+    from radguard.evaluation.report import read_predictions, to_json, write_report
+
+    preds = read_predictions(predictions, labels_path)
+    other = read_predictions(compare_path) if compare_path else None
+    columns = [c.strip() for c in by.split(",") if c.strip()]
+    result = run(preds, threshold=threshold, by=columns, compare=other, bootstrap=bootstrap)
+    if out_path:
+        write_report(result, out_path)
+    if as_json:
+        click.echo(to_json(result))
+        return
+    auc = result["auc"]
+    at = result["at_threshold"]
+    click.echo(f"{result['cases']} cases, {result['positives']} positive")
+    click.echo(f"AUC {auc['auc']:.3f} (95% CI {auc['low']:.3f}-{auc['high']:.3f}, DeLong)")
+    for name in ("sensitivity", "specificity", "ppv", "npv"):
+        ci = at[name]
+        click.echo(f"{name:<12} {ci['value']:.3f} ({ci['low']:.3f}-{ci['high']:.3f}) at "
+                   f"threshold {result['threshold']:.4g}")
+    if other is not None:
+        d = result["external"]["auc_difference"]
+        click.echo(f"external AUC change {-d['difference']:+.3f} "
+                   f"({-d['high']:+.3f} to {-d['low']:+.3f}), p={d['p_value']:.3g}")
+    if out_path:
+        click.echo(f"report: {out_path}")
+
+
 # -- watermark ----------------------------------------------------------------------------
 
 @main.group()

@@ -1,0 +1,57 @@
+"""Honest evaluation: metrics with confidence intervals, external validation, subgroups,
+FROC, reader studies, and a one-command HTML/JSON report."""
+
+from radguard.evaluation.analysis import (
+    cohen_kappa,
+    compare_sites,
+    fleiss_kappa,
+    froc,
+    majority_vote,
+    reader_table,
+    subgroups,
+)
+from radguard.evaluation.metrics import (
+    AucResult,
+    EvaluationError,
+    Interval,
+    bootstrap_auc,
+    calibration,
+    confusion_metrics,
+    decision_curve,
+    delong_auc,
+    delong_paired,
+    delong_unpaired,
+    pr_curve,
+    roc_curve,
+    wilson,
+    workload_curve,
+)
+from radguard.evaluation.report import Predictions, evaluate, read_predictions, render_html
+
+__all__ = [
+    "AucResult",
+    "EvaluationError",
+    "Interval",
+    "Predictions",
+    "bootstrap_auc",
+    "calibration",
+    "cohen_kappa",
+    "compare_sites",
+    "confusion_metrics",
+    "decision_curve",
+    "delong_auc",
+    "delong_paired",
+    "delong_unpaired",
+    "evaluate",
+    "fleiss_kappa",
+    "froc",
+    "majority_vote",
+    "pr_curve",
+    "read_predictions",
+    "reader_table",
+    "render_html",
+    "roc_curve",
+    "subgroups",
+    "wilson",
+    "workload_curve",
+]

@@ -1,0 +1,106 @@
+"""`radguard evaluate`: CSV in, JSON and a self-contained HTML report out; clear errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from radguard.cli import main
+
+
+def _write(path, rows, fields):
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+@pytest.fixture()
+def predictions(tmp_path):
+    rng = np.random.default_rng(0)
+    internal, external = tmp_path / "internal.csv", tmp_path / "external.csv"
+    for path, shift, n in ((internal, 1.6, 400), (external, 0.9, 300)):
+        rows = []
+        for i in range(n):
+            y = int(rng.integers(0, 2))
+            score = 1 / (1 + np.exp(-(rng.normal(0, 1) + shift * (2 * y - 1))))
+            rows.append({"id": f"{path.stem}{i}", "score": f"{score:.6f}", "label": y,
+                         "sex": "F" if i % 2 else "M", "view": "PA" if i % 3 else "AP"})
+        _write(path, rows, ["id", "score", "label", "sex", "view"])
+    return internal, external
+
+
+class _Collect(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images, self.tables = [], []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs)
+        if tag == "table":
+            self.tables.append(attrs.get("id") or attrs.get("class"))
+
+
+def test_html_report_has_its_plots_and_tables(predictions, tmp_path):
+    internal, external = predictions
+    out = tmp_path / "report.html"
+    result = CliRunner().invoke(main, ["evaluate", str(internal), "--by", "sex,view",
+                                       "--compare", str(external), "--bootstrap",
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output + (result.stderr or "")
+    parser = _Collect()
+    parser.feed(out.read_text())
+    plots = {img["id"] for img in parser.images}
+    assert {"plot-roc", "plot-pr", "plot-calibration", "plot-decision",
+            "plot-workload"} <= plots
+    assert all(img["src"].startswith("data:image/png;base64,") and len(img["src"]) > 2000
+               for img in parser.images)
+    assert {"summary", "workload", "external", "subgroups"} <= set(parser.tables)
+    assert "AUC" in result.output and "external AUC change" in result.output
+
+
+def test_json_summary(predictions):
+    internal, _ = predictions
+    result = CliRunner().invoke(main, ["evaluate", str(internal), "--json", "--threshold",
+                                       "0.5"])
+    data = json.loads(result.output)
+    assert data["threshold"] == 0.5 and 0.8 < data["auc"]["auc"] < 1
+    assert data["at_threshold"]["sensitivity"]["low"] < data["at_threshold"]["sensitivity"][
+        "value"]
+
+
+def test_labels_from_a_second_file(predictions, tmp_path):
+    internal, _ = predictions
+    rows = list(csv.DictReader(open(internal)))
+    _write(tmp_path / "scores.csv", [{"id": r["id"], "score": r["score"]} for r in rows],
+           ["id", "score"])
+    _write(tmp_path / "labels.csv", [{"id": r["id"], "label": r["label"]} for r in rows],
+           ["id", "label"])
+    result = CliRunner().invoke(main, ["evaluate", str(tmp_path / "scores.csv"), "--labels",
+                                       str(tmp_path / "labels.csv"), "--json"])
+    assert result.exit_code == 0
+    assert json.loads(result.output)["cases"] == len(rows)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("", "empty file"),
+    ("id,score,label\n", "no cases"),
+    ("id,value,label\na,0.1,1\nb,0.2,0\n", "no 'score' column"),
+    ("id,score,label\na,0.1,2\nb,0.2,0\n", "0 or 1"),
+    ("id,score,label\na,0.1,1\nb,0.2,1\n", "only positive"),
+    ("id,score,label\na,nan,1\nb,0.2,0\n", "NaN"),
+    ("id,score,label\na,high,1\nb,0.2,0\n", "not a number"),
+])
+def test_bad_files_are_one_line_errors(tmp_path, content, message):
+    path = tmp_path / "bad.csv"
+    path.write_text(content)
+    result = CliRunner().invoke(main, ["evaluate", str(path)])
+    assert result.exit_code == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
