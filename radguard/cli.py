@@ -477,6 +477,123 @@ def evaluate(predictions: str, labels_path: str | None, by: str, compare_path: s
         click.echo(f"report: {out_path}")
 
 
+# -- monitor ------------------------------------------------------------------------------
+
+@main.group()
+def monitor() -> None:
+    """Drift and performance monitoring with sequential alarms (state in SQLite)."""
+
+
+_db_option = click.option("--db", "db_path", default="radguard-monitor.db", show_default=True,
+                          type=click.Path(dir_okay=False), help="Monitoring database.")
+
+
+def _read_table(path: str) -> tuple[list[str], list[dict[str, str]]]:
+    from radguard.evaluation.report import _read_rows
+
+    return _read_rows(path)
+
+
+@monitor.command("features")
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False))
+def monitor_features(paths: tuple[str, ...], out: str) -> None:
+    """Compute image features of DICOM/PNG/JPEG files into a CSV (id = file path)."""
+    import csv
+    import io as _io
+
+    from radguard.dicom.io import iter_dicom_paths
+    from radguard.fileio import atomic_write_bytes
+    from radguard.monitoring.features import IMAGE_FEATURES, features_of_file
+
+    buf = _io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["id", *IMAGE_FEATURES])
+    writer.writeheader()
+    files = list(iter_dicom_paths(paths))
+    failures = 0
+    with _progress(len(files), "features") as progress:
+        task = progress.add_task("features", total=len(files))
+        for f in files:
+            try:
+                writer.writerow({"id": str(f), **features_of_file(str(f))})
+            except (RadguardError, ValueError) as exc:
+                failures += 1
+                _err(str(exc))
+            progress.advance(task)
+    atomic_write_bytes(out, buf.getvalue().encode())
+    click.echo(f"{len(files) - failures} feature rows -> {out}")
+
+
+@monitor.command("init")
+@click.argument("reference", type=click.Path(dir_okay=False))
+@_db_option
+@click.option("--budget", type=float, default=10_000, show_default=True,
+              help="At most one false alarm per this many studies.")
+def monitor_init(reference: str, db_path: str, budget: float) -> None:
+    """Learn the reference (feature columns, optional score and label) and calibrate alarms."""
+    import numpy as np
+
+    from radguard.monitoring import Monitor
+
+    fields, rows = _read_table(reference)
+    names = [f for f in fields if f not in ("id", "score", "label", "site")]
+    try:
+        x = np.array([[float(r[n]) for n in names] for r in rows])
+        scores = np.array([float(r["score"]) for r in rows]) if "score" in fields else None
+        labels = np.array([int(r["label"]) for r in rows]) if "label" in fields else None
+    except ValueError as exc:
+        raise RadguardError(f"{reference}: non-numeric value ({exc})") from exc
+    thresholds = Monitor(db_path).fit_reference(x, names, scores=scores, labels=labels,
+                                                false_alarms_per=budget)
+    click.echo(f"reference: {len(rows)} studies, features {', '.join(names)}"
+               f"{' + score' if scores is not None else ''}; CUSUM h = {thresholds['h']}")
+
+
+@monitor.command("ingest")
+@click.argument("stream", type=click.Path(dir_okay=False))
+@_db_option
+def monitor_ingest(stream: str, db_path: str) -> None:
+    """Feed studies (id, features, optional score, site, label) in order; prints alarms."""
+    from radguard.monitoring import Monitor
+
+    mon = Monitor(db_path)
+    fields, rows = _read_table(stream)
+    count = 0
+    for r in rows:
+        features = {k: v for k, v in r.items() if k not in ("id", "score", "label", "site")}
+        score = float(r["score"]) if r.get("score") not in (None, "") else None
+        for alarm in mon.observe(r.get("id") or f"{stream}:{count}", features, score=score,
+                                 site=r.get("site") or "default"):
+            click.echo(f"ALARM study {alarm.seq} ({alarm.study_id}) site {alarm.site}: "
+                       f"{alarm.detector} of {alarm.feature} ({alarm.direction})")
+        if r.get("label") not in (None, ""):
+            for alarm in mon.add_label(r.get("id") or f"{stream}:{count}", int(r["label"])):
+                click.echo(f"ALARM study {alarm.seq} ({alarm.study_id}): performance decay")
+        count += 1
+    click.echo(f"{count} studies ingested; {mon.seq} in total")
+
+
+@monitor.command("status")
+@_db_option
+@click.option("--json", "as_json", is_flag=True)
+def monitor_status(db_path: str, as_json: bool) -> None:
+    """Alarms, window drift tests, rolling and estimated performance."""
+    from radguard.evaluation.report import to_json
+    from radguard.monitoring import Monitor
+
+    status = Monitor(db_path).status()
+    if as_json:
+        click.echo(to_json(status))
+        return
+    click.echo(f"{status['studies']} studies; {len(status['alarms'])} recent alarms")
+    for alarm in status["alarms"][:10]:
+        click.echo(f"  {alarm['ts']} study {alarm['seq']} {alarm['site']}: {alarm['detector']} "
+                   f"of {alarm['feature']} ({alarm['direction']})")
+    for name, test in (status.get("drift_tests") or {}).items():
+        click.echo(f"  {name:<10} KS {test['statistic']:.3f} (p={test['p_value']:.2g}) "
+                   f"PSI {test['psi']:.3f}")
+
+
 # -- watermark ----------------------------------------------------------------------------
 
 @main.group()
