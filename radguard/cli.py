@@ -494,6 +494,11 @@ def _read_table(path: str) -> tuple[list[str], list[dict[str, str]]]:
     return _read_rows(path)
 
 
+def _existing_db(path: str) -> None:
+    if not Path(path).is_file():
+        raise RadguardError(f"{path}: no monitoring database (run 'radguard monitor init')")
+
+
 @monitor.command("features")
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False))
@@ -556,6 +561,7 @@ def monitor_ingest(stream: str, db_path: str) -> None:
     """Feed studies (id, features, optional score, site, label) in order; prints alarms."""
     from radguard.monitoring import Monitor
 
+    _existing_db(db_path)
     mon = Monitor(db_path)
     fields, rows = _read_table(stream)
     count = 0
@@ -581,6 +587,7 @@ def monitor_status(db_path: str, as_json: bool) -> None:
     from radguard.evaluation.report import to_json
     from radguard.monitoring import Monitor
 
+    _existing_db(db_path)
     status = Monitor(db_path).status()
     if as_json:
         click.echo(to_json(status))
