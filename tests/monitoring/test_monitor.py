@@ -17,6 +17,10 @@ from tests.conftest import NIH_DX, RG1_J2K
 NAMES = ["a", "b", "c"]
 
 
+def _row(values):
+    return dict(zip(NAMES, values, strict=True))
+
+
 @pytest.fixture()
 def fitted(tmp_path):
     rng = np.random.default_rng(0)
@@ -31,14 +35,14 @@ def fitted(tmp_path):
 def test_shift_alarms_and_state_survives_a_restart(fitted, tmp_path):
     monitor, rng = fitted
     for i in range(100):
-        assert monitor.observe(f"s{i}", dict(zip(NAMES, rng.normal(0, 1, 3))),
+        assert monitor.observe(f"s{i}", _row(rng.normal(0, 1, 3)),
                                score=float(rng.uniform())) == []
     monitor.close()
     resumed = Monitor(tmp_path / "m.db")  # a restart in the middle of the stream
     assert resumed.seq == 100
     alarms = []
     for i in range(100, 140):
-        alarms += resumed.observe(f"s{i}", dict(zip(NAMES, rng.normal(3, 1, 3))),
+        alarms += resumed.observe(f"s{i}", _row(rng.normal(3, 1, 3)),
                                   score=float(rng.uniform()))
     assert alarms and alarms[0].seq < 110 and alarms[0].direction == "up"
     assert resumed.alarms()[0]["detector"] == "drift"
@@ -50,7 +54,7 @@ def test_labels_track_performance(fitted):
     monitor, rng = fitted
     for i in range(300):
         p = float(rng.uniform())
-        monitor.observe(f"s{i}", dict(zip(NAMES, rng.normal(0, 1, 3))), score=p)
+        monitor.observe(f"s{i}", _row(rng.normal(0, 1, 3)), score=p)
         truth = int(rng.uniform() < p)
         wrong = 1 - truth if i >= 150 else truth  # labels turn against the model
         monitor.add_label(f"s{i}", wrong)
