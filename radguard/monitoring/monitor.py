@@ -22,7 +22,14 @@ import numpy as np
 
 from radguard.errors import RadguardError
 from radguard.evaluation.metrics import EvaluationError, delong_auc, wilson
-from radguard.monitoring.drift import Cusum, NormalScorer, calibrate_threshold, ks_test, psi
+from radguard.monitoring.drift import (
+    Cusum,
+    NormalScorer,
+    calibrate_threshold,
+    chi2_test,
+    ks_test,
+    psi,
+)
 
 __all__ = ["Alarm", "Monitor", "MonitorError"]
 
@@ -36,7 +43,12 @@ CREATE TABLE IF NOT EXISTS studies (id TEXT PRIMARY KEY, seq INTEGER NOT NULL, s
 CREATE TABLE IF NOT EXISTS alarms (id INTEGER PRIMARY KEY AUTOINCREMENT, ts TEXT, seq INTEGER,
                                    site TEXT, detector TEXT, feature TEXT, direction TEXT,
                                    study_id TEXT);
+CREATE TABLE IF NOT EXISTS categories (site TEXT, field TEXT, value TEXT,
+                                       PRIMARY KEY (site, field, value));
 """
+_MIGRATIONS = [  # (table, column, declaration): columns added after the first release
+    ("studies", "metadata", "TEXT"),
+]
 
 
 class MonitorError(RadguardError):
@@ -73,6 +85,10 @@ class Monitor:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(_SCHEMA)
+            for table, column, decl in _MIGRATIONS:
+                have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
         except sqlite3.DatabaseError as exc:
             raise MonitorError(f"{self.path}: not a usable monitoring database ({exc})") from exc
         self._load()
@@ -80,6 +96,7 @@ class Monitor:
     # -- reference -------------------------------------------------------------------------
     def fit_reference(self, features: np.ndarray, names: list[str], *,
                       scores: np.ndarray | None = None, labels: np.ndarray | None = None,
+                      metadata: list[dict[str, str]] | None = None,
                       false_alarms_per: float = 10_000, k: float = 0.5) -> dict[str, float]:
         """Learn the reference window and calibrate the alarm thresholds.
 
@@ -99,6 +116,9 @@ class Monitor:
         h = calibrate_threshold(scorer.transform(x), false_alarms_per=2 * false_alarms_per, k=k)
         meta: dict[str, object] = {"names": columns, "k": k, "h": h,
                                    "false_alarms_per": false_alarms_per, "fitted": _now()}
+        if metadata:
+            fields = sorted({f for row in metadata for f in row})
+            meta["metadata"] = {f: [str(row.get(f, "")) for row in metadata] for f in fields}
         if labels is not None and scores is not None:
             y = np.asarray(labels, float)
             loss = (np.asarray(scores, float) - y) ** 2
@@ -111,6 +131,7 @@ class Monitor:
             self.db.execute("BEGIN")
             self.db.execute("DELETE FROM reference")
             self.db.execute("DELETE FROM cusum")
+            self.db.execute("DELETE FROM categories")
             for j, name in enumerate(columns):
                 self.db.execute("INSERT INTO reference VALUES (?, ?)",
                                 (name, scorer.sorted_reference[:, j].tobytes()))
@@ -149,8 +170,13 @@ class Monitor:
 
     # -- per study ---------------------------------------------------------------------------
     def observe(self, study_id: str, features: dict[str, float], *, score: float | None = None,
-                site: str = "default") -> list[Alarm]:
-        """Record one study; returns the alarms it raised."""
+                site: str = "default", metadata: dict[str, str] | None = None
+                ) -> list[Alarm]:
+        """Record one study; returns the alarms it raised.
+
+        ``metadata`` (manufacturer, model, protocol, view...) raises a "new value" alarm the
+        first time a site shows a value the reference never had: a new scanner or protocol.
+        """
         scorer = self._require()
         names = list(self.meta["names"])
         values = dict(features)
@@ -174,8 +200,22 @@ class Monitor:
             if self.db.execute("SELECT 1 FROM studies WHERE id=?", (study_id,)).fetchone():
                 raise MonitorError(f"study {study_id} was already observed")
             self.seq += 1
-            self.db.execute("INSERT INTO studies VALUES (?, ?, ?, ?, ?, ?, NULL)",
-                            (study_id, self.seq, site, _now(), json.dumps(values), score))
+            self.db.execute("INSERT INTO studies (id, seq, site, ts, features, score, label, "
+                            "metadata) VALUES (?, ?, ?, ?, ?, ?, NULL, ?)",
+                            (study_id, self.seq, site, _now(), json.dumps(values), score,
+                             json.dumps(metadata or {})))
+            known = self.meta.get("metadata") or {}
+            for name, value in (metadata or {}).items():
+                value = str(value)
+                if name not in known or value in known[name]:
+                    continue
+                seen = self.db.execute("SELECT 1 FROM categories WHERE site=? AND field=? AND "
+                                       "value=?", (site, name, value)).fetchone()
+                if not seen:
+                    self.db.execute("INSERT INTO categories VALUES (?, ?, ?)",
+                                    (site, name, value))
+                    alarms.append(self._alarm(site, "metadata", f"{name}={value}", "new",
+                                              study_id))
             detector = self._cusum(site, "drift", float(self.meta["h"]))
             up_before = detector.upper.copy() if detector.upper.size else np.zeros(len(names))
             hits = detector.update(z)
@@ -229,8 +269,8 @@ class Monitor:
         """Counts, recent alarms, window drift tests, rolling and label-free performance."""
         scorer = self._require()
         names = list(self.meta["names"])
-        rows = self.db.execute("SELECT features, score, label FROM studies ORDER BY seq DESC "
-                               "LIMIT ?", (window,)).fetchall()
+        rows = self.db.execute("SELECT features, score, label, metadata FROM studies ORDER BY "
+                               "seq DESC LIMIT ?", (window,)).fetchall()
         out: dict[str, object] = {"studies": self.seq, "alarms": self.alarms(20),
                                   "window": len(rows), "thresholds": {
                                       "drift_h": self.meta["h"],
@@ -242,6 +282,11 @@ class Monitor:
                 ref = scorer.sorted_reference[:, j]
                 tests[name] = {**ks_test(ref, current[:, j]), "psi": psi(ref, current[:, j])}
             out["drift_tests"] = tests
+            reference_meta = self.meta.get("metadata") or {}
+            current_meta = [json.loads(r[3] or "{}") for r in rows]
+            out["metadata_tests"] = {
+                name: chi2_test(list(ref), [str(m.get(name, "")) for m in current_meta])
+                for name, ref in reference_meta.items()}
         scores = np.array([r[1] for r in rows if r[1] is not None], float)
         if len(scores) and scores.min() >= 0 and scores.max() <= 1:
             # label-free estimates from calibrated probabilities (confidence-based)

@@ -116,3 +116,23 @@ def test_cli_features_init_ingest_status(tmp_path):
     assert json.loads(status.output)["studies"] == 60
     bad = runner.invoke(main, ["monitor", "status", "--db", str(tmp_path / "none.db")])
     assert bad.exit_code == 2 and "no monitoring database" in bad.stderr
+
+
+def test_new_scanner_metadata_raises_one_alarm_per_value(tmp_path):
+    rng = np.random.default_rng(6)
+    monitor = Monitor(tmp_path / "meta.db")
+    meta = [{"Manufacturer": "GE", "ViewPosition": "PA" if i % 2 else "AP"} for i in range(200)]
+    monitor.fit_reference(rng.normal(0, 1, (200, 3)), NAMES, metadata=meta)
+    assert monitor.observe("a", _row(rng.normal(0, 1, 3)),
+                           metadata={"Manufacturer": "GE", "ViewPosition": "PA"}) == []
+    first = monitor.observe("b", _row(rng.normal(0, 1, 3)),
+                            metadata={"Manufacturer": "Acme", "ViewPosition": "PA"})
+    assert [(a.detector, a.feature) for a in first] == [("metadata", "Manufacturer=Acme")]
+    again = monitor.observe("c", _row(rng.normal(0, 1, 3)),
+                            metadata={"Manufacturer": "Acme", "ViewPosition": "PA"})
+    assert again == []
+    for i in range(30):
+        monitor.observe(f"d{i}", _row(rng.normal(0, 1, 3)),
+                        metadata={"Manufacturer": "Acme", "ViewPosition": "LL"})
+    tests = monitor.status(window=30)["metadata_tests"]
+    assert tests["Manufacturer"]["p_value"] < 1e-6
