@@ -541,17 +541,30 @@ def monitor_init(reference: str, db_path: str, budget: float) -> None:
     from radguard.monitoring import Monitor
 
     fields, rows = _read_table(reference)
-    names = [f for f in fields if f not in ("id", "score", "label", "site")]
+    candidates = [f for f in fields if f not in ("id", "score", "label", "site")]
+
+    def numeric(column: str) -> bool:
+        try:
+            [float(r[column]) for r in rows]
+        except ValueError:
+            return False
+        return True
+
+    names = [f for f in candidates if numeric(f)]
+    categorical = [f for f in candidates if f not in names]  # manufacturer, view...
     try:
         x = np.array([[float(r[n]) for n in names] for r in rows])
         scores = np.array([float(r["score"]) for r in rows]) if "score" in fields else None
         labels = np.array([int(r["label"]) for r in rows]) if "label" in fields else None
     except ValueError as exc:
         raise RadguardError(f"{reference}: non-numeric value ({exc})") from exc
+    metadata = [{c: r[c] for c in categorical} for r in rows] if categorical else None
     thresholds = Monitor(db_path).fit_reference(x, names, scores=scores, labels=labels,
-                                                false_alarms_per=budget)
+                                                metadata=metadata, false_alarms_per=budget)
     click.echo(f"reference: {len(rows)} studies, features {', '.join(names)}"
-               f"{' + score' if scores is not None else ''}; CUSUM h = {thresholds['h']}")
+               f"{' + score' if scores is not None else ''}"
+               f"{'; metadata ' + ', '.join(categorical) if categorical else ''}; "
+               f"CUSUM h = {thresholds['h']}")
 
 
 @monitor.command("ingest")
@@ -565,11 +578,14 @@ def monitor_ingest(stream: str, db_path: str) -> None:
     mon = Monitor(db_path)
     fields, rows = _read_table(stream)
     count = 0
+    known_meta = set((mon.meta.get("metadata") or {}).keys())
     for r in rows:
-        features = {k: v for k, v in r.items() if k not in ("id", "score", "label", "site")}
+        features = {k: v for k, v in r.items()
+                    if k not in ("id", "score", "label", "site") and k not in known_meta}
+        metadata = {k: r[k] for k in known_meta if k in r}
         score = float(r["score"]) if r.get("score") not in (None, "") else None
         for alarm in mon.observe(r.get("id") or f"{stream}:{count}", features, score=score,
-                                 site=r.get("site") or "default"):
+                                 site=r.get("site") or "default", metadata=metadata):
             click.echo(f"ALARM study {alarm.seq} ({alarm.study_id}) site {alarm.site}: "
                        f"{alarm.detector} of {alarm.feature} ({alarm.direction})")
         if r.get("label") not in (None, ""):
