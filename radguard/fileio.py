@@ -53,6 +53,20 @@ def atomic_write_bytes(
         fh.write(data)
 
 
+def read_bytes(path: str | os.PathLike[str], what: str,
+               error: type[Exception]) -> bytes:
+    """A whole file, or ``error`` with a one-line message naming the file and what it is."""
+    p = Path(path)
+    try:
+        return p.read_bytes()
+    except FileNotFoundError as exc:
+        raise error(f"{p}: {what} file not found") from exc
+    except IsADirectoryError as exc:
+        raise error(f"{p}: is a folder, not a {what} file") from exc
+    except OSError as exc:
+        raise error(f"{p}: cannot read {what} ({exc.strerror})") from exc
+
+
 def copy_range(src: BinaryIO, dst: BinaryIO, offset: int, length: int) -> None:
     """Copy ``length`` bytes of ``src`` from ``offset`` to the current end of ``dst``.
 

@@ -234,28 +234,29 @@ def _f1(tp: int, fp: int, fn: int) -> float:
     return 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else math.nan
 
 
-def roc_curve(labels: np.ndarray, scores: np.ndarray) -> dict[str, list[float]]:
-    """False/true positive rates at every distinct threshold (descending)."""
+def _cumulative(labels: np.ndarray, scores: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct thresholds (descending), true positives and cases at or above each."""
     y, s = check_inputs(labels, scores)
     order = np.argsort(-s, kind="mergesort")
     s_sorted, y_sorted = s[order], y[order]
     distinct = np.r_[np.nonzero(np.diff(s_sorted))[0], len(s_sorted) - 1]
-    tps = np.cumsum(y_sorted)[distinct]
-    fps = (1 + distinct) - tps
+    return s_sorted[distinct], np.cumsum(y_sorted)[distinct], distinct + 1
+
+
+def roc_curve(labels: np.ndarray, scores: np.ndarray) -> dict[str, list[float]]:
+    """False/true positive rates at every distinct threshold (descending)."""
+    thresholds, tps, predicted = _cumulative(labels, scores)
+    fps = predicted - tps
     tpr = np.r_[0.0, tps / tps[-1]]
     fpr = np.r_[0.0, fps / fps[-1]]
     return {"fpr": fpr.tolist(), "tpr": tpr.tolist(),
-            "thresholds": np.r_[np.inf, s_sorted[distinct]].tolist()}
+            "thresholds": np.r_[np.inf, thresholds].tolist()}
 
 
 def pr_curve(labels: np.ndarray, scores: np.ndarray) -> dict[str, list[float]]:
     """Precision and recall at every distinct threshold, and average precision."""
-    y, s = check_inputs(labels, scores)
-    order = np.argsort(-s, kind="mergesort")
-    s_sorted, y_sorted = s[order], y[order]
-    distinct = np.r_[np.nonzero(np.diff(s_sorted))[0], len(s_sorted) - 1]
-    tps = np.cumsum(y_sorted)[distinct]
-    predicted = distinct + 1
+    _thresholds, tps, predicted = _cumulative(labels, scores)
     precision = tps / predicted
     recall = tps / tps[-1]
     ap = float(np.sum(np.diff(np.r_[0.0, recall]) * precision))

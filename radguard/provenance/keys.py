@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from radguard.errors import KeyMaterialError
-from radguard.fileio import atomic_write_bytes
+from radguard.fileio import atomic_write_bytes, read_bytes
 
 __all__ = [
     "KEY_ALGORITHMS",
@@ -310,11 +310,4 @@ def describe_subject(cert: x509.Certificate) -> str:
 
 
 def _read(p: Path, what: str) -> bytes:
-    try:
-        return p.read_bytes()
-    except FileNotFoundError as exc:
-        raise KeyMaterialError(f"{p}: {what} file not found") from exc
-    except IsADirectoryError as exc:
-        raise KeyMaterialError(f"{p}: is a folder, not a {what} file") from exc
-    except OSError as exc:
-        raise KeyMaterialError(f"{p}: cannot read {what} ({exc.strerror})") from exc
+    return read_bytes(p, what, KeyMaterialError)

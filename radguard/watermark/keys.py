@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from radguard.errors import KeyMaterialError
-from radguard.fileio import atomic_write_bytes
+from radguard.fileio import atomic_write_bytes, read_bytes
 
 __all__ = ["WatermarkKey", "generate_key_file", "load_key"]
 
@@ -57,15 +57,7 @@ def generate_key_file(path: str | os.PathLike[str], *, force: bool = False) -> W
 
 def load_key(path: str | os.PathLike[str]) -> WatermarkKey:
     """Load a key file: hex from :func:`generate_key_file`, or any file's raw bytes."""
-    p = Path(path)
-    try:
-        data = p.read_bytes()
-    except FileNotFoundError as exc:
-        raise KeyMaterialError(f"{p}: watermark key file not found") from exc
-    except IsADirectoryError as exc:
-        raise KeyMaterialError(f"{p}: is a folder, not a key file") from exc
-    except OSError as exc:
-        raise KeyMaterialError(f"{p}: cannot read watermark key ({exc.strerror})") from exc
+    data = read_bytes(path, "watermark key", KeyMaterialError)
     text = data.strip()
     try:
         secret = bytes.fromhex(text.decode("ascii")) if len(text) >= 32 else data
