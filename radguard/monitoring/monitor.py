@@ -71,6 +71,11 @@ class Alarm:
         return asdict(self)
 
 
+def _halves(n: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.random.default_rng(12345).permutation(n)
+    return order[: n // 2], order[n // 2 :]
+
+
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
@@ -113,7 +118,13 @@ class Monitor:
             x = np.column_stack([x, np.asarray(scores, float)])
             columns.append("score")
         scorer = NormalScorer.fit(x)
-        h = calibrate_threshold(scorer.transform(x), false_alarms_per=2 * false_alarms_per, k=k)
+        # Cross-fitted calibration: new studies are scored against a finite reference, so
+        # simulate exactly that - score each half of the reference against the other half
+        # (a reference half the size makes the threshold conservative).
+        first, second = _halves(len(x))
+        out_of_fold = np.vstack([NormalScorer.fit(x[first]).transform(x[second]),
+                                 NormalScorer.fit(x[second]).transform(x[first])])
+        h = calibrate_threshold(out_of_fold, false_alarms_per=2 * false_alarms_per, k=k)
         meta: dict[str, object] = {"names": columns, "k": k, "h": h,
                                    "false_alarms_per": false_alarms_per, "fitted": _now()}
         if metadata:
@@ -123,7 +134,9 @@ class Monitor:
             y = np.asarray(labels, float)
             loss = (np.asarray(scores, float) - y) ** 2
             meta["loss_mean"], meta["loss_std"] = float(loss.mean()), float(loss.std() or 1e-6)
-            z = (loss - meta["loss_mean"]) / meta["loss_std"]
+            z = np.concatenate([
+                (loss[second] - loss[first].mean()) / (loss[first].std() or 1e-6),
+                (loss[first] - loss[second].mean()) / (loss[second].std() or 1e-6)])
             meta["h_performance"] = calibrate_threshold(z[:, None], k=k,
                                                         false_alarms_per=2 * false_alarms_per)
             meta["reference_auc"] = delong_auc(y, scores).auc
