@@ -122,8 +122,8 @@ class Monitor:
         # simulate exactly that - score each half of the reference against the other half
         # (a reference half the size makes the threshold conservative).
         first, second = _halves(len(x))
-        out_of_fold = np.vstack([NormalScorer.fit(x[first]).transform(x[second]),
-                                 NormalScorer.fit(x[second]).transform(x[first])])
+        out_of_fold = [NormalScorer.fit(x[first]).transform(x[second]),
+                       NormalScorer.fit(x[second]).transform(x[first])]
         h = calibrate_threshold(out_of_fold, false_alarms_per=2 * false_alarms_per, k=k)
         meta: dict[str, object] = {"names": columns, "k": k, "h": h,
                                    "false_alarms_per": false_alarms_per, "fitted": _now()}
@@ -134,10 +134,9 @@ class Monitor:
             y = np.asarray(labels, float)
             loss = (np.asarray(scores, float) - y) ** 2
             meta["loss_mean"], meta["loss_std"] = float(loss.mean()), float(loss.std() or 1e-6)
-            z = np.concatenate([
-                (loss[second] - loss[first].mean()) / (loss[first].std() or 1e-6),
-                (loss[first] - loss[second].mean()) / (loss[second].std() or 1e-6)])
-            meta["h_performance"] = calibrate_threshold(z[:, None], k=k,
+            folds = [((loss[second] - loss[first].mean()) / (loss[first].std() or 1e-6))[:, None],
+                     ((loss[first] - loss[second].mean()) / (loss[second].std() or 1e-6))[:, None]]
+            meta["h_performance"] = calibrate_threshold(folds, k=k,
                                                         false_alarms_per=2 * false_alarms_per)
             meta["reference_auc"] = delong_auc(y, scores).auc
         with self.db:
