@@ -102,11 +102,14 @@ class Monitor:
     def fit_reference(self, features: np.ndarray, names: list[str], *,
                       scores: np.ndarray | None = None, labels: np.ndarray | None = None,
                       metadata: list[dict[str, str]] | None = None,
-                      false_alarms_per: float = 10_000, k: float = 0.5) -> dict[str, float]:
+                      false_alarms_per: float = 10_000, k: float = 0.75) -> dict[str, float]:
         """Learn the reference window and calibrate the alarm thresholds.
 
         Half of the false-alarm budget goes to drift (all features together) and half to
-        performance decay (when reference labels and scores are given).
+        performance decay (when reference labels and scores are given). The allowance ``k``
+        (in standard deviations) sets the smallest shift worth an alarm: 0.75 ignores the
+        offsets of a few tenths of a standard deviation that any two samples of one population
+        show, and still catches a shift of 2 standard deviations within a handful of studies.
         """
         x = np.asarray(features, float)
         if x.ndim != 2 or x.shape[1] != len(names) or len(x) < 50:
