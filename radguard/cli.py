@@ -840,6 +840,45 @@ def watermark_trace(image: str, key_path: str, registry: str, as_json: bool) -> 
     sys.exit(0 if mark.crc_ok else 1)
 
 
+@dicom.command("audit")
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per file.")
+def dicom_audit(paths: tuple[str, ...], as_json: bool) -> None:
+    """Header consistency checks (UIDs, dates, pixels vs header, provenance flags), per file
+    and across the files given. Exit 1 if any medium or high finding."""
+    from radguard.dicom.io import iter_dicom_paths, read_dataset
+    from radguard.forensics import check_collection, check_metadata
+
+    files = list(iter_dicom_paths(paths))
+    if not files:
+        raise RadguardError("no input files found")
+    per_file: dict[str, list[dict[str, str]]] = {}
+    loaded = []
+    with _progress(len(files), "auditing") as progress:
+        task = progress.add_task("audit", total=len(files))
+        for f in files:
+            try:
+                ds = read_dataset(f, stop_before_pixels=False)
+                per_file[str(f)] = [x.to_dict() for x in check_metadata(ds)]
+                loaded.append((str(f), ds))
+            except RadguardError as exc:
+                per_file[str(f)] = [{"code": "unreadable", "severity": "high",
+                                     "message": str(exc)}]
+            progress.advance(task)
+    for name, finding in check_collection(loaded):
+        per_file[name].append(finding.to_dict())
+    worst = False
+    for name, findings in per_file.items():
+        worst |= any(x["severity"] in ("medium", "high") for x in findings)
+        if as_json:
+            click.echo(json.dumps({"path": name, "findings": findings}))
+            continue
+        click.echo(f"{name}: {len(findings) or 'no'} finding(s)")
+        for x in findings:
+            click.echo(f"    [{x['severity']}] {x['code']}: {x['message']}")
+    sys.exit(1 if worst else 0)
+
+
 # -- demo ---------------------------------------------------------------------------------
 
 @main.command()
