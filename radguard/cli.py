@@ -489,9 +489,9 @@ _db_option = click.option("--db", "db_path", default="radguard-monitor.db", show
 
 
 def _read_table(path: str) -> tuple[list[str], list[dict[str, str]]]:
-    from radguard.evaluation.report import _read_rows
+    from radguard.evaluation.report import read_csv_rows
 
-    return _read_rows(path)
+    return read_csv_rows(path)
 
 
 def _existing_db(path: str) -> None:

@@ -22,7 +22,7 @@ from radguard.evaluation import analysis, metrics
 from radguard.evaluation.metrics import EvaluationError
 from radguard.fileio import atomic_write_bytes
 
-__all__ = ["Predictions", "evaluate", "read_predictions", "render_html"]
+__all__ = ["Predictions", "evaluate", "read_csv_rows", "read_predictions", "render_html"]
 
 
 @dataclass
@@ -36,7 +36,9 @@ class Predictions:
     source: str = ""
 
 
-def _read_rows(path: str | os.PathLike[str]) -> tuple[list[str], list[dict[str, str]]]:
+def read_csv_rows(path: str | os.PathLike[str]) -> tuple[list[str], list[dict[str, str]]]:
+    """Header and rows of a UTF-8 CSV, with one-line errors for missing, empty or binary
+    files."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8-sig")
@@ -57,12 +59,12 @@ def read_predictions(path: str | os.PathLike[str], labels_path: str | None = Non
                      *, score_column: str = "score", label_column: str = "label"
                      ) -> Predictions:
     """Read and validate a predictions CSV (and optionally a separate labels CSV)."""
-    fields, rows = _read_rows(path)
+    fields, rows = read_csv_rows(path)
     if score_column not in fields:
         raise EvaluationError(f"{path}: no '{score_column}' column (columns: {', '.join(fields)})")
     ids = [r.get("id") or str(i) for i, r in enumerate(rows)]
     if labels_path:
-        lfields, lrows = _read_rows(labels_path)
+        lfields, lrows = read_csv_rows(labels_path)
         if "id" not in lfields or label_column not in lfields or "id" not in fields:
             raise EvaluationError("joining labels needs an 'id' column in both files and a "
                                   f"'{label_column}' column in {labels_path}")
