@@ -1,20 +1,19 @@
 """Local tamper detection without a watermark: copy-move and flattened (inpainted) regions.
 
 * **Copy-move** (a lesion copied from elsewhere in the same image, as CT-GAN-style injections
-  and "clone stamp" removals do): overlapping 16x16 blocks are described by their quantised
-  low-frequency DCT coefficients; blocks with the same description and enough texture are
-  paired, and a shift vector shared by many pairs (a whole copied patch moves as one) marks
-  both the source and the copy.
-* **Flattened regions** (a lesion erased by smoothing or filling): radiographs carry quantum
-  noise everywhere the detector saw photons, so a textured neighbourhood around a block with
-  almost no fine detail is suspicious; image borders and saturated areas are excluded.
+  and "clone stamp" removals do): every 8x8 block position is described by its sixteen 2x2
+  cell means (from integral images), quantised and hashed; a shift vector shared by many
+  matching pairs (a whole copied patch moves as one) marks both the source and the copy.
+  Blocks touching the image's extreme values (padding, saturation, burned-in text) are ignored.
+* **Flattened regions** (a lesion erased by filling): radiographs carry quantum noise
+  everywhere the detector saw photons, so a textured neighbourhood around a block with almost
+  no fine detail is suspicious; image borders and saturated areas are excluded.
 
 The output is a block map and boxes [x0, y0, x1, y1] (x1/y1 exclusive) in pixel coordinates.
-This is the first, classical layer of the issue's tamper detector: it finds pastes that are
-copies (exact or near-exact) and fills, not spliced content from other images. Measured on
-45 images (NIH, MIAS, cxr-wild, five shared DICOM files) with random edits: copy-moves of
-16/32/64 px found 23/30/33 of 45 (patches from flat areas carry nothing to match), 24 px fills
-34/45, and 2 of the 45 untouched images had a (flattened-region) false alarm.
+This is the first, classical layer of the tamper detector: it finds pastes that are copies
+(exact or near-exact) and near-constant fills, not spliced content from other images and not
+smooth interpolated fills (0% in ``benchmarks/bench_forensics.py``; figures in
+``benchmarks/RESULTS.md``).
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from radguard.errors import RadguardError
+from radguard.regions import mask_boxes
 
 __all__ = ["TamperError", "TamperResult", "detect_tamper"]
 
@@ -84,32 +84,7 @@ def _blocks(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _boxes(mask: np.ndarray, scale: float) -> list[list[int]]:
     """Connected components of a block-position mask (STEP grid, BLOCK blocks) as boxes."""
     return [[int(x0 * scale), int(y0 * scale), int((x1 - STEP + BLOCK) * scale),
-             int((y1 - STEP + BLOCK) * scale)] for x0, y0, x1, y1 in _grid_boxes(mask, STEP)]
-
-
-def _grid_boxes(mask: np.ndarray, cell: int) -> list[list[int]]:
-    """Connected components (8-neighbour) of a grid mask as boxes in pixels."""
-    seen = np.zeros_like(mask)
-    out = []
-    for y, x in zip(*np.nonzero(mask), strict=True):
-        if seen[y, x]:
-            continue
-        stack, members = [(y, x)], []
-        seen[y, x] = True
-        while stack:
-            cy, cx = stack.pop()
-            members.append((cy, cx))
-            for dy in (-1, 0, 1):
-                for dx in (-1, 0, 1):
-                    ny, nx = cy + dy, cx + dx
-                    if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] \
-                            and not seen[ny, nx]:
-                        seen[ny, nx] = True
-                        stack.append((ny, nx))
-        ys = [m[0] for m in members]
-        xs = [m[1] for m in members]
-        out.append([min(xs) * cell, min(ys) * cell, (max(xs) + 1) * cell, (max(ys) + 1) * cell])
-    return out
+             int((y1 - STEP + BLOCK) * scale)] for x0, y0, x1, y1 in mask_boxes(mask, STEP)]
 
 
 def _copy_move(a: np.ndarray) -> tuple[list[list[int]], int]:
@@ -173,7 +148,7 @@ def _copy_move(a: np.ndarray) -> tuple[list[list[int]], int]:
             mask[y0 : y0 + b, x0 : x0 + b] = True
     grid = mask[: h // STEP * STEP, : w // STEP * STEP].reshape(
         h // STEP, STEP, w // STEP, STEP).any(axis=(1, 3))
-    return _grid_boxes(grid, STEP), int(counts.max())
+    return mask_boxes(grid, STEP), int(counts.max())
 
 
 def _flattened(a: np.ndarray, positions: np.ndarray, blocks: np.ndarray) -> np.ndarray:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from radguard.regions import mask_boxes
+
 __all__ = ["TagLayout", "regions_from_grid", "tag_failures", "write_tags"]
 
 
@@ -155,30 +157,6 @@ def tag_failures(frame: np.ndarray, layout: TagLayout, key: bytes, context: byte
 
 def regions_from_grid(failed: np.ndarray, layout: TagLayout) -> list[list[int]]:
     """Group failed blocks (8-connected) into boxes [x0, y0, x1, y1] in pixels (x1, y1
-    exclusive), largest first."""
-    seen = np.zeros_like(failed)
-    boxes: list[tuple[int, list[int]]] = []
-    for by, bx in zip(*np.nonzero(failed), strict=True):
-        if seen[by, bx]:
-            continue
-        stack = [(int(by), int(bx))]
-        seen[by, bx] = True
-        members = []
-        while stack:
-            cy, cx = stack.pop()
-            members.append((cy, cx))
-            for dy in (-1, 0, 1):
-                for dx in (-1, 0, 1):
-                    ny, nx = cy + dy, cx + dx
-                    if (0 <= ny < failed.shape[0] and 0 <= nx < failed.shape[1]
-                            and failed[ny, nx] and not seen[ny, nx]):
-                        seen[ny, nx] = True
-                        stack.append((ny, nx))
-        ys = [m[0] for m in members]
-        xs = [m[1] for m in members]
-        b = layout.block
-        box = [min(xs) * b, min(ys) * b, min((max(xs) + 1) * b, layout.width),
-               min((max(ys) + 1) * b, layout.height)]
-        boxes.append((len(members), box))
-    boxes.sort(key=lambda item: -item[0])
-    return [box for _, box in boxes]
+    exclusive, clipped to the image), largest first."""
+    return [[x0, y0, min(x1, layout.width), min(y1, layout.height)]
+            for x0, y0, x1, y1 in mask_boxes(failed, layout.block)]
