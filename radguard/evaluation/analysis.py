@@ -56,11 +56,11 @@ def subgroups(labels: np.ndarray, scores: np.ndarray, groups: Sequence[object],
         tp, fn, tn, fp = _rates(yy, ss, threshold)
         row: dict[str, object] = {
             "n": int(mask.sum()), "positives": int(yy.sum()),
-            "sensitivity": wilson(tp, tp + fn).as_dict(),
-            "specificity": wilson(tn, tn + fp).as_dict(),
+            "sensitivity": wilson(tp, tp + fn).to_dict(),
+            "specificity": wilson(tn, tn + fp).to_dict(),
         }
         if yy.min() != yy.max() and mask.sum() >= min_cases:
-            row["auc"] = delong_auc(yy, ss).as_dict()
+            row["auc"] = delong_auc(yy, ss).to_dict()
         rows[name] = row
     gaps = {}
     for metric in ("auc", "sensitivity", "specificity"):
@@ -107,14 +107,14 @@ def compare_sites(internal: tuple[np.ndarray, np.ndarray],
     yi, si = check_inputs(yi, si)
     ye, se = check_inputs(ye, se)
     auc_i, auc_e = delong_auc(yi, si), delong_auc(ye, se)
-    out: dict[str, object] = {"internal_auc": auc_i.as_dict(), "external_auc": auc_e.as_dict(),
+    out: dict[str, object] = {"internal_auc": auc_i.to_dict(), "external_auc": auc_e.to_dict(),
                               "auc_difference": delong_unpaired(yi, si, ye, se)}
     ti, fni, tni, fpi = _rates(yi, si, threshold)
     te, fne, tne, fpe = _rates(ye, se, threshold)
     for name, (ki, ni, ke, ne) in {"sensitivity": (ti, ti + fni, te, te + fne),
                                    "specificity": (tni, tni + fpi, tne, tne + fpe)}.items():
         a, b = wilson(ki, ni), wilson(ke, ne)
-        out[name] = {"internal": a.as_dict(), "external": b.as_dict(),
+        out[name] = {"internal": a.to_dict(), "external": b.to_dict(),
                      "change": b.value - a.value}
     return out
 
@@ -206,8 +206,8 @@ def reader_table(truth: Sequence[int], reads: dict[str, Sequence[int]]
         if len(r) != len(y):
             raise EvaluationError(f"reader {name}: {len(r)} reads for {len(y)} cases")
         tp, tn = int(np.sum((r == 1) & (y == 1))), int(np.sum((r == 0) & (y == 0)))
-        rows.append({"reader": name, "accuracy": wilson(int(np.sum(r == y)), len(y)).as_dict(),
-                     "sensitivity": wilson(tp, int(y.sum())).as_dict(),
-                     "specificity": wilson(tn, int((y == 0).sum())).as_dict(),
+        rows.append({"reader": name, "accuracy": wilson(int(np.sum(r == y)), len(y)).to_dict(),
+                     "sensitivity": wilson(tp, int(y.sum())).to_dict(),
+                     "specificity": wilson(tn, int((y == 0).sum())).to_dict(),
                      "kappa_vs_truth": cohen_kappa(y, r)})
     return rows

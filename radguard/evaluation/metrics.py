@@ -50,7 +50,7 @@ class Interval:
     low: float
     high: float
 
-    def as_dict(self) -> dict[str, float]:
+    def to_dict(self) -> dict[str, float]:
         """JSON-ready form."""
         return asdict(self)
 
@@ -66,7 +66,7 @@ class AucResult:
     positives: int
     negatives: int
 
-    def as_dict(self) -> dict[str, float]:
+    def to_dict(self) -> dict[str, float]:
         """JSON-ready form."""
         return asdict(self)
 
@@ -221,12 +221,12 @@ def confusion_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float, 
              if len(boots_arr) and not math.isnan(f1) else Interval(f1, math.nan, math.nan))
     return {
         "threshold": float(threshold), "tp": tp, "fp": fp, "tn": tn, "fn": fn,
-        "sensitivity": wilson(tp, tp + fn, alpha).as_dict(),
-        "specificity": wilson(tn, tn + fp, alpha).as_dict(),
-        "ppv": wilson(tp, tp + fp, alpha).as_dict(),
-        "npv": wilson(tn, tn + fn, alpha).as_dict(),
-        "accuracy": wilson(tp + tn, len(y), alpha).as_dict(),
-        "f1": f1_ci.as_dict(),
+        "sensitivity": wilson(tp, tp + fn, alpha).to_dict(),
+        "specificity": wilson(tn, tn + fp, alpha).to_dict(),
+        "ppv": wilson(tp, tp + fp, alpha).to_dict(),
+        "npv": wilson(tn, tn + fn, alpha).to_dict(),
+        "accuracy": wilson(tp + tn, len(y), alpha).to_dict(),
+        "f1": f1_ci.to_dict(),
     }
 
 

@@ -107,14 +107,14 @@ def evaluate(p: Predictions, *, threshold: float | None = None, by: list[str] | 
     out: dict[str, object] = {
         "source": p.source, "cases": len(p.labels), "positives": int(p.labels.sum()),
         "threshold": t, "threshold_rule": "given" if threshold is not None else "Youden J",
-        "auc": metrics.delong_auc(p.labels, p.scores).as_dict(),
+        "auc": metrics.delong_auc(p.labels, p.scores).to_dict(),
         "at_threshold": metrics.confusion_metrics(p.labels, p.scores, t),
         "roc": metrics.roc_curve(p.labels, p.scores),
         "pr": metrics.pr_curve(p.labels, p.scores),
         "workload": metrics.workload_curve(p.labels, p.scores),
     }
     if bootstrap:
-        out["auc_bootstrap"] = metrics.bootstrap_auc(p.labels, p.scores).as_dict()
+        out["auc_bootstrap"] = metrics.bootstrap_auc(p.labels, p.scores).to_dict()
     if p.scores.min() >= 0 and p.scores.max() <= 1:
         out["calibration"] = metrics.calibration(p.labels, p.scores)
         out["decision_curve"] = metrics.decision_curve(p.labels, p.scores)

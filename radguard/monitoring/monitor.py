@@ -319,11 +319,11 @@ class Monitor:
             pred = s >= threshold
             perf: dict[str, object] = {
                 "labelled": len(y),
-                "sensitivity": wilson(int(np.sum(pred & (y == 1))), int(y.sum())).as_dict(),
+                "sensitivity": wilson(int(np.sum(pred & (y == 1))), int(y.sum())).to_dict(),
                 "specificity": wilson(int(np.sum(~pred & (y == 0))),
-                                      int((y == 0).sum())).as_dict()}
+                                      int((y == 0).sum())).to_dict()}
             try:
-                perf["auc"] = delong_auc(y, s).as_dict()
+                perf["auc"] = delong_auc(y, s).to_dict()
             except EvaluationError:
                 pass
             out["performance"] = perf
