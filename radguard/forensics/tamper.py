@@ -31,6 +31,7 @@ __all__ = ["TamperError", "TamperResult", "detect_tamper"]
 class TamperError(RadguardError):
     """The image cannot be analysed (wrong shape, too small)."""
 
+
 BLOCK = 16  # flattened-region blocks
 STEP = 4
 CM_BLOCK = 8  # copy-move blocks, at every position
@@ -56,9 +57,17 @@ class TamperResult:
 
 
 def _normalise(img: np.ndarray) -> np.ndarray:
-    a = np.asarray(img, dtype=np.float64)
-    if a.ndim != 2:
+    """Check the input, then stretch it to 0..255 (0.5/99.5 percentiles) so thresholds hold."""
+    raw = np.asarray(img)
+    if raw.dtype.kind not in "buif":
+        raise TamperError(f"tamper detection needs numeric pixels, not {raw.dtype}")
+    if raw.ndim != 2:
         raise TamperError("tamper detection needs a 2-D grey image")
+    if min(raw.shape) < 2 * BLOCK:
+        raise TamperError(f"image too small for tamper detection (min side {2 * BLOCK})")
+    a = raw.astype(np.float64)
+    if not np.isfinite(a).all():
+        raise TamperError("image has NaN or infinite pixels; refusing to score it")
     lo, hi = np.percentile(a, [0.5, 99.5])
     return (a - lo) / max(hi - lo, 1e-9) * 255.0
 
@@ -69,22 +78,31 @@ def _reduce(a: np.ndarray) -> tuple[np.ndarray, float]:
         return a, 1.0
     step = int(np.ceil(max(a.shape) / 1024))
     a = a[: a.shape[0] // step * step, : a.shape[1] // step * step]
-    return a.reshape(a.shape[0] // step, step, a.shape[1] // step, step).mean(axis=(1, 3)), \
-        float(step)
+    return a.reshape(a.shape[0] // step, step, a.shape[1] // step, step).mean(axis=(1, 3)), float(
+        step
+    )
 
 
 def _blocks(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every BLOCKxBLOCK block at STEP spacing: (positions, pixels)."""
     view = np.lib.stride_tricks.sliding_window_view(a, (BLOCK, BLOCK))[::STEP, ::STEP]
-    ys, xs = np.meshgrid(np.arange(view.shape[0]) * STEP, np.arange(view.shape[1]) * STEP,
-                         indexing="ij")
+    ys, xs = np.meshgrid(
+        np.arange(view.shape[0]) * STEP, np.arange(view.shape[1]) * STEP, indexing="ij"
+    )
     return np.stack([ys.ravel(), xs.ravel()], axis=1), view.reshape(-1, BLOCK, BLOCK)
 
 
 def _boxes(mask: np.ndarray, scale: float) -> list[list[int]]:
     """Connected components of a block-position mask (STEP grid, BLOCK blocks) as boxes."""
-    return [[int(x0 * scale), int(y0 * scale), int((x1 - STEP + BLOCK) * scale),
-             int((y1 - STEP + BLOCK) * scale)] for x0, y0, x1, y1 in mask_boxes(mask, STEP)]
+    return [
+        [
+            int(x0 * scale),
+            int(y0 * scale),
+            int((x1 - STEP + BLOCK) * scale),
+            int((y1 - STEP + BLOCK) * scale),
+        ]
+        for x0, y0, x1, y1 in mask_boxes(mask, STEP)
+    ]
 
 
 def _copy_move(a: np.ndarray) -> tuple[list[list[int]], int]:
@@ -98,8 +116,12 @@ def _copy_move(a: np.ndarray) -> tuple[list[list[int]], int]:
     squares[1:, 1:] = (a * a).cumsum(0).cumsum(1)
 
     def window_sum(table: np.ndarray, size: int) -> np.ndarray:
-        return (table[size:, size:] - table[:-size, size:] - table[size:, :-size]
-                + table[:-size, :-size])
+        return (
+            table[size:, size:]
+            - table[:-size, size:]
+            - table[size:, :-size]
+            + table[:-size, :-size]
+        )
 
     cells = window_sum(integral, c)  # (h - c + 1, w - c + 1): sum of every c x c window
     ny, nx = h - b + 1, w - b + 1
@@ -143,33 +165,48 @@ def _copy_move(a: np.ndarray) -> tuple[list[list[int]], int]:
     first = same[far]
     for sid in strong:
         hits = first[shift_ids == sid]
-        for y0, x0 in zip(np.r_[ys[hits], ys[hits + 1]], np.r_[xs[hits], xs[hits + 1]],
-                          strict=True):
+        for y0, x0 in zip(
+            np.r_[ys[hits], ys[hits + 1]], np.r_[xs[hits], xs[hits + 1]], strict=True
+        ):
             mask[y0 : y0 + b, x0 : x0 + b] = True
-    grid = mask[: h // STEP * STEP, : w // STEP * STEP].reshape(
-        h // STEP, STEP, w // STEP, STEP).any(axis=(1, 3))
+    grid = (
+        mask[: h // STEP * STEP, : w // STEP * STEP]
+        .reshape(h // STEP, STEP, w // STEP, STEP)
+        .any(axis=(1, 3))
+    )
     return mask_boxes(grid, STEP), int(counts.max())
 
 
 def _flattened(a: np.ndarray, positions: np.ndarray, blocks: np.ndarray) -> np.ndarray:
     grid = (a.shape[0] - BLOCK) // STEP + 1, (a.shape[1] - BLOCK) // STEP + 1
-    detail = np.abs(np.diff(blocks, axis=1)).mean(axis=(1, 2)) + \
-        np.abs(np.diff(blocks, axis=2)).mean(axis=(1, 2))
+    detail = np.abs(np.diff(blocks, axis=1)).mean(axis=(1, 2)) + np.abs(
+        np.diff(blocks, axis=2)
+    ).mean(axis=(1, 2))
     level = blocks.mean(axis=(1, 2))
     detail_map = detail.reshape(grid)
     level_map = level.reshape(grid)
-    typical = np.median(detail_map[(level_map > 10) & (level_map < 245)]) \
-        if np.any((level_map > 10) & (level_map < 245)) else 0.0
+    typical = (
+        np.median(detail_map[(level_map > 10) & (level_map < 245)])
+        if np.any((level_map > 10) & (level_map < 245))
+        else 0.0
+    )
     if typical <= 0:
         return np.zeros(grid, dtype=bool)
     pad = np.pad(detail_map, 4, mode="edge")
-    around = np.median(np.stack([pad[4 + dy : 4 + dy + grid[0], 4 + dx : 4 + dx + grid[1]]
-                                 for dy in (-4, 0, 4) for dx in (-4, 0, 4)
-                                 if (dy, dx) != (0, 0)]), axis=0)
-    ring = np.stack([pad[4 + dy : 4 + dy + grid[0], 4 + dx : 4 + dx + grid[1]]
-                     for dy in (-4, 0, 4) for dx in (-4, 0, 4) if (dy, dx) != (0, 0)])
-    flat = (detail_map < 0.05 * typical) & (ring.min(axis=0) > 0.3 * typical) \
+    ring = np.stack(
+        [
+            pad[4 + dy : 4 + dy + grid[0], 4 + dx : 4 + dx + grid[1]]
+            for dy in (-4, 0, 4)
+            for dx in (-4, 0, 4)
+            if (dy, dx) != (0, 0)
+        ]
+    )
+    around = np.median(ring, axis=0)
+    flat = (
+        (detail_map < 0.05 * typical)
+        & (ring.min(axis=0) > 0.3 * typical)
         & (around > 0.5 * typical)
+    )
     flat &= (level_map > 10) & (level_map < 245)  # not background, not saturated
     flat[:4, :] = flat[-4:, :] = False  # borders hold labels and collimator edges
     flat[:, :4] = flat[:, -4:] = False
@@ -179,8 +216,6 @@ def _flattened(a: np.ndarray, positions: np.ndarray, blocks: np.ndarray) -> np.n
 def detect_tamper(img: np.ndarray) -> TamperResult:
     """Look for copy-moved and flattened regions in a grey image."""
     full = _normalise(img)
-    if min(full.shape) < 2 * BLOCK:
-        raise TamperError(f"image too small for tamper detection (min side {2 * BLOCK})")
     cm_boxes, pairs = _copy_move(full)
     a, scale = _reduce(full)
     positions, blocks = _blocks(a)

@@ -12,8 +12,7 @@ from tests.conftest import MR_NATIVE, NIH_DX, RG1_J2K
 
 
 def _overlaps(regions, box):
-    return any(r[0] < box[2] and box[0] < r[2] and r[1] < box[3] and box[1] < r[3]
-               for r in regions)
+    return any(r[0] < box[2] and box[0] < r[2] and r[1] < box[3] and box[1] < r[3] for r in regions)
 
 
 @pytest.fixture(scope="module")
@@ -47,3 +46,17 @@ def test_flattened_region_is_found(chest):
 def test_unusable_shapes_are_refused(shape):
     with pytest.raises(TamperError):
         detect_tamper(np.zeros(shape))
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        np.full((64, 64), np.nan),
+        np.where(np.eye(64) > 0, np.inf, 1.0),
+        np.array([["a"] * 64] * 64),
+    ],
+    ids=["nan", "inf", "text"],
+)
+def test_unusable_pixels_are_refused_not_scored(image):
+    with pytest.raises(TamperError):
+        detect_tamper(image)
