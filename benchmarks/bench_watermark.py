@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from radguard.dicom import pixel_array, pixel_info, read_dataset  # noqa: E402
 from radguard.errors import RadguardError  # noqa: E402
+from radguard.images import window_to_8bit  # noqa: E402
 from radguard.watermark import (  # noqa: E402
     WatermarkKey,
     check_frame,
@@ -46,7 +47,6 @@ from radguard.watermark import (  # noqa: E402
     restore_frame,
 )
 from radguard.watermark.export import CRC_BITS, ID_BITS, codeword  # noqa: E402
-from radguard.watermark.images import window_to_8bit  # noqa: E402
 from radguard.watermark.scheme import Identity, uid_digest  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"

@@ -644,7 +644,7 @@ def watermark_keygen(out: str, force: bool) -> None:
 def _load_pixels_or_dataset(path: str) -> tuple[Any, Any, int]:  # noqa: ANN401
     """(dataset or None, pixels or None, bits) for a DICOM or raster input."""
     from radguard.dicom.io import read_dataset
-    from radguard.watermark.images import is_dicom_path, read_grey
+    from radguard.images import is_dicom_path, read_grey
 
     if is_dicom_path(path):
         return read_dataset(path), None, 0
@@ -663,9 +663,9 @@ def watermark_embed(source: str, out: str, key_path: str, cert_path: str | None,
                     identity: str | None) -> None:
     """Embed the reversible watermark (DICOM in, DICOM out; or 8/16-bit PNG in and out)."""
     from radguard.dicom.io import write_dataset
+    from radguard.images import write_grey
     from radguard.provenance.keys import describe_subject, load_certificates
     from radguard.watermark import embed_dataset, embed_frame, load_key
-    from radguard.watermark.images import write_grey
     from radguard.watermark.scheme import Identity
 
     key = load_key(key_path)
@@ -696,9 +696,9 @@ def watermark_check(source: str, key_path: str, as_json: bool, overlay: str | No
     """Check the watermark: which regions changed, and what the payload says.
     Exit 0 if intact, 1 if anything changed."""
     from radguard.dicom.pixels import pixel_array, pixel_info
+    from radguard.images import render_overlay
     from radguard.watermark import check_dataset, check_frame, load_key
     from radguard.watermark.dicom import DatasetCheck
-    from radguard.watermark.images import render_overlay
 
     key = load_key(key_path)
     ds, pixels, bits = _load_pixels_or_dataset(source)
@@ -741,8 +741,8 @@ def watermark_check(source: str, key_path: str, as_json: bool, overlay: str | No
 def watermark_restore(source: str, out: str, key_path: str) -> None:
     """Remove the watermark, restoring the original pixels bit for bit."""
     from radguard.dicom.io import write_dataset
+    from radguard.images import write_grey
     from radguard.watermark import load_key, restore_dataset, restore_frame
-    from radguard.watermark.images import write_grey
 
     key = load_key(key_path)
     ds, pixels, bits = _load_pixels_or_dataset(source)
@@ -771,27 +771,16 @@ def watermark_export(source: str, out: str, key_path: str, quality: int,
     from PIL import Image
 
     from radguard.dicom.io import peek, read_dataset
-    from radguard.dicom.pixels import pixel_array, pixel_info
+    from radguard.dicom.pixels import pixel_info
     from radguard.fileio import atomic_write_bytes
+    from radguard.images import display_frame
     from radguard.watermark import embed_export_mark, load_key, new_export_id, register_export
-    from radguard.watermark.images import window_to_8bit
 
     key = load_key(key_path)
     ds = read_dataset(source)
-    info = pixel_info(ds)
-    arr = pixel_array(ds)
-    frame = arr[0] if info.frames > 1 else arr
-    if info.samples_per_pixel != 1:
+    if pixel_info(ds).samples_per_pixel != 1:
         raise RadguardError(f"{source}: only monochrome images can be exported with a mark")
-
-    def first(value: Any) -> float | None:  # noqa: ANN401
-        if value is None or value == "":
-            return None
-        return float(value[0] if isinstance(value, list | tuple) or hasattr(value, "__len__")
-                     and not isinstance(value, str | bytes) else value)
-
-    grey = window_to_8bit(frame, first(peek(ds, "WindowCenter")), first(peek(ds, "WindowWidth")),
-                          invert=info.photometric == "MONOCHROME1")
+    grey = display_frame(ds)
     export_id = new_export_id()
     marked = embed_export_mark(grey, key, export_id)
     buf = _io.BytesIO()
@@ -877,6 +866,75 @@ def dicom_audit(paths: tuple[str, ...], as_json: bool) -> None:
         for x in findings:
             click.echo(f"    [{x['severity']}] {x['code']}: {x['message']}")
     sys.exit(1 if worst else 0)
+
+
+# -- scan ---------------------------------------------------------------------------------
+
+_VERDICT_COLOUR = {"authentic": "green", "suspicious": "yellow", "unverifiable": "yellow"}
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--trust", "trust_paths", multiple=True, type=click.Path(),
+              help="Trusted CA or signer certificate(s) for DICOM signatures; repeatable.")
+@click.option("--watermark-key", "key_path", type=click.Path(dir_okay=False),
+              help="Watermark key: also check the fragile watermark of DICOM files.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per image.")
+@click.option("--heatmap-dir", type=click.Path(file_okay=False),
+              help="Write <name>.heatmap.png per image: detector evidence and tamper regions.")
+def scan(paths: tuple[str, ...], trust_paths: tuple[str, ...], key_path: str | None,
+         as_json: bool, heatmap_dir: str | None) -> None:
+    """One forensic verdict per image (DICOM, PNG, JPEG; folders recursively): authentic,
+    suspicious, synthetic, tampered or unverifiable, with reasons. Exit 0 if every image is
+    authentic, 1 otherwise."""
+    from radguard.dicom.io import iter_dicom_paths
+    from radguard.forensics.scan import ScanResult, scan_file, write_heatmap
+    from radguard.forensics.synthetic import load_detector
+    from radguard.provenance.trust import TrustStore
+
+    trust = TrustStore.from_paths(trust_paths) if trust_paths else None
+    key = None
+    if key_path:
+        from radguard.watermark import load_key
+
+        key = load_key(key_path)
+    detector = load_detector()
+    files = list(iter_dicom_paths([p for p in paths if Path(p).exists()]))
+    missing = [p for p in paths if not Path(p).exists()]
+    if not files and not missing:
+        raise RadguardError("no input files found")
+    out_dir = Path(heatmap_dir) if heatmap_dir else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    all_ok = not missing
+    for p in missing:
+        _print_scan(ScanResult(p, reasons=[f"{p}: no such file or folder"]), as_json)
+    with _progress(len(files), "scanning") as progress:
+        task = progress.add_task("scan", total=len(files))
+        for i, f in enumerate(files):
+            result = scan_file(f, trust=trust, watermark_key=key, detector=detector,
+                               keep_pixels=out_dir is not None)
+            if out_dir and result.synthetic is not None:
+                target = out_dir / f"{i:05d}-{f.stem}.heatmap.png"
+                write_heatmap(result, target)
+                result.reasons.append(f"heat map: {target}")
+            all_ok &= result.verdict == "authentic"
+            _print_scan(result, as_json)
+            progress.advance(task)
+    sys.exit(0 if all_ok else 1)
+
+
+def _print_scan(result: Any, as_json: bool) -> None:  # noqa: ANN401
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+        return
+    colour = _VERDICT_COLOUR.get(result.verdict, "red")
+    score = result.synthetic_score
+    shown = f"  synthetic score {score:.2f}" if score is not None else ""
+    click.echo(f"{click.style(result.verdict.upper(), fg=colour, bold=True):<25} "
+               f"{result.path}{shown}")
+    for reason in result.reasons:
+        click.echo(f"    {reason}")
 
 
 # -- demo ---------------------------------------------------------------------------------

@@ -9,6 +9,6 @@ from tests.conftest import REPO
 def test_ruff_is_clean():
     ruff = shutil.which("ruff")
     assert ruff, "ruff missing: run scripts/install.sh --dev"
-    result = subprocess.run([ruff, "check", "radguard", "tests", "benchmarks"], cwd=REPO,
+    result = subprocess.run([ruff, "check", "radguard", "tests", "benchmarks", "scripts"], cwd=REPO,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -1,13 +1,34 @@
-"""Forensics: evidence that an image was fabricated or altered.
+"""Forensics: evidence that an image was fabricated or altered, and one verdict per image.
 
-So far: DICOM header consistency checks (:mod:`radguard.forensics.metadata`) and a first,
-classical local tamper layer (:mod:`radguard.forensics.tamper`: copy-move and flattened
-regions). The synthetic-image detector and the combined ``radguard scan`` verdict are still to
-come (issue 4).
+* :mod:`~radguard.forensics.metadata` - DICOM header consistency checks;
+* :mod:`~radguard.forensics.tamper` - local tamper detection without a watermark
+  (copy-move, flattened fills);
+* :mod:`~radguard.forensics.cues` and :mod:`~radguard.forensics.synthetic` - the
+  synthetic-radiograph detector (named cues, block heat map, shipped weights);
+* :mod:`~radguard.forensics.scan` - every layer (signature, watermark, the above) combined
+  into ``authentic`` / ``suspicious`` / ``synthetic`` / ``tampered`` / ``unverifiable``.
 """
 
+from radguard.forensics.cues import CueError
 from radguard.forensics.metadata import Finding, check_collection, check_metadata
+from radguard.forensics.scan import VERDICTS, ScanResult, scan_file, write_heatmap
+from radguard.forensics.synthetic import Cue, SyntheticDetector, SyntheticResult, load_detector
 from radguard.forensics.tamper import TamperError, TamperResult, detect_tamper
 
-__all__ = ["Finding", "TamperError", "TamperResult", "check_collection", "check_metadata",
-           "detect_tamper"]
+__all__ = [
+    "VERDICTS",
+    "Cue",
+    "CueError",
+    "Finding",
+    "ScanResult",
+    "SyntheticDetector",
+    "SyntheticResult",
+    "TamperError",
+    "TamperResult",
+    "check_collection",
+    "check_metadata",
+    "detect_tamper",
+    "load_detector",
+    "scan_file",
+    "write_heatmap",
+]

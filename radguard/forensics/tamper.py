@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import ndimage
 
 from radguard.errors import RadguardError
 from radguard.regions import mask_boxes
@@ -35,6 +36,7 @@ class TamperError(RadguardError):
 BLOCK = 16  # flattened-region blocks
 STEP = 4
 CM_BLOCK = 8  # copy-move blocks, at every position
+CM_MAX = 2048  # larger images are averaged down first
 CM_MIN_PAIRS = 20  # blocks that must move together before a shift counts as a copy
 
 
@@ -56,7 +58,7 @@ class TamperResult:
         return {"score": self.score, "copy_move": self.copy_move, "flattened": self.flattened}
 
 
-def _normalise(img: np.ndarray) -> np.ndarray:
+def _normalise(img: np.ndarray) -> tuple[np.ndarray, float]:
     """Check the input, then stretch it to 0..255 (0.5/99.5 percentiles) so thresholds hold."""
     raw = np.asarray(img)
     if raw.dtype.kind not in "buif":
@@ -65,31 +67,23 @@ def _normalise(img: np.ndarray) -> np.ndarray:
         raise TamperError("tamper detection needs a 2-D grey image")
     if min(raw.shape) < 2 * BLOCK:
         raise TamperError(f"image too small for tamper detection (min side {2 * BLOCK})")
-    a = raw.astype(np.float64)
+    a, _scale = _reduce(raw.astype(np.float32), CM_MAX)  # huge images: bounded time and memory
+    a = a.astype(np.float64)
     if not np.isfinite(a).all():
         raise TamperError("image has NaN or infinite pixels; refusing to score it")
     lo, hi = np.percentile(a, [0.5, 99.5])
-    return (a - lo) / max(hi - lo, 1e-9) * 255.0
+    return (a - lo) / max(hi - lo, 1e-9) * 255.0, _scale
 
 
-def _reduce(a: np.ndarray) -> tuple[np.ndarray, float]:
-    """A copy of at most 1024 pixels per side for the (slower) block statistics."""
-    if max(a.shape) <= 1024:
+def _reduce(a: np.ndarray, limit: int = 1024) -> tuple[np.ndarray, float]:
+    """Block means down to at most ``limit`` pixels per side, and the scale factor."""
+    if max(a.shape) <= limit:
         return a, 1.0
-    step = int(np.ceil(max(a.shape) / 1024))
+    step = int(np.ceil(max(a.shape) / limit))
     a = a[: a.shape[0] // step * step, : a.shape[1] // step * step]
     return a.reshape(a.shape[0] // step, step, a.shape[1] // step, step).mean(axis=(1, 3)), float(
         step
     )
-
-
-def _blocks(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Every BLOCKxBLOCK block at STEP spacing: (positions, pixels)."""
-    view = np.lib.stride_tricks.sliding_window_view(a, (BLOCK, BLOCK))[::STEP, ::STEP]
-    ys, xs = np.meshgrid(
-        np.arange(view.shape[0]) * STEP, np.arange(view.shape[1]) * STEP, indexing="ij"
-    )
-    return np.stack([ys.ravel(), xs.ravel()], axis=1), view.reshape(-1, BLOCK, BLOCK)
 
 
 def _boxes(mask: np.ndarray, scale: float) -> list[list[int]]:
@@ -105,46 +99,48 @@ def _boxes(mask: np.ndarray, scale: float) -> list[list[int]]:
     ]
 
 
+def _cell_blocks(cells: np.ndarray, c: int, n: int, ny: int, nx: int) -> np.ndarray:
+    """Sum of n x n cells (each c x c pixels, one per pixel position) for every block."""
+    rows = sum(cells[:, j * c : j * c + nx] for j in range(n))
+    return sum(rows[i * c : i * c + ny] for i in range(n))
+
+
 def _copy_move(a: np.ndarray) -> tuple[list[list[int]], int]:
     """Exact or near-exact copies: every 8x8 block position (no grid, so any shift is
     found) described by its sixteen 2x2 cell means, hashed, and grouped by shift."""
     h, w = a.shape
     b, c = CM_BLOCK, CM_BLOCK // 4
-    integral = np.zeros((h + 1, w + 1))
-    integral[1:, 1:] = a.cumsum(0).cumsum(1)
-    squares = np.zeros((h + 1, w + 1))
-    squares[1:, 1:] = (a * a).cumsum(0).cumsum(1)
-
-    def window_sum(table: np.ndarray, size: int) -> np.ndarray:
-        return (
-            table[size:, size:]
-            - table[:-size, size:]
-            - table[size:, :-size]
-            + table[:-size, :-size]
-        )
-
-    cells = window_sum(integral, c)  # (h - c + 1, w - c + 1): sum of every c x c window
+    a32 = a.astype(np.float32)
     ny, nx = h - b + 1, w - b + 1
-    total = window_sum(integral, b)[:ny, :nx]
-    var = window_sum(squares, b)[:ny, :nx] / (b * b) - (total / (b * b)) ** 2
+    sq = a32 * a32
+    cells = a32[: h - 1, : w - 1] + a32[1:, : w - 1] + a32[: h - 1, 1:] + a32[1:, 1:]
+    cells_sq = sq[: h - 1, : w - 1] + sq[1:, : w - 1] + sq[: h - 1, 1:] + sq[1:, 1:]
+    mean = _cell_blocks(cells, c, b // c, ny, nx) / (b * b)
+    var = _cell_blocks(cells_sq, c, b // c, ny, nx) / (b * b) - mean * mean
     std = np.sqrt(np.clip(var, 0, None))
-    extreme = ((raw_min := a <= a.min()) | (a >= a.max())).astype(np.float64)
-    ext = np.zeros((h + 1, w + 1))
-    ext[1:, 1:] = extreme.cumsum(0).cumsum(1)
-    touches_extreme = window_sum(ext, b)[:ny, :nx] > 0  # padding, saturation, burned-in text
-    del raw_min
+    # padding, saturation, burned-in text: blocks touching the extreme values
+    extreme = ((a <= a.min()) | (a >= a.max())).astype(np.uint8)
+    touches_extreme = ndimage.maximum_filter(extreme, size=b, origin=-(b // 2))[:ny, :nx] > 0
     keep = (std > max(3.0, float(np.percentile(std, 30)))) & ~touches_extreme
+    # the outer band holds labels, markers and burned-in text, whose repeated glyphs are
+    # genuine copies; lesions are not injected there
+    my, mx = max(16, h // 25), max(16, w // 25)
+    keep[:my] = keep[-my:] = False
+    keep[:, :mx] = keep[:, -mx:] = False
     if keep.sum() < 2:
         return [], 0
-    multipliers = np.random.default_rng(7).integers(1, 2**62, 16, dtype=np.uint64) | 1
+    # sum of every c x c cell, quantised once; the 4 x 4 cells of a block hashed row by row
+    q = np.round(cells / (c * c * 0.5)).astype(np.int64).astype(np.uint64)
+    multipliers = np.random.default_rng(7).integers(1, 2**62, 8, dtype=np.uint64) | 1
+    rows = np.zeros((q.shape[0], nx), dtype=np.uint64)
+    for j in range(4):
+        rows += q[:, j * c : j * c + nx] * multipliers[j]
     key = np.zeros((ny, nx), dtype=np.uint64)
     for i in range(4):
-        for j in range(4):
-            q = np.round(cells[i * c : i * c + ny, j * c : j * c + nx] / (c * c * 0.5))
-            key += q.astype(np.int64).astype(np.uint64) * multipliers[i * 4 + j]
+        key += rows[i * c : i * c + ny] * multipliers[4 + i]
     ys, xs = np.nonzero(keep)
     keys = key[ys, xs]
-    order = np.argsort(keys, kind="stable")
+    order = np.argsort(keys)
     ks, ys, xs = keys[order], ys[order], xs[order]
     same = np.nonzero(ks[1:] == ks[:-1])[0]
     if len(same) == 0:
@@ -177,14 +173,25 @@ def _copy_move(a: np.ndarray) -> tuple[list[list[int]], int]:
     return mask_boxes(grid, STEP), int(counts.max())
 
 
-def _flattened(a: np.ndarray, positions: np.ndarray, blocks: np.ndarray) -> np.ndarray:
+def _window_mean(x: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Mean of every BLOCK x BLOCK window whose corner lies on the STEP grid, from sums of
+    STEP x STEP cells (BLOCK is a multiple of STEP)."""
+    n = BLOCK // STEP
+    h4, w4 = grid[0] + n - 1, grid[1] + n - 1
+    cells = x[: h4 * STEP, : w4 * STEP].reshape(h4, STEP, w4, STEP).sum(axis=(1, 3))
+    rows = sum(cells[:, j : j + grid[1]] for j in range(n))
+    return sum(rows[i : i + grid[0]] for i in range(n)) / (BLOCK * BLOCK)
+
+
+def _flattened(a: np.ndarray) -> np.ndarray:
+    """BLOCK x BLOCK windows (STEP grid) with almost no fine detail inside textured
+    surroundings: a fill where the detector's quantum noise should be."""
     grid = (a.shape[0] - BLOCK) // STEP + 1, (a.shape[1] - BLOCK) // STEP + 1
-    detail = np.abs(np.diff(blocks, axis=1)).mean(axis=(1, 2)) + np.abs(
-        np.diff(blocks, axis=2)
-    ).mean(axis=(1, 2))
-    level = blocks.mean(axis=(1, 2))
-    detail_map = detail.reshape(grid)
-    level_map = level.reshape(grid)
+    # neighbour differences inside each window (the last row / column reaches one pixel out)
+    dy = np.abs(np.diff(a, axis=0, append=a[-1:]))
+    dx = np.abs(np.diff(a, axis=1, append=a[:, -1:]))
+    detail_map = _window_mean(dy, grid) + _window_mean(dx, grid)
+    level_map = _window_mean(a, grid)
     typical = (
         np.median(detail_map[(level_map > 10) & (level_map < 245)])
         if np.any((level_map > 10) & (level_map < 245))
@@ -201,7 +208,7 @@ def _flattened(a: np.ndarray, positions: np.ndarray, blocks: np.ndarray) -> np.n
             if (dy, dx) != (0, 0)
         ]
     )
-    around = np.median(ring, axis=0)
+    around = np.partition(ring, (3, 4), axis=0)[3:5].mean(axis=0)  # median of the 8 neighbours
     flat = (
         (detail_map < 0.05 * typical)
         & (ring.min(axis=0) > 0.3 * typical)
@@ -215,11 +222,12 @@ def _flattened(a: np.ndarray, positions: np.ndarray, blocks: np.ndarray) -> np.n
 
 def detect_tamper(img: np.ndarray) -> TamperResult:
     """Look for copy-moved and flattened regions in a grey image."""
-    full = _normalise(img)
+    full, base = _normalise(img)
     cm_boxes, pairs = _copy_move(full)
+    cm_boxes = [[int(v * base) for v in box] for box in cm_boxes]
     a, scale = _reduce(full)
-    positions, blocks = _blocks(a)
-    flat_mask = _flattened(a, positions, blocks)
+    scale *= base
+    flat_mask = _flattened(a)
     result = TamperResult(cm_boxes, _boxes(flat_mask, scale))
     evidence = pairs / (pairs + 10.0) if pairs else 0.0
     if flat_mask.any():

@@ -62,7 +62,7 @@ def features_of_file(path: str) -> dict[str, float]:
     from radguard.dicom.io import read_dataset
     from radguard.dicom.pixels import pixel_array, pixel_info
     from radguard.errors import DicomReadError
-    from radguard.watermark.images import is_dicom_path
+    from radguard.images import is_dicom_path
 
     if is_dicom_path(path):
         ds = read_dataset(path)

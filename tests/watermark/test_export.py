@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from radguard.images import window_to_8bit
 from radguard.watermark import (
     WatermarkKey,
     decode_export_mark,
@@ -16,7 +17,6 @@ from radguard.watermark import (
     new_export_id,
     register_export,
 )
-from radguard.watermark.images import window_to_8bit
 from tests.watermark.conftest import DICOM_IMAGES, PNG_SAMPLE, load
 
 

@@ -1,0 +1,238 @@
+"""Named image cues for the synthetic-radiograph detector, in the readers' language.
+
+Every image is first brought to what an attacker cannot choose for free: 8-bit grey values
+(bit depth and windowing erased) at an analysis size whose short side is at most
+:data:`ANALYSIS_MAX` pixels (huge canvases are averaged down). The cues then describe what a
+real X-ray detector leaves behind and a generator tends not to:
+
+* quantum noise: its level, how uniform it is across the image, whether it depends on the
+  signal (photon noise does; synthetic grain usually does not) and its tails;
+* texture: fine-to-coarse detail ratio (over-smooth bones and soft tissue), spectral falloff;
+* upsampling / decoder fingerprints: periodic peaks in the residual spectrum;
+* bilateral symmetry of the anatomy's edges;
+* residual co-occurrences (how neighbouring fine differences follow each other).
+
+Block cues (one row per 32 x 32 block) feed the heat map of where the evidence lies.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from radguard.errors import RadguardError
+
+__all__ = ["ANALYSIS_MAX", "BLOCK", "CUE_NAMES", "CueError", "block_cues", "image_cues", "prepare"]
+
+ANALYSIS_MAX = 512  # short side of the analysed image, at most
+MIN_SIDE = 32
+BLOCK = 32  # heat-map block
+_NOISE_BLOCK = 16
+_KB = np.array([[-1, 2, -1], [2, -4, 2], [-1, 2, -1]], dtype=np.float32) / 4.0
+_T = 2  # co-occurrence truncation
+_FLOOR = 0.05  # residual variance floor: a constant block reads as Gaussian, not as -inf
+
+# display names of the scalar cues, in the order of image_cues()
+CUE_NAMES = {
+    "noise_level": "noise level in flat regions (log)",
+    "noise_uniformity": "spread of the noise level across the image",
+    "noise_signal_dependence": "noise follows brightness (photon noise) - rank correlation",
+    "noise_tails": "heavy tails of the fine residual (log kurtosis)",
+    "texture_smoothness": "fine-to-coarse detail ratio (log)",
+    "spectral_falloff": "high-frequency power spectrum slope",
+    "upsampling_peaks": "periodic interpolation traces (resampling spectrum peak, log)",
+    "bilateral_symmetry": "left-right mirror correlation of edges",
+    "flat_pixels": "share of neighbouring pixels with identical values",
+}
+
+
+class CueError(RadguardError):
+    """The image cannot be analysed (not a 2D grey image, too small, not finite)."""
+
+
+def prepare(img: np.ndarray) -> np.ndarray:
+    """8-bit grey values as float32, short side <= ANALYSIS_MAX; refuse what cannot be judged."""
+    a = np.asarray(img)
+    if a.ndim == 3 and a.shape[-1] in (3, 4):  # colour or RGBA: luminance, alpha dropped
+        a = a[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    if a.ndim != 2:
+        raise CueError(f"expected a 2D grey image, got shape {a.shape}")
+    if a.dtype.kind not in "uifb":
+        raise CueError(f"expected numeric pixels, got dtype {a.dtype}")
+    if min(a.shape) < MIN_SIDE:
+        raise CueError(
+            f"image {a.shape[1]}x{a.shape[0]} is too small to judge "
+            f"(needs at least {MIN_SIDE}x{MIN_SIDE})"
+        )
+    # huge canvases: integer block means first, so memory and time stay bounded
+    factor = min(a.shape) // (2 * ANALYSIS_MAX)
+    if factor >= 2:
+        h, w = (a.shape[0] // factor) * factor, (a.shape[1] // factor) * factor
+        a = a[:h, :w].reshape(h // factor, factor, w // factor, factor).mean(axis=(1, 3))
+    a = a.astype(np.float64, copy=False)
+    if not np.isfinite(a).all():
+        raise CueError("image holds NaN or infinite values")
+    low, high = float(a.min()), float(a.max())
+    if a.dtype.kind == "f" or low < 0 or high > 255:  # any other depth: full range to 8 bit
+        a = (a - low) / max(high - low, 1e-12) * 255.0
+    a = np.round(a).astype(np.uint8)
+    short = min(a.shape)
+    if short > ANALYSIS_MAX:
+        scale = ANALYSIS_MAX / short
+        size = (max(1, round(a.shape[1] * scale)), max(1, round(a.shape[0] * scale)))
+        a = np.asarray(Image.fromarray(a).resize(size, Image.Resampling.BOX))
+    return a.astype(np.float32)
+
+
+def _residual(a: np.ndarray) -> np.ndarray:
+    return ndimage.correlate(a, _KB, mode="reflect")
+
+
+def _blocks(x: np.ndarray, size: int) -> np.ndarray:
+    h, w = (x.shape[0] // size) * size, (x.shape[1] // size) * size
+    return x[:h, :w].reshape(h // size, size, w // size, size).swapaxes(1, 2)
+
+
+def _cooccurrence(q: np.ndarray) -> np.ndarray:
+    """First-order transition histogram of truncated neighbour differences (5 x 5), rows and
+    columns pooled."""
+    q = q.astype(np.int16)
+    hist = np.zeros(25, dtype=np.float64)
+    for d in (np.diff(q, axis=1), np.diff(q, axis=0).T):
+        d = np.clip(d, -_T, _T) + _T
+        pairs = (d[:, :-1] * 5 + d[:, 1:]).ravel()
+        hist += np.bincount(pairs, minlength=25)
+    return hist / max(hist.sum(), 1.0)
+
+
+def _texture_statistics(a: np.ndarray, r: np.ndarray, half: np.ndarray) -> np.ndarray:
+    """Co-occurrences of the pixels, of the rounded fine residual and of the half-size image
+    (75 values): how neighbouring fine differences follow each other at two scales."""
+    return np.concatenate(
+        [_cooccurrence(a), _cooccurrence(np.round(r)), _cooccurrence(np.round(half))]
+    )
+
+
+_PREDICT = np.array([[-0.25, 0.5, -0.25], [0.5, 0.0, 0.5], [-0.25, 0.5, -0.25]], np.float32)
+
+
+def _tile_spectrum(x: np.ndarray, tile: int) -> np.ndarray:
+    """Welch-averaged power spectrum over (at most 64) tile x tile Hann-windowed tiles."""
+    win = np.outer(np.hanning(tile), np.hanning(tile)).astype(np.float32)
+    tiles = _blocks(x, tile).reshape(-1, tile, tile)
+    tiles = tiles[:: max(1, len(tiles) // 64)]
+    tiles = tiles - tiles.mean(axis=(1, 2), keepdims=True)
+    return (np.abs(np.fft.fft2(tiles * win)) ** 2).mean(axis=0)
+
+
+def _spectrum_cues(a: np.ndarray) -> tuple[float, float]:
+    """(spectral falloff slope, log resampling-peak ratio).
+
+    The peak follows Kirchner's fast resampling detector: interpolated pixels are linear
+    combinations of their neighbours, so the map of how well a fixed linear predictor fits
+    (p = exp(-e^2 / 2)) becomes periodic; its spectrum shows peaks. Frequencies of the 8 x 8
+    JPEG grid are left out: a JPEG round trip is laundering, not generation.
+    """
+    tile = 64 if min(a.shape) >= 64 else 32
+    f = np.fft.fftfreq(tile)
+    radius = np.hypot(f[:, None], f[None, :])
+    pa = _tile_spectrum(a, tile)
+    band = (radius > 0.1) & (radius < 0.45)
+    slope = float(np.polyfit(np.log(radius[band]), np.log(pa[band] + 1e-6), 1)[0])
+    e = a - ndimage.correlate(a, _PREDICT, mode="reflect")
+    pr = _tile_spectrum(np.exp(-e * e / 2.0).astype(np.float32), tile)
+    rings = np.minimum((radius * tile).astype(int), tile // 2)
+    med = np.ones(tile // 2 + 1)
+    for k in range(tile // 2 + 1):
+        sel = pr[rings == k]
+        if sel.size:
+            med[k] = np.median(sel)
+    on_grid = np.arange(tile) % (tile // 8) == 0
+    candidates = (radius > 0.15) & ~(on_grid[:, None] & on_grid[None, :])
+    ratio = pr / (med[rings] + 1e-9)
+    return slope, float(np.log(ratio[candidates].max() + 1e-2))
+
+
+def image_cues(a: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
+    """Scalar cues (CUE_NAMES order) and the 75 co-occurrence frequencies of a prepared image."""
+    r = _residual(a)
+    rb = _blocks(r, _NOISE_BLOCK)
+    ab = _blocks(a, _NOISE_BLOCK)
+    sigma = rb.std(axis=(2, 3)).ravel() + 0.05
+    mean = ab.mean(axis=(2, 3)).ravel()
+    usable = (ab.min(axis=(2, 3)).ravel() > 2) & (ab.max(axis=(2, 3)).ravel() < 253)
+    if usable.sum() < 8:
+        usable = np.ones_like(usable)
+    s_use, m_use = sigma[usable], mean[usable]
+    flat = s_use <= np.percentile(s_use, 40)  # flattest blocks: noise, not anatomy
+    log_s = np.log(s_use)
+    noise_level = float(np.median(log_s[flat]))
+    q25, q75 = np.percentile(log_s, [25, 75])
+    uniformity = float(q75 - q25)
+    if np.ptp(m_use) > 0 and np.ptp(s_use) > 0:
+        rank_m = np.argsort(np.argsort(m_use))
+        rank_s = np.argsort(np.argsort(s_use))
+        dependence = float(np.corrcoef(rank_m, rank_s)[0, 1])
+    else:
+        dependence = 0.0
+    flat_res = rb.reshape(-1, _NOISE_BLOCK * _NOISE_BLOCK)[np.flatnonzero(usable)[flat]]
+    flat_res = flat_res - flat_res.mean(axis=1, keepdims=True)
+    var = float((flat_res**2).mean()) + _FLOOR
+    kurt = float(((flat_res**4).mean() + 3 * _FLOOR**2) / var**2)
+    half = np.asarray(
+        Image.fromarray(a).resize(
+            (max(1, a.shape[1] // 2), max(1, a.shape[0] // 2)), Image.Resampling.BOX
+        )
+    )
+    fine = float(np.abs(r).mean()) + 1e-3
+    coarse = float(np.abs(_residual(half)).mean()) + 1e-3
+    slope, peak = _spectrum_cues(a)
+    g = np.hypot(ndimage.sobel(a, axis=0), ndimage.sobel(a, axis=1))
+    g64 = np.asarray(Image.fromarray(g).resize((64, 64), Image.Resampling.BOX))
+    g64 = g64 - g64.mean()
+    denom = float(np.sqrt((g64**2).sum() * (g64[:, ::-1] ** 2).sum())) + 1e-9
+    symmetry = float((g64 * g64[:, ::-1]).sum() / denom)
+    q = a.astype(np.int16)
+    same = float((np.diff(q, axis=1) == 0).mean() + (np.diff(q, axis=0) == 0).mean()) / 2
+    cues = {
+        "noise_level": noise_level,
+        "noise_uniformity": uniformity,
+        "noise_signal_dependence": dependence,
+        "noise_tails": float(np.log(kurt)),
+        "texture_smoothness": float(np.log(fine / coarse)),
+        "spectral_falloff": slope,
+        "upsampling_peaks": peak,
+        "bilateral_symmetry": symmetry,
+        "flat_pixels": same,
+    }
+    return cues, _texture_statistics(a, r, half)
+
+
+BLOCK_CUES = ("log_noise", "log_detail", "log_kurtosis", "brightness", "flat_share", "small_steps")
+
+
+def block_cues(a: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+    """Per-block cues for the heat map: (rows*cols, len(BLOCK_CUES)) and the grid shape."""
+    r = _residual(a)
+    q = a.astype(np.int16)
+    dx = np.abs(np.diff(q, axis=1, append=q[:, -1:]))
+    rb = _blocks(r, BLOCK)
+    grid = rb.shape[:2]
+    rb = rb.reshape(-1, BLOCK * BLOCK)
+    ab = _blocks(a, BLOCK).reshape(-1, BLOCK * BLOCK)
+    db = _blocks(dx, BLOCK).reshape(-1, BLOCK * BLOCK)
+    rc = rb - rb.mean(axis=1, keepdims=True)
+    var = (rc**2).mean(axis=1) + _FLOOR
+    feats = np.stack(
+        [
+            np.log(np.sqrt(var) + 0.05),
+            np.log(db.mean(axis=1) + 0.05),
+            np.log(((rc**4).mean(axis=1) + 3 * _FLOOR**2) / var**2),
+            ab.mean(axis=1) / 255.0,
+            (db == 0).mean(axis=1),
+            (db <= 1).mean(axis=1),
+        ],
+        axis=1,
+    )
+    return feats.astype(np.float64), (int(grid[0]), int(grid[1]))

@@ -1,0 +1,233 @@
+"""One verdict per image from every layer that can speak about it.
+
+Layers, strongest first: the PS3.15 signature (DICOM), the fragile watermark (when a key is
+configured), the declared Synthetic Data attribute, the local tamper detector, the
+synthetic-radiograph detector and the header checks. Verdicts:
+
+* ``tampered``     - a signature no longer matches, the watermark shows changed blocks, or
+  a copy-move was found;
+* ``synthetic``    - declared synthetic, or the detector score reaches the shipped threshold
+  (without a valid trusted signature vouching for the pixels);
+* ``suspicious``   - weaker evidence: a flattened region, a high-severity header finding, a
+  detector score in the upper band below the threshold, or a detector alarm on a validly
+  signed image (a stolen key is possible, a forged signature is not);
+* ``unverifiable`` - nothing could be judged (unreadable file, image too small or not grey);
+* ``authentic``    - every layer that ran found nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from radguard.errors import RadguardError
+from radguard.forensics.metadata import Finding, check_metadata
+from radguard.forensics.synthetic import SyntheticDetector, SyntheticResult, load_detector
+from radguard.forensics.tamper import TamperResult, detect_tamper
+from radguard.images import display_frame, is_dicom_path, read_for_analysis
+
+__all__ = ["VERDICTS", "ScanResult", "scan_file", "write_heatmap"]
+
+VERDICTS = ("authentic", "suspicious", "synthetic", "tampered", "unverifiable")
+
+
+@dataclass
+class ScanResult:
+    """Everything radguard could say about one image."""
+
+    path: str
+    verdict: str = "unverifiable"
+    reasons: list[str] = field(default_factory=list)
+    signature: str = "not applicable"  # valid / invalid / untrusted / unsigned / not applicable
+    watermark: str = "not checked"  # intact / changed / absent / not checked
+    synthetic: SyntheticResult | None = None
+    tamper: TamperResult | None = None
+    findings: list[Finding] = field(default_factory=list)
+    pixels: np.ndarray | None = field(default=None, repr=False)
+    modality: str = ""
+
+    @property
+    def synthetic_score(self) -> float | None:
+        return self.synthetic.synthetic_score if self.synthetic else None
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready form with the documented keys path, synthetic_score, verdict, reasons."""
+        return {
+            "path": self.path,
+            "verdict": self.verdict,
+            "synthetic_score": (
+                round(self.synthetic_score, 4) if self.synthetic_score is not None else None
+            ),
+            "reasons": self.reasons,
+            "signature": self.signature,
+            "watermark": self.watermark,
+            "cues": [c.to_dict() for c in self.synthetic.cues] if self.synthetic else [],
+            "tamper": self.tamper.to_dict() if self.tamper else None,
+            "findings": [f.to_dict() for f in self.findings],
+        }
+
+
+# projection radiography: what the synthetic-image detector was trained on
+RADIOGRAPHIC = {"CR", "DX", "MG", "RF", "XA", "IO", "PX", "RG", "OT", ""}
+TAMPER_MODALITIES = RADIOGRAPHIC | {"CT"}  # where the tamper layer was designed and measured
+
+
+def _dicom_layers(path: Path, result: ScanResult, trust: object, key: object) -> np.ndarray:
+    from radguard.dicom.io import read_dataset
+    from radguard.provenance.verify import verify_dataset
+
+    ds = read_dataset(path, stop_before_pixels=False)
+    report = verify_dataset(ds, trust)  # type: ignore[arg-type]
+    result.signature = report.status
+    if report.status == "invalid":
+        bad = next(s for s in report.signatures if s.status == "invalid")
+        result.reasons.append(f"signature does not match the data: {bad.reason}")
+    elif report.status == "untrusted":
+        result.reasons.append(
+            "signature intact but its signer is not trusted"
+            + ("" if trust else " (no --trust given)")
+        )
+    elif report.status == "valid" and "Pixel Data" in report.uncovered:
+        result.reasons.append("signature valid but does not cover the pixel data")
+    if key is not None:
+        from radguard.watermark import WatermarkError, check_dataset
+
+        try:
+            check = check_dataset(ds, key)  # type: ignore[arg-type]
+            result.watermark = "intact" if check.intact else "changed"
+            if check.regions:
+                result.reasons.append(
+                    f"watermark: {len(check.regions)} changed region(s) {check.regions[:3]}"
+                )
+        except WatermarkError as exc:
+            result.watermark = "absent"
+            result.reasons.append(f"watermark: {exc}")
+    result.findings = check_metadata(ds)
+    modality = str(getattr(ds, "Modality", "") or "").upper()
+    result.modality = modality
+    return display_frame(ds)
+
+
+def scan_file(
+    path: str | os.PathLike[str],
+    *,
+    trust: object = None,
+    watermark_key: object = None,
+    detector: SyntheticDetector | None = None,
+    keep_pixels: bool = False,
+) -> ScanResult:
+    """Scan one file; never raises for bad input (the verdict is then ``unverifiable``)."""
+    p = Path(path)
+    result = ScanResult(str(p))
+    det = detector or load_detector()
+    try:
+        if is_dicom_path(p):
+            pixels = _dicom_layers(p, result, trust, watermark_key)
+        else:
+            pixels = read_for_analysis(p)
+    except RadguardError as exc:
+        result.reasons.append(str(exc))
+        return result
+    try:
+        if result.modality in RADIOGRAPHIC:
+            result.synthetic = det.analyse(pixels)
+        else:
+            result.reasons.append(
+                f"synthetic-image detector not applied: trained on projection radiographs, "
+                f"not {result.modality}"
+            )
+    except RadguardError as exc:
+        result.reasons.append(f"image content cannot be judged: {exc}")
+    if result.modality not in TAMPER_MODALITIES:
+        result.reasons.append(f"tamper detector not applied to {result.modality}")
+    elif pixels.ndim == 2 and min(pixels.shape) >= 32:
+        try:
+            a = pixels if pixels.ndim == 2 else pixels.mean(axis=-1)
+            result.tamper = detect_tamper(a)
+        except RadguardError as exc:
+            result.reasons.append(f"tamper detector: {exc}")
+    if keep_pixels:
+        result.pixels = pixels
+    _decide(result, det.threshold, det.suspicious_threshold)
+    return result
+
+
+def _decide(r: ScanResult, threshold: float, band: float) -> None:
+    """Combine the layers into one verdict; strongest evidence first."""
+    vouched = r.signature == "valid" or r.watermark == "intact"
+    declared = any(f.code == "synthetic-data" for f in r.findings)
+    score = r.synthetic_score
+    tampered = r.signature == "invalid" or r.watermark == "changed"
+    if r.tamper is not None and r.tamper.copy_move:
+        tampered = True
+        r.reasons.append(
+            f"copy-move: {len(r.tamper.copy_move)} region(s) duplicated "
+            f"elsewhere in the image {r.tamper.copy_move[:3]}"
+        )
+    if score is not None and score >= threshold:
+        r.reasons.append(f"synthetic score {score:.2f} >= threshold {threshold:.2f}")
+        r.reasons.extend(r.synthetic.reasons() if r.synthetic else [])
+    if declared:
+        r.reasons.append("declared synthetic: Synthetic Data (0008,001C) = YES")
+    weak = []
+    if r.tamper is not None and r.tamper.flattened:
+        weak.append(f"flattened region(s) without quantum noise {r.tamper.flattened[:3]}")
+    weak += [
+        f"header: {f.message}"
+        for f in r.findings
+        if f.severity == "high" and f.code != "synthetic-data"
+    ]
+    if score is not None and band <= score < threshold:
+        weak.append(
+            f"synthetic score {score:.2f} in the doubtful band [{band:.2f}, {threshold:.2f})"
+        )
+    r.reasons.extend(weak)
+    if tampered:
+        r.verdict = "tampered"
+    elif declared or (score is not None and score >= threshold and not vouched):
+        r.verdict = "synthetic"
+    elif weak or (score is not None and score >= threshold) or r.signature == "untrusted":
+        r.verdict = "suspicious"
+    elif score is None and not vouched:
+        r.verdict = "unverifiable"
+    else:
+        r.verdict = "authentic"
+        if not vouched:
+            r.reasons.append("no signature or watermark vouches for it: judged on content only")
+
+
+def write_heatmap(result: ScanResult, path: str | os.PathLike[str]) -> None:
+    """Save the image with the detector's heat map (red = synthetic-looking blocks) and tamper
+    regions outlined, as PNG."""
+    from PIL import Image, ImageDraw
+
+    from radguard.fileio import atomic_write_bytes
+    from radguard.images import window_to_8bit
+
+    if result.pixels is None or result.synthetic is None:
+        raise RadguardError(f"{result.path}: nothing to draw")
+    grey = window_to_8bit(result.pixels if result.pixels.ndim == 2 else result.pixels.mean(axis=-1))
+    h, w = grey.shape
+    heat = result.synthetic.heatmap
+    rgb = np.repeat(grey[..., None], 3, axis=2).astype(np.float64)
+    if heat.size:
+        cell = result.synthetic.block_size
+        ys = np.minimum((np.arange(h) / cell).astype(int), heat.shape[0] - 1)
+        xs = np.minimum((np.arange(w) / cell).astype(int), heat.shape[1] - 1)
+        alpha = np.clip((heat[ys][:, xs] - 0.5) * 1.2, 0, 0.6)[..., None]
+        rgb = rgb * (1 - alpha) + np.array([255.0, 30.0, 30.0]) * alpha
+    im = Image.fromarray(np.round(rgb).astype(np.uint8))
+    draw = ImageDraw.Draw(im)
+    line = max(2, min(h, w) // 300)
+    for x0, y0, x1, y1 in result.tamper.regions if result.tamper else []:
+        draw.rectangle(
+            [x0 - line, y0 - line, x1 + line - 1, y1 + line - 1], outline=(255, 220, 0), width=line
+        )
+    import io
+
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    atomic_write_bytes(path, buf.getvalue())

@@ -1,0 +1,179 @@
+"""Synthetic-radiograph detector: a probability that an image is AI-generated, and why.
+
+Two small models, both shipped as plain numbers in ``forensics/data/synthetic_detector.json``
+and reproduced by ``scripts/train_synthetic_detector.py``:
+
+1. a **block model** (logistic regression on :data:`cues.BLOCK_CUES` of every 32 x 32 block)
+   whose probabilities form the heat map of where the evidence lies;
+2. an **image model** (one-hidden-layer perceptron) on the named cues of :mod:`cues`, the
+   residual co-occurrences, the block model's mean and 90th-percentile logit, and the analysed
+   size (a conditioning input: both classes were trained at the same sizes, so size alone
+   separates nothing).
+
+Each named cue is reported with its value and its percentile among real training
+radiographs, so a reader sees e.g. "noise does not follow brightness: 1st percentile of real".
+Inference is numpy only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from radguard.errors import RadguardError
+from radguard.forensics.cues import BLOCK, CUE_NAMES, block_cues, image_cues, prepare
+
+__all__ = [
+    "Cue",
+    "SyntheticDetector",
+    "SyntheticResult",
+    "WEIGHTS_PATH",
+    "feature_vector",
+    "load_detector",
+]
+
+WEIGHTS_PATH = Path(__file__).with_name("data") / "synthetic_detector.json"
+
+
+@dataclass
+class Cue:
+    """One named piece of evidence."""
+
+    name: str
+    description: str
+    value: float
+    real_percentile: float  # where the value falls among real training radiographs (0-100)
+
+    @property
+    def unusual(self) -> bool:
+        """Outside the central 95% of real radiographs."""
+        return self.real_percentile < 2.5 or self.real_percentile > 97.5
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready form."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "value": round(self.value, 4),
+            "real_percentile": round(self.real_percentile, 1),
+            "unusual": self.unusual,
+        }
+
+
+@dataclass
+class SyntheticResult:
+    """Score, evidence and heat map for one image."""
+
+    synthetic_score: float
+    cues: list[Cue]
+    heatmap: np.ndarray  # block probabilities, one per BLOCK x BLOCK block of the analysed image
+    block_size: float  # heat-map block edge in pixels of the input image
+
+    def reasons(self, limit: int = 3) -> list[str]:
+        """The most unusual cues, in words."""
+        ranked = sorted(
+            (c for c in self.cues if c.unusual), key=lambda c: -abs(c.real_percentile - 50)
+        )
+        return [
+            f"{c.description}: {c.value:.3g} ({c.real_percentile:.1f}th percentile "
+            f"of real radiographs)"
+            for c in ranked[:limit]
+        ]
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready form (heat map left out: it goes to a PNG)."""
+        return {
+            "synthetic_score": round(self.synthetic_score, 4),
+            "cues": [c.to_dict() for c in self.cues],
+        }
+
+
+def feature_vector(
+    cues: dict[str, float], cooc: np.ndarray, block_logits: np.ndarray, short_side: int
+) -> np.ndarray:
+    """The image model's input, in a fixed order shared with the training script."""
+    bl = block_logits if block_logits.size else np.zeros(1)
+    vector = np.concatenate(
+        [
+            [cues[name] for name in CUE_NAMES],
+            cooc,
+            [float(bl.mean()), float(np.percentile(bl, 90)), float(np.log2(short_side))],
+        ]
+    )
+    return np.nan_to_num(vector, nan=0.0, posinf=50.0, neginf=-50.0)
+
+
+class SyntheticDetector:
+    """Inference with one set of trained weights (see module docstring)."""
+
+    def __init__(self, weights: dict) -> None:
+        try:
+            blk = weights["block"]
+            self._b_mean = np.asarray(blk["mean"])
+            self._b_scale = np.asarray(blk["scale"])
+            self._b_coef = np.asarray(blk["coef"])
+            self._b_icpt = float(blk["intercept"])
+            img = weights["image"]
+            self._i_mean = np.asarray(img["mean"])
+            self._i_scale = np.asarray(img["scale"])
+            self._layers = [
+                (np.asarray(layer["W"]), np.asarray(layer["b"])) for layer in img["layers"]
+            ]
+            self._quantiles = {k: np.asarray(v) for k, v in weights["real_quantiles"].items()}
+            self.threshold = float(weights["threshold"])
+            # scores from here up to the threshold make a 'suspicious' verdict
+            self.suspicious_threshold = float(weights.get("suspicious_threshold", self.threshold))
+            self.info = weights.get("info", {})
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RadguardError(f"synthetic-detector weights are malformed ({exc})") from exc
+
+    def block_logits(self, feats: np.ndarray) -> np.ndarray:
+        """Block model logits for (n, len(BLOCK_CUES)) block cues."""
+        return ((feats - self._b_mean) / self._b_scale) @ self._b_coef + self._b_icpt
+
+    def image_probability(self, x: np.ndarray) -> np.ndarray:
+        """Image model probability for (n, d) feature vectors."""
+        h = (np.atleast_2d(x) - self._i_mean) / self._i_scale
+        for i, (w, b) in enumerate(self._layers):
+            h = h @ w + b
+            if i < len(self._layers) - 1:
+                h = np.maximum(h, 0.0)
+        return 1.0 / (1.0 + np.exp(-h[:, 0]))
+
+    def _percentile(self, name: str, value: float) -> float:
+        q = self._quantiles[name]  # 101 quantiles of real training images
+        return float(np.interp(value, q, np.linspace(0, 100, q.size), left=0.0, right=100.0))
+
+    def analyse(self, img: np.ndarray) -> SyntheticResult:
+        """Score one grey image (any numeric dtype, any size >= 32 x 32)."""
+        a = prepare(img)
+        cues, cooc = image_cues(a)
+        bfeat, grid = block_cues(a)
+        logits = self.block_logits(bfeat) if bfeat.size else np.zeros(0)
+        x = feature_vector(cues, cooc, logits, min(a.shape))
+        score = float(self.image_probability(x)[0])
+        heat = (1.0 / (1.0 + np.exp(-logits))).reshape(grid) if logits.size else np.zeros((0, 0))
+        named = [
+            Cue(n, CUE_NAMES[n], float(cues[n]), self._percentile(n, cues[n])) for n in CUE_NAMES
+        ]
+        scale = max(np.asarray(img).shape[:2]) / max(a.shape)
+        return SyntheticResult(score, named, heat, BLOCK * scale)
+
+
+@lru_cache(maxsize=4)
+def load_detector(path: str | None = None) -> SyntheticDetector:
+    """The shipped detector (or weights from ``path``), loaded once."""
+    p = Path(path) if path else WEIGHTS_PATH
+    try:
+        weights = json.loads(p.read_text())
+    except FileNotFoundError as exc:
+        raise RadguardError(
+            f"{p}: synthetic-detector weights not found (run scripts/train_synthetic_detector.py)"
+        ) from exc
+    except (OSError, ValueError) as exc:
+        raise RadguardError(f"{p}: unreadable synthetic-detector weights ({exc})") from exc
+    return SyntheticDetector(weights)

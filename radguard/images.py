@@ -1,0 +1,164 @@
+"""Plain image files (PNG, JPEG): reading grey pixels with their bit depth, writing them back
+losslessly, and drawing overlays people can look at. Shared by the watermark and forensics."""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, UnidentifiedImageError
+
+from radguard.errors import DicomReadError
+from radguard.fileio import atomic_write_bytes
+
+__all__ = [
+    "display_frame",
+    "is_dicom_path",
+    "read_for_analysis",
+    "read_grey",
+    "render_overlay",
+    "window_to_8bit",
+    "write_grey",
+]
+
+_RASTER = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+
+
+def is_dicom_path(path: str | os.PathLike[str]) -> bool:
+    """True unless the suffix names a raster image format."""
+    return Path(path).suffix.lower() not in _RASTER
+
+
+def read_grey(path: str | os.PathLike[str]) -> tuple[np.ndarray, int]:
+    """Grey pixels and bits per sample (8 or 16) of a raster image; colour is refused."""
+    p = Path(path)
+    try:
+        with Image.open(p) as im:
+            im.load()
+            mode = im.mode
+            if mode == "L":
+                return np.array(im), 8
+            if mode in ("I;16", "I;16B", "I;16L"):
+                return np.array(im).astype(np.uint16), 16
+            if mode == "I":
+                arr = np.array(im)
+                if arr.min() >= 0 and arr.max() < 65536:
+                    return arr.astype(np.uint16), 16
+            raise DicomReadError(
+                f"{p}: only 8- or 16-bit grey images can be watermarked (this one is {mode})"
+            )
+    except FileNotFoundError as exc:
+        raise DicomReadError(f"{p}: no such file") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise DicomReadError(f"{p}: not a readable image ({exc})") from exc
+
+
+def read_for_analysis(path: str | os.PathLike[str]) -> np.ndarray:
+    """Any raster image as a 2D array for forensics: colour and alpha become grey luminance,
+    16-bit stays 16-bit. Decompression bombs and unreadable files raise DicomReadError."""
+    p = Path(path)
+    try:
+        with warnings.catch_warnings():
+            # up to Pillow's hard limit (about 179 megapixels) a big radiograph is fine
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(p)
+            im.load()
+        with im:
+            if im.mode in ("L", "I;16", "I;16B", "I;16L", "I", "F"):
+                return np.array(im)
+            if im.mode == "1":
+                return np.array(im.convert("L"))
+            return np.array(im.convert("RGBA" if "A" in im.getbands() else "RGB").convert("L"))
+    except FileNotFoundError as exc:
+        raise DicomReadError(f"{p}: no such file") from exc
+    except Image.DecompressionBombError as exc:
+        raise DicomReadError(f"{p}: image too large to analyse ({exc})") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DicomReadError(f"{p}: not a readable image ({exc})") from exc
+
+
+def write_grey(path: str | os.PathLike[str], pixels: np.ndarray, bits: int) -> None:
+    """Write grey pixels losslessly as PNG (8 or 16 bit), atomically."""
+    buf = io.BytesIO()
+    if bits <= 8:
+        Image.fromarray(pixels.astype(np.uint8), mode="L").save(buf, "PNG")
+    else:
+        Image.fromarray(pixels.astype(np.uint16)).save(buf, "PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def window_to_8bit(
+    frame: np.ndarray, center: float | None = None, width: float | None = None, invert: bool = False
+) -> np.ndarray:
+    """Display an image as 8-bit: the given window, else the 0.5-99.5 percentile range."""
+    values = frame.astype(np.float64)
+    if center is not None and width is not None and width > 1:
+        low, high = center - width / 2, center + width / 2
+    else:
+        low, high = np.percentile(values, [0.5, 99.5])
+        if high <= low:
+            high = low + 1
+    out = np.clip((values - low) / (high - low) * 255.0, 0, 255)
+    if invert:
+        out = 255.0 - out
+    return np.round(out).astype(np.uint8)
+
+
+def _first_number(value: object) -> float | None:
+    """First value of a possibly multi-valued numeric attribute; None if absent or malformed."""
+    if isinstance(value, list | tuple) or (
+        hasattr(value, "__len__") and not isinstance(value, str | bytes)
+    ):
+        value = value[0] if len(value) else None  # type: ignore[index,arg-type]
+    try:
+        return None if value in (None, "") else float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def display_frame(ds: object) -> np.ndarray:
+    """First frame of a DICOM image as a reader sees it, in 8 bits: modality rescale, the
+    stored VOI window (else the 0.5-99.5 percentile range), MONOCHROME1 inverted; colour
+    frames become grey luminance."""
+    from radguard.dicom.io import peek
+    from radguard.dicom.pixels import pixel_array, pixel_info
+
+    info = pixel_info(ds)  # type: ignore[arg-type]
+    arr = pixel_array(ds)  # type: ignore[arg-type]
+    frame = arr[0] if info.frames > 1 else arr
+    if frame.ndim == 3:
+        frame = frame[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+        return window_to_8bit(frame, 127.5, 256.0)
+    slope = _first_number(peek(ds, "RescaleSlope")) or 1.0  # type: ignore[arg-type]
+    intercept = _first_number(peek(ds, "RescaleIntercept")) or 0.0  # type: ignore[arg-type]
+    return window_to_8bit(
+        frame.astype(np.float64) * slope + intercept,
+        _first_number(peek(ds, "WindowCenter")),  # type: ignore[arg-type]
+        _first_number(peek(ds, "WindowWidth")),  # type: ignore[arg-type]
+        invert=info.photometric == "MONOCHROME1",
+    )
+
+
+def render_overlay(
+    frame: np.ndarray,
+    regions: list[list[int]],
+    path: str | os.PathLike[str],
+    *,
+    invert: bool = False,
+) -> None:
+    """Save the frame (windowed) with changed regions outlined in red, as PNG."""
+    grey = Image.fromarray(window_to_8bit(frame, invert=invert)).convert("RGB")
+    draw = ImageDraw.Draw(grey)
+    width = max(2, min(grey.size) // 300)
+    for x0, y0, x1, y1 in regions:
+        draw.rectangle(
+            [x0 - width, y0 - width, x1 + width - 1, y1 + width - 1],
+            outline=(255, 40, 40),
+            width=width,
+        )
+    buf = io.BytesIO()
+    grey.save(buf, "PNG")
+    atomic_write_bytes(path, buf.getvalue())

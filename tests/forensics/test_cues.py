@@ -1,0 +1,91 @@
+"""Cues of the synthetic-image detector: trivia erased, hostile inputs refused, and each cue
+moving the way its name says when the matching generator trace is added."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+from radguard.forensics.cues import ANALYSIS_MAX, CueError, block_cues, image_cues, prepare
+from tests.conftest import SHARED
+
+CHEST = SHARED / "cxr-nih" / "images" / "00001280_004.jpg"
+
+
+@pytest.fixture(scope="module")
+def chest() -> np.ndarray:
+    return np.asarray(Image.open(CHEST).convert("L"))
+
+
+def test_bit_depth_is_erased(chest):
+    """The same picture stored in 16 bits is analysed exactly as its 8-bit version."""
+    a8 = prepare(chest)
+    stretched = chest.astype(np.float64) - chest.min()
+    sixteen = np.round(stretched / stretched.max() * 65535).astype(np.uint16)
+    a16 = prepare(sixteen)
+    assert a8.shape == a16.shape
+    assert np.abs(a8 - prepare(np.round(stretched / stretched.max() * 255))).max() == 0
+    assert np.abs(a16 - a8).mean() < 1.0  # only the 8-bit rounding of the stretch differs
+
+
+def test_colour_and_alpha_become_grey(chest):
+    rgba = np.dstack([chest, chest, chest, np.full_like(chest, 255)])
+    assert np.array_equal(prepare(rgba), prepare(chest))
+
+
+def test_huge_images_are_reduced_to_the_analysis_size():
+    big = np.random.default_rng(0).integers(0, 4096, (5000, 3000), dtype=np.uint16)
+    a = prepare(big)
+    assert min(a.shape) == ANALYSIS_MAX
+    assert a.dtype == np.float32 and a.max() <= 255
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (np.zeros((1, 1)), "too small"),
+        (np.zeros((0, 0)), "too small"),
+        (np.zeros((40, 40, 2)), "expected a 2D"),
+        (np.full((64, 64), np.nan), "NaN"),
+        (np.array([["a"] * 40] * 40), "numeric"),
+    ],
+)
+def test_hostile_arrays_are_refused(bad, message):
+    with pytest.raises(CueError, match=message):
+        prepare(bad)
+
+
+def test_upsampling_raises_the_spectral_peak_cue():
+    published = np.asarray(Image.open(SHARED / "cxr-wild" / "images" / "wild0000.png").convert("L"))
+    h, w = published.shape
+    small = Image.fromarray(published).resize((w // 3, h // 3), Image.Resampling.BOX)
+    up = np.asarray(small.resize((w, h), Image.Resampling.BILINEAR))
+    real, _ = image_cues(prepare(published))
+    fake, _ = image_cues(prepare(up))
+    assert fake["upsampling_peaks"] > real["upsampling_peaks"] + 0.8
+    assert fake["texture_smoothness"] < real["texture_smoothness"]
+
+
+def test_signal_independent_grain_breaks_the_noise_brightness_link(chest):
+    smooth = ndimage.gaussian_filter(chest.astype(np.float64), 2.0)
+    grain = smooth + np.random.default_rng(1).normal(0, 3.0, chest.shape)
+    real, _ = image_cues(prepare(chest))
+    fake, _ = image_cues(prepare(np.clip(np.round(grain), 0, 255)))
+    assert abs(fake["noise_signal_dependence"]) < abs(real["noise_signal_dependence"])
+    assert fake["noise_uniformity"] < real["noise_uniformity"]
+
+
+def test_mirror_image_is_perfectly_symmetric(chest):
+    half = chest[:, : chest.shape[1] // 2]
+    mirrored = np.hstack([half, half[:, ::-1]])
+    cues, _ = image_cues(prepare(mirrored))
+    assert cues["bilateral_symmetry"] > 0.99
+    assert image_cues(prepare(chest))[0]["bilateral_symmetry"] < 0.9
+
+
+def test_block_cues_cover_the_image(chest):
+    feats, grid = block_cues(prepare(chest))
+    assert grid == (16, 16) and feats.shape == (256, 6)
+    assert np.isfinite(feats).all()
