@@ -937,6 +937,60 @@ def _print_scan(result: Any, as_json: bool) -> None:  # noqa: ANN401
         click.echo(f"    {reason}")
 
 
+# -- triage -------------------------------------------------------------------------------
+
+@main.group()
+def triage() -> None:
+    """AI triage: operating points, workload trade-offs (models and SR output to come)."""
+
+
+@triage.command("threshold")
+@click.argument("predictions", type=click.Path(dir_okay=False))
+@click.option("--labels", "labels_path", type=click.Path(dir_okay=False),
+              help="Separate labels CSV joined on 'id' (else a 'label' column).")
+@click.option("--score-column", default="score", show_default=True)
+@click.option("--sensitivity", type=float, help="Target sensitivity, e.g. 0.95.")
+@click.option("--specificity", type=float, help="Target specificity, e.g. 0.90.")
+@click.option("--cost-ratio", type=float,
+              help="Cost of a missed positive / cost of a false positive, e.g. 20.")
+@click.option("--prevalence", type=float,
+              help="Prevalence for --cost-ratio (default: that of the predictions).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Write the workload-reduction plot (PNG).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def triage_threshold(predictions: str, labels_path: str | None, score_column: str,
+                     sensitivity: float | None, specificity: float | None,
+                     cost_ratio: float | None, prevalence: float | None,
+                     plot_path: str | None, as_json: bool) -> None:
+    """Choose an operating threshold on validation predictions and print the workload table
+    (suspicion deciles of these predictions: share of studies no longer read first, share
+    of positives among them)."""
+    from radguard.evaluation.report import read_predictions
+    from radguard.triage import SuspicionScale, choose_threshold, plot_workload, workload_table
+
+    preds = read_predictions(predictions, labels_path, score_column=score_column)
+    point = choose_threshold(preds.labels, preds.scores, sensitivity=sensitivity,
+                             specificity=specificity, cost_ratio=cost_ratio,
+                             prevalence=prevalence)
+    rows = workload_table(preds.labels, preds.scores, SuspicionScale().fit(preds.scores))
+    if plot_path:
+        plot_workload(rows, plot_path)
+    if as_json:
+        click.echo(json.dumps({"operating_point": point.to_dict(), "workload": rows}))
+        return
+    cost = f", expected cost {point.expected_cost:.4f} per study" \
+        if point.expected_cost is not None else ""
+    click.echo(f"threshold {point.threshold:.4g} ({point.method}): sensitivity "
+               f"{point.sensitivity:.3f}, specificity {point.specificity:.3f}{cost}")
+    click.echo(f"{'read first if suspicion >=':<28}{'not read first':>16}"
+               f"{'positives among them':>22}")
+    for r in rows:
+        click.echo(f"{r['suspicion_cutoff']:<28}{r['workload_reduction']:>16.1%}"
+                   f"{r['positives_deprioritised']:>22.1%}")
+    if plot_path:
+        click.echo(f"plot: {plot_path}")
+
+
 # -- demo ---------------------------------------------------------------------------------
 
 @main.command()
