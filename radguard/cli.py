@@ -941,7 +941,66 @@ def _print_scan(result: Any, as_json: bool) -> None:  # noqa: ANN401
 
 @main.group()
 def triage() -> None:
-    """AI triage: operating points, workload trade-offs (models and SR output to come)."""
+    """AI triage: score studies, choose operating points, see workload trade-offs."""
+
+
+@triage.command("predict")
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--model", "model_name", default="chest", show_default=True,
+              help="Registered model name, or the .json file of a model bundle.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per image.")
+def triage_predict(paths: tuple[str, ...], model_name: str, as_json: bool) -> None:
+    """Score images (DICOM, PNG, JPEG; folders recursively): calibrated probability, 1-10
+    suspicion, and whether the model's operating point calls it positive. Images outside the
+    model's scope get a reason, never a score. Exit 1 if any image could not be scored."""
+    from radguard.dicom.io import iter_dicom_paths, read_dataset
+    from radguard.images import display_frame, is_dicom_path, read_for_analysis
+    from radguard.triage.model import load_model
+
+    model = load_model(model_name)
+    files = list(iter_dicom_paths(paths))
+    if not files:
+        raise RadguardError("no input files found")
+    all_ok = True
+    with _progress(len(files), "scoring") as progress:
+        task = progress.add_task("predict", total=len(files))
+        for f in files:
+            try:
+                if is_dicom_path(f):
+                    ds = read_dataset(f, stop_before_pixels=False)
+                    modality = str(getattr(ds, "Modality", "") or "")
+                    pixels = display_frame(ds)
+                else:
+                    modality, pixels = None, read_for_analysis(f, keep_colour=True)
+                record = model.predict(pixels, modality=modality, path=str(f)).to_dict()
+            except RadguardError as exc:
+                all_ok = False
+                record = {"path": str(f), "probability": None, "suspicion": None,
+                          "model": model.card.name, "version": model.card.version,
+                          "error": str(exc)}
+            if as_json:
+                click.echo(json.dumps(record))
+            elif record.get("error"):
+                click.echo(f"{click.style('NOT SCORED', fg='yellow', bold=True)}  {f}: "
+                           f"{record['error']}")
+            else:
+                flag = click.style("POSITIVE", fg="red", bold=True) if record["positive"] \
+                    else click.style("negative", fg="green")
+                click.echo(f"{flag:<20} suspicion {record['suspicion']:>2}/10  probability "
+                           f"{record['probability']:.3f}  {f}")
+            progress.advance(task)
+    sys.exit(0 if all_ok else 1)
+
+
+@triage.command("card")
+@click.option("--model", "model_name", default="chest", show_default=True)
+def triage_card(model_name: str) -> None:
+    """Print a model's card: intended use, training data, version, measured figures."""
+    from radguard.triage.model import load_model
+
+    model = load_model(model_name)
+    click.echo(json.dumps({**model.card.to_dict(), "operating_threshold": model.threshold},
+                          indent=1))
 
 
 @triage.command("threshold")
@@ -964,7 +1023,7 @@ def triage_threshold(predictions: str, labels_path: str | None, score_column: st
                      plot_path: str | None, as_json: bool) -> None:
     """Choose an operating threshold on validation predictions and print the workload table
     (suspicion deciles of these predictions: share of studies no longer read first, share
-    of positives among them)."""
+    of positives deprioritised)."""
     from radguard.evaluation.report import read_predictions
     from radguard.triage import SuspicionScale, choose_threshold, plot_workload, workload_table
 
@@ -983,7 +1042,7 @@ def triage_threshold(predictions: str, labels_path: str | None, score_column: st
     click.echo(f"threshold {point.threshold:.4g} ({point.method}): sensitivity "
                f"{point.sensitivity:.3f}, specificity {point.specificity:.3f}{cost}")
     click.echo(f"{'read first if suspicion >=':<28}{'not read first':>16}"
-               f"{'positives among them':>22}")
+               f"{'positives deprioritised':>22}")
     for r in rows:
         click.echo(f"{r['suspicion_cutoff']:<28}{r['workload_reduction']:>16.1%}"
                    f"{r['positives_deprioritised']:>22.1%}")

@@ -56,9 +56,11 @@ def read_grey(path: str | os.PathLike[str]) -> tuple[np.ndarray, int]:
         raise DicomReadError(f"{p}: not a readable image ({exc})") from exc
 
 
-def read_for_analysis(path: str | os.PathLike[str]) -> np.ndarray:
-    """Any raster image as a 2D array for forensics: colour and alpha become grey luminance,
-    16-bit stays 16-bit. Decompression bombs and unreadable files raise DicomReadError."""
+def read_for_analysis(path: str | os.PathLike[str], *, keep_colour: bool = False) -> np.ndarray:
+    """Any raster image as an array for analysis: grey stays 2D (16-bit stays 16-bit); colour
+    becomes grey luminance, or (rows, cols, 3) RGB with ``keep_colour`` so a model can refuse
+    photographs; alpha is dropped. Unreadable files and decompression bombs raise
+    DicomReadError."""
     p = Path(path)
     try:
         with warnings.catch_warnings():
@@ -71,7 +73,8 @@ def read_for_analysis(path: str | os.PathLike[str]) -> np.ndarray:
                 return np.array(im)
             if im.mode == "1":
                 return np.array(im.convert("L"))
-            return np.array(im.convert("RGBA" if "A" in im.getbands() else "RGB").convert("L"))
+            rgb = im.convert("RGBA" if "A" in im.getbands() else "RGB").convert("RGB")
+            return np.array(rgb) if keep_colour else np.array(rgb.convert("L"))
     except FileNotFoundError as exc:
         raise DicomReadError(f"{p}: no such file") from exc
     except Image.DecompressionBombError as exc:

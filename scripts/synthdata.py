@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import csv
 import io
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from scipy import ndimage
+
+from radguard.evaluation.splits import split_of
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -54,8 +55,7 @@ class RealImage:
     @property
     def split(self) -> str:
         """train (70%), val (15%) or test (15%), stable across runs and machines."""
-        h = zlib.crc32(f"{self.source}:{self.group}".encode()) % 100
-        return "train" if h < 70 else "val" if h < 85 else "test"
+        return split_of(self.source, self.group)
 
 
 def real_images() -> list[RealImage]:

@@ -90,7 +90,7 @@ def choose_threshold(labels: np.ndarray, scores: np.ndarray, *,
 def workload_table(labels: np.ndarray, probabilities: np.ndarray,
                    scale: SuspicionScale) -> list[dict[str, float]]:
     """For each suspicion cut-off 2..10: share of studies below it (no longer read first) and
-    share of positives among them."""
+    share of all positives that fall below it (deprioritised)."""
     cutoffs = np.array([scale.lowest_probability(k) for k in range(2, 11)])
     rows = workload_curve(labels, probabilities, cutoffs)
     for k, row in zip(range(2, 11), rows, strict=True):
@@ -115,7 +115,7 @@ def plot_workload(rows: list[dict[str, float]], path: str | os.PathLike[str],
     ax.plot(ks, [100 * r["workload_reduction"] for r in rows], "o-",
             label="studies no longer read first")
     ax.plot(ks, [100 * r["positives_deprioritised"] for r in rows], "s-",
-            label="positives among them")
+            label="positives deprioritised (of all positives)")
     ax.set_xlabel("suspicion cut-off (read first if suspicion >= cut-off)")
     ax.set_ylabel("% of studies / % of positives")
     ax.set_xticks(ks)
