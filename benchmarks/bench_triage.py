@@ -8,7 +8,7 @@
 * CPU inference ms per image on one core, against the named anchor "DenseNet-121 at 224 px"
   (the CheXNet architecture, MONAI implementation, untrained) in the same run.
 
-Mammography (issue 5 item 3) is not built yet.
+Mammography (issue 5 item 3) is not built yet; SR output is checked in tests/triage.
 
     python benchmarks/bench_triage.py [--epochs 25]
 """

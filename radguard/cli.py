@@ -949,30 +949,43 @@ def triage() -> None:
 @click.option("--model", "model_name", default="chest", show_default=True,
               help="Registered model name, or the .json file of a model bundle.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image.")
-def triage_predict(paths: tuple[str, ...], model_name: str, as_json: bool) -> None:
+@click.option("--sr-dir", type=click.Path(file_okay=False),
+              help="Write results here: a PNG saliency overlay per image and, for DICOM "
+                   "inputs, a TID 1500 Comprehensive SR and a secondary-capture overlay.")
+def triage_predict(paths: tuple[str, ...], model_name: str, as_json: bool,
+                   sr_dir: str | None) -> None:
     """Score images (DICOM, PNG, JPEG; folders recursively): calibrated probability, 1-10
     suspicion, and whether the model's operating point calls it positive. Images outside the
     model's scope get a reason, never a score. Exit 1 if any image could not be scored."""
     from radguard.dicom.io import iter_dicom_paths, read_dataset
     from radguard.images import display_frame, is_dicom_path, read_for_analysis
     from radguard.triage.model import load_model
+    from radguard.triage.results import write_results
 
     model = load_model(model_name)
     files = list(iter_dicom_paths(paths))
     if not files:
         raise RadguardError("no input files found")
+    out_dir = Path(sr_dir) if sr_dir else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
     all_ok = True
     with _progress(len(files), "scoring") as progress:
         task = progress.add_task("predict", total=len(files))
-        for f in files:
+        for i, f in enumerate(files):
             try:
+                ds = None
                 if is_dicom_path(f):
                     ds = read_dataset(f, stop_before_pixels=False)
                     modality = str(getattr(ds, "Modality", "") or "")
                     pixels = display_frame(ds)
                 else:
                     modality, pixels = None, read_for_analysis(f, keep_colour=True)
-                record = model.predict(pixels, modality=modality, path=str(f)).to_dict()
+                prediction = model.predict(pixels, modality=modality, path=str(f))
+                record = prediction.to_dict()
+                if out_dir:
+                    record.update(write_results(model, prediction, pixels, ds,
+                                                out_dir / f"{i:05d}-{f.stem}"))
             except RadguardError as exc:
                 all_ok = False
                 record = {"path": str(f), "probability": None, "suspicion": None,

@@ -15,6 +15,7 @@ from radguard.errors import DicomReadError
 from radguard.fileio import atomic_write_bytes
 
 __all__ = [
+    "blend_heat",
     "display_frame",
     "is_dicom_path",
     "read_for_analysis",
@@ -143,6 +144,16 @@ def display_frame(ds: object) -> np.ndarray:
         _first_number(peek(ds, "WindowWidth")),  # type: ignore[arg-type]
         invert=info.photometric == "MONOCHROME1",
     )
+
+
+def blend_heat(grey: np.ndarray, heat: np.ndarray, *, start: float = 0.5,
+               colour: tuple[int, int, int] = (255, 30, 30)) -> np.ndarray:
+    """An 8-bit grey image as RGB with ``colour`` blended in where ``heat`` (same shape,
+    values in [0, 1]) exceeds ``start``, stronger as it rises (at most 60% opacity)."""
+    rgb = np.repeat(grey[..., None], 3, axis=2).astype(np.float64)
+    alpha = np.clip((heat - start) / max(1 - start, 1e-6) * 0.6, 0, 0.6)[..., None]
+    rgb = rgb * (1 - alpha) + np.array(colour, dtype=np.float64) * alpha
+    return np.round(rgb).astype(np.uint8)
 
 
 def render_overlay(

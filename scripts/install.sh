@@ -9,9 +9,11 @@ SUDO=""
 if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo"; fi
 
 # dcmtk (dcmsign, dcmconv) is the interoperability peer for DICOM signatures;
+# dicom3tools' dciodvfy validates the SR and secondary-capture objects radguard writes;
 # openssl serves as a local time-stamping authority in the tests.
 need_apt=()
 command -v dcmsign >/dev/null 2>&1 || need_apt+=(dcmtk)
+command -v dciodvfy >/dev/null 2>&1 || need_apt+=(dicom3tools)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 if [ ${#need_apt[@]} -gt 0 ]; then
   $SUDO apt-get update -qq

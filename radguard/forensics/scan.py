@@ -205,21 +205,20 @@ def write_heatmap(result: ScanResult, path: str | os.PathLike[str]) -> None:
     from PIL import Image, ImageDraw
 
     from radguard.fileio import atomic_write_bytes
-    from radguard.images import window_to_8bit
+    from radguard.images import blend_heat, window_to_8bit
 
     if result.pixels is None or result.synthetic is None:
         raise RadguardError(f"{result.path}: nothing to draw")
     grey = window_to_8bit(result.pixels if result.pixels.ndim == 2 else result.pixels.mean(axis=-1))
     h, w = grey.shape
     heat = result.synthetic.heatmap
-    rgb = np.repeat(grey[..., None], 3, axis=2).astype(np.float64)
-    if heat.size:
+    full = np.zeros((h, w))
+    if heat.size:  # block probabilities spread over the pixels they describe
         cell = result.synthetic.block_size
         ys = np.minimum((np.arange(h) / cell).astype(int), heat.shape[0] - 1)
         xs = np.minimum((np.arange(w) / cell).astype(int), heat.shape[1] - 1)
-        alpha = np.clip((heat[ys][:, xs] - 0.5) * 1.2, 0, 0.6)[..., None]
-        rgb = rgb * (1 - alpha) + np.array([255.0, 30.0, 30.0]) * alpha
-    im = Image.fromarray(np.round(rgb).astype(np.uint8))
+        full = heat[ys][:, xs]
+    im = Image.fromarray(blend_heat(grey, full))
     draw = ImageDraw.Draw(im)
     line = max(2, min(h, w) // 300)
     for x0, y0, x1, y1 in result.tamper.regions if result.tamper else []:

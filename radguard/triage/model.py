@@ -87,6 +87,10 @@ class TriageModel(ABC):
     def raw_scores(self, batch: np.ndarray) -> np.ndarray:
         """Uncalibrated scores (logits) for a stack of preprocessed images."""
 
+    def saliency(self, pixels: np.ndarray) -> np.ndarray:
+        """Where the evidence lies: a map in [0, 1] of the image's shape. Optional."""
+        raise TriageError(f"model {self.card.name} provides no saliency maps")
+
     def predict(self, pixels: np.ndarray, *, modality: str | None = None, path: str = ""
                 ) -> Prediction:
         """Scope check, preprocessing, score, calibration, suspicion, operating point."""
@@ -184,6 +188,21 @@ class TorchTriageModel(TriageModel):
         from radguard.triage.networks import to_input
 
         return to_input(grey_2d(pixels), self.size)
+
+    def saliency(self, pixels: np.ndarray) -> np.ndarray:
+        """Grad-CAM (MONAI) on the bundle's saliency layer (default: the penultimate residual
+        unit, 16 x 16 at 128 px), resized to the image."""
+        import torch
+        from monai.visualize import GradCAM
+        from PIL import Image
+
+        grey = grey_2d(pixels)
+        layer = str(self.meta.get("saliency_layer", "net.layer_2"))
+        x = torch.from_numpy(self.preprocess(grey)[None])
+        cam = GradCAM(nn_module=self.network, target_layers=layer)(x=x)[0, 0].numpy()
+        heat = Image.fromarray(cam.astype(np.float32), mode="F")
+        heat = heat.resize((grey.shape[1], grey.shape[0]), Image.Resampling.BILINEAR)
+        return np.clip(np.asarray(heat), 0.0, 1.0)
 
     def raw_scores(self, batch: np.ndarray) -> np.ndarray:
         import torch

@@ -1,0 +1,182 @@
+"""AI results back into the PACS as standard DICOM, built with highdicom (which validates
+on construction):
+
+* :func:`triage_report` - a Comprehensive SR following TID 1500 (Measurement Report): one
+  measurement group holding the finding (qualitative evaluation), the probability, the 1-10
+  suspicion and the operating threshold, each tied to the algorithm's name and version
+  (TID 4019), referencing the source image;
+* :func:`overlay_capture` - the saliency overlay as a Secondary Capture image in the source's
+  study, referencing the source image.
+
+Codes without a standard concept (probability of a model, suspicion score) use the private
+coding scheme ``99RADGUARD``.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from radguard.dicom.uids import new_uid
+from radguard.errors import RadguardError
+
+__all__ = ["TriageFinding", "overlay_capture", "triage_report"]
+
+MANUFACTURER = "radguard"
+_SCHEME = "99RADGUARD"
+
+
+@dataclass(frozen=True)
+class TriageFinding:
+    """What a triage model concluded about one image."""
+
+    finding: str  # e.g. "Pneumonia"
+    finding_code: tuple[str, str]  # (value, scheme) e.g. ("233604007", "SCT")
+    positive: bool
+    probability: float
+    suspicion: int
+    threshold: float
+    model: str
+    version: str
+
+
+def _code(value: str, scheme: str, meaning: str) -> object:
+    import highdicom as hd
+
+    return hd.sr.CodedConcept(value=value, scheme_designator=scheme, meaning=meaning)
+
+
+# Type 2 attributes of the Patient and General Study modules: present (maybe empty) in
+# every derived object, so the results stay in the source's patient and study
+_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
+          "StudyTime", "ReferringPhysicianName", "AccessionNumber", "StudyID")
+
+
+_REFERENCE = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+              "Modality", "SeriesNumber", "InstanceNumber", "StudyDescription",
+              "PatientOrientation", "Laterality", "ImageLaterality", "BodyPartExamined",
+              "SpecificCharacterSet", "Rows", "Columns", "SamplesPerPixel",
+              "PhotometricInterpretation", "BitsAllocated", "BitsStored", "HighBit",
+              "PixelRepresentation", "NumberOfFrames")
+
+
+def _header(source: Dataset) -> Dataset:
+    """The source attributes a derived object needs (identity, patient, study), with absent
+    Type 2 attributes empty; malformed ages are left out rather than copied."""
+    import re
+
+    header = Dataset()
+    for keyword in _TYPE2 + _REFERENCE:
+        if keyword in source:
+            header.add(source[keyword])
+        elif keyword in _TYPE2:
+            setattr(header, keyword, "")
+    age = str(source.get("PatientAge", "") or "")
+    if re.fullmatch(r"\d{3}[DWMY]", age):
+        header.PatientAge = age
+    return header
+
+
+def _quiet(func: Callable[..., Dataset]) -> Callable[..., Dataset]:
+    """Silence highdicom's advice about single-component patient names: the source's names
+    are copied as they are, and the CLI must not print warnings per image."""
+
+    @functools.wraps(func)
+    def wrapper(*args: object, **kwargs: object) -> Dataset:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*intended person name.*")
+            return func(*args, **kwargs)
+
+    return wrapper
+
+
+@_quiet
+def triage_report(source: Dataset, result: TriageFinding, *, series_number: int = 990,
+                  instance_number: int = 1) -> Dataset:
+    """A TID 1500 Comprehensive SR of one triage result about ``source``."""
+    import highdicom as hd
+
+    source = _header(source)
+    try:
+        algorithm = hd.sr.AlgorithmIdentification(name=result.model, version=result.version)
+        unitless = _code("1", "UCUM", "no units")
+        finding = _code(result.finding_code[0], result.finding_code[1], result.finding)
+        present = codes.SCT.Present if result.positive else codes.SCT.Absent
+        group = hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=new_uid(),
+                                                         identifier=f"{result.model} triage"),
+            finding_type=finding,
+            algorithm_id=algorithm,
+            measurements=[
+                hd.sr.Measurement(name=_code(code, _SCHEME, meaning), value=value,
+                                  unit=unitless, algorithm_id=algorithm)
+                for code, meaning, value in (
+                    ("P-001", f"{result.finding} probability", float(result.probability)),
+                    ("S-001", "Suspicion score (1-10)", float(result.suspicion)),
+                    ("T-001", "Operating threshold", float(result.threshold)),
+                )
+            ],
+            qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=finding, value=present)],
+            source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
+        )
+        context = hd.sr.ObservationContext(
+            observer_device_context=hd.sr.ObserverContext(
+                observer_type=codes.DCM.Device,
+                observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                    uid=new_uid(), name=result.model, manufacturer_name=MANUFACTURER,
+                    model_name=f"{result.model} {result.version}"),
+            ),
+        )
+        report = hd.sr.MeasurementReport(
+            observation_context=context,
+            procedure_reported=codes.LN.ImagingProcedure
+            if hasattr(codes.LN, "ImagingProcedure") else _code("363679005", "SCT",
+                                                                 "Imaging procedure"),
+            imaging_measurements=[group],
+        )
+        return hd.sr.ComprehensiveSR(
+            evidence=[source], content=report,
+            series_instance_uid=new_uid(), series_number=series_number,
+            sop_instance_uid=new_uid(), instance_number=instance_number,
+            manufacturer=MANUFACTURER, series_description=f"{result.model} triage result",
+        )
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        raise RadguardError(f"cannot build the triage SR ({exc})") from exc
+
+
+@_quiet
+def overlay_capture(source: Dataset, rgb: np.ndarray, *, description: str,
+                    series_number: int = 991, instance_number: int = 1) -> Dataset:
+    """A Secondary Capture (RGB) of an overlay, in the source's study, referencing it."""
+    import highdicom as hd
+
+    if rgb.ndim != 3 or rgb.shape[-1] != 3 or rgb.dtype != np.uint8:
+        raise RadguardError("overlay must be an 8-bit RGB image")
+    source = _header(source)
+    try:
+        sc = hd.sc.SCImage.from_ref_dataset(
+            ref_dataset=source, pixel_array=rgb, photometric_interpretation="RGB",
+            bits_allocated=8, coordinate_system="PATIENT", series_instance_uid=new_uid(),
+            series_number=series_number, sop_instance_uid=new_uid(),
+            instance_number=instance_number, manufacturer=MANUFACTURER,
+            patient_orientation=("L", "F") if "PatientOrientation" not in source
+            else tuple(source.PatientOrientation)[:2],
+        )
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        raise RadguardError(f"cannot build the overlay capture ({exc})") from exc
+    sc.SeriesDescription = description[:64]
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = source.SOPClassUID
+    ref.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    sc.SourceImageSequence = [ref]
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    if "Laterality" not in sc:
+        sc.Laterality = ""  # Type 2C: known to be unpaired or unknown
+    sc.BurnedInAnnotation = "NO"
+    return sc

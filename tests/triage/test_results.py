@@ -1,0 +1,88 @@
+"""Triage results written back as DICOM: a TID 1500 SR and a secondary-capture overlay that
+dciodvfy accepts and highdicom reads back, with the right content and references."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import highdicom as hd
+import pydicom
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from radguard.cli import main
+from radguard.dicom import read_dataset
+from tests.conftest import NIH_DX, SHARED
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    png = SHARED / "cxr-wild" / "images" / "wild0001.png"
+    result = CliRunner().invoke(main, ["triage", "predict", "--json", "--sr-dir", str(out),
+                                       str(NIH_DX), str(png)])
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in result.output.splitlines()]
+
+
+def _items(seq):
+    """Every content item of an SR tree, depth first."""
+    for item in seq:
+        yield item
+        yield from _items(getattr(item, "ContentSequence", []))
+
+
+def _dciodvfy_errors(path):
+    tool = shutil.which("dciodvfy")
+    if tool is None:
+        pytest.fail("dciodvfy not found: run scripts/install.sh (apt-get install dicom3tools)")
+    out = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=120)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+
+
+def test_sr_content(written):
+    record = written[0]
+    sr = pydicom.dcmread(record["sr"])
+    assert sr.SOPClassUID == hd.sr.ComprehensiveSR.from_dataset(sr).SOPClassUID
+    source = read_dataset(NIH_DX)
+    assert sr.StudyInstanceUID == source.StudyInstanceUID
+    values = {}
+    versions, references = set(), set()
+    for item in _items(sr.ContentSequence):
+        name = item.ConceptNameCodeSequence[0].CodeMeaning
+        if item.ValueType == "NUM":
+            values[name] = float(item.MeasuredValueSequence[0].NumericValue)
+        if item.ValueType == "TEXT" and name == "Algorithm Version":
+            versions.add(item.TextValue)
+        if item.ValueType == "IMAGE":
+            references.add(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+    assert values["Pneumonia probability"] == pytest.approx(record["probability"], abs=1e-3)
+    assert values["Suspicion score (1-10)"] == record["suspicion"]
+    assert record["version"] in versions
+    assert source.SOPInstanceUID in references
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+
+
+def test_overlay_capture_references_the_source(written):
+    sc = pydicom.dcmread(written[0]["overlay_dicom"])
+    source = read_dataset(NIH_DX)
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert sc.StudyInstanceUID == source.StudyInstanceUID
+    assert sc.PhotometricInterpretation == "RGB" and sc.pixel_array.shape[-1] == 3
+    assert list(sc.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+
+
+def test_dciodvfy_accepts_both(written):
+    assert _dciodvfy_errors(written[0]["sr"]) == []
+    assert _dciodvfy_errors(written[0]["overlay_dicom"]) == []
+
+
+def test_png_input_gets_a_human_overlay_only(written):
+    record = written[1]
+    assert "sr" not in record
+    with Image.open(record["overlay_png"]) as im:
+        assert im.mode == "RGB"
