@@ -1055,10 +1055,10 @@ def triage_threshold(predictions: str, labels_path: str | None, score_column: st
     click.echo(f"threshold {point.threshold:.4g} ({point.method}): sensitivity "
                f"{point.sensitivity:.3f}, specificity {point.specificity:.3f}{cost}")
     click.echo(f"{'read first if suspicion >=':<28}{'not read first':>16}"
-               f"{'positives deprioritised':>22}")
+               f"{'positives deprioritised':>26}")
     for r in rows:
         click.echo(f"{r['suspicion_cutoff']:<28}{r['workload_reduction']:>16.1%}"
-                   f"{r['positives_deprioritised']:>22.1%}")
+                   f"{r['positives_deprioritised']:>26.1%}")
     if plot_path:
         click.echo(f"plot: {plot_path}")
 

@@ -19,6 +19,7 @@ import csv
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -60,32 +61,42 @@ def scores_of(net: object, x: np.ndarray) -> np.ndarray:
 
 
 def train_network(x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray, *,
-                  epochs: int, seed: int = 0, log: bool = True) -> object:
-    """Adam + BCE with flips and intensity jitter; the epoch with the best validation AUC."""
+                  epochs: int, seed: int = 0, log: bool = True, config: dict | None = None,
+                  batch: int = 32, vertical_flip: bool = False, intensity_jitter: bool = True,
+                  validate: Callable[[object], np.ndarray] | None = None) -> object:
+    """AdamW + class-balanced BCE with flips (and intensity jitter); the epoch with the best
+    validation AUC. ``validate(net)`` scores the validation cases (default: the network on
+    ``xv``), for models whose cases are not single network inputs."""
     import torch
 
     torch.manual_seed(seed)
     torch.set_num_threads(2)
     rng = np.random.default_rng(seed)
-    net = build_network({})
+    net = build_network(config or {})
+    pos_weight = torch.tensor([(len(y) - y.sum()) / max(y.sum(), 1)], dtype=torch.float32)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
-    loss_fn = torch.nn.BCEWithLogitsLoss()
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)  # balanced classes
     best, best_auc = None, -1.0
     for epoch in range(epochs):
         net.train()
         order = rng.permutation(len(x))
-        for i in range(0, len(order), 32):
-            idx = order[i:i + 32]
+        for i in range(0, len(order), batch):
+            idx = order[i:i + batch]
             xb = x[idx].copy()
             flip = rng.random(len(idx)) < 0.5
             xb[flip] = xb[flip][..., ::-1]
-            xb *= rng.uniform(0.8, 1.2, (len(idx), 1, 1, 1)).astype(np.float32)
+            if vertical_flip:
+                vflip = rng.random(len(idx)) < 0.5
+                xb[vflip] = xb[vflip][..., ::-1, :]
+            if intensity_jitter:
+                xb *= rng.uniform(0.8, 1.2, (len(idx), 1, 1, 1)).astype(np.float32)
             loss = loss_fn(net(torch.from_numpy(np.ascontiguousarray(xb))).reshape(-1),
                            torch.from_numpy(y[idx].astype(np.float32)))
             opt.zero_grad()
             loss.backward()
             opt.step()
-        auc = delong_auc(yv, scores_of(net, xv)).auc
+        net.eval()
+        auc = delong_auc(yv, validate(net) if validate else scores_of(net, xv)).auc
         if auc > best_auc:
             best_auc = auc
             best = {k: v.detach().clone() for k, v in net.state_dict().items()}

@@ -22,7 +22,8 @@ import numpy as np
 
 from radguard.triage.scores import Calibrator, SuspicionScale, TriageError
 
-__all__ = ["ModelCard", "OutOfScope", "Prediction", "TorchTriageModel", "TriageModel",
+__all__ = ["ModelCard", "OutOfScope", "PatchTriageModel", "Prediction", "TorchTriageModel",
+           "TriageModel",
            "available_models", "load_model", "register_model"]
 
 
@@ -173,6 +174,11 @@ class TorchTriageModel(TriageModel):
         except (RuntimeError, AttributeError) as exc:
             raise TriageError(f"{json_path}: weights do not fit the network ({exc})") from exc
         net.eval()
+        kind = meta.get("kind", "image")
+        if kind == "patch":
+            return PatchTriageModel(meta, net)
+        if kind != "image":
+            raise TriageError(f"{json_path}: unknown model kind '{kind}'")
         return cls(meta, net)
 
     def check_scope(self, pixels: np.ndarray, modality: str | None) -> None:
@@ -212,5 +218,56 @@ class TorchTriageModel(TriageModel):
         return out.reshape(len(batch)).numpy().astype(np.float64)
 
 
+class PatchTriageModel(TorchTriageModel):
+    """A patch classifier slid over the image: the image score is the mean of the top three
+    patch logits, and the patch probabilities are the saliency map (so a finding is
+    localised where the network actually looked, not by a gradient heuristic)."""
+
+    def __init__(self, meta: dict, network: object) -> None:
+        super().__init__(meta, network)
+        try:
+            self.patch = int(meta["patch"])
+            self.stride = int(meta["stride"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TriageError(f"malformed patch-model bundle ({exc})") from exc
+
+    def patch_logits(self, image: np.ndarray) -> np.ndarray:
+        """Logit of every patch of one preprocessed (1, size, size) image, as a grid."""
+        import torch
+
+        windows = np.lib.stride_tricks.sliding_window_view(image[0], (self.patch, self.patch))
+        windows = windows[:: self.stride, :: self.stride]
+        grid = windows.shape[:2]
+        batch = np.ascontiguousarray(windows.reshape(-1, 1, self.patch, self.patch), np.float32)
+        with torch.no_grad():
+            out = self.network(torch.from_numpy(batch)).reshape(-1).numpy()
+        return out.reshape(grid).astype(np.float64)
+
+    def raw_scores(self, batch: np.ndarray) -> np.ndarray:
+        scores = []
+        for image in batch:
+            flat = np.sort(self.patch_logits(image).ravel())
+            scores.append(float(flat[-3:].mean()))
+        return np.array(scores)
+
+    def saliency(self, pixels: np.ndarray) -> np.ndarray:
+        from PIL import Image
+
+        grey = grey_2d(pixels)
+        prob = 1 / (1 + np.exp(-self.patch_logits(self.preprocess(grey))))
+        # each patch's probability at its centre, then bilinear over the image
+        n = self.size
+        full = np.zeros((n, n), np.float32)
+        gy, gx = prob.shape
+        y0 = self.patch // 2
+        small = Image.fromarray(prob.astype(np.float32), mode="F").resize(
+            ((gx - 1) * self.stride + 1, (gy - 1) * self.stride + 1), Image.Resampling.BILINEAR)
+        full[y0 : y0 + small.size[1], y0 : y0 + small.size[0]] = np.asarray(small)
+        heat = Image.fromarray(full, mode="F").resize((grey.shape[1], grey.shape[0]),
+                                                      Image.Resampling.BILINEAR)
+        return np.clip(np.asarray(heat), 0.0, 1.0)
+
+
 _DATA = Path(__file__).with_name("data")
 register_model("chest", lambda: TorchTriageModel.from_bundle(_DATA / "chest.json"))
+register_model("mammo", lambda: TorchTriageModel.from_bundle(_DATA / "mammo.json"))

@@ -14,7 +14,8 @@ from radguard.triage.model import Prediction, TriageModel
 __all__ = ["FINDINGS", "write_results"]
 
 # what each reference model's positive class means, as an SR finding (SNOMED CT)
-FINDINGS = {"chest": ("Pneumonia", ("233604007", "SCT"))}
+FINDINGS = {"chest": ("Pneumonia", ("233604007", "SCT")),
+            "mammo": ("Mammogram abnormal", ("168750009", "SCT"))}
 
 
 def write_results(model: TriageModel, prediction: Prediction, pixels: np.ndarray,

@@ -96,3 +96,31 @@ def test_unknown_model_is_a_clear_error():
         load_model("brain")
     result = run("triage", "predict", "--model", "brain", NIH_DX)
     assert result.exit_code != 0 and "unknown model" in result.output
+
+
+def test_mammography_model_scores_mammograms_and_refuses_chest_dicom():
+    mammo = load_model("mammo")
+    img = np.asarray(Image.open(SHARED / "mammo-mias" / "images" / "mdb001.png").convert("L"))
+    pred = mammo.predict(img, modality="MG")
+    assert 0 <= pred.probability <= 1 and pred.model == "mammo"
+    assert mammo.saliency(img).shape == img.shape
+    with pytest.raises(OutOfScope, match="not DX"):
+        mammo.predict(img, modality="DX")
+
+
+def test_malformed_bundles_are_clear_errors(tmp_path):
+    import shutil
+
+    from radguard.triage.model import _DATA
+
+    meta = json.loads((_DATA / "chest.json").read_text())
+    shutil.copy(_DATA / "chest.pt", tmp_path / "odd.pt")
+    (tmp_path / "odd.json").write_text(json.dumps({**meta, "kind": "video"}))
+    with pytest.raises(TriageError, match="unknown model kind"):
+        load_model(str(tmp_path / "odd.json"))
+    (tmp_path / "lost.json").write_text(json.dumps(meta))
+    with pytest.raises(TriageError, match="not found"):
+        load_model(str(tmp_path / "lost.json"))
+    (tmp_path / "odd.json").write_text(json.dumps({**meta, "network": {"channels": [8, 8]}}))
+    with pytest.raises(TriageError, match="do not fit"):
+        load_model(str(tmp_path / "odd.json"))
