@@ -123,15 +123,15 @@ def _first_number(value: object) -> float | None:
         return None
 
 
-def display_frame(ds: object) -> np.ndarray:
+def display_frame(ds: object, pixels: np.ndarray | None = None) -> np.ndarray:
     """First frame of a DICOM image as a reader sees it, in 8 bits: modality rescale, the
     stored VOI window (else the 0.5-99.5 percentile range), MONOCHROME1 inverted; colour
-    frames become grey luminance."""
+    frames become grey luminance. ``pixels``: the already decoded pixel array, if any."""
     from radguard.dicom.io import peek
     from radguard.dicom.pixels import pixel_array, pixel_info
 
     info = pixel_info(ds)  # type: ignore[arg-type]
-    arr = pixel_array(ds)  # type: ignore[arg-type]
+    arr = pixel_array(ds) if pixels is None else pixels  # type: ignore[arg-type]
     frame = arr[0] if info.frames > 1 else arr
     if frame.ndim == 3:
         frame = frame[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])

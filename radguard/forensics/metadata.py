@@ -128,11 +128,11 @@ def _date_findings(ds: Dataset, now: dt.datetime) -> list[Finding]:
     return out
 
 
-def _pixel_findings(ds: Dataset, modality: str) -> list[Finding]:
+def _pixel_findings(ds: Dataset, modality: str, pixels: np.ndarray | None) -> list[Finding]:
     out: list[Finding] = []
     try:
         info = pixel_info(ds)
-        arr = pixel_array(ds)
+        arr = pixel_array(ds) if pixels is None else pixels
     except RadguardError as exc:
         return [Finding("pixels-unreadable", "high", str(exc))]
     if info.samples_per_pixel > 1 and modality in _ACQUISITION_MODALITIES - {"US", "NM"}:
@@ -229,13 +229,15 @@ def _provenance_findings(ds: Dataset, modality: str) -> list[Finding]:
 
 
 def check_metadata(ds: Dataset, *, now: dt.datetime | None = None,
-                   check_pixels: bool = True) -> list[Finding]:
-    """Every single-instance check, most severe first."""
+                   check_pixels: bool = True, pixels: np.ndarray | None = None
+                   ) -> list[Finding]:
+    """Every single-instance check, most severe first. ``pixels``: the already decoded
+    pixel array, so callers that need it too decode a compressed image only once."""
     modality = _text(ds, "Modality").upper()
     findings = (_uid_findings(ds) + _date_findings(ds, now or dt.datetime.now())
                 + _acquisition_findings(ds, modality) + _provenance_findings(ds, modality))
     if check_pixels and ("PixelData" in ds or "FloatPixelData" in ds):
-        findings += _pixel_findings(ds, modality)
+        findings += _pixel_findings(ds, modality, pixels)
     return sorted(findings, key=lambda f: -SEVERITIES.index(f.severity))
 
 

@@ -77,6 +77,7 @@ TAMPER_MODALITIES = RADIOGRAPHIC | {"CT"}  # where the tamper layer was designed
 
 def _dicom_layers(path: Path, result: ScanResult, trust: object, key: object) -> np.ndarray:
     from radguard.dicom.io import read_dataset
+    from radguard.dicom.pixels import pixel_array
     from radguard.provenance.verify import verify_dataset
 
     ds = read_dataset(path, stop_before_pixels=False)
@@ -105,10 +106,14 @@ def _dicom_layers(path: Path, result: ScanResult, trust: object, key: object) ->
         except WatermarkError as exc:
             result.watermark = "absent"
             result.reasons.append(f"watermark: {exc}")
-    result.findings = check_metadata(ds)
-    modality = str(getattr(ds, "Modality", "") or "").upper()
-    result.modality = modality
-    return display_frame(ds)
+    result.modality = str(getattr(ds, "Modality", "") or "").upper()
+    try:
+        pixels = pixel_array(ds)  # decoded once for the header checks and the display
+    except RadguardError:
+        result.findings = check_metadata(ds)  # reports the unreadable pixels as a finding
+        raise
+    result.findings = check_metadata(ds, pixels=pixels)
+    return display_frame(ds, pixels)
 
 
 def scan_file(
@@ -143,10 +148,9 @@ def scan_file(
         result.reasons.append(f"image content cannot be judged: {exc}")
     if result.modality not in TAMPER_MODALITIES:
         result.reasons.append(f"tamper detector not applied to {result.modality}")
-    elif pixels.ndim == 2 and min(pixels.shape) >= 32:
+    else:
         try:
-            a = pixels if pixels.ndim == 2 else pixels.mean(axis=-1)
-            result.tamper = detect_tamper(a)
+            result.tamper = detect_tamper(pixels)  # always 2D grey here
         except RadguardError as exc:
             result.reasons.append(f"tamper detector: {exc}")
     if keep_pixels:
