@@ -1078,5 +1078,9 @@ def demo(workdir: str, input_path: str | None) -> None:
     sys.exit(0 if ok else 1)
 
 
+from radguard.cli_governance import register as _register_governance  # noqa: E402
+
+_register_governance(main)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,311 @@
+"""CLI for governance: ``radguard dataset ...``, ``radguard deid``, ``radguard audit ...``,
+``radguard audit-archive``. Registered on the main group by :mod:`radguard.cli`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from radguard.cli import _progress, _read_passphrase, _workers_option
+
+
+def _audit_log(path: str | None):  # noqa: ANN202
+    from radguard.governance.auditlog import AuditLog
+
+    return AuditLog(path)
+
+
+_audit_option = click.option(
+    "--audit-log", "audit_path", type=click.Path(dir_okay=False), default=None,
+    help="Audit log to append to (default $RADGUARD_AUDIT_LOG or ~/.radguard/audit.jsonl).")
+
+
+def _signer(key: str | None, cert: str | None, passphrase_file: str | None):  # noqa: ANN202
+    if not key and not cert:
+        return None
+    if not (key and cert):
+        raise click.UsageError("--key and --cert go together")
+    from radguard.provenance.keys import load_signer
+
+    return load_signer(key, cert, _read_passphrase(passphrase_file))
+
+
+# -- dataset ------------------------------------------------------------------------------------
+
+@click.group()
+def dataset() -> None:
+    """Versioned datasets: snapshot, diff, verify, audit."""
+
+
+@dataset.command("snapshot")
+@click.argument("folder", type=click.Path())
+@click.option("--labels", "labels_path", type=click.Path(dir_okay=False),
+              help="CSV of labels, one row per image.")
+@click.option("--label-key", help="Label column naming the image (default file/path/image or "
+                                  "the first column).")
+@click.option("--parent", "parent_path", type=click.Path(dir_okay=False),
+              help="Manifest of the previous version.")
+@click.option("--out", "-o", "out_path", type=click.Path(),
+              help="Manifest file or folder (default ./NAME-VERSION.manifest.json).")
+@click.option("--key", type=click.Path(dir_okay=False), help="Sign with this radguard key...")
+@click.option("--cert", type=click.Path(dir_okay=False), help="...and its certificate.")
+@click.option("--passphrase-file", type=click.Path(dir_okay=False))
+@_workers_option
+@_audit_option
+def dataset_snapshot(folder: str, labels_path: str | None, label_key: str | None,
+                     parent_path: str | None, out_path: str | None, key: str | None,
+                     cert: str | None, passphrase_file: str | None, workers: int,
+                     audit_path: str | None) -> None:
+    """Write a content-addressed manifest of FOLDER and its labels."""
+    from radguard.governance.datasets import (
+        default_manifest_path,
+        image_files,
+        load_manifest,
+        snapshot,
+    )
+
+    signer = _signer(key, cert, passphrase_file)
+    parent = load_manifest(parent_path) if parent_path else None
+    log = _audit_log(audit_path)
+    total = len(image_files(folder))
+    with _progress(total, "hashing") as bar:
+        task = bar.add_task("hash", total=total)
+        manifest = snapshot(folder, labels_path, label_key=label_key, parent=parent,
+                            actor=log.actor, workers=workers,
+                            progress=lambda n: bar.advance(task, n))
+    if signer is not None:
+        manifest.sign(signer)
+    out = Path(out_path) if out_path else default_manifest_path(manifest)
+    if out.is_dir():
+        out = default_manifest_path(manifest, out)
+    manifest.save(out)
+    log.append("dataset.snapshot", str(Path(folder).resolve()),
+               {"version": manifest.dataset_hash, "images": len(manifest.images),
+                "unreadable": len(manifest.unreadable), "manifest": str(out),
+                "signed": bool(signer)})
+    click.echo(f"version {manifest.version}: {len(manifest.images)} images, "
+               f"{len(manifest.labels)} label rows -> {out}")
+    for rel, why in sorted(manifest.unreadable.items()):
+        click.echo(f"  unreadable: {rel}: {why}")
+    for rel in manifest.labels_without_image[:10]:
+        click.echo(f"  label row without an image: {rel}")
+
+
+@dataset.command("diff")
+@click.argument("old", type=click.Path(dir_okay=False))
+@click.argument("new", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+@_audit_option
+def dataset_diff(old: str, new: str, as_json: bool, audit_path: str | None) -> None:
+    """Added, removed, moved, modified and relabelled images from OLD to NEW (manifests).
+    Exits 1 when they differ."""
+    from radguard.governance.datasets import diff_manifests, load_manifest
+
+    d = diff_manifests(load_manifest(old), load_manifest(new))
+    _audit_log(audit_path).append("dataset.diff", f"{d.old} {d.new}",
+                                  {"identical": d.identical})
+    if as_json:
+        click.echo(json.dumps(d.to_dict(), indent=1))
+    else:
+        click.echo("\n".join(d.summary()))
+    sys.exit(0 if d.identical else 1)
+
+
+@dataset.command("verify")
+@click.argument("manifest_path", type=click.Path(dir_okay=False))
+@click.option("--folder", type=click.Path(), help="Re-hash this folder against the manifest "
+                                                  "(default: the folder it was made from).")
+@click.option("--trust", "trust_paths", multiple=True, type=click.Path(),
+              help="CA or signer certificates the manifest's signer must chain to.")
+@click.option("--no-rehash", is_flag=True, help="Only check the manifest itself.")
+@_workers_option
+@_audit_option
+def dataset_verify(manifest_path: str, folder: str | None, trust_paths: tuple[str, ...],
+                   no_rehash: bool, workers: int, audit_path: str | None) -> None:
+    """Check a manifest (hash, signature, trust) and that the data still matches it."""
+    from radguard.governance.datasets import diff_manifests, load_manifest, snapshot
+
+    m = load_manifest(manifest_path)
+    click.echo(f"manifest {m.version}: content matches its hash")
+    if m.signature:
+        from radguard.provenance.trust import TrustStore
+
+        trust = TrustStore.from_paths(trust_paths) if trust_paths else None
+        who = m.check_signature(trust)
+        click.echo(f"signed by {who}" + (" (trusted)" if trust else " (trust not checked)"))
+    ok = True
+    if not no_rehash:
+        labels = None
+        if m.labels:
+            import csv
+            import tempfile
+
+            # rebuild the label CSV from the manifest: only the images are re-read
+            with tempfile.NamedTemporaryFile("w", suffix=".csv", delete=False,
+                                             newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=m.label_columns)
+                writer.writeheader()
+                writer.writerows(v["row"] for v in m.labels.values())
+                labels = fh.name
+        try:
+            now = snapshot(folder or m.root, labels, label_key=m.label_key, workers=workers)
+        finally:
+            if labels:
+                Path(labels).unlink(missing_ok=True)
+        d = diff_manifests(m, now)
+        ok = d.identical
+        click.echo("data matches the manifest" if ok else "\n".join(d.summary()[1:]))
+    _audit_log(audit_path).append("dataset.verify", m.dataset_hash, {"ok": ok})
+    sys.exit(0 if ok else 1)
+
+
+# -- de-identification -----------------------------------------------------------------------
+
+def _pseudonym_key(path: str | None) -> tuple[bytes | None, str]:
+    """The key that keeps pseudonyms and UIDs consistent across runs (made if missing)."""
+    if not path:
+        return None, "pseudonyms consistent within this run only (give --pseudonym-key)"
+    import os
+    import secrets
+
+    from radguard.fileio import atomic_write_bytes
+    from radguard.governance.deid import DeidError
+
+    p = Path(path)
+    if p.exists():
+        try:
+            key = bytes.fromhex(p.read_text().strip())
+        except (OSError, ValueError) as exc:
+            raise DeidError(f"{p}: not a radguard pseudonym key (64 hex digits)") from exc
+        if len(key) < 16:
+            raise DeidError(f"{p}: pseudonym key too short")
+        return key, f"pseudonym key {p}"
+    key = secrets.token_bytes(32)
+    atomic_write_bytes(p, key.hex().encode() + b"\n", 0o600)
+    os.chmod(p, 0o600)
+    return key, f"new pseudonym key written to {p} (keep it secret; it links future runs)"
+
+
+def _region(text: str) -> tuple[int, int, int, int]:
+    try:
+        x, y, w, h = (int(v) for v in text.split(","))
+    except ValueError as exc:
+        raise click.BadParameter(f"{text!r}: a region is x,y,width,height in pixels") from exc
+    return x, y, w, h
+
+
+@click.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False),
+              help="Output folder; files are named by their new SOP Instance UID.")
+@click.option("--options", "options_text", default="",
+              help="Profile options, comma-separated: retain-dates, modified-dates, "
+                   "retain-uids, retain-device, retain-institution, retain-patient-chars, "
+                   "clean-descriptors, clean-structured.")
+@click.option("--pseudonym-key", type=click.Path(dir_okay=False),
+              help="Key file for consistent pseudonyms and UIDs across runs (created).")
+@click.option("--blank", "regions", multiple=True,
+              help="Black out burned-in text: x,y,width,height (repeatable).")
+@click.option("--key", type=click.Path(dir_okay=False), help="Re-sign with this radguard key...")
+@click.option("--cert", type=click.Path(dir_okay=False), help="...and its certificate.")
+@click.option("--passphrase-file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per input.")
+@_audit_option
+def deid(inputs: tuple[str, ...], out: str, options_text: str, pseudonym_key: str | None,
+         regions: tuple[str, ...], key: str | None, cert: str | None,
+         passphrase_file: str | None, as_json: bool, audit_path: str | None) -> None:
+    """De-identify DICOM files (PS3.15 Annex E Basic Profile with options), optionally
+    re-signing them. Exits 1 if any input failed or needs a look for burned-in text."""
+    from radguard.dicom.io import iter_dicom_paths
+    from radguard.errors import RadguardError
+    from radguard.governance.deid import Deidentifier, DeidOptions, deidentify_file
+
+    options = DeidOptions.parse(options_text)
+    signer = _signer(key, cert, passphrase_file)
+    secret, note = _pseudonym_key(pseudonym_key)
+    tool = Deidentifier(secret, options, blank_regions=[_region(r) for r in regions])
+    paths = list(iter_dicom_paths(inputs))
+    if not paths:
+        raise click.UsageError("no DICOM files among the inputs")
+    failed = flagged = 0
+    with _progress(len(paths), "de-identifying") as bar:
+        task = bar.add_task("deid", total=len(paths))
+        for path in paths:
+            try:
+                dst, report = deidentify_file(path, out, tool, signer=signer)
+            except RadguardError as exc:
+                failed += 1
+                row = {"input": str(path), "error": str(exc)}
+            else:
+                flagged += bool(report.warnings)
+                row = {"input": str(path), "output": str(dst), **report.to_dict()}
+            bar.advance(task)
+            if as_json:
+                click.echo(json.dumps(row))
+            elif "error" in row:
+                click.echo(f"FAILED {path}: {row['error']}")
+            else:
+                click.echo(f"{path} -> {row['output']}")
+                for warning in row["warnings"]:
+                    click.echo(f"  warning: {warning}")
+    _audit_log(audit_path).append("deid", out, {
+        "inputs": len(paths), "failed": failed, "burned_in_warnings": flagged,
+        "options": options.enabled(), "signed": bool(signer), "regions": list(regions)})
+    if not as_json:
+        click.echo(f"{len(paths) - failed} of {len(paths)} de-identified; {note}")
+    sys.exit(1 if failed or flagged else 0)
+
+
+# -- audit log ------------------------------------------------------------------------------------
+
+@click.group()
+def audit() -> None:
+    """The hash-chained audit log: verify it, show its head, list entries."""
+
+
+@audit.command("verify")
+@click.option("--log", "log_path", type=click.Path(dir_okay=False), default=None,
+              help="Log file (default $RADGUARD_AUDIT_LOG or ~/.radguard/audit.jsonl).")
+@click.option("--expect-head", help="Head hash kept elsewhere; the log must end there.")
+@click.option("--json", "as_json", is_flag=True)
+def audit_verify(log_path: str | None, expect_head: str | None, as_json: bool) -> None:
+    """Detect any edit, deletion, insertion, reordering or truncation. Exits 1 if found."""
+    report = _audit_log(log_path).verify(expect_head)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=1))
+    else:
+        state = "intact" if report.intact else "TAMPERED"
+        click.echo(f"{report.path}: {state}, {report.entries} entries, head {report.head}")
+        for problem in report.problems:
+            click.echo(f"  {problem}")
+    sys.exit(0 if report.intact else 1)
+
+
+@audit.command("head")
+@click.option("--log", "log_path", type=click.Path(dir_okay=False), default=None)
+def audit_head(log_path: str | None) -> None:
+    """Print the head hash, to keep somewhere an attacker on this machine cannot reach."""
+    head = _audit_log(log_path).head()
+    click.echo(f"{head['head']} ({head['entries']} entries)")
+
+
+@audit.command("show")
+@click.option("--log", "log_path", type=click.Path(dir_okay=False), default=None)
+@click.option("--last", type=click.IntRange(1), default=20, show_default=True)
+@click.option("--action", help="Only entries whose action starts with this.")
+def audit_show(log_path: str | None, last: int, action: str | None) -> None:
+    """The latest entries."""
+    rows = [e for e in _audit_log(log_path).entries()
+            if not action or e.action.startswith(action)][-last:]
+    for e in rows:
+        click.echo(f"{e.seq:>6} {e.ts} {e.actor:<12} {e.action:<22} {e.target} "
+                   f"{json.dumps(e.details, sort_keys=True)}")
+
+
+def register(main: click.Group) -> None:
+    """Attach the governance commands to the main ``radguard`` group."""
+    for command in (dataset, audit, deid):
+        main.add_command(command)
