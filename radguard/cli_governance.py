@@ -162,6 +162,68 @@ def dataset_verify(manifest_path: str, folder: str | None, trust_paths: tuple[st
     sys.exit(0 if ok else 1)
 
 
+@dataset.command("audit")
+@click.argument("folder", type=click.Path())
+@click.option("--labels", "labels_path", type=click.Path(dir_okay=False),
+              help="CSV of labels (label, patient and split columns are found by name).")
+@click.option("--label-key", help="Label column naming the image (default file/path/image).")
+@click.option("--label-col", help="Column with the class label (default label/class/target).")
+@click.option("--patient-col", help="Column with the patient ID (default patient_id/...).")
+@click.option("--split-col", help="Column with the split (default split/set/subset/fold).")
+@click.option("--model", "model_name", help="Triage model whose features judge labels (e.g. "
+                                            "chest); default: image thumbnails.")
+@click.option("--against", type=click.Path(file_okay=False),
+              help="Folder of the previous version, for distribution-shift tests.")
+@click.option("--no-synthetic", is_flag=True, help="Skip the synthetic-image detector.")
+@click.option("--trust", "trust_paths", multiple=True, type=click.Path(),
+              help="CA certificates DICOM signatures must chain to.")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False),
+              default="dataset-audit.html", show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False),
+              default="dataset-audit.json", show_default=True)
+@_workers_option
+@_audit_option
+def dataset_audit(folder: str, labels_path: str | None, label_key: str | None,
+                  label_col: str | None, patient_col: str | None, split_col: str | None,
+                  model_name: str | None, against: str | None, no_synthetic: bool,
+                  trust_paths: tuple[str, ...], html_path: str, json_path: str, workers: int,
+                  audit_path: str | None) -> None:
+    """Poisoning and quality audit: duplicates, conflicting labels, label-flip suspects,
+    split leakage, synthetic and unsigned images, shift. Exits 1 when anything is found."""
+    from radguard.governance.audit import audit_dataset
+    from radguard.governance.datasets import image_files
+
+    model = None
+    if model_name:
+        from radguard.triage.model import load_model
+
+        model = load_model(model_name)
+    trust = None
+    if trust_paths:
+        from radguard.provenance.trust import TrustStore
+
+        trust = TrustStore.from_paths(trust_paths)
+    total = len(image_files(folder))
+    with _progress(total, "auditing") as bar:
+        task = bar.add_task("audit", total=total)
+        report = audit_dataset(folder, labels_path, label_col=label_col,
+                               patient_col=patient_col, split_col=split_col,
+                               label_key=label_key, model=model, synthetic=not no_synthetic,
+                               trust=trust, against=against, workers=workers,
+                               progress=lambda n: bar.advance(task, n))
+    report.write_json(json_path)
+    report.write_html(html_path)
+    _audit_log(audit_path).append("dataset.audit", report.root,
+                                  {"images": report.images, "summary": report.summary})
+    click.echo(f"{report.images} images audited")
+    for key, count in report.summary.items():
+        click.echo(f"  {key.replace('_', ' ')}: {count}")
+    for note in report.not_checked:
+        click.echo(f"  not checked: {note}")
+    click.echo(f"report: {html_path}  summary: {json_path}")
+    sys.exit(1 if any(v for k, v in report.summary.items()) else 0)
+
+
 # -- de-identification -----------------------------------------------------------------------
 
 def _pseudonym_key(path: str | None) -> tuple[bytes | None, str]:

@@ -217,6 +217,18 @@ class TorchTriageModel(TriageModel):
             out = self.network(torch.from_numpy(np.ascontiguousarray(batch, np.float32)))
         return out.reshape(len(batch)).numpy().astype(np.float64)
 
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        """The network's last feature maps, averaged over space: one vector per image of a
+        preprocessed batch (what drift tests and dataset audits compare images by)."""
+        import torch
+
+        body = getattr(self.network, "net", None)
+        if body is None:
+            raise TriageError(f"{self.card.name}: this network exposes no feature layer")
+        with torch.no_grad():
+            maps = body(torch.from_numpy(np.ascontiguousarray(batch, np.float32)))
+        return maps.mean(dim=(2, 3)).numpy().astype(np.float64)
+
 
 class PatchTriageModel(TorchTriageModel):
     """A patch classifier slid over the image: the image score is the mean of the top three
