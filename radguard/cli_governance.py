@@ -367,7 +367,57 @@ def audit_show(log_path: str | None, last: int, action: str | None) -> None:
                    f"{json.dumps(e.details, sort_keys=True)}")
 
 
+@click.command("audit-archive")
+@click.argument("source", type=click.Path())
+@click.option("--results", "results_path", type=click.Path(dir_okay=False),
+              help="Resumable results table (SQLite; default ./NAME.audit.sqlite). A rerun "
+                   "with the same table audits only new or changed files.")
+@click.option("--workers", type=click.IntRange(1, 256), default=2, show_default=True,
+              help="Dask LocalCluster worker processes (ignored with --scheduler).")
+@click.option("--scheduler", help="Address of an existing Dask scheduler, e.g. "
+                                  "tcp://10.0.0.5:8786.")
+@click.option("--trust", "trust_paths", multiple=True, type=click.Path(),
+              help="CA certificates DICOM signatures must chain to.")
+@click.option("--watermark-key", type=click.Path(dir_okay=False),
+              help="Watermark key, to check embedded watermarks.")
+@click.option("--limit", type=click.IntRange(1), help="Audit at most this many new files.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False),
+              help="Also write the summary as JSON here.")
+@_audit_option
+def audit_archive_command(source: str, results_path: str | None, workers: int,
+                          scheduler: str | None, trust_paths: tuple[str, ...],
+                          watermark_key: str | None, limit: int | None,
+                          json_path: str | None, audit_path: str | None) -> None:
+    """Verify, watermark-check and scan every image of an archive folder on Dask.
+    Exits 1 when any image is not authentic."""
+    from radguard.governance.archive import audit_archive
+
+    name = Path(source).resolve().name or "archive"
+    results = results_path or f"{name}.audit.sqlite"
+    with _progress(2, "auditing archive") as bar:
+        task = bar.add_task("archive", total=None)
+        summary = audit_archive(source, results, workers=workers, scheduler=scheduler,
+                                trust_paths=trust_paths, watermark_key=watermark_key,
+                                limit=limit, progress=lambda done, total: bar.update(
+                                    task, completed=done, total=total))
+    if json_path:
+        summary.write_json(json_path)
+    _audit_log(audit_path).append("archive.audit", summary.source, {
+        "results": results, "audited": summary.audited, "skipped": summary.skipped,
+        "verdicts": summary.verdicts})
+    click.echo(f"{summary.files} files: {summary.audited} audited now on {summary.workers} "
+               f"Dask workers ({summary.images_per_second:.1f} images/s), {summary.skipped} "
+               f"already in {results}")
+    for verdict, count in sorted(summary.verdicts.items()):
+        click.echo(f"  {verdict}: {count}")
+    for item in summary.attention[:20]:
+        click.echo(f"  {item['verdict']}: {item['path']}: {'; '.join(item['reasons'][:1])}")
+    if len(summary.attention) > 20:
+        click.echo(f"  ... {len(summary.attention) - 20} more (see {results})")
+    sys.exit(1 if summary.attention else 0)
+
+
 def register(main: click.Group) -> None:
     """Attach the governance commands to the main ``radguard`` group."""
-    for command in (dataset, audit, deid):
+    for command in (dataset, audit, deid, audit_archive_command):
         main.add_command(command)
