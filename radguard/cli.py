@@ -19,10 +19,14 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.tag import Tag
 
 from radguard import __version__
+from radguard.cli_common import (
+    _passphrase_option,
+    _progress,
+    _read_passphrase,
+    _workers_option,
+)
 from radguard.errors import KeyMaterialError, RadguardError
 from radguard.provenance.keys import describe_name
-
-PASSPHRASE_ENV = "RADGUARD_KEY_PASSPHRASE"
 
 
 def _err(message: str) -> None:
@@ -55,42 +59,6 @@ class _Group(click.Group):
 @click.version_option(__version__, prog_name="radguard")
 def main() -> None:
     """radguard: keep radiology images and the AI that reads them trustworthy."""
-
-
-# -- passphrases ---------------------------------------------------------------------------
-
-def _read_passphrase(path: str | None, *, env: str = PASSPHRASE_ENV) -> bytes | None:
-    """From a file (first line) or the environment; never from the command line itself,
-    where other users could read it in the process list."""
-    if path:
-        try:
-            text = Path(path).read_text(encoding="utf-8").splitlines()
-        except OSError as exc:
-            raise KeyMaterialError(f"{path}: cannot read passphrase file ({exc.strerror})") from exc
-        if not text or not text[0]:
-            raise KeyMaterialError(f"{path}: passphrase file is empty")
-        return text[0].encode("utf-8")
-    value = os.environ.get(env)
-    return value.encode("utf-8") if value else None
-
-
-_workers_option = click.option(
-    "--workers", type=click.IntRange(1, 64), default=None,
-    help="Files processed in parallel (default: one per core, at most 4).",
-    callback=lambda _ctx, _param, value: value or _default_workers(),
-)
-
-
-def _default_workers() -> int:
-    from radguard.concurrency import default_workers
-
-    return default_workers()
-
-
-_passphrase_option = click.option(
-    "--passphrase-file", type=click.Path(dir_okay=False),
-    help=f"File whose first line is the key passphrase (or set {PASSPHRASE_ENV}).",
-)
 
 
 # -- keys ---------------------------------------------------------------------------------
@@ -258,13 +226,6 @@ def _parse_tags(values: tuple[str, ...]) -> list[int] | None:
                 raise click.BadParameter(f"{value!r} is neither a keyword nor gggg,eeee") from exc
         tags.append(int(tag))
     return tags
-
-
-def _progress(total: int, label: str):  # noqa: ANN202
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-    return Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(),
-                    transient=True, disable=not sys.stderr.isatty() or total < 2)
 
 
 @main.command()
@@ -570,12 +531,17 @@ def monitor_init(reference: str, db_path: str, budget: float) -> None:
 @monitor.command("ingest")
 @click.argument("stream", type=click.Path(dir_okay=False))
 @_db_option
-def monitor_ingest(stream: str, db_path: str) -> None:
-    """Feed studies (id, features, optional score, site, label) in order; prints alarms."""
+@click.option("--audit-log", "audit_path", type=click.Path(dir_okay=False),
+              help="Audit log that receives every alarm (default $RADGUARD_AUDIT_LOG or "
+                   "~/.radguard/audit.jsonl).")
+def monitor_ingest(stream: str, db_path: str, audit_path: str | None) -> None:
+    """Feed studies (id, features, optional score, site, label) in order; prints alarms and
+    writes them to the audit log."""
+    from radguard.governance.auditlog import AuditLog
     from radguard.monitoring import Monitor
 
     _existing_db(db_path)
-    mon = Monitor(db_path)
+    mon = Monitor(db_path, audit_log=AuditLog(audit_path))
     fields, rows = _read_table(stream)
     count = 0
     known_meta = set((mon.meta.get("metadata") or {}).keys())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from radguard.cli import _progress, _read_passphrase, _workers_option
+from radguard.cli_common import _progress, _read_passphrase, _workers_option
 
 
 def _audit_log(path: str | None):  # noqa: ANN202
@@ -388,17 +388,26 @@ def audit_archive_command(source: str, results_path: str | None, workers: int,
                           scheduler: str | None, trust_paths: tuple[str, ...],
                           watermark_key: str | None, limit: int | None,
                           json_path: str | None, audit_path: str | None) -> None:
-    """Verify, watermark-check and scan every image of an archive folder on Dask.
-    Exits 1 when any image is not authentic."""
+    """Verify, watermark-check and scan every image of an archive on Dask: a folder tree or
+    a DICOMweb service root (e.g. http://user:pw@orthanc:8042/dicom-web/; a bearer token
+    may come from $RADGUARD_DICOMWEB_TOKEN). Exits 1 when any image is not authentic."""
+    import os
+    import urllib.parse
+
+    from radguard.dicom.web import is_dicomweb_url
     from radguard.governance.archive import audit_archive
 
-    name = Path(source).resolve().name or "archive"
+    if is_dicomweb_url(source):
+        name = (urllib.parse.urlsplit(source).hostname or "dicomweb").replace(".", "-")
+    else:
+        name = Path(source).resolve().name or "archive"
     results = results_path or f"{name}.audit.sqlite"
     with _progress(2, "auditing archive") as bar:
         task = bar.add_task("archive", total=None)
         summary = audit_archive(source, results, workers=workers, scheduler=scheduler,
                                 trust_paths=trust_paths, watermark_key=watermark_key,
-                                limit=limit, progress=lambda done, total: bar.update(
+                                limit=limit, token=os.environ.get("RADGUARD_DICOMWEB_TOKEN"),
+                                progress=lambda done, total: bar.update(
                                     task, completed=done, total=total))
     if json_path:
         summary.write_json(json_path)

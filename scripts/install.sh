@@ -15,6 +15,10 @@ need_apt=()
 command -v dcmsign >/dev/null 2>&1 || need_apt+=(dcmtk)
 command -v dciodvfy >/dev/null 2>&1 || need_apt+=(dicom3tools)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+# Orthanc (with its DICOMweb plugin) is the real PACS the archive audit and the gateway are
+# tested against; the tests start and stop their own instance.
+command -v Orthanc >/dev/null 2>&1 || need_apt+=(orthanc)
+compgen -G "/usr/lib/orthanc/libOrthancDicomWeb.so*" >/dev/null || need_apt+=(orthanc-dicomweb)
 if [ ${#need_apt[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null

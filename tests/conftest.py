@@ -80,3 +80,90 @@ def run_dcmsign(*args: str | Path) -> subprocess.CompletedProcess[str]:
 
 def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+@dataclass
+class OrthancServer:
+    """A real Orthanc (Debian package) started for the tests, with DICOMweb and a password."""
+
+    http_port: int
+    dicom_port: int
+    user: str
+    password: str
+    aet: str = "ORTHANC"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb(self) -> str:
+        return f"http://{self.user}:{self.password}@127.0.0.1:{self.http_port}/dicom-web/"
+
+    def upload(self, path: Path) -> None:
+        """Store one file through Orthanc's REST API."""
+        import base64
+        import urllib.request
+
+        token = base64.b64encode(f"{self.user}:{self.password}".encode()).decode()
+        req = urllib.request.Request(f"{self.url}/instances", data=Path(path).read_bytes(),
+                                     headers={"Authorization": f"Basic {token}"}, method="POST")
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            assert resp.status == 200
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory: pytest.TempPathFactory):
+    """Start Orthanc on free high ports (remote access off) and stop it after the session."""
+    import glob
+    import json
+    import time
+    import urllib.error
+    import urllib.request
+
+    binary = shutil.which("Orthanc")
+    plugins = glob.glob("/usr/lib/orthanc/libOrthancDicomWeb.so*")
+    if binary is None or not plugins:
+        pytest.fail("Orthanc or its DICOMweb plugin not found: run scripts/install.sh")
+    folder = tmp_path_factory.mktemp("orthanc")
+    server = OrthancServer(_free_port(), _free_port(), "radguard", "test-" + folder.name[-6:])
+    config = {
+        "Name": "radguard-test", "StorageDirectory": str(folder / "storage"),
+        "IndexDirectory": str(folder / "index"), "HttpPort": server.http_port,
+        "DicomPort": server.dicom_port, "DicomAet": server.aet, "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": True, "RegisteredUsers": {server.user: server.password},
+        "Plugins": [sorted(plugins)[0]], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        "HttpTimeout": 60, "StableAge": 1,
+    }
+    (folder / "orthanc.json").write_text(json.dumps(config))
+    log = (folder / "orthanc.log").open("w")
+    proc = subprocess.Popen([binary, str(folder / "orthanc.json")], stdout=log,
+                            stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{server.url}/system", timeout=2)
+        except urllib.error.HTTPError:
+            break  # 401: it is up and asks for the password
+        except (urllib.error.URLError, OSError):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"Orthanc did not start: {(folder / 'orthanc.log').read_text()[-500:]}")
+            time.sleep(0.1)
+        else:
+            break
+    yield server
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()

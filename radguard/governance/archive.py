@@ -46,39 +46,75 @@ class ArchiveError(RadguardError):
     """The archive audit cannot start or continue."""
 
 
-def _archive_files(source: str | os.PathLike[str]) -> list[Path]:
+def _archive_items(source: str | os.PathLike[str], token: str | None) -> list[str]:
+    """Files under a folder, or the WADO-RS paths of every instance of a DICOMweb server."""
+    from radguard.dicom.web import DicomWebClient, is_dicomweb_url
     from radguard.governance.datasets import image_files
 
-    return image_files(source)
+    if is_dicomweb_url(str(source)):
+        return [ref.path for ref in DicomWebClient(str(source), token=token).search_instances()]
+    return [str(p) for p in image_files(source)]
 
 
 def audit_files(paths: Sequence[str], trust_paths: Sequence[str] = (),
-                watermark_key: str | None = None) -> list[dict[str, Any]]:
-    """Scan a chunk of files (runs on a Dask worker); one result row per file, never raises
-    for bad input (an unreadable file is a row with verdict ``unverifiable``)."""
+                watermark_key: str | None = None, source_url: str | None = None,
+                token: str | None = None) -> list[dict[str, Any]]:
+    """Scan a chunk of files or, with ``source_url``, of DICOMweb instances (fetched into a
+    private temporary folder and deleted after the scan). Runs on a Dask worker; one result
+    row per item, never raises for bad input (an unreadable or unfetchable item is a row
+    with verdict ``unverifiable``)."""
+    import tempfile
+
+    from radguard.dicom.web import DicomWebClient, InstanceRef
     from radguard.forensics.scan import scan_file
     from radguard.forensics.synthetic import load_detector
 
     trust = _trust(tuple(trust_paths))
     key = _key(watermark_key)
     detector = load_detector()
+    client = DicomWebClient(source_url, token=token) if source_url else None
     rows = []
-    for path in paths:
-        start = time.perf_counter()
-        p = Path(path)
-        try:
-            stat = p.stat()
-            size, mtime = stat.st_size, stat.st_mtime
-        except OSError:
+    with tempfile.TemporaryDirectory(prefix="radguard-audit-") as tmp:
+        for path in paths:
+            start = time.perf_counter()
             size, mtime = -1, 0.0
-        result = scan_file(p, trust=trust, watermark_key=key, detector=detector)
-        rows.append({"path": str(p), "size": size, "mtime": mtime, "verdict": result.verdict,
-                     "signature": result.signature, "watermark": result.watermark,
-                     "synthetic_score": result.synthetic_score,
-                     "reasons": result.reasons,
-                     "findings": [f.code for f in result.findings],
-                     "seconds": time.perf_counter() - start})
+            p = Path(path)
+            if client is not None:
+                _, study, _, series, _, instance = path.split("/")
+                p = Path(tmp) / f"{instance}.dcm"
+                try:
+                    data = client.retrieve(InstanceRef(study, series, instance))
+                    p.write_bytes(data)
+                    size = len(data)
+                except RadguardError as exc:
+                    rows.append(_failed(path, str(exc), start))
+                    continue
+            else:
+                try:
+                    stat = p.stat()
+                    size, mtime = stat.st_size, stat.st_mtime
+                except OSError:
+                    pass
+            result = scan_file(p, trust=trust, watermark_key=key, detector=detector)
+            if client is not None:
+                p.unlink(missing_ok=True)
+            rows.append(_row(path, size, mtime, result, start))
     return rows
+
+
+def _failed(path: str, why: str, start: float) -> dict[str, Any]:
+    return {"path": path, "size": -1, "mtime": 0.0, "verdict": "unverifiable",
+            "signature": "not applicable", "watermark": "not checked", "synthetic_score": None,
+            "reasons": [why], "findings": [], "seconds": time.perf_counter() - start}
+
+
+def _row(path: str, size: int, mtime: float, result: Any, start: float  # noqa: ANN401
+         ) -> dict[str, Any]:
+    return {"path": path, "size": size, "mtime": mtime, "verdict": result.verdict,
+            "signature": result.signature, "watermark": result.watermark,
+            "synthetic_score": result.synthetic_score, "reasons": result.reasons,
+            "findings": [f.code for f in result.findings],
+            "seconds": time.perf_counter() - start}
 
 
 _TRUST_CACHE: dict[tuple[str, ...], Any] = {}
@@ -213,29 +249,38 @@ def audit_archive(
     watermark_key: str | None = None,
     chunk: int = CHUNK,
     limit: int | None = None,
+    token: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> ArchiveAudit:
-    """Audit every image under ``source``; see the module docstring. ``progress(done,
-    total)`` is called as chunks finish. ``limit`` stops after that many new files (a way
-    to audit a huge archive in slices)."""
+    """Audit every image under ``source`` (a folder, or a DICOMweb service root such as an
+    Orthanc's ``http://host:8042/dicom-web/``); see the module docstring. ``progress(done,
+    total)`` is called as chunks finish. ``limit`` stops after that many new items (a way to
+    audit a huge archive in slices)."""
     from dask.distributed import as_completed
 
-    files = _archive_files(source)
+    from radguard.dicom.web import is_dicomweb_url, redact
+
+    remote = is_dicomweb_url(str(source))
+    items = _archive_items(source, token)
     table = ResultsTable(results)
-    summary = ArchiveAudit(str(Path(source).resolve()), str(results), files=len(files))
+    name = redact(str(source)) if remote else str(Path(source).resolve())
+    summary = ArchiveAudit(name, str(results), files=len(items))
     try:
         done = table.done()
         todo = []
-        for p in files:
-            try:
-                stat = p.stat()
-            except OSError:
-                todo.append(str(p))
-                continue
-            if done.get(str(p)) == (stat.st_size, stat.st_mtime):
+        for item in items:
+            if remote:  # an instance never changes under its UID
+                seen = item in done and done[item][0] >= 0
+            else:
+                try:
+                    stat = os.stat(item)
+                    seen = done.get(item) == (stat.st_size, stat.st_mtime)
+                except OSError:
+                    seen = False
+            if seen:
                 summary.skipped += 1
             else:
-                todo.append(str(p))
+                todo.append(item)
         if limit is not None:
             todo = todo[:limit]
         if todo:
@@ -245,7 +290,9 @@ def audit_archive(
                 start = time.perf_counter()
                 chunks = [todo[i:i + chunk] for i in range(0, len(todo), chunk)]
                 futures = client.map(audit_files, chunks, trust_paths=list(trust_paths),
-                                     watermark_key=watermark_key, pure=False)
+                                     watermark_key=watermark_key,
+                                     source_url=str(source) if remote else None,
+                                     token=token, pure=False)
                 for future in as_completed(futures):
                     rows = future.result()
                     table.add(rows)

@@ -83,8 +83,12 @@ def _now() -> str:
 class Monitor:
     """A persistent monitor over one SQLite file (created on first use)."""
 
-    def __init__(self, db_path: str | os.PathLike[str]) -> None:
+    def __init__(self, db_path: str | os.PathLike[str], *,
+                 audit_log: object | None = None) -> None:
+        """``audit_log`` (an object with ``append(action, target, details)``, such as
+        :class:`radguard.governance.AuditLog`) receives every alarm as it is raised."""
         self.path = Path(db_path)
+        self.audit_log = audit_log
         try:
             self.db = sqlite3.connect(self.path, isolation_level=None)
             self.db.execute("PRAGMA journal_mode=WAL")
@@ -270,6 +274,9 @@ class Monitor:
         self.db.execute("INSERT INTO alarms (ts, seq, site, detector, feature, direction, "
                         "study_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
                         (_now(), self.seq, site, detector, feature, direction, study_id))
+        if self.audit_log is not None:
+            self.audit_log.append("monitoring.alarm", f"{site}/{detector}",  # type: ignore[attr-defined]
+                                  alarm.to_dict(), actor="radguard-monitor")
         return alarm
 
     # -- status ------------------------------------------------------------------------------

@@ -12,6 +12,12 @@ from radguard.governance.archive import ResultsTable, audit_archive
 from tests.conftest import NIH_DX, SHARED
 
 
+def _new_uid(ds) -> None:
+    from pydicom.uid import generate_uid
+
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+
+
 def _archive(tmp_path, pki):
     root = tmp_path / "archive"
     (root / "2024" / "03").mkdir(parents=True)
@@ -23,9 +29,11 @@ def _archive(tmp_path, pki):
     shutil.copy(root / "2024" / "03" / "signed.dcm", root / "2024" / "03" / "tampered.dcm")
     ds = read_dataset(root / "2024" / "03" / "tampered.dcm")
     ds.PatientName = "Someone^Else"
+    _new_uid(ds)  # distinct instances, as a PACS keeps one copy per SOP Instance UID
     write_dataset(ds, root / "2024" / "03" / "tampered.dcm")
     ds = read_dataset(NIH_DX)
     ds.SyntheticData = "YES"
+    _new_uid(ds)
     write_dataset(ds, root / "2024" / "03" / "synthetic.dcm")
     (root / "2024" / "broken.dcm").write_bytes(NIH_DX.read_bytes()[:2000])
     return root
@@ -73,3 +81,29 @@ def test_existing_scheduler_and_cli(tmp_path, pki):
     assert bad.exit_code == 2 and "cannot reach the Dask scheduler" in bad.output
     missing = CliRunner().invoke(main, ["audit-archive", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "no such folder" in missing.output
+
+
+def test_audit_of_a_dicomweb_archive_in_orthanc(tmp_path, pki, orthanc):
+    root = _archive(tmp_path, pki)
+    for name in ("signed.dcm", "tampered.dcm", "synthetic.dcm"):
+        orthanc.upload(root / "2024" / "03" / name)
+    results = tmp_path / "web.sqlite"
+    summary = audit_archive(orthanc.dicomweb, results, workers=1,
+                            trust_paths=[str(pki.ca_cert_path)])
+    assert summary.files >= 3 and summary.audited == summary.files
+    assert orthanc.password not in summary.source  # credentials never shown
+    rows = list(ResultsTable(results).rows())
+    verdicts = sorted(r["verdict"] for r in rows)
+    assert verdicts.count("tampered") == 1 and verdicts.count("synthetic") == 1
+    assert all(r["path"].startswith("studies/") for r in rows)
+    again = audit_archive(orthanc.dicomweb, results, workers=1)
+    assert again.audited == 0 and again.skipped == summary.files
+    wrong = orthanc.dicomweb.replace(orthanc.password, "wrong")
+    from radguard.dicom.web import DicomWebError
+
+    try:
+        audit_archive(wrong, tmp_path / "w.sqlite", workers=1)
+    except DicomWebError as exc:
+        assert "401" in str(exc) and "wrong" not in str(exc)
+    else:
+        raise AssertionError("a wrong password must be a clear error")

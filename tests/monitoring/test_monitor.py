@@ -110,8 +110,15 @@ def test_cli_features_init_ingest_status(tmp_path):
                 w.writerow([f"{path.stem}{i}", *(rng.normal(shift if i >= 20 else 0, 1, 3))])
     db = tmp_path / "cli.db"
     assert runner.invoke(main, ["monitor", "init", str(ref), "--db", str(db)]).exit_code == 0
-    ingest = runner.invoke(main, ["monitor", "ingest", str(stream), "--db", str(db)])
+    log = tmp_path / "audit.jsonl"
+    ingest = runner.invoke(main, ["monitor", "ingest", str(stream), "--db", str(db),
+                                  "--audit-log", str(log)])
     assert ingest.exit_code == 0 and "ALARM" in ingest.output
+    from radguard.governance.auditlog import AuditLog
+
+    logged = [e for e in AuditLog(log).entries() if e.action == "monitoring.alarm"]
+    assert len(logged) == ingest.output.count("ALARM") and AuditLog(log).verify().intact
+    assert logged[0].details["detector"] == "drift"
     status = runner.invoke(main, ["monitor", "status", "--db", str(db), "--json"])
     assert json.loads(status.output)["studies"] == 60
     bad = runner.invoke(main, ["monitor", "status", "--db", str(tmp_path / "none.db")])
