@@ -3,9 +3,11 @@ on a stream without shift, and delay to a performance-decay alarm when labels dr
 
 Data (../shared/data): NIH adult chest X-rays (reference and in-distribution stream) and
 Kermany paediatric chest X-rays (the shifted site). Features per study: the ten image
-statistics of radguard.monitoring.features plus a model score. Until the triage issue ships
-its model, the score comes from a stand-in: a logistic regression on the reference half's
-image statistics (scikit-learn, benchmark only), labelled as such in the output.
+statistics of radguard.monitoring.features plus a model score: by default the shipped chest
+triage model's calibrated probability, with reference and stream drawn from the NIH patients
+it was not trained on (its validation and test splits); ``--score standin`` uses a logistic
+regression on image statistics instead (scikit-learn, benchmark only), as before the model
+existed.
 
 Targets (issue 6): shift detected within 30 studies; at most 1 false alarm per 10,000 studies.
 
@@ -33,9 +35,12 @@ from radguard.monitoring.features import features_of_file  # noqa: E402
 SHARED = REPO.parent / "shared" / "data"
 
 
-def _load(folder: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _load(folder: str, model: object = None
+          ) -> tuple[np.ndarray, np.ndarray, list[str], list[str], np.ndarray]:
+    from radguard.images import read_for_analysis
+
     rows = list(csv.DictReader(open(SHARED / folder / "labels.csv")))
-    feats, labels, patients = [], [], []
+    feats, labels, patients, files, scores = [], [], [], [], []
     for r in rows:
         path = next((SHARED / folder).rglob(r["file"]), None)
         if path is None:
@@ -44,7 +49,10 @@ def _load(folder: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
         feats.append([f[n] for n in IMAGE_FEATURES])
         labels.append(1 if r["label"] == "pneumonia" else 0)
         patients.append(r["patient_id"])
-    return np.array(feats), np.array(labels), patients
+        files.append(r["file"])
+        if model is not None:
+            scores.append(model.predict(read_for_analysis(path)).probability)  # type: ignore[attr-defined]
+    return np.array(feats), np.array(labels), patients, files, np.array(scores)
 
 
 def _first_alarm(monitor: Monitor, stream: np.ndarray, scores: np.ndarray, prefix: str,
@@ -65,29 +73,47 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--null-studies", type=int, default=30_000)
+    parser.add_argument("--score", choices=["chest", "standin"], default="chest")
     args = parser.parse_args()
-    from sklearn.linear_model import LogisticRegression
 
+    model = None
+    if args.score == "chest":
+        from radguard.triage.model import load_model
+
+        model = load_model("chest")
     t0 = time.perf_counter()
-    nih_x, nih_y, nih_p = _load("cxr-nih")
-    ker_x, ker_y, _ = _load("cxr-kermany")
+    nih_x, nih_y, nih_p, nih_f, nih_s = _load("cxr-nih", model)
+    ker_x, ker_y, _, _, ker_s = _load("cxr-kermany", model)
     print(f"features: {len(nih_x)} NIH, {len(ker_x)} Kermany studies "
           f"({time.perf_counter() - t0:.0f} s)")
     rng = np.random.default_rng(0)
-    # three patient-disjoint thirds: the stand-in model learns on one, the reference is the
-    # second (so its scores and losses are out-of-sample, as in deployment), the stream the third
-    patients = rng.permutation(sorted(set(nih_p)))
-    third = len(patients) // 3
-    part = {p: 0 if i < third else (1 if i < 2 * third else 2) for i, p in enumerate(patients)}
-    split = np.array([part[p] for p in nih_p])
-    model = LogisticRegression(max_iter=2000).fit(nih_x[split == 0], nih_y[split == 0])
-    nih_s, ker_s = model.predict_proba(nih_x)[:, 1], model.predict_proba(ker_x)[:, 1]
-    is_ref = split == 1
-    hold = split == 2
+    if model is not None:
+        from radguard.evaluation.splits import split_of
+
+        # reference and stream: the patients the model never trained on, split in two
+        unseen = np.array([split_of(f, p) != "train" for f, p in zip(nih_f, nih_p, strict=True)])
+        patients = rng.permutation(sorted({p for p, u in zip(nih_p, unseen, strict=True) if u}))
+        half = set(patients[: len(patients) // 2])
+        is_ref = unseen & np.array([p in half for p in nih_p])
+        hold = unseen & ~is_ref
+        what = f"chest triage model (trained on the other {(~unseen).sum()} NIH studies)"
+    else:
+        from sklearn.linear_model import LogisticRegression
+
+        # three patient-disjoint thirds: the stand-in model learns on one, the reference is
+        # the second (out-of-sample scores, as in deployment), the stream the third
+        patients = rng.permutation(sorted(set(nih_p)))
+        third = len(patients) // 3
+        part = {p: 0 if i < third else (1 if i < 2 * third else 2)
+                for i, p in enumerate(patients)}
+        split = np.array([part[p] for p in nih_p])
+        standin = LogisticRegression(max_iter=2000).fit(nih_x[split == 0], nih_y[split == 0])
+        nih_s, ker_s = standin.predict_proba(nih_x)[:, 1], standin.predict_proba(ker_x)[:, 1]
+        is_ref, hold = split == 1, split == 2
+        what = f"stand-in logistic regression (trained on {(split == 0).sum()} NIH studies)"
     hold_x, hold_y, hold_s = nih_x[hold], nih_y[hold], nih_s[hold]
-    print(f"reference: {is_ref.sum()} NIH studies, stream pool {hold.sum()}, model trained on "
-          f"{(split == 0).sum()} (patient-disjoint); stand-in score model AUC on the stream "
-          f"pool {_auc(hold_y, hold_s):.3f}")
+    print(f"reference: {is_ref.sum()} NIH studies, stream pool {hold.sum()} (patient-disjoint); "
+          f"score: {what}, AUC on the stream pool {_auc(hold_y, hold_s):.3f}")
 
     work = Path(tempfile.mkdtemp(prefix="bench_monitor_"))
     base = Monitor(work / "reference.db")

@@ -890,6 +890,19 @@ def scan(paths: tuple[str, ...], trust_paths: tuple[str, ...], key_path: str | N
     sys.exit(0 if all_ok else 1)
 
 
+def _write_csv(path: str, rows: list[dict[str, object]], fields: list[str]) -> None:
+    import csv
+    import io
+
+    from radguard.fileio import atomic_write_bytes
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(path, buf.getvalue().encode(), durable=False)
+
+
 def _print_scan(result: Any, as_json: bool) -> None:  # noqa: ANN401
     if as_json:
         click.echo(json.dumps(result.to_dict()))
@@ -918,8 +931,11 @@ def triage() -> None:
 @click.option("--sr-dir", type=click.Path(file_okay=False),
               help="Write results here: a PNG saliency overlay per image and, for DICOM "
                    "inputs, a TID 1500 Comprehensive SR and a secondary-capture overlay.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False),
+              help="Also write the scores as CSV (id = file name, score = probability), "
+                   "ready for `radguard evaluate`.")
 def triage_predict(paths: tuple[str, ...], model_name: str, as_json: bool,
-                   sr_dir: str | None) -> None:
+                   sr_dir: str | None, csv_path: str | None) -> None:
     """Score images (DICOM, PNG, JPEG; folders recursively): calibrated probability, 1-10
     suspicion, and whether the model's operating point calls it positive. Images outside the
     model's scope get a reason, never a score. Exit 1 if any image could not be scored."""
@@ -936,6 +952,7 @@ def triage_predict(paths: tuple[str, ...], model_name: str, as_json: bool,
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
     all_ok = True
+    scored: list[dict[str, object]] = []
     with _progress(len(files), "scoring") as progress:
         task = progress.add_task("predict", total=len(files))
         for i, f in enumerate(files):
@@ -949,6 +966,10 @@ def triage_predict(paths: tuple[str, ...], model_name: str, as_json: bool,
                     modality, pixels = None, read_for_analysis(f, keep_colour=True)
                 prediction = model.predict(pixels, modality=modality, path=str(f))
                 record = prediction.to_dict()
+                scored.append({"id": f.name, "path": str(f), "score": prediction.probability,
+                               "suspicion": prediction.suspicion,
+                               "positive": int(prediction.positive),
+                               "model": model.card.name, "version": model.card.version})
                 if out_dir:
                     record.update(write_results(model, prediction, pixels, ds,
                                                 out_dir / f"{i:05d}-{f.stem}"))
@@ -968,6 +989,9 @@ def triage_predict(paths: tuple[str, ...], model_name: str, as_json: bool,
                 click.echo(f"{flag:<20} suspicion {record['suspicion']:>2}/10  probability "
                            f"{record['probability']:.3f}  {f}")
             progress.advance(task)
+    if csv_path:
+        _write_csv(csv_path, scored, ["id", "path", "score", "suspicion", "positive", "model",
+                                      "version"])
     sys.exit(0 if all_ok else 1)
 
 

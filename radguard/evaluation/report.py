@@ -69,6 +69,7 @@ def read_predictions(path: str | os.PathLike[str], labels_path: str | None = Non
             raise EvaluationError("joining labels needs an 'id' column in both files and a "
                                   f"'{label_column}' column in {labels_path}")
         truth = {r["id"]: r[label_column] for r in lrows}
+        extra = {r["id"]: r for r in lrows}  # the labels' other columns serve subgroups too
         missing = [i for i in ids if i not in truth]
         if missing:
             raise EvaluationError(f"{len(missing)} predictions have no label (e.g. {missing[0]})")
@@ -88,6 +89,10 @@ def read_predictions(path: str | os.PathLike[str], labels_path: str | None = Non
     labels, scores = metrics.check_inputs(labels, scores)
     columns = {f: [r.get(f, "") for r in rows] for f in fields
                if f not in (score_column, label_column)}
+    if labels_path:
+        for f in lfields:
+            if f not in columns and f not in ("id", label_column):
+                columns[f] = [extra[i].get(f, "") for i in ids]
     return Predictions(ids, scores, labels, columns, str(path))
 
 

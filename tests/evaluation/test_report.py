@@ -104,3 +104,33 @@ def test_bad_files_are_one_line_errors(tmp_path, content, message):
     result = CliRunner().invoke(main, ["evaluate", str(path)])
     assert result.exit_code == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_report_on_the_triage_models_own_predictions(tmp_path):
+    """The chest model scores NIH test-split patients (`triage predict --csv`); `evaluate`
+    turns its predictions and the radiology labels into the full report."""
+    from radguard.evaluation.splits import split_of
+    from tests.conftest import SHARED
+
+    nih = SHARED / "cxr-nih"
+    with (nih / "labels.csv").open() as fh:
+        rows = [r for r in csv.DictReader(fh) if split_of(r["file"], r["patient_id"]) == "test"]
+    assert len(rows) > 100
+    preds, labels, out = tmp_path / "preds.csv", tmp_path / "labels.csv", tmp_path / "r.html"
+    result = CliRunner().invoke(main, ["triage", "predict", "--model", "chest", "--csv",
+                                       str(preds), *(str(nih / "images" / r["file"])
+                                                     for r in rows)])
+    assert result.exit_code == 0, result.output
+    _write(labels, [{"id": r["file"], "label": int(r["label"] == "pneumonia"), "sex": r["sex"],
+                     "view": r["view"]} for r in rows], ["id", "label", "sex", "view"])
+    result = CliRunner().invoke(main, ["evaluate", str(preds), "--labels", str(labels),
+                                       "--by", "sex,view", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    parser = _Collect()
+    parser.feed(out.read_text())
+    assert {"plot-roc", "plot-pr", "plot-calibration", "plot-decision",
+            "plot-workload"} <= {img["id"] for img in parser.images}
+    assert {"summary", "workload", "subgroups"} <= set(parser.tables)
+    summary = json.loads(CliRunner().invoke(main, ["evaluate", str(preds), "--labels",
+                                                   str(labels), "--json"]).output)
+    assert 0.7 < summary["auc"]["auc"] < 1.0  # the model card says 0.85 [0.79, 0.91]
