@@ -90,7 +90,7 @@ def flip_bench(runs: int) -> None:
 
     rows = list(csv.DictReader(open(SHARED / "cxr-nih" / "labels.csv")))
     model = load_model("chest")
-    seen = np.array([split_of(r["file"], r["patient_id"]) == "train" for r in rows])
+    seen = np.array([split_of("cxr-nih", r["patient_id"]) == "train" for r in rows])
     print(f"\nlabel-flip audit, cxr-nih ({len(rows)} images, 5% flipped, features and logit of "
           "the chest triage model, 5-fold cross-validation by patient)")
     print("note: the chest model was trained on the 'train' split of these images (with the "

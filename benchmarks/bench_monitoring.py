@@ -91,7 +91,7 @@ def main() -> int:
         from radguard.evaluation.splits import split_of
 
         # reference and stream: the patients the model never trained on, split in two
-        unseen = np.array([split_of(f, p) != "train" for f, p in zip(nih_f, nih_p, strict=True)])
+        unseen = np.array([split_of("cxr-nih", p) != "train" for p in nih_p])
         patients = rng.permutation(sorted({p for p, u in zip(nih_p, unseen, strict=True) if u}))
         half = set(patients[: len(patients) // 2])
         is_ref = unseen & np.array([p in half for p in nih_p])
@@ -129,7 +129,9 @@ def main() -> int:
     delays, early = [], 0
     for run in range(args.runs):
         r = np.random.default_rng(100 + run)
-        a = r.permutation(len(hold_x))[:300]
+        # the NIH part is resampled: the pool of studies the model never saw is smaller than
+        # 300, and a shorter NIH part would put Kermany studies before "the switch"
+        a = r.integers(0, len(hold_x), 300)
         b = r.permutation(len(ker_x))[:200]
         stream = np.vstack([hold_x[a], ker_x[b]])
         scores = np.r_[hold_s[a], ker_s[b]]

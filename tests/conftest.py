@@ -167,3 +167,12 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory):
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
+
+
+def dcmtk_tool(name: str) -> str:
+    """A dcmtk command-line tool. pynetdicom installs Python apps with the same names
+    (storescu, echoscu...) that may come first on PATH, so Debian's binary is preferred."""
+    for candidate in (Path("/usr/bin") / name, Path("/usr/local/bin") / name):
+        if candidate.exists():
+            return str(candidate)
+    pytest.fail(f"dcmtk's {name} not found: run scripts/install.sh (apt-get install dcmtk)")

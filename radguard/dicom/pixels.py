@@ -64,12 +64,13 @@ def pixel_info(ds: Dataset) -> PixelInfo:
         raise DicomReadError(f"{name}: incomplete Image Pixel Module ({exc})") from exc
 
 
-def validate_pixel_data(ds: Dataset) -> PixelInfo:
+def validate_pixel_data(ds: Dataset, *, decode_compressed: bool = True) -> PixelInfo:
     """Check that the pixel data can be displayed, as cheaply as that can be known.
 
     Native pixel data must hold exactly the bytes the Image Pixel Module implies (odd
     totals padded by one); encapsulated (compressed) pixel data is decoded, since only a
-    decoder can tell that a JPEG stream is corrupt.
+    decoder can tell that a JPEG stream is corrupt (``decode_compressed=False`` skips that,
+    for a receiver that must answer quickly and checks the image later).
     """
     info = pixel_info(ds)
     name = getattr(ds, "filename", None) or "dataset"
@@ -78,7 +79,8 @@ def validate_pixel_data(ds: Dataset) -> PixelInfo:
         getattr(elem, "length", None) == 0xFFFFFFFF or getattr(elem, "is_undefined_length", False)
     )
     if elem is None or undefined:
-        pixel_array(ds)
+        if decode_compressed:
+            pixel_array(ds)
         return info
     bits = info.rows * info.columns * info.frames * info.samples_per_pixel * info.bits_allocated
     expected = (bits + 7) // 8

@@ -114,7 +114,7 @@ def test_report_on_the_triage_models_own_predictions(tmp_path):
 
     nih = SHARED / "cxr-nih"
     with (nih / "labels.csv").open() as fh:
-        rows = [r for r in csv.DictReader(fh) if split_of(r["file"], r["patient_id"]) == "test"]
+        rows = [r for r in csv.DictReader(fh) if split_of("cxr-nih", r["patient_id"]) == "test"]
     assert len(rows) > 100
     preds, labels, out = tmp_path / "preds.csv", tmp_path / "labels.csv", tmp_path / "r.html"
     result = CliRunner().invoke(main, ["triage", "predict", "--model", "chest", "--csv",

@@ -1,0 +1,135 @@
+"""Gateway settings: defaults that run with nothing configured, a TOML file for the rest.
+
+Example ``radguard.toml``::
+
+    data_dir = "radguard-data"
+    ae_title = "RADGUARD"
+    dicom_port = 11112
+    http_port = 8080
+    allowed_calling_aes = []          # empty: any calling AE may store
+    trust = ["pki/ca.cert.pem"]       # CA certificates DICOM signatures must chain to
+    must_sign = ["DX_ROOM3", "DX"]    # calling AE titles or modalities whose unsigned images
+                                      # go to quarantine
+    watermark_key = ""                # key file, to check embedded watermarks
+    triage = { CR = "chest", DX = "chest", MG = "mammo" }
+    monitor_db = ""                   # a fitted `radguard monitor init` database
+
+    [forward]                         # the PACS; leave out to keep images here only
+    dimse = "ORTHANC@127.0.0.1:4242"  # C-STORE target, AE@host:port
+    stow = ""                         # or a DICOMweb root, e.g. http://user:pw@pacs/dicom-web/
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from radguard.errors import RadguardError
+
+__all__ = ["ConfigError", "DimseTarget", "GatewayConfig", "load_config"]
+
+
+class ConfigError(RadguardError):
+    """The gateway configuration is invalid."""
+
+
+@dataclass(frozen=True)
+class DimseTarget:
+    """A C-STORE peer: its AE title, host and port."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> DimseTarget:
+        """From ``AE@host:port``."""
+        try:
+            ae, rest = text.split("@", 1)
+            host, port = rest.rsplit(":", 1)
+            target = cls(ae.strip(), host.strip(), int(port))
+        except ValueError as exc:
+            raise ConfigError(f"forward.dimse {text!r}: expected AE@host:port") from exc
+        _check_ae(target.ae_title, "forward.dimse AE title")
+        if not 0 < target.port < 65536:
+            raise ConfigError(f"forward.dimse port {target.port} out of range")
+        return target
+
+
+def _check_ae(title: str, what: str) -> None:
+    if not title or len(title) > 16 or "\\" in title or not title.isprintable():
+        raise ConfigError(f"{what} {title!r}: 1-16 printable characters, no backslash")
+
+
+@dataclass
+class GatewayConfig:
+    """Everything ``radguard serve`` needs; every field has a working default."""
+
+    data_dir: str = "radguard-data"
+    ae_title: str = "RADGUARD"
+    host: str = "127.0.0.1"
+    dicom_port: int = 11112
+    http_port: int = 8080
+    allowed_calling_aes: list[str] = field(default_factory=list)
+    trust: list[str] = field(default_factory=list)
+    must_sign: list[str] = field(default_factory=list)
+    watermark_key: str = ""
+    triage: dict[str, str] = field(default_factory=dict)
+    monitor_db: str = ""
+    forward_dimse: str = ""
+    forward_stow: str = ""
+    workers: int = 1
+    tls_cert: str = ""
+    tls_key: str = ""
+
+    def validate(self) -> GatewayConfig:
+        """Raise ConfigError on any impossible value; returns self."""
+        _check_ae(self.ae_title, "ae_title")
+        for ae in self.allowed_calling_aes:
+            _check_ae(ae, "allowed_calling_aes entry")
+        for name in ("dicom_port", "http_port"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 0 <= value < 65536:
+                raise ConfigError(f"{name} {value!r}: a port number 0-65535 (0 picks a free one)")
+        if self.forward_dimse:
+            DimseTarget.parse(self.forward_dimse)
+        if self.forward_stow and not self.forward_stow.startswith(("http://", "https://")):
+            raise ConfigError("forward.stow must be an http(s) DICOMweb root")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls_cert and tls_key go together")
+        for path in [*self.trust, self.watermark_key, self.tls_cert, self.tls_key]:
+            if path and not Path(path).exists():
+                raise ConfigError(f"{path}: no such file")
+        if not 1 <= self.workers <= 64:
+            raise ConfigError("workers: 1-64")
+        return self
+
+
+def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) -> GatewayConfig:  # noqa: ANN401
+    """Defaults, then the TOML file, then explicit overrides (command-line options)."""
+    values: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        try:
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{p}: configuration file not found") from exc
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{p}: not a valid TOML configuration ({exc})") from exc
+        forward = raw.pop("forward", {}) or {}
+        if not isinstance(forward, dict):
+            raise ConfigError(f"{p}: [forward] must be a table")
+        raw.update({f"forward_{k}": v for k, v in forward.items()})
+        known = {f.name for f in fields(GatewayConfig)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"{p}: unknown setting(s) {', '.join(unknown)}")
+        values.update(raw)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return GatewayConfig(**values).validate()
+    except TypeError as exc:
+        raise ConfigError(f"invalid configuration ({exc})") from exc

@@ -1,0 +1,274 @@
+"""Per-instance processing: verify -> watermark -> forensics -> triage -> monitor -> route.
+
+The policy, in order (the first rule that applies decides):
+
+1. Synthetic Data = YES: **rejected** - synthetic images never enter the clinical store.
+2. A signature that does not hold (invalid), or a signer not trusted: **quarantined**.
+3. Unsigned, from a calling AE title or modality listed in ``must_sign``: **quarantined**.
+4. A watermark that no longer matches the pixels: **quarantined**.
+5. Forensics verdict ``tampered`` or ``synthetic``: **quarantined**.
+6. Pixel data that cannot be decoded (verdict ``unverifiable``): **quarantined**.
+7. Otherwise **done**: forwarded to the PACS when one is configured; ``suspicious`` images
+   go through with their badge and reasons.
+
+Every layer that is not configured says so in the instance's details ("not configured")
+instead of being silently skipped. Delivery to the PACS is at least once: a crash between
+sending and recording resends, which PACSs absorb (the SOP Instance UID identifies it).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from radguard.errors import RadguardError
+from radguard.gateway.config import DimseTarget, GatewayConfig
+from radguard.gateway.store import Instance, Store
+
+__all__ = ["ForwardError", "Pipeline", "Routing"]
+
+
+class ForwardError(RadguardError):
+    """The PACS did not take the instance (unreachable or refused); retried later."""
+
+
+@dataclass
+class Routing:
+    """What the pipeline decided for one instance."""
+
+    state: str  # done / quarantined / rejected
+    verdict: str
+    trust: str  # the badge: signed / watermarked / unsigned / invalid / ...
+    reasons: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+    ai_probability: float | None = None
+    ai_suspicion: int | None = None
+
+
+class DimseForwarder:
+    """C-STORE SCU to the PACS; one association kept open and reopened when it drops."""
+
+    def __init__(self, target: DimseTarget, calling_ae: str) -> None:
+        self.target, self.calling_ae = target, calling_ae
+        self._assoc: Any = None
+        self._lock = threading.Lock()
+
+    def _associate(self) -> Any:  # noqa: ANN401
+        from pynetdicom import AE, StoragePresentationContexts, evt
+
+        from radguard.gateway.dimse import set_nodelay
+
+        ae = AE(ae_title=self.calling_ae)
+        ae.requested_contexts = StoragePresentationContexts[:127]
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+        assoc = ae.associate(self.target.host, self.target.port, ae_title=self.target.ae_title,
+                             evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
+        if not assoc.is_established:
+            raise ForwardError(f"PACS {self.target.ae_title}@{self.target.host}:"
+                               f"{self.target.port} refused or is unreachable")
+        return assoc
+
+    def send(self, path: Path) -> str:
+        """Send one file; returns where it went."""
+        from pydicom import dcmread
+
+        ds = dcmread(path)
+        with self._lock:
+            for attempt in (1, 2):
+                if self._assoc is None or not self._assoc.is_established:
+                    self._assoc = self._associate()
+                try:
+                    status = self._assoc.send_c_store(ds)
+                except (RuntimeError, ValueError, OSError) as exc:
+                    self._assoc = None
+                    if attempt == 2:
+                        raise ForwardError(f"C-STORE to the PACS failed ({exc})") from exc
+                    continue
+                if not status or "Status" not in status:
+                    self._assoc = None
+                    if attempt == 2:
+                        raise ForwardError("the PACS sent no C-STORE response")
+                    continue
+                code = int(status.Status)
+                if code in (0x0000, 0xB000, 0xB006, 0xB007):
+                    return f"dimse:{self.target.ae_title}"
+                raise ForwardError(f"the PACS refused the instance (status 0x{code:04X})")
+        raise ForwardError("C-STORE to the PACS failed")
+
+    def close(self) -> None:
+        """Release the association."""
+        with self._lock:
+            if self._assoc is not None and self._assoc.is_established:
+                self._assoc.release()
+            self._assoc = None
+
+
+class StowForwarder:
+    """STOW-RS to the PACS's DICOMweb root."""
+
+    def __init__(self, url: str) -> None:
+        from radguard.dicom.web import DicomWebClient
+
+        self.client = DicomWebClient(url)
+
+    def send(self, path: Path) -> str:
+        """Send one file; returns where it went."""
+        from radguard.dicom.web import DicomWebError
+
+        try:
+            self.client.store([path.read_bytes()])
+        except DicomWebError as exc:
+            raise ForwardError(str(exc)) from exc
+        return "stow"
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+class Pipeline:
+    """The configured layers, loaded once and shared by the worker threads."""
+
+    def __init__(self, config: GatewayConfig, store: Store, audit_log: Any = None) -> None:  # noqa: ANN401
+        from radguard.forensics.synthetic import load_detector
+
+        self.config, self.store, self.audit_log = config, store, audit_log
+        self.trust = None
+        if config.trust:
+            from radguard.provenance.trust import TrustStore
+
+            self.trust = TrustStore.from_paths(config.trust)
+        self.key = None
+        if config.watermark_key:
+            from radguard.watermark import load_key
+
+            self.key = load_key(config.watermark_key)
+        self.detector = load_detector()
+        self.models: dict[str, Any] = {}
+        if config.triage:
+            from radguard.triage.model import load_model
+
+            self.models = {m.upper(): load_model(name) for m, name in config.triage.items()}
+        self.monitor = None
+        if config.monitor_db:
+            from radguard.monitoring import Monitor
+
+            self.monitor = Monitor(config.monitor_db, audit_log=audit_log)
+            self._monitor_lock = threading.Lock()
+        self.forwarders: list[Any] = []
+        if config.forward_dimse:
+            self.forwarders.append(DimseForwarder(DimseTarget.parse(config.forward_dimse),
+                                                  config.ae_title))
+        if config.forward_stow:
+            self.forwarders.append(StowForwarder(config.forward_stow))
+        self.must_sign = {v.upper() for v in config.must_sign}
+
+    def layers(self) -> dict[str, str]:
+        """Which layers are on, for the UI and the logs."""
+        return {
+            "signature": "trust store" if self.trust else "checked, no trust store configured",
+            "watermark": "key configured" if self.key else "not configured",
+            "forensics": "on",
+            "triage": ", ".join(f"{m}: {model.card.name}" for m, model in self.models.items())
+                      or "not configured",
+            "monitoring": "on" if self.monitor else "not configured",
+            "forwarding": ", ".join(type(f).__name__ for f in self.forwarders)
+                          or "not configured (images stay in radguard)",
+        }
+
+    # -- one instance ---------------------------------------------------------------------------
+    def route(self, instance: Instance) -> Routing:
+        """Run every layer on a stored instance and decide where it goes."""
+        from radguard.forensics.scan import scan_file
+
+        path = self.store.file(instance)
+        scan = scan_file(path, trust=self.trust, watermark_key=self.key, detector=self.detector,
+                         keep_pixels=bool(self.models or self.monitor))
+        codes = {f.code for f in scan.findings}
+        trust = _badge(scan.signature, scan.watermark)
+        details: dict[str, Any] = {"scan": {k: v for k, v in scan.to_dict().items()
+                                            if k != "path"}, "layers": self.layers()}
+        r = Routing("done", scan.verdict, trust, list(scan.reasons), details)
+        if "synthetic-data" in codes:
+            r.state = "rejected"
+            r.reasons.insert(0, "Synthetic Data = YES: synthetic images are refused into the "
+                                "clinical store")
+        elif scan.signature in ("invalid", "untrusted"):
+            r.state = "quarantined"
+            r.reasons.insert(0, f"signature {scan.signature}")
+        elif scan.signature == "unsigned" and (instance.calling_ae.upper() in self.must_sign
+                                               or instance.modality.upper() in self.must_sign):
+            r.state = "quarantined"
+            r.reasons.insert(0, f"unsigned, but {instance.calling_ae or instance.modality} "
+                                "must sign")
+        elif scan.watermark == "changed":
+            r.state = "quarantined"
+            r.reasons.insert(0, "watermark no longer matches the pixels")
+        elif scan.verdict in ("tampered", "synthetic"):
+            r.state = "quarantined"
+            r.reasons.insert(0, f"forensics: {scan.verdict}")
+        elif scan.verdict == "unverifiable":
+            r.state = "quarantined"
+            r.reasons.insert(0, "the image cannot be checked (unreadable pixel data)")
+        if r.state != "rejected" and scan.pixels is not None:
+            self._triage(instance, scan.pixels, r)
+            self._monitor(instance, scan.pixels, r)
+        return r
+
+    def _triage(self, instance: Instance, pixels: Any, r: Routing) -> None:  # noqa: ANN401
+        model = self.models.get(instance.modality.upper())
+        if model is None:
+            r.details["triage"] = "not configured for this modality"
+            return
+        try:
+            prediction = model.predict(pixels, modality=instance.modality)
+        except RadguardError as exc:
+            r.details["triage"] = f"not scored: {exc}"
+            return
+        r.ai_probability, r.ai_suspicion = prediction.probability, prediction.suspicion
+        r.details["triage"] = prediction.to_dict()
+
+    def _monitor(self, instance: Instance, pixels: Any, r: Routing) -> None:  # noqa: ANN401
+        if self.monitor is None:
+            return
+        import numpy as np
+
+        from radguard.monitoring.features import image_features
+
+        grey = np.asarray(pixels, float)
+        if grey.ndim == 3:
+            grey = grey.mean(axis=2)
+        try:
+            with self._monitor_lock:
+                alarms = self.monitor.observe(instance.sop_uid, image_features(grey, 255.0),
+                                              score=r.ai_probability,
+                                              site=instance.calling_ae or "default")
+        except RadguardError as exc:
+            r.details["monitoring"] = f"not updated: {exc}"
+            return
+        r.details["monitoring"] = [a.to_dict() for a in alarms]
+
+    def forward(self, instance: Instance) -> str | None:
+        """Send to every configured PACS; None when none is configured."""
+        if not self.forwarders:
+            return None
+        sent = [f.send(self.store.file(instance)) for f in self.forwarders]
+        return ",".join(sent)
+
+    def close(self) -> None:
+        """Release PACS associations."""
+        for f in self.forwarders:
+            f.close()
+
+
+def _badge(signature: str, watermark: str) -> str:
+    if signature in ("invalid", "untrusted"):
+        return f"signature {signature}"
+    if watermark == "changed":
+        return "watermark changed"
+    if signature == "valid":
+        return "signed"
+    if watermark == "intact":
+        return "watermarked"
+    return "unsigned"

@@ -1,0 +1,122 @@
+"""The running gateway: store, DICOM front door, pipeline workers (and, when enabled, the
+HTTP side), started and stopped together.
+
+Ingestion only stores and queues; worker threads claim queued instances and run the
+pipeline, so a burst of incoming images never waits for forensics or triage, and a restart
+resumes the queue (:meth:`Store.recover`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from radguard.gateway.config import GatewayConfig
+from radguard.gateway.dimse import DicomServer
+from radguard.gateway.pipeline import ForwardError, Pipeline
+from radguard.gateway.store import Instance, Store
+
+__all__ = ["Gateway"]
+
+log = logging.getLogger("radguard.gateway")
+
+
+class Gateway:
+    """One gateway instance; ``start()`` returns once it listens."""
+
+    def __init__(self, config: GatewayConfig, *, audit_log: Any = None) -> None:  # noqa: ANN401
+        from pathlib import Path
+
+        from radguard.governance.auditlog import AuditLog
+
+        self.config = config
+        self.store = Store(config.data_dir)
+        self.audit_log = audit_log or AuditLog(Path(config.data_dir) / "audit.jsonl",
+                                               actor="radguard-gateway")
+        self.pipeline = Pipeline(config, self.store, self.audit_log)
+        self.dicom = DicomServer(config, self.store, on_stored=self._wake_up,
+                                 audit=self._audit)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.processed = 0
+
+    def _audit(self, action: str, target: str, details: dict[str, Any]) -> None:
+        self.audit_log.append(action, target, details)
+
+    def _wake_up(self, _row: int) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        """Recover from any crash, then listen and start the workers."""
+        recovered = self.store.recover()
+        if any(recovered.values()):
+            log.warning("recovered after a crash: %s", recovered)
+        self._audit("gateway.start", self.config.ae_title,
+                    {"recovered": recovered, "layers": self.pipeline.layers()})
+        self.dicom.start()
+        for n in range(self.config.workers):
+            t = threading.Thread(target=self._work, name=f"radguard-worker-{n}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _work(self) -> None:
+        backoff = 1.0
+        while not self._stop.is_set():
+            instance = self.store.claim()
+            if instance is None:
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            try:
+                self._process(instance)
+                backoff = 1.0
+            except ForwardError as exc:
+                log.warning("forwarding %s failed, will retry: %s", instance.sop_uid, exc)
+                self.store.requeue(instance.id)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 60.0)
+
+    def _process(self, instance: Instance) -> None:
+        try:
+            routing = self.pipeline.route(instance)
+        except ForwardError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one bad instance must not stop the queue
+            log.exception("pipeline failed on %s", instance.sop_uid)
+            self.store.finish(instance.id, state="quarantined", verdict="unverifiable",
+                              trust="unknown", details={"error": f"{type(exc).__name__}: "
+                                                                 f"{exc}"[:500]})
+            return
+        forwarded = self.pipeline.forward(instance) if routing.state == "done" else None
+        self.store.finish(instance.id, state=routing.state, verdict=routing.verdict,
+                          trust=routing.trust,
+                          details={**routing.details, "reasons": routing.reasons},
+                          ai_probability=routing.ai_probability,
+                          ai_suspicion=routing.ai_suspicion, forwarded=forwarded)
+        self.processed += 1
+        if routing.state != "done":
+            self._audit(f"instance.{routing.state}", instance.sop_uid,
+                        {"study": instance.study_uid, "reasons": routing.reasons[:3]})
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """Block until nothing is queued or processing (tests, the demo)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            counts = self.store.counts()
+            if not counts.get("queued") and not counts.get("processing"):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def stop(self) -> None:
+        """Stop listening, let the workers finish their current instance, close."""
+        self.dicom.stop()
+        self._stop.set()
+        self._wake.set()
+        for t in self._threads:
+            t.join(30)
+        self.pipeline.close()
+        self._audit("gateway.stop", self.config.ae_title, {})

@@ -1,0 +1,310 @@
+"""The gateway's embedded store: instance files plus a SQLite index and work queue.
+
+An instance is acknowledged only after :meth:`Store.ingest` returns, and that happens only
+after its file is fsync'd under a content-addressed name and its row is committed (SQLite in
+WAL mode with ``synchronous=FULL``). The same row is the instance's place in the work queue:
+``queued`` -> ``processing`` -> ``done``/``quarantined``/``rejected``. A crash leaves at most
+rows in ``processing``; :meth:`Store.recover` puts them back in the queue, and the pipeline
+writes its result and the final state in one transaction, so each received instance is
+processed exactly once. Files without a row (a crash between fsync and commit: never
+acknowledged) are removed by ``recover``.
+
+Schema changes are numbered migrations applied in order at open (``schema_version``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from radguard.errors import RadguardError
+from radguard.fileio import atomic_write_bytes
+
+__all__ = ["Instance", "Store", "StoreError"]
+
+MIGRATIONS = [
+    # 1: instances and their queue state
+    """
+    CREATE TABLE instances (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        sop_uid TEXT NOT NULL, study_uid TEXT, series_uid TEXT, sop_class TEXT,
+        patient_id TEXT, patient_name TEXT, modality TEXT, study_date TEXT,
+        path TEXT NOT NULL, sha256 TEXT NOT NULL, size INTEGER NOT NULL,
+        received_at TEXT NOT NULL, source TEXT NOT NULL, calling_ae TEXT,
+        state TEXT NOT NULL DEFAULT 'queued', attempts INTEGER NOT NULL DEFAULT 0,
+        verdict TEXT, trust TEXT, ai_probability REAL, ai_suspicion INTEGER,
+        details TEXT, forwarded TEXT, processed_at TEXT, decided_by TEXT, decision_note TEXT
+    );
+    CREATE INDEX instances_state ON instances(state, id);
+    CREATE INDEX instances_study ON instances(study_uid);
+    CREATE INDEX instances_sop ON instances(sop_uid);
+    """,
+]
+
+
+class StoreError(RadguardError):
+    """The store cannot be opened or written."""
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One stored instance row."""
+
+    id: int
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+    sop_class: str
+    patient_id: str
+    patient_name: str
+    modality: str
+    study_date: str
+    path: str
+    sha256: str
+    size: int
+    received_at: str
+    source: str
+    calling_ae: str
+    state: str
+    attempts: int
+    verdict: str | None
+    trust: str | None
+    ai_probability: float | None
+    ai_suspicion: int | None
+    details: str | None
+    forwarded: str | None
+    processed_at: str | None
+    decided_by: str | None
+    decision_note: str | None
+
+    @property
+    def detail(self) -> dict[str, Any]:
+        """The pipeline's findings (decoded ``details``)."""
+        return json.loads(self.details) if self.details else {}
+
+
+_COLUMNS = [f for f in Instance.__dataclass_fields__]
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
+
+
+class Store:
+    """Files under ``data_dir/objects``, index in ``data_dir/radguard.db``."""
+
+    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
+        self.root = Path(data_dir)
+        self.objects = self.root / "objects"
+        try:
+            self.objects.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"{self.root}: cannot create the data folder ({exc.strerror})") \
+                from exc
+        self.db_path = self.root / "radguard.db"
+        self._local = threading.local()
+        self._lock = threading.Lock()  # one writer at a time inside this process
+        self._migrate()
+
+    # -- connections --------------------------------------------------------------------------
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            try:
+                db = sqlite3.connect(self.db_path, isolation_level=None, timeout=30)
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=FULL")
+                db.execute("PRAGMA busy_timeout=30000")
+            except sqlite3.DatabaseError as exc:
+                raise StoreError(f"{self.db_path}: not a usable database ({exc})") from exc
+            self._local.db = db
+        return db
+
+    def _migrate(self) -> None:
+        db = self._db()
+        try:
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = db.execute("SELECT version FROM schema_version").fetchone()
+            version = row[0] if row else 0
+            if version > len(MIGRATIONS):
+                raise StoreError(f"{self.db_path}: made by a newer radguard (schema {version})")
+            for number, script in enumerate(MIGRATIONS[version:], version + 1):
+                db.execute("BEGIN IMMEDIATE")
+                for statement in filter(str.strip, script.split(";")):
+                    db.execute(statement)
+                db.execute("DELETE FROM schema_version")
+                db.execute("INSERT INTO schema_version VALUES (?)", (number,))
+                db.execute("COMMIT")
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.db_path}: cannot prepare the database ({exc})") from exc
+
+    @property
+    def schema_version(self) -> int:
+        """The applied migration count."""
+        return int(self._db().execute("SELECT version FROM schema_version").fetchone()[0])
+
+    # -- ingest ----------------------------------------------------------------------------------
+    def ingest(self, data: bytes, header: dict[str, str], *, source: str,
+               calling_ae: str = "") -> int:
+        """Store one Part 10 file durably and queue it; returns its row id. ``header`` holds
+        the UIDs and the few attributes the worklist shows (already validated by the caller).
+        """
+        digest = hashlib.sha256(data).hexdigest()
+        path = self.objects / digest[:2] / f"{digest}.dcm"
+        if not path.exists():
+            atomic_write_bytes(path, data, 0o640, durable=True)
+        with self._lock:
+            db = self._db()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                cur = db.execute(
+                    "INSERT INTO instances (sop_uid, study_uid, series_uid, sop_class, "
+                    "patient_id, patient_name, modality, study_date, path, sha256, size, "
+                    "received_at, source, calling_ae) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (header["sop_uid"], header.get("study_uid", ""),
+                     header.get("series_uid", ""), header.get("sop_class", ""),
+                     header.get("patient_id", ""), header.get("patient_name", ""),
+                     header.get("modality", ""), header.get("study_date", ""),
+                     str(path.relative_to(self.root)), digest, len(data), _now(), source,
+                     calling_ae))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return int(cur.lastrowid)
+
+    # -- queue -----------------------------------------------------------------------------------
+    def claim(self) -> Instance | None:
+        """The oldest queued instance, now marked ``processing`` (None if the queue is empty)."""
+        with self._lock:
+            db = self._db()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                row = db.execute("SELECT id FROM instances WHERE state='queued' ORDER BY id "
+                                 "LIMIT 1").fetchone()
+                if row is None:
+                    db.execute("COMMIT")
+                    return None
+                db.execute("UPDATE instances SET state='processing', attempts=attempts+1 "
+                           "WHERE id=?", (row[0],))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return self.get(row[0])
+
+    def finish(self, instance_id: int, *, state: str, verdict: str, trust: str,
+               details: dict[str, Any], ai_probability: float | None = None,
+               ai_suspicion: int | None = None, forwarded: str | None = None) -> None:
+        """Record the pipeline's result and final state in one transaction."""
+        if state not in ("done", "quarantined", "rejected"):
+            raise StoreError(f"unknown final state {state!r}")
+        with self._lock:
+            db = self._db()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute(
+                    "UPDATE instances SET state=?, verdict=?, trust=?, details=?, "
+                    "ai_probability=?, ai_suspicion=?, forwarded=?, processed_at=? "
+                    "WHERE id=? AND state='processing'",
+                    (state, verdict, trust, json.dumps(details, default=str), ai_probability,
+                     ai_suspicion, forwarded, _now(), instance_id))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    def requeue(self, instance_id: int) -> None:
+        """Put a claimed instance back (the PACS was unreachable; try again later)."""
+        with self._lock:
+            self._db().execute("UPDATE instances SET state='queued' WHERE id=? AND "
+                               "state='processing'", (instance_id,))
+
+    def set_forwarded(self, instance_id: int, forwarded: str) -> None:
+        """Record where an instance went after a release."""
+        with self._lock:
+            self._db().execute("UPDATE instances SET forwarded=? WHERE id=?",
+                               (forwarded, instance_id))
+
+    def decide(self, instance_id: int, state: str, who: str, note: str) -> Instance:
+        """A person's release (``done``) or rejection of a quarantined instance."""
+        if state not in ("done", "rejected"):
+            raise StoreError("a quarantine decision is release or reject")
+        with self._lock:
+            db = self._db()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                changed = db.execute(
+                    "UPDATE instances SET state=?, decided_by=?, decision_note=? "
+                    "WHERE id=? AND state='quarantined'",
+                    (state, who, note, instance_id)).rowcount
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        if not changed:
+            raise StoreError(f"instance {instance_id} is not in quarantine")
+        found = self.get(instance_id)
+        assert found is not None
+        return found
+
+    def recover(self) -> dict[str, int]:
+        """After a crash: unfinished work back to the queue, unacknowledged files removed."""
+        with self._lock:
+            db = self._db()
+            requeued = db.execute("UPDATE instances SET state='queued' "
+                                  "WHERE state='processing'").rowcount
+            known = {r[0] for r in db.execute("SELECT path FROM instances")}
+        orphans = 0
+        for path in self.objects.glob("*/*"):
+            rel = str(path.relative_to(self.root))
+            if path.name.startswith(".") and path.name.endswith(".tmp"):
+                path.unlink(missing_ok=True)  # a write the crash interrupted
+                orphans += 1
+            elif rel not in known:
+                path.unlink(missing_ok=True)
+                orphans += 1
+        return {"requeued": requeued, "orphans_removed": orphans}
+
+    # -- reading ---------------------------------------------------------------------------------
+    def get(self, instance_id: int) -> Instance | None:
+        """One row by id."""
+        row = self._db().execute(f"SELECT {', '.join(_COLUMNS)} FROM instances WHERE id=?",
+                                 (instance_id,)).fetchone()
+        return Instance(*row) if row else None
+
+    def instances(self, where: str = "1=1", params: tuple[Any, ...] = (),
+                  order: str = "id") -> list[Instance]:
+        """Rows matching a fixed SQL condition (callers pass constants, values as params)."""
+        cur = self._db().execute(
+            f"SELECT {', '.join(_COLUMNS)} FROM instances WHERE {where} ORDER BY {order}",
+            params)
+        return [Instance(*r) for r in cur]
+
+    def counts(self) -> dict[str, int]:
+        """Instances per state."""
+        return dict(self._db().execute("SELECT state, COUNT(*) FROM instances GROUP BY state"))
+
+    def file(self, instance: Instance) -> Path:
+        """The instance's file on disk."""
+        return self.root / instance.path
+
+    def iter_queue(self) -> Iterator[Instance]:
+        """Claim instances until the queue is empty."""
+        while (instance := self.claim()) is not None:
+            yield instance
+
+    def close(self) -> None:
+        """Close this thread's connection."""
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None

@@ -1,0 +1,122 @@
+"""The gateway with real peers: dcmtk storescu in front, a real Orthanc behind."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from pydicom.uid import generate_uid
+
+from radguard.dicom.io import read_dataset, write_dataset
+from radguard.gateway import Gateway, GatewayConfig
+from tests.conftest import NIH_DX, RG2_JPLY, dcmtk_tool
+
+
+def _copy(src, dst, **changes):
+    ds = read_dataset(src)
+    for key, value in changes.items():
+        setattr(ds, key, value)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    write_dataset(ds, dst)
+    return dst
+
+
+@pytest.fixture
+def files(tmp_path, pki):
+    from radguard.provenance.sign import sign_file
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    intact = folder / "intact.dcm"
+    sign_file(_copy(NIH_DX, tmp_path / "a.dcm"), intact, pki.signer)
+    tampered = folder / "tampered.dcm"
+    sign_file(_copy(NIH_DX, tmp_path / "b.dcm"), tampered, pki.signer)
+    ds = read_dataset(tampered)
+    ds.PatientName = "Someone^Else"
+    write_dataset(ds, tampered)
+    synthetic = _copy(NIH_DX, folder / "synthetic.dcm", SyntheticData="YES")
+    unsigned = _copy(NIH_DX, folder / "unsigned.dcm")
+    return {"intact": intact, "tampered": tampered, "synthetic": synthetic,
+            "unsigned": unsigned}
+
+
+def _storescu(port: int, *paths, aet: str = "DX_ROOM3", options: tuple[str, ...] = ()
+              ) -> subprocess.CompletedProcess:
+    return subprocess.run([dcmtk_tool("storescu"), *options, "-aet", aet, "-aec", "RADGUARD",
+                           "127.0.0.1", str(port), *map(str, paths)], capture_output=True,
+                          text=True, timeout=120)
+
+
+def _orthanc_sops(orthanc) -> set[str]:
+    from radguard.dicom.web import DicomWebClient
+
+    return {r.instance for r in DicomWebClient(orthanc.dicomweb).search_instances()}
+
+
+def test_storescu_to_radguard_to_orthanc(tmp_path, files, pki, orthanc):
+    config = GatewayConfig(data_dir=str(tmp_path / "data"), dicom_port=0,
+                           trust=[str(pki.ca_cert_path)], must_sign=["DX_ROOM3"],
+                           forward_dimse=f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}",
+                           triage={"DX": "chest"}).validate()
+    gateway = Gateway(config)
+    gateway.start()
+    try:
+        result = _storescu(gateway.dicom.port, *files.values())
+        assert result.returncode == 0, result.stderr
+        assert gateway.wait_idle(120)
+    finally:
+        gateway.stop()
+    by_name = {}
+    for inst in gateway.store.instances():
+        name = next(k for k, p in files.items() if read_dataset(p).SOPInstanceUID == inst.sop_uid)
+        by_name[name] = inst
+    assert by_name["intact"].state == "done" and by_name["intact"].trust == "signed"
+    assert by_name["intact"].forwarded == "dimse:ORTHANC"
+    assert by_name["intact"].ai_suspicion is not None  # the chest model scored it
+    assert by_name["tampered"].state == "quarantined"
+    assert "signature invalid" in by_name["tampered"].detail["reasons"][0]
+    assert by_name["synthetic"].state == "rejected"
+    assert by_name["unsigned"].state == "quarantined"  # DX_ROOM3 must sign
+    in_orthanc = _orthanc_sops(orthanc)
+    assert by_name["intact"].sop_uid in in_orthanc
+    for name in ("tampered", "synthetic", "unsigned"):
+        assert by_name[name].sop_uid not in in_orthanc
+    actions = [e.action for e in gateway.audit_log.entries()]
+    assert actions.count("instance.quarantined") == 2 and "instance.rejected" in actions
+
+
+def test_bad_instances_get_an_error_status_and_nothing_is_stored(tmp_path):
+    from pydicom import dcmread
+    from pynetdicom import AE
+
+    gateway = Gateway(GatewayConfig(data_dir=str(tmp_path / "data"), dicom_port=0))
+    gateway.start()
+    try:
+        ae = AE(ae_title="FUZZ")
+        ae.add_requested_context(dcmread(NIH_DX, stop_before_pixels=True).SOPClassUID)
+        assoc = ae.associate("127.0.0.1", gateway.dicom.port, ae_title="RADGUARD")
+        assert assoc.is_established
+        ds = dcmread(NIH_DX)
+        ds.PixelData = ds.PixelData[:1000]  # truncated pixel data
+        status = assoc.send_c_store(ds)
+        assert status.Status == 0xC000
+        ds = dcmread(NIH_DX)
+        ds.Rows = 2 * ds.Rows  # a header that promises more pixels than were sent
+        assert assoc.send_c_store(ds).Status == 0xC000
+        assoc.release()
+        echo = AE(ae_title="ECHO")
+        echo.add_requested_context("1.2.840.10008.1.1")
+        a = echo.associate("127.0.0.1", gateway.dicom.port, ae_title="RADGUARD")
+        assert a.send_c_echo().Status == 0
+        a.release()
+        # corrupt (but complete) JPEG pixel data is stored, then quarantined as unreadable
+        result = _storescu(gateway.dicom.port, RG2_JPLY, aet="CR1",
+                           options=("-xx",))  # propose JPEG 12-bit lossy, as the file is
+        assert result.returncode == 0, result.stderr
+        assert gateway.wait_idle(60)
+    finally:
+        gateway.stop()
+    stored = gateway.store.instances()
+    assert len(stored) == 1 and stored[0].state == "quarantined"
+    assert gateway.dicom.refused >= 2
+    assert list((tmp_path / "data" / "objects").glob("*/*")) == [gateway.store.file(stored[0])]
