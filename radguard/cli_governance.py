@@ -426,7 +426,44 @@ def audit_archive_command(source: str, results_path: str | None, workers: int,
     sys.exit(1 if summary.attention else 0)
 
 
+@click.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="TOML configuration (see radguard/gateway/config.py for every key).")
+@click.option("--data-dir", help="Store folder (default radguard-data).")
+@click.option("--dicom-port", type=click.IntRange(0, 65535),
+              help="C-STORE/C-ECHO port (default 11112; 0 picks a free one).")
+@click.option("--http-port", type=click.IntRange(0, 65535), help="HTTP port (default 8080).")
+@click.option("--ae-title", help="Our AE title (default RADGUARD).")
+@click.option("--host", help="Address to listen on (default 127.0.0.1).")
+@click.option("--forward", "forward_dimse", help="PACS to forward to, AE@host:port.")
+def serve(config_path: str | None, data_dir: str | None, dicom_port: int | None,
+          http_port: int | None, ae_title: str | None, host: str | None,
+          forward_dimse: str | None) -> None:
+    """Run the gateway: receive (C-STORE), verify, scan, triage, quarantine or forward.
+    Stops cleanly on Ctrl-C or SIGTERM; a restart resumes unfinished work."""
+    import signal
+    import threading
+
+    from radguard.gateway import Gateway, load_config
+
+    config = load_config(config_path, data_dir=data_dir, dicom_port=dicom_port,
+                         http_port=http_port, ae_title=ae_title, host=host,
+                         forward_dimse=forward_dimse)
+    gateway = Gateway(config)
+    gateway.start()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    click.echo(f"radguard gateway {config.ae_title} listening for DICOM on "
+               f"{config.host}:{gateway.dicom.port}; store {config.data_dir}", err=True)
+    for layer, state in gateway.pipeline.layers().items():
+        click.echo(f"  {layer}: {state}", err=True)
+    stop.wait()
+    click.echo("stopping...", err=True)
+    gateway.stop()
+
+
 def register(main: click.Group) -> None:
     """Attach the governance commands to the main ``radguard`` group."""
-    for command in (dataset, audit, deid, audit_archive_command):
+    for command in (dataset, audit, deid, audit_archive_command, serve):
         main.add_command(command)
