@@ -455,7 +455,8 @@ def serve(config_path: str | None, data_dir: str | None, dicom_port: int | None,
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     click.echo(f"radguard gateway {config.ae_title} listening for DICOM on "
-               f"{config.host}:{gateway.dicom.port}; store {config.data_dir}", err=True)
+               f"{config.host}:{gateway.dicom.port}; worklist and DICOMweb on "
+               f"http://{config.host}:{gateway.http_port}/ ; store {config.data_dir}", err=True)
     for layer, state in gateway.pipeline.layers().items():
         click.echo(f"  {layer}: {state}", err=True)
     stop.wait()
@@ -463,7 +464,51 @@ def serve(config_path: str | None, data_dir: str | None, dicom_port: int | None,
     gateway.stop()
 
 
+@click.group()
+def user() -> None:
+    """Gateway users (roles: technologist, radiologist, admin, auditor) and their tokens."""
+
+
+_data_dir_option = click.option("--data-dir", default="radguard-data", show_default=True,
+                                help="The gateway's store folder.")
+
+
+@user.command("add")
+@click.argument("name")
+@click.option("--role", type=click.Choice(["technologist", "radiologist", "admin", "auditor"]),
+              required=True)
+@click.option("--password-file", type=click.Path(dir_okay=False),
+              help="File whose first line is the password (default: asked for).")
+@_data_dir_option
+def user_add(name: str, role: str, password_file: str | None, data_dir: str) -> None:
+    """Create (or reset) a user."""
+    from radguard.gateway.auth import Users
+    from radguard.gateway.store import Store
+
+    if password_file:
+        password = (_read_passphrase(password_file) or b"").decode()
+    else:
+        password = click.prompt("password", hide_input=True, confirmation_prompt=True)
+    Users(Store(data_dir)).add(name, role, password)
+    _audit_log(str(Path(data_dir) / "audit.jsonl")).append("user.add", name, {"role": role})
+    click.echo(f"user {name} ({role}) saved")
+
+
+@user.command("token")
+@click.argument("name")
+@click.option("--days", type=click.IntRange(1, 365), default=30, show_default=True)
+@_data_dir_option
+def user_token(name: str, days: int, data_dir: str) -> None:
+    """Issue a bearer token (printed once; radguard keeps only its hash)."""
+    from radguard.gateway.auth import Users
+    from radguard.gateway.store import Store
+
+    token = Users(Store(data_dir)).issue_token(name, days)
+    _audit_log(str(Path(data_dir) / "audit.jsonl")).append("user.token", name, {"days": days})
+    click.echo(token)
+
+
 def register(main: click.Group) -> None:
     """Attach the governance commands to the main ``radguard`` group."""
-    for command in (dataset, audit, deid, audit_archive_command, serve):
+    for command in (dataset, audit, deid, audit_archive_command, serve, user):
         main.add_command(command)

@@ -13,6 +13,7 @@ Example ``radguard.toml``::
     watermark_key = ""                # key file, to check embedded watermarks
     triage = { CR = "chest", DX = "chest", MG = "mammo" }
     monitor_db = ""                   # a fitted `radguard monitor init` database
+    bulk_read_limit = 500             # instances per user per 10 minutes before an alarm
 
     [forward]                         # the PACS; leave out to keep images here only
     dimse = "ORTHANC@127.0.0.1:4242"  # C-STORE target, AE@host:port
@@ -82,6 +83,7 @@ class GatewayConfig:
     forward_dimse: str = ""
     forward_stow: str = ""
     workers: int = 1
+    bulk_read_limit: int = 500  # instances one user may retrieve in 10 minutes before an alarm
     tls_cert: str = ""
     tls_key: str = ""
 

@@ -42,6 +42,8 @@ class Gateway:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.processed = 0
+        self.http_port: int | None = None
+        self._http: Any = None
 
     def _audit(self, action: str, target: str, details: dict[str, Any]) -> None:
         self.audit_log.append(action, target, details)
@@ -57,10 +59,36 @@ class Gateway:
         self._audit("gateway.start", self.config.ae_title,
                     {"recovered": recovered, "layers": self.pipeline.layers()})
         self.dicom.start()
+        self._start_http()
         for n in range(self.config.workers):
             t = threading.Thread(target=self._work, name=f"radguard-worker-{n}", daemon=True)
             t.start()
             self._threads.append(t)
+
+    def _start_http(self) -> None:
+        import socket
+
+        import uvicorn
+
+        from radguard.gateway.web import create_app
+
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.config.host, self.config.http_port))
+        self.http_port = int(sock.getsockname()[1])
+        app = create_app(self, bulk_read_limit=self.config.bulk_read_limit)
+        settings = uvicorn.Config(app, log_level="warning", access_log=False,
+                                  limit_concurrency=64, timeout_keep_alive=5,
+                                  ssl_certfile=self.config.tls_cert or None,
+                                  ssl_keyfile=self.config.tls_key or None)
+        self._http = uvicorn.Server(settings)
+        thread = threading.Thread(target=self._http.run, kwargs={"sockets": [sock]},
+                                  name="radguard-http", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 15
+        while not self._http.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self._http_thread = thread
 
     def _work(self) -> None:
         backoff = 1.0
@@ -114,6 +142,9 @@ class Gateway:
     def stop(self) -> None:
         """Stop listening, let the workers finish their current instance, close."""
         self.dicom.stop()
+        if self._http is not None:
+            self._http.should_exit = True
+            self._http_thread.join(15)
         self._stop.set()
         self._wake.set()
         for t in self._threads:

@@ -47,6 +47,12 @@ MIGRATIONS = [
     CREATE INDEX instances_study ON instances(study_uid);
     CREATE INDEX instances_sop ON instances(sop_uid);
     """,
+    # 2: people and their tokens (radguard.gateway.auth)
+    """
+    CREATE TABLE users (name TEXT PRIMARY KEY, role TEXT NOT NULL, salt BLOB NOT NULL,
+                        password_hash BLOB NOT NULL, created TEXT NOT NULL);
+    CREATE TABLE tokens (digest TEXT PRIMARY KEY, name TEXT NOT NULL, expires TEXT NOT NULL);
+    """,
 ]
 
 

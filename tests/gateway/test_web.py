@@ -1,0 +1,223 @@
+"""The HTTP side over real sockets: auth on every route, STOW in, QIDO/WADO out, the UI,
+quarantine decisions, hostile requests, the bulk-read alarm."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+
+import pytest
+from pydicom.uid import generate_uid
+
+from radguard.dicom.io import read_dataset, write_dataset
+from radguard.dicom.web import DicomWebClient, split_multipart
+from radguard.gateway import Gateway, GatewayConfig
+from radguard.gateway.auth import Users
+from tests.conftest import NIH_DX
+
+PASSWORD = "correct horse battery"
+
+
+@pytest.fixture
+def gateway(tmp_path, pki):
+    config = GatewayConfig(data_dir=str(tmp_path / "data"), dicom_port=0, http_port=0,
+                           trust=[str(pki.ca_cert_path)])
+    gw = Gateway(config)
+    users = Users(gw.store)
+    for name, role in (("tech", "technologist"), ("rad", "radiologist"), ("boss", "admin"),
+                       ("aud", "auditor")):
+        users.add(name, role, PASSWORD)
+    gw.tokens = {name: users.issue_token(name) for name in ("tech", "rad", "boss", "aud")}
+    gw.start()
+    yield gw
+    gw.stop()
+
+
+def _call(gw, method: str, path: str, token: str | None = None, body: bytes | None = None,
+          headers: dict[str, str] | None = None) -> tuple[int, bytes, dict[str, str]]:
+    req = urllib.request.Request(f"http://127.0.0.1:{gw.http_port}{path}", data=body,
+                                 method=method, headers=dict(headers or {}))
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    opener = urllib.request.build_opener(_NoRedirect)
+    try:
+        with opener.open(req, timeout=60) as resp:
+            return resp.status, resp.read(), dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(), dict(exc.headers)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):  # noqa: ANN002, ANN003
+        return None
+
+
+def _instance(tmp_path, name: str, **changes) -> bytes:
+    ds = read_dataset(NIH_DX)
+    for k, v in changes.items():
+        setattr(ds, k, v)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    write_dataset(ds, tmp_path / name)
+    return (tmp_path / name).read_bytes()
+
+
+ROUTES = [("GET", "/"), ("GET", "/quarantine"), ("GET", "/audit"),
+          ("GET", "/dicom-web/studies"), ("GET", "/dicom-web/instances"),
+          ("GET", "/dicom-web/studies/1.2.3"), ("GET", "/dicom-web/studies/1.2/series"),
+          ("GET", "/dicom-web/studies/1.2/series/1.3/instances"),
+          ("GET", "/dicom-web/studies/1.2/series/1.3/instances/1.4"),
+          ("POST", "/dicom-web/studies"), ("GET", "/studies/1.2.3"),
+          ("GET", "/instances/1/image.png"), ("POST", "/quarantine/1/release"),
+          ("POST", "/logout")]
+
+
+def test_every_route_needs_a_token_and_the_right_role(gateway):
+    for method, path in ROUTES:
+        status, _, headers = _call(gateway, method, path, body=b"" if method == "POST" else None)
+        assert status == 401, (method, path, status)
+        assert "Bearer" in headers.get("www-authenticate", "")
+        status, _, _ = _call(gateway, method, path, token="not-a-token",
+                             body=b"" if method == "POST" else None)
+        assert status == 401, (method, path)
+    wrong = {"/": "tech", "/audit": "rad", "/dicom-web/studies": "aud",
+             "/quarantine/1/release": "rad"}
+    for path, who in wrong.items():
+        method = "POST" if "release" in path else "GET"
+        status, _, _ = _call(gateway, method, path, gateway.tokens[who],
+                             body=b"note=x" if method == "POST" else None)
+        assert status == 403, (path, who, status)
+    status, _, _ = _call(gateway, "POST", "/dicom-web/studies", gateway.tokens["rad"],
+                         body=b"x", headers={"Content-Type": "multipart/related; boundary=b"})
+    assert status == 403  # radiologists read, they do not send
+
+
+def test_login_and_token_endpoint(gateway):
+    body = json.dumps({"user": "rad", "password": PASSWORD}).encode()
+    status, data, _ = _call(gateway, "POST", "/auth/token", body=body)
+    assert status == 200 and json.loads(data)["token"]
+    status, _, _ = _call(gateway, "POST", "/auth/token",
+                         body=json.dumps({"user": "rad", "password": "wrong-password"}).encode())
+    assert status == 401
+    status, _, headers = _call(gateway, "POST", "/login",
+                               body=f"user=rad&password={PASSWORD.replace(' ', '+')}".encode(),
+                               headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 303 and "radguard_session=" in headers.get("set-cookie", "")
+    assert "HttpOnly" in headers["set-cookie"]
+    status, _, headers = _call(gateway, "GET", "/", headers={"Accept": "text/html"})
+    assert status == 303 and headers["location"] == "/login"  # browsers go to the login page
+    actions = [e.action for e in gateway.audit_log.entries()]
+    assert "auth.failed" in actions and "auth.login" in actions
+
+
+def test_stow_qido_wado_and_the_worklist(gateway, tmp_path):
+    client = DicomWebClient(f"http://127.0.0.1:{gateway.http_port}/dicom-web/",
+                            token=gateway.tokens["tech"])
+    good = _instance(tmp_path, "a.dcm")
+    synthetic = _instance(tmp_path, "b.dcm", SyntheticData="YES")
+    answer = json.loads(client.store([good, synthetic]))
+    assert len(answer["00081199"]["Value"]) == 2
+    assert gateway.wait_idle(60)
+    reader = DicomWebClient(f"http://127.0.0.1:{gateway.http_port}/dicom-web/",
+                            token=gateway.tokens["rad"])
+    refs = list(reader.search_instances())
+    assert len(refs) == 1  # the synthetic one was refused into the clinical store
+    assert reader.retrieve(refs[0]) == good
+    status, data, headers = _call(gateway, "GET", f"/dicom-web/studies/{refs[0].study}",
+                                  gateway.tokens["rad"])
+    assert status == 200 and len(split_multipart(data, headers["content-type"])) == 1
+    status, page, _ = _call(gateway, "GET", "/", gateway.tokens["rad"])
+    assert status == 200 and b"id='worklist'" in page and refs[0].study.encode() in page
+    status, png, _ = _call(gateway, "GET", "/instances/1/image.png", gateway.tokens["rad"])
+    assert status == 200 and png[:4] == b"\x89PNG"
+    status, page, _ = _call(gateway, "GET", "/quarantine", gateway.tokens["boss"])
+    assert status == 200 and b"rejected" in page
+
+
+def test_quarantine_release_is_recorded_with_who_and_why(gateway, tmp_path, pki):
+    from radguard.provenance.sign import sign_file
+
+    src = tmp_path / "s.dcm"
+    src.write_bytes(_instance(tmp_path, "u.dcm"))
+    sign_file(src, tmp_path / "signed.dcm", pki.signer)
+    ds = read_dataset(tmp_path / "signed.dcm")
+    ds.PatientName = "Someone^Else"
+    write_dataset(ds, tmp_path / "tampered.dcm")
+    client = DicomWebClient(f"http://127.0.0.1:{gateway.http_port}/dicom-web/",
+                            token=gateway.tokens["tech"])
+    client.store([(tmp_path / "tampered.dcm").read_bytes()])
+    assert gateway.wait_idle(60)
+    row = gateway.store.instances("state='quarantined'")[0]
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    status, _, _ = _call(gateway, "POST", f"/quarantine/{row.id}/release",
+                         gateway.tokens["boss"], body=b"note=", headers=form)
+    assert status == 400  # a decision needs a reason
+    status, _, _ = _call(gateway, "POST", f"/quarantine/{row.id}/release",
+                         gateway.tokens["boss"], body=b"note=checked+with+the+modality",
+                         headers=form)
+    assert status == 303
+    released = gateway.store.get(row.id)
+    assert released.state == "done" and released.decided_by == "boss"
+    assert released.decision_note == "checked with the modality"
+    entry = [e for e in gateway.audit_log.entries() if e.action == "quarantine.release"][0]
+    assert entry.actor == "boss" and entry.details["note"] == "checked with the modality"
+    status, _, _ = _call(gateway, "POST", f"/quarantine/{row.id}/release",
+                         gateway.tokens["boss"], body=b"note=again", headers=form)
+    assert status == 409  # no longer in quarantine
+
+
+@pytest.mark.parametrize("body,ctype", [
+    (b"garbage", "multipart/related; boundary=x"),
+    (b"--x\r\nContent-Type: application/dicom\r\n\r\nnot dicom\r\n--x--",
+     "multipart/related; boundary=x"),
+    (b"{}", "application/json"),
+    (b"--x\r\nContent-Type: text/plain\r\n\r\nhello\r\n--x--", "multipart/related; boundary=x"),
+])
+def test_malformed_stow_is_refused_and_stores_nothing(gateway, body, ctype):
+    status, _, _ = _call(gateway, "POST", "/dicom-web/studies", gateway.tokens["tech"],
+                         body=body, headers={"Content-Type": ctype})
+    assert status in (400, 409)
+    assert gateway.store.instances() == []
+
+
+def test_path_traversal_and_huge_bodies(gateway, monkeypatch):
+    for path in ("/dicom-web/studies/..%2F..%2Fetc%2Fpasswd",
+                 "/dicom-web/studies/1.2/series/..%2F..%2Fradguard.db/instances",
+                 "/instances/..%2Fradguard.db/image.png", "/static/../../radguard.db",
+                 "/dicom-web/studies/1.2.3;DROP TABLE instances"):
+        status, data, _ = _call(gateway, "GET", path.replace(" ", "%20"), gateway.tokens["rad"])
+        assert status in (400, 404, 422), (path, status)
+        assert b"SQLite" not in data
+    # a declared body larger than the limit is refused before it is read
+    sock = socket.create_connection(("127.0.0.1", gateway.http_port), timeout=10)
+    sock.sendall(b"POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                 + gateway.tokens["tech"].encode() + b"\r\nContent-Type: multipart/related; "
+                 b"boundary=x\r\nContent-Length: 99999999999\r\n\r\n")
+    reply = sock.recv(200)
+    sock.close()
+    assert b" 413 " in reply
+    assert gateway.store.instances() == []
+
+
+def test_bulk_reads_raise_an_alarm(tmp_path):
+    gw = Gateway(GatewayConfig(data_dir=str(tmp_path / "data"), dicom_port=0, http_port=0,
+                               bulk_read_limit=2))
+    users = Users(gw.store)
+    users.add("tech", "technologist", PASSWORD)
+    users.add("rad", "radiologist", PASSWORD)
+    gw.start()
+    try:
+        root = f"http://127.0.0.1:{gw.http_port}/dicom-web/"
+        DicomWebClient(root, token=users.issue_token("tech")).store(
+            [_instance(tmp_path, "a.dcm")])
+        assert gw.wait_idle(60)
+        reader = DicomWebClient(root, token=users.issue_token("rad"))
+        ref = next(iter(reader.search_instances()))
+        for _ in range(5):
+            reader.retrieve(ref)
+    finally:
+        gw.stop()
+    alarms = [e for e in gw.audit_log.entries() if e.action == "alarm.bulk_read"]
+    assert len(alarms) == 1 and alarms[0].target == "rad"  # once per window
+    assert len([e for e in gw.audit_log.entries() if e.action == "http.access"]) >= 7
