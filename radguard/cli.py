@@ -1057,14 +1057,27 @@ def triage_threshold(predictions: str, labels_path: str | None, score_column: st
 
 @main.command()
 @click.option("--workdir", default="radguard-demo", show_default=True, type=click.Path(),
-              help="Folder for the demo's keys and files (created).")
+              help="Folder for the demo's keys, images and gateway store (created).")
+@click.option("--walkthrough", is_flag=True,
+              help="Instead: the two-minute provenance walkthrough (sign, tamper, verify).")
 @click.option("--input", "input_path", type=click.Path(dir_okay=False),
-              help="DICOM file to use (default: the NIH chest DX from ../shared/data).")
-def demo(workdir: str, input_path: str | None) -> None:
-    """Walk through provenance end to end: CA, device key, sign, tamper, verify."""
-    from radguard.demo import run_demo
+              help="With --walkthrough: DICOM file to use (default: the NIH chest DX).")
+@click.option("--no-wait", is_flag=True, help="Exit after the batch instead of serving.")
+@click.option("--dicom-port", type=click.IntRange(0, 65535), default=11112, show_default=True)
+@click.option("--http-port", type=click.IntRange(0, 65535), default=8080, show_default=True)
+def demo(workdir: str, walkthrough: bool, input_path: str | None, no_wait: bool,
+         dicom_port: int, http_port: int) -> None:
+    """Start the gateway on the embedded default, send it real radiographs (signed,
+    tampered, synthetic-labelled, unsigned) and print where to open the worklist."""
+    if walkthrough:
+        from radguard.demo import run_demo
 
-    ok = run_demo(Path(workdir), Path(input_path) if input_path else None, click.echo)
+        ok = run_demo(Path(workdir), Path(input_path) if input_path else None, click.echo)
+        sys.exit(0 if ok else 1)
+    from radguard.gateway.demo import run_gateway_demo
+
+    ok = run_gateway_demo(Path(workdir), click.echo, wait=not no_wait, dicom_port=dicom_port,
+                          http_port=http_port)
     sys.exit(0 if ok else 1)
 
 

@@ -164,7 +164,7 @@ def test_dicom_info_and_demo(tmp_path):
     info = run("dicom", "info", NIH_DX, RG2_JPLY)
     assert info.exit_code == 1 and "1024x1024" in info.output
     assert "cannot decode pixel data" in info.stderr
-    demo = run("demo", "--workdir", tmp_path / "demo", "--input", NIH_DX)
+    demo = run("demo", "--walkthrough", "--workdir", tmp_path / "demo", "--input", NIH_DX)
     assert demo.exit_code == 0 and "all verdicts as expected" in demo.output
 
 

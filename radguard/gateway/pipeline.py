@@ -48,20 +48,26 @@ class Routing:
 
 
 class DimseForwarder:
-    """C-STORE SCU to the PACS; one association kept open and reopened when it drops."""
+    """C-STORE SCU to the PACS. Each instance goes in its own transfer syntax: converting
+    (say, Explicit to Implicit VR) can break a DICOM signature (8-bit pixel data is OB in
+    one and OW in the other; dcmtk and radguard agree the signature no longer holds), so the
+    association proposes exactly the (SOP class, transfer syntax) pairs it has to send and
+    is reopened when a new pair comes along."""
 
     def __init__(self, target: DimseTarget, calling_ae: str) -> None:
         self.target, self.calling_ae = target, calling_ae
         self._assoc: Any = None
+        self._pairs: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
 
     def _associate(self) -> Any:  # noqa: ANN401
-        from pynetdicom import AE, StoragePresentationContexts, evt
+        from pynetdicom import AE, evt
 
         from radguard.gateway.dimse import set_nodelay
 
         ae = AE(ae_title=self.calling_ae)
-        ae.requested_contexts = StoragePresentationContexts[:127]
+        for sop_class, syntax in sorted(self._pairs)[-120:]:
+            ae.add_requested_context(sop_class, syntax)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
         assoc = ae.associate(self.target.host, self.target.port, ae_title=self.target.ae_title,
                              evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
@@ -70,15 +76,27 @@ class DimseForwarder:
                                f"{self.target.port} refused or is unreachable")
         return assoc
 
+    def _accepts(self, pair: tuple[str, str]) -> bool:
+        return self._assoc is not None and self._assoc.is_established and any(
+            c.abstract_syntax == pair[0] and c.transfer_syntax[0] == pair[1]
+            for c in self._assoc.accepted_contexts)
+
     def send(self, path: Path) -> str:
-        """Send one file; returns where it went."""
+        """Send one file unchanged; returns where it went."""
         from pydicom import dcmread
 
         ds = dcmread(path)
+        pair = (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
         with self._lock:
             for attempt in (1, 2):
-                if self._assoc is None or not self._assoc.is_established:
+                if not self._accepts(pair):
+                    self._pairs.add(pair)
+                    if self._assoc is not None and self._assoc.is_established:
+                        self._assoc.release()
                     self._assoc = self._associate()
+                    if not self._accepts(pair):
+                        raise ForwardError(f"the PACS does not accept {pair[0]} in transfer "
+                                           f"syntax {pair[1]}")
                 try:
                     status = self._assoc.send_c_store(ds)
                 except (RuntimeError, ValueError, OSError) as exc:

@@ -79,6 +79,16 @@ def test_storescu_to_radguard_to_orthanc(tmp_path, files, pki, orthanc):
     assert by_name["unsigned"].state == "quarantined"  # DX_ROOM3 must sign
     in_orthanc = _orthanc_sops(orthanc)
     assert by_name["intact"].sop_uid in in_orthanc
+    # the PACS's copy still carries a valid signature (forwarded in its own transfer syntax)
+    from radguard.dicom.web import DicomWebClient
+    from radguard.provenance.trust import TrustStore
+    from radguard.provenance.verify import verify_file
+
+    client = DicomWebClient(orthanc.dicomweb)
+    ref = next(r for r in client.search_instances() if r.instance == by_name["intact"].sop_uid)
+    (tmp_path / "from_pacs.dcm").write_bytes(client.retrieve(ref))
+    assert verify_file(tmp_path / "from_pacs.dcm",
+                       TrustStore.from_paths([pki.ca_cert_path])).status == "valid"
     for name in ("tampered", "synthetic", "unsigned"):
         assert by_name[name].sop_uid not in in_orthanc
     actions = [e.action for e in gateway.audit_log.entries()]
