@@ -24,7 +24,7 @@ from radguard.dicom.io import read_dataset, write_dataset
 from radguard.dicom.uids import new_uid
 from radguard.errors import RadguardError
 
-__all__ = ["run_gateway_demo"]
+__all__ = ["prepare_images", "run_gateway_demo", "send_batch"]
 
 def _shared() -> Path:
     """``$RADGUARD_SHARED_DATA``, else ``../shared/data`` from here or from the repository."""
@@ -71,7 +71,8 @@ def _dx_from_jpeg(path: Path, row: dict[str, str]) -> Dataset:
     return ds
 
 
-def _prepare(workdir: Path, say: Callable[[str], None]) -> tuple[dict[str, Path], Path]:
+def prepare_images(workdir: Path, say: Callable[[str], None]) -> tuple[dict[str, Path], Path]:
+    """The demo's PKI and images: name -> file, and the CA certificate to trust."""
     from radguard.provenance.keys import (
         Identity,
         Signer,
@@ -146,15 +147,37 @@ def _send_dimse(port: int, paths: list[Path], calling_ae: str) -> int:
     return sent
 
 
+def send_batch(gateway: object, files: dict[str, Path], say: Callable[[str], None]) -> None:
+    """Send the demo images: most over C-STORE (the unsigned one from DX_ROOM3, which must
+    sign), two signed ones over STOW-RS as a technologist."""
+    from radguard.dicom.web import DicomWebClient
+    from radguard.gateway.auth import Users
+
+    users = Users(gateway.store)  # type: ignore[attr-defined]
+    users.add("demo-tech", "technologist", secrets.token_urlsafe(12))
+    names = list(files)
+    by_stow = [n for n in names if n.startswith("signed chest")][-2:]
+    by_dimse = [n for n in names if n not in by_stow]
+    port = gateway.dicom.port  # type: ignore[attr-defined]
+    sent = _send_dimse(port, [files[n] for n in by_dimse if not n.startswith("unsigned")],
+                       "MODALITY")
+    sent += _send_dimse(port, [files[n] for n in by_dimse if n.startswith("unsigned")],
+                        "DX_ROOM3")
+    client = DicomWebClient(f"http://127.0.0.1:{gateway.http_port}/dicom-web/",  # type: ignore[attr-defined]
+                            token=users.issue_token("demo-tech"))
+    client.store([files[n].read_bytes() for n in by_stow])
+    sent += len(by_stow)
+    say(f"sent {sent} images: {len(by_dimse)} over C-STORE, {len(by_stow)} over STOW-RS")
+
+
 def run_gateway_demo(workdir: Path, say: Callable[[str], None], *, wait: bool = True,
                      dicom_port: int = 11112, http_port: int = 8080) -> bool:
     """Run the demo; with ``wait`` keep serving until Ctrl-C. True if every image landed
     where the policy says."""
-    from radguard.dicom.web import DicomWebClient
     from radguard.gateway import Gateway, GatewayConfig
     from radguard.gateway.auth import Users
 
-    files, ca = _prepare(workdir, say)
+    files, ca = prepare_images(workdir, say)
     config = GatewayConfig(data_dir=str(workdir / "data"), dicom_port=dicom_port,
                            http_port=http_port, trust=[str(ca)], must_sign=["DX_ROOM3"],
                            triage={"DX": "chest", "CR": "chest"}).validate()
@@ -164,20 +187,7 @@ def run_gateway_demo(workdir: Path, say: Callable[[str], None], *, wait: bool = 
         users = Users(gateway.store)
         password = secrets.token_urlsafe(12)
         users.add("demo-admin", "admin", password)
-        tech = secrets.token_urlsafe(12)
-        users.add("demo-tech", "technologist", tech)
-        names = list(files)
-        by_stow = [n for n in names if n.startswith("signed chest")][-2:]
-        by_dimse = [n for n in names if n not in by_stow]
-        sent = _send_dimse(gateway.dicom.port, [files[n] for n in by_dimse
-                                                 if not n.startswith("unsigned")], "MODALITY")
-        sent += _send_dimse(gateway.dicom.port, [files[n] for n in by_dimse
-                                                  if n.startswith("unsigned")], "DX_ROOM3")
-        client = DicomWebClient(f"http://127.0.0.1:{gateway.http_port}/dicom-web/",
-                                token=users.issue_token("demo-tech"))
-        client.store([files[n].read_bytes() for n in by_stow])
-        sent += len(by_stow)
-        say(f"sent {sent} images: {len(by_dimse)} over C-STORE, {len(by_stow)} over STOW-RS")
+        send_batch(gateway, files, say)
         gateway.wait_idle(300)
         ok = _report(gateway, files, say)
         url = f"http://127.0.0.1:{gateway.http_port}/"

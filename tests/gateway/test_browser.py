@@ -1,0 +1,90 @@
+"""The web UI in headless Chromium (Debian chromium + chromedriver, driven by Selenium): sign
+in, the worklist shows the demo studies in priority order with their badges, a study view
+shows its images, the quarantine view lists what was held back."""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+
+import pytest
+
+from radguard.gateway import Gateway, GatewayConfig
+from radguard.gateway.auth import Users
+from radguard.gateway.demo import prepare_images, send_batch
+from radguard.gateway.web import _worklist_rows
+
+PASSWORD = "a demo admin password"
+
+
+@pytest.fixture
+def browser(tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not chromium or not driver:
+        pytest.fail("chromium / chromedriver not found: run scripts/install.sh --dev")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+                 f"--user-data-dir={tmp_path / 'chrome'}"):
+        options.add_argument(flag)
+    b = webdriver.Chrome(service=Service(driver), options=options)
+    b.set_page_load_timeout(60)
+    yield b
+    b.quit()
+
+
+def test_worklist_in_a_real_browser(tmp_path, browser):
+    from selenium.webdriver.common.by import By
+
+    files, ca = prepare_images(tmp_path / "demo", lambda _: None)
+    config = GatewayConfig(data_dir=str(tmp_path / "data"), dicom_port=0, http_port=0,
+                           trust=[str(ca)], must_sign=["DX_ROOM3"], triage={"DX": "chest"})
+    gateway = Gateway(config.validate())
+    gateway.start()
+    try:
+        Users(gateway.store).add("admin", "admin", PASSWORD)
+        send_batch(gateway, files, lambda _: None)
+        assert gateway.wait_idle(300)
+        expected = [item["study"].uid for item in _worklist_rows(gateway.store)]
+        assert len(expected) == 5
+        base = f"http://127.0.0.1:{gateway.http_port}"
+
+        browser.get(base + "/")  # not signed in: sent to the login page
+        assert browser.current_url.endswith("/login")
+        browser.find_element(By.NAME, "user").send_keys("admin")
+        browser.find_element(By.NAME, "password").send_keys(PASSWORD)
+        browser.find_element(By.TAG_NAME, "button").click()
+        rows = browser.find_elements(By.CSS_SELECTOR, "#worklist tr.study")
+        assert [r.get_attribute("data-study") for r in rows] == expected
+        suspicions = [r.find_elements(By.TAG_NAME, "td")[5].text for r in rows]
+        assert all("/10" in s for s in suspicions)
+        levels = [int(s.split("/")[0]) for s in suspicions]
+        assert levels == sorted(levels, reverse=True) or any(
+            float(s.split("(")[1].rstrip(")")) >= 0.9 for s in suspicions)
+        badges = [r.find_element(By.CSS_SELECTOR, ".badge").get_attribute("data-trust")
+                  for r in rows]
+        assert badges == ["signed"] * 5
+
+        rows[0].find_element(By.TAG_NAME, "a").click()
+        images = browser.find_elements(By.CSS_SELECTOR, "img.view")
+        assert len(images) == 2
+        browser.execute_script("return Promise.all(Array.from(document.images).map("
+                               "i => i.complete ? 1 : new Promise(r => i.onload = i.onerror = r)))")
+        widths = [browser.execute_script("return arguments[0].naturalWidth", i) for i in images]
+        assert all(w > 100 for w in widths), widths  # image and heat map rendered
+
+        browser.get(base + "/quarantine")
+        states = [r.find_elements(By.TAG_NAME, "td")[1].text
+                  for r in browser.find_elements(By.CSS_SELECTOR, "#quarantine tr[data-id]")]
+        assert sorted(states) == ["quarantined", "quarantined", "rejected"]
+        browser.save_screenshot(str(tmp_path / "quarantine.png"))
+    finally:
+        gateway.stop()
+    views = [e for e in gateway.audit_log.entries() if e.action == "image.view"]
+    assert len(views) == 2 and views[0].actor == "admin"
+    assert dt.datetime.fromisoformat(views[0].ts)
