@@ -21,6 +21,7 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.tag import Tag
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from radguard.errors import DicomReadError
@@ -247,7 +248,12 @@ def peek(ds: Dataset, keyword: str | int, default: Any = None) -> Any:  # noqa: 
         return default
     elem = ds.get_item(tag)
     if isinstance(elem, RawDataElement):
-        elem = convert_raw_data_element(elem, encoding=ds._character_set, ds=ds)
+        try:
+            elem = convert_raw_data_element(elem, encoding=ds._character_set, ds=ds)
+        except (NotImplementedError, ValueError, TypeError, KeyError, OverflowError) as exc:
+            name = getattr(ds, "filename", None) or "dataset"
+            raise DicomReadError(f"{name}: element {Tag(tag)} cannot be decoded "
+                                 f"({_one_line(exc)})") from exc
     return elem.value
 
 

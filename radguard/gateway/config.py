@@ -14,6 +14,8 @@ Example ``radguard.toml``::
     triage = { CR = "chest", DX = "chest", MG = "mammo" }
     monitor_db = ""                   # a fitted `radguard monitor init` database
     bulk_read_limit = 500             # instances per user per 10 minutes before an alarm
+    validate_compressed_pixels = true # decode compressed pixel data before acknowledging, so a
+                                      # corrupt stream is refused at the door (costs time)
 
     [forward]                         # the PACS; leave out to keep images here only
     dimse = "ORTHANC@127.0.0.1:4242"  # C-STORE target, AE@host:port
@@ -84,6 +86,7 @@ class GatewayConfig:
     forward_stow: str = ""
     workers: int = 1
     bulk_read_limit: int = 500  # instances one user may retrieve in 10 minutes before an alarm
+    validate_compressed_pixels: bool = True  # decode compressed pixels before acknowledging
     tls_cert: str = ""
     tls_key: str = ""
 

@@ -15,10 +15,11 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
-from radguard.errors import RadguardError
+from radguard.errors import DicomReadError, RadguardError
 from radguard.gateway.config import GatewayConfig
 from radguard.gateway.store import Store
 
@@ -40,9 +41,21 @@ def set_nodelay(event: Any) -> None:  # noqa: ANN401
             pass
 
 
-def header_of(data: bytes, name: str = "instance") -> dict[str, str]:
+def header_of(data: bytes, name: str = "instance", *, decode_compressed: bool = True
+              ) -> dict[str, str]:
     """Parse Part 10 bytes strictly (pixel data included, so a truncated or inconsistent
-    object is refused) and pull out what the store indexes."""
+    object is refused; compressed pixel data is decoded, so a corrupt stream is refused
+    too) and pull out what the store indexes."""
+    try:
+        return _header(data, name, decode_compressed)
+    except RadguardError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - hostile input: any decoder failure is a refusal
+        raise DicomReadError(f"{name}: malformed ({type(exc).__name__}: "
+                             f"{' '.join(str(exc).split())[:160]})") from exc
+
+
+def _header(data: bytes, name: str, decode_compressed: bool) -> dict[str, str]:
     from radguard.dicom.io import read_dataset_bytes
     from radguard.dicom.pixels import validate_pixel_data
 
@@ -50,8 +63,8 @@ def header_of(data: bytes, name: str = "instance") -> dict[str, str]:
     sop = str(ds.get("SOPInstanceUID", "") or "")
     if not sop:
         raise RadguardError(f"{name}: no SOP Instance UID")
-    if "PixelData" in ds:  # native pixel data must be whole; compressed is decoded later
-        validate_pixel_data(ds, decode_compressed=False)
+    if "PixelData" in ds:
+        validate_pixel_data(ds, decode_compressed=decode_compressed)
     return {
         "sop_uid": sop, "study_uid": str(ds.get("StudyInstanceUID", "") or ""),
         "series_uid": str(ds.get("SeriesInstanceUID", "") or ""),
@@ -76,6 +89,8 @@ class DicomServer:
         self.port = config.dicom_port
         self.refused = 0
         self._count_lock = threading.Lock()
+        self._last_audit: dict[str, float] = {}
+        self._pending: dict[str, int] = {}
 
     def _handle_store(self, event: Any) -> int:  # noqa: ANN401
         calling = event.assoc.requestor.ae_title.strip()
@@ -84,7 +99,8 @@ class DicomServer:
         except Exception as exc:  # noqa: BLE001 - pynetdicom raises whatever its decoder does
             return self._refuse(calling, f"undecodable request ({type(exc).__name__})")
         try:
-            header = header_of(data, f"C-STORE from {calling}")
+            header = header_of(data, f"C-STORE from {calling}",
+                               decode_compressed=self.config.validate_compressed_pixels)
         except RadguardError as exc:
             return self._refuse(calling, str(exc))
         requested = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
@@ -101,11 +117,20 @@ class DicomServer:
         return SUCCESS
 
     def _refuse(self, calling: str, why: str) -> int:
+        """Count and log a refusal; the audit log gets the first one from each calling AE
+        and then one summary a minute (a flood of junk must not become a flood of fsyncs)."""
+        now = time.monotonic()
         with self._count_lock:
             self.refused += 1
+            pending = self._pending.get(calling, 0) + 1
+            write = now - self._last_audit.get(calling, -1e9) >= 60
+            if write:
+                self._last_audit[calling], self._pending[calling] = now, 0
+            else:
+                self._pending[calling] = pending
         log.warning("C-STORE from %s refused: %s", calling, why)
-        if self.audit:
-            self.audit("dimse.refused", calling, {"reason": why[:300]})
+        if self.audit and write:
+            self.audit("dimse.refused", calling, {"reason": why[:300], "refused": pending})
         return CANNOT_UNDERSTAND
 
     def start(self) -> int:

@@ -192,7 +192,8 @@ def create_app(gateway: Any, *, bulk_read_limit: int = 500) -> Any:  # noqa: ANN
                 failed.append(("", f"unsupported part type {ctype}"))
                 continue
             try:
-                header = header_of(content, "STOW part")
+                header = header_of(content, "STOW part", decode_compressed=gateway.config
+                                   .validate_compressed_pixels)
                 store.ingest(content, header, source="stow", calling_ae=f"stow:{user.name}")
             except (RadguardError, OSError) as exc:
                 failed.append(("", str(exc)[:200]))
