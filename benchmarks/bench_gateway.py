@@ -1,0 +1,221 @@
+"""Gateway load benchmark: sustained instances/s and receive-to-worklist latency (p50/p99)
+with 1, 4 and 10 concurrent C-STORE associations, next to Orthanc's own C-STORE ingest rate
+for the same images and concurrency, measured in the same run (target: at least 0.5x
+Orthanc with every check on).
+
+Images: real chest radiographs from ../shared/data/cxr-nih as 512x512 DX objects, signed by a
+device key (so signature verification, forensics scan and the chest triage model all run).
+The gateway runs as its own process (`radguard serve`), like Orthanc; the senders are
+pynetdicom SCUs with TCP_NODELAY in this process.
+
+    python benchmarks/bench_gateway.py [--images 120] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.chdir(REPO)
+
+SHARED = REPO.parent / "shared" / "data"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if proc.poll() is not None:
+                raise SystemExit(f"{what} did not start") from None
+            time.sleep(0.1)
+    raise SystemExit(f"{what} did not start listening")
+
+
+def make_images(folder: Path, n: int) -> tuple[list[Path], Path]:
+    from radguard.dicom.io import write_dataset
+    from radguard.gateway.demo import prepare_images
+
+    files, ca = prepare_images(folder / "demo", lambda _: None)
+    template = files["signed chest 1"]
+    from radguard.dicom.io import read_dataset
+    from radguard.provenance.keys import (
+        Identity,
+        Signer,
+        create_ca,
+        create_signer,
+        save_certificate,
+    )
+    from radguard.provenance.sign import sign_file
+
+    ca_key, ca_cert = create_ca("Bench CA")
+    key, cert = create_signer(Identity("DX Room 3", "device"), ca_key=ca_key, ca_cert=ca_cert)
+    save_certificate(ca_cert, folder / "ca.pem")
+    signer = Signer(key, cert, [ca_cert])
+    import csv
+
+    from PIL import Image
+    from pydicom.uid import generate_uid
+
+    rows = list(csv.DictReader(open(SHARED / "cxr-nih" / "labels.csv")))
+    out = []
+    for i in range(n):
+        ds = read_dataset(template)
+        for tag in (0xFFFAFFFA, 0x4FFE0001):
+            if tag in ds:
+                del ds[tag]
+        pixels = np.asarray(Image.open(SHARED / "cxr-nih" / "images" / rows[i]["file"])
+                            .convert("L"))
+        ds.PixelData = pixels.tobytes()
+        ds.Rows, ds.Columns = pixels.shape
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+        raw = folder / f"raw{i}.dcm"
+        write_dataset(ds, raw)
+        sign_file(raw, folder / f"img{i:04d}.dcm", signer)
+        raw.unlink()
+        out.append(folder / f"img{i:04d}.dcm")
+    return out, folder / "ca.pem"
+
+
+def send(port: int, aet: str, files: list[Path], associations: int) -> float:
+    """Send every file over ``associations`` parallel associations; seconds taken."""
+    from pydicom import dcmread
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE, evt
+
+    from radguard.gateway.dimse import set_nodelay
+
+    datasets = [dcmread(f) for f in files]
+    shares = [datasets[i::associations] for i in range(associations)]
+    failures = []
+
+    def run(share: list) -> None:
+        ae = AE(ae_title="BENCH")
+        ae.add_requested_context(share[0].SOPClassUID, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", port, ae_title=aet,
+                             evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
+        for ds in share:
+            status = assoc.send_c_store(ds)
+            if not status or status.Status != 0:
+                failures.append(ds.SOPInstanceUID)
+        assoc.release()
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=run, args=(s,)) for s in shares if s]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failures:
+        raise SystemExit(f"{len(failures)} C-STOREs failed")
+    return time.perf_counter() - start
+
+
+def orthanc(folder: Path) -> tuple[subprocess.Popen, int]:
+    import glob
+
+    port, http = free_port(), free_port()
+    config = {"Name": "bench", "StorageDirectory": str(folder / "storage"),
+              "IndexDirectory": str(folder / "index"), "HttpPort": http, "DicomPort": port,
+              "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
+              "AuthenticationEnabled": True, "RegisteredUsers": {"b": "b"},
+              "Plugins": sorted(glob.glob("/usr/lib/orthanc/libOrthancDicomWeb.so*"))[:1]}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "o.json").write_text(json.dumps(config))
+    proc = subprocess.Popen([shutil.which("Orthanc") or "Orthanc", str(folder / "o.json")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port, proc, "Orthanc")
+    return proc, port
+
+
+def gateway_run(tmp: Path, files: list[Path], ca: Path, associations: int,
+                workers: int) -> dict[str, float]:
+    from radguard.gateway.store import Store
+
+    data = tmp / f"gw{associations}"
+    port = free_port()
+    config = tmp / f"gw{associations}.toml"
+    config.write_text(f'data_dir = "{data}"\ndicom_port = {port}\nhttp_port = 0\n'
+                      f'trust = ["{ca}"]\nworkers = {workers}\ntriage = {{ DX = "chest" }}\n')
+    proc = subprocess.Popen([sys.executable, "-m", "radguard.cli", "serve", "--config",
+                             str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, proc, "radguard")
+        start = time.perf_counter()
+        receive = send(port, "RADGUARD", files, associations)
+        store = Store(data)
+        while True:
+            counts = store.counts()
+            if not counts.get("queued") and not counts.get("processing"):
+                break
+            time.sleep(0.05)
+        total = time.perf_counter() - start
+        rows = store.instances()
+        import datetime as dt
+
+        lat = np.array([(dt.datetime.fromisoformat(r.processed_at)
+                         - dt.datetime.fromisoformat(r.received_at)).total_seconds()
+                        for r in rows])
+        states = {s: sum(r.state == s for r in rows) for s in {r.state for r in rows}}
+        return {"receive_rate": len(files) / receive, "rate": len(files) / total,
+                "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
+                "states": states}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=120)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        files, ca = make_images(tmp / "images", args.images)
+        mb = sum(f.stat().st_size for f in files) / len(files) / 1e6
+        print(f"{len(files)} signed 512x512 DX chest radiographs ({mb:.2f} MB each); gateway "
+              f"with signature check, forensics scan and chest triage, {args.workers} pipeline "
+              "workers; 2 cores")
+        print(f"{'associations':>12}{'Orthanc/s':>11}{'radguard received/s':>21}"
+              f"{'radguard checked/s':>20}{'ratio':>7}{'p50 s':>8}{'p99 s':>8}")
+        for associations in (1, 4, 10):
+            proc, port = orthanc(tmp / f"orthanc{associations}")
+            try:
+                orthanc_rate = len(files) / send(port, "ORTHANC", files, associations)
+            finally:
+                proc.terminate()
+                proc.wait(30)
+            r = gateway_run(tmp, files, ca, associations, args.workers)
+            print(f"{associations:>12}{orthanc_rate:>11.1f}{r['receive_rate']:>21.1f}"
+                  f"{r['rate']:>20.1f}{r['rate'] / orthanc_rate:>7.2f}{r['p50']:>8.2f}"
+                  f"{r['p99']:>8.2f}   {r['states']}")
+        print("ratio = radguard checked/s (received, verified, scanned, triaged, on the "
+              "worklist) / Orthanc ingest/s; target >= 0.5")
+
+
+if __name__ == "__main__":
+    main()
