@@ -1062,10 +1062,12 @@ def triage_threshold(predictions: str, labels_path: str | None, score_column: st
               help="Instead: the two-minute provenance walkthrough (sign, tamper, verify).")
 @click.option("--input", "input_path", type=click.Path(dir_okay=False),
               help="With --walkthrough: DICOM file to use (default: the NIH chest DX).")
-@click.option("--no-wait", is_flag=True, help="Exit after the batch instead of serving.")
+@click.option("--wait/--no-wait", default=None,
+              help="Keep serving after the batch until Ctrl-C (default: only when run from a "
+                   "terminal, so scripts and CI finish).")
 @click.option("--dicom-port", type=click.IntRange(0, 65535), default=11112, show_default=True)
 @click.option("--http-port", type=click.IntRange(0, 65535), default=8080, show_default=True)
-def demo(workdir: str, walkthrough: bool, input_path: str | None, no_wait: bool,
+def demo(workdir: str, walkthrough: bool, input_path: str | None, wait: bool | None,
          dicom_port: int, http_port: int) -> None:
     """Start the gateway on the embedded default, send it real radiographs (signed,
     tampered, synthetic-labelled, unsigned) and print where to open the worklist."""
@@ -1076,7 +1078,9 @@ def demo(workdir: str, walkthrough: bool, input_path: str | None, no_wait: bool,
         sys.exit(0 if ok else 1)
     from radguard.gateway.demo import run_gateway_demo
 
-    ok = run_gateway_demo(Path(workdir), click.echo, wait=not no_wait, dicom_port=dicom_port,
+    if wait is None:
+        wait = sys.stdin.isatty() and sys.stdout.isatty()
+    ok = run_gateway_demo(Path(workdir), click.echo, wait=wait, dicom_port=dicom_port,
                           http_port=http_port)
     sys.exit(0 if ok else 1)
 

@@ -178,6 +178,7 @@ def run_gateway_demo(workdir: Path, say: Callable[[str], None], *, wait: bool = 
     from radguard.gateway.auth import Users
 
     files, ca = prepare_images(workdir, say)
+    dicom_port, http_port = _free_or_any(dicom_port), _free_or_any(http_port)
     config = GatewayConfig(data_dir=str(workdir / "data"), dicom_port=dicom_port,
                            http_port=http_port, trust=[str(ca)], must_sign=["DX_ROOM3"],
                            triage={"DX": "chest", "CR": "chest"}).validate()
@@ -195,6 +196,9 @@ def run_gateway_demo(workdir: Path, say: Callable[[str], None], *, wait: bool = 
         say(f"DICOM: C-STORE to RADGUARD@127.0.0.1:{gateway.dicom.port}; DICOMweb: "
             f"{url}dicom-web/ ; audit log: radguard audit verify --log "
             f"{workdir / 'data' / 'audit.jsonl'}")
+        if not wait:
+            say(f"(not serving: run `radguard demo --wait`, or `radguard serve --data-dir "
+                f"{workdir / 'data'}` to browse these results)")
         if wait:
             say("serving until Ctrl-C ...")
             stop = threading.Event()
@@ -205,6 +209,20 @@ def run_gateway_demo(workdir: Path, say: Callable[[str], None], *, wait: bool = 
         return ok
     finally:
         gateway.stop()
+
+
+def _free_or_any(port: int) -> int:
+    """The asked-for port if it is free here, else 0 (the system picks one)."""
+    import socket
+
+    if port == 0:
+        return 0
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return 0
+    return port
 
 
 _EXPECTED = {"tampered": "quarantined", "synthetic": "rejected", "unsigned": "quarantined",
