@@ -128,3 +128,22 @@ def test_bad_instances_get_an_error_status_and_nothing_is_stored(tmp_path):
     assert gateway.store.instances() == []
     assert gateway.dicom.refused == 3
     assert list((tmp_path / "data" / "objects").glob("*/*")) == []
+
+
+def test_forwarding_over_stow_to_orthanc(tmp_path, files, pki, orthanc):
+    config = GatewayConfig(data_dir=str(tmp_path / "data"), dicom_port=0, http_port=0,
+                           trust=[str(pki.ca_cert_path)], forward_stow=orthanc.dicomweb)
+    gateway = Gateway(config.validate())
+    gateway.start()
+    try:
+        result = _storescu(gateway.dicom.port, files["intact"], files["tampered"], aet="CR1")
+        assert result.returncode == 0, result.stderr
+        assert gateway.wait_idle(120)
+    finally:
+        gateway.stop()
+    states = {r.sop_uid: r for r in gateway.store.instances()}
+    intact = states[str(read_dataset(files["intact"]).SOPInstanceUID)]
+    tampered = states[str(read_dataset(files["tampered"]).SOPInstanceUID)]
+    assert intact.forwarded == "stow" and tampered.state == "quarantined"
+    in_orthanc = _orthanc_sops(orthanc)
+    assert intact.sop_uid in in_orthanc and tampered.sop_uid not in in_orthanc

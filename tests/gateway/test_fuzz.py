@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 
 import numpy as np
+import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import dcmwrite
 from pydicom.uid import (
@@ -22,6 +23,8 @@ from pydicom.uid import (
 
 from radguard.gateway import Gateway, GatewayConfig
 from radguard.gateway.auth import Users
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on mangled values
 
 VRS = [b"UI", b"CS", b"US", b"OB", b"OW", b"LO", b"PN", b"DA", b"SH", b"IS"]
 
