@@ -466,8 +466,10 @@ def _study_html(rows: list[Instance]) -> str:
         parts.append(
             f"<section class='instance' data-sop='{r.sop_uid}'><h2>{html.escape(r.modality)} "
             f"{_badge(r.trust, r.verdict)} <small>{html.escape(r.state)}</small></h2>"
-            f"<img class='view' alt='image' src='/instances/{r.id}/image.png'>"
+            f"<figure><img class='view' alt='image' src='/instances/{r.id}/image.png'>"
             f"<img class='view' alt='heat map' src='/instances/{r.id}/image.png?heat=true'>"
+            "<figcaption>left: the image as windowed for display; right: where the "
+            "synthetic-image detector found its evidence (red)</figcaption></figure>"
             f"<table><tr><th>signature</th><td>{html.escape(str(scan.get('signature')))}</td>"
             f"</tr><tr><th>watermark</th><td>{html.escape(str(scan.get('watermark')))}</td></tr>"
             f"<tr><th>forensics</th><td>{html.escape(str(r.verdict))}, synthetic score "
