@@ -436,9 +436,11 @@ def audit_archive_command(source: str, results_path: str | None, workers: int,
 @click.option("--ae-title", help="Our AE title (default RADGUARD).")
 @click.option("--host", help="Address to listen on (default 127.0.0.1).")
 @click.option("--forward", "forward_dimse", help="PACS to forward to, AE@host:port.")
+@click.option("--db-url", help="PostgreSQL URL for the index and queue (default: SQLite in "
+                                "the data folder).")
 def serve(config_path: str | None, data_dir: str | None, dicom_port: int | None,
           http_port: int | None, ae_title: str | None, host: str | None,
-          forward_dimse: str | None) -> None:
+          forward_dimse: str | None, db_url: str | None) -> None:
     """Run the gateway: receive (C-STORE), verify, scan, triage, quarantine or forward.
     Stops cleanly on Ctrl-C or SIGTERM; a restart resumes unfinished work."""
     import signal
@@ -448,7 +450,7 @@ def serve(config_path: str | None, data_dir: str | None, dicom_port: int | None,
 
     config = load_config(config_path, data_dir=data_dir, dicom_port=dicom_port,
                          http_port=http_port, ae_title=ae_title, host=host,
-                         forward_dimse=forward_dimse)
+                         forward_dimse=forward_dimse, db_url=db_url)
     gateway = Gateway(config)
     gateway.start()
     stop = threading.Event()
@@ -469,8 +471,10 @@ def user() -> None:
     """Gateway users (roles: technologist, radiologist, admin, auditor) and their tokens."""
 
 
-_data_dir_option = click.option("--data-dir", default="radguard-data", show_default=True,
-                                help="The gateway's store folder.")
+def _data_dir_option(func):  # noqa: ANN001, ANN202
+    func = click.option("--db-url", help="PostgreSQL URL, when the gateway uses one.")(func)
+    return click.option("--data-dir", default="radguard-data", show_default=True,
+                        help="The gateway's store folder.")(func)
 
 
 @user.command("add")
@@ -480,7 +484,8 @@ _data_dir_option = click.option("--data-dir", default="radguard-data", show_defa
 @click.option("--password-file", type=click.Path(dir_okay=False),
               help="File whose first line is the password (default: asked for).")
 @_data_dir_option
-def user_add(name: str, role: str, password_file: str | None, data_dir: str) -> None:
+def user_add(name: str, role: str, password_file: str | None, data_dir: str,
+             db_url: str | None) -> None:
     """Create (or reset) a user."""
     from radguard.gateway.auth import Users
     from radguard.gateway.store import Store
@@ -489,7 +494,7 @@ def user_add(name: str, role: str, password_file: str | None, data_dir: str) -> 
         password = (_read_passphrase(password_file) or b"").decode()
     else:
         password = click.prompt("password", hide_input=True, confirmation_prompt=True)
-    Users(Store(data_dir)).add(name, role, password)
+    Users(Store(data_dir, db_url)).add(name, role, password)
     _audit_log(str(Path(data_dir) / "audit.jsonl")).append("user.add", name, {"role": role})
     click.echo(f"user {name} ({role}) saved")
 
@@ -498,12 +503,12 @@ def user_add(name: str, role: str, password_file: str | None, data_dir: str) -> 
 @click.argument("name")
 @click.option("--days", type=click.IntRange(1, 365), default=30, show_default=True)
 @_data_dir_option
-def user_token(name: str, days: int, data_dir: str) -> None:
+def user_token(name: str, days: int, data_dir: str, db_url: str | None) -> None:
     """Issue a bearer token (printed once; radguard keeps only its hash)."""
     from radguard.gateway.auth import Users
     from radguard.gateway.store import Store
 
-    token = Users(Store(data_dir)).issue_token(name, days)
+    token = Users(Store(data_dir, db_url)).issue_token(name, days)
     _audit_log(str(Path(data_dir) / "audit.jsonl")).append("user.token", name, {"days": days})
     click.echo(token)
 

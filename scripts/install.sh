@@ -19,10 +19,12 @@ command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 # tested against; the tests start and stop their own instance.
 command -v Orthanc >/dev/null 2>&1 || need_apt+=(orthanc)
 compgen -G "/usr/lib/orthanc/libOrthancDicomWeb.so*" >/dev/null || need_apt+=(orthanc-dicomweb)
-# headless Chromium and its driver for the web UI's browser test (--dev only)
+# headless Chromium and its driver for the web UI's browser test, and a PostgreSQL server
+# for the store's second backend (--dev only; the tests start their own instances)
 if [ "${1:-}" = "--dev" ]; then
   command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
   command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
+  compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need_apt+=(postgresql)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   $SUDO apt-get update -qq

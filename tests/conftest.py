@@ -176,3 +176,39 @@ def dcmtk_tool(name: str) -> str:
         if candidate.exists():
             return str(candidate)
     pytest.fail(f"dcmtk's {name} not found: run scripts/install.sh (apt-get install dcmtk)")
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A real PostgreSQL server (Debian package) in a temporary folder, on a free port."""
+    import glob
+    import os
+    import time
+
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not bins:
+        pytest.fail("PostgreSQL not found: run scripts/install.sh --dev (apt-get install "
+                    "postgresql)")
+    import tempfile
+
+    bindir = Path(bins[-1]).parent
+    # not under pytest's tmp folder: that is private to root, and the server runs as postgres
+    folder = Path(tempfile.mkdtemp(prefix="radguard-pg-"))
+    data = folder / "data"
+    run_as: list[str] = []
+    if os.geteuid() == 0:  # the server refuses to run as root
+        shutil.chown(folder, "postgres")
+        run_as = ["runuser", "-u", "postgres", "--"]
+    port = _free_port()
+    subprocess.run([*run_as, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U",
+                    "radguard", "--no-sync"], check=True, capture_output=True, timeout=120)
+    subprocess.run([*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-l",
+                    str(folder / "log"), "-w", "-t", "60", "-o",
+                    f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start"],
+                   check=True, capture_output=True, timeout=120)
+    url = f"postgresql://radguard@127.0.0.1:{port}/postgres"
+    time.sleep(0.2)
+    yield url
+    subprocess.run([*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"],
+                   capture_output=True, timeout=120)
+    shutil.rmtree(folder, ignore_errors=True)

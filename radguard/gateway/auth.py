@@ -65,39 +65,39 @@ class Users:
         if len(password) < 10:
             raise AuthError("a password needs at least 10 characters")
         salt = secrets.token_bytes(16)
-        with self.store._lock:
-            self.store._db().execute(
-                "INSERT OR REPLACE INTO users (name, role, salt, password_hash, created) "
+        with self.store.transaction():
+            self.store.execute("DELETE FROM users WHERE name=?", (name,))
+            self.store.execute(
+                "INSERT INTO users (name, role, salt, password_hash, created) "
                 "VALUES (?,?,?,?,?)", (name, role, salt, _hash_password(password, salt),
                                       dt.datetime.now(dt.UTC).isoformat()))
 
     def check_password(self, name: str, password: str) -> User:
         """The user, if the password is right (constant-time compare)."""
-        row = self.store._db().execute("SELECT role, salt, password_hash FROM users WHERE "
-                                       "name=?", (name,)).fetchone()
+        row = self.store.execute("SELECT role, salt, password_hash FROM users WHERE name=?",
+                                 (name,)).fetchone()
         if row is None:
             _hash_password(password, b"0" * 16)  # same work either way: no user oracle
             raise AuthError("wrong user name or password")
         role, salt, stored = row
-        if not hmac.compare_digest(_hash_password(password, salt), stored):
+        if not hmac.compare_digest(_hash_password(password, bytes(salt)), bytes(stored)):
             raise AuthError("wrong user name or password")
         return User(name, role)
 
     def issue_token(self, name: str, days: int = TOKEN_DAYS) -> str:
         """A new bearer token for an existing user (shown once)."""
-        if self.store._db().execute("SELECT 1 FROM users WHERE name=?",
-                                    (name,)).fetchone() is None:
+        if self.store.execute("SELECT 1 FROM users WHERE name=?", (name,)).fetchone() is None:
             raise AuthError(f"no user {name!r}")
         token = secrets.token_urlsafe(32)
         expires = dt.datetime.now(dt.UTC) + dt.timedelta(days=days)
-        with self.store._lock:
-            self.store._db().execute("INSERT INTO tokens (digest, name, expires) VALUES (?,?,?)",
-                                     (_token_digest(token), name, expires.isoformat()))
+        with self.store.transaction():
+            self.store.execute("INSERT INTO tokens (digest, name, expires) VALUES (?,?,?)",
+                               (_token_digest(token), name, expires.isoformat()))
         return token
 
     def user_for_token(self, token: str) -> User:
         """The token's user, if the token exists and has not expired."""
-        row = self.store._db().execute(
+        row = self.store.execute(
             "SELECT u.name, u.role, t.expires FROM tokens t JOIN users u ON u.name = t.name "
             "WHERE t.digest=?", (_token_digest(token),)).fetchone()
         if row is None:
@@ -108,5 +108,5 @@ class Users:
 
     def revoke(self, token: str) -> None:
         """Forget a token (logout)."""
-        with self.store._lock:
-            self.store._db().execute("DELETE FROM tokens WHERE digest=?", (_token_digest(token),))
+        with self.store.transaction():
+            self.store.execute("DELETE FROM tokens WHERE digest=?", (_token_digest(token),))

@@ -3,6 +3,8 @@
 Example ``radguard.toml``::
 
     data_dir = "radguard-data"
+    db_url = ""                       # empty: SQLite in data_dir; postgresql://... for a
+                                      # shared PostgreSQL index and queue
     ae_title = "RADGUARD"
     dicom_port = 11112
     http_port = 8080
@@ -72,6 +74,7 @@ class GatewayConfig:
     """Everything ``radguard serve`` needs; every field has a working default."""
 
     data_dir: str = "radguard-data"
+    db_url: str = ""  # empty: SQLite in data_dir; or postgresql://user:pw@host/db
     ae_title: str = "RADGUARD"
     host: str = "127.0.0.1"
     dicom_port: int = 11112
@@ -101,6 +104,8 @@ class GatewayConfig:
                 raise ConfigError(f"{name} {value!r}: a port number 0-65535 (0 picks a free one)")
         if self.forward_dimse:
             DimseTarget.parse(self.forward_dimse)
+        if self.db_url and not self.db_url.startswith(("postgresql://", "postgres://")):
+            raise ConfigError("db_url must be a postgresql:// URL (or empty for SQLite)")
         if self.forward_stow and not self.forward_stow.startswith(("http://", "https://")):
             raise ConfigError("forward.stow must be an http(s) DICOMweb root")
         if bool(self.tls_cert) != bool(self.tls_key):

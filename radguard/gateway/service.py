@@ -32,7 +32,7 @@ class Gateway:
         from radguard.governance.auditlog import AuditLog
 
         self.config = config
-        self.store = Store(config.data_dir)
+        self.store = Store(config.data_dir, config.db_url or None)
         self.audit_log = audit_log or AuditLog(Path(config.data_dir) / "audit.jsonl",
                                                actor="radguard-gateway")
         self.pipeline = Pipeline(config, self.store, self.audit_log)

@@ -10,10 +10,14 @@ processed exactly once. Files without a row (a crash between fsync and commit: n
 acknowledged) are removed by ``recover``.
 
 Schema changes are numbered migrations applied in order at open (``schema_version``).
+The embedded default is SQLite in the data folder; a larger site gives a PostgreSQL URL
+(``db_url = "postgresql://user:pw@host/radguard"``) and several gateways can then share one
+queue (claims use ``FOR UPDATE SKIP LOCKED``). Files stay in the data folder either way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -31,10 +35,10 @@ from radguard.fileio import atomic_write_bytes
 __all__ = ["Instance", "Store", "StoreError"]
 
 MIGRATIONS = [
-    # 1: instances and their queue state
+    # 1: instances and their queue state ({id} is the backend's auto-increment key)
     """
     CREATE TABLE instances (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        id {id},
         sop_uid TEXT NOT NULL, study_uid TEXT, series_uid TEXT, sop_class TEXT,
         patient_id TEXT, patient_name TEXT, modality TEXT, study_date TEXT,
         path TEXT NOT NULL, sha256 TEXT NOT NULL, size INTEGER NOT NULL,
@@ -49,8 +53,8 @@ MIGRATIONS = [
     """,
     # 2: people and their tokens (radguard.gateway.auth)
     """
-    CREATE TABLE users (name TEXT PRIMARY KEY, role TEXT NOT NULL, salt BLOB NOT NULL,
-                        password_hash BLOB NOT NULL, created TEXT NOT NULL);
+    CREATE TABLE users (name TEXT PRIMARY KEY, role TEXT NOT NULL, salt {blob} NOT NULL,
+                        password_hash {blob} NOT NULL, created TEXT NOT NULL);
     CREATE TABLE tokens (digest TEXT PRIMARY KEY, name TEXT NOT NULL, expires TEXT NOT NULL);
     """,
 ]
@@ -104,10 +108,67 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
 
 
-class Store:
-    """Files under ``data_dir/objects``, index in ``data_dir/radguard.db``."""
+class _Backend:
+    """The few things that differ between SQLite and PostgreSQL."""
 
-    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
+    name = "sqlite"
+    ddl = {"id": "INTEGER PRIMARY KEY AUTOINCREMENT", "blob": "BLOB"}
+    begin = "BEGIN IMMEDIATE"  # take the write lock now: no upgrade deadlocks
+    skip_locked = ""
+    errors: tuple[type[BaseException], ...] = (sqlite3.DatabaseError,)
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    def connect(self) -> Any:  # noqa: ANN401
+        db = sqlite3.connect(self.target, isolation_level=None, timeout=30,
+                             check_same_thread=True)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA busy_timeout=30000")
+        return db
+
+    def sql(self, text: str) -> str:
+        return text
+
+    def describe(self) -> str:
+        return self.target
+
+
+class _Postgres(_Backend):
+    name = "postgresql"
+    ddl = {"id": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY", "blob": "BYTEA"}
+    begin = "BEGIN"
+    skip_locked = " FOR UPDATE SKIP LOCKED"
+
+    def __init__(self, target: str) -> None:
+        super().__init__(target)
+        try:
+            import psycopg
+        except ImportError as exc:
+            raise StoreError("a PostgreSQL store needs psycopg: pip install "
+                             "'psycopg[binary]'") from exc
+        self.psycopg = psycopg
+        self.errors = (psycopg.Error,)
+
+    def connect(self) -> Any:  # noqa: ANN401
+        return self.psycopg.connect(self.target, autocommit=True, connect_timeout=10)
+
+    def sql(self, text: str) -> str:
+        return text.replace("?", "%s")  # no literal question marks in radguard's SQL
+
+    def describe(self) -> str:
+        from radguard.dicom.web import redact
+
+        return redact(self.target.replace("postgresql://", "http://")).replace(
+            "http://", "postgresql://")
+
+
+class Store:
+    """Files under ``data_dir/objects``; index in ``data_dir/radguard.db`` (SQLite) or in
+    the PostgreSQL database ``db_url`` names."""
+
+    def __init__(self, data_dir: str | os.PathLike[str], db_url: str | None = None) -> None:
         self.root = Path(data_dir)
         self.objects = self.root / "objects"
         try:
@@ -115,47 +176,67 @@ class Store:
         except OSError as exc:
             raise StoreError(f"{self.root}: cannot create the data folder ({exc.strerror})") \
                 from exc
-        self.db_path = self.root / "radguard.db"
+        if db_url and db_url.startswith(("postgresql://", "postgres://")):
+            self.backend: _Backend = _Postgres(db_url)
+        elif db_url:
+            raise StoreError(f"db_url: only postgresql://... URLs are supported "
+                             f"(got {db_url.split(':', 1)[0]}:...)")
+        else:
+            self.backend = _Backend(str(self.root / "radguard.db"))
+        self.db_path = self.backend.describe()
         self._local = threading.local()
         self._lock = threading.Lock()  # one writer at a time inside this process
         self._migrate()
 
-    # -- connections --------------------------------------------------------------------------
-    def _db(self) -> sqlite3.Connection:
+    # -- connections and statements ----------------------------------------------------------
+    def _db(self) -> Any:  # noqa: ANN401
         db = getattr(self._local, "db", None)
         if db is None:
             try:
-                db = sqlite3.connect(self.db_path, isolation_level=None, timeout=30)
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute("PRAGMA synchronous=FULL")
-                db.execute("PRAGMA busy_timeout=30000")
-            except sqlite3.DatabaseError as exc:
+                db = self.backend.connect()
+            except self.backend.errors as exc:
                 raise StoreError(f"{self.db_path}: not a usable database ({exc})") from exc
             self._local.db = db
         return db
 
-    def _migrate(self) -> None:
-        db = self._db()
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> Any:  # noqa: ANN401
+        """Run one statement (``?`` placeholders) on this thread's connection."""
         try:
-            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            row = db.execute("SELECT version FROM schema_version").fetchone()
+            return self._db().execute(self.backend.sql(sql), params)
+        except self.backend.errors as exc:
+            raise StoreError(f"{self.db_path}: database error ({exc})") from exc
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One write transaction (committed on success, rolled back on any error)."""
+        with self._lock:
+            self.execute(self.backend.begin)
+            try:
+                yield
+            except BaseException:
+                self.execute("ROLLBACK")
+                raise
+            self.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        self.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        with self.transaction():
+            if self.backend.name == "postgresql":  # one migrating gateway at a time
+                self.execute("LOCK TABLE schema_version IN EXCLUSIVE MODE")
+            row = self.execute("SELECT version FROM schema_version").fetchone()
             version = row[0] if row else 0
             if version > len(MIGRATIONS):
                 raise StoreError(f"{self.db_path}: made by a newer radguard (schema {version})")
             for number, script in enumerate(MIGRATIONS[version:], version + 1):
-                db.execute("BEGIN IMMEDIATE")
-                for statement in filter(str.strip, script.split(";")):
-                    db.execute(statement)
-                db.execute("DELETE FROM schema_version")
-                db.execute("INSERT INTO schema_version VALUES (?)", (number,))
-                db.execute("COMMIT")
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{self.db_path}: cannot prepare the database ({exc})") from exc
+                for statement in filter(str.strip, script.format(**self.backend.ddl).split(";")):
+                    self.execute(statement)
+                self.execute("DELETE FROM schema_version")
+                self.execute("INSERT INTO schema_version VALUES (?)", (number,))
 
     @property
     def schema_version(self) -> int:
         """The applied migration count."""
-        return int(self._db().execute("SELECT version FROM schema_version").fetchone()[0])
+        return int(self.execute("SELECT version FROM schema_version").fetchone()[0])
 
     # -- ingest ----------------------------------------------------------------------------------
     def ingest(self, data: bytes, header: dict[str, str], *, source: str,
@@ -167,44 +248,30 @@ class Store:
         path = self.objects / digest[:2] / f"{digest}.dcm"
         if not path.exists():
             atomic_write_bytes(path, data, 0o640, durable=True)
-        with self._lock:
-            db = self._db()
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                cur = db.execute(
-                    "INSERT INTO instances (sop_uid, study_uid, series_uid, sop_class, "
-                    "patient_id, patient_name, modality, study_date, path, sha256, size, "
-                    "received_at, source, calling_ae) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (header["sop_uid"], header.get("study_uid", ""),
-                     header.get("series_uid", ""), header.get("sop_class", ""),
-                     header.get("patient_id", ""), header.get("patient_name", ""),
-                     header.get("modality", ""), header.get("study_date", ""),
-                     str(path.relative_to(self.root)), digest, len(data), _now(), source,
-                     calling_ae))
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-        return int(cur.lastrowid)
+        with self.transaction():
+            row = self.execute(
+                "INSERT INTO instances (sop_uid, study_uid, series_uid, sop_class, "
+                "patient_id, patient_name, modality, study_date, path, sha256, size, "
+                "received_at, source, calling_ae) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                "RETURNING id",
+                (header["sop_uid"], header.get("study_uid", ""),
+                 header.get("series_uid", ""), header.get("sop_class", ""),
+                 header.get("patient_id", ""), header.get("patient_name", ""),
+                 header.get("modality", ""), header.get("study_date", ""),
+                 str(path.relative_to(self.root)), digest, len(data), _now(), source,
+                 calling_ae)).fetchone()
+        return int(row[0])
 
     # -- queue -----------------------------------------------------------------------------------
     def claim(self) -> Instance | None:
         """The oldest queued instance, now marked ``processing`` (None if the queue is empty)."""
-        with self._lock:
-            db = self._db()
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                row = db.execute("SELECT id FROM instances WHERE state='queued' ORDER BY id "
-                                 "LIMIT 1").fetchone()
-                if row is None:
-                    db.execute("COMMIT")
-                    return None
-                db.execute("UPDATE instances SET state='processing', attempts=attempts+1 "
-                           "WHERE id=?", (row[0],))
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+        with self.transaction():
+            row = self.execute("SELECT id FROM instances WHERE state='queued' ORDER BY id "
+                               "LIMIT 1" + self.backend.skip_locked).fetchone()
+            if row is None:
+                return None
+            self.execute("UPDATE instances SET state='processing', attempts=attempts+1 "
+                         "WHERE id=?", (row[0],))
         return self.get(row[0])
 
     def finish(self, instance_id: int, *, state: str, verdict: str, trust: str,
@@ -213,49 +280,33 @@ class Store:
         """Record the pipeline's result and final state in one transaction."""
         if state not in ("done", "quarantined", "rejected"):
             raise StoreError(f"unknown final state {state!r}")
-        with self._lock:
-            db = self._db()
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                db.execute(
-                    "UPDATE instances SET state=?, verdict=?, trust=?, details=?, "
-                    "ai_probability=?, ai_suspicion=?, forwarded=?, processed_at=? "
-                    "WHERE id=? AND state='processing'",
-                    (state, verdict, trust, json.dumps(details, default=str), ai_probability,
-                     ai_suspicion, forwarded, _now(), instance_id))
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+        with self.transaction():
+            self.execute(
+                "UPDATE instances SET state=?, verdict=?, trust=?, details=?, "
+                "ai_probability=?, ai_suspicion=?, forwarded=?, processed_at=? "
+                "WHERE id=? AND state='processing'",
+                (state, verdict, trust, json.dumps(details, default=str), ai_probability,
+                 ai_suspicion, forwarded, _now(), instance_id))
 
     def requeue(self, instance_id: int) -> None:
         """Put a claimed instance back (the PACS was unreachable; try again later)."""
-        with self._lock:
-            self._db().execute("UPDATE instances SET state='queued' WHERE id=? AND "
-                               "state='processing'", (instance_id,))
+        with self.transaction():
+            self.execute("UPDATE instances SET state='queued' WHERE id=? AND "
+                         "state='processing'", (instance_id,))
 
     def set_forwarded(self, instance_id: int, forwarded: str) -> None:
         """Record where an instance went after a release."""
-        with self._lock:
-            self._db().execute("UPDATE instances SET forwarded=? WHERE id=?",
-                               (forwarded, instance_id))
+        with self.transaction():
+            self.execute("UPDATE instances SET forwarded=? WHERE id=?", (forwarded, instance_id))
 
     def decide(self, instance_id: int, state: str, who: str, note: str) -> Instance:
         """A person's release (``done``) or rejection of a quarantined instance."""
         if state not in ("done", "rejected"):
             raise StoreError("a quarantine decision is release or reject")
-        with self._lock:
-            db = self._db()
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                changed = db.execute(
-                    "UPDATE instances SET state=?, decided_by=?, decision_note=? "
-                    "WHERE id=? AND state='quarantined'",
-                    (state, who, note, instance_id)).rowcount
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+        with self.transaction():
+            changed = self.execute(
+                "UPDATE instances SET state=?, decided_by=?, decision_note=? "
+                "WHERE id=? AND state='quarantined'", (state, who, note, instance_id)).rowcount
         if not changed:
             raise StoreError(f"instance {instance_id} is not in quarantine")
         found = self.get(instance_id)
@@ -263,12 +314,12 @@ class Store:
         return found
 
     def recover(self) -> dict[str, int]:
-        """After a crash: unfinished work back to the queue, unacknowledged files removed."""
-        with self._lock:
-            db = self._db()
-            requeued = db.execute("UPDATE instances SET state='queued' "
-                                  "WHERE state='processing'").rowcount
-            known = {r[0] for r in db.execute("SELECT path FROM instances")}
+        """After a crash: unfinished work back to the queue, unacknowledged files removed.
+        (With a shared PostgreSQL queue, run it only when no other gateway is processing.)"""
+        with self.transaction():
+            requeued = self.execute("UPDATE instances SET state='queued' "
+                                    "WHERE state='processing'").rowcount
+        known = {r[0] for r in self.execute("SELECT path FROM instances").fetchall()}
         orphans = 0
         for path in self.objects.glob("*/*"):
             rel = str(path.relative_to(self.root))
@@ -283,21 +334,22 @@ class Store:
     # -- reading ---------------------------------------------------------------------------------
     def get(self, instance_id: int) -> Instance | None:
         """One row by id."""
-        row = self._db().execute(f"SELECT {', '.join(_COLUMNS)} FROM instances WHERE id=?",
-                                 (instance_id,)).fetchone()
+        row = self.execute(f"SELECT {', '.join(_COLUMNS)} FROM instances WHERE id=?",
+                           (instance_id,)).fetchone()
         return Instance(*row) if row else None
 
     def instances(self, where: str = "1=1", params: tuple[Any, ...] = (),
                   order: str = "id") -> list[Instance]:
         """Rows matching a fixed SQL condition (callers pass constants, values as params)."""
-        cur = self._db().execute(
+        cur = self.execute(
             f"SELECT {', '.join(_COLUMNS)} FROM instances WHERE {where} ORDER BY {order}",
             params)
-        return [Instance(*r) for r in cur]
+        return [Instance(*r) for r in cur.fetchall()]
 
     def counts(self) -> dict[str, int]:
         """Instances per state."""
-        return dict(self._db().execute("SELECT state, COUNT(*) FROM instances GROUP BY state"))
+        return dict(self.execute("SELECT state, COUNT(*) FROM instances GROUP BY state")
+                    .fetchall())
 
     def file(self, instance: Instance) -> Path:
         """The instance's file on disk."""

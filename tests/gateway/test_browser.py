@@ -59,6 +59,11 @@ def test_worklist_in_a_real_browser(tmp_path, browser):
         browser.find_element(By.NAME, "user").send_keys("admin")
         browser.find_element(By.NAME, "password").send_keys(PASSWORD)
         browser.find_element(By.TAG_NAME, "button").click()
+        from selenium.webdriver.support import expected_conditions as ec
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        WebDriverWait(browser, 30).until(
+            ec.presence_of_element_located((By.CSS_SELECTOR, "#worklist tr.study")))
         rows = browser.find_elements(By.CSS_SELECTOR, "#worklist tr.study")
         assert [r.get_attribute("data-study") for r in rows] == expected
         suspicions = [r.find_elements(By.TAG_NAME, "td")[5].text for r in rows]
@@ -71,6 +76,8 @@ def test_worklist_in_a_real_browser(tmp_path, browser):
         assert badges == ["signed"] * 5
 
         rows[0].find_element(By.TAG_NAME, "a").click()
+        WebDriverWait(browser, 30).until(
+            ec.presence_of_element_located((By.CSS_SELECTOR, "img.view")))
         images = browser.find_elements(By.CSS_SELECTOR, "img.view")
         assert len(images) == 2
         browser.execute_script("return Promise.all(Array.from(document.images).map("

@@ -1,0 +1,127 @@
+"""The store on both backends: the embedded SQLite default and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from radguard.gateway.auth import AuthError, Users
+from radguard.gateway.store import Store, StoreError
+from tests.conftest import NIH_DX
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        yield Store(tmp_path / "data")
+        return
+    url = request.getfixturevalue("postgres_url")
+    s = Store(tmp_path / "data", url)
+    s.execute("DELETE FROM instances")
+    s.execute("DELETE FROM tokens")
+    s.execute("DELETE FROM users")
+    yield s
+
+
+def _header(n: int) -> dict[str, str]:
+    return {"sop_uid": f"1.2.3.{n}", "study_uid": "1.2.3", "series_uid": "1.2.3.0",
+            "modality": "DX", "patient_id": "P1", "patient_name": "Test^One"}
+
+
+def test_ingest_claim_finish_recover(store):
+    data = NIH_DX.read_bytes()
+    ids = [store.ingest(data + bytes([n]), _header(n), source="dimse") for n in range(3)]
+    assert ids == sorted(ids) and store.counts() == {"queued": 3}
+    first = store.claim()
+    assert first.id == ids[0] and first.state == "processing" and first.attempts == 1
+    store.finish(first.id, state="quarantined", verdict="tampered", trust="signature invalid",
+                 details={"reasons": ["signature invalid"]})
+    second = store.claim()
+    assert store.recover()["requeued"] == 1  # a crash while the second was processing
+    assert store.get(second.id).state == "queued"
+    again = store.claim()
+    assert again.id == second.id and again.attempts == 2
+    released = store.decide(first.id, "done", "boss", "checked")
+    assert released.decided_by == "boss" and released.detail == {
+        "reasons": ["signature invalid"]}
+    with pytest.raises(StoreError):
+        store.decide(first.id, "done", "boss", "again")
+    assert store.file(first).read_bytes() == data + b"\x00"
+    assert store.schema_version == 2
+
+
+def test_users_and_tokens(store):
+    users = Users(store)
+    users.add("alice", "radiologist", "long enough password")
+    token = users.issue_token("alice")
+    assert users.user_for_token(token).role == "radiologist"
+    assert users.check_password("alice", "long enough password").name == "alice"
+    with pytest.raises(AuthError):
+        users.check_password("alice", "wrong password!!")
+    users.add("alice", "admin", "another long password")  # reset
+    assert users.check_password("alice", "another long password").role == "admin"
+    users.revoke(token)
+    with pytest.raises(AuthError):
+        users.user_for_token(token)
+
+
+def test_concurrent_claims_take_each_instance_once(store, tmp_path):
+    for n in range(60):
+        store.ingest(b"x" * (n + 1), _header(n), source="stow")
+    if store.backend.name == "postgresql":  # two gateways sharing one queue
+        stores = [store, Store(tmp_path / "other", store.backend.target)]
+    else:
+        stores = [store, store]
+    claimed: list[int] = []
+    lock = threading.Lock()
+
+    def work(s: Store) -> None:
+        while (inst := s.claim()) is not None:
+            with lock:
+                claimed.append(inst.id)
+            s.finish(inst.id, state="done", verdict="authentic", trust="unsigned", details={})
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in stores for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(claimed) == 60 and len(set(claimed)) == 60
+    assert store.counts() == {"done": 60}
+
+
+def test_bad_database_urls(tmp_path):
+    with pytest.raises(StoreError, match="only postgresql"):
+        Store(tmp_path / "d", "mysql://x/y")
+    with pytest.raises(StoreError, match="not a usable database") as err:
+        Store(tmp_path / "d", "postgresql://u:secret@127.0.0.1:9/db")
+    assert "secret" not in str(err.value)
+
+
+def test_gateway_on_postgresql(tmp_path, postgres_url):
+    import subprocess
+
+    from pydicom.uid import generate_uid
+
+    from radguard.dicom.io import read_dataset, write_dataset
+    from radguard.gateway import Gateway, GatewayConfig
+    from tests.conftest import dcmtk_tool
+
+    ds = read_dataset(NIH_DX)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    write_dataset(ds, tmp_path / "a.dcm")
+    config = GatewayConfig(data_dir=str(tmp_path / "data"), db_url=postgres_url, dicom_port=0,
+                           http_port=0).validate()
+    gateway = Gateway(config)
+    gateway.start()
+    try:
+        sent = subprocess.run([dcmtk_tool("storescu"), "-aec", "RADGUARD", "127.0.0.1",
+                               str(gateway.dicom.port), str(tmp_path / "a.dcm")],
+                              capture_output=True, text=True, timeout=120)
+        assert sent.returncode == 0, sent.stderr
+        assert gateway.wait_idle(120)
+        row = gateway.store.instances("sop_uid=?", (str(ds.SOPInstanceUID),))[0]
+        assert row.state == "done" and row.processed_at
+    finally:
+        gateway.stop()
