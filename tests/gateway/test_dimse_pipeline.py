@@ -147,3 +147,38 @@ def test_forwarding_over_stow_to_orthanc(tmp_path, files, pki, orthanc):
     assert intact.forwarded == "stow" and tampered.state == "quarantined"
     in_orthanc = _orthanc_sops(orthanc)
     assert intact.sop_uid in in_orthanc and tampered.sop_uid not in in_orthanc
+
+
+def test_tls_associations(tmp_path, pki):
+    """With tls_cert/tls_key the SCP speaks DICOM over TLS only."""
+    import ssl
+
+    from pynetdicom import AE
+
+    from radguard.provenance.keys import Identity, create_signer, save_certificate, save_private_key
+
+    key, cert = create_signer(Identity("radguard gateway", "device", "Test Hospital"),
+                              ca_key=pki.ca_key, ca_cert=pki.ca_cert)
+    save_private_key(key, tmp_path / "tls.key")
+    save_certificate(cert, tmp_path / "tls.crt")
+    gateway = Gateway(GatewayConfig(data_dir=str(tmp_path / "data"), dicom_port=0,
+                                    http_port=0, tls_cert=str(tmp_path / "tls.crt"),
+                                    tls_key=str(tmp_path / "tls.key")).validate())
+    gateway.start()
+    try:
+        client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
+                                            cafile=str(pki.ca_cert_path))
+        client.check_hostname = False  # the certificate names the gateway, not 127.0.0.1
+        ae = AE(ae_title="TLSCLIENT")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        assoc = ae.associate("127.0.0.1", gateway.dicom.port, ae_title="RADGUARD",
+                             tls_args=(client, None))
+        assert assoc.is_established and assoc.send_c_echo().Status == 0
+        assoc.release()
+        plain = AE(ae_title="PLAIN")
+        plain.add_requested_context("1.2.840.10008.1.1")
+        plain.acse_timeout = plain.network_timeout = 5
+        refused = plain.associate("127.0.0.1", gateway.dicom.port, ae_title="RADGUARD")
+        assert not refused.is_established
+    finally:
+        gateway.stop()
