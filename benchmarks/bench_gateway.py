@@ -152,14 +152,16 @@ def orthanc(folder: Path) -> tuple[subprocess.Popen, int]:
 
 
 def gateway_run(tmp: Path, files: list[Path], ca: Path, associations: int,
-                workers: int) -> dict[str, float]:
+                workers: int, trust_signed: bool) -> dict[str, float]:
     from radguard.gateway.store import Store
 
-    data = tmp / f"gw{associations}"
+    name = f"gw{associations}{'t' if trust_signed else 'f'}"
+    data = tmp / name
     port = free_port()
-    config = tmp / f"gw{associations}.toml"
+    config = tmp / f"{name}.toml"
     config.write_text(f'data_dir = "{data}"\ndicom_port = {port}\nhttp_port = 0\n'
-                      f'trust = ["{ca}"]\nworkers = {workers}\ntriage = {{ DX = "chest" }}\n')
+                      f'trust = ["{ca}"]\nworkers = {workers}\ntriage = {{ DX = "chest" }}\n'
+                      f'trust_signed_pixels = {"true" if trust_signed else "false"}\n')
     proc = subprocess.Popen([sys.executable, "-m", "radguard.cli", "serve", "--config",
                              str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -200,7 +202,10 @@ def main() -> None:
         print(f"{len(files)} signed 512x512 DX chest radiographs ({mb:.2f} MB each); gateway "
               f"with signature check, forensics scan and chest triage, {args.workers} pipeline "
               "workers; 2 cores")
-        print(f"{'associations':>12}{'Orthanc/s':>11}{'radguard received/s':>21}"
+        print("policy A: default - a trusted signature over the pixels skips the synthetic and "
+              "copy-move detectors (signature, header checks, triage run)")
+        print("policy B: trust_signed_pixels = false - every detector on every image")
+        print(f"{'associations':>12}{'policy':>7}{'Orthanc/s':>11}{'radguard received/s':>21}"
               f"{'radguard checked/s':>20}{'ratio':>7}{'p50 s':>8}{'p99 s':>8}")
         for associations in (1, 4, 10):
             proc, port = orthanc(tmp / f"orthanc{associations}")
@@ -209,11 +214,13 @@ def main() -> None:
             finally:
                 proc.terminate()
                 proc.wait(30)
-            r = gateway_run(tmp, files, ca, associations, args.workers)
-            print(f"{associations:>12}{orthanc_rate:>11.1f}{r['receive_rate']:>21.1f}"
-                  f"{r['rate']:>20.1f}{r['rate'] / orthanc_rate:>7.2f}{r['p50']:>8.2f}"
-                  f"{r['p99']:>8.2f}   {r['states']}")
-        print("ratio = radguard checked/s (received, verified, scanned, triaged, on the "
+            for policy, trust_signed in (("A", True), ("B", False)):
+                r = gateway_run(tmp, files, ca, associations, args.workers, trust_signed)
+                print(f"{associations:>12}{policy:>7}{orthanc_rate:>11.1f}"
+                      f"{r['receive_rate']:>21.1f}{r['rate']:>20.1f}"
+                      f"{r['rate'] / orthanc_rate:>7.2f}{r['p50']:>8.2f}{r['p99']:>8.2f}"
+                      f"   {r['states']}")
+        print("ratio = radguard checked/s (received, verified, checked, triaged, on the "
               "worklist) / Orthanc ingest/s; target >= 0.5")
 
 

@@ -48,6 +48,7 @@ class ScanResult:
     findings: list[Finding] = field(default_factory=list)
     pixels: np.ndarray | None = field(default=None, repr=False)
     modality: str = ""
+    pixels_vouched: bool = False  # a trusted signature covers the pixel data
 
     @property
     def synthetic_score(self) -> float | None:
@@ -93,6 +94,8 @@ def _dicom_layers(path: Path, result: ScanResult, trust: object, key: object) ->
         )
     elif report.status == "valid" and "Pixel Data" in report.uncovered:
         result.reasons.append("signature valid but does not cover the pixel data")
+    elif report.status == "valid" and trust is not None:
+        result.pixels_vouched = True
     if key is not None:
         from radguard.watermark import WatermarkError, check_dataset
 
@@ -123,8 +126,15 @@ def scan_file(
     watermark_key: object = None,
     detector: SyntheticDetector | None = None,
     keep_pixels: bool = False,
+    trust_signed_pixels: bool = False,
 ) -> ScanResult:
-    """Scan one file; never raises for bad input (the verdict is then ``unverifiable``)."""
+    """Scan one file; never raises for bad input (the verdict is then ``unverifiable``).
+
+    ``trust_signed_pixels`` skips the content detectors (synthetic image, copy-move) when a
+    signature that chains to ``trust`` covers the pixel data: the pixels are then provably
+    the device's, and a statistical detector could only add false alarms (about 5% of real
+    radiographs at its threshold). Header checks still run.
+    """
     p = Path(path)
     result = ScanResult(str(p))
     det = detector or load_detector()
@@ -135,6 +145,13 @@ def scan_file(
             pixels = read_for_analysis(p)
     except RadguardError as exc:
         result.reasons.append(str(exc))
+        return result
+    if trust_signed_pixels and result.pixels_vouched:
+        result.reasons.append("content detectors skipped: a trusted signature covers the "
+                              "pixel data")
+        if keep_pixels:
+            result.pixels = pixels
+        _decide(result, det.threshold, det.suspicious_threshold)
         return result
     try:
         if result.modality in RADIOGRAPHIC:

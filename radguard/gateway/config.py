@@ -18,6 +18,8 @@ Example ``radguard.toml``::
     bulk_read_limit = 500             # instances per user per 10 minutes before an alarm
     validate_compressed_pixels = true # decode compressed pixel data before acknowledging, so a
                                       # corrupt stream is refused at the door (costs time)
+    trust_signed_pixels = true        # a trusted signature over the pixel data makes the
+                                      # synthetic and copy-move detectors unnecessary
 
     [forward]                         # the PACS; leave out to keep images here only
     dimse = "ORTHANC@127.0.0.1:4242"  # C-STORE target, AE@host:port
@@ -90,6 +92,8 @@ class GatewayConfig:
     workers: int = 1
     bulk_read_limit: int = 500  # instances one user may retrieve in 10 minutes before an alarm
     validate_compressed_pixels: bool = True  # decode compressed pixels before acknowledging
+    trust_signed_pixels: bool = True  # skip content detectors when a trusted signature
+                                      # covers the pixel data (header checks still run)
     tls_cert: str = ""
     tls_key: str = ""
 

@@ -11,6 +11,11 @@ The policy, in order (the first rule that applies decides):
 7. Otherwise **done**: forwarded to the PACS when one is configured; ``suspicious`` images
    go through with their badge and reasons.
 
+When a signature that chains to the trust store covers the pixel data, the synthetic-image
+and copy-move detectors are skipped (``trust_signed_pixels``, on by default): the pixels are
+provably the device's, and a statistical detector could only add false alarms. Header checks
+and triage still run.
+
 Every layer that is not configured says so in the instance's details ("not configured")
 instead of being silently skipped. Delivery to the PACS is at least once: a crash between
 sending and recording resends, which PACSs absorb (the SOP Instance UID identifies it).
@@ -202,7 +207,8 @@ class Pipeline:
 
         path = self.store.file(instance)
         scan = scan_file(path, trust=self.trust, watermark_key=self.key, detector=self.detector,
-                         keep_pixels=bool(self.models or self.monitor))
+                         keep_pixels=bool(self.models or self.monitor),
+                         trust_signed_pixels=self.config.trust_signed_pixels)
         codes = {f.code for f in scan.findings}
         trust = _badge(scan.signature, scan.watermark)
         details: dict[str, Any] = {"scan": {k: v for k, v in scan.to_dict().items()

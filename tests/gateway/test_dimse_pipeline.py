@@ -73,6 +73,9 @@ def test_storescu_to_radguard_to_orthanc(tmp_path, files, pki, orthanc):
     assert by_name["intact"].state == "done" and by_name["intact"].trust == "signed"
     assert by_name["intact"].forwarded == "dimse:ORTHANC"
     assert by_name["intact"].ai_suspicion is not None  # the chest model scored it
+    assert any("content detectors skipped" in r for r in by_name["intact"].detail["reasons"])
+    assert not any("content detectors skipped" in r
+                   for r in by_name["unsigned"].detail["reasons"])
     assert by_name["tampered"].state == "quarantined"
     assert "signature invalid" in by_name["tampered"].detail["reasons"][0]
     assert by_name["synthetic"].state == "rejected"
