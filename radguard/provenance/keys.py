@@ -242,7 +242,12 @@ def load_private_key(path: str | os.PathLike[str], passphrase: bytes | None = No
             f"{p}: key is passphrase-protected; give --passphrase-file or set "
             "RADGUARD_KEY_PASSPHRASE") from exc
     except (ValueError, UnsupportedAlgorithm) as exc:
-        if passphrase and ("decrypt" in str(exc).lower() or "password" in str(exc).lower()):
+        # a wrong passphrase usually fails the decryption's padding check, but about once in
+        # 256 tries it decrypts to garbage that fails later as "unreadable": with an encrypted
+        # key and a passphrase given, both mean the passphrase is wrong
+        encrypted = b"ENCRYPTED" in data[:200]
+        if passphrase and (encrypted or "decrypt" in str(exc).lower()
+                           or "password" in str(exc).lower()):
             raise KeyMaterialError(f"{p}: wrong passphrase for this private key") from exc
         raise KeyMaterialError(f"{p}: not a readable private key") from exc
     if not isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey)):

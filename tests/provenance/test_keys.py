@@ -111,3 +111,14 @@ def test_ca_and_certificate_files(tmp_path):
     save_certificate(cert, tmp_path / "ca.pem")
     assert load_certificates(tmp_path / "ca.pem")[0] == cert
     assert (cert.not_valid_after_utc - cert.not_valid_before_utc).days == 30
+
+
+def test_every_wrong_passphrase_is_reported_as_such(tmp_path):
+    """About one wrong passphrase in 256 decrypts to garbage instead of failing the padding
+    check; that too must read as a wrong passphrase, not as a damaged key."""
+    from radguard.provenance.keys import generate_private_key
+
+    save_private_key(generate_private_key(), tmp_path / "k.pem", b"the right one")
+    for i in range(400):
+        with pytest.raises(KeyMaterialError, match="wrong passphrase"):
+            load_private_key(tmp_path / "k.pem", f"guess {i}".encode())
