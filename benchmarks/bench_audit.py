@@ -85,7 +85,8 @@ def archive_bench(images: int) -> None:
 
 def flip_bench(runs: int) -> None:
     from radguard.evaluation.splits import split_of
-    from radguard.governance.audit import audit_dataset
+    from radguard.fileio import write_csv
+    from radguard.governance.audit import audit_dataset, plant_label_flips
     from radguard.triage.model import load_model
 
     rows = list(csv.DictReader(open(SHARED / "cxr-nih" / "labels.csv")))
@@ -98,18 +99,10 @@ def flip_bench(runs: int) -> None:
     print(f"{'run':<6}{'recall':>8}{'recall unseen':>15}{'FPR':>8}{'flagged':>9}")
     out = []
     for run in range(runs):
-        rng = np.random.default_rng(100 + run)
-        flipped = set(rng.choice(len(rows), len(rows) // 20, replace=False).tolist())
+        noisy, flipped = plant_label_flips(rows, "label", 0.05, seed=100 + run)
         with tempfile.TemporaryDirectory() as tmp:
             labels = Path(tmp) / "labels.csv"
-            with labels.open("w", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-                writer.writeheader()
-                for i, row in enumerate(rows):
-                    if i in flipped:
-                        row = {**row, "label": "normal" if row["label"] == "pneumonia"
-                               else "pneumonia"}
-                    writer.writerow(row)
+            write_csv(labels, noisy, list(rows[0]))
             report = audit_dataset(SHARED / "cxr-nih" / "images", labels, model=model,
                                    synthetic=False, workers=2)
         flagged = {f["image"] for f in report.findings["label_flip_suspects"]}

@@ -465,28 +465,23 @@ def _existing_db(path: str) -> None:
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False))
 def monitor_features(paths: tuple[str, ...], out: str) -> None:
     """Compute image features of DICOM/PNG/JPEG files into a CSV (id = file path)."""
-    import csv
-    import io as _io
-
     from radguard.dicom.io import iter_dicom_paths
-    from radguard.fileio import atomic_write_bytes
+    from radguard.fileio import write_csv
     from radguard.monitoring.features import IMAGE_FEATURES, features_of_file
 
-    buf = _io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["id", *IMAGE_FEATURES])
-    writer.writeheader()
+    rows = []
     files = list(iter_dicom_paths(paths))
     failures = 0
     with _progress(len(files), "features") as progress:
         task = progress.add_task("features", total=len(files))
         for f in files:
             try:
-                writer.writerow({"id": str(f), **features_of_file(str(f))})
+                rows.append({"id": str(f), **features_of_file(str(f))})
             except (RadguardError, ValueError) as exc:
                 failures += 1
                 _err(str(exc))
             progress.advance(task)
-    atomic_write_bytes(out, buf.getvalue().encode())
+    write_csv(out, rows, ["id", *IMAGE_FEATURES], durable=True)
     click.echo(f"{len(files) - failures} feature rows -> {out}")
 
 
@@ -890,19 +885,6 @@ def scan(paths: tuple[str, ...], trust_paths: tuple[str, ...], key_path: str | N
     sys.exit(0 if all_ok else 1)
 
 
-def _write_csv(path: str, rows: list[dict[str, object]], fields: list[str]) -> None:
-    import csv
-    import io
-
-    from radguard.fileio import atomic_write_bytes
-
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_bytes(path, buf.getvalue().encode(), durable=False)
-
-
 def _print_scan(result: Any, as_json: bool) -> None:  # noqa: ANN401
     if as_json:
         click.echo(json.dumps(result.to_dict()))
@@ -990,7 +972,9 @@ def triage_predict(paths: tuple[str, ...], model_name: str, as_json: bool,
                            f"{record['probability']:.3f}  {f}")
             progress.advance(task)
     if csv_path:
-        _write_csv(csv_path, scored, ["id", "path", "score", "suspicion", "positive", "model",
+        from radguard.fileio import write_csv
+
+        write_csv(csv_path, scored, ["id", "path", "score", "suspicion", "positive", "model",
                                       "version"])
     sys.exit(0 if all_ok else 1)
 

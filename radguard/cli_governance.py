@@ -126,6 +126,8 @@ def dataset_diff(old: str, new: str, as_json: bool, audit_path: str | None) -> N
 def dataset_verify(manifest_path: str, folder: str | None, trust_paths: tuple[str, ...],
                    no_rehash: bool, workers: int, audit_path: str | None) -> None:
     """Check a manifest (hash, signature, trust) and that the data still matches it."""
+    import os
+
     from radguard.governance.datasets import diff_manifests, load_manifest, snapshot
 
     m = load_manifest(manifest_path)
@@ -140,16 +142,14 @@ def dataset_verify(manifest_path: str, folder: str | None, trust_paths: tuple[st
     if not no_rehash:
         labels = None
         if m.labels:
-            import csv
             import tempfile
 
+            from radguard.fileio import write_csv
+
             # rebuild the label CSV from the manifest: only the images are re-read
-            with tempfile.NamedTemporaryFile("w", suffix=".csv", delete=False,
-                                             newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=m.label_columns)
-                writer.writeheader()
-                writer.writerows(v["row"] for v in m.labels.values())
-                labels = fh.name
+            fd, labels = tempfile.mkstemp(suffix=".csv")
+            os.close(fd)
+            write_csv(labels, (v["row"] for v in m.labels.values()), m.label_columns)
         try:
             now = snapshot(folder or m.root, labels, label_key=m.label_key, workers=workers)
         finally:

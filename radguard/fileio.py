@@ -8,9 +8,11 @@ the rename itself survives a power cut.
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -51,6 +53,16 @@ def atomic_write_bytes(
     """Write ``data`` to ``path`` atomically with the given permission bits."""
     with atomic_writer(path, mode, durable=durable) as fh:
         fh.write(data)
+
+
+def write_csv(path: str | os.PathLike[str], rows: Iterable[Mapping[str, object]],
+              fields: Sequence[str], *, durable: bool = False) -> None:
+    """A CSV with a header row, written atomically (columns in ``fields`` order)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(fields))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(path, buf.getvalue().encode("utf-8"), durable=durable)
 
 
 def read_bytes(path: str | os.PathLike[str], what: str,

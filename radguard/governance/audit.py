@@ -38,7 +38,7 @@ from radguard.errors import RadguardError
 from radguard.fileio import atomic_write_bytes
 
 __all__ = ["AuditReport", "ImageFacts", "audit_dataset", "examine_image", "flip_suspects",
-           "perceptual_hash"]
+           "perceptual_hash", "plant_label_flips"]
 
 THUMB = 64
 NEAR_BITS = 10  # perceptual-hash bits that may differ between near duplicates
@@ -193,6 +193,27 @@ def flip_suspects(embeddings: np.ndarray, labels: Sequence[str],
     suspicion = 1 - (p_own + agree) / 2
     return {"p_own": p_own, "agree": agree, "suspicion": suspicion,
             "suggested": np.array(names)[predicted]}
+
+
+def plant_label_flips(rows: Sequence[dict[str, str]], column: str, fraction: float, *,
+                      seed: int = 0) -> tuple[list[dict[str, str]], set[int]]:
+    """Copies of ``rows`` with ``fraction`` of their ``column`` values changed to another
+    class seen in that column, and the indices changed: to measure what the label-flip
+    check finds on your own data before trusting its silence."""
+    classes = sorted({r[column] for r in rows})
+    if len(classes) < 2:
+        raise RadguardError(f"column {column!r} has fewer than two classes")
+    rng = np.random.default_rng(seed)
+    flipped = set(rng.choice(len(rows), int(round(len(rows) * fraction)),
+                             replace=False).tolist())
+    out = []
+    for i, row in enumerate(rows):
+        row = dict(row)
+        if i in flipped:
+            others = [c for c in classes if c != row[column]]
+            row[column] = others[int(rng.integers(len(others)))]
+        out.append(row)
+    return out, flipped
 
 
 # -- the audit -------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ from PIL import Image
 
 from radguard.cli import main
 from radguard.dicom.io import read_dataset, write_dataset
-from radguard.governance.audit import audit_dataset, flip_suspects
+from radguard.fileio import write_csv
+from radguard.governance.audit import audit_dataset, flip_suspects, plant_label_flips
 from tests.conftest import NIH_DX, SHARED
 
 NIH = SHARED / "cxr-nih"
@@ -137,18 +138,11 @@ def test_planted_label_flips_on_cxr_nih_are_found():
     from radguard.triage.model import load_model
 
     rows = _nih_rows()
-    rng = np.random.default_rng(7)
-    flipped = set(rng.choice(len(rows), len(rows) // 20, replace=False).tolist())
+    noisy, flipped = plant_label_flips(rows, "label", 0.05, seed=7)
+    assert len(flipped) == 50 and all(noisy[i]["label"] != rows[i]["label"] for i in flipped)
     with tempfile.TemporaryDirectory() as tmp:
         labels = f"{tmp}/labels.csv"
-        with open(labels, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            for i, row in enumerate(rows):
-                if i in flipped:
-                    row = {**row, "label": "normal" if row["label"] == "pneumonia"
-                           else "pneumonia"}
-                writer.writerow(row)
+        write_csv(labels, noisy, list(rows[0]))
         report = audit_dataset(NIH / "images", labels, model=load_model("chest"),
                                synthetic=False, workers=2)
     suspects = {f["image"] for f in report.findings["label_flip_suspects"]}
