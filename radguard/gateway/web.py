@@ -326,7 +326,7 @@ def create_app(gateway: Any, *, bulk_read_limit: int = 500) -> Any:  # noqa: ANN
 
     @app.get("/audit", response_class=HTMLResponse)
     def audit_view(user: User = Depends(role("auditor"))) -> str:
-        rows = list(gateway.audit_log.entries())[-200:][::-1]
+        rows = gateway.audit_log.recent(200)[::-1]
         body = "".join(f"<tr><td>{e.seq}</td><td>{html.escape(e.ts)}</td><td>"
                        f"{html.escape(e.actor)}</td><td>{html.escape(e.action)}</td><td>"
                        f"{html.escape(e.target)}</td></tr>" for e in rows)
@@ -444,8 +444,7 @@ def _worklist_html(store: Any, gateway: Any) -> str:  # noqa: ANN401
                     f"<td>{_badge(worst.trust, worst.verdict)}</td><td>{ai}</td>"
                     f"<td>{html.escape(first.received_at[:19])}</td></tr>")
     counts = store.counts()
-    alarms = [e for e in gateway.audit_log.entries()
-              if e.action in ("monitoring.alarm", "alarm.bulk_read")][-5:]
+    alarms = gateway.audit_log.recent(5, ("monitoring.alarm", "alarm.bulk_read"))
     alarm_html = "".join(f"<li class='alarm'>{html.escape(e.ts[:19])} {html.escape(e.action)}"
                          f" {html.escape(e.target)}</li>" for e in alarms)
     return (f"<p>{counts.get('done', 0)} instances cleared, {counts.get('quarantined', 0)} in "

@@ -146,6 +146,37 @@ class AuditLog:
             if record is not None and not problem:
                 yield AuditEntry(**record)
 
+    def recent(self, limit: int = 20, actions: tuple[str, ...] = (),
+               window: int = 4 << 20) -> list[AuditEntry]:
+        """The latest entries (optionally only these actions), newest last, read from the
+        log's last ``window`` bytes only: pages that show recent events must not re-read a
+        log that grows with every request. No chain check (``verify`` does that)."""
+        try:
+            with self.path.open("rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                size = fh.tell()
+                fh.seek(max(0, size - window))
+                data = fh.read()
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise AuditLogError(f"{self.path}: cannot read audit log ({exc.strerror})") from exc
+        lines = data.split(b"\n")
+        if size > window:
+            lines = lines[1:]  # the first line is cut
+        found: list[AuditEntry] = []
+        for raw in reversed(lines):
+            if len(found) >= limit:
+                break
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and set(record) == _FIELDS and (
+                    not actions or record["action"] in actions):
+                found.append(AuditEntry(**record))
+        return found[::-1]
+
     def head(self) -> dict[str, Any]:
         """The current head (entries, hash) as recomputed from the log itself."""
         report = self.verify()

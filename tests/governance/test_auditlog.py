@@ -111,3 +111,13 @@ def test_cli_audit_verify_and_show(tmp_path):
     log.path.write_text("".join(lines[:1] + lines[2:]))
     bad = runner.invoke(main, ["audit", "verify", "--log", str(log.path), "--json"])
     assert bad.exit_code == 1 and json.loads(bad.output)["intact"] is False
+
+
+def test_recent_reads_only_the_tail(tmp_path):
+    log = _log(tmp_path, 30)
+    log.append("monitoring.alarm", "site/drift", {})
+    assert [e.seq for e in log.recent(3)] == [29, 30, 31]
+    assert [e.action for e in log.recent(5, ("monitoring.alarm",))] == ["monitoring.alarm"]
+    small = log.recent(100, window=600)  # a window that cuts into the middle of a line
+    assert small and small[-1].seq == 31 and all(e.seq > 20 for e in small)
+    assert AuditLog(tmp_path / "none.jsonl").recent() == []
