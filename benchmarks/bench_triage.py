@@ -12,7 +12,9 @@
   sensitivity / specificity at its operating point, workload table, and lesion localisation:
   peaks of the patch-probability map (up to 4 per image, scored by image probability x peak
   height) against the given centres and radii, as FROC sensitivity at 0.5, 1, 2 and 4 false
-  positives per image.
+  positives per image;
+* benign vs. malignant on mini-MIAS: the region recipe, 5-fold cross-validated by woman;
+* the chest bundle exported to ONNX and run by onnxruntime: agreement and speed vs. torch.
 
 Workload plots go to benchmarks/plots/. SR output is checked in tests/triage.
 
@@ -34,13 +36,21 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
-
-from train_triage_chest import load_site, scores_of, train_network  # noqa: E402
+SHARED = REPO.parent / "shared" / "data"
 
 from radguard.evaluation import delong_auc, wilson  # noqa: E402
 from radguard.triage import workload_table  # noqa: E402
 from radguard.triage.model import load_model  # noqa: E402
+from radguard.triage.training import (  # noqa: E402
+    REGION_SIZE,
+    fit_malignancy,
+    folds_by_group,
+    lesion_regions,
+    load_mias,
+    load_site,
+    scores_of,
+    train_network,
+)
 
 
 def _auc(y, s) -> str:
@@ -64,11 +74,11 @@ def main() -> int:
     args = ap.parse_args()
     model = load_model("chest")
     size = model.size
-    nih, kermany = load_site("cxr-nih", size), load_site("cxr-kermany", size)
+    nih, kermany = load_site(SHARED / "cxr-nih", size), load_site(SHARED / "cxr-kermany", size)
     print(f"shipped chest model {model.card.version} (operating point {model.threshold:.3f}, "
           f"chosen for 90% validation sensitivity)")
-    sites = {"internal (cxr-nih test split)": (nih[0][nih[2] == "test"], nih[1][nih[2] == "test"]),
-             "external (cxr-kermany, all)": (kermany[0], kermany[1])}
+    sites = {"internal (cxr-nih test split)": nih.part("test"),
+             "external (cxr-kermany, all)": (kermany.inputs, kermany.labels)}
     aucs = {}
     for name, (x, y) in sites.items():
         p = model.calibrator.predict(scores_of(model.network, x))
@@ -91,17 +101,16 @@ def main() -> int:
                                      model.scale),
                       plots / f"triage_workload_chest_{label}.png", title=f"chest model, {name}")
     print(f"  drop internal -> external: {internal - external:+.3f} AUC")
-    x, y, split = kermany
-    tr, va, te = split == "train", split == "val", split == "test"
-    net = train_network(x[tr], y[tr], x[va], y[va], epochs=args.epochs, log=False)
-    print(f"reverse direction (same recipe trained on cxr-kermany, {tr.sum()} images): internal "
-          f"test AUC {_auc(y[te], scores_of(net, x[te]))}; external (cxr-nih, all) AUC "
-          f"{_auc(nih[1], scores_of(net, nih[0]))}")
+    (x, y), (xv, yv), (xt, yt) = (kermany.part(s) for s in ("train", "val", "test"))
+    net = train_network(x, y, xv, yv, epochs=args.epochs)
+    print(f"reverse direction (same recipe trained on cxr-kermany, {len(y)} images): internal "
+          f"test AUC {_auc(yt, scores_of(net, xt))}; external (cxr-nih, all) AUC "
+          f"{_auc(nih.labels, scores_of(net, nih.inputs))}")
     from monai.networks.nets import DenseNet121
 
     torch.set_num_threads(1)
     anchor = DenseNet121(spatial_dims=2, in_channels=1, out_channels=1).eval()
-    one = torch.from_numpy(nih[0][:1])
+    one = torch.from_numpy(nih.inputs[:1])
     big = torch.randn(1, 1, 224, 224)
     with torch.no_grad():
         model.network(one)
@@ -116,8 +125,50 @@ def main() -> int:
         theirs = (time.perf_counter() - t0) / 5
     print(f"inference on one core: {ours * 1000:.1f} ms per image ({size} px; target 100 ms); "
           f"anchor DenseNet-121 at 224 px {theirs * 1000:.1f} ms; ratio {ours / theirs:.3f}")
+    bench_onnx(model, nih.inputs[:64], ours)
     bench_mammo(model_plots=plots)
+    bench_malignancy(epochs=15)
     return 0
+
+
+def bench_onnx(model, x, torch_seconds: float) -> None:
+    """The chest bundle exported to ONNX and run by onnxruntime (the plug-in path for models
+    from other frameworks): agreement with torch and one-core speed against torch."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_model = load_model(str(model.export_onnx(Path(tmp) / "chest")))
+        diff = np.abs(onnx_model.raw_scores(x) - model.raw_scores(x)).max()
+        one = x[:1]
+        onnx_model.raw_scores(one)
+        t0 = time.perf_counter()
+        for _ in range(20):
+            onnx_model.raw_scores(one)
+        ms = (time.perf_counter() - t0) / 20
+    print(f"ONNX export run by onnxruntime: max |logit difference| vs torch {diff:.2e} over "
+          f"{len(x)} images; {ms * 1000:.1f} ms per image on one core, ratio to torch "
+          f"{ms / torch_seconds:.2f}")
+
+
+def bench_malignancy(epochs: int) -> None:
+    """Benign vs. malignant on mini-MIAS: the region recipe cross-validated over every
+    abnormal image with an annotated lesion (5 folds by woman, validation = the next fold),
+    scored at the annotated centres; pooled AUC with its DeLong CI."""
+    data = load_mias(SHARED / "mammo-mias", REGION_SIZE)
+    abnormal = np.flatnonzero(data.labels == 1)
+    folds = list(folds_by_group(data.groups, abnormal, 5))
+    ys, ss = [], []
+    for k, test in enumerate(folds):
+        val = folds[(k + 1) % 5]
+        train = np.setdiff1d(np.concatenate([f for j, f in enumerate(folds) if j != k]), val)
+        net = fit_malignancy(data, train, val, epochs=epochs, seed=k)
+        xt, yt, _ = lesion_regions(data, test)
+        ys.append(yt)
+        ss.append(scores_of(net, xt))
+    y, s = np.concatenate(ys), np.concatenate(ss)
+    print(f"\nbenign vs. malignant (mini-MIAS, {len(y)} annotated lesions, {int(y.sum())} "
+          f"malignant; 5-fold cross-validation by woman, region network at the annotated "
+          f"centre): AUC {_auc(y, s)}")
 
 
 def _peaks(heat: np.ndarray, k: int = 4) -> list[tuple[int, int, float]]:
@@ -131,13 +182,12 @@ def _peaks(heat: np.ndarray, k: int = 4) -> list[tuple[int, int, float]]:
 
 
 def bench_mammo(model_plots: Path) -> None:
-    from train_triage_mammo import MIAS, load_mias
-
     from radguard.evaluation import froc
     from radguard.triage import plot_workload
 
     model = load_model("mammo")
-    x, y, split, names, lesions = load_mias(model.size)
+    data = load_mias(SHARED / "mammo-mias", model.size)
+    x, y, split, names, lesions = data.inputs, data.labels, data.splits, data.names, data.lesions
     te = np.flatnonzero(split == "test")
     p = model.calibrator.predict(model.raw_scores(x[te]))
     print(f"\nshipped mammography model {model.card.version} on the mini-MIAS test split "
@@ -155,7 +205,7 @@ def bench_mammo(model_plots: Path) -> None:
 
     detections = []
     for j, i in enumerate(te):
-        img = np.asarray(Image.open(MIAS / "images" / names[i]).convert("L"))
+        img = np.asarray(Image.open(SHARED / "mammo-mias" / "images" / names[i]).convert("L"))
         for px, py, height in _peaks(model.saliency(img)):
             detections.append({"image": int(i), "x": px, "y": py, "score": p[j] * height})
     test_lesions = [les for les in lesions if les["image"] in set(te.tolist())]

@@ -921,8 +921,8 @@ def triage_predict(paths: tuple[str, ...], model_name: str, as_json: bool,
     """Score images (DICOM, PNG, JPEG; folders recursively): calibrated probability, 1-10
     suspicion, and whether the model's operating point calls it positive. Images outside the
     model's scope get a reason, never a score. Exit 1 if any image could not be scored."""
-    from radguard.dicom.io import iter_dicom_paths, read_dataset
-    from radguard.images import display_frame, is_dicom_path, read_for_analysis
+    from radguard.dicom.io import iter_dicom_paths
+    from radguard.images import read_pixels
     from radguard.triage.model import load_model
     from radguard.triage.results import write_results
 
@@ -939,13 +939,8 @@ def triage_predict(paths: tuple[str, ...], model_name: str, as_json: bool,
         task = progress.add_task("predict", total=len(files))
         for i, f in enumerate(files):
             try:
-                ds = None
-                if is_dicom_path(f):
-                    ds = read_dataset(f, stop_before_pixels=False)
-                    modality = str(getattr(ds, "Modality", "") or "")
-                    pixels = display_frame(ds)
-                else:
-                    modality, pixels = None, read_for_analysis(f, keep_colour=True)
+                image = read_pixels(f)
+                pixels, modality, ds = image.pixels, image.modality, image.dataset
                 prediction = model.predict(pixels, modality=modality, path=str(f))
                 record = prediction.to_dict()
                 scored.append({"id": f.name, "path": str(f), "score": prediction.probability,
@@ -977,6 +972,68 @@ def triage_predict(paths: tuple[str, ...], model_name: str, as_json: bool,
         write_csv(csv_path, scored, ["id", "path", "score", "suspicion", "positive", "model",
                                       "version"])
     sys.exit(0 if all_ok else 1)
+
+
+@triage.command("train")
+@click.argument("recipe", type=click.Choice(["chest", "mammo", "malignancy"]))
+@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False),
+              help="Training folder: labels.csv + images/ (chest: file, label, patient_id; "
+                   "mammo/malignancy: the mini-MIAS columns).")
+@click.option("--external", type=click.Path(file_okay=False),
+              help="chest: a second site, measured as external validation.")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
+              help="Bundle path without suffix: writes OUT.pt and OUT.json.")
+@click.option("--epochs", type=click.IntRange(1, 1000),
+              help="Training epochs (default: chest 30, mammo 12, malignancy 20).")
+@click.option("--limit", type=click.IntRange(10, None),
+              help="Use only the first N images (a quick trial run).")
+@click.option("--locator", default="mammo", show_default=True,
+              help="malignancy: the patch model whose suspicious regions it judges.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def triage_train(recipe: str, data_dir: str, external: str | None, out: str,
+                 epochs: int | None, limit: int | None, locator: str, seed: int) -> None:
+    """Train a reference model on CPU and write it as a bundle (split by patient / woman;
+    calibration, suspicion deciles and a 90%-sensitivity operating point fitted on the
+    validation split; test figures in the model card). Use it with --model OUT.json."""
+    import torch
+
+    from radguard.triage import training
+
+    torch.set_num_threads(min(4, os.cpu_count() or 1))
+
+    def log(message: str) -> None:
+        click.echo(f"  {message}", err=True)
+
+    common = {"limit": limit, "seed": seed, "log": log}
+    if epochs:
+        common["epochs"] = epochs
+    if recipe == "chest":
+        meta = training.train_chest(data_dir, external, out, **common)
+    elif recipe == "mammo":
+        meta = training.train_mammo(data_dir, out, **common)
+    else:
+        meta = training.train_malignancy(data_dir, out, locator=locator, **common)
+    for key, value in meta["card"]["metrics"].items():
+        if isinstance(value, dict) and "auc" in value:
+            click.echo(f"{key}: {value['auc']:.3f} [{value['low']:.3f}, {value['high']:.3f}]")
+    stem = training.bundle_stem(out)
+    click.echo(f"model bundle: {stem.with_name(stem.name + '.json')}")
+
+
+@triage.command("export-onnx")
+@click.option("--model", "model_name", default="chest", show_default=True,
+              help="Registered name or bundle .json of a whole-image PyTorch model.")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
+              help="Bundle path without suffix: writes OUT.onnx and OUT.json.")
+def triage_export_onnx(model_name: str, out: str) -> None:
+    """Export a PyTorch bundle to ONNX (same card, calibration and operating point), to run
+    with onnxruntime where torch is not installed; scores agree to about 1e-5."""
+    from radguard.triage.model import TorchTriageModel, load_model
+
+    model = load_model(model_name)
+    if not isinstance(model, TorchTriageModel):
+        raise RadguardError(f"{model_name}: not a PyTorch bundle")
+    click.echo(f"model bundle: {model.export_onnx(out)}")
 
 
 @triage.command("card")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -77,6 +78,20 @@ def read_bytes(path: str | os.PathLike[str], what: str,
         raise error(f"{p}: is a folder, not a {what} file") from exc
     except OSError as exc:
         raise error(f"{p}: cannot read {what} ({exc.strerror})") from exc
+
+
+def read_json_object(path: str | os.PathLike[str], what: str,
+                     error: type[Exception]) -> dict:
+    """A JSON file holding one object (a manifest, a model card, weights), or ``error`` with
+    a one-line message: missing, unreadable, not JSON, or not an object."""
+    raw = read_bytes(path, what, error)
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise error(f"{path}: unreadable {what} ({exc})") from exc
+    if not isinstance(value, dict):
+        raise error(f"{path}: unreadable {what} (a JSON object expected)")
+    return value
 
 
 def copy_range(src: BinaryIO, dst: BinaryIO, offset: int, length: int) -> None:

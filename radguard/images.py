@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ __all__ = [
     "is_dicom_path",
     "read_for_analysis",
     "read_grey",
+    "read_pixels",
     "render_overlay",
     "window_to_8bit",
     "write_grey",
@@ -144,6 +146,27 @@ def display_frame(ds: object, pixels: np.ndarray | None = None) -> np.ndarray:
         _first_number(peek(ds, "WindowWidth")),  # type: ignore[arg-type]
         invert=info.photometric == "MONOCHROME1",
     )
+
+
+@dataclass
+class ImageForReading:
+    """What a reader (or a model) sees of one file: the displayed pixels, the DICOM Modality
+    when there is one, and the dataset itself for results that must reference it."""
+
+    pixels: np.ndarray
+    modality: str | None
+    dataset: object | None
+
+
+def read_pixels(path: str | os.PathLike[str], *, keep_colour: bool = True) -> ImageForReading:
+    """A DICOM file's first frame as displayed (:func:`display_frame`), or a raster image
+    (:func:`read_for_analysis`); unreadable files raise a RadguardError."""
+    if is_dicom_path(path):
+        from radguard.dicom.io import read_dataset
+
+        ds = read_dataset(path, stop_before_pixels=False)
+        return ImageForReading(display_frame(ds), str(getattr(ds, "Modality", "") or ""), ds)
+    return ImageForReading(read_for_analysis(path, keep_colour=keep_colour), None, None)
 
 
 def blend_heat(grey: np.ndarray, heat: np.ndarray, *, start: float = 0.5,

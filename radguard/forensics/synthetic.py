@@ -17,7 +17,6 @@ Inference is numpy only.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from radguard.errors import RadguardError
+from radguard.fileio import read_json_object
 from radguard.forensics.cues import BLOCK, CUE_NAMES, block_cues, image_cues, prepare
 
 __all__ = [
@@ -168,12 +168,5 @@ class SyntheticDetector:
 def load_detector(path: str | None = None) -> SyntheticDetector:
     """The shipped detector (or weights from ``path``), loaded once."""
     p = Path(path) if path else WEIGHTS_PATH
-    try:
-        weights = json.loads(p.read_text())
-    except FileNotFoundError as exc:
-        raise RadguardError(
-            f"{p}: synthetic-detector weights not found (run scripts/train_synthetic_detector.py)"
-        ) from exc
-    except (OSError, ValueError) as exc:
-        raise RadguardError(f"{p}: unreadable synthetic-detector weights ({exc})") from exc
+    weights = read_json_object(p, "synthetic-detector weights", RadguardError)
     return SyntheticDetector(weights)

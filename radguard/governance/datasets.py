@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from radguard.concurrency import map_ordered
 from radguard.errors import RadguardError
-from radguard.fileio import atomic_write_bytes
+from radguard.fileio import atomic_write_bytes, read_json_object
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -256,13 +256,8 @@ def load_manifest(path: str | os.PathLike[str]) -> Manifest:
     """Read a manifest and check that its content matches its dataset hash and, if signed,
     its signature; any mismatch is a DatasetError saying which."""
     p = Path(path)
-    try:
-        raw = json.loads(p.read_bytes())
-    except FileNotFoundError as exc:
-        raise DatasetError(f"{p}: manifest not found") from exc
-    except (OSError, ValueError) as exc:
-        raise DatasetError(f"{p}: not a readable manifest ({exc})") from exc
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+    raw = read_json_object(p, "manifest", DatasetError)
+    if raw.get("format") != FORMAT:
         raise DatasetError(f"{p}: not a radguard dataset manifest")
     try:
         m = Manifest(

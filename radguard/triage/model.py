@@ -13,6 +13,7 @@ A PyTorch model ships as a *bundle*: ``<name>.pt`` (state dict) beside ``<name>.
 from __future__ import annotations
 
 import json
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -22,9 +23,9 @@ import numpy as np
 
 from radguard.triage.scores import Calibrator, SuspicionScale, TriageError
 
-__all__ = ["ModelCard", "OutOfScope", "PatchTriageModel", "Prediction", "TorchTriageModel",
-           "TriageModel",
-           "available_models", "load_model", "register_model"]
+__all__ = ["BundleTriageModel", "ModelCard", "OnnxTriageModel", "OutOfScope",
+           "PatchTriageModel", "Prediction", "RegionTriageModel", "TorchTriageModel",
+           "TriageModel", "available_models", "load_bundle", "load_model", "register_model"]
 
 
 class OutOfScope(TriageError):
@@ -115,13 +116,48 @@ def available_models() -> list[str]:
 
 
 def load_model(name: str) -> TriageModel:
-    """A registered model by name, or a bundle by the path of its JSON file."""
+    """A registered model by name (radguard's own, those registered in Python, and those
+    installed packages declare under the ``radguard.triage_models`` entry point), or a
+    bundle by the path of its JSON file."""
+    if name not in _REGISTRY:
+        _load_entry_points()
     if name in _REGISTRY:
         return _REGISTRY[name]()
     if name.endswith(".json"):
-        return TorchTriageModel.from_bundle(Path(name))
+        return load_bundle(Path(name))
     raise TriageError(f"unknown model '{name}' (available: {', '.join(available_models())}, "
                       "or the path of a bundle's .json file)")
+
+
+def _load_entry_points() -> None:
+    """Models of installed plug-in packages: ``[project.entry-points."radguard.triage_models"]
+    name = "package.module:loader"`` where ``loader()`` returns a TriageModel."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="radguard.triage_models"):
+        if ep.name not in _REGISTRY:
+            _REGISTRY[ep.name] = lambda ep=ep: _checked(ep.name, ep.load()())
+
+def _checked(name: str, model: object) -> TriageModel:
+    if not isinstance(model, TriageModel):
+        raise TriageError(f"plug-in '{name}' returned {type(model).__name__}, not a "
+                          "TriageModel")
+    return model
+
+
+def load_bundle(json_path: Path) -> TriageModel:
+    """A model bundle: ``<name>.json`` (card, input size, calibrator, suspicion scale,
+    operating point, and ``format``: ``torch`` (default, weights in ``<name>.pt``) or
+    ``onnx`` (``<name>.onnx``, run by onnxruntime, no torch needed))."""
+    from radguard.fileio import read_json_object
+
+    meta = read_json_object(json_path, "model bundle", TriageError)
+    fmt = meta.get("format", "torch")
+    if fmt == "onnx":
+        return OnnxTriageModel.from_bundle(json_path, meta)
+    if fmt != "torch":
+        raise TriageError(f"{json_path}: unknown model format '{fmt}' (torch or onnx)")
+    return TorchTriageModel.from_bundle(json_path, meta)
 
 
 def grey_2d(pixels: np.ndarray) -> np.ndarray:
@@ -139,8 +175,10 @@ def grey_2d(pixels: np.ndarray) -> np.ndarray:
     return a.astype(np.float32)
 
 
-class TorchTriageModel(TriageModel):
-    """A PyTorch network from a bundle (``.json`` metadata + ``.pt`` state dict)."""
+class BundleTriageModel(TriageModel):
+    """What every bundle shares: the card and scores from its JSON, the scope check (listed
+    modalities, grey, a minimum size) and the input convention of
+    :func:`radguard.triage.networks.to_input`. Subclasses run the network (:meth:`run`)."""
 
     def __init__(self, meta: dict, network: object) -> None:
         try:
@@ -155,31 +193,9 @@ class TorchTriageModel(TriageModel):
         self.network = network
         self.meta = meta
 
-    @classmethod
-    def from_bundle(cls, json_path: Path) -> TorchTriageModel:
-        import torch
-
-        from radguard.triage.networks import build_network
-
-        try:
-            meta = json.loads(json_path.read_text())
-            state = torch.load(json_path.with_suffix(".pt"), map_location="cpu")
-        except FileNotFoundError as exc:
-            raise TriageError(f"model bundle incomplete: {exc.filename} not found") from exc
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise TriageError(f"{json_path}: unreadable model bundle ({exc})") from exc
-        net = build_network(meta.get("network", {}))
-        try:
-            net.load_state_dict({k: v.float() for k, v in state.items()})
-        except (RuntimeError, AttributeError) as exc:
-            raise TriageError(f"{json_path}: weights do not fit the network ({exc})") from exc
-        net.eval()
-        kind = meta.get("kind", "image")
-        if kind == "patch":
-            return PatchTriageModel(meta, net)
-        if kind != "image":
-            raise TriageError(f"{json_path}: unknown model kind '{kind}'")
-        return cls(meta, net)
+    @abstractmethod
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """The network's output for a float32 batch (n, 1, h, w), flattened to n logits."""
 
     def check_scope(self, pixels: np.ndarray, modality: str | None) -> None:
         allowed = self.card.modalities
@@ -194,6 +210,70 @@ class TorchTriageModel(TriageModel):
         from radguard.triage.networks import to_input
 
         return to_input(grey_2d(pixels), self.size)
+
+    def raw_scores(self, batch: np.ndarray) -> np.ndarray:
+        return self.run(np.ascontiguousarray(batch, np.float32)).astype(np.float64)
+
+    def occlusion_saliency(self, pixels: np.ndarray, *, block: int = 16) -> np.ndarray:
+        """Model-agnostic saliency: how much the logit falls when each block of the input is
+        replaced by the image mean (0), scaled to [0, 1] and resized to the image. Needs
+        only forward passes, so it works for any runtime (ONNX included)."""
+        from PIL import Image
+
+        grey = grey_2d(pixels)
+        x = self.preprocess(grey)
+        base = float(self.run(x[None])[0])
+        n = self.size // block
+        batch = np.repeat(x[None], n * n, axis=0)
+        for k in range(n * n):
+            r, c = divmod(k, n)
+            batch[k, :, r * block:(r + 1) * block, c * block:(c + 1) * block] = 0.0
+        drop = np.clip(base - self.run(batch), 0.0, None).reshape(n, n).astype(np.float32)
+        if drop.max() > 0:
+            drop /= drop.max()
+        heat = Image.fromarray(drop, mode="F").resize((grey.shape[1], grey.shape[0]),
+                                                      Image.Resampling.BILINEAR)
+        return np.clip(np.asarray(heat), 0.0, 1.0)
+
+
+class TorchTriageModel(BundleTriageModel):
+    """A PyTorch network from a bundle (``.json`` metadata + ``.pt`` state dict)."""
+
+    @classmethod
+    def from_bundle(cls, json_path: Path, meta: dict | None = None) -> TorchTriageModel:
+        import torch
+
+        from radguard.triage.networks import build_network
+
+        if meta is None:
+            return load_bundle(json_path)  # type: ignore[return-value]
+        try:
+            state = torch.load(json_path.with_suffix(".pt"), map_location="cpu")
+        except FileNotFoundError as exc:
+            raise TriageError(f"model bundle incomplete: {exc.filename} not found") from exc
+        except (OSError, ValueError, RuntimeError, EOFError) as exc:
+            raise TriageError(f"{json_path}: unreadable model weights ({exc})") from exc
+        try:
+            net = build_network(meta.get("network", {}))
+            net.load_state_dict({k: v.float() for k, v in state.items()})
+        except (RuntimeError, AttributeError, TypeError, ValueError) as exc:
+            raise TriageError(f"{json_path}: weights do not fit the network ({exc})") from exc
+        net.eval()
+        kind = meta.get("kind", "image")
+        if kind == "patch":
+            return PatchTriageModel(meta, net)
+        if kind == "region":
+            return RegionTriageModel(meta, net, base=json_path.parent)
+        if kind != "image":
+            raise TriageError(f"{json_path}: unknown model kind '{kind}'")
+        return cls(meta, net)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            out = self.network(torch.from_numpy(np.ascontiguousarray(batch, np.float32)))
+        return out.reshape(len(batch)).numpy()
 
     def saliency(self, pixels: np.ndarray) -> np.ndarray:
         """Grad-CAM (MONAI) on the bundle's saliency layer (default: the penultimate residual
@@ -210,13 +290,6 @@ class TorchTriageModel(TriageModel):
         heat = heat.resize((grey.shape[1], grey.shape[0]), Image.Resampling.BILINEAR)
         return np.clip(np.asarray(heat), 0.0, 1.0)
 
-    def raw_scores(self, batch: np.ndarray) -> np.ndarray:
-        import torch
-
-        with torch.no_grad():
-            out = self.network(torch.from_numpy(np.ascontiguousarray(batch, np.float32)))
-        return out.reshape(len(batch)).numpy().astype(np.float64)
-
     def embed(self, batch: np.ndarray) -> np.ndarray:
         """The network's last feature maps, averaged over space: one vector per image of a
         preprocessed batch (what drift tests and dataset audits compare images by)."""
@@ -228,6 +301,89 @@ class TorchTriageModel(TriageModel):
         with torch.no_grad():
             maps = body(torch.from_numpy(np.ascontiguousarray(batch, np.float32)))
         return maps.mean(dim=(2, 3)).numpy().astype(np.float64)
+
+    def export_onnx(self, out: str | Path) -> Path:
+        """This model as an ONNX bundle (``<out>.onnx`` + ``<out>.json``, same card and
+        scores) that runs with onnxruntime alone; returns the JSON path."""
+        import io
+
+        import torch
+
+        from radguard.fileio import atomic_write_bytes
+
+        if type(self) is not TorchTriageModel:
+            raise TriageError(f"{self.card.name}: only whole-image models export to ONNX")
+        out = Path(out)
+        out = out.with_suffix("") if out.suffix in (".json", ".onnx") else out
+        buf = io.BytesIO()
+        example = torch.zeros(1, 1, self.size, self.size)
+        with warnings.catch_warnings():
+            # instance norm always normalises by the input's own statistics: "train=True"
+            # in the exported graph is what eval mode computes too
+            warnings.filterwarnings("ignore", message=".*instance_norm.*")
+            # the TorchScript exporter is deprecated but needs no onnxscript; torch is pinned
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            try:
+                torch.onnx.export(self.network, (example,), buf, input_names=["image"],
+                                  output_names=["logit"], dynamo=False,
+                                  dynamic_axes={"image": {0: "n"}, "logit": {0: "n"}})
+            except torch.onnx.OnnxExporterError as exc:
+                raise TriageError(f"ONNX export needs the onnx package: pip install "
+                                  f"radguard[onnx] ({exc})") from exc
+        atomic_write_bytes(out.with_name(out.name + ".onnx"), buf.getvalue(), durable=False)
+        meta = {k: v for k, v in self.meta.items() if k not in ("network", "saliency_layer")}
+        json_path = out.with_name(out.name + ".json")
+        atomic_write_bytes(json_path, json.dumps({**meta, "format": "onnx"}, indent=1).encode(),
+                           durable=False)
+        return json_path
+
+
+class OnnxTriageModel(BundleTriageModel):
+    """An ONNX network (``<name>.onnx`` beside ``<name>.json``) run by onnxruntime on CPU:
+    a hospital's own model, exported from any framework, with input (n, 1, size, size) as
+    :func:`radguard.triage.networks.to_input` makes it and one logit per image. Saliency is
+    by occlusion, since the runtime gives no gradients."""
+
+    @classmethod
+    def from_bundle(cls, json_path: Path, meta: dict) -> OnnxTriageModel:
+        try:
+            import onnxruntime
+        except ImportError as exc:
+            raise TriageError("ONNX models need onnxruntime: pip install radguard[onnx]") \
+                from exc
+        weights = json_path.with_suffix(".onnx")
+        if not weights.is_file():
+            raise TriageError(f"model bundle incomplete: {weights} not found")
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.log_severity_level = 3
+        try:
+            session = onnxruntime.InferenceSession(str(weights), options,
+                                                   providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 (onnxruntime raises its own zoo of errors)
+            raise TriageError(f"{weights}: not a loadable ONNX model ({exc})") from exc
+        inputs = session.get_inputs()
+        if len(inputs) != 1 or len(inputs[0].shape) != 4:
+            raise TriageError(f"{weights}: expected one input of shape (n, 1, h, w), got "
+                              f"{[i.shape for i in inputs]}")
+        return cls(meta, session)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        session = self.network
+        name = session.get_inputs()[0].name  # type: ignore[attr-defined]
+        try:
+            out = session.run(None, {name: np.ascontiguousarray(batch, np.float32)})[0]  # type: ignore[attr-defined]
+        except Exception as exc:  # noqa: BLE001
+            raise TriageError(f"{self.card.name}: the ONNX model failed on this input "
+                              f"({exc})") from exc
+        out = np.asarray(out)
+        if out.size != len(batch):
+            raise TriageError(f"{self.card.name}: the ONNX model returned {out.shape} for "
+                              f"{len(batch)} images (one logit per image expected)")
+        return out.reshape(len(batch))
+
+    def saliency(self, pixels: np.ndarray) -> np.ndarray:
+        return self.occlusion_saliency(pixels)
 
 
 class PatchTriageModel(TorchTriageModel):
@@ -245,15 +401,11 @@ class PatchTriageModel(TorchTriageModel):
 
     def patch_logits(self, image: np.ndarray) -> np.ndarray:
         """Logit of every patch of one preprocessed (1, size, size) image, as a grid."""
-        import torch
-
         windows = np.lib.stride_tricks.sliding_window_view(image[0], (self.patch, self.patch))
         windows = windows[:: self.stride, :: self.stride]
         grid = windows.shape[:2]
         batch = np.ascontiguousarray(windows.reshape(-1, 1, self.patch, self.patch), np.float32)
-        with torch.no_grad():
-            out = self.network(torch.from_numpy(batch)).reshape(-1).numpy()
-        return out.reshape(grid).astype(np.float64)
+        return self.run(batch).reshape(grid).astype(np.float64)
 
     def raw_scores(self, batch: np.ndarray) -> np.ndarray:
         scores = []
@@ -280,6 +432,67 @@ class PatchTriageModel(TorchTriageModel):
         return np.clip(np.asarray(heat), 0.0, 1.0)
 
 
+class RegionTriageModel(TorchTriageModel):
+    """A second-stage model that judges the regions another (patch) model finds most
+    suspicious: the ``locator`` bundle's top ``regions`` patch peaks (at least a patch apart)
+    are cut out at this model's resolution, each scored, and the image score is the highest.
+    Its saliency is the locator's map, since that is where it looked."""
+
+    def __init__(self, meta: dict, network: object, *, base: Path) -> None:
+        super().__init__(meta, network)
+        try:
+            self.region, self.regions = int(meta["region"]), int(meta.get("regions", 3))
+            locator = str(meta["locator"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TriageError(f"malformed region-model bundle ({exc})") from exc
+        if locator.endswith(".json") and not Path(locator).is_absolute():
+            locator = str(base / locator)
+        found = load_model(locator)
+        if not isinstance(found, PatchTriageModel):
+            raise TriageError(f"{self.card.name}: locator '{locator}' is not a patch model")
+        self.locator = found
+
+    def centres(self, image: np.ndarray) -> list[tuple[float, float]]:
+        """(y, x) of the locator's most suspicious patches in a preprocessed image, in this
+        model's pixel units, highest first."""
+        from radguard.triage.networks import region_input
+
+        loc = self.locator
+        small = region_input(image, loc.size)
+        small = (small - small.mean()) / (small.std() + 1e-6)
+        grid = loc.patch_logits(small)
+        scale = self.size / loc.size
+        gap = max(1, loc.patch // loc.stride)
+        taken: list[tuple[int, int]] = []
+        for flat in np.argsort(-grid, axis=None):
+            r, c = divmod(int(flat), grid.shape[1])
+            if all(max(abs(r - a), abs(c - b)) >= gap for a, b in taken):
+                taken.append((r, c))
+            if len(taken) == self.regions:
+                break
+        half = loc.patch / 2
+        return [((r * loc.stride + half) * scale, (c * loc.stride + half) * scale)
+                for r, c in taken]
+
+    def raw_scores(self, batch: np.ndarray) -> np.ndarray:
+        from radguard.triage.networks import region_input
+
+        scores = []
+        half = self.region // 2
+        for image in batch:
+            windows = []
+            for cy, cx in self.centres(image):
+                y0 = int(np.clip(round(cy) - half, 0, self.size - self.region))
+                x0 = int(np.clip(round(cx) - half, 0, self.size - self.region))
+                windows.append(region_input(image[:, y0:y0 + self.region, x0:x0 + self.region],
+                                            int(self.meta["network"]["input_size"])))
+            scores.append(float(self.run(np.stack(windows)).max()))
+        return np.array(scores)
+
+    def saliency(self, pixels: np.ndarray) -> np.ndarray:
+        return self.locator.saliency(pixels)
+
+
 _DATA = Path(__file__).with_name("data")
-register_model("chest", lambda: TorchTriageModel.from_bundle(_DATA / "chest.json"))
-register_model("mammo", lambda: TorchTriageModel.from_bundle(_DATA / "mammo.json"))
+register_model("chest", lambda: load_bundle(_DATA / "chest.json"))
+register_model("mammo", lambda: load_bundle(_DATA / "mammo.json"))

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-__all__ = ["build_network", "to_input"]
+__all__ = ["build_network", "region_input", "to_input"]
 
 DEFAULT = {"input_size": 128, "channels": [16, 32, 64, 128], "strides": [2, 2, 2, 2],
            "num_res_units": 1}
@@ -35,4 +35,12 @@ def to_input(grey: np.ndarray, size: int) -> np.ndarray:
     a = np.clip((a - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0).astype(np.float32)
     a = np.asarray(Image.fromarray(a, mode="F").resize((size, size), Image.Resampling.BILINEAR))
     a = (a - a.mean()) / (a.std() + 1e-6)
+    return a[None].astype(np.float32)
+
+
+def region_input(window: np.ndarray, size: int) -> np.ndarray:
+    """(1, size, size) input from a (1, n, n) window cut out of a standardised image: resized
+    only, so the region keeps its brightness relative to the whole image (density matters)."""
+    a = np.asarray(Image.fromarray(np.ascontiguousarray(window[0], np.float32), mode="F")
+                   .resize((size, size), Image.Resampling.BILINEAR))
     return a[None].astype(np.float32)

@@ -1,0 +1,156 @@
+"""Hospitals' own models: an ONNX bundle run by onnxruntime, and a model that an installed
+package registers through the ``radguard.triage_models`` entry point."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from radguard.cli import main
+from radguard.triage.model import OnnxTriageModel, TriageError, load_model
+from tests.conftest import NIH_DX, SHARED
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert "Traceback" not in result.output
+    return result
+
+
+def _nih_images(n):
+    folder = SHARED / "cxr-nih" / "images"
+    return [np.asarray(Image.open(p).convert("L")) for p in sorted(folder.iterdir())[:n]]
+
+
+@pytest.fixture(scope="module")
+def onnx_bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx") / "chest-onnx"
+    result = run("triage", "export-onnx", "--model", "chest", "-o", out)
+    assert result.exit_code == 0, result.output
+    return out.with_name("chest-onnx.json")
+
+
+def test_onnx_bundle_scores_like_the_torch_model(onnx_bundle):
+    torch_model, onnx_model = load_model("chest"), load_model(str(onnx_bundle))
+    assert isinstance(onnx_model, OnnxTriageModel)
+    assert json.loads(onnx_bundle.read_text())["format"] == "onnx"
+    assert onnx_model.card == torch_model.card and onnx_model.threshold == torch_model.threshold
+    images = _nih_images(6)
+    batch = np.stack([torch_model.preprocess(i) for i in images])
+    assert np.abs(onnx_model.raw_scores(batch) - torch_model.raw_scores(batch)).max() < 1e-4
+    for image in images:
+        a, b = torch_model.predict(image), onnx_model.predict(image)
+        assert abs(a.probability - b.probability) < 1e-4 and a.suspicion == b.suspicion
+
+
+def test_onnx_model_through_the_cli_with_dicom_results(onnx_bundle, tmp_path):
+    result = run("triage", "predict", "--model", onnx_bundle, "--json", "--sr-dir", tmp_path,
+                 NIH_DX)
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.output)
+    assert record["model"] == "chest" and 0.0 <= record["probability"] <= 1.0
+    assert any(p.suffix == ".dcm" for p in tmp_path.iterdir())
+
+
+def test_onnx_saliency_by_occlusion_points_at_what_changes_the_score(onnx_bundle):
+    model = load_model(str(onnx_bundle))
+    image = _nih_images(1)[0]
+    heat = model.saliency(image)
+    assert heat.shape == image.shape and heat.min() >= 0.0 and heat.max() <= 1.0
+    # blanking the block the map rates highest lowers the logit by more than blanking the
+    # block it rates lowest
+    x = model.preprocess(image)
+    grid = np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize((8, 8)))
+    (hy, hx), (ly, lx) = (np.unravel_index(f(grid), grid.shape) for f in (np.argmax, np.argmin))
+
+    def blanked(r, c):
+        y = x.copy()
+        y[:, r * 16:(r + 1) * 16, c * 16:(c + 1) * 16] = 0.0
+        return y
+
+    base = model.raw_scores(x[None])[0]
+    drops = base - model.raw_scores(np.stack([blanked(hy, hx), blanked(ly, lx)]))
+    assert drops[0] > drops[1]
+
+
+def test_broken_onnx_bundles_get_clear_errors(onnx_bundle, tmp_path):
+    meta = json.loads(onnx_bundle.read_text())
+    missing = tmp_path / "missing.json"
+    missing.write_text(json.dumps(meta))
+    with pytest.raises(TriageError, match="missing.onnx not found"):
+        load_model(str(missing))
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text(json.dumps(meta))
+    (tmp_path / "corrupt.onnx").write_bytes(b"not a protobuf" * 10)
+    with pytest.raises(TriageError, match="not a loadable ONNX model"):
+        load_model(str(corrupt))
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text(json.dumps({**meta, "format": "tensorflow"}))
+    with pytest.raises(TriageError, match="unknown model format 'tensorflow'"):
+        load_model(str(unknown))
+    result = run("triage", "predict", "--model", corrupt, NIH_DX)
+    assert result.exit_code == 2 and "not a loadable ONNX model" in result.output
+
+
+def test_an_onnx_model_with_the_wrong_output_is_refused_per_image(onnx_bundle, tmp_path):
+    """A model returning two numbers per image is caught, not silently half-read."""
+    import torch
+
+    net = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                              torch.nn.Linear(1, 2)).eval()
+    torch.onnx.export(net, (torch.zeros(1, 1, 128, 128),), str(tmp_path / "two.onnx"),
+                      input_names=["image"], dynamo=False,
+                      dynamic_axes={"image": {0: "n"}})
+    (tmp_path / "two.json").write_text(onnx_bundle.read_text())
+    model = load_model(str(tmp_path / "two.json"))
+    with pytest.raises(TriageError, match="one logit per image expected"):
+        model.predict(_nih_images(1)[0])
+
+
+def test_patch_models_do_not_export(tmp_path):
+    result = run("triage", "export-onnx", "--model", "mammo", "-o", tmp_path / "m")
+    assert result.exit_code == 2 and "only whole-image models" in result.output
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_installed_package_registers_its_model_by_entry_point(onnx_bundle, tmp_path):
+    """The way a hospital ships its model: a package whose entry point returns a
+    TriageModel; `radguard triage predict --model NAME` then finds it by name."""
+    site = tmp_path / "site"
+    (site / "hospital_model").mkdir(parents=True)
+    (site / "hospital_model" / "__init__.py").write_text(textwrap.dedent(f"""
+        from pathlib import Path
+        from radguard.triage.model import load_bundle
+
+        def load():
+            return load_bundle(Path({str(onnx_bundle)!r}))
+
+        def broken():
+            return "not a model"
+    """))
+    info = site / "hospital_model-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: hospital-model\n"
+                                   "Version: 1.0\n")
+    (info / "entry_points.txt").write_text("[radguard.triage_models]\n"
+                                           "st-marys-chest = hospital_model:load\n"
+                                           "broken = hospital_model:broken\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    cli = [sys.executable, "-m", "radguard.cli", "triage", "predict", "--json", str(NIH_DX)]
+    done = subprocess.run([*cli, "--model", "st-marys-chest"], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["model"] == "chest"
+    bad = subprocess.run([*cli, "--model", "broken"], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert bad.returncode == 2 and "returned str, not a TriageModel" in bad.stderr
+    assert "Traceback" not in bad.stderr
