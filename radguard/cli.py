@@ -912,7 +912,8 @@ def triage() -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image.")
 @click.option("--sr-dir", type=click.Path(file_okay=False),
               help="Write results here: a PNG saliency overlay per image and, for DICOM "
-                   "inputs, a TID 1500 Comprehensive SR and a secondary-capture overlay.")
+                   "inputs, a TID 1500 Comprehensive SR, the saliency map as a fractional "
+                   "Segmentation and a secondary-capture overlay.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False),
               help="Also write the scores as CSV (id = file name, score = probability), "
                    "ready for `radguard evaluate`.")

@@ -6,7 +6,9 @@ on construction):
   suspicion and the operating threshold, each tied to the algorithm's name and version
   (TID 4019), referencing the source image;
 * :func:`overlay_capture` - the saliency overlay as a Secondary Capture image in the source's
-  study, referencing the source image.
+  study, referencing the source image;
+* :func:`saliency_segmentation` - the saliency map itself as a FRACTIONAL DICOM
+  Segmentation of the source image (what viewers with SEG support overlay and threshold).
 
 Codes without a standard concept (probability of a model, suspicion score) use the private
 coding scheme ``99RADGUARD``.
@@ -26,7 +28,7 @@ from pydicom.sr.codedict import codes
 from radguard.dicom.uids import new_uid
 from radguard.errors import RadguardError
 
-__all__ = ["TriageFinding", "overlay_capture", "triage_report"]
+__all__ = ["TriageFinding", "overlay_capture", "saliency_segmentation", "triage_report"]
 
 MANUFACTURER = "radguard"
 _SCHEME = "99RADGUARD"
@@ -180,3 +182,48 @@ def overlay_capture(source: Dataset, rgb: np.ndarray, *, description: str,
         sc.Laterality = ""  # Type 2C: known to be unpaired or unknown
     sc.BurnedInAnnotation = "NO"
     return sc
+
+
+@_quiet
+def saliency_segmentation(source: Dataset, heat: np.ndarray, *, model: str, version: str,
+                          series_number: int = 992, instance_number: int = 1) -> Dataset:
+    """A FRACTIONAL Segmentation (one segment, values 0-255 for 0-1) of a [0, 1] saliency
+    map with the source image's size, referencing the source. The segment is typed as
+    "selected region" found by an AI algorithm: saliency shows where a model looked, not
+    a delineated lesion."""
+    import highdicom as hd
+
+    heat = np.asarray(heat, dtype=np.float32)
+    rows, cols = int(source.get("Rows", 0)), int(source.get("Columns", 0))
+    if heat.shape != (rows, cols):
+        raise RadguardError(f"saliency map {heat.shape} does not match the source image "
+                            f"({rows}, {cols})")
+    if not np.isfinite(heat).all() or heat.min() < 0 or heat.max() > 1:
+        raise RadguardError("saliency map values must lie in [0, 1]")
+    ref = _header(source)
+    ref.file_meta = getattr(source, "file_meta", Dataset())
+    try:
+        algorithm = hd.AlgorithmIdentificationSequence(
+            name=model, version=version, family=codes.cid7162.ArtificialIntelligence)
+        segment = hd.seg.SegmentDescription(
+            segment_number=1, segment_label=f"{model} saliency"[:64],
+            segmented_property_category=codes.SCT.SpatialAndRelationalConcept,
+            segmented_property_type=_code("111099", "DCM", "Selected region"),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+        )
+        seg = hd.seg.Segmentation(
+            source_images=[ref], pixel_array=heat[None],
+            segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL,
+            segment_descriptions=[segment], series_instance_uid=new_uid(),
+            series_number=series_number, sop_instance_uid=new_uid(),
+            instance_number=instance_number, manufacturer=MANUFACTURER,
+            manufacturer_model_name=f"{model} {version}"[:64], software_versions=version,
+            device_serial_number="0", max_fractional_value=255,
+            series_description=f"{model} saliency (fractional SEG)"[:64],
+        )
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        raise RadguardError(f"cannot build the saliency segmentation ({exc})") from exc
+    if "PatientOrientation" not in seg:  # Type 2C for images without a patient plane
+        seg.PatientOrientation = source.get("PatientOrientation", "") or ""
+    return seg

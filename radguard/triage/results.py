@@ -1,5 +1,6 @@
 """Write one triage result where people and the PACS can see it: a PNG saliency overlay
-for humans and, for DICOM sources, a TID 1500 SR plus a secondary-capture overlay."""
+for humans and, for DICOM sources, a TID 1500 SR, a secondary-capture overlay and the map
+as a fractional DICOM Segmentation."""
 
 from __future__ import annotations
 
@@ -20,18 +21,25 @@ FINDINGS = {"chest": ("Pneumonia", ("233604007", "SCT")),
 
 def write_results(model: TriageModel, prediction: Prediction, pixels: np.ndarray,
                   source: Dataset | None, stem: Path) -> dict[str, str]:
-    """Write the overlay (and SR + SC for DICOM); the paths written, by kind."""
+    """Write the overlay (and SR + SC + SEG for DICOM); the paths written, by kind. The SEG
+    is skipped when the displayed frame is not the stored one (multi-frame sources)."""
     from PIL import Image
 
     from radguard.dicom.io import write_dataset
-    from radguard.dicom.results import TriageFinding, overlay_capture, triage_report
+    from radguard.dicom.results import (
+        TriageFinding,
+        overlay_capture,
+        saliency_segmentation,
+        triage_report,
+    )
     from radguard.fileio import atomic_write_bytes
     from radguard.images import blend_heat, window_to_8bit
     from radguard.triage.model import grey_2d
 
     written: dict[str, str] = {}
     grey = window_to_8bit(grey_2d(pixels))
-    rgb = blend_heat(grey, model.saliency(pixels), start=0.5)
+    heat = model.saliency(pixels)
+    rgb = blend_heat(grey, heat, start=0.5)
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, "PNG")
     png = stem.with_name(stem.name + ".saliency.png")
@@ -49,5 +57,10 @@ def write_results(model: TriageModel, prediction: Prediction, pixels: np.ndarray
     sc_path = stem.with_name(stem.name + ".overlay.dcm")
     write_dataset(overlay_capture(source, rgb, description=f"{model.card.name} saliency"),
                   sc_path)
+    seg_path = stem.with_name(stem.name + ".seg.dcm")
+    if heat.shape == (int(source.get("Rows", 0)), int(source.get("Columns", 0))):
+        write_dataset(saliency_segmentation(source, heat, model=model.card.name,
+                                            version=model.card.version), seg_path)
+        written["seg"] = str(seg_path)
     written.update({"sr": str(sr_path), "overlay_dicom": str(sc_path)})
     return written

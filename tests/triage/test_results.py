@@ -1,5 +1,6 @@
-"""Triage results written back as DICOM: a TID 1500 SR and a secondary-capture overlay that
-dciodvfy accepts and highdicom reads back, with the right content and references."""
+"""Triage results written back as DICOM: a TID 1500 SR, a secondary-capture overlay and a
+fractional Segmentation of the saliency map that dciodvfy accepts and highdicom reads back,
+with the right content and references."""
 
 from __future__ import annotations
 
@@ -76,9 +77,34 @@ def test_overlay_capture_references_the_source(written):
     assert list(sc.ImageType)[:2] == ["DERIVED", "SECONDARY"]
 
 
-def test_dciodvfy_accepts_both(written):
+def test_saliency_segmentation_holds_the_map_and_references_the_source(written):
+    import numpy as np
+
+    from radguard.images import read_pixels
+    from radguard.triage.model import load_model
+
+    seg = hd.seg.segread(written[0]["seg"])
+    source = read_dataset(NIH_DX)
+    assert seg.segmentation_type == hd.seg.SegmentationTypeValues.FRACTIONAL
+    assert seg.StudyInstanceUID == source.StudyInstanceUID
+    assert seg.Modality == "SEG" and seg.number_of_segments == 1
+    described = seg.get_segment_description(1)
+    assert described.algorithm_identification[0].AlgorithmName == "chest"
+    refs = {r.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence
+            for r in s.ReferencedInstanceSequence}
+    assert refs == {source.SOPInstanceUID}
+    # the stored fractions are the saliency map the model gives for this image
+    stored = seg.get_pixels_by_source_instance([source.SOPInstanceUID],
+                                               rescale_fractional=True)
+    stored = np.asarray(stored).reshape(source.Rows, source.Columns)
+    heat = load_model("chest").saliency(read_pixels(NIH_DX).pixels)
+    assert np.abs(stored - heat).max() <= 1 / 255 + 1e-6
+
+
+def test_dciodvfy_accepts_all_three(written):
     assert _dciodvfy_errors(written[0]["sr"]) == []
     assert _dciodvfy_errors(written[0]["overlay_dicom"]) == []
+    assert _dciodvfy_errors(written[0]["seg"]) == []
 
 
 def test_png_input_gets_a_human_overlay_only(written):
