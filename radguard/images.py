@@ -19,6 +19,7 @@ __all__ = [
     "blend_heat",
     "display_frame",
     "is_dicom_path",
+    "percentiles",
     "read_for_analysis",
     "read_grey",
     "read_pixels",
@@ -96,21 +97,68 @@ def write_grey(path: str | os.PathLike[str], pixels: np.ndarray, bits: int) -> N
     atomic_write_bytes(path, buf.getvalue())
 
 
+def percentiles(a: np.ndarray, qs: tuple[float, ...]) -> np.ndarray:
+    """``np.percentile(a, qs)`` (linear interpolation) in float64, computed from a histogram
+    when the values are integers spanning at most 65536 levels - every stored radiograph -
+    which is several times faster than numpy's partition on a full image."""
+    a = np.asarray(a)
+    if a.size == 0 or a.dtype.kind not in "uif":
+        return np.percentile(a, qs).astype(np.float64)
+    if a.dtype.kind == "f" and not (np.isfinite(a).all() and np.array_equal(a, np.rint(a))):
+        return np.percentile(a, qs).astype(np.float64)
+    low, high = float(a.min()), float(a.max())
+    if high - low >= 65536:
+        return np.percentile(a, qs).astype(np.float64)
+    flat = a.ravel()
+    if a.dtype.kind == "u" and low == 0:
+        counts = np.bincount(flat, minlength=int(high) + 1)
+    elif a.dtype.kind in "ui":
+        counts = np.bincount(flat.astype(np.int64) - int(low), minlength=int(high - low) + 1)
+    else:
+        counts = np.bincount((flat - low).astype(np.intp), minlength=int(high - low) + 1)
+    cumulative = np.cumsum(counts)
+    n = a.size
+    out = []
+    for q in qs:
+        virtual = (q / 100.0) * (n - 1)
+        index = np.floor(virtual)
+        gamma = virtual - index
+        below = low + float(np.searchsorted(cumulative, int(index), side="right"))
+        above = low + float(np.searchsorted(cumulative, min(int(index) + 1, n - 1),
+                                            side="right"))
+        diff = above - below
+        out.append(above - diff * (1 - gamma) if gamma >= 0.5 else below + diff * gamma)
+    return np.array(out, dtype=np.float64)
+
+
 def window_to_8bit(
-    frame: np.ndarray, center: float | None = None, width: float | None = None, invert: bool = False
+    frame: np.ndarray, center: float | None = None, width: float | None = None,
+    invert: bool = False, *, slope: float = 1.0, intercept: float = 0.0,
 ) -> np.ndarray:
-    """Display an image as 8-bit: the given window, else the 0.5-99.5 percentile range."""
-    values = frame.astype(np.float64)
+    """Display an image as 8-bit: stored values times ``slope`` plus ``intercept`` (the
+    modality rescale), then the given window, else the 0.5-99.5 percentile range. Integer
+    frames go through a lookup table over their value range, not per-pixel float maths."""
     if center is not None and width is not None and width > 1:
         low, high = center - width / 2, center + width / 2
     else:
-        low, high = np.percentile(values, [0.5, 99.5])
+        raw_low, raw_high = percentiles(frame, (0.5, 99.5)) * slope + intercept
+        low, high = min(raw_low, raw_high), max(raw_low, raw_high)
         if high <= low:
             high = low + 1
-    out = np.clip((values - low) / (high - low) * 255.0, 0, 255)
-    if invert:
-        out = 255.0 - out
-    return np.round(out).astype(np.uint8)
+
+    def display(values: np.ndarray) -> np.ndarray:
+        out = np.clip((values * slope + intercept - low) / (high - low) * 255.0, 0, 255)
+        if invert:
+            out = 255.0 - out
+        return np.round(out).astype(np.uint8)
+
+    frame = np.asarray(frame)
+    if frame.dtype.kind in "ui" and frame.size > 65536:
+        first, last = int(frame.min()), int(frame.max())
+        if last - first < 65536:
+            table = display(np.arange(first, last + 1, dtype=np.float64))
+            return table[frame - first if first else frame]
+    return display(frame.astype(np.float64))
 
 
 def _first_number(value: object) -> float | None:
@@ -141,10 +189,10 @@ def display_frame(ds: object, pixels: np.ndarray | None = None) -> np.ndarray:
     slope = _first_number(peek(ds, "RescaleSlope")) or 1.0  # type: ignore[arg-type]
     intercept = _first_number(peek(ds, "RescaleIntercept")) or 0.0  # type: ignore[arg-type]
     return window_to_8bit(
-        frame.astype(np.float64) * slope + intercept,
+        frame,
         _first_number(peek(ds, "WindowCenter")),  # type: ignore[arg-type]
         _first_number(peek(ds, "WindowWidth")),  # type: ignore[arg-type]
-        invert=info.photometric == "MONOCHROME1",
+        invert=info.photometric == "MONOCHROME1", slope=slope, intercept=intercept,
     )
 
 

@@ -161,7 +161,8 @@ def load_bundle(json_path: Path) -> TriageModel:
 
 
 def grey_2d(pixels: np.ndarray) -> np.ndarray:
-    """A 2D grey image, or OutOfScope for colour photos and malformed arrays."""
+    """A 2D grey image (integer arrays as they are, anything else as float32), or
+    OutOfScope for colour photos and malformed arrays."""
     a = np.asarray(pixels)
     if a.ndim == 3 and a.shape[-1] in (3, 4):
         rgb = a[..., :3].astype(np.float64)
@@ -170,6 +171,8 @@ def grey_2d(pixels: np.ndarray) -> np.ndarray:
         a = rgb.mean(axis=-1)
     if a.ndim != 2 or a.dtype.kind not in "uifb":
         raise OutOfScope(f"expected a 2D grey image, got shape {a.shape}")
+    if a.dtype.kind in "ui":
+        return a  # integers stay integers (cheaper statistics downstream)
     if not np.isfinite(a).all():
         raise OutOfScope("image holds NaN or infinite values")
     return a.astype(np.float32)
