@@ -152,16 +152,17 @@ def orthanc(folder: Path) -> tuple[subprocess.Popen, int]:
 
 
 def gateway_run(tmp: Path, files: list[Path], ca: Path, associations: int,
-                workers: int, trust_signed: bool) -> dict[str, float]:
+                workers: int, trust_signed: bool, check_processes: int) -> dict[str, float]:
     from radguard.gateway.store import Store
 
-    name = f"gw{associations}{'t' if trust_signed else 'f'}"
+    name = f"gw{associations}{'t' if trust_signed else 'f'}{check_processes}"
     data = tmp / name
     port = free_port()
     config = tmp / f"{name}.toml"
     config.write_text(f'data_dir = "{data}"\ndicom_port = {port}\nhttp_port = 0\n'
                       f'trust = ["{ca}"]\nworkers = {workers}\ntriage = {{ DX = "chest" }}\n'
-                      f'trust_signed_pixels = {"true" if trust_signed else "false"}\n')
+                      f'trust_signed_pixels = {"true" if trust_signed else "false"}\n'
+                      f'check_processes = {check_processes}\n')
     proc = subprocess.Popen([sys.executable, "-m", "radguard.cli", "serve", "--config",
                              str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -194,6 +195,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=120)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--check-processes", type=int, default=1,
+                        help="check processes for policies A2/B2 (A/B: checks in-process)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -205,6 +208,8 @@ def main() -> None:
         print("policy A: default - a trusted signature over the pixels skips the synthetic and "
               "copy-move detectors (signature, header checks, triage run)")
         print("policy B: trust_signed_pixels = false - every detector on every image")
+        print(f"A{args.check_processes}/B{args.check_processes}: the same with the checks in "
+              f"{args.check_processes} separate process(es) (check_processes)")
         print(f"{'associations':>12}{'policy':>7}{'Orthanc/s':>11}{'radguard received/s':>21}"
               f"{'radguard checked/s':>20}{'ratio':>7}{'p50 s':>8}{'p99 s':>8}")
         for associations in (1, 4, 10):
@@ -214,8 +219,11 @@ def main() -> None:
             finally:
                 proc.terminate()
                 proc.wait(30)
-            for policy, trust_signed in (("A", True), ("B", False)):
-                r = gateway_run(tmp, files, ca, associations, args.workers, trust_signed)
+            n = args.check_processes
+            for policy, trust_signed, procs in (("A", True, 0), ("B", False, 0),
+                                                (f"A{n}", True, n), (f"B{n}", False, n)):
+                r = gateway_run(tmp, files, ca, associations, args.workers, trust_signed,
+                                procs)
                 print(f"{associations:>12}{policy:>7}{orthanc_rate:>11.1f}"
                       f"{r['receive_rate']:>21.1f}{r['rate']:>20.1f}"
                       f"{r['rate'] / orthanc_rate:>7.2f}{r['p50']:>8.2f}{r['p99']:>8.2f}"

@@ -438,9 +438,12 @@ def audit_archive_command(source: str, results_path: str | None, workers: int,
 @click.option("--forward", "forward_dimse", help="PACS to forward to, AE@host:port.")
 @click.option("--db-url", help="PostgreSQL URL for the index and queue (default: SQLite in "
                                 "the data folder).")
+@click.option("--check-processes", type=click.IntRange(0, 32),
+              help="Run the checks in this many separate processes (default 0: in the "
+                   "gateway process; on a multi-core server, cores minus one).")
 def serve(config_path: str | None, data_dir: str | None, dicom_port: int | None,
           http_port: int | None, ae_title: str | None, host: str | None,
-          forward_dimse: str | None, db_url: str | None) -> None:
+          forward_dimse: str | None, db_url: str | None, check_processes: int | None) -> None:
     """Run the gateway: receive (C-STORE), verify, scan, triage, quarantine or forward.
     Stops cleanly on Ctrl-C or SIGTERM; a restart resumes unfinished work."""
     import signal
@@ -450,7 +453,8 @@ def serve(config_path: str | None, data_dir: str | None, dicom_port: int | None,
 
     config = load_config(config_path, data_dir=data_dir, dicom_port=dicom_port,
                          http_port=http_port, ae_title=ae_title, host=host,
-                         forward_dimse=forward_dimse, db_url=db_url)
+                         forward_dimse=forward_dimse, db_url=db_url,
+                         check_processes=check_processes)
     gateway = Gateway(config)
     gateway.start()
     stop = threading.Event()

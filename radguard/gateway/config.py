@@ -20,6 +20,9 @@ Example ``radguard.toml``::
                                       # corrupt stream is refused at the door (costs time)
     trust_signed_pixels = true        # a trusted signature over the pixel data makes the
                                       # synthetic and copy-move detectors unnecessary
+    check_processes = 0               # >0: run the checks (signature, forensics, triage) in
+                                      # this many separate processes, so they do not share
+                                      # one interpreter lock with receiving (multi-core)
 
     [forward]                         # the PACS; leave out to keep images here only
     dimse = "ORTHANC@127.0.0.1:4242"  # C-STORE target, AE@host:port
@@ -96,6 +99,7 @@ class GatewayConfig:
                                       # covers the pixel data (header checks still run)
     tls_cert: str = ""
     tls_key: str = ""
+    check_processes: int = 0  # 0: checks run on the worker threads of the gateway process
 
     def validate(self) -> GatewayConfig:
         """Raise ConfigError on any impossible value; returns self."""
@@ -119,6 +123,8 @@ class GatewayConfig:
                 raise ConfigError(f"{path}: no such file")
         if not 1 <= self.workers <= 64:
             raise ConfigError("workers: 1-64")
+        if not isinstance(self.check_processes, int) or not 0 <= self.check_processes <= 32:
+            raise ConfigError("check_processes: 0-32")
         return self
 
 

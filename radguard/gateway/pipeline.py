@@ -32,7 +32,7 @@ from radguard.errors import RadguardError
 from radguard.gateway.config import DimseTarget, GatewayConfig
 from radguard.gateway.store import Instance, Store
 
-__all__ = ["ForwardError", "Pipeline", "Routing"]
+__all__ = ["CheckPool", "ForwardError", "Pipeline", "Routing"]
 
 
 class ForwardError(RadguardError):
@@ -153,7 +153,10 @@ class StowForwarder:
 class Pipeline:
     """The configured layers, loaded once and shared by the worker threads."""
 
-    def __init__(self, config: GatewayConfig, store: Store, audit_log: Any = None) -> None:  # noqa: ANN401
+    def __init__(self, config: GatewayConfig, store: Store | None, audit_log: Any = None,  # noqa: ANN401
+                 *, checks_only: bool = False) -> None:
+        """``checks_only``: the stateless part for a check process (no monitor database,
+        no PACS associations: those stay with the gateway process)."""
         from radguard.forensics.synthetic import load_detector
 
         self.config, self.store, self.audit_log = config, store, audit_log
@@ -174,16 +177,19 @@ class Pipeline:
 
             self.models = {m.upper(): load_model(name) for m, name in config.triage.items()}
         self.monitor = None
-        if config.monitor_db:
+        self.wants_features = bool(config.monitor_db)
+        if config.monitor_db and not checks_only:
             from radguard.monitoring import Monitor
 
             self.monitor = Monitor(config.monitor_db, audit_log=audit_log)
             self._monitor_lock = threading.Lock()
         self.forwarders: list[Any] = []
-        if config.forward_dimse:
+        if checks_only:
+            pass
+        elif config.forward_dimse:
             self.forwarders.append(DimseForwarder(DimseTarget.parse(config.forward_dimse),
                                                   config.ae_title))
-        if config.forward_stow:
+        if config.forward_stow and not checks_only:
             self.forwarders.append(StowForwarder(config.forward_stow))
         self.must_sign = {v.upper() for v in config.must_sign}
 
@@ -203,11 +209,19 @@ class Pipeline:
     # -- one instance ---------------------------------------------------------------------------
     def route(self, instance: Instance) -> Routing:
         """Run every layer on a stored instance and decide where it goes."""
+        assert self.store is not None, "a checks-only pipeline has no store"
+        routing, features = self.check(self.store.file(instance), instance)
+        self.observe(instance, features, routing)
+        return routing
+
+    def check(self, path: Path, instance: Instance) -> tuple[Routing, list[float] | None]:
+        """Every stateless layer (signature, watermark, forensics, triage) on the file at
+        ``path``, and the image features the drift monitor wants (None if it wants none).
+        Safe to run in another process: it touches no database."""
         from radguard.forensics.scan import scan_file
 
-        path = self.store.file(instance)
         scan = scan_file(path, trust=self.trust, watermark_key=self.key, detector=self.detector,
-                         keep_pixels=bool(self.models or self.monitor),
+                         keep_pixels=bool(self.models or self.wants_features),
                          trust_signed_pixels=self.config.trust_signed_pixels)
         codes = {f.code for f in scan.findings}
         trust = _badge(scan.signature, scan.watermark)
@@ -235,10 +249,12 @@ class Pipeline:
         elif scan.verdict == "unverifiable":
             r.state = "quarantined"
             r.reasons.insert(0, "the image cannot be checked (unreadable pixel data)")
+        features = None
         if r.state != "rejected" and scan.pixels is not None:
             self._triage(instance, scan.pixels, r)
-            self._monitor(instance, scan.pixels, r)
-        return r
+            if self.wants_features:
+                features = self._features(scan.pixels)
+        return r, features
 
     def _triage(self, instance: Instance, pixels: Any, r: Routing) -> None:  # noqa: ANN401
         model = self.models.get(instance.modality.upper())
@@ -253,9 +269,8 @@ class Pipeline:
         r.ai_probability, r.ai_suspicion = prediction.probability, prediction.suspicion
         r.details["triage"] = prediction.to_dict()
 
-    def _monitor(self, instance: Instance, pixels: Any, r: Routing) -> None:  # noqa: ANN401
-        if self.monitor is None:
-            return
+    @staticmethod
+    def _features(pixels: Any) -> list[float]:  # noqa: ANN401
         import numpy as np
 
         from radguard.monitoring.features import image_features
@@ -263,9 +278,17 @@ class Pipeline:
         grey = np.asarray(pixels, float)
         if grey.ndim == 3:
             grey = grey.mean(axis=2)
+        return [float(v) for v in image_features(grey, 255.0)]
+
+    def observe(self, instance: Instance, features: list[float] | None, r: Routing) -> None:
+        """Feed the drift monitor (in the gateway process: it owns the monitor database)."""
+        if self.monitor is None or features is None:
+            return
+        import numpy as np
+
         try:
             with self._monitor_lock:
-                alarms = self.monitor.observe(instance.sop_uid, image_features(grey, 255.0),
+                alarms = self.monitor.observe(instance.sop_uid, np.asarray(features),
                                               score=r.ai_probability,
                                               site=instance.calling_ae or "default")
         except RadguardError as exc:
@@ -296,3 +319,64 @@ def _badge(signature: str, watermark: str) -> str:
     if watermark == "intact":
         return "watermarked"
     return "unsigned"
+
+
+# -- checks in separate processes ----------------------------------------------------------
+
+_CHECKER: Pipeline | None = None
+
+
+def _start_checker(config: GatewayConfig) -> None:
+    global _CHECKER
+    import torch
+
+    torch.set_num_threads(1)  # one core per check process; parallelism comes from processes
+    _CHECKER = Pipeline(config, None, checks_only=True)
+
+
+def _ready() -> bool:
+    return _CHECKER is not None
+
+
+def _check(path: str, instance: Instance) -> tuple[Routing, list[float] | None]:
+    assert _CHECKER is not None
+    return _CHECKER.check(Path(path), instance)
+
+
+class CheckPool:
+    """``check_processes`` spawned processes, each with its own copy of the stateless
+    layers (models loaded once per process), so checks run on other cores than receiving
+    and do not share its interpreter lock. A process that dies (a poison image, out of
+    memory) costs only the instance it was checking: the pool is restarted."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self._lock = threading.Lock()
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> Any:  # noqa: ANN401
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        n = self.config.check_processes
+        pool = ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_start_checker, initargs=(self.config,))
+        for future in [pool.submit(_ready) for _ in range(n)]:
+            future.result(timeout=300)  # models loaded before the first image arrives
+        return pool
+
+    def check(self, path: Path, instance: Instance) -> tuple[Routing, list[float] | None]:
+        from concurrent.futures.process import BrokenProcessPool
+
+        pool = self._pool
+        try:
+            return pool.submit(_check, str(path), instance).result()
+        except BrokenProcessPool as exc:
+            with self._lock:
+                if self._pool is pool:
+                    self._pool = self._new_pool()
+            raise RadguardError("the check process died while checking this instance") \
+                from exc
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -3,7 +3,10 @@ HTTP side), started and stopped together.
 
 Ingestion only stores and queues; worker threads claim queued instances and run the
 pipeline, so a burst of incoming images never waits for forensics or triage, and a restart
-resumes the queue (:meth:`Store.recover`).
+resumes the queue (:meth:`Store.recover`). With ``check_processes`` the stateless checks run
+in separate processes (:class:`~radguard.gateway.pipeline.CheckPool`), so on a multi-core
+server they do not share the receiving process's interpreter lock; the store, the monitor
+and forwarding stay in the gateway process.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any
 
 from radguard.gateway.config import GatewayConfig
 from radguard.gateway.dimse import DicomServer
-from radguard.gateway.pipeline import ForwardError, Pipeline
+from radguard.gateway.pipeline import CheckPool, ForwardError, Pipeline
 from radguard.gateway.store import Instance, Store
 
 __all__ = ["Gateway"]
@@ -36,6 +39,7 @@ class Gateway:
         self.audit_log = audit_log or AuditLog(Path(config.data_dir) / "audit.jsonl",
                                                actor="radguard-gateway")
         self.pipeline = Pipeline(config, self.store, self.audit_log)
+        self.checks: CheckPool | None = None
         self.dicom = DicomServer(config, self.store, on_stored=self._wake_up,
                                  audit=self._audit)
         self._wake = threading.Event()
@@ -57,10 +61,15 @@ class Gateway:
         if any(recovered.values()):
             log.warning("recovered after a crash: %s", recovered)
         self._audit("gateway.start", self.config.ae_title,
-                    {"recovered": recovered, "layers": self.pipeline.layers()})
+                    {"recovered": recovered, "layers": self.pipeline.layers(),
+                     "check_processes": self.config.check_processes})
+        if self.config.check_processes:
+            self.checks = CheckPool(self.config)  # ready before the first image arrives
         self.dicom.start()
         self._start_http()
-        for n in range(self.config.workers):
+        # with check processes, enough threads to keep every process busy
+        threads = max(self.config.workers, 2 * self.config.check_processes)
+        for n in range(threads):
             t = threading.Thread(target=self._work, name=f"radguard-worker-{n}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -109,7 +118,11 @@ class Gateway:
 
     def _process(self, instance: Instance) -> None:
         try:
-            routing = self.pipeline.route(instance)
+            if self.checks is not None:
+                routing, features = self.checks.check(self.store.file(instance), instance)
+                self.pipeline.observe(instance, features, routing)
+            else:
+                routing = self.pipeline.route(instance)
         except ForwardError:
             raise
         except Exception as exc:  # noqa: BLE001 - one bad instance must not stop the queue
@@ -149,5 +162,7 @@ class Gateway:
         self._wake.set()
         for t in self._threads:
             t.join(30)
+        if self.checks is not None:
+            self.checks.close()
         self.pipeline.close()
         self._audit("gateway.stop", self.config.ae_title, {})

@@ -185,3 +185,47 @@ def test_tls_associations(tmp_path, pki):
         assert not refused.is_established
     finally:
         gateway.stop()
+
+
+def test_checks_in_separate_processes_route_the_same(tmp_path, files, pki):
+    """check_processes = 1: the same decisions as in-process checks, triage scores come
+    back, and a check process that dies costs only the instance it had; the pool restarts."""
+    import os
+    import signal
+
+    config = GatewayConfig(data_dir=str(tmp_path / "data"), dicom_port=0, http_port=0,
+                           trust=[str(pki.ca_cert_path)], must_sign=["DX_ROOM3"],
+                           triage={"DX": "chest"}, check_processes=1).validate()
+    gateway = Gateway(config)
+    gateway.start()
+    try:
+        pids = list(gateway.checks._pool._processes)
+        assert pids and all(pid != os.getpid() for pid in pids)
+        result = _storescu(gateway.dicom.port, *files.values())
+        assert result.returncode == 0, result.stderr
+        assert gateway.wait_idle(120)
+        by_sop = {i.sop_uid: i for i in gateway.store.instances()}
+        state = {name: by_sop[str(read_dataset(p).SOPInstanceUID)]
+                 for name, p in files.items()}
+        assert state["intact"].state == "done" and state["intact"].ai_suspicion is not None
+        assert state["tampered"].state == "quarantined"
+        assert state["synthetic"].state == "rejected"
+        assert state["unsigned"].state == "quarantined"
+        for pid in pids:  # the check process dies (out of memory, a decoder crash...)
+            os.kill(pid, signal.SIGKILL)
+        from radguard.provenance.sign import sign_file
+
+        again = []
+        for i in range(2):
+            again.append(tmp_path / f"again{i}.dcm")
+            sign_file(_copy(NIH_DX, tmp_path / f"raw{i}.dcm"), again[-1], pki.signer)
+        for path in again:  # one at a time: the first meets the dead pool
+            assert _storescu(gateway.dicom.port, path, aet="CR1").returncode == 0
+            assert gateway.wait_idle(120)
+        after = {i.sop_uid: i for i in gateway.store.instances()}
+        first, second = (after[str(read_dataset(p).SOPInstanceUID)] for p in again)
+        assert first.state == "quarantined" and "check process died" in first.detail["error"]
+        assert "error" not in second.detail and second.ai_suspicion is not None
+        assert set(gateway.checks._pool._processes).isdisjoint(pids)
+    finally:
+        gateway.stop()
