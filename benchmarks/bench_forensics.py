@@ -3,7 +3,9 @@
 On radiographs from ../shared/data (NIH chest, MIAS mammograms, cxr-wild published images)
 each image is edited once per kind: a copy-move of 16, 32 and 64 px (a patch copied from
 elsewhere in the same image) and an inpainted removal (a 24 or 40 px region replaced by a
-smooth interpolation of its border, i.e. a lesion erased). Reported: detection rate per kind
+smooth interpolation of its border, i.e. a lesion erased) and a splice (32 or 64 px of tissue
+from the middle of the next image, mean-matched: a lesion injected from another patient).
+Reported: detection rate per kind
 (a reported region overlaps the edit), false-alarm rate on the untouched images, the mean
 IoU of the best-overlapping region with the edit, and the time per 1024 x 1024 image.
 
@@ -56,6 +58,18 @@ def _inpaint(img: np.ndarray, y: int, x: int, s: int) -> np.ndarray:
     return out
 
 
+def _splice(img: np.ndarray, y: int, x: int, s: int, donor_path: Path) -> np.ndarray:
+    """Tissue from the middle of another radiograph pasted in, its mean matched to the spot
+    (a lesion injected from another patient's image)."""
+    donor = np.array(Image.open(donor_path).convert("L")).astype(np.float64)
+    dy, dx = (donor.shape[0] - s) // 2, (donor.shape[1] - s) // 2
+    patch = donor[dy : dy + s, dx : dx + s]
+    out = img.copy()
+    out[y : y + s, x : x + s] = np.clip(patch - patch.mean() + img[y : y + s, x : x + s].mean(),
+                                        0, 255)
+    return out
+
+
 def _iou(a: list[int], b: tuple[int, int, int, int]) -> float:
     ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
     iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
@@ -84,6 +98,8 @@ def bench_tamper(per_set: int) -> None:
             ("copy-move 64", 64),
             ("inpaint 24", 24),
             ("inpaint 40", 40),
+            ("splice 32", 32),
+            ("splice 64", 64),
         ):
             y = int(rng.integers(h // 4, 3 * h // 4 - size))
             x = int(rng.integers(w // 4, 3 * w // 4 - size))
@@ -91,6 +107,8 @@ def bench_tamper(per_set: int) -> None:
                 sy, sx = (y + h // 3) % (h - size), (x + w // 4) % (w - size)
                 edited = img.copy()
                 edited[y : y + size, x : x + size] = img[sy : sy + size, sx : sx + size]
+            elif kind.startswith("splice"):
+                edited = _splice(img, y, x, size, files[(files.index(path) + 1) % len(files)])
             else:
                 edited = _inpaint(img, y, x, size)
             box = (x, y, x + size, y + size)
