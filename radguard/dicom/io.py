@@ -18,7 +18,7 @@ from typing import Any
 
 import pydicom
 from pydicom.datadict import tag_for_keyword
-from pydicom.dataelem import RawDataElement, convert_raw_data_element
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.tag import Tag
@@ -35,6 +35,7 @@ __all__ = [
     "read_dataset",
     "read_dataset_bytes",
     "source_view",
+    "stored_element",
     "write_dataset",
 ]
 
@@ -126,6 +127,14 @@ def read_dataset_bytes(
     return _parse(data, name, stop_before_pixels=stop_before_pixels, defer=False, path=None)
 
 
+def stored_element(ds: Dataset, tag: int) -> DataElement | RawDataElement | None:
+    """The element as stored - raw, and deferred values left unread - like
+    ``ds.get_item(tag, keep_deferred=True)`` but without pydicom converting the int to a Tag
+    on every call: signing and verifying walk every element of every file several times,
+    and that conversion was about 2 ms of a 7 MB file's 18 ms of CPU."""
+    return ds._dict.get(tag)
+
+
 def source_view(ds: Dataset) -> memoryview | None:
     """The whole source file of a dataset read by radguard, for zero-copy access to values
     (``RawDataElement.value_tell`` offsets index into it); None for other datasets."""
@@ -137,7 +146,7 @@ def _check_complete(ds: Dataset, name: str, size: int) -> None:
     """Top-level defined-length values must hold as many bytes as their header says
     (deferred values are not read, so their extent is checked against the file size)."""
     for tag in ds.keys():
-        raw = ds.get_item(tag, keep_deferred=True)
+        raw = stored_element(ds, tag)
         if raw is None or not getattr(raw, "is_raw", False):
             continue
         length = raw.length
@@ -226,7 +235,7 @@ def detached_view(ds: Dataset) -> Dataset:
     pydicom converts raw elements in place whenever something reads them (the writer and
     the pixel decoder included); working on a view keeps the caller's raw bytes intact.
     """
-    view = Dataset({tag: ds.get_item(tag, keep_deferred=True) for tag in ds.keys()})
+    view = Dataset({tag: stored_element(ds, tag) for tag in ds.keys()})
     view.file_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
     view.set_original_encoding(*ds.original_encoding, ds.original_character_set)
     view.preamble = getattr(ds, "preamble", None)

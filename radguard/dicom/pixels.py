@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from pydicom.dataset import Dataset
 
-from radguard.dicom.io import detached_view, peek
+from radguard.dicom.io import detached_view, peek, stored_element
 from radguard.errors import DicomReadError
 
 __all__ = ["PixelInfo", "pixel_array", "pixel_info", "validate_pixel_data"]
@@ -74,7 +74,7 @@ def validate_pixel_data(ds: Dataset, *, decode_compressed: bool = True) -> Pixel
     """
     info = pixel_info(ds)
     name = getattr(ds, "filename", None) or "dataset"
-    elem = ds.get_item(0x7FE00010, keep_deferred=True) if 0x7FE00010 in ds else None
+    elem = stored_element(ds, 0x7FE00010) if 0x7FE00010 in ds else None
     undefined = elem is not None and (
         getattr(elem, "length", None) == 0xFFFFFFFF or getattr(elem, "is_undefined_length", False)
     )

@@ -19,6 +19,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
+from radguard.dicom.io import stored_element
 from radguard.fileio import atomic_writer, copy_range
 
 __all__ = ["SourceLayout", "encode_element", "source_layout", "write_spliced"]
@@ -63,7 +64,7 @@ def source_layout(ds: Dataset, path: str | os.PathLike[str], size: int) -> Sourc
         return None
     starts: dict[int, int] = {}
     for tag in sorted(ds.keys()):
-        elem = ds.get_item(tag, keep_deferred=True)
+        elem = stored_element(ds, tag)
         tell = getattr(elem, "value_tell", None)
         if tell is None:
             tell = getattr(elem, "file_tell", None)

@@ -36,6 +36,8 @@ from pydicom.filewriter import correct_ambiguous_vr_element, write_data_element
 from pydicom.hooks import _private_vr_for_tag  # noqa: PLC2701 - the rule pydicom itself applies
 from pydicom.tag import BaseTag, Tag
 
+from radguard.dicom.io import stored_element
+
 __all__ = [
     "EXCLUDED_FROM_ITEM_STREAM",
     "MAC_TRANSFER_SYNTAX",
@@ -84,7 +86,7 @@ def element_vr(
     """The VR this element has in Explicit VR Little Endian, resolving implicit VR and the
     ambiguous dictionary VRs the same way pydicom (and dcmtk) write them."""
     if elem is None:
-        elem = ds.get_item(tag, keep_deferred=True)
+        elem = stored_element(ds, tag)
     vr = elem.VR
     if vr is not None and " or " not in vr:
         return str(vr)
@@ -127,7 +129,7 @@ def _sorted_tags(ds: Dataset) -> list[int]:
 
 
 def _contains_un(ds: Dataset, tag: int, is_implicit: bool) -> bool:
-    elem = ds.get_item(tag, keep_deferred=True)
+    elem = stored_element(ds, tag)
     vr = element_vr(ds, tag, is_implicit, elem)
     if vr == "UN":
         return True
@@ -229,7 +231,7 @@ class MacStream:
         """Where an element's bytes sit in the source file, if they equal its MAC encoding."""
         if self._source is None or self._implicit or not self._little:
             return None
-        elem = ds.get_item(tag, keep_deferred=True)
+        elem = stored_element(ds, tag)
         if not isinstance(elem, RawDataElement):
             return None
         vr, length, tell = elem.VR, elem.length, elem.value_tell
@@ -255,7 +257,7 @@ class MacStream:
             self._element(item, t)
 
     def _element(self, ds: Dataset, tag: int) -> None:
-        elem = ds.get_item(tag, keep_deferred=True)
+        elem = stored_element(ds, tag)
         vr = element_vr(ds, tag, self._implicit, elem)
         if vr == "SQ":
             self._sequence(ds, tag)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +23,20 @@ from pathlib import Path
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from pydicom.datadict import keyword_for_tag
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.tag import Tag
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from radguard.concurrency import background_pool, map_ordered
-from radguard.dicom.io import iter_dicom_paths, read_dataset, source_view, write_dataset
+from radguard.dicom.io import (
+    iter_dicom_paths,
+    read_dataset,
+    source_view,
+    stored_element,
+    write_dataset,
+)
 from radguard.dicom.pixels import validate_pixel_data
 from radguard.dicom.splice import encode_element, source_layout, write_spliced
 from radguard.dicom.uids import new_uid
@@ -282,7 +290,10 @@ def prepare_signature(
     params.MACIDNumber = mac_id
     params.MACCalculationTransferSyntaxUID = mac_transfer_syntax(ds)
     params.MACAlgorithm = mac_name
-    params.DataElementsSigned = [Tag(t) for t in covered]
+    # AT values stored pre-encoded: pydicom would build and validate a Tag per value
+    packed = b"".join(struct.pack("<HH", t >> 16, t & 0xFFFF) for t in covered)
+    params[0x04000020] = RawDataElement(BaseTag(0x04000020), "AT", len(packed), packed, 0,
+                                        False, True)
     mac_params.append(params)
     ds.MACParametersSequence = mac_params
     return PendingSignature(ds, signer, params, item, covered, mac_name, profile, moment,
@@ -297,7 +308,7 @@ def mac_transfer_syntax(ds: Dataset) -> str:
     they are, and a verifier such as dcmsign refuses to compute an Explicit VR Little Endian
     MAC over pixel data it would first have to decompress.
     """
-    raw = ds.get_item(0x7FE00010, keep_deferred=True) if 0x7FE00010 in ds else None
+    raw = stored_element(ds, 0x7FE00010) if 0x7FE00010 in ds else None
     meta = getattr(ds, "file_meta", None)
     encapsulated = raw is not None and (
         getattr(raw, "length", None) == 0xFFFFFFFF or getattr(raw, "is_undefined_length", False)

@@ -38,7 +38,7 @@ from pydicom.uid import UID
 from pydicom.valuerep import DT
 
 from radguard.concurrency import background_pool, map_ordered
-from radguard.dicom.io import iter_dicom_paths, peek, read_dataset, source_view
+from radguard.dicom.io import iter_dicom_paths, peek, read_dataset, source_view, stored_element
 from radguard.errors import RadguardError, SignatureError
 from radguard.provenance.bytestream import (
     MAC_TRANSFER_SYNTAX,
@@ -331,7 +331,7 @@ def _signature_sites(ds: Dataset, location: str = "") -> list[tuple[Dataset, str
         if t in _MACHINERY or (t >> 16) < 0x0008:
             continue
         try:
-            raw = ds.get_item(t, keep_deferred=True)
+            raw = stored_element(ds, t)
             if raw.VR not in ("SQ", None) and " or " not in raw.VR:
                 continue  # explicit VR says it is not a sequence
             if element_vr(ds, t, bool(ds.original_encoding[0]), raw) != "SQ":
