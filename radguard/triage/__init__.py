@@ -1,6 +1,11 @@
 """AI triage: calibrated scores, 1-10 suspicion, cost-aware operating points, workload
-trade-offs and worklist order. (Reference models, saliency and DICOM SR output: issue 5,
-still to come.)"""
+trade-offs and worklist order.
+
+Models (the plug-in contract, torch / ONNX / patch / region bundles, the registry) are in
+:mod:`radguard.triage.model`, the reference recipes behind ``radguard triage train`` in
+:mod:`radguard.triage.training`, and DICOM results (TID 1500 SR, fractional SEG, secondary
+capture) in :mod:`radguard.triage.results`. See docs/triage.md.
+"""
 
 from radguard.triage.operating import (
     OperatingPoint,
