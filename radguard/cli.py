@@ -987,7 +987,8 @@ def triage_predict(paths: tuple[str, ...], model_name: str, as_json: bool,
 @click.option("--epochs", type=click.IntRange(1, 1000),
               help="Training epochs (default: chest 30, mammo 12, malignancy 20).")
 @click.option("--limit", type=click.IntRange(10, None),
-              help="Use only the first N images (a quick trial run).")
+              help="Use only N images for a quick trial run (chest: half of them positive; "
+                   "mammography: the first N).")
 @click.option("--locator", default="mammo", show_default=True,
               help="malignancy: the patch model whose suspicious regions it judges.")
 @click.option("--seed", type=int, default=0, show_default=True)
