@@ -1018,7 +1018,9 @@ def triage_train(recipe: str, data_dir: str, external: str | None, out: str,
     for key, value in meta["card"]["metrics"].items():
         if isinstance(value, dict) and "auc" in value:
             click.echo(f"{key}: {value['auc']:.3f} [{value['low']:.3f}, {value['high']:.3f}]")
-    stem = training.bundle_stem(out)
+    from radguard.triage.model import bundle_stem
+
+    stem = bundle_stem(out)
     click.echo(f"model bundle: {stem.with_name(stem.name + '.json')}")
 
 

@@ -25,7 +25,8 @@ from radguard.triage.scores import Calibrator, SuspicionScale, TriageError
 
 __all__ = ["BundleTriageModel", "ModelCard", "OnnxTriageModel", "OutOfScope",
            "PatchTriageModel", "Prediction", "RegionTriageModel", "TorchTriageModel",
-           "TriageModel", "available_models", "load_bundle", "load_model", "register_model"]
+           "TriageModel", "available_models", "bundle_stem", "load_bundle", "load_model",
+           "register_model"]
 
 
 class OutOfScope(TriageError):
@@ -145,6 +146,13 @@ def _checked(name: str, model: object) -> TriageModel:
     return model
 
 
+def bundle_stem(out: str | Path) -> Path:
+    """A bundle's path without its .json / .pt / .onnx suffix (other dots are part of the
+    name): ``OUT`` in ``OUT.json`` + ``OUT.pt``."""
+    out = Path(out)
+    return out.with_suffix("") if out.suffix in (".json", ".pt", ".onnx") else out
+
+
 def load_bundle(json_path: Path) -> TriageModel:
     """A model bundle: ``<name>.json`` (card, input size, calibrator, suspicion scale,
     operating point, and ``format``: ``torch`` (default, weights in ``<name>.pt``) or
@@ -243,13 +251,13 @@ class TorchTriageModel(BundleTriageModel):
     """A PyTorch network from a bundle (``.json`` metadata + ``.pt`` state dict)."""
 
     @classmethod
-    def from_bundle(cls, json_path: Path, meta: dict | None = None) -> TorchTriageModel:
+    def from_bundle(cls, json_path: Path, meta: dict) -> TorchTriageModel:
+        """The weights beside ``json_path`` in the network ``meta`` describes (use
+        :func:`load_bundle`, which reads the JSON and picks the runtime)."""
         import torch
 
         from radguard.triage.networks import build_network
 
-        if meta is None:
-            return load_bundle(json_path)  # type: ignore[return-value]
         try:
             state = torch.load(json_path.with_suffix(".pt"), map_location="cpu")
         except FileNotFoundError as exc:
@@ -316,8 +324,7 @@ class TorchTriageModel(BundleTriageModel):
 
         if type(self) is not TorchTriageModel:
             raise TriageError(f"{self.card.name}: only whole-image models export to ONNX")
-        out = Path(out)
-        out = out.with_suffix("") if out.suffix in (".json", ".onnx") else out
+        out = bundle_stem(out)
         buf = io.BytesIO()
         example = torch.zeros(1, 1, self.size, self.size)
         with warnings.catch_warnings():

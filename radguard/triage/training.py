@@ -36,7 +36,7 @@ from radguard.evaluation.splits import split_of
 from radguard.triage.networks import DEFAULT, build_network, to_input
 from radguard.triage.scores import Calibrator, SuspicionScale, TriageError
 
-__all__ = ["LabelledImages", "MiasData", "TARGET_SENSITIVITY", "bundle_stem", "fit_malignancy",
+__all__ = ["LabelledImages", "MiasData", "TARGET_SENSITIVITY", "fit_malignancy",
            "folds_by_group", "lesion_regions", "load_mias", "load_site", "scores_of",
            "train_chest", "train_malignancy", "train_mammo", "train_network", "write_bundle"]
 
@@ -200,12 +200,6 @@ def _fit_outputs(val_scores: np.ndarray, val_labels: np.ndarray
                                                            sensitivity=TARGET_SENSITIVITY)
 
 
-def bundle_stem(out: str | Path) -> Path:
-    """The bundle path without its .json / .pt suffix (other dots are part of the name)."""
-    out = Path(out)
-    return out.with_suffix("") if out.suffix in (".json", ".pt") else out
-
-
 def write_bundle(out: str | Path, net: Any, meta: dict) -> Path:  # noqa: ANN401
     """``<out>.pt`` (half-precision state dict) and ``<out>.json``, each written atomically;
     returns the JSON path (what ``--model`` takes)."""
@@ -214,6 +208,7 @@ def write_bundle(out: str | Path, net: Any, meta: dict) -> Path:  # noqa: ANN401
     import torch
 
     from radguard.fileio import atomic_write_bytes
+    from radguard.triage.model import bundle_stem
 
     out = bundle_stem(out)
     buf = io.BytesIO()

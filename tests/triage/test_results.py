@@ -5,6 +5,7 @@ with the right content and references."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 
@@ -112,3 +113,22 @@ def test_png_input_gets_a_human_overlay_only(written):
     assert "sr" not in record
     with Image.open(record["overlay_png"]) as im:
         assert im.mode == "RGB"
+
+
+@pytest.mark.parametrize("heat, message", [
+    ("wrong shape", "does not match the source image"),
+    ("above one", "must lie in [0, 1]"),
+    ("nan", "must lie in [0, 1]"),
+])
+def test_saliency_segmentation_refuses_maps_that_do_not_fit(heat, message):
+    import numpy as np
+
+    from radguard.dicom.results import saliency_segmentation
+    from radguard.errors import RadguardError
+
+    source = read_dataset(NIH_DX)
+    maps = {"wrong shape": np.zeros((10, 10)),
+            "above one": np.full((source.Rows, source.Columns), 1.5),
+            "nan": np.full((source.Rows, source.Columns), np.nan)}
+    with pytest.raises(RadguardError, match=re.escape(message)):
+        saliency_segmentation(source, maps[heat], model="chest", version="1")

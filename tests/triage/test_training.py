@@ -12,8 +12,14 @@ from click.testing import CliRunner
 from PIL import Image
 
 from radguard.cli import main
-from radguard.triage.model import PatchTriageModel, RegionTriageModel, TriageError, load_model
-from radguard.triage.training import bundle_stem, load_site
+from radguard.triage.model import (
+    PatchTriageModel,
+    RegionTriageModel,
+    TriageError,
+    bundle_stem,
+    load_model,
+)
+from radguard.triage.training import load_site
 from tests.conftest import MR_NATIVE, SHARED
 
 NIH, KERMANY, MIAS = SHARED / "cxr-nih", SHARED / "cxr-kermany", SHARED / "mammo-mias"
@@ -124,6 +130,7 @@ def test_region_model_needs_a_patch_locator(tmp_path, mammo_bundle):
     ("no column", "missing column(s) patient_id"),
     ("one class", "every image has the same label"),
     ("bad image", "training image"),
+    ("truncated image", "training image"),
 ])
 def test_bad_training_folders_get_clear_errors(tmp_path, problem, message):
     folder = tmp_path / "site"
@@ -133,7 +140,11 @@ def test_bad_training_folders_get_clear_errors(tmp_path, problem, message):
     rows = {"no labels": None,
             "no column": "file,label\na.png,normal\n",
             "one class": "file,label,patient_id\na.png,normal,1\nb.png,normal,2\n",
-            "bad image": "file,label,patient_id\na.png,normal,1\nmissing.png,pneumonia,2\n"}
+            "bad image": "file,label,patient_id\na.png,normal,1\nmissing.png,pneumonia,2\n",
+            "truncated image": "file,label,patient_id\na.png,normal,1\nb.png,pneumonia,2\n"}
+    if problem == "truncated image":
+        whole = (folder / "images" / "b.png").read_bytes()
+        (folder / "images" / "b.png").write_bytes(whole[: len(whole) // 2])
     if rows[problem] is not None:
         (folder / "labels.csv").write_text(rows[problem])
     out = tmp_path / "model"
