@@ -24,6 +24,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.tag import Tag
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
+from radguard.dicom import fastread
 from radguard.errors import DicomReadError
 from radguard.fileio import atomic_writer
 
@@ -98,13 +99,21 @@ def _parse(buffer: bytes | mmap.mmap, name: str, *, stop_before_pixels: bool,
     with _PARSE_LOCK, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            ds = pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels,
-                                 defer_size=DEFER_SIZE if defer else None)
+            ds = None if stop_before_pixels else fastread.parse(
+                fp, buffer, len(buffer), DEFER_SIZE if defer else None)
+            if ds is None:
+                fp.seek(0)
+                fp.short_read = False
+                ds = pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels,
+                                     defer_size=DEFER_SIZE if defer else None)
         except InvalidDicomError as exc:
             raise DicomReadError(f"{name}: not a valid DICOM file ({_one_line(exc)})") from exc
         except (EOFError, OSError) as exc:
             raise DicomReadError(f"{name}: truncated DICOM file ({_one_line(exc)})") from exc
         except Exception as exc:  # pydicom raises many types on garbage input
+            if fp.short_read or fp.tell() >= len(buffer):  # failed for want of data
+                raise DicomReadError(f"{name}: truncated DICOM file (data ends inside an "
+                                     f"element: {_one_line(exc)})") from exc
             raise DicomReadError(f"{name}: malformed DICOM file ({_one_line(exc)})") from exc
     eof_warnings = [w for w in caught if "end of file" in str(w.message).lower()]
     if fp.short_read or eof_warnings:

@@ -173,6 +173,7 @@ class MacStream:
         is_little_endian: bool,
         source: memoryview | None = None,
         tap: Callable[[bytes], None] | None = None,
+        hold: tuple[int, int] | None = None,
     ) -> None:
         self._hash = hasher
         self._source = source  # the file, for values pydicom left unread (deferred)
@@ -180,9 +181,37 @@ class MacStream:
         self._little = is_little_endian
         self._buf = bytearray()
         self._tap = tap  # receives every byte too (tests compare with dcmtk's dump)
+        self._hold = hold if source is not None else None
+        self._held: tuple[int, int] | None = None
+
+    # -- holding back the tail of the file ----------------------------------------------
+    def take_held(self) -> tuple[int, int] | None:
+        """The source range left unhashed, if the stream so far ends with it.
+
+        With ``hold=(start, end)``, a run of file bytes that ends exactly at ``end`` is
+        hashed only up to ``start``; the rest is held back. A writer that copies those
+        bytes anyway passes them to :meth:`feed` as it goes, so a large pixel data value
+        is read once for both (and hashed while it is still in the CPU cache). Whoever
+        takes the range must feed all of it, in order, before anything else is added.
+        """
+        held, self._held = self._held, None
+        return held
+
+    def feed(self, data: bytes | memoryview) -> None:
+        """Hash the next piece of a range obtained from :meth:`take_held`."""
+        self._hash.update(data)
+        if self._tap is not None:
+            self._tap(bytes(data))
+
+    def _release(self) -> None:
+        if self._held is not None and self._source is not None:
+            start, end = self._held
+            self._held = None
+            self.feed(self._source[start:end])
 
     # -- output -------------------------------------------------------------------------
     def _write(self, data: bytes | bytearray | memoryview) -> None:
+        self._release()
         if len(data) >= 65536:
             self._flush()
             self._hash.update(data)
@@ -201,6 +230,7 @@ class MacStream:
     def digest(self) -> bytes:
         """Finish and return the hash of everything written."""
         self._flush()
+        self._release()
         return self._hash.digest()
 
     # -- encoding ----------------------------------------------------------------------
@@ -246,8 +276,17 @@ class MacStream:
         return start, tell + length
 
     def _flush_run(self, run: list[int]) -> None:
-        if run and self._source is not None:
-            self._write(self._source[run[0] : run[1]])
+        if not run or self._source is None:
+            return
+        start, end = run
+        if self._hold is not None and end == self._hold[1] and end > max(start, self._hold[0]):
+            held_from = max(start, self._hold[0])
+            if held_from > start:
+                self._write(self._source[start:held_from])
+            self._flush()
+            self._held = (held_from, end)
+            return
+        self._write(self._source[start:end])
 
     def add_signature_item(self, item: Dataset) -> None:
         """Append the signature item's own elements, minus certificate/signature/timestamp."""

@@ -11,6 +11,7 @@ Private keys are written 0600, atomically, optionally passphrase-encrypted, and 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +91,16 @@ class Signer:
     def key_type(self) -> str:
         """``RSA`` or ``ECDSA``."""
         return "RSA" if isinstance(self.key, rsa.RSAPrivateKey) else "ECDSA"
+
+    @functools.cached_property
+    def certificate_der(self) -> bytes:
+        """The certificate as DER, encoded once: every signature embeds it."""
+        return self.certificate.public_bytes(serialization.Encoding.DER)
+
+    @functools.cached_property
+    def subject(self) -> str:
+        """The signer's identity as reported (see :func:`describe_subject`)."""
+        return describe_subject(self.certificate)
 
 
 def generate_private_key(algorithm: str = "rsa2048") -> PrivateKey:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from pydicom.datadict import keyword_for_tag
 from pydicom.dataelem import RawDataElement
@@ -29,7 +29,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
-from radguard.concurrency import background_pool, map_ordered
+from radguard.concurrency import map_ordered
 from radguard.dicom.io import (
     iter_dicom_paths,
     read_dataset,
@@ -48,7 +48,7 @@ from radguard.provenance.bytestream import (
     new_hasher,
     signable_tags,
 )
-from radguard.provenance.keys import Signer, describe_subject
+from radguard.provenance.keys import Signer
 from radguard.provenance.profiles import PROFILES, SIGNING_MACS, missing_for_profile
 
 __all__ = [
@@ -185,11 +185,27 @@ class PendingSignature:
     profile: str
     moment: dt.datetime
     timestamper: Timestamper | None
+    mac_id: int
+    uid: str
 
-    def finish(self) -> SignatureInfo:
+    def open_stream(self, hold: tuple[int, int] | None = None) -> MacStream:
+        """A MAC stream with every covered element added (see :meth:`MacStream.take_held`
+        for ``hold``); :meth:`finish` completes it."""
+        is_implicit, is_little = self.ds.original_encoding
+        stream = MacStream(new_hasher(self.mac_name), is_implicit=bool(is_implicit),
+                           is_little_endian=is_little is not False,
+                           source=source_view(self.ds), hold=hold)
+        try:
+            stream.add_elements(self.ds, self.covered)
+        except BaseException:
+            self.abandon()
+            raise
+        return stream
+
+    def finish(self, stream: MacStream | None = None) -> SignatureInfo:
         """Hash, sign, timestamp and append the Digital Signatures item."""
         try:
-            return self._finish()
+            return self._finish(stream if stream is not None else self.open_stream())
         except BaseException:
             self.abandon()
             raise
@@ -204,12 +220,8 @@ class PendingSignature:
             else:
                 del self.ds.MACParametersSequence
 
-    def _finish(self) -> SignatureInfo:
+    def _finish(self, stream: MacStream) -> SignatureInfo:
         ds, item = self.ds, self.item
-        is_implicit, is_little = ds.original_encoding
-        stream = MacStream(new_hasher(self.mac_name), is_implicit=bool(is_implicit),
-                           is_little_endian=is_little is not False, source=source_view(ds))
-        stream.add_elements(ds, self.covered)
         stream.add_signature_item(item)
         digest = stream.digest()
         algorithm = utils.Prehashed(crypto_hash(self.mac_name))
@@ -217,20 +229,19 @@ class PendingSignature:
             signature = self.signer.key.sign(digest, padding.PKCS1v15(), algorithm)
         else:
             signature = self.signer.key.sign(digest, ec.ECDSA(algorithm))
-        item.CertificateOfSigner = self.signer.certificate.public_bytes(
-            serialization.Encoding.DER)
-        item.Signature = signature
+        _put_raw(item, 0x04000115, "OB", self.signer.certificate_der)
+        _put_raw(item, 0x04000120, "OB", signature)
         if self.timestamper is not None:
-            item.CertifiedTimestampType = "CMS_TSP"
-            item.CertifiedTimestamp = self.timestamper(signature)
+            _put_raw(item, 0x04000305, "CS", b"CMS_TSP")
+            _put_raw(item, 0x04000310, "OB", self.timestamper(signature))
         signatures = _items(ds, 0xFFFAFFFA)
         signatures.append(item)
         ds.DigitalSignaturesSequence = signatures
         return SignatureInfo(
-            mac_id=int(item.MACIDNumber),
-            uid=str(item.DigitalSignatureUID),
+            mac_id=self.mac_id,
+            uid=self.uid,
             signed_at=self.moment,
-            signer=describe_subject(self.signer.certificate),
+            signer=self.signer.subject,
             profile=self.profile,
             mac_algorithm=self.mac_name,
             covered=tuple(self.covered),
@@ -274,11 +285,12 @@ def prepare_signature(
         raise SignatureError("no free MAC ID number left in this instance")
 
     moment = (signed_at or dt.datetime.now(dt.UTC)).astimezone(dt.UTC)
+    uid = new_uid()
     item = Dataset()
-    item.MACIDNumber = mac_id
-    item.DigitalSignatureUID = new_uid()
-    item.DigitalSignatureDateTime = _format_dt(moment)
-    item.CertificateType = "X509_1993_SIG"
+    _put_raw(item, 0x04000005, "US", struct.pack("<H", mac_id))
+    _put_raw(item, 0x04000100, "UI", uid.encode("ascii"))
+    _put_raw(item, 0x04000105, "DT", _format_dt(moment).encode("ascii"))
+    _put_raw(item, 0x04000110, "CS", b"X509_1993_SIG")
     if purpose is not None:
         code = Dataset()
         code.CodeValue = str(purpose)
@@ -287,17 +299,27 @@ def prepare_signature(
         item.DigitalSignaturePurposeCodeSequence = DicomSequence([code])
 
     params = Dataset()
-    params.MACIDNumber = mac_id
-    params.MACCalculationTransferSyntaxUID = mac_transfer_syntax(ds)
-    params.MACAlgorithm = mac_name
-    # AT values stored pre-encoded: pydicom would build and validate a Tag per value
-    packed = b"".join(struct.pack("<HH", t >> 16, t & 0xFFFF) for t in covered)
-    params[0x04000020] = RawDataElement(BaseTag(0x04000020), "AT", len(packed), packed, 0,
-                                        False, True)
+    _put_raw(params, 0x04000005, "US", struct.pack("<H", mac_id))
+    _put_raw(params, 0x04000010, "UI", mac_transfer_syntax(ds).encode("ascii"))
+    _put_raw(params, 0x04000015, "CS", mac_name.encode("ascii"))
+    _put_raw(params, 0x04000020, "AT",
+             b"".join(struct.pack("<HH", t >> 16, t & 0xFFFF) for t in covered))
     mac_params.append(params)
     ds.MACParametersSequence = mac_params
     return PendingSignature(ds, signer, params, item, covered, mac_name, profile, moment,
-                            timestamper)
+                            timestamper, mac_id, uid)
+
+
+def _put_raw(ds: Dataset, tag: int, vr: str, value: bytes) -> None:
+    """Store an element already encoded (Explicit VR Little Endian, padded to even length).
+
+    The signature items are built from raw elements: pydicom's attribute setting validates
+    and converts every value and then encodes it again, which cost more than a millisecond
+    per signed file, and the bytes written are the bytes hashed.
+    """
+    if len(value) % 2:
+        value += b"\0" if vr in ("UI", "OB") else b" "
+    ds[tag] = RawDataElement(BaseTag(tag), vr, len(value), value, 0, False, True)
 
 
 def mac_transfer_syntax(ds: Dataset) -> str:
@@ -345,32 +367,43 @@ def sign_file(
     output (see :func:`radguard.fileio.atomic_writer`).
 
     Explicit VR Little Endian sources are rewritten by splicing the two signature sequences
-    into the original bytes; the kernel copies the pixel data into the output while another
-    thread hashes it, so the copy costs (almost) no time.
+    into the original bytes. The pixel data (usually all but a few kilobytes of the file)
+    is read once, in pieces that are hashed and then written while still in the CPU cache.
     """
     path = Path(src)
     ds = read_dataset(path)
     if check_pixels and ("PixelData" in ds or "FloatPixelData" in ds):
         validate_pixel_data(ds)
     view = source_view(ds)
-    layout = source_layout(ds, path, len(view)) if view is not None else None
+    layout = source_layout(ds, path, len(view), view) if view is not None else None
     pending = prepare_signature(ds, signer, **options)  # type: ignore[arg-type]
     out_ts = output_transfer_syntax(ds)
-    if layout is not None and out_ts == str(ds.file_meta.TransferSyntaxUID):
-        mac_parameters = encode_element(ds, 0x4FFE0001)
-        future = background_pool().submit(pending.finish)
-        edits = {0x4FFE0001: mac_parameters,
-                 0xFFFAFFFA: lambda: (future.result(), encode_element(ds, 0xFFFAFFFA))[1]}
-        try:
-            spliced = write_spliced(layout, edits, dst, durable=durable)
-        finally:
-            info = future.result()  # re-raises a signing error; nothing was written then
-        if spliced:
-            return info
-    else:
+    if layout is None or out_ts != str(ds.file_meta.TransferSyntaxUID):
         info = pending.finish()
-    write_dataset(ds, dst, transfer_syntax=out_ts, durable=durable)
-    return info
+        write_dataset(ds, dst, transfer_syntax=out_ts, durable=durable)
+        return info
+    # the bytes between the two signature sequences are copied in one piece: hash them then
+    stream = pending.open_stream(hold=layout.between(0x4FFE0001, 0xFFFAFFFA))
+    held = stream.take_held()
+    done: list[SignatureInfo] = []
+
+    def signatures() -> bytes:
+        done.append(pending.finish(stream))
+        return encode_element(ds, 0xFFFAFFFA)
+
+    edits = {0x4FFE0001: encode_element(ds, 0x4FFE0001), 0xFFFAFFFA: signatures}
+    tap = (held[0], held[1], stream.feed) if held is not None else None
+    try:
+        spliced = write_spliced(layout, edits, dst, durable=durable, tap=tap)
+    except BaseException:
+        if not done:
+            pending.abandon()
+        raise
+    if not spliced:  # the source changed since it was read: encode the data set instead
+        info = done[0] if done else pending.finish(pending.open_stream())
+        write_dataset(ds, dst, transfer_syntax=out_ts, durable=durable)
+        return info
+    return done[0]
 
 
 

@@ -15,9 +15,12 @@ from radguard.demo import flip_pixel_bit
 from radguard.dicom import read_dataset, write_dataset
 from radguard.provenance import TrustStore, create_signer, sign_file, verify_file
 from radguard.provenance.keys import Identity, Signer, save_certificate, save_private_key
-from tests.conftest import NIH_DX, RG1_J2K, RG2_JLS, RG2_JPLL, run_dcmsign
+from tests.conftest import MR_NATIVE, NIH_DX, RG1_J2K, RG2_JLS, RG2_JPLL, run_dcmsign
 
-FILES = {"nih_dx": NIH_DX, "rg1_j2k": RG1_J2K, "rg2_jls": RG2_JLS, "rg2_jpll": RG2_JPLL}
+#: implicit VR DX; JPEG 2000, JPEG-LS and JPEG lossless CR; native Explicit VR Little Endian
+#: MR with trailing padding (the pixel data is hashed while it is copied into the output)
+FILES = {"nih_dx": NIH_DX, "rg1_j2k": RG1_J2K, "rg2_jls": RG2_JLS, "rg2_jpll": RG2_JPLL,
+         "mr_native": MR_NATIVE}
 DCMSIGN_PROFILE = {"base": "+pb", "creator": "+pc", "authorization": "+pa"}
 REQUIRE_FLAG = {"base": "+rg", "creator": "+rc", "authorization": "+ru"}
 
@@ -30,7 +33,7 @@ def dcmsign_verify(path, *certs, require="+rc"):
 
 
 @pytest.mark.parametrize("profile", ["base", "creator", "authorization"])
-@pytest.mark.parametrize("name", ["nih_dx", "rg1_j2k", "rg2_jls"])
+@pytest.mark.parametrize("name", ["nih_dx", "rg1_j2k", "rg2_jls", "mr_native"])
 def test_radguard_signature_passes_dcmsign(dcmsign, pki, tmp_path, name, profile):
     out = tmp_path / f"{name}.{profile}.dcm"
     sign_file(FILES[name], out, pki.signer, profile=profile, mac="sha256")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import struct
 
 import pytest
 from pydicom.datadict import tag_for_keyword
@@ -157,3 +158,26 @@ def test_resigning_in_place_keeps_earlier_signatures(pki, tmp_path):
     assert [s.mac_id for s in report.signatures] == [0, 1]
     assert [s.mac_algorithm for s in report.signatures] == ["SHA256", "SHA512"]
     assert report.status == "valid"
+
+
+def test_file_that_cannot_be_spliced_is_written_whole_and_verifies(pki, tmp_path):
+    # a group length in the signature's own group would go stale if the sequence were
+    # spliced in, so the data set is encoded anew instead
+    data = MR_NATIVE.read_bytes()
+    at = read_dataset(MR_NATIVE)._dict[0x7FE00010].value_tell - 12
+    src = tmp_path / "with_group_length.dcm"
+    src.write_bytes(data[:at] + struct.pack("<HH2sHL", 0x4FFE, 0, b"UL", 4, 0) + data[at:])
+    assert 0x4FFE0000 in read_dataset(src)
+    out = tmp_path / "signed.dcm"
+    info = sign_file(src, out, pki.signer, profile="creator")
+    report = verify_file(out, TrustStore([pki.ca_cert]))
+    assert report.status == "valid" and report.signatures[0].uid == info.uid
+
+
+def test_pixel_bytes_are_copied_unchanged_while_hashed(pki, tmp_path):
+    out = tmp_path / "signed.dcm"
+    sign_file(MR_NATIVE, out, pki.signer)
+    before, after = read_dataset(MR_NATIVE), read_dataset(out)
+    assert after.PixelData == before.PixelData
+    assert after.DataSetTrailingPadding == before.DataSetTrailingPadding
+    assert verify_file(out, TrustStore([pki.ca_cert])).status == "valid"
