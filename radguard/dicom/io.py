@@ -99,6 +99,8 @@ def _parse(buffer: bytes | mmap.mmap, name: str, *, stop_before_pixels: bool,
     with _PARSE_LOCK, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
+            # ordinary Explicit VR Little Endian files: the lean parser (the same Dataset,
+            # about a third less time); anything else, or anything it declines: pydicom
             ds = None if stop_before_pixels else fastread.parse(
                 fp, buffer, len(buffer), DEFER_SIZE if defer else None)
             if ds is None:
