@@ -22,15 +22,32 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
 from radguard.dicom.io import stored_element
 from radguard.fileio import atomic_writer, copy_range
 
-__all__ = ["SourceLayout", "encode_element", "source_layout", "write_spliced"]
+__all__ = ["LONG_VRS", "SourceLayout", "encode_element", "explicit_header", "header_size",
+           "source_layout", "write_spliced"]
 
-_LONG_VRS = frozenset(
-    {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
-)
+#: VRs whose Explicit VR header has two reserved bytes and a 32-bit length (PS3.5 7.1.2).
+LONG_VRS = frozenset(str(vr) for vr in EXPLICIT_VR_LENGTH_32)
+
+
+def header_size(vr: str) -> int:
+    """Bytes of an Explicit VR element header before the value."""
+    return 12 if vr in LONG_VRS else 8
+
+
+def explicit_header(tag: int, vr: str, length: int) -> bytes:
+    """An element header in Explicit VR Little Endian; ValueError if ``length`` does not
+    fit the VR's 16-bit length field."""
+    head = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr.encode("ascii")
+    if vr in LONG_VRS:
+        return head + struct.pack("<HL", 0, length)
+    if length > 0xFFFF:
+        raise ValueError(f"value of ({tag >> 16:04X},{tag & 0xFFFF:04X}) too long for VR {vr}")
+    return head + struct.pack("<H", length)
 
 
 @dataclass(frozen=True)
@@ -85,7 +102,7 @@ def source_layout(ds: Dataset, path: str | os.PathLike[str], size: int,
         vr = elem.VR
         if tell is None or vr is None:
             return None
-        starts[int(tag)] = tell - (12 if vr in _LONG_VRS else 8)
+        starts[int(tag)] = tell - header_size(vr)
     p = Path(path)
     return SourceLayout(p, starts, size, _identity(p), source)
 
@@ -196,14 +213,10 @@ def _encode_flat_sequence(ds: Dataset, tag: int) -> bytes | None:
                     or sub.value is None or len(sub.value) % 2
                     or len(sub.value) != sub.length):
                 return None
-            head = struct.pack("<HH", sub_tag >> 16, sub_tag & 0xFFFF) + sub.VR.encode("ascii")
-            if sub.VR in _LONG_VRS:
-                head += struct.pack("<HL", 0, sub.length)
-            elif sub.length <= 0xFFFF:
-                head += struct.pack("<H", sub.length)
-            else:
+            try:
+                parts.append(explicit_header(sub_tag, sub.VR, sub.length))
+            except ValueError:
                 return None
-            parts.append(head)
             parts.append(sub.value)
         body = b"".join(parts)
         items.append(struct.pack("<HHL", 0xFFFE, 0xE000, len(body)) + body)

@@ -37,6 +37,7 @@ from pydicom.hooks import _private_vr_for_tag  # noqa: PLC2701 - the rule pydico
 from pydicom.tag import BaseTag, Tag
 
 from radguard.dicom.io import stored_element
+from radguard.dicom.splice import explicit_header, header_size
 
 __all__ = [
     "EXCLUDED_FROM_ITEM_STREAM",
@@ -50,9 +51,6 @@ __all__ = [
 
 MAC_TRANSFER_SYNTAX = "1.2.840.10008.1.2.1"  # Explicit VR Little Endian
 
-_LONG_VRS = frozenset(
-    {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
-)
 _ITEM_TAG = struct.pack("<HH", 0xFFFE, 0xE000)
 _SEQ_DELIM_TAG = struct.pack("<HH", 0xFFFE, 0xE0DD)
 _ITEM_DELIM = 0xFFFEE00D
@@ -267,7 +265,7 @@ class MacStream:
         vr, length, tell = elem.VR, elem.length, elem.value_tell
         if vr is None or vr in ("SQ", "UN") or " or " in vr or length == _UNDEFINED or length % 2:
             return None
-        head = 12 if vr in _LONG_VRS else 8
+        head = header_size(vr)
         start = tell - head
         if start < 0 or tell + length > len(self._source):
             return None
@@ -344,14 +342,7 @@ class MacStream:
         return np.frombuffer(elem.value, dtype=f">u{width}").astype(f"<u{width}").tobytes()
 
     def _header(self, tag: int, vr: str, length: int) -> None:
-        head = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr.encode("ascii")
-        if vr in _LONG_VRS:
-            head += b"\0\0" + struct.pack("<L", length)
-        else:
-            if length > 0xFFFF:
-                raise ValueError(f"value of {Tag(tag)} too long for VR {vr}")
-            head += struct.pack("<H", length)
-        self._write(head)
+        self._write(explicit_header(tag, vr, length))
 
     def _sequence(self, ds: Dataset, tag: int) -> None:
         self._write(struct.pack("<HH", tag >> 16, tag & 0xFFFF) + b"SQ\0\0")
