@@ -65,3 +65,37 @@ def test_display_frame_of_real_files_equals_the_float_rescale(path):
                                first(centre), first(width),
                                invert=ds.PhotometricInterpretation == "MONOCHROME1")
     assert np.array_equal(shown, reference)
+
+
+@pytest.mark.parametrize("dtype, low, high", [
+    (np.uint8, 0, 256), (np.uint8, 40, 200), (np.uint16, 1000, 5000),
+    (np.int16, -32768, 32768), (np.int32, 2**31 - 70000, 2**31 - 10000),
+])
+def test_per_level_lookup_equals_applying_the_function_to_every_pixel(dtype, low, high):
+    from radguard.images import per_level
+
+    rng = np.random.default_rng(7)
+    frame = rng.integers(low, high, (300, 300)).astype(dtype)
+    frame.flat[:2] = low, high - 1  # the full range, including int16's two extremes
+
+    def fn(v):
+        return np.clip((v.astype(np.float32) - 1234.5) / 987.0, 0, 1).astype(np.float32)
+
+    assert np.array_equal(per_level(frame, fn), fn(frame))
+
+
+def test_network_input_equals_the_per_pixel_float_formula():
+    from PIL import Image
+
+    from radguard.triage.networks import to_input
+
+    rng = np.random.default_rng(5)
+    for frame in (rng.integers(0, 256, (512, 512)).astype(np.uint8),
+                  rng.integers(-1024, 3072, (300, 400)).astype(np.int16),
+                  rng.normal(100, 20, (256, 256)).astype(np.float32)):
+        lo, hi = percentiles(frame, (0.5, 99.5))
+        a = np.clip((frame.astype(np.float32) - lo) / max(float(hi - lo), 1e-6), 0, 1)
+        a = np.asarray(Image.fromarray(a.astype(np.float32), mode="F")
+                       .resize((128, 128), Image.Resampling.BILINEAR))
+        expected = ((a - a.mean()) / (a.std() + 1e-6))[None].astype(np.float32)
+        assert np.array_equal(to_input(frame, 128), expected)

@@ -1,12 +1,15 @@
-"""The DICOM front door: a C-STORE / C-ECHO SCP (pynetdicom) in front of the store.
+"""The DICOM front door: a C-STORE / C-ECHO SCP in front of the store.
+
+The protocol runs on :mod:`radguard.gateway.acceptor` (event-driven, pynetdicom's codecs and
+negotiation); this module decides what each C-STORE gets.
 
 A C-STORE is answered Success (0x0000) only after the instance is parsed strictly, written
 and fsync'd, and its row committed (:meth:`Store.ingest`): an acknowledged image is never
 lost. Anything that is not a well-formed Part 10 data set gets 0xC000 (cannot understand) and
 nothing is stored; a full disk or a database failure gets 0xA700 (out of resources). Calling
-AE titles can be restricted, and every accepted socket gets TCP_NODELAY: without it a small
-instance waits 40-90 ms on Nagle's algorithm and delayed ACKs (about 20 instances/s instead
-of hundreds).
+AE titles can be restricted, and every socket gets TCP_NODELAY (:func:`set_nodelay` for
+pynetdicom's requestor side): without it a small instance waits 40-90 ms on Nagle's
+algorithm and delayed ACKs (about 20 instances/s instead of hundreds).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from radguard.errors import DicomReadError, RadguardError
+from radguard.gateway.acceptor import Acceptor, StoreRequest
 from radguard.gateway.config import GatewayConfig
 from radguard.gateway.store import Store
 
@@ -85,30 +89,26 @@ class DicomServer:
         self.config, self.store = config, store
         self.on_stored = on_stored
         self.audit = audit
-        self._server: Any = None
+        self._server: Acceptor | None = None
         self.port = config.dicom_port
         self.refused = 0
         self._count_lock = threading.Lock()
         self._last_audit: dict[str, float] = {}
         self._pending: dict[str, int] = {}
 
-    def _handle_store(self, event: Any) -> int:  # noqa: ANN401
-        calling = event.assoc.requestor.ae_title.strip()
+    def _handle_store(self, request: StoreRequest) -> int:
+        """Status for one received C-STORE (runs on the acceptor's thread pool)."""
+        calling = request.calling_ae
         try:
-            data = event.encoded_dataset()
-        except Exception as exc:  # noqa: BLE001 - pynetdicom raises whatever its decoder does
-            return self._refuse(calling, f"undecodable request ({type(exc).__name__})")
-        try:
-            header = header_of(data, f"C-STORE from {calling}",
+            header = header_of(request.data, f"C-STORE from {calling}",
                                decode_compressed=self.config.validate_compressed_pixels)
         except RadguardError as exc:
             return self._refuse(calling, str(exc))
-        requested = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
-        if requested and requested != header["sop_uid"]:
+        if request.sop_instance_uid and request.sop_instance_uid != header["sop_uid"]:
             self._refuse(calling, "SOP Instance UID differs from the C-STORE request")
             return _SOP_MISMATCH
         try:
-            row = self.store.ingest(data, header, source="dimse", calling_ae=calling)
+            row = self.store.ingest(request.data, header, source="dimse", calling_ae=calling)
         except (OSError, RadguardError) as exc:
             log.error("store failed for %s: %s", header["sop_uid"], exc)
             return OUT_OF_RESOURCES
@@ -135,31 +135,27 @@ class DicomServer:
 
     def start(self) -> int:
         """Listen; returns the port (useful with port 0)."""
-        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+        from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
+        from pynetdicom.presentation import build_context
         from pynetdicom.sop_class import Verification
 
-        ae = AE(ae_title=self.config.ae_title)
-        ae.maximum_associations = 32
-        ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = 60
-        ae.maximum_pdu_size = 0  # no limit on the PDUs we accept
-        for context in AllStoragePresentationContexts:  # compressed syntaxes accepted as sent
-            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-        ae.add_supported_context(Verification)
-        if self.config.allowed_calling_aes:
-            ae.require_calling_aet = list(self.config.allowed_calling_aes)
+        # every storage class in every transfer syntax: compressed ones accepted as sent
+        contexts = [build_context(c.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+                    for c in AllStoragePresentationContexts]
+        contexts.append(build_context(Verification))
         ssl_context = None
         if self.config.tls_cert:
             ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ssl_context.load_cert_chain(self.config.tls_cert, self.config.tls_key)
-        handlers = [(evt.EVT_C_STORE, self._handle_store), (evt.EVT_CONN_OPEN, set_nodelay)]
-        self._server = ae.start_server((self.config.host, self.config.dicom_port),
-                                       block=False, evt_handlers=handlers,
-                                       ssl_context=ssl_context)
-        self.port = int(self._server.server_address[1])
+        self._server = Acceptor(self.config.ae_title, contexts, self._handle_store,
+                                allowed_calling_aes=list(self.config.allowed_calling_aes),
+                                ssl_context=ssl_context, max_associations=32,
+                                network_timeout=60)
+        self.port = self._server.start(self.config.host, self.config.dicom_port)
         return self.port
 
     def stop(self) -> None:
         """Stop listening and close open associations."""
         if self._server is not None:
-            self._server.shutdown()
+            self._server.stop()
             self._server = None

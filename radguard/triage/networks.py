@@ -30,11 +30,12 @@ def build_network(config: dict[str, Any]) -> Any:  # noqa: ANN401 (torch importe
 
 def to_input(grey: np.ndarray, size: int) -> np.ndarray:
     """(1, size, size) float32 network input from a 2D grey image."""
-    from radguard.images import percentiles
+    from radguard.images import per_level, percentiles
 
     lo, hi = percentiles(grey, (0.5, 99.5))  # on the stored integers when there are any
-    a = grey.astype(np.float32)
-    a = np.clip((a - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0).astype(np.float32)
+    span = max(float(hi - lo), 1e-6)
+    a = per_level(grey, lambda v: np.clip((v.astype(np.float32) - lo) / span, 0.0, 1.0)
+                  .astype(np.float32))
     a = np.asarray(Image.fromarray(a, mode="F").resize((size, size), Image.Resampling.BILINEAR))
     a = (a - a.mean()) / (a.std() + 1e-6)
     return a[None].astype(np.float32)
