@@ -7,6 +7,10 @@ are still pynetdicom's (A-ASSOCIATE-RQ/AC decoding and encoding, presentation co
 role negotiation, file meta information); this module adds the state machine of an acceptor
 that offers C-STORE and C-ECHO (PS3.8 9.3, PS3.7 9.3.1 and 9.3.5):
 
+* each proposed presentation context gets the first of *its* transfer syntaxes that we
+  offer: the requestor lists the syntax its data is in first, and a conversion would break
+  a DICOM signature (8-bit pixel data is OB in Explicit VR and OW in Implicit VR);
+  SCP/SCU role selection is not answered, so the default roles apply (PS3.7 D.3.3.4);
 * the first PDU must be an A-ASSOCIATE-RQ within ``network_timeout``; a calling AE title not
   allowed, an unknown application context, a bad protocol version or too many associations
   get an A-ASSOCIATE-RJ with the matching reason;
@@ -165,7 +169,8 @@ class Acceptor:
                  network_timeout: float = 60.0, max_pdu: int = 4 << 20,
                  max_data_set: int = 4 << 30) -> None:
         self.ae_title = ae_title
-        self.contexts = contexts  # pynetdicom PresentationContexts (read only here)
+        self.syntaxes = {str(c.abstract_syntax): {str(t) for t in c.transfer_syntax}
+                         for c in contexts}  # abstract syntax -> transfer syntaxes offered
         self.handler = handler
         self.allowed = {a.strip() for a in allowed_calling_aes or []}
         self.ssl_context = ssl_context
@@ -340,12 +345,7 @@ class Acceptor:
         maximum PDU length)``, or ``(None, ...)`` after a reject."""
         from pynetdicom.pdu import A_ASSOCIATE_AC as AcPdu
         from pynetdicom.pdu import A_ASSOCIATE_RQ as RqPdu
-        from pynetdicom.pdu_primitives import (
-            A_ASSOCIATE,
-            MaximumLengthNotification,
-            SCP_SCU_RoleSelectionNegotiation,
-        )
-        from pynetdicom.presentation import negotiate_as_acceptor
+        from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 
         try:
             rq_pdu = RqPdu()
@@ -355,8 +355,6 @@ class Acceptor:
             info = list(rq.user_information or [])
             peer_max = next((int(i.maximum_length_received or 0) for i in info
                              if isinstance(i, MaximumLengthNotification)), 0)
-            roles = {i.sop_class_uid: (i.scu_role, i.scp_role) for i in info
-                     if isinstance(i, SCP_SCU_RoleSelectionNegotiation)}
             version = rq_pdu.protocol_version
             context_name = str(rq.application_context_name or "")
         except Exception as exc:  # noqa: BLE001 - pynetdicom's decoders raise anything
@@ -376,8 +374,7 @@ class Acceptor:
             writer.write(_pdu(A_ASSOCIATE_RJ, bytes([0, *reject])))
             return None, calling, peer_max
         try:
-            results, reply_roles = negotiate_as_acceptor(
-                rq.presentation_context_definition_list, self.contexts, roles or None)
+            results = [self._choose(cx) for cx in rq.presentation_context_definition_list]
         except Exception as exc:  # noqa: BLE001 - malformed context items
             raise _Abort(INVALID_PARAMETER, f"unusable presentation contexts "
                                             f"({type(exc).__name__})") from exc
@@ -386,12 +383,29 @@ class Acceptor:
         ac.calling_ae_title, ac.called_ae_title = rq.calling_ae_title, rq.called_ae_title
         ac.result, ac.result_source = 0x00, 0x01
         ac.presentation_context_definition_results_list = results
-        ac.user_information = self._user_information() + list(reply_roles)
+        ac.user_information = self._user_information()
         ac_pdu = AcPdu()
         ac_pdu.from_primitive(ac)
         writer.write(ac_pdu.encode())
         accepted = {int(cx.context_id): cx for cx in results if cx.result == 0x00}
         return accepted, calling, peer_max
+
+    def _choose(self, requested: Any) -> Any:  # noqa: ANN401
+        """The answer to one proposed presentation context (PS3.8 9.3.3.2)."""
+        from pynetdicom.presentation import PresentationContext
+
+        answer = PresentationContext()
+        answer.context_id = requested.context_id
+        answer.abstract_syntax = requested.abstract_syntax
+        proposed = [str(t) for t in requested.transfer_syntax]
+        offered = self.syntaxes.get(str(requested.abstract_syntax))
+        chosen = next((t for t in proposed if t in offered), None) if offered else None
+        if chosen is not None:
+            answer.result = 0x00
+        else:  # 3: abstract syntax not supported, 4: none of its transfer syntaxes
+            answer.result = 0x03 if offered is None else 0x04
+        answer.transfer_syntax = [chosen or (proposed[0] if proposed else "1.2.840.10008.1.2")]
+        return answer
 
     def _user_information(self) -> list[Any]:
         import pynetdicom

@@ -117,6 +117,21 @@ def test_handler_status_goes_back_and_unknown_abstract_syntax_is_not_accepted(se
     assoc.release()
 
 
+def test_each_context_gets_the_requestors_first_transfer_syntax_we_offer(server):
+    from pynetdicom import AE
+
+    acceptor = server()
+    ae = AE()
+    ae.add_requested_context(SECONDARY_CAPTURE, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    ae.add_requested_context(SECONDARY_CAPTURE, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
+    ae.add_requested_context(DX_PRESENTATION, ["1.2.840.10008.1.2.4.50"])  # not offered
+    assoc = ae.associate("127.0.0.1", acceptor.port, ae_title="RADGUARD")
+    accepted = sorted((c.context_id, c.transfer_syntax[0]) for c in assoc.accepted_contexts)
+    assert accepted == [(1, ExplicitVRLittleEndian), (3, ImplicitVRLittleEndian)]
+    assert [(c.context_id, c.result) for c in assoc.rejected_contexts] == [(5, 0x04)]
+    assoc.release()
+
+
 def test_calling_ae_not_allowed_is_rejected(server):
     acceptor = server(allowed_calling_aes=["CT1"])
     assert not _echo_ok(acceptor.port, "INTRUDER")

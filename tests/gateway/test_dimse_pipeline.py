@@ -152,6 +152,40 @@ def test_forwarding_over_stow_to_orthanc(tmp_path, files, pki, orthanc):
     assert intact.sop_uid in in_orthanc and tampered.sop_uid not in in_orthanc
 
 
+def test_signed_8bit_image_from_storescu_keeps_its_transfer_syntax_and_signature(tmp_path, pki):
+    """A requestor lists its data's syntax first (storescu -xs: JPEG Lossless, then Explicit,
+    then Implicit VR). Accepting one it put later makes it convert, and 8-bit pixel data
+    (OB in Explicit, OW in Implicit VR) would then break the signature."""
+    import numpy as np
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from radguard.provenance.sign import sign_file
+
+    ds = read_dataset(NIH_DX)
+    pixels = (np.arange(256 * 256) % 251).astype(np.uint8).reshape(256, 256)
+    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 256, 256, 8, 8, 7
+    ds.PixelData = pixels.tobytes()
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    write_dataset(ds, tmp_path / "raw8.dcm")
+    sign_file(tmp_path / "raw8.dcm", tmp_path / "signed8.dcm", pki.signer)
+    gateway = Gateway(GatewayConfig(data_dir=str(tmp_path / "data"), dicom_port=0, http_port=0,
+                                    trust=[str(pki.ca_cert_path)]).validate())
+    gateway.start()
+    try:
+        for options in ((), ("-xs",)):
+            result = _storescu(gateway.dicom.port, tmp_path / "signed8.dcm", options=options)
+            assert result.returncode == 0, result.stderr
+        assert gateway.wait_idle(120)
+    finally:
+        gateway.stop()
+    for row in gateway.store.instances():
+        assert read_dataset(gateway.store.file(row)).file_meta.TransferSyntaxUID == \
+            ExplicitVRLittleEndian
+        assert (row.state, row.trust) == ("done", "signed"), row.detail
+
+
 def test_tls_associations(tmp_path, pki):
     """With tls_cert/tls_key the SCP speaks DICOM over TLS only."""
     import ssl
