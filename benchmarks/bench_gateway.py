@@ -120,7 +120,7 @@ def send(port: int, aet: str, files: list[Path], associations: int) -> float:
         for ds in share:
             status = assoc.send_c_store(ds)
             if not status or status.Status != 0:
-                failures.append(ds.SOPInstanceUID)
+                failures.append(f"0x{status.Status:04X}" if status else "no response")
         assoc.release()
 
     start = time.perf_counter()
@@ -130,7 +130,7 @@ def send(port: int, aet: str, files: list[Path], associations: int) -> float:
     for t in threads:
         t.join()
     if failures:
-        raise SystemExit(f"{len(failures)} C-STOREs failed")
+        raise SystemExit(f"{len(failures)} C-STOREs failed: {sorted(set(failures))}")
     return time.perf_counter() - start
 
 
@@ -163,8 +163,9 @@ def gateway_run(tmp: Path, files: list[Path], ca: Path, associations: int,
                       f'trust = ["{ca}"]\nworkers = {workers}\ntriage = {{ DX = "chest" }}\n'
                       f'trust_signed_pixels = {"true" if trust_signed else "false"}\n'
                       f'check_processes = {check_processes}\n')
+    log = open(tmp / f"{name}.log", "w")  # the gateway's warnings, should a C-STORE fail
     proc = subprocess.Popen([sys.executable, "-m", "radguard.cli", "serve", "--config",
-                             str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             str(config)], stdout=subprocess.DEVNULL, stderr=log)
     try:
         wait_port(port, proc, "radguard")
         start = time.perf_counter()
@@ -186,9 +187,13 @@ def gateway_run(tmp: Path, files: list[Path], ca: Path, associations: int,
         return {"receive_rate": len(files) / receive, "rate": len(files) / total,
                 "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
                 "states": states}
+    except SystemExit:
+        print((tmp / f"{name}.log").read_text()[-3000:], file=sys.stderr)
+        raise
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
+        log.close()
 
 
 def main() -> None:

@@ -99,6 +99,18 @@ def write_grey(path: str | os.PathLike[str], pixels: np.ndarray, bits: int) -> N
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _byte_histogram(flat: np.ndarray) -> np.ndarray:
+    """Counts of the 256 byte values. Pairs of bytes read as one 16-bit number halve the
+    elements ``bincount`` walks; the 256 x 256 pair table then folds back to bytes."""
+    even = flat.size - flat.size % 2
+    pairs = np.ascontiguousarray(flat[:even]).view(np.uint16)
+    table = np.bincount(pairs, minlength=65536).reshape(256, 256)
+    counts = table.sum(axis=0) + table.sum(axis=1)  # both bytes of every pair
+    if even < flat.size:
+        counts[flat[-1]] += 1
+    return counts
+
+
 def percentiles(a: np.ndarray, qs: tuple[float, ...]) -> np.ndarray:
     """``np.percentile(a, qs)`` (linear interpolation) in float64, computed from a histogram
     when the values are integers spanning at most 65536 levels - every stored radiograph -
@@ -112,7 +124,9 @@ def percentiles(a: np.ndarray, qs: tuple[float, ...]) -> np.ndarray:
     if high - low >= 65536:
         return np.percentile(a, qs).astype(np.float64)
     flat = a.ravel()
-    if a.dtype.kind == "u" and low == 0:
+    if a.dtype == np.uint8:
+        counts = _byte_histogram(flat)[int(low):int(high) + 1]
+    elif a.dtype.kind == "u" and low == 0:
         counts = np.bincount(flat, minlength=int(high) + 1)
     elif a.dtype.kind in "ui":
         counts = np.bincount(flat.astype(np.int64) - int(low), minlength=int(high - low) + 1)

@@ -12,7 +12,8 @@ from tests.conftest import MR_NATIVE, NIH_DX, RG1_J2K
 
 
 @pytest.mark.parametrize("dtype, low, high", [
-    (np.uint8, 0, 256), (np.uint16, 0, 4096), (np.uint16, 1000, 3000), (np.int16, -1024, 3072),
+    (np.uint8, 0, 256), (np.uint8, 40, 200), (np.uint16, 0, 4096), (np.uint16, 1000, 3000),
+    (np.int16, -1024, 3072),
     (np.float32, 0, 256), (np.float64, -5, 5),
 ])
 def test_percentiles_match_numpy_exactly(dtype, low, high):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import mmap
 import os
+import struct
 import threading
 import warnings
 from collections.abc import Iterable, Iterator
@@ -256,6 +257,11 @@ def detached_view(ds: Dataset) -> Dataset:
     return view
 
 
+#: one little-endian binary number: pydicom would return the same int, slower
+_SINGLE_BINARY = {vr: struct.Struct(f"<{code}") for vr, code in
+                  (("US", "H"), ("SS", "h"), ("UL", "I"), ("SL", "i"))}
+
+
 def peek(ds: Dataset, keyword: str | int, default: Any = None) -> Any:  # noqa: ANN401
     """An element's value without converting it in place.
 
@@ -268,6 +274,10 @@ def peek(ds: Dataset, keyword: str | int, default: Any = None) -> Any:  # noqa: 
         return default
     elem = ds.get_item(tag)
     if isinstance(elem, RawDataElement):
+        fmt = _SINGLE_BINARY.get(elem.VR)  # type: ignore[arg-type]
+        if (fmt is not None and elem.value is not None and len(elem.value) == fmt.size
+                and ds.original_encoding[1] is True):
+            return fmt.unpack(elem.value)[0]  # what pydicom gives for one binary number
         try:
             elem = convert_raw_data_element(elem, encoding=ds._character_set, ds=ds)
         except (NotImplementedError, ValueError, TypeError, KeyError, OverflowError) as exc:

@@ -92,3 +92,35 @@ def test_truncated_large_file_read_through_mmap(tmp_path):
     full = read_dataset(MR_NATIVE)
     assert full.get_item(0x7FE00010, keep_deferred=True).value is None  # left in the file
     assert len(full.PixelData) == 1024 * 1024 * 2  # ...and read on demand
+
+
+def test_peek_of_binary_numbers_equals_pydicoms_decoding_across_the_corpus():
+    """peek's shortcut for one US/SS/UL/SL number gives what pydicom's conversion gives,
+    in every encoding of the shared files and pydicom's own test files (big endian and
+    implicit VR ones fall through to pydicom)."""
+    import pydicom
+    from pydicom.dataelem import RawDataElement, convert_raw_data_element
+
+    from radguard.dicom.io import peek
+    from tests.dicom.test_fastread import CORPUS
+
+    compared = 0
+    for path in CORPUS:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:  # noqa: BLE001 - files pydicom refuses are not compared
+            continue
+        for tag in list(ds._dict):
+            elem = ds.get_item(tag)
+            if not isinstance(elem, RawDataElement) or elem.VR not in (None, "US", "SS",
+                                                                        "UL", "SL"):
+                continue
+            try:
+                expected = convert_raw_data_element(elem, encoding=ds._character_set,
+                                                    ds=ds).value
+            except Exception:  # noqa: BLE001 - elements pydicom cannot decode either
+                continue
+            assert peek(ds, tag) == expected, f"{path.name} {tag}"
+            assert isinstance(ds.get_item(tag), RawDataElement)  # left as stored
+            compared += 1
+    assert compared > 500

@@ -91,6 +91,23 @@ def test_concurrent_claims_take_each_instance_once(store, tmp_path):
     assert store.counts() == {"done": 60}
 
 
+def test_only_claims_skip_the_disk_wait_and_the_connection_returns_to_full_sync(tmp_path):
+    """SQLite: a claim commits with synchronous=NORMAL (a claim a power cut undoes leaves
+    the instance queued); everything else, and the connection afterwards, is FULL (2)."""
+    store = Store(tmp_path / "data")
+    sync = []
+    store._db().set_trace_callback(
+        lambda sql: sync.append(sql) if sql.startswith(("PRAGMA synchronous", "COMMIT")) else 0)
+    store.ingest(NIH_DX.read_bytes(), _header(1), source="test")
+    assert sync == ["COMMIT"]
+    sync.clear()
+    assert store.claim() is not None
+    assert sync == ["PRAGMA synchronous=NORMAL", "COMMIT", "PRAGMA synchronous=FULL"]
+    with pytest.raises(RuntimeError), store.transaction(durable=False):
+        raise RuntimeError("a failed claim is rolled back")
+    assert store.execute("PRAGMA synchronous").fetchone()[0] == 2
+
+
 def test_bad_database_urls(tmp_path):
     with pytest.raises(StoreError, match="only postgresql"):
         Store(tmp_path / "d", "mysql://x/y")
