@@ -200,8 +200,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=120)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--check-processes", type=int, default=1,
-                        help="check processes for policies A2/B2 (A/B: checks in-process)")
+    parser.add_argument("--check-processes", type=int,
+                        default=max(1, min(4, os.cpu_count() or 1)),
+                        help="check processes for policies A<n>/B<n> (default: one per core, "
+                             "at most 4; A/B: checks in-process)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

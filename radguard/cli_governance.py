@@ -440,7 +440,7 @@ def audit_archive_command(source: str, results_path: str | None, workers: int,
                                 "the data folder).")
 @click.option("--check-processes", type=click.IntRange(0, 32),
               help="Run the checks in this many separate processes (default 0: in the "
-                   "gateway process; on a multi-core server, cores minus one).")
+                   "gateway process; on a multi-core server, one per core).")
 def serve(config_path: str | None, data_dir: str | None, dicom_port: int | None,
           http_port: int | None, ae_title: str | None, host: str | None,
           forward_dimse: str | None, db_url: str | None, check_processes: int | None) -> None:

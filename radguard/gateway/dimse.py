@@ -24,7 +24,7 @@ from typing import Any
 
 from radguard.errors import DicomReadError, RadguardError
 from radguard.gateway.acceptor import Acceptor, StoreRequest
-from radguard.gateway.config import GatewayConfig
+from radguard.gateway.config import ConfigError, GatewayConfig
 from radguard.gateway.store import Store
 
 __all__ = ["DicomServer", "header_of", "set_nodelay"]
@@ -151,7 +151,13 @@ class DicomServer:
                                 allowed_calling_aes=list(self.config.allowed_calling_aes),
                                 ssl_context=ssl_context, max_associations=32,
                                 network_timeout=60)
-        self.port = self._server.start(self.config.host, self.config.dicom_port)
+        try:
+            self.port = self._server.start(self.config.host, self.config.dicom_port)
+        except OSError as exc:
+            self._server = None
+            raise ConfigError(f"cannot listen for DICOM on {self.config.host}:"
+                              f"{self.config.dicom_port} ({exc.strerror or exc}); choose "
+                              "another dicom_port") from exc
         return self.port
 
     def stop(self) -> None:

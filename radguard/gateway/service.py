@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Any
 
-from radguard.gateway.config import GatewayConfig
+from radguard.gateway.config import ConfigError, GatewayConfig
 from radguard.gateway.dimse import DicomServer
 from radguard.gateway.pipeline import CheckPool, ForwardError, Pipeline
 from radguard.gateway.store import Instance, Store
@@ -65,8 +65,14 @@ class Gateway:
                      "check_processes": self.config.check_processes})
         if self.config.check_processes:
             self.checks = CheckPool(self.config)  # ready before the first image arrives
-        self.dicom.start()
-        self._start_http()
+        try:
+            self.dicom.start()
+            self._start_http()
+        except ConfigError:  # a port in use: nothing of this gateway keeps running
+            self.dicom.stop()
+            if self.checks is not None:
+                self.checks.close()
+            raise
         # with check processes, enough threads to keep every process busy
         threads = max(self.config.workers, 2 * self.config.check_processes)
         for n in range(threads):
@@ -83,7 +89,13 @@ class Gateway:
 
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.config.host, self.config.http_port))
+        try:
+            sock.bind((self.config.host, self.config.http_port))
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(f"cannot listen for HTTP on {self.config.host}:"
+                              f"{self.config.http_port} ({exc.strerror or exc}); choose "
+                              "another http_port") from exc
         self.http_port = int(sock.getsockname()[1])
         app = create_app(self, bulk_read_limit=self.config.bulk_read_limit)
         settings = uvicorn.Config(app, log_level="warning", access_log=False,

@@ -364,3 +364,21 @@ def test_responses_respect_the_peers_maximum_pdu_length():
     assert len(pieces) > 1 and all(c & 1 for c, _ in pieces)
     assert [c & 2 for c, _ in pieces] == [0] * (len(pieces) - 1) + [2]
     assert parse_command(b"".join(p for _, p in pieces))[0x0900] == struct.pack("<H", 0xA700)
+
+
+@pytest.mark.parametrize("which", ["dicom_port", "http_port"])
+def test_a_port_in_use_is_a_clear_error_and_nothing_keeps_listening(tmp_path, which):
+    from radguard.gateway import Gateway, GatewayConfig
+    from radguard.gateway.config import ConfigError
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    ports = {"dicom_port": 0, "http_port": 0, which: port}
+    gateway = Gateway(GatewayConfig(data_dir=str(tmp_path / "data"), **ports).validate())
+    with pytest.raises(ConfigError, match=f"{port}.*in use.*{which}"):
+        gateway.start()
+    if which == "http_port":  # the DICOM side had started: it must be closed again
+        assert gateway.dicom._server is None
+    taken.close()
