@@ -139,8 +139,11 @@ def _pixel_findings(ds: Dataset, modality: str, pixels: np.ndarray | None) -> li
         out.append(Finding("colour-in-grey-modality", "medium",
                            f"{modality} image stored as {info.photometric}: grey modalities "
                            "do not produce colour pixels"))
-    values = arr.astype(np.int64)
-    lo, hi = int(values.min()), int(values.max())
+    if arr.dtype.kind in "uib":  # integers: min and max in place, no int64 copy
+        lo, hi = int(arr.min()), int(arr.max())
+    else:
+        values = arr.astype(np.int64)
+        lo, hi = int(values.min()), int(values.max())
     raw_max = _raw_unsigned_max(ds, info)  # decoders mask the bits above Bits Stored
     if lo < info.min_value or hi > info.max_value or (raw_max is not None
                                                        and raw_max > info.max_value):

@@ -79,9 +79,9 @@ class _Message:
 
     def __init__(self, context_id: int) -> None:
         self.context_id = context_id
-        self.command_parts: list[bytes] = []
+        self.command_parts: list[memoryview] = []
         self.command: dict[int, bytes] | None = None
-        self.data_parts: list[bytes] = []
+        self.data_parts: list[memoryview] = []
         self.data_size = 0
         self.data_done = False
 
@@ -143,6 +143,35 @@ def encode_response(request: dict[int, bytes], status: int) -> bytes:
     if 0x1000 in request:
         body += element(0x1000, request[0x1000].rstrip(b"\x00 "))
     return element(0x0000, struct.pack("<I", len(body))) + body
+
+
+def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes | None:
+    """File Meta Information for a received instance (PS3.10 7.1), encoded directly: the
+    same bytes as pydicom encoding pynetdicom's ``create_file_meta`` (tested), in
+    microseconds instead of a millisecond on the event loop. None if a UID cannot be one
+    (empty, longer than 64 characters, not ASCII)."""
+    import pynetdicom
+
+    def element(number: int, vr: bytes, value: bytes) -> bytes:
+        if len(value) % 2:
+            value += b" " if vr == b"SH" else b"\x00"
+        if vr == b"OB":
+            return struct.pack("<HH2s2xI", 2, number, vr, len(value)) + value
+        return struct.pack("<HH2sH", 2, number, vr, len(value)) + value
+
+    uids = []
+    for uid in (sop_class, sop_instance, transfer_syntax):
+        if not uid or len(uid) > 64 or not uid.isascii():
+            return None
+        uids.append(uid.encode("ascii"))
+    body = b"".join((
+        element(0x0001, b"OB", b"\x00\x01"),
+        element(0x0002, b"UI", uids[0]), element(0x0003, b"UI", uids[1]),
+        element(0x0010, b"UI", uids[2]),
+        element(0x0012, b"UI", pynetdicom.PYNETDICOM_IMPLEMENTATION_UID.encode("ascii")),
+        element(0x0013, b"SH", pynetdicom.PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii")),
+    ))
+    return element(0x0000, b"UL", struct.pack("<I", len(body))) + body
 
 
 def _pdu(kind: int, body: bytes) -> bytes:
@@ -267,7 +296,9 @@ class Acceptor:
                 raise _Abort(UNRECOGNISED_PDU, f"unknown PDU type 0x{kind:02X}")
             if length > limit:
                 raise _Abort(INVALID_PARAMETER, f"PDU of {length} bytes (at most {limit})")
-            return kind, head + await reader.readexactly(length)
+            body = await reader.readexactly(length)
+            # an A-ASSOCIATE-RQ goes to pynetdicom's decoder whole; P-DATA is read in place
+            return kind, head + body if kind == A_ASSOCIATE_RQ else body
 
     async def _association(self, reader: asyncio.StreamReader,
                            writer: asyncio.StreamWriter) -> None:
@@ -289,14 +320,14 @@ class Acceptor:
                 return
             if kind != P_DATA_TF:
                 raise _Abort(UNEXPECTED_PDU, f"PDU type {kind} during the association")
-            at = 6
+            at, view = 0, memoryview(pdu)
             while at < len(pdu):
                 if at + 6 > len(pdu):
                     raise _Abort(INVALID_PARAMETER, "truncated PDV item")
                 length, context_id, control = struct.unpack_from(">IBB", pdu, at)
                 if length < 2 or at + 4 + length > len(pdu):
                     raise _Abort(INVALID_PARAMETER, "PDV item length out of range")
-                value = pdu[at + 6:at + 4 + length]
+                value = view[at + 6:at + 4 + length]  # no copy until the message is joined
                 at += 4 + length
                 if context_id not in accepted:
                     raise _Abort(INVALID_PARAMETER, f"PDV on context {context_id}, "
@@ -308,7 +339,7 @@ class Acceptor:
                     message = None
 
     def _fragment(self, message: _Message | None, context_id: int, control: int,
-                  value: bytes) -> _Message:
+                  value: memoryview) -> _Message:
         """Add one PDV fragment to the message being received (PS3.8 E.2)."""
         if message is None:
             message = _Message(context_id)
@@ -452,19 +483,13 @@ class Acceptor:
                        ) -> StoreRequest | None:
         """The Part 10 bytes of a received C-STORE; None if its command's UIDs cannot
         make file meta information."""
-        from pydicom.uid import UID
-        from pynetdicom.dsutils import create_file_meta, encode_file_meta
-
         command = message.command
         assert command is not None
         sop_class = _uid(command.get(0x0002, b""))
         sop_instance = _uid(command.get(0x1000, b""))
         syntax = str(context.transfer_syntax[0])
-        try:
-            meta = encode_file_meta(create_file_meta(
-                sop_class_uid=UID(sop_class), sop_instance_uid=UID(sop_instance),
-                transfer_syntax=UID(syntax)))
-        except Exception:  # noqa: BLE001 - hostile UIDs
+        meta = file_meta(sop_class, sop_instance, syntax)
+        if meta is None:
             return None
         data = b"".join((b"\x00" * 128, b"DICM", meta, *message.data_parts))
         message.data_parts.clear()

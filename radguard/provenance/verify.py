@@ -221,9 +221,11 @@ def _check_one(
         except ValueError:
             check.reason = f"MAC algorithm {mac} is not available on this system"
             return check
-        # the hash (GIL-free, most of the time) runs while the checks below are made
-        digest_future = background_pool().submit(_digest, hasher, ds, sig, tags, is_implicit,
-                                            is_little, source)
+        # a large hash (GIL-free, most of the time) runs while the checks below are made;
+        # a small one costs less inline than handing it to another thread
+        digest_args = (hasher, ds, sig, tags, is_implicit, is_little, source)
+        if _pixel_bytes(ds) >= OVERLAP_SIZE:
+            digest_future = background_pool().submit(_digest, *digest_args)
         bad = [t for t in tags if not is_signable_element(ds, t, is_implicit)]
         if bad:
             check.reason = "signature lists unsignable element(s): " + ", ".join(
@@ -243,7 +245,8 @@ def _check_one(
         check.key_type = "RSA" if isinstance(key, rsa.RSAPublicKey) else "ECDSA"
         timestamp = _timestamp_check(sig, signature, trust)
         trust_problem = _trust_problem(cert, trust, timestamp, check.signed_at, now)
-        digest = digest_future.result()
+        digest = (digest_future.result() if digest_future is not None
+                  else _digest(*digest_args))
         prehashed = utils.Prehashed(crypto_hash(mac))
         if isinstance(key, rsa.RSAPublicKey):
             key.verify(signature, digest, padding.PKCS1v15(), prehashed)
@@ -280,6 +283,21 @@ def _check_one(
     check.status = "valid"
     check.reason = "signature matches the data and the signer is trusted"
     return check
+
+
+#: pixel data from this size on is hashed in the background while the rest is checked
+OVERLAP_SIZE = 1 << 20
+
+
+def _pixel_bytes(ds: Dataset) -> int:
+    elem = stored_element(ds, 0x7FE00010) if 0x7FE00010 in ds else None
+    if elem is None:
+        return 0
+    length = getattr(elem, "length", None)
+    if isinstance(length, int) and length != 0xFFFFFFFF:
+        return length
+    value = getattr(elem, "value", None)
+    return len(value) if isinstance(value, bytes | bytearray) else OVERLAP_SIZE
 
 
 def _digest(hasher: Any, ds: Dataset, sig: Dataset, tags: list[int], is_implicit: bool,  # noqa: ANN401

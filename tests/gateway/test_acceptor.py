@@ -382,3 +382,22 @@ def test_a_port_in_use_is_a_clear_error_and_nothing_keeps_listening(tmp_path, wh
     if which == "http_port":  # the DICOM side had started: it must be closed again
         assert gateway.dicom._server is None
     taken.close()
+
+
+def test_file_meta_is_byte_for_byte_what_pydicom_and_pynetdicom_encode():
+    from pydicom.uid import UID, generate_uid
+    from pynetdicom.dsutils import create_file_meta, encode_file_meta
+
+    from radguard.gateway.acceptor import file_meta
+
+    rng = random.Random(3)
+    for _ in range(200):
+        uids = [generate_uid()[:rng.randint(3, 64)].rstrip(".") for _ in range(2)]
+        syntax = rng.choice([ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+                             "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.5"])
+        expected = encode_file_meta(create_file_meta(
+            sop_class_uid=UID(uids[0]), sop_instance_uid=UID(uids[1]),
+            transfer_syntax=UID(syntax)))
+        assert file_meta(uids[0], uids[1], syntax) == expected
+    for bad in ("", "1." * 40, "1.2.\u00e9"):
+        assert file_meta(bad, "1.2.3", ExplicitVRLittleEndian) is None
