@@ -152,12 +152,12 @@ def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes 
     (empty, longer than 64 characters, not ASCII)."""
     import pynetdicom
 
-    def element(number: int, vr: bytes, value: bytes) -> bytes:
+    from radguard.dicom.splice import explicit_header
+
+    def element(number: int, vr: str, value: bytes) -> bytes:
         if len(value) % 2:
-            value += b" " if vr == b"SH" else b"\x00"
-        if vr == b"OB":
-            return struct.pack("<HH2s2xI", 2, number, vr, len(value)) + value
-        return struct.pack("<HH2sH", 2, number, vr, len(value)) + value
+            value += b" " if vr == "SH" else b"\x00"
+        return explicit_header(0x00020000 | number, vr, len(value)) + value
 
     uids = []
     for uid in (sop_class, sop_instance, transfer_syntax):
@@ -165,13 +165,23 @@ def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes 
             return None
         uids.append(uid.encode("ascii"))
     body = b"".join((
-        element(0x0001, b"OB", b"\x00\x01"),
-        element(0x0002, b"UI", uids[0]), element(0x0003, b"UI", uids[1]),
-        element(0x0010, b"UI", uids[2]),
-        element(0x0012, b"UI", pynetdicom.PYNETDICOM_IMPLEMENTATION_UID.encode("ascii")),
-        element(0x0013, b"SH", pynetdicom.PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii")),
+        element(0x0001, "OB", b"\x00\x01"),
+        element(0x0002, "UI", uids[0]), element(0x0003, "UI", uids[1]),
+        element(0x0010, "UI", uids[2]),
+        element(0x0012, "UI", pynetdicom.PYNETDICOM_IMPLEMENTATION_UID.encode("ascii")),
+        element(0x0013, "SH", pynetdicom.PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii")),
     ))
-    return element(0x0000, b"UL", struct.pack("<I", len(body))) + body
+    return element(0x0000, "UL", struct.pack("<I", len(body))) + body
+
+
+def no_delay(sock: socket.socket | None) -> None:
+    """Switch off Nagle's algorithm: without it a small message waits 40-90 ms on delayed
+    ACKs (about 20 instances/s instead of hundreds)."""
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
 
 
 def _pdu(kind: int, body: bytes) -> bytes:
@@ -207,13 +217,17 @@ class Acceptor:
         self.network_timeout = network_timeout
         self.max_pdu, self.max_data_set = max_pdu, max_data_set
         self.port = 0
-        self.active = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
         self._thread: threading.Thread | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._pool = ThreadPoolExecutor(max_workers=min(32, max_associations),
                                         thread_name_prefix="radguard-store")
+
+    @property
+    def active(self) -> int:
+        """Open connections (the one being negotiated included)."""
+        return len(self._writers)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self, host: str, port: int) -> int:
@@ -262,14 +276,8 @@ class Acceptor:
 
     # -- one connection -----------------------------------------------------------------------
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        no_delay(writer.get_extra_info("socket"))
         self._writers.add(writer)
-        self.active += 1
         try:
             await self._association(reader, writer)
         except _Abort as exc:
@@ -281,7 +289,6 @@ class Acceptor:
             log.exception("DICOM association failed")
             writer.write(_pdu(A_ABORT, bytes([0, 0, 2, 0])))
         finally:
-            self.active -= 1
             self._writers.discard(writer)
             try:
                 writer.close()

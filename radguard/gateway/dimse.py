@@ -15,7 +15,6 @@ algorithm and delayed ACKs (about 20 instances/s instead of hundreds).
 from __future__ import annotations
 
 import logging
-import socket
 import ssl
 import threading
 import time
@@ -23,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from radguard.errors import DicomReadError, RadguardError
-from radguard.gateway.acceptor import Acceptor, StoreRequest
+from radguard.gateway.acceptor import Acceptor, StoreRequest, no_delay
 from radguard.gateway.config import ConfigError, GatewayConfig
 from radguard.gateway.store import Store
 
@@ -37,12 +36,7 @@ _SOP_MISMATCH = 0xC001  # our own failure code: header and request disagree
 
 def set_nodelay(event: Any) -> None:  # noqa: ANN401
     """EVT_CONN_OPEN handler: switch off Nagle's algorithm on the association's socket."""
-    sock = getattr(getattr(getattr(event.assoc, "dul", None), "socket", None), "socket", None)
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
+    no_delay(getattr(getattr(getattr(event.assoc, "dul", None), "socket", None), "socket", None))
 
 
 def header_of(data: bytes, name: str = "instance", *, decode_compressed: bool = True
