@@ -125,16 +125,15 @@ def prepare_images(workdir: Path, say: Callable[[str], None]) -> tuple[dict[str,
 
 def _send_dimse(port: int, paths: list[Path], calling_ae: str) -> int:
     from pydicom import dcmread
-    from pynetdicom import AE, evt
+    from pynetdicom import AE
 
-    from radguard.gateway.dimse import set_nodelay
+    from radguard.gateway.dimse import open_association
 
     ae = AE(ae_title=calling_ae)
     # as modalities that sign do: send in the file's own syntax (Explicit VR), because
     # converting 8-bit pixel data to Implicit VR (OB -> OW) breaks a PS3.15 signature
     ae.add_requested_context(DX_PRESENTATION, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", port, ae_title="RADGUARD",
-                         evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
+    assoc = open_association(ae, "127.0.0.1", port, "RADGUARD")
     if not assoc.is_established:
         raise RadguardError("the demo could not connect to its own gateway")
     sent = 0

@@ -7,9 +7,11 @@ A C-STORE is answered Success (0x0000) only after the instance is parsed strictl
 and fsync'd, and its row committed (:meth:`Store.ingest`): an acknowledged image is never
 lost. Anything that is not a well-formed Part 10 data set gets 0xC000 (cannot understand) and
 nothing is stored; a full disk or a database failure gets 0xA700 (out of resources). Calling
-AE titles can be restricted, and every socket gets TCP_NODELAY (:func:`set_nodelay` for
-pynetdicom's requestor side): without it a small instance waits 40-90 ms on Nagle's
-algorithm and delayed ACKs (about 20 instances/s instead of hundreds).
+AE titles can be restricted, and every socket gets TCP_NODELAY: without it a small instance
+waits 40-90 ms on Nagle's algorithm and delayed ACKs (about 20 instances/s instead of
+hundreds). Whatever sends with pynetdicom (the forwarder, the demo, the load benchmark) opens
+its association with :func:`open_association`, which sets TCP_NODELAY too and closes a race
+in pynetdicom's requestor.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from radguard.gateway.acceptor import Acceptor, StoreRequest, no_delay
 from radguard.gateway.config import ConfigError, GatewayConfig
 from radguard.gateway.store import Store
 
-__all__ = ["DicomServer", "header_of", "set_nodelay"]
+__all__ = ["DicomServer", "header_of", "open_association"]
 
 log = logging.getLogger("radguard.gateway")
 
@@ -34,9 +36,34 @@ SUCCESS, CANNOT_UNDERSTAND, OUT_OF_RESOURCES = 0x0000, 0xC000, 0xA700
 _SOP_MISMATCH = 0xC001  # our own failure code: header and request disagree
 
 
-def set_nodelay(event: Any) -> None:  # noqa: ANN401
+def _set_nodelay(event: Any) -> None:  # noqa: ANN401
     """EVT_CONN_OPEN handler: switch off Nagle's algorithm on the association's socket."""
     no_delay(getattr(getattr(getattr(event.assoc, "dul", None), "socket", None), "socket", None))
+
+
+def open_association(ae: Any, host: str, port: int, ae_title: str) -> Any:  # noqa: ANN401
+    """``ae.associate`` for a sender of requests (C-STORE, C-ECHO): TCP_NODELAY on, and
+    pynetdicom's reactor thread kept off the DIMSE message queue.
+
+    pynetdicom's requestor pauses its reactor thread around ``send_c_store`` with a flag
+    that can be stale, so the reactor sometimes takes the response off the queue first
+    (logging "Received unexpected C-STORE service message") and the sender waits out its
+    DIMSE timeout, then aborts. A pure sender never needs the reactor to see a message: the
+    reactor is the only caller that polls without blocking, so those polls get nothing and
+    every message stays for the thread that waits for it."""
+    from pynetdicom import evt
+
+    assoc = ae.associate(host, port, ae_title=ae_title,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, _set_nodelay)])
+    dimse = getattr(assoc, "dimse", None)
+    if dimse is not None:
+        wait_for_message = dimse.get_msg
+
+        def get_msg(block: bool = False) -> Any:  # noqa: ANN401, FBT001, FBT002
+            return wait_for_message(block=True) if block else (None, None)
+
+        dimse.get_msg = get_msg
+    return assoc
 
 
 def header_of(data: bytes, name: str = "instance", *, decode_compressed: bool = True

@@ -66,16 +66,15 @@ class DimseForwarder:
         self._lock = threading.Lock()
 
     def _associate(self) -> Any:  # noqa: ANN401
-        from pynetdicom import AE, evt
+        from pynetdicom import AE
 
-        from radguard.gateway.dimse import set_nodelay
+        from radguard.gateway.dimse import open_association
 
         ae = AE(ae_title=self.calling_ae)
         for sop_class, syntax in sorted(self._pairs)[-120:]:
             ae.add_requested_context(sop_class, syntax)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-        assoc = ae.associate(self.target.host, self.target.port, ae_title=self.target.ae_title,
-                             evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
+        assoc = open_association(ae, self.target.host, self.target.port, self.target.ae_title)
         if not assoc.is_established:
             raise ForwardError(f"PACS {self.target.ae_title}@{self.target.host}:"
                                f"{self.target.port} refused or is unreachable")

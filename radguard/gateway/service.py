@@ -66,13 +66,16 @@ class Gateway:
         if self.config.check_processes:
             self.checks = CheckPool(self.config)  # ready before the first image arrives
         try:
-            self.dicom.start()
             self._start_http()
+            self._start_workers()
+            # DICOM last: a modality that connects the moment the port opens meets a gateway
+            # that is fully up, not one still importing its web stack or starting workers
+            self.dicom.start()
         except ConfigError:  # a port in use: nothing of this gateway keeps running
-            self.dicom.stop()
-            if self.checks is not None:
-                self.checks.close()
+            self._shut_down()
             raise
+
+    def _start_workers(self) -> None:
         # with check processes, enough threads to keep every process busy
         threads = max(self.config.workers, 2 * self.config.check_processes)
         for n in range(threads):
@@ -166,6 +169,10 @@ class Gateway:
 
     def stop(self) -> None:
         """Stop listening, let the workers finish their current instance, close."""
+        self._shut_down()
+        self._audit("gateway.stop", self.config.ae_title, {})
+
+    def _shut_down(self) -> None:
         self.dicom.stop()
         if self._http is not None:
             self._http.should_exit = True
@@ -177,4 +184,3 @@ class Gateway:
         if self.checks is not None:
             self.checks.close()
         self.pipeline.close()
-        self._audit("gateway.stop", self.config.ae_title, {})

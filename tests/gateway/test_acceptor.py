@@ -157,6 +157,33 @@ def test_too_many_associations_get_a_transient_reject_and_later_ones_work(server
     assert _echo_ok(acceptor.port)
 
 
+
+def test_open_association_keeps_responses_for_the_thread_that_waits_for_them(server):
+    """pynetdicom's requestor thread polls the DIMSE queue every millisecond and can take
+    a response the sender is about to wait for; associations opened with open_association
+    leave every message to the blocking reader (the sender)."""
+    from pydicom import dcmread
+    from pynetdicom import AE
+    from pynetdicom.dimse_primitives import C_ECHO
+
+    from radguard.gateway.dimse import open_association
+
+    recorder = Recorder()
+    acceptor = server(recorder)
+    ds = dcmread(NIH_DX)
+    ae = AE(ae_title="SENDER")
+    ae.add_requested_context(ds.SOPClassUID, ExplicitVRLittleEndian)
+    assoc = open_association(ae, "127.0.0.1", acceptor.port, "RADGUARD")
+    assert assoc.is_established
+    response = C_ECHO()
+    assoc.dimse.msg_queue.put((1, response))
+    time.sleep(0.2)  # the reactor thread polls about 200 times meanwhile
+    assert assoc.dimse.get_msg(block=True) == (1, response)
+    for _ in range(20):
+        assert assoc.send_c_store(ds).Status == 0
+    assoc.release()
+    assert len(recorder.requests) == 20
+
 # -- the wire, byte by byte ------------------------------------------------------------------------
 
 def _associate_rq(contexts=((1, SECONDARY_CAPTURE),), max_length=0, calling="RAW") -> bytes:
@@ -379,8 +406,11 @@ def test_a_port_in_use_is_a_clear_error_and_nothing_keeps_listening(tmp_path, wh
     gateway = Gateway(GatewayConfig(data_dir=str(tmp_path / "data"), **ports).validate())
     with pytest.raises(ConfigError, match=f"{port}.*in use.*{which}"):
         gateway.start()
-    if which == "http_port":  # the DICOM side had started: it must be closed again
-        assert gateway.dicom._server is None
+    # whatever had started (the web server, the workers) has stopped again
+    assert gateway.dicom._server is None
+    if which == "dicom_port":  # opened last, after the web server and the workers
+        assert not gateway._http_thread.is_alive() and gateway._threads
+    assert not any(t.is_alive() for t in gateway._threads)
     taken.close()
 
 
