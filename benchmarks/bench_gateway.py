@@ -223,8 +223,10 @@ def main() -> None:
         print("policy A: default - a trusted signature over the pixels skips the synthetic and "
               "copy-move detectors (signature, header checks, triage run)")
         print("policy B: trust_signed_pixels = false - every detector on every image")
-        print(f"A{args.check_processes}/B{args.check_processes}: the same with the checks in "
-              f"{args.check_processes} separate process(es) (check_processes)")
+        print(f"A/B: checks on the gateway's own threads (check_processes = 0); "
+              f"A{args.check_processes}/B{args.check_processes}: checks in "
+              f"{args.check_processes} separate process(es) (the gateway's default 'auto' is "
+              "one per core, at most 4)")
         print(f"{'associations':>12}{'policy':>7}{'Orthanc/s':>11}{'radguard received/s':>21}"
               f"{'radguard checked/s':>20}{'ratio':>7}{'p50 s':>8}{'p99 s':>8}")
         for associations in (1, 4, 10):

@@ -426,6 +426,16 @@ def audit_archive_command(source: str, results_path: str | None, workers: int,
     sys.exit(1 if summary.attention else 0)
 
 
+def _check_processes(_ctx: click.Context, _param: click.Parameter,
+                     value: str | None) -> int | str | None:
+    """--check-processes: "auto" or a whole number 0-32."""
+    if value is None or value == "auto":
+        return value
+    if not value.isdigit() or int(value) > 32:
+        raise click.BadParameter(f'{value!r}: "auto" or a number 0-32')
+    return int(value)
+
+
 @click.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="TOML configuration (see radguard/gateway/config.py for every key).")
@@ -438,12 +448,13 @@ def audit_archive_command(source: str, results_path: str | None, workers: int,
 @click.option("--forward", "forward_dimse", help="PACS to forward to, AE@host:port.")
 @click.option("--db-url", help="PostgreSQL URL for the index and queue (default: SQLite in "
                                 "the data folder).")
-@click.option("--check-processes", type=click.IntRange(0, 32),
-              help="Run the checks in this many separate processes (default 0: in the "
-                   "gateway process; on a multi-core server, one per core).")
+@click.option("--check-processes", callback=_check_processes, metavar="auto|N",
+              help="Run the checks in N separate processes (default auto: one per core, at "
+                   "most 4, none on a single core; 0: in the gateway process).")
 def serve(config_path: str | None, data_dir: str | None, dicom_port: int | None,
           http_port: int | None, ae_title: str | None, host: str | None,
-          forward_dimse: str | None, db_url: str | None, check_processes: int | None) -> None:
+          forward_dimse: str | None, db_url: str | None,
+          check_processes: int | str | None) -> None:
     """Run the gateway: receive (C-STORE), verify, scan, triage, quarantine or forward.
     Stops cleanly on Ctrl-C or SIGTERM; a restart resumes unfinished work."""
     import signal

@@ -357,7 +357,7 @@ class CheckPool:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        n = self.config.check_processes
+        n = self.config.check_process_count
         pool = ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_start_checker, initargs=(self.config,))
         for future in [pool.submit(_ready) for _ in range(n)]:

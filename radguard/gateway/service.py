@@ -62,8 +62,8 @@ class Gateway:
             log.warning("recovered after a crash: %s", recovered)
         self._audit("gateway.start", self.config.ae_title,
                     {"recovered": recovered, "layers": self.pipeline.layers(),
-                     "check_processes": self.config.check_processes})
-        if self.config.check_processes:
+                     "check_processes": self.config.check_process_count})
+        if self.config.check_process_count:
             self.checks = CheckPool(self.config)  # ready before the first image arrives
         try:
             self._start_http()
@@ -77,7 +77,7 @@ class Gateway:
 
     def _start_workers(self) -> None:
         # with check processes, enough threads to keep every process busy
-        threads = max(self.config.workers, 2 * self.config.check_processes)
+        threads = max(self.config.workers, 2 * self.config.check_process_count)
         for n in range(threads):
             t = threading.Thread(target=self._work, name=f"radguard-worker-{n}", daemon=True)
             t.start()

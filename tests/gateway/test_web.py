@@ -22,8 +22,11 @@ PASSWORD = "correct horse battery"
 
 @pytest.fixture
 def gateway(tmp_path, pki):
+    # the checks in-process: these tests are about HTTP, and spawning check processes for
+    # every one of them would cost seconds each (the default "auto" is exercised by the
+    # DIMSE, demo, browser and kill -9 tests)
     config = GatewayConfig(data_dir=str(tmp_path / "data"), dicom_port=0, http_port=0,
-                           trust=[str(pki.ca_cert_path)])
+                           trust=[str(pki.ca_cert_path)], check_processes=0)
     gw = Gateway(config)
     users = Users(gw.store)
     for name, role in (("tech", "technologist"), ("rad", "radiologist"), ("boss", "admin"),
