@@ -107,8 +107,8 @@ class GatewayConfig:
     def check_process_count(self) -> int:
         """``check_processes`` as a number: "auto" is one per core this process may use, at
         most 4, and none on a single core (where separate processes only add overhead).
-        Measured on 2 cores (benchmarks/RESULTS.md): two check processes check 20-35% more
-        instances per second than in-process checks with 1-10 associations."""
+        Measured on 2 cores (benchmarks/RESULTS.md): two check processes checked 6-33% more
+        instances per second than in-process checks in three runs with 1-10 associations."""
         if self.check_processes == "auto":
             cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                      else os.cpu_count() or 1)
