@@ -78,29 +78,81 @@ def _iou(a: list[int], b: tuple[int, int, int, int]) -> float:
     return inter / union if union else 0.0
 
 
+def _blur_fill(img: np.ndarray, y: int, x: int, s: int) -> np.ndarray:
+    """Replace a square by a Gaussian-weighted average of the pixels around it (the
+    'healing' a simple editor does)."""
+    from scipy import ndimage
+
+    keep = np.ones(img.shape)
+    keep[y : y + s, x : x + s] = 0
+    est = ndimage.gaussian_filter(img * keep, s / 4) / np.maximum(
+        ndimage.gaussian_filter(keep, s / 4), 1e-6)
+    out = img.copy()
+    out[y : y + s, x : x + s] = est[y : y + s, x : x + s]
+    return out
+
+
+def _round_splice(img: np.ndarray, y: int, x: int, s: int, donor_path: Path) -> np.ndarray:
+    """A disc of tissue from another radiograph blended in with a soft (feathered) edge."""
+    from scipy import ndimage
+
+    donor = np.array(Image.open(donor_path).convert("L")).astype(np.float64)
+    dy, dx = donor.shape[0] // 3, donor.shape[1] // 3
+    patch = donor[dy : dy + s, dx : dx + s]
+    yy, xx = np.mgrid[0:s, 0:s] - (s - 1) / 2
+    alpha = ndimage.gaussian_filter(((yy**2 + xx**2) <= (s / 2) ** 2).astype(float), 2.0)
+    out = img.copy()
+    target = img[y : y + s, x : x + s]
+    out[y : y + s, x : x + s] = alpha * (patch - patch.mean() + target.mean()) + (
+        1 - alpha) * target
+    return np.clip(out, 0, 255)
+
+
+EDITS = (
+    ("copy-move 16", 16),
+    ("copy-move 32", 32),
+    ("copy-move 64", 64),
+    ("inpaint 24", 24),
+    ("inpaint 40", 40),
+    ("blur fill 32", 32),
+    ("splice 32", 32),
+    ("splice 64", 64),
+    ("round splice 48", 48),
+)
+
+
+def _test_images(per_set: int) -> list[tuple[str, Path]]:
+    """Up to ``per_set`` images of each set from the held-out test split: the learned layer
+    was trained on the training split, its threshold picked on the validation split."""
+    import synthdata as sd
+
+    out = []
+    for source in ("cxr-nih", "mammo-mias", "cxr-wild"):
+        picked = [r.path for r in sd.real_images() if r.source == source and r.split == "test"]
+        out += [(source, p) for p in sorted(picked)[:per_set]]
+    return out
+
+
 def bench_tamper(per_set: int) -> None:
-    files = []
-    for folder, pattern in (("cxr-nih", "*.jpg"), ("mammo-mias", "*.png"), ("cxr-wild", "*.png")):
-        files += sorted((SHARED / folder).rglob(pattern))[: per_set]
+    files = _test_images(per_set)
+    paths = [p for _, p in files]
     found = Counter()
     tried = Counter()
     ious: dict[str, list[float]] = defaultdict(list)
-    false_alarms = 0
-    for path in files:
+    false_alarms: Counter = Counter()
+    alarm_layers: Counter = Counter()
+    per_source: Counter = Counter(source for source, _ in files)
+    for n, (source, path) in enumerate(files):
         img = np.array(Image.open(path).convert("L")).astype(np.float64)
-        if detect_tamper(img).regions:
-            false_alarms += 1
+        clean = detect_tamper(img)
+        if clean.regions:
+            false_alarms[source] += 1
+            for layer in ("copy_move", "local_edits"):
+                alarm_layers[layer] += bool(getattr(clean, layer))
         rng = np.random.default_rng(zlib.crc32(path.name.encode()))
         h, w = img.shape
-        for kind, size in (
-            ("copy-move 16", 16),
-            ("copy-move 32", 32),
-            ("copy-move 64", 64),
-            ("inpaint 24", 24),
-            ("inpaint 40", 40),
-            ("splice 32", 32),
-            ("splice 64", 64),
-        ):
+        donor = paths[(n + 1) % len(paths)]
+        for kind, size in EDITS:
             y = int(rng.integers(h // 4, 3 * h // 4 - size))
             x = int(rng.integers(w // 4, 3 * w // 4 - size))
             if kind.startswith("copy"):
@@ -108,7 +160,11 @@ def bench_tamper(per_set: int) -> None:
                 edited = img.copy()
                 edited[y : y + size, x : x + size] = img[sy : sy + size, sx : sx + size]
             elif kind.startswith("splice"):
-                edited = _splice(img, y, x, size, files[(files.index(path) + 1) % len(files)])
+                edited = _splice(img, y, x, size, donor)
+            elif kind.startswith("round"):
+                edited = _round_splice(img, y, x, size, donor)
+            elif kind.startswith("blur"):
+                edited = _blur_fill(img, y, x, size)
             else:
                 edited = _inpaint(img, y, x, size)
             box = (x, y, x + size, y + size)
@@ -118,17 +174,25 @@ def bench_tamper(per_set: int) -> None:
             if overlaps and max(overlaps) > 0:
                 found[kind] += 1
                 ious[kind].append(max(overlaps))
-    print(f"{len(files)} images ({per_set} per set: cxr-nih, mammo-mias, cxr-wild)")
-    print(f"{'edit':<14}{'detected':>12}{'rate':>8}{'mean IoU':>10}")
+    from radguard.evaluation import wilson
+
+    counts = ", ".join(f"{s} {c}" for s, c in per_source.items())
+    print(f"{len(files)} held-out test-split images ({counts})")
+    print(f"{'edit':<16}{'detected':>12}{'rate':>8}{'95% CI':>17}{'mean IoU':>10}")
     for kind in tried:
         iou = np.mean(ious[kind]) if ious[kind] else float("nan")
+        ci = wilson(found[kind], tried[kind])
         print(
-            f"{kind:<14}{found[kind]:>6}/{tried[kind]:<5}{found[kind] / tried[kind]:>8.1%}"
-            f"{iou:>10.2f}"
+            f"{kind:<16}{found[kind]:>6}/{tried[kind]:<5}{found[kind] / tried[kind]:>8.1%}"
+            f"   [{ci.low:.3f}, {ci.high:.3f}]{iou:>10.2f}"
         )
+    total = sum(false_alarms.values())
+    ci = wilson(total, len(files))
     print(
-        f"false alarms on untouched images: {false_alarms}/{len(files)} "
-        f"({false_alarms / len(files):.1%})"
+        f"false alarms on untouched images: {total}/{len(files)} ({total / len(files):.1%}, "
+        f"95% CI [{ci.low:.3f}, {ci.high:.3f}]); by set: "
+        + ", ".join(f"{s} {false_alarms[s]}/{c}" for s, c in per_source.items())
+        + "; by layer: " + ", ".join(f"{k} {v}" for k, v in alarm_layers.items())
     )
 
 

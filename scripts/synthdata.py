@@ -1,7 +1,7 @@
 """Synthetic radiographs for training and testing the synthetic-image detector.
 
 No AI-generated radiographs exist in ../shared/data beyond 64 DCGAN samples, so this module
-makes its own, from four generator families that mimic what real generators leave behind:
+makes its own, from seven generator families that mimic what real generators leave behind:
 
 * ``upsample``  - low-resolution synthesis then interpolation to the delivery size
   (GAN / diffusion outputs are often made small and upscaled): real image shrunk 2-4x and
@@ -12,7 +12,13 @@ makes its own, from four generator families that mimic what real generators leav
   a small convolutional autoencoder with transposed-convolution decoder, trained here on CPU
   on real radiograph patches, reconstructs whole images;
 * ``dcgan``     - a small DCGAN trained here on CPU on 64 x 64 chest and mammography images;
-  its samples are whole new images, not edits of a real one.
+  its samples are whole new images, not edits of a real one;
+* ``airbrush``  - the clean, rendered look of text-to-image radiographs: edge-preserving
+  (bilateral) smoothing, sharpened edges, sometimes a faint even grain;
+* ``nn_decoder`` - a second latent decoder, upsampling by nearest neighbour + convolution as
+  Stable Diffusion's VAE does (a different fingerprint from transposed convolutions);
+* ``super_resolution`` - synthesis at 1/4 size enlarged by a learned sub-pixel (ESPCN-style)
+  upscaler, trained here on CPU.
 
 Every real and fake image then goes through the same random *laundering* (square resize to
 64-512 px, for a quarter of them from a smaller copy so that enlargement happens to real images
@@ -40,7 +46,9 @@ from radguard.evaluation.splits import split_of
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 GENERATOR_DIR = REPO / "scripts" / "generators"
-FAMILIES = ("upsample", "grain", "autoencoder", "dcgan")
+FAMILIES = ("upsample", "grain", "autoencoder", "dcgan", "airbrush", "nn_decoder",
+            "super_resolution")
+LEARNED = ("autoencoder", "nn_decoder", "super_resolution", "dcgan")  # need scripts/generators
 LAUNDER_SIZES = (64, 128, 256, 384, 512)
 LAUNDER_P = (0.1, 0.15, 0.3, 0.15, 0.3)
 UPSCALE_P = 0.25  # share of images (real and fake alike) that are enlarged by the laundering
@@ -122,6 +130,34 @@ def fake_upsample(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(small.resize((w, h), kernel))
 
 
+def _bilateral(a: np.ndarray, radius: int, sigma_s: float, sigma_r: float) -> np.ndarray:
+    """Edge-preserving smoothing: neighbours weighted by distance and by grey difference."""
+    pad = np.pad(a, radius, mode="reflect")
+    num = np.zeros_like(a)
+    den = np.zeros_like(a)
+    h, w = a.shape
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            n = pad[radius + dy : radius + dy + h, radius + dx : radius + dx + w]
+            wgt = np.exp(-(dy * dy + dx * dx) / (2 * sigma_s**2) - (n - a) ** 2 / (2 * sigma_r**2))
+            num += wgt * n
+            den += wgt
+    return num / den
+
+
+def fake_airbrush(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Clean, 'rendered' look of text-to-image radiographs: edge-preserving smoothing of
+    soft tissue and bone, edges then sharpened, sometimes a faint even grain."""
+    a = img.astype(np.float32)
+    for _ in range(int(rng.integers(1, 3))):
+        a = _bilateral(a, 2, float(rng.uniform(1.0, 2.5)), float(rng.uniform(6.0, 20.0)))
+    blur = ndimage.gaussian_filter(a, float(rng.uniform(1.0, 2.5)))
+    a = a + float(rng.uniform(0.3, 1.2)) * (a - blur)
+    if rng.random() < 0.3:
+        a = a + rng.normal(0.0, float(rng.uniform(0.3, 1.0)), a.shape).astype(np.float32)
+    return np.clip(np.round(a), 0, 255).astype(np.uint8)
+
+
 def fake_grain(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     a = img.astype(np.float32)
     if rng.random() < 0.5:
@@ -159,6 +195,39 @@ def autoencoder_net() -> Any:  # noqa: ANN401 (torch is imported lazily)
         nn.ConvTranspose2d(64, 32, 4, 2, 1),
         nn.ReLU(),
         nn.ConvTranspose2d(32, 1, 4, 2, 1),
+    )
+
+
+def nn_decoder_net() -> Any:  # noqa: ANN401
+    """Autoencoder whose decoder upsamples by nearest neighbour + convolution (the decoder
+    shape of Stable Diffusion's VAE), latent 4 x 1/8 as in latent diffusion."""
+    torch = _torch()
+    nn = torch.nn
+
+    def up(cin: int, cout: int) -> list:
+        return [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cin, cout, 3, 1, 1),
+                nn.SiLU()]
+
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, 2, 1), nn.SiLU(),
+        nn.Conv2d(32, 48, 3, 2, 1), nn.SiLU(),
+        nn.Conv2d(48, 4, 3, 2, 1),
+        nn.Conv2d(4, 48, 3, 1, 1), nn.SiLU(),
+        *up(48, 48), *up(48, 32), *up(32, 32),
+        nn.Conv2d(32, 1, 3, 1, 1),
+    )
+
+
+def super_resolution_net() -> Any:  # noqa: ANN401
+    """ESPCN-style 4x super-resolution (sub-pixel convolution), the upscaler of generators
+    that synthesise small and deliver large."""
+    torch = _torch()
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(1, 48, 5, 1, 2), nn.Tanh(),
+        nn.Conv2d(48, 32, 3, 1, 1), nn.Tanh(),
+        nn.Conv2d(32, 16, 3, 1, 1),
+        nn.PixelShuffle(4),
     )
 
 
@@ -209,26 +278,53 @@ def _descend(optimiser: Any, loss: Any) -> None:  # noqa: ANN401
     optimiser.step()
 
 
-def train_autoencoder(images: list[np.ndarray], steps: int, seed: int = 0) -> None:
-    """Fit the autoencoder on random 64 x 64 patches of training-split reals; save weights."""
+def _patches(images: list[np.ndarray], rng: np.random.Generator, n: int, size: int
+             ) -> np.ndarray:
+    batch = []
+    for _ in range(n):
+        img = images[int(rng.integers(len(images)))]
+        y, x = rng.integers(0, img.shape[0] - size), rng.integers(0, img.shape[1] - size)
+        batch.append(img[y : y + size, x : x + size])
+    return np.stack(batch)[:, None].astype(np.float32) / 127.5 - 1
+
+
+def train_autoencoder(images: list[np.ndarray], steps: int, seed: int = 0,
+                      kind: str = "autoencoder") -> None:
+    """Fit an autoencoder (``autoencoder``: transposed-convolution decoder, ``nn_decoder``:
+    nearest-neighbour + convolution decoder) on random 64 x 64 patches of training-split
+    reals; save its weights."""
     torch = _torch()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    net = autoencoder_net()
+    net = autoencoder_net() if kind == "autoencoder" else nn_decoder_net()
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     for step in range(steps):
-        batch = []
-        for _ in range(32):
-            img = images[int(rng.integers(len(images)))]
-            y, x = rng.integers(0, img.shape[0] - 64), rng.integers(0, img.shape[1] - 64)
-            batch.append(img[y : y + 64, x : x + 64])
-        t = torch.from_numpy(np.stack(batch)[:, None].astype(np.float32) / 127.5 - 1)
+        t = torch.from_numpy(_patches(images, rng, 32, 64))
         loss = torch.nn.functional.l1_loss(net(t), t)
         _descend(opt, loss)
         if step % 200 == 0:
-            print(f"  autoencoder step {step}: L1 {loss.item():.4f}", flush=True)
+            print(f"  {kind} step {step}: L1 {loss.item():.4f}", flush=True)
     GENERATOR_DIR.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.half() for k, v in net.state_dict().items()}, GENERATOR_DIR / "autoencoder.pt")
+    torch.save({k: v.half() for k, v in net.state_dict().items()}, GENERATOR_DIR / f"{kind}.pt")
+
+
+def train_super_resolution(images: list[np.ndarray], steps: int, seed: int = 0) -> None:
+    """Fit the 4x super-resolution net: 64 x 64 real patches from their 16 x 16 box means."""
+    torch = _torch()
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    net = super_resolution_net()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    for step in range(steps):
+        t = torch.from_numpy(_patches(images, rng, 32, 64))
+        small = torch.nn.functional.avg_pool2d(t, 4)
+        loss = torch.nn.functional.l1_loss(net(small), t)
+        _descend(opt, loss)
+        if step % 200 == 0:
+            print(f"  super-resolution step {step}: L1 {loss.item():.4f}", flush=True)
+    GENERATOR_DIR.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.half() for k, v in net.state_dict().items()},
+               GENERATOR_DIR / "super_resolution.pt")
 
 
 def train_dcgan(images: list[np.ndarray], steps: int, seed: int = 0) -> None:
@@ -265,16 +361,21 @@ def train_dcgan(images: list[np.ndarray], steps: int, seed: int = 0) -> None:
 
 
 class TorchFamilies:
-    """The two learned generators, loaded once from scripts/generators/."""
+    """The learned generators, loaded once from scripts/generators/."""
 
     def __init__(self) -> None:
         torch = _torch()
         self.torch = torch
-        self.ae = autoencoder_net()
-        self.ae.load_state_dict(
-            {k: v.float() for k, v in torch.load(GENERATOR_DIR / "autoencoder.pt").items()}
-        )
-        self.ae.eval()
+
+        def load(net: Any, name: str) -> Any:  # noqa: ANN401
+            net.load_state_dict(
+                {k: v.float() for k, v in torch.load(GENERATOR_DIR / name).items()}
+            )
+            return net.eval()
+
+        self.ae = load(autoencoder_net(), "autoencoder.pt")
+        self.nn_ae = load(nn_decoder_net(), "nn_decoder.pt")
+        self.sr = load(super_resolution_net(), "super_resolution.pt")
         self.g = dcgan_generator()
         self.g.load_state_dict(
             {
@@ -284,11 +385,26 @@ class TorchFamilies:
         )
         self.g.eval()
 
-    def autoencoder(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def _run(self, net: Any, img: np.ndarray) -> np.ndarray:  # noqa: ANN401
         h, w = (img.shape[0] // 8) * 8, (img.shape[1] // 8) * 8
         t = self.torch.from_numpy(img[:h, :w].astype(np.float32)[None, None] / 127.5 - 1)
         with self.torch.no_grad():
-            out = self.ae(t)[0, 0].numpy()
+            out = net(t)[0, 0].numpy()
+        return np.clip(np.round((out + 1) * 127.5), 0, 255).astype(np.uint8)
+
+    def autoencoder(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return self._run(self.ae, img)
+
+    def nn_decoder(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return self._run(self.nn_ae, img)
+
+    def super_resolution(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The real image at 1/4 size (box means), enlarged again by the learned upscaler."""
+        h, w = (img.shape[0] // 8) * 8, (img.shape[1] // 8) * 8
+        small = img[:h, :w].astype(np.float32).reshape(h // 4, 4, w // 4, 4).mean(axis=(1, 3))
+        t = self.torch.from_numpy(small[None, None] / 127.5 - 1)
+        with self.torch.no_grad():
+            out = self.sr(t)[0, 0].numpy()
         return np.clip(np.round((out + 1) * 127.5), 0, 255).astype(np.uint8)
 
     def dcgan(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -306,6 +422,8 @@ def make_fake(
         return fake_upsample(img, rng)
     if family == "grain":
         return fake_grain(img, rng)
+    if family == "airbrush":
+        return fake_airbrush(img, rng)
     if torch_families is None:
         raise RuntimeError(f"family {family} needs the trained generators")
     return getattr(torch_families, family)(img, rng)

@@ -1,12 +1,14 @@
 """Reproduce the shipped synthetic-radiograph detector weights.
 
-    python scripts/train_synthetic_detector.py [--generator-steps 1500] [--retrain-generators]
+    python scripts/train_synthetic_detector.py [--retrain-generators] [--refresh-features]
 
-1. trains the two learned generator families (autoencoder, DCGAN) on the training split of
-   ../shared/data if their weights are not in scripts/generators/ (a few minutes on 2 cores);
-2. makes one laundered real and two laundered fakes (two different families) per real
-   radiograph (see scripts/synthdata.py), and computes the detector's cues for each
-   (cached in .cache/synthetic_features.npz);
+1. trains the four learned generator families (autoencoder, nearest-neighbour decoder,
+   super-resolution, DCGAN) on the training split of ../shared/data if their weights are not
+   in scripts/generators/ (a few minutes each on 2 cores);
+2. per real radiograph, the whole image and a zoomed crop of it (another field of view and
+   magnification) each appear once as real and three laundered fakes are made from them by
+   three different families (see scripts/synthdata.py); the detector's cues are computed
+   for each (cached in .cache/synthetic_features.npz);
 3. fits the block model and the image model on the training split, picks the decision
    threshold on the validation split (5% of real images above it; the 'suspicious' band
    starts at 20%) and writes
@@ -64,11 +66,27 @@ def describe(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     return (np.array([cues[n] for n in CUE_NAMES]), cooc, blocks.astype(np.float32), min(a.shape))
 
 
+def _zoomed(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random 45-80% crop: another field of view and magnification of the same real
+    radiograph (ribs, spine, shoulder, breast tissue close up), so that 'real' does not mean
+    'a whole chest or breast' to the detector."""
+    h, w = img.shape
+    k = float(rng.uniform(0.45, 0.8))
+    ch, cw = max(64, int(h * k)), max(64, int(w * k))
+    y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    return img[y : y + ch, x : x + cw]
+
+
 def _rows_for(real: sd.RealImage) -> list[dict]:
+    """Per real radiograph: the whole image and a zoomed crop, each once real and once
+    through a generator family (three families in all, none twice)."""
     rng = np.random.default_rng(zlib.crc32(str(real.path.name).encode()) + 17)
     img = sd.load(real.path)
-    fams = rng.choice(sd.FAMILIES, 2, replace=False)
-    items = [("real", img)] + [(str(f), sd.make_fake(str(f), img, rng, _FAMS)) for f in fams]
+    fams = rng.choice(sd.FAMILIES, 3, replace=False)
+    crop = _zoomed(img, rng)
+    items = [("real", img), ("real", crop)]
+    items += [(str(f), sd.make_fake(str(f), img, rng, _FAMS)) for f in fams[:2]]
+    items += [(str(fams[2]), sd.make_fake(str(fams[2]), crop, rng, _FAMS))]
     rows = []
     for family, im in items:
         cues, cooc, blocks, short = describe(sd.launder(im, rng))
@@ -151,6 +169,7 @@ def build_dataset(*, refresh: bool = False, workers: int = 2) -> Dataset:
 
 def fit(ds: Dataset, train: np.ndarray, val: np.ndarray, seed: int = 0) -> dict:
     """Fit block and image models on rows ``train``; threshold on rows ``val``. Weights dict."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.linear_model import LogisticRegression
     from sklearn.neural_network import MLPClassifier
 
@@ -185,12 +204,16 @@ def fit(ds: Dataset, train: np.ndarray, val: np.ndarray, seed: int = 0) -> dict:
     det = SyntheticDetector(weights)
     x = image_features(ds, det)
     xt, yt = x[train], y[train]
-    # balance: each real row counts as much as all fakes made from it
-    reps = np.where(yt == 0, 2, 1)
+    # balance: the two real rows of an image count as much as its three fakes
+    reps = np.where(yt == 0, 3, 2)
     xt, yt = np.repeat(xt, reps, axis=0), np.repeat(yt, reps)
     i_mean, i_scale = xt.mean(axis=0), xt.std(axis=0) + 1e-9
     mlp = MLPClassifier(hidden_layer_sizes=(32,), alpha=1e-2, max_iter=800, random_state=seed)
     mlp.fit((xt - i_mean) / i_scale, yt)
+    trees = HistGradientBoostingClassifier(
+        max_iter=250, learning_rate=0.06, max_leaf_nodes=15, l2_regularization=1.0,
+        random_state=seed,
+    ).fit(xt, yt)
     weights["image"] = {
         "mean": i_mean.tolist(),
         "scale": i_scale.tolist(),
@@ -198,7 +221,13 @@ def fit(ds: Dataset, train: np.ndarray, val: np.ndarray, seed: int = 0) -> dict:
             {"W": w.tolist(), "b": b.tolist()}
             for w, b in zip(mlp.coefs_, mlp.intercepts_, strict=True)
         ],
+        "trees": export_trees(trees),
     }
+    from radguard.forensics.synthetic import _Trees
+
+    gap = np.abs(_Trees(weights["image"]["trees"]).raw(xt) - trees.decision_function(xt)).max()
+    if gap > 1e-4:
+        raise RuntimeError(f"exported trees disagree with scikit-learn by {gap:.2g}")
     det = SyntheticDetector(weights)
     p_real = det.image_probability(x[val & (y == 0)])
     # 'synthetic' is a strong verdict: at most 5% of real validation images reach it;
@@ -206,6 +235,30 @@ def fit(ds: Dataset, train: np.ndarray, val: np.ndarray, seed: int = 0) -> dict:
     weights["threshold"] = float(np.quantile(p_real, 1 - TARGET_FPR))
     weights["suspicious_threshold"] = float(np.quantile(p_real, 1 - SUSPICIOUS_FPR))
     return weights
+
+
+def export_trees(model: object) -> dict:
+    """A fitted binary HistGradientBoostingClassifier as flat node arrays (global indices)
+    for radguard.forensics.synthetic._Trees; checked against scikit-learn's own output."""
+    feature, threshold, left, right, value, leaf, roots = [], [], [], [], [], [], []
+    depth = 0
+    for (predictor,) in model._predictors:  # one tree per iteration for two classes
+        nodes = predictor.nodes
+        if nodes["is_categorical"].any():
+            raise ValueError("categorical splits are not exported")
+        base = len(feature)
+        roots.append(base)
+        feature += nodes["feature_idx"].astype(int).tolist()
+        threshold += [float(t) if np.isfinite(t) else 0.0 for t in nodes["num_threshold"]]
+        left += (nodes["left"].astype(int) + base).tolist()
+        right += (nodes["right"].astype(int) + base).tolist()
+        value += [round(float(v), 7) for v in nodes["value"]]
+        leaf += nodes["is_leaf"].astype(bool).tolist()
+        depth = max(depth, int(nodes["depth"].max()))
+    out = {"feature": feature, "threshold": threshold, "left": left, "right": right,
+           "value": value, "leaf": leaf, "roots": roots,
+           "baseline": float(np.ravel(model._baseline_prediction)[0]), "depth": depth + 1}
+    return out
 
 
 def image_features(ds: Dataset, det: SyntheticDetector) -> np.ndarray:
@@ -220,16 +273,28 @@ def image_features(ds: Dataset, det: SyntheticDetector) -> np.ndarray:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--generator-steps", type=int, default=1500)
+    ap.add_argument("--generator-steps", type=int, default=None,
+                    help="training steps of every generator (default: as shipped)")
     ap.add_argument("--retrain-generators", action="store_true")
     ap.add_argument("--refresh-features", action="store_true")
     args = ap.parse_args()
-    have = all((sd.GENERATOR_DIR / n).exists() for n in ("autoencoder.pt", "dcgan_g.pt"))
-    if args.retrain_generators or not have:
+    def steps(default: int) -> int:
+        return args.generator_steps or default
+
+    # the step counts the shipped generator weights were trained with
+    trainers = {
+        "autoencoder.pt": lambda imgs: sd.train_autoencoder(imgs, steps(1500)),
+        "nn_decoder.pt": lambda imgs: sd.train_autoencoder(imgs, steps(600), kind="nn_decoder"),
+        "super_resolution.pt": lambda imgs: sd.train_super_resolution(imgs, steps(800)),
+        "dcgan_g.pt": lambda imgs: sd.train_dcgan(imgs, steps(1500)),
+    }
+    missing = [n for n in trainers if args.retrain_generators
+               or not (sd.GENERATOR_DIR / n).exists()]
+    if missing:
         train_imgs = [sd.load(r.path) for r in sd.real_images() if r.split == "train"]
-        print(f"training generators on {len(train_imgs)} real images", flush=True)
-        sd.train_autoencoder(train_imgs, args.generator_steps)
-        sd.train_dcgan(train_imgs, args.generator_steps)
+        print(f"training generators {missing} on {len(train_imgs)} real images", flush=True)
+        for name in missing:
+            trainers[name](train_imgs)
         args.refresh_features = True
     ds = build_dataset(refresh=args.refresh_features)
     train, val = ds.split == "train", ds.split == "val"

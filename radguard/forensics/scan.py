@@ -4,13 +4,15 @@ Layers, strongest first: the PS3.15 signature (DICOM), the fragile watermark (wh
 configured), the declared Synthetic Data attribute, the local tamper detector, the
 synthetic-radiograph detector and the header checks. Verdicts:
 
-* ``tampered``     - a signature no longer matches, the watermark shows changed blocks, or
-  a copy-move was found;
+* ``tampered``     - a signature no longer matches, the watermark shows changed blocks, a
+  copy-move was found, or the learned detector found a fill or splice (on an image no
+  signature or watermark vouches for);
 * ``synthetic``    - declared synthetic, or the detector score reaches the shipped threshold
   (without a valid trusted signature vouching for the pixels);
-* ``suspicious``   - weaker evidence: a flattened region, a high-severity header finding, a
-  detector score in the upper band below the threshold, or a detector alarm on a validly
-  signed image (a stolen key is possible, a forged signature is not);
+* ``suspicious``   - weaker evidence: a high-severity header finding, a
+  detector score in the upper band below the threshold, or a detector alarm (synthetic,
+  fill or splice) on a validly signed image (a stolen key is possible, a forged signature
+  is not);
 * ``unverifiable`` - nothing could be judged (unreadable file, image too small or not grey);
 * ``authentic``    - every layer that ran found nothing.
 """
@@ -167,7 +169,8 @@ def scan_file(
         result.reasons.append(f"tamper detector not applied to {result.modality}")
     else:
         try:
-            result.tamper = detect_tamper(pixels)  # always 2D grey here
+            # the learned fill / splice layer was trained on projection radiographs only
+            result.tamper = detect_tamper(pixels, local=result.modality in RADIOGRAPHIC)
         except RadguardError as exc:
             result.reasons.append(f"tamper detector: {exc}")
     if keep_pixels:
@@ -188,14 +191,23 @@ def _decide(r: ScanResult, threshold: float, band: float) -> None:
             f"copy-move: {len(r.tamper.copy_move)} region(s) duplicated "
             f"elsewhere in the image {r.tamper.copy_move[:3]}"
         )
+    weak = []
+    if r.tamper is not None and r.tamper.local_edits:
+        found = (
+            f"local edit (fill or splice): {len(r.tamper.local_edits)} region(s) "
+            f"{r.tamper.local_edits[:3]}, score {r.tamper.local_edit_score:.2f} >= "
+            f"{r.tamper.local_edit_threshold:.2f}"
+        )
+        if vouched:  # the device's own pixels: a detector alarm is a question, not proof
+            weak.append(found)
+        else:
+            tampered = True
+            r.reasons.append(found)
     if score is not None and score >= threshold:
         r.reasons.append(f"synthetic score {score:.2f} >= threshold {threshold:.2f}")
         r.reasons.extend(r.synthetic.reasons() if r.synthetic else [])
     if declared:
         r.reasons.append("declared synthetic: Synthetic Data (0008,001C) = YES")
-    weak = []
-    if r.tamper is not None and r.tamper.flattened:
-        weak.append(f"flattened region(s) without quantum noise {r.tamper.flattened[:3]}")
     weak += [
         f"header: {f.message}"
         for f in r.findings

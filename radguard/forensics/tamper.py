@@ -1,19 +1,17 @@
-"""Local tamper detection without a watermark: copy-move and flattened (inpainted) regions.
+"""Local tamper detection without a watermark: copy-move, fills and splices.
 
 * **Copy-move** (a lesion copied from elsewhere in the same image, as CT-GAN-style injections
   and "clone stamp" removals do): every 8x8 block position is described by its sixteen 2x2
   cell means (from integral images), quantised and hashed; a shift vector shared by many
   matching pairs (a whole copied patch moves as one) marks both the source and the copy.
   Blocks touching the image's extreme values (padding, saturation, burned-in text) are ignored.
-* **Flattened regions** (a lesion erased by filling): radiographs carry quantum noise
-  everywhere the detector saw photons, so a textured neighbourhood around a block with almost
-  no fine detail is suspicious; image borders and saturated areas are excluded.
+* **Fills and splices** (a lesion erased by interpolating or blurring its surroundings, or
+  tissue pasted from another patient's image): the learned local-edit detector of
+  :mod:`~radguard.forensics.localnet`, which needs no twin in the image; its cell map becomes
+  ``local_edit_map`` and the cells above its threshold become boxes.
 
-The output is a block map and boxes [x0, y0, x1, y1] (x1/y1 exclusive) in pixel coordinates.
-This is the first, classical layer of the tamper detector: it finds pastes that are copies
-(exact or near-exact) and near-constant fills, not spliced content from other images and not
-smooth interpolated fills (0% in ``benchmarks/bench_forensics.py``; figures in
-``benchmarks/RESULTS.md``).
+The output is boxes [x0, y0, x1, y1] (x1/y1 exclusive) in pixel coordinates of the input.
+Measured rates: ``benchmarks/bench_forensics.py`` (figures in ``benchmarks/RESULTS.md``).
 """
 
 from __future__ import annotations
@@ -24,6 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from radguard.errors import RadguardError
+from radguard.forensics.localnet import CELL, LocalEditDetector, load_local_detector
 from radguard.regions import mask_boxes
 
 __all__ = ["TamperError", "TamperResult", "detect_tamper"]
@@ -33,8 +32,8 @@ class TamperError(RadguardError):
     """The image cannot be analysed (wrong shape, too small)."""
 
 
-BLOCK = 16  # flattened-region blocks
-STEP = 4
+MIN_SIDE = 32
+STEP = 4  # copy-move regions are reported on this grid
 CM_BLOCK = 8  # copy-move blocks, at every position
 CM_MAX = 2048  # larger images are averaged down first
 CM_MIN_PAIRS = 20  # blocks that must move together before a shift counts as a copy
@@ -45,17 +44,28 @@ class TamperResult:
     """Changed-region evidence for one image."""
 
     copy_move: list[list[int]] = field(default_factory=list)
-    flattened: list[list[int]] = field(default_factory=list)
+    local_edits: list[list[int]] = field(default_factory=list)  # fills and splices
     score: float = 0.0  # 0 nothing found .. 1 strong evidence
+    local_edit_score: float | None = None  # the learned detector's image score (None: not run)
+    local_edit_threshold: float | None = None
+    local_edit_map: np.ndarray | None = field(default=None, repr=False)  # cell probabilities
+    local_edit_cell: float = 0.0  # a map cell's edge in input pixels
 
     @property
     def regions(self) -> list[list[int]]:
         """All suspicious boxes."""
-        return self.copy_move + self.flattened
+        return self.copy_move + self.local_edits
 
     def to_dict(self) -> dict[str, object]:
-        """JSON-ready form."""
-        return {"score": self.score, "copy_move": self.copy_move, "flattened": self.flattened}
+        """JSON-ready form (the cell map is left out: it goes to the heat-map PNG)."""
+        return {
+            "score": self.score,
+            "copy_move": self.copy_move,
+            "local_edits": self.local_edits,
+            "local_edit_score": (
+                round(self.local_edit_score, 4) if self.local_edit_score is not None else None
+            ),
+        }
 
 
 def _normalise(img: np.ndarray) -> tuple[np.ndarray, float]:
@@ -65,8 +75,8 @@ def _normalise(img: np.ndarray) -> tuple[np.ndarray, float]:
         raise TamperError(f"tamper detection needs numeric pixels, not {raw.dtype}")
     if raw.ndim != 2:
         raise TamperError("tamper detection needs a 2-D grey image")
-    if min(raw.shape) < 2 * BLOCK:
-        raise TamperError(f"image too small for tamper detection (min side {2 * BLOCK})")
+    if min(raw.shape) < MIN_SIDE:
+        raise TamperError(f"image too small for tamper detection (min side {MIN_SIDE})")
     a, _scale = _reduce(raw.astype(np.float32), CM_MAX)  # huge images: bounded time and memory
     a = a.astype(np.float64)
     if not np.isfinite(a).all():
@@ -84,19 +94,6 @@ def _reduce(a: np.ndarray, limit: int = 1024) -> tuple[np.ndarray, float]:
     return a.reshape(a.shape[0] // step, step, a.shape[1] // step, step).mean(axis=(1, 3)), float(
         step
     )
-
-
-def _boxes(mask: np.ndarray, scale: float) -> list[list[int]]:
-    """Connected components of a block-position mask (STEP grid, BLOCK blocks) as boxes."""
-    return [
-        [
-            int(x0 * scale),
-            int(y0 * scale),
-            int((x1 - STEP + BLOCK) * scale),
-            int((y1 - STEP + BLOCK) * scale),
-        ]
-        for x0, y0, x1, y1 in mask_boxes(mask, STEP)
-    ]
 
 
 def _cell_blocks(cells: np.ndarray, c: int, n: int, ny: int, nx: int) -> np.ndarray:
@@ -173,64 +170,40 @@ def _copy_move(a: np.ndarray) -> tuple[list[list[int]], int]:
     return mask_boxes(grid, STEP), int(counts.max())
 
 
-def _window_mean(x: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    """Mean of every BLOCK x BLOCK window whose corner lies on the STEP grid, from sums of
-    STEP x STEP cells (BLOCK is a multiple of STEP)."""
-    n = BLOCK // STEP
-    h4, w4 = grid[0] + n - 1, grid[1] + n - 1
-    cells = x[: h4 * STEP, : w4 * STEP].reshape(h4, STEP, w4, STEP).sum(axis=(1, 3))
-    rows = sum(cells[:, j : j + grid[1]] for j in range(n))
-    return sum(rows[i : i + grid[0]] for i in range(n)) / (BLOCK * BLOCK)
+def _local_edits(img: np.ndarray, result: TamperResult, detector: LocalEditDetector) -> None:
+    """Run the learned fill / splice detector on the analysed copy of ``img``."""
+    from radguard.forensics.cues import CueError, prepare
+
+    try:
+        a = prepare(img)
+    except CueError:  # too small for the network: the classical layers still spoke
+        return
+    edit_map = detector.analyse(a)
+    cell = CELL * max(np.asarray(img).shape[:2]) / max(a.shape)
+    result.local_edit_score = edit_map.score
+    result.local_edit_threshold = edit_map.threshold
+    result.local_edit_map = edit_map.probability
+    result.local_edit_cell = cell
+    if edit_map.score >= edit_map.threshold:
+        result.local_edits = [[int(round(v * cell / CELL)) for v in box]
+                              for box in mask_boxes(edit_map.edited, CELL)]
 
 
-def _flattened(a: np.ndarray) -> np.ndarray:
-    """BLOCK x BLOCK windows (STEP grid) with almost no fine detail inside textured
-    surroundings: a fill where the detector's quantum noise should be."""
-    grid = (a.shape[0] - BLOCK) // STEP + 1, (a.shape[1] - BLOCK) // STEP + 1
-    # neighbour differences inside each window (the last row / column reaches one pixel out)
-    dy = np.abs(np.diff(a, axis=0, append=a[-1:]))
-    dx = np.abs(np.diff(a, axis=1, append=a[:, -1:]))
-    detail_map = _window_mean(dy, grid) + _window_mean(dx, grid)
-    level_map = _window_mean(a, grid)
-    typical = (
-        np.median(detail_map[(level_map > 10) & (level_map < 245)])
-        if np.any((level_map > 10) & (level_map < 245))
-        else 0.0
-    )
-    if typical <= 0:
-        return np.zeros(grid, dtype=bool)
-    pad = np.pad(detail_map, 4, mode="edge")
-    ring = np.stack(
-        [
-            pad[4 + dy : 4 + dy + grid[0], 4 + dx : 4 + dx + grid[1]]
-            for dy in (-4, 0, 4)
-            for dx in (-4, 0, 4)
-            if (dy, dx) != (0, 0)
-        ]
-    )
-    around = np.partition(ring, (3, 4), axis=0)[3:5].mean(axis=0)  # median of the 8 neighbours
-    flat = (
-        (detail_map < 0.05 * typical)
-        & (ring.min(axis=0) > 0.3 * typical)
-        & (around > 0.5 * typical)
-    )
-    flat &= (level_map > 10) & (level_map < 245)  # not background, not saturated
-    flat[:4, :] = flat[-4:, :] = False  # borders hold labels and collimator edges
-    flat[:, :4] = flat[:, -4:] = False
-    return flat
+def detect_tamper(img: np.ndarray, *, local: LocalEditDetector | None | bool = True
+                  ) -> TamperResult:
+    """Look for copy-moved, filled and spliced regions in a grey image.
 
-
-def detect_tamper(img: np.ndarray) -> TamperResult:
-    """Look for copy-moved and flattened regions in a grey image."""
+    ``local``: the learned fill / splice detector to use (``True``: the shipped one,
+    ``False``: only the classical layers).
+    """
     full, base = _normalise(img)
     cm_boxes, pairs = _copy_move(full)
-    cm_boxes = [[int(v * base) for v in box] for box in cm_boxes]
-    a, scale = _reduce(full)
-    scale *= base
-    flat_mask = _flattened(a)
-    result = TamperResult(cm_boxes, _boxes(flat_mask, scale))
+    result = TamperResult([[int(v * base) for v in box] for box in cm_boxes])
     evidence = pairs / (pairs + 10.0) if pairs else 0.0
-    if flat_mask.any():
-        evidence = max(evidence, min(1.0, 0.5 + flat_mask.sum() / 50.0))
+    if local is not False:
+        detector = load_local_detector() if local is True or local is None else local
+        _local_edits(img, result, detector)
+        if result.local_edits:
+            evidence = max(evidence, float(result.local_edit_score or 0.0))
     result.score = float(evidence)
     return result

@@ -1,5 +1,5 @@
-"""The classical tamper layer on real radiographs: copies and fills found, clean images
-clean, bad shapes refused."""
+"""The tamper layers on real radiographs: copies, fills and splices found where they are,
+clean images clean, bad shapes and bad weights refused."""
 
 from __future__ import annotations
 
@@ -35,11 +35,11 @@ def test_copy_move_of_a_textured_patch_is_found_at_both_ends(chest):
     assert result.score > 0.5
 
 
-def test_flattened_region_is_found(chest):
+def test_constant_fill_is_found(chest):
     t = chest.copy()
     t[512:542, 341:371] = np.median(chest[512:542, 341:371])  # a lesion erased by filling
     result = detect_tamper(t)
-    assert _overlaps(result.flattened, (341, 512, 371, 542))
+    assert _overlaps(result.local_edits, (341, 512, 371, 542))
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (20, 400), (5, 5, 3)])
@@ -60,3 +60,79 @@ def test_unusable_shapes_are_refused(shape):
 def test_unusable_pixels_are_refused_not_scored(image):
     with pytest.raises(TamperError):
         detect_tamper(image)
+
+
+# ---------------------------------------------------------------- learned fills and splices
+
+
+def _bilinear_fill(img, y, x, s):
+    """A lesion erased by interpolating the rows and columns around it."""
+    out = img.copy()
+    v = np.linspace(0, 1, s + 2)[1:-1]
+    vertical = np.outer(1 - v, img[y - 1, x : x + s]) + np.outer(v, img[y + s, x : x + s])
+    horizontal = np.outer(img[y : y + s, x - 1], 1 - v) + np.outer(img[y : y + s, x + s], v)
+    out[y : y + s, x : x + s] = np.round((vertical + horizontal) / 2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def donor():
+    """Another patient's chest radiograph, enlarged to the DX's scale."""
+    from PIL import Image
+
+    from tests.conftest import SHARED
+
+    path = SHARED / "cxr-nih" / "images" / "00000165_001.jpg"
+    with Image.open(path) as im:
+        return np.asarray(im.convert("L").resize((1024, 1024), Image.Resampling.BICUBIC),
+                          dtype=np.float64)
+
+
+def test_interpolated_fill_is_found_where_it_is(chest):
+    t = _bilinear_fill(chest, 560, 300, 48)  # 48 px in the 1024 px DX: 24 px analysed
+    result = detect_tamper(t)
+    assert _overlaps(result.local_edits, (300, 560, 348, 608))
+    assert result.local_edit_score >= result.local_edit_threshold
+    assert result.score > 0.5
+    # the map is low away from the edit: the alarm is local, not global
+    cell = result.local_edit_cell
+    far = result.local_edit_map[: int(400 / cell), :]
+    assert far.max() < result.local_edit_threshold
+
+
+def test_tissue_spliced_from_another_image_is_found(chest, donor):
+    t = chest.copy()
+    patch = donor[300:396, 300:396]  # 96 px of lung from another patient, mean-matched
+    t[600:696, 400:496] = np.clip(patch - patch.mean() + t[600:696, 400:496].mean(), 0, 255)
+    result = detect_tamper(t)
+    assert _overlaps(result.local_edits, (400, 600, 496, 696))
+    assert result.local_edit_score > detect_tamper(chest).local_edit_score
+
+
+def test_classical_layers_alone_do_not_see_the_fill(chest):
+    t = _bilinear_fill(chest, 560, 300, 48)
+    result = detect_tamper(t, local=False)
+    assert result.local_edits == [] and result.local_edit_score is None
+
+
+def test_small_images_skip_the_learned_layer_without_error():
+    rng = np.random.default_rng(0)
+    result = detect_tamper(rng.normal(128, 10, (33, 40)))
+    assert result.local_edits == []
+
+
+def test_malformed_local_weights_give_a_clear_error(tmp_path):
+    import torch
+
+    from radguard.errors import RadguardError
+    from radguard.forensics.localnet import load_local_detector
+
+    with pytest.raises(RadguardError, match="not found"):
+        load_local_detector(str(tmp_path / "none.pt"))
+    bad = tmp_path / "garbage.pt"
+    bad.write_bytes(b"not a torch file")
+    with pytest.raises(RadguardError, match="unreadable"):
+        load_local_detector(str(bad))
+    torch.save({"weights": {"0.weight": torch.zeros(3)}, "threshold": 0.5}, tmp_path / "w.pt")
+    with pytest.raises(RadguardError, match="malformed"):
+        load_local_detector(str(tmp_path / "w.pt"))
