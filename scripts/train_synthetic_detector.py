@@ -44,6 +44,7 @@ from radguard.forensics.synthetic import (  # noqa: E402
 
 CACHE = HERE.parent / ".cache" / "synthetic_features.npz"
 BLOCKS_PER_IMAGE = 16
+PERCEPTRONS = 5  # fitted from different seeds and averaged
 TARGET_FPR = 0.05  # real validation images called synthetic
 SUSPICIOUS_FPR = 0.20  # real validation images called at least suspicious
 
@@ -208,8 +209,11 @@ def fit(ds: Dataset, train: np.ndarray, val: np.ndarray, seed: int = 0) -> dict:
     reps = np.where(yt == 0, 3, 2)
     xt, yt = np.repeat(xt, reps, axis=0), np.repeat(yt, reps)
     i_mean, i_scale = xt.mean(axis=0), xt.std(axis=0) + 1e-9
-    mlp = MLPClassifier(hidden_layer_sizes=(32,), alpha=1e-2, max_iter=800, random_state=seed)
-    mlp.fit((xt - i_mean) / i_scale, yt)
+    mlps = [
+        MLPClassifier(hidden_layer_sizes=(32,), alpha=1e-2, max_iter=800,
+                      random_state=seed * 100 + k).fit((xt - i_mean) / i_scale, yt)
+        for k in range(PERCEPTRONS)
+    ]
     trees = HistGradientBoostingClassifier(
         max_iter=250, learning_rate=0.06, max_leaf_nodes=15, l2_regularization=1.0,
         random_state=seed,
@@ -217,9 +221,12 @@ def fit(ds: Dataset, train: np.ndarray, val: np.ndarray, seed: int = 0) -> dict:
     weights["image"] = {
         "mean": i_mean.tolist(),
         "scale": i_scale.tolist(),
-        "layers": [
-            {"W": w.tolist(), "b": b.tolist()}
-            for w, b in zip(mlp.coefs_, mlp.intercepts_, strict=True)
+        "nets": [
+            [
+                {"W": np.round(w, 6).tolist(), "b": np.round(b, 6).tolist()}
+                for w, b in zip(mlp.coefs_, mlp.intercepts_, strict=True)
+            ]
+            for mlp in mlps
         ],
         "trees": export_trees(trees),
     }

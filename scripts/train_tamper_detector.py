@@ -219,6 +219,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resume", action="store_true",
                     help="start from the shipped weights and run only the second stage")
+    ap.add_argument("--out", type=Path, default=WEIGHTS_PATH, help="where to write the weights")
     ap.add_argument("--calibrate", action="store_true",
                     help="only re-pick the threshold of the shipped weights")
     args = ap.parse_args()
@@ -264,9 +265,9 @@ def main() -> None:
         "val_rates": rates,
         "minutes": round((time.time() - t0) / 60, 1),
     }
-    WEIGHTS_PATH.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, WEIGHTS_PATH)
-    print(f"wrote {WEIGHTS_PATH} ({WEIGHTS_PATH.stat().st_size // 1024} KiB) in "
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, args.out)
+    print(f"wrote {args.out} ({args.out.stat().st_size // 1024} KiB) in "
           f"{state['info']['minutes']} min")
 
 

@@ -172,14 +172,12 @@ def test_malformed_weights_give_a_clear_error(tmp_path):
 
 
 def test_filled_region_in_an_unsigned_image_is_tampered(tmp_path):
+    from tests.forensics.test_tamper import _bilinear_fill
+
     img = np.asarray(Image.open(WILD[3]).convert("L")).astype(np.float64)
     h, w = img.shape
-    y, x, s = h // 2, w // 3, 40
-    v = np.linspace(0, 1, s + 2)[1:-1]
-    fill = (np.outer(1 - v, img[y - 1, x : x + s]) + np.outer(v, img[y + s, x : x + s])
-            + np.outer(img[y : y + s, x - 1], 1 - v) + np.outer(img[y : y + s, x + s], v)) / 2
-    img[y : y + s, x : x + s] = fill
-    result = scan_file(_save(tmp_path, "filled.png", np.round(img).astype(np.uint8)))
+    img = _bilinear_fill(img, h // 2, w // 3, 40)
+    result = scan_file(_save(tmp_path, "filled.png", img.astype(np.uint8)))
     assert result.verdict == "tampered"
     assert any("local edit" in r for r in result.reasons)
     record = result.to_dict()

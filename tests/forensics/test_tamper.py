@@ -66,13 +66,19 @@ def test_unusable_pixels_are_refused_not_scored(image):
 
 
 def _bilinear_fill(img, y, x, s):
-    """A lesion erased by interpolating the rows and columns around it."""
-    out = img.copy()
-    v = np.linspace(0, 1, s + 2)[1:-1]
-    vertical = np.outer(1 - v, img[y - 1, x : x + s]) + np.outer(v, img[y + s, x : x + s])
-    horizontal = np.outer(img[y : y + s, x - 1], 1 - v) + np.outer(img[y : y + s, x + s], v)
-    out[y : y + s, x : x + s] = np.round((vertical + horizontal) / 2)
-    return out
+    """A lesion erased by interpolating the rows and columns around it (the training
+    script's simulated edit, rounded to whole grey values as a saved file would be)."""
+    import sys
+
+    from tests.conftest import REPO
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import tamperdata
+
+    mask = np.zeros(img.shape, bool)
+    out = tamperdata.fill(img, mask, (y, x, y + s, x + s), "bilinear",
+                          np.random.default_rng(0), grain=False)
+    return np.round(out)
 
 
 @pytest.fixture(scope="module")
