@@ -1,6 +1,6 @@
 """Reproduce the shipped learned local-edit detector (radguard/forensics/localnet.py).
 
-    python scripts/train_tamper_detector.py [--crops 40000] [--epochs 5] [--resume]
+    python scripts/train_tamper_detector.py [--crops 60000] [--epochs 7] [--resume]
 
 1. takes the training split of the real radiographs in ../shared/data (by patient / woman /
    image, as every radguard model does), brought to the detector's analysis size
@@ -9,10 +9,10 @@
    fills of five kinds with or without matched grain, splices from another training image),
    the rest stay untouched; some crops of either kind are JPEG round-tripped;
 3. trains the fully convolutional network on per-cell edit fractions (flips and 90-degree
-   turns as augmentation, about 13 minutes on 2 cores);
+   turns as augmentation, about 30 minutes on 2 cores);
 4. mines hard negatives - the places in untouched training images the network still takes
    for edits (electrodes, buttons, tube edges, burned-in text) - and trains on, with crops
-   around them added as untouched examples (about 7 more minutes);
+   around them added as untouched examples (about 8 more minutes);
 5. picks the image-level threshold on whole validation images: 1% of untouched ones reach
    it; reports the detection rate on validation images with fills and splices;
 6. writes radguard/forensics/data/local_edit_detector.pt.
@@ -211,9 +211,9 @@ def main() -> None:
     import torch
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--crops", type=int, default=40000)
-    ap.add_argument("--epochs", type=int, default=5)
-    ap.add_argument("--hard-crops", type=int, default=16000,
+    ap.add_argument("--crops", type=int, default=60000)
+    ap.add_argument("--epochs", type=int, default=7)
+    ap.add_argument("--hard-crops", type=int, default=20000,
                     help="random crops of the second (hard-negative) stage")
     ap.add_argument("--hard-epochs", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
