@@ -85,7 +85,8 @@ def prepare(img: np.ndarray) -> np.ndarray:
     return a.astype(np.float32)
 
 
-def _residual(a: np.ndarray) -> np.ndarray:
+def fine_residual(a: np.ndarray) -> np.ndarray:
+    """3 x 3 high-pass residual (Kirchner's KB kernel): noise and fine texture."""
     return ndimage.correlate(a, _KB, mode="reflect")
 
 
@@ -156,7 +157,7 @@ def _spectrum_cues(a: np.ndarray) -> tuple[float, float]:
 
 def image_cues(a: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
     """Scalar cues (CUE_NAMES order) and the 75 co-occurrence frequencies of a prepared image."""
-    r = _residual(a)
+    r = fine_residual(a)
     rb = _blocks(r, _NOISE_BLOCK)
     ab = _blocks(a, _NOISE_BLOCK)
     sigma = rb.std(axis=(2, 3)).ravel() + 0.05
@@ -186,7 +187,7 @@ def image_cues(a: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
         )
     )
     fine = float(np.abs(r).mean()) + 1e-3
-    coarse = float(np.abs(_residual(half)).mean()) + 1e-3
+    coarse = float(np.abs(fine_residual(half)).mean()) + 1e-3
     slope, peak = _spectrum_cues(a)
     g = np.hypot(ndimage.sobel(a, axis=0), ndimage.sobel(a, axis=1))
     g64 = np.asarray(Image.fromarray(g).resize((64, 64), Image.Resampling.BOX))
@@ -214,7 +215,7 @@ BLOCK_CUES = ("log_noise", "log_detail", "log_kurtosis", "brightness", "flat_sha
 
 def block_cues(a: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
     """Per-block cues for the heat map: (rows*cols, len(BLOCK_CUES)) and the grid shape."""
-    r = _residual(a)
+    r = fine_residual(a)
     q = a.astype(np.int16)
     dx = np.abs(np.diff(q, axis=1, append=q[:, -1:]))
     rb = _blocks(r, BLOCK)

@@ -35,11 +35,10 @@ CELL = 4  # output cell edge in analysed pixels
 def network_input(a: np.ndarray) -> np.ndarray:
     """(2, h, w) float32: the centred 8-bit image and its clipped fine residual (a prepared
     image from :func:`radguard.forensics.cues.prepare`, or a training crop)."""
-    from scipy import ndimage
+    from radguard.forensics.cues import fine_residual
 
     a = np.asarray(a, dtype=np.float32)
-    kb = np.array([[-1, 2, -1], [2, -4, 2], [-1, 2, -1]], dtype=np.float32) / 4.0
-    r = ndimage.correlate(a, kb, mode="reflect")
+    r = fine_residual(a)  # the same 3 x 3 high-pass the synthetic detector's cues read
     return np.stack([(a - 128.0) / 64.0, np.clip(r, -8.0, 8.0) / 4.0]).astype(np.float32)
 
 
