@@ -15,7 +15,8 @@
    around them added as untouched examples (about 8 more minutes);
 5. picks the image-level threshold on whole validation images: 1% of untouched ones reach
    it; reports the detection rate on validation images with fills and splices;
-6. writes radguard/forensics/data/local_edit_detector.pt.
+6. writes radguard/forensics/data/local_edit_detector.pt and its ONNX export
+   (local_edit_detector.onnx, what radguard runs; ``--export-onnx`` redoes only that).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from radguard.forensics.localnet import (  # noqa: E402
     WEIGHTS_PATH,
     LocalEditDetector,
     build_network,
+    export_onnx,
     network_input,
 )
 
@@ -222,12 +224,18 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=WEIGHTS_PATH, help="where to write the weights")
     ap.add_argument("--calibrate", action="store_true",
                     help="only re-pick the threshold of the shipped weights")
+    ap.add_argument("--export-onnx", action="store_true",
+                    help="only write the ONNX export of the weights in --out")
     args = ap.parse_args()
     t0 = time.time()
+    if args.export_onnx:
+        print(f"wrote {export_onnx(args.out)}")
+        return
     if args.calibrate:
         state = torch.load(WEIGHTS_PATH, weights_only=True)
         state["info"]["val_rates"] = calibrate(state, _load("val"), args.seed)
         torch.save(state, WEIGHTS_PATH)
+        print(f"wrote {export_onnx(WEIGHTS_PATH)}")
         return
     train_imgs = _load("train")
     val = _load("val")
@@ -267,8 +275,8 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, args.out)
-    print(f"wrote {args.out} ({args.out.stat().st_size // 1024} KiB) in "
-          f"{state['info']['minutes']} min")
+    print(f"wrote {args.out} ({args.out.stat().st_size // 1024} KiB) and "
+          f"{export_onnx(args.out)} in {state['info']['minutes']} min")
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ Block cues (one row per 32 x 32 block) feed the heat map of where the evidence l
 from __future__ import annotations
 
 import numpy as np
+import scipy.fft
 from PIL import Image
-from scipy import ndimage
 
 from radguard.errors import RadguardError
 
@@ -86,8 +86,27 @@ def prepare(img: np.ndarray) -> np.ndarray:
 
 
 def fine_residual(a: np.ndarray) -> np.ndarray:
-    """3 x 3 high-pass residual (Kirchner's KB kernel): noise and fine texture."""
-    return ndimage.correlate(a, _KB, mode="reflect")
+    """3 x 3 high-pass residual (Kirchner's KB kernel): noise and fine texture.
+
+    KB is separable (minus the outer product of two second differences, over 4), so it is
+    applied as two second differences on a mirrored border - the same numbers as
+    ``ndimage.correlate(a, _KB, mode="reflect")`` (exactly so for the integer-valued
+    analysis image), at a third of the cost.
+    """
+    p = np.pad(np.asarray(a, dtype=np.float32), 1, mode="symmetric")
+    rows = p[:, :-2] - 2 * p[:, 1:-1] + p[:, 2:]
+    return (rows[:-2] - 2 * rows[1:-1] + rows[2:]) * np.float32(-0.25)
+
+
+def _sobel_magnitude(a: np.ndarray) -> np.ndarray:
+    """Gradient magnitude from the two Sobel derivatives (as ``ndimage.sobel``, mirrored
+    border), by slicing."""
+    p = np.pad(a, 1, mode="symmetric")
+    dy = p[2:] - p[:-2]  # derivative along axis 0, smoothed along axis 1
+    gy = dy[:, :-2] + 2 * dy[:, 1:-1] + dy[:, 2:]
+    dx = p[:, 2:] - p[:, :-2]
+    gx = dx[:-2] + 2 * dx[1:-1] + dx[2:]
+    return np.hypot(gy, gx)
 
 
 def _blocks(x: np.ndarray, size: int) -> np.ndarray:
@@ -100,10 +119,10 @@ def _cooccurrence(q: np.ndarray) -> np.ndarray:
     columns pooled."""
     q = q.astype(np.int16)
     hist = np.zeros(25, dtype=np.float64)
-    for d in (np.diff(q, axis=1), np.diff(q, axis=0).T):
-        d = np.clip(d, -_T, _T) + _T
-        pairs = (d[:, :-1] * 5 + d[:, 1:]).ravel()
-        hist += np.bincount(pairs, minlength=25)
+    for axis in (1, 0):  # pairs of successive differences along rows, then along columns
+        d = (np.clip(np.diff(q, axis=axis), -_T, _T) + _T).astype(np.uint8)
+        first, second = (d[:, :-1], d[:, 1:]) if axis == 1 else (d[:-1], d[1:])
+        hist += np.bincount((first * np.uint8(5) + second).ravel(), minlength=25)
     return hist / max(hist.sum(), 1.0)
 
 
@@ -115,25 +134,37 @@ def _texture_statistics(a: np.ndarray, r: np.ndarray, half: np.ndarray) -> np.nd
     )
 
 
+# Kirchner's fixed linear predictor of a pixel from its 8 neighbours (its error is -KB * a)
 _PREDICT = np.array([[-0.25, 0.5, -0.25], [0.5, 0.0, 0.5], [-0.25, 0.5, -0.25]], np.float32)
 
 
 def _tile_spectrum(x: np.ndarray, tile: int) -> np.ndarray:
-    """Welch-averaged power spectrum over (at most 64) tile x tile Hann-windowed tiles."""
+    """Welch-averaged power spectrum over (at most 64) tile x tile Hann-windowed tiles.
+
+    Real input, so only half the plane is transformed; the other half is its mirror
+    (P(-u, -v) = P(u, v)), filled in so callers see the whole tile x tile plane.
+    """
     win = np.outer(np.hanning(tile), np.hanning(tile)).astype(np.float32)
     tiles = _blocks(x, tile).reshape(-1, tile, tile)
     tiles = tiles[:: max(1, len(tiles) // 64)]
     tiles = tiles - tiles.mean(axis=(1, 2), keepdims=True)
-    return (np.abs(np.fft.fft2(tiles * win)) ** 2).mean(axis=0)
+    c = scipy.fft.rfft2(tiles * win)
+    half = (c.real**2 + c.imag**2).mean(axis=0)
+    full = np.empty((tile, tile), dtype=half.dtype)
+    full[:, : tile // 2 + 1] = half
+    u = (-np.arange(tile)) % tile
+    full[:, tile // 2 + 1 :] = half[u][:, tile - np.arange(tile // 2 + 1, tile)]
+    return full
 
 
-def _spectrum_cues(a: np.ndarray) -> tuple[float, float]:
+def _spectrum_cues(a: np.ndarray, r: np.ndarray) -> tuple[float, float]:
     """(spectral falloff slope, log resampling-peak ratio).
 
     The peak follows Kirchner's fast resampling detector: interpolated pixels are linear
     combinations of their neighbours, so the map of how well a fixed linear predictor fits
     (p = exp(-e^2 / 2)) becomes periodic; its spectrum shows peaks. Frequencies of the 8 x 8
-    JPEG grid are left out: a JPEG round trip is laundering, not generation.
+    JPEG grid are left out: a JPEG round trip is laundering, not generation. ``r`` is the
+    image's :func:`fine_residual`.
     """
     tile = 64 if min(a.shape) >= 64 else 32
     f = np.fft.fftfreq(tile)
@@ -141,8 +172,8 @@ def _spectrum_cues(a: np.ndarray) -> tuple[float, float]:
     pa = _tile_spectrum(a, tile)
     band = (radius > 0.1) & (radius < 0.45)
     slope = float(np.polyfit(np.log(radius[band]), np.log(pa[band] + 1e-6), 1)[0])
-    e = a - ndimage.correlate(a, _PREDICT, mode="reflect")
-    pr = _tile_spectrum(np.exp(-e * e / 2.0).astype(np.float32), tile)
+    # the predictor's error a - _PREDICT * a is -r, since _PREDICT = _KB + identity
+    pr = _tile_spectrum(np.exp(-r * r / 2.0).astype(np.float32), tile)
     rings = np.minimum((radius * tile).astype(int), tile // 2)
     med = np.ones(tile // 2 + 1)
     for k in range(tile // 2 + 1):
@@ -155,9 +186,10 @@ def _spectrum_cues(a: np.ndarray) -> tuple[float, float]:
     return slope, float(np.log(ratio[candidates].max() + 1e-2))
 
 
-def image_cues(a: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
-    """Scalar cues (CUE_NAMES order) and the 75 co-occurrence frequencies of a prepared image."""
-    r = fine_residual(a)
+def image_cues(a: np.ndarray, r: np.ndarray | None = None) -> tuple[dict[str, float], np.ndarray]:
+    """Scalar cues (CUE_NAMES order) and the 75 co-occurrence frequencies of a prepared image
+    (``r``: its :func:`fine_residual`, when the caller has it already)."""
+    r = fine_residual(a) if r is None else r
     rb = _blocks(r, _NOISE_BLOCK)
     ab = _blocks(a, _NOISE_BLOCK)
     sigma = rb.std(axis=(2, 3)).ravel() + 0.05
@@ -188,8 +220,8 @@ def image_cues(a: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
     )
     fine = float(np.abs(r).mean()) + 1e-3
     coarse = float(np.abs(fine_residual(half)).mean()) + 1e-3
-    slope, peak = _spectrum_cues(a)
-    g = np.hypot(ndimage.sobel(a, axis=0), ndimage.sobel(a, axis=1))
+    slope, peak = _spectrum_cues(a, r)
+    g = _sobel_magnitude(a)
     g64 = np.asarray(Image.fromarray(g).resize((64, 64), Image.Resampling.BOX))
     g64 = g64 - g64.mean()
     denom = float(np.sqrt((g64**2).sum() * (g64[:, ::-1] ** 2).sum())) + 1e-9
@@ -213,9 +245,11 @@ def image_cues(a: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
 BLOCK_CUES = ("log_noise", "log_detail", "log_kurtosis", "brightness", "flat_share", "small_steps")
 
 
-def block_cues(a: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
-    """Per-block cues for the heat map: (rows*cols, len(BLOCK_CUES)) and the grid shape."""
-    r = fine_residual(a)
+def block_cues(a: np.ndarray, r: np.ndarray | None = None
+               ) -> tuple[np.ndarray, tuple[int, int]]:
+    """Per-block cues for the heat map: (rows*cols, len(BLOCK_CUES)) and the grid shape
+    (``r``: the image's :func:`fine_residual`, when the caller has it already)."""
+    r = fine_residual(a) if r is None else r
     q = a.astype(np.int16)
     dx = np.abs(np.diff(q, axis=1, append=q[:, -1:]))
     rb = _blocks(r, BLOCK)

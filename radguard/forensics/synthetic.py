@@ -27,7 +27,14 @@ import numpy as np
 
 from radguard.errors import RadguardError
 from radguard.fileio import read_json_object
-from radguard.forensics.cues import BLOCK, CUE_NAMES, block_cues, image_cues, prepare
+from radguard.forensics.cues import (
+    BLOCK,
+    CUE_NAMES,
+    block_cues,
+    fine_residual,
+    image_cues,
+    prepare,
+)
 
 __all__ = [
     "Cue",
@@ -166,8 +173,9 @@ class SyntheticDetector:
     def analyse(self, img: np.ndarray) -> SyntheticResult:
         """Score one grey image (any numeric dtype, any size >= 32 x 32)."""
         a = prepare(img)
-        cues, cooc = image_cues(a)
-        bfeat, grid = block_cues(a)
+        r = fine_residual(a)
+        cues, cooc = image_cues(a, r)
+        bfeat, grid = block_cues(a, r)
         logits = self.block_logits(bfeat) if bfeat.size else np.zeros(0)
         x = feature_vector(cues, cooc, logits, min(a.shape))
         score = float(self.image_probability(x)[0])

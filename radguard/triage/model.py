@@ -13,7 +13,6 @@ A PyTorch model ships as a *bundle*: ``<name>.pt`` (state dict) beside ``<name>.
 from __future__ import annotations
 
 import json
-import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from radguard.errors import RadguardError
 from radguard.triage.scores import Calibrator, SuspicionScale, TriageError
 
 __all__ = ["BundleTriageModel", "ModelCard", "OnnxTriageModel", "OutOfScope",
@@ -316,31 +316,21 @@ class TorchTriageModel(BundleTriageModel):
     def export_onnx(self, out: str | Path) -> Path:
         """This model as an ONNX bundle (``<out>.onnx`` + ``<out>.json``, same card and
         scores) that runs with onnxruntime alone; returns the JSON path."""
-        import io
-
         import torch
 
         from radguard.fileio import atomic_write_bytes
+        from radguard.onnxrt import export_onnx
 
         if type(self) is not TorchTriageModel:
             raise TriageError(f"{self.card.name}: only whole-image models export to ONNX")
         out = bundle_stem(out)
-        buf = io.BytesIO()
-        example = torch.zeros(1, 1, self.size, self.size)
-        with warnings.catch_warnings():
-            # instance norm always normalises by the input's own statistics: "train=True"
-            # in the exported graph is what eval mode computes too
-            warnings.filterwarnings("ignore", message=".*instance_norm.*")
-            # the TorchScript exporter is deprecated but needs no onnxscript; torch is pinned
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
-            try:
-                torch.onnx.export(self.network, (example,), buf, input_names=["image"],
-                                  output_names=["logit"], dynamo=False,
-                                  dynamic_axes={"image": {0: "n"}, "logit": {0: "n"}})
-            except torch.onnx.OnnxExporterError as exc:
-                raise TriageError(f"ONNX export needs the onnx package: pip install "
-                                  f"radguard[onnx] ({exc})") from exc
-        atomic_write_bytes(out.with_name(out.name + ".onnx"), buf.getvalue(), durable=False)
+        try:
+            data = export_onnx(self.network, torch.zeros(1, 1, self.size, self.size),
+                               input_name="image", output_name="logit",
+                               dynamic_axes={"image": {0: "n"}, "logit": {0: "n"}})
+        except RadguardError as exc:
+            raise TriageError(str(exc)) from exc
+        atomic_write_bytes(out.with_name(out.name + ".onnx"), data, durable=False)
         meta = {k: v for k, v in self.meta.items() if k not in ("network", "saliency_layer")}
         json_path = out.with_name(out.name + ".json")
         atomic_write_bytes(json_path, json.dumps({**meta, "format": "onnx"}, indent=1).encode(),
@@ -356,22 +346,15 @@ class OnnxTriageModel(BundleTriageModel):
 
     @classmethod
     def from_bundle(cls, json_path: Path, meta: dict) -> OnnxTriageModel:
-        try:
-            import onnxruntime
-        except ImportError as exc:
-            raise TriageError("ONNX models need onnxruntime: pip install radguard[onnx]") \
-                from exc
+        from radguard.onnxrt import open_session
+
         weights = json_path.with_suffix(".onnx")
         if not weights.is_file():
             raise TriageError(f"model bundle incomplete: {weights} not found")
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.log_severity_level = 3
         try:
-            session = onnxruntime.InferenceSession(str(weights), options,
-                                                   providers=["CPUExecutionProvider"])
-        except Exception as exc:  # noqa: BLE001 (onnxruntime raises its own zoo of errors)
-            raise TriageError(f"{weights}: not a loadable ONNX model ({exc})") from exc
+            session = open_session(weights)
+        except RadguardError as exc:
+            raise TriageError(str(exc)) from exc
         inputs = session.get_inputs()
         if len(inputs) != 1 or len(inputs[0].shape) != 4:
             raise TriageError(f"{weights}: expected one input of shape (n, 1, h, w), got "

@@ -90,12 +90,16 @@ def _full_block_tags(work: np.ndarray, layout: TagLayout, key: bytes, context: b
     raw = memoryview(cube).cast("B")
     step = b * b * 4
     digests = bytearray()
-    blake = hashlib.blake2s
+    # keyed once, then copied per block: the same digest as keying each block's hash anew
+    # (the key block is compressed first either way), without 4,096 re-keyings per frame
+    keyed = hashlib.blake2s(context, key=key, digest_size=n_bytes)
+    across = [bx.to_bytes(4, "little") for bx in range(fx)]
     for by in range(fy):
+        down = by.to_bytes(4, "little")
         for bx in range(fx):
             offset = (by * fx + bx) * step
-            h = blake(context + by.to_bytes(4, "little") + bx.to_bytes(4, "little"),
-                      key=key, digest_size=n_bytes)
+            h = keyed.copy()
+            h.update(down + across[bx])
             h.update(raw[offset : offset + step])
             digests += h.digest()
     bits = np.unpackbits(np.frombuffer(bytes(digests), dtype=np.uint8).reshape(fy, fx, n_bytes),

@@ -89,3 +89,70 @@ def test_block_cues_cover_the_image(chest):
     feats, grid = block_cues(prepare(chest))
     assert grid == (16, 16) and feats.shape == (256, 6)
     assert np.isfinite(feats).all()
+
+
+# -- the fast arithmetic equals the plain formulas it replaced ----------------------------------
+
+_KB = np.array([[-1, 2, -1], [2, -4, 2], [-1, 2, -1]], dtype=np.float32) / 4.0
+
+
+def _images():
+    rng = np.random.default_rng(3)
+    chest = prepare(np.asarray(Image.open(CHEST).convert("L")))
+    return [chest, chest[:101, 7:300], rng.integers(0, 256, (64, 97)).astype(np.float32),
+            np.full((40, 40), 255, np.float32)]
+
+
+def test_separable_residual_is_the_kb_correlation_exactly():
+    from radguard.forensics.cues import fine_residual
+
+    for a in _images():
+        assert np.array_equal(fine_residual(a), ndimage.correlate(a, _KB, mode="reflect"))
+    smooth = ndimage.gaussian_filter(_images()[0], 1.5)  # non-integer input: float rounding
+    assert np.allclose(fine_residual(smooth), ndimage.correlate(smooth, _KB, mode="reflect"),
+                       atol=1e-4)
+
+
+def test_kirchner_predictor_error_is_minus_the_residual():
+    from radguard.forensics.cues import _PREDICT, fine_residual
+
+    for a in _images():
+        assert np.array_equal(a - ndimage.correlate(a, _PREDICT, mode="reflect"),
+                              -fine_residual(a))
+
+
+def test_sobel_magnitude_equals_scipy():
+    from radguard.forensics.cues import _sobel_magnitude
+
+    for a in _images():
+        expected = np.hypot(ndimage.sobel(a, axis=0), ndimage.sobel(a, axis=1))
+        assert np.array_equal(_sobel_magnitude(a), expected)
+
+
+def test_half_plane_spectrum_equals_the_full_fft():
+    from radguard.forensics.cues import _blocks, _tile_spectrum
+
+    a = _images()[0]
+    for tile in (32, 64):
+        win = np.outer(np.hanning(tile), np.hanning(tile))
+        tiles = _blocks(a.astype(np.float64), tile).reshape(-1, tile, tile)
+        tiles = tiles[:: max(1, len(tiles) // 64)]
+        tiles = tiles - tiles.mean(axis=(1, 2), keepdims=True)
+        full = (np.abs(np.fft.fft2(tiles * win)) ** 2).mean(axis=0)
+        got = _tile_spectrum(a, tile)
+        assert got.shape == (tile, tile)
+        assert np.allclose(got, full, rtol=1e-4, atol=1e-7 * full.max())
+
+
+def test_cooccurrence_counts_every_neighbour_pair():
+    from radguard.forensics.cues import _cooccurrence
+
+    for a in _images():
+        q = a.astype(np.int64)
+        hist = np.zeros(25)
+        for d in (np.clip(np.diff(q, axis=1), -2, 2) + 2, (np.clip(np.diff(q, axis=0), -2, 2)
+                                                           + 2).T):
+            for i in range(d.shape[0]):
+                for first, second in zip(d[i, :-1], d[i, 1:], strict=True):
+                    hist[first * 5 + second] += 1
+        assert np.array_equal(_cooccurrence(a), hist / hist.sum())

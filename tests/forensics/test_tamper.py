@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from radguard.dicom import pixel_array, read_dataset
-from radguard.forensics import TamperError, detect_tamper
+from radguard.forensics import TamperError, TamperResult, detect_tamper
+from radguard.forensics.localnet import load_local_detector
 from tests.conftest import MR_NATIVE, NIH_DX, RG1_J2K
 
 
@@ -141,3 +143,55 @@ def test_malformed_local_weights_give_a_clear_error(tmp_path):
     torch.save({"weights": {"0.weight": torch.zeros(3)}, "threshold": 0.5}, tmp_path / "w.pt")
     with pytest.raises(RadguardError, match="malformed"):
         load_local_detector(str(tmp_path / "w.pt"))
+
+
+def test_onnxruntime_computes_the_torch_network_s_maps(chest):
+    """The shipped ONNX export is the shipped weights: same map, same boxes, on real images."""
+    from radguard.forensics.cues import prepare
+    from radguard.forensics.localnet import WEIGHTS_PATH, LocalEditDetector, _read_state
+    from radguard.forensics.tamper import _local_edits
+    from tests.conftest import SHARED
+
+    shipped = load_local_detector()
+    assert shipped.runtime == "onnxruntime"
+    in_torch = LocalEditDetector(_read_state(WEIGHTS_PATH))
+    assert in_torch.runtime == "torch"
+    edited = _bilinear_fill(chest, 560, 300, 48)
+    wild = np.asarray(Image.open(sorted((SHARED / "cxr-wild" / "images").glob("*.png"))[3])
+                      .convert("L"))
+    for img in (chest, edited, wild, wild[:301, :457]):
+        a = prepare(img)
+        fast, slow = shipped.analyse(a), in_torch.analyse(a)
+        assert np.abs(fast.probability - slow.probability).max() < 1e-4
+        assert abs(fast.score - slow.score) < 1e-5
+        found = [TamperResult(), TamperResult()]
+        _local_edits(img, found[0], shipped)
+        _local_edits(img, found[1], in_torch)
+        assert found[0].local_edits == found[1].local_edits
+    assert _overlaps(detect_tamper(edited).local_edits, (300, 560, 348, 608))
+
+
+def test_an_export_of_other_weights_is_refused(tmp_path):
+    import shutil
+
+    import torch
+
+    from radguard.errors import RadguardError
+    from radguard.forensics.localnet import WEIGHTS_PATH, export_onnx
+
+    weights = tmp_path / "w.pt"
+    shutil.copy(WEIGHTS_PATH, weights)
+    assert load_local_detector(str(weights)).runtime == "torch"  # no export beside it
+    export_onnx(weights)
+    load_local_detector.cache_clear()  # loaded once per process and path
+    assert load_local_detector(str(weights)).runtime == "onnxruntime"
+    state = torch.load(weights, weights_only=True)
+    state["threshold"] = 0.5  # retrained or recalibrated, export forgotten
+    torch.save(state, weights)
+    load_local_detector.cache_clear()
+    with pytest.raises(RadguardError, match="re-export"):
+        load_local_detector(str(weights))
+    (tmp_path / "w.onnx").write_bytes(b"not onnx")
+    load_local_detector.cache_clear()
+    with pytest.raises(RadguardError, match="not a loadable ONNX model"):
+        load_local_detector(str(weights))
