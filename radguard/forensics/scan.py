@@ -48,7 +48,11 @@ class ScanResult:
     synthetic: SyntheticResult | None = None
     tamper: TamperResult | None = None
     findings: list[Finding] = field(default_factory=list)
-    pixels: np.ndarray | None = field(default=None, repr=False)
+    pixels: np.ndarray | None = field(default=None, repr=False)  # as displayed, 8-bit
+    # with keep_pixels, for DICOM input: the data set (header) and its decoded stored values,
+    # so later layers (drift monitoring) need not read and decode the file again
+    dataset: object | None = field(default=None, repr=False)
+    stored: np.ndarray | None = field(default=None, repr=False)
     modality: str = ""
     pixels_vouched: bool = False  # a trusted signature covers the pixel data
 
@@ -78,7 +82,8 @@ RADIOGRAPHIC = {"CR", "DX", "MG", "RF", "XA", "IO", "PX", "RG", "OT", ""}
 TAMPER_MODALITIES = RADIOGRAPHIC | {"CT"}  # where the tamper layer was designed and measured
 
 
-def _dicom_layers(path: Path, result: ScanResult, trust: object, key: object) -> np.ndarray:
+def _dicom_layers(path: Path, result: ScanResult, trust: object, key: object,
+                  keep: bool) -> np.ndarray:
     from radguard.dicom.io import read_dataset
     from radguard.dicom.pixels import pixel_array
     from radguard.provenance.verify import verify_dataset
@@ -118,6 +123,8 @@ def _dicom_layers(path: Path, result: ScanResult, trust: object, key: object) ->
         result.findings = check_metadata(ds)  # reports the unreadable pixels as a finding
         raise
     result.findings = check_metadata(ds, pixels=pixels)
+    if keep:
+        result.dataset, result.stored = ds, pixels
     return display_frame(ds, pixels)
 
 
@@ -142,7 +149,7 @@ def scan_file(
     det = detector or load_detector()
     try:
         if is_dicom_path(p):
-            pixels = _dicom_layers(p, result, trust, watermark_key)
+            pixels = _dicom_layers(p, result, trust, watermark_key, keep_pixels)
         else:
             pixels = read_for_analysis(p)
     except RadguardError as exc:

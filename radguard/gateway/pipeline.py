@@ -32,7 +32,7 @@ from radguard.errors import RadguardError
 from radguard.gateway.config import DimseTarget, GatewayConfig
 from radguard.gateway.store import Instance, Store
 
-__all__ = ["CheckPool", "ForwardError", "Pipeline", "Routing"]
+__all__ = ["CheckPool", "ForwardError", "Observation", "Pipeline", "Routing"]
 
 
 class ForwardError(RadguardError):
@@ -50,6 +50,15 @@ class Routing:
     details: dict[str, Any] = field(default_factory=dict)
     ai_probability: float | None = None
     ai_suspicion: int | None = None
+
+
+@dataclass
+class Observation:
+    """What the drift monitor learns of one instance, computed where the pixels were decoded
+    (a check process) and applied where the monitor database lives (the gateway process)."""
+
+    features: dict[str, float]  # monitoring.features.IMAGE_FEATURES, by stored bit depth
+    metadata: dict[str, str]  # acquisition metadata: a new scanner or protocol is an alarm
 
 
 class DimseForwarder:
@@ -181,7 +190,6 @@ class Pipeline:
             from radguard.monitoring import Monitor
 
             self.monitor = Monitor(config.monitor_db, audit_log=audit_log)
-            self._monitor_lock = threading.Lock()
         self.forwarders: list[Any] = []
         if checks_only:
             pass
@@ -209,13 +217,13 @@ class Pipeline:
     def route(self, instance: Instance) -> Routing:
         """Run every layer on a stored instance and decide where it goes."""
         assert self.store is not None, "a checks-only pipeline has no store"
-        routing, features = self.check(self.store.file(instance), instance)
-        self.observe(instance, features, routing)
+        routing, observation = self.check(self.store.file(instance), instance)
+        self.observe(instance, observation, routing)
         return routing
 
-    def check(self, path: Path, instance: Instance) -> tuple[Routing, list[float] | None]:
+    def check(self, path: Path, instance: Instance) -> tuple[Routing, Observation | None]:
         """Every stateless layer (signature, watermark, forensics, triage) on the file at
-        ``path``, and the image features the drift monitor wants (None if it wants none).
+        ``path``, and what the drift monitor should observe (None if it wants nothing).
         Safe to run in another process: it touches no database."""
         from radguard.forensics.scan import scan_file
 
@@ -248,12 +256,12 @@ class Pipeline:
         elif scan.verdict == "unverifiable":
             r.state = "quarantined"
             r.reasons.insert(0, "the image cannot be checked (unreadable pixel data)")
-        features = None
+        observation = None
         if r.state != "rejected" and scan.pixels is not None:
             self._triage(instance, scan.pixels, r)
             if self.wants_features:
-                features = self._features(scan.pixels)
-        return r, features
+                observation = _observation(scan, r)
+        return r, observation
 
     def _triage(self, instance: Instance, pixels: Any, r: Routing) -> None:  # noqa: ANN401
         model = self.models.get(instance.modality.upper())
@@ -268,28 +276,15 @@ class Pipeline:
         r.ai_probability, r.ai_suspicion = prediction.probability, prediction.suspicion
         r.details["triage"] = prediction.to_dict()
 
-    @staticmethod
-    def _features(pixels: Any) -> list[float]:  # noqa: ANN401
-        import numpy as np
-
-        from radguard.monitoring.features import image_features
-
-        grey = np.asarray(pixels, float)
-        if grey.ndim == 3:
-            grey = grey.mean(axis=2)
-        return [float(v) for v in image_features(grey, 255.0)]
-
-    def observe(self, instance: Instance, features: list[float] | None, r: Routing) -> None:
+    def observe(self, instance: Instance, observation: Observation | None, r: Routing) -> None:
         """Feed the drift monitor (in the gateway process: it owns the monitor database)."""
-        if self.monitor is None or features is None:
+        if self.monitor is None or observation is None:
             return
-        import numpy as np
-
         try:
-            with self._monitor_lock:
-                alarms = self.monitor.observe(instance.sop_uid, np.asarray(features),
-                                              score=r.ai_probability,
-                                              site=instance.calling_ae or "default")
+            alarms = self.monitor.observe(instance.sop_uid, observation.features,
+                                          score=r.ai_probability,
+                                          site=instance.calling_ae or "default",
+                                          metadata=observation.metadata)
         except RadguardError as exc:
             r.details["monitoring"] = f"not updated: {exc}"
             return
@@ -306,6 +301,21 @@ class Pipeline:
         """Release PACS associations."""
         for f in self.forwarders:
             f.close()
+
+
+def _observation(scan: Any, r: Routing) -> Observation | None:  # noqa: ANN401
+    """The monitor's view of a scanned DICOM instance, from the pixels the scan decoded."""
+    from radguard.monitoring.features import dataset_features, metadata_features
+
+    if scan.dataset is None:
+        r.details["monitoring"] = "not updated: not a DICOM image"
+        return None
+    try:
+        return Observation(dataset_features(scan.dataset, scan.stored),
+                           metadata_features(scan.dataset))
+    except (ValueError, RadguardError) as exc:
+        r.details["monitoring"] = f"not updated: {exc}"
+        return None
 
 
 def _badge(signature: str, watermark: str) -> str:
@@ -337,7 +347,7 @@ def _ready() -> bool:
     return _CHECKER is not None
 
 
-def _check(path: str, instance: Instance) -> tuple[Routing, list[float] | None]:
+def _check(path: str, instance: Instance) -> tuple[Routing, Observation | None]:
     assert _CHECKER is not None
     return _CHECKER.check(Path(path), instance)
 
@@ -364,7 +374,7 @@ class CheckPool:
             future.result(timeout=300)  # models loaded before the first image arrives
         return pool
 
-    def check(self, path: Path, instance: Instance) -> tuple[Routing, list[float] | None]:
+    def check(self, path: Path, instance: Instance) -> tuple[Routing, Observation | None]:
         from concurrent.futures.process import BrokenProcessPool
 
         pool = self._pool

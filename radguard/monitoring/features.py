@@ -13,8 +13,8 @@ from pydicom.dataset import Dataset
 
 from radguard.dicom.io import peek
 
-__all__ = ["IMAGE_FEATURES", "METADATA_FIELDS", "features_of_file", "image_features",
-           "metadata_features"]
+__all__ = ["IMAGE_FEATURES", "METADATA_FIELDS", "dataset_features", "features_of_file",
+           "image_features", "metadata_features"]
 
 IMAGE_FEATURES = ("mean", "std", "p05", "p50", "p95", "entropy", "detail", "dark", "bright",
                   "aspect")
@@ -43,6 +43,20 @@ def image_features(pixels: np.ndarray, max_value: float | None = None) -> dict[s
     }
 
 
+def dataset_features(ds: Dataset, pixels: np.ndarray | None = None) -> dict[str, float]:
+    """Image features of a DICOM image's first frame (first sample), scaled by its stored bit
+    depth - not by a display window, which would move with every change of VOI. ``pixels``:
+    the already decoded pixel array, if any. The reference (``radguard monitor features``)
+    and the gateway both compute them here, so they compare."""
+    from radguard.dicom.pixels import pixel_array, pixel_info
+
+    info = pixel_info(ds)
+    arr = pixel_array(ds) if pixels is None else pixels
+    arr = np.asarray(arr).reshape(info.frames, info.rows, info.columns, -1)[0, ..., 0]
+    low = info.min_value
+    return image_features(arr.astype(np.float64) - low, info.max_value - low)
+
+
 def metadata_features(ds: Dataset) -> dict[str, str]:
     """Acquisition metadata as text (categorical drift tests)."""
     out = {}
@@ -60,16 +74,11 @@ def features_of_file(path: str) -> dict[str, float]:
     from PIL import Image, UnidentifiedImageError
 
     from radguard.dicom.io import read_dataset
-    from radguard.dicom.pixels import pixel_array, pixel_info
     from radguard.errors import DicomReadError
     from radguard.images import is_dicom_path
 
     if is_dicom_path(path):
-        ds = read_dataset(path)
-        info = pixel_info(ds)
-        arr = pixel_array(ds).reshape(info.frames, info.rows, info.columns, -1)[0, ..., 0]
-        low = info.min_value
-        return image_features(arr.astype(np.float64) - low, info.max_value - low)
+        return dataset_features(read_dataset(path))
     try:
         with Image.open(path) as im:
             arr = np.array(im.convert("L") if im.mode not in ("I;16", "I") else im)

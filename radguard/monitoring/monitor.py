@@ -12,11 +12,15 @@ and label-free estimates from calibrated scores (CBPE-style) before labels arriv
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import os
 import sqlite3
+import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -80,8 +84,25 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
+T = TypeVar("T")
+
+
+def _serialised(method: Callable[..., T]) -> Callable[..., T]:
+    """Run a Monitor method under its lock: one gateway shares a monitor between its
+    worker threads, and a study's update (read CUSUM, write study, write CUSUM) must not
+    interleave with another's."""
+
+    @functools.wraps(method)
+    def locked(self: Monitor, *args: object, **kwargs: object) -> T:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 class Monitor:
-    """A persistent monitor over one SQLite file (created on first use)."""
+    """A persistent monitor over one SQLite file (created on first use). Safe to share
+    between threads: its methods take turns."""
 
     def __init__(self, db_path: str | os.PathLike[str], *,
                  audit_log: object | None = None) -> None:
@@ -89,8 +110,10 @@ class Monitor:
         :class:`radguard.governance.AuditLog`) receives every alarm as it is raised."""
         self.path = Path(db_path)
         self.audit_log = audit_log
+        self._lock = threading.RLock()
         try:
-            self.db = sqlite3.connect(self.path, isolation_level=None)
+            # shared by the threads that call it (under self._lock), not bound to the opener
+            self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(_SCHEMA)
@@ -103,6 +126,7 @@ class Monitor:
         self._load()
 
     # -- reference -------------------------------------------------------------------------
+    @_serialised
     def fit_reference(self, features: np.ndarray, names: list[str], *,
                       scores: np.ndarray | None = None, labels: np.ndarray | None = None,
                       metadata: list[dict[str, str]] | None = None,
@@ -188,6 +212,7 @@ class Monitor:
                          json.dumps(c.lower.tolist())))
 
     # -- per study ---------------------------------------------------------------------------
+    @_serialised
     def observe(self, study_id: str, features: dict[str, float], *, score: float | None = None,
                 site: str = "default", metadata: dict[str, str] | None = None
                 ) -> list[Alarm]:
@@ -244,6 +269,7 @@ class Monitor:
             self._save_cusum(site, "drift", detector)
         return alarms
 
+    @_serialised
     def add_label(self, study_id: str, label: int) -> list[Alarm]:
         """Record the late ground truth of an observed study; performance alarms, if any."""
         if label not in (0, 1):
@@ -280,6 +306,7 @@ class Monitor:
         return alarm
 
     # -- status ------------------------------------------------------------------------------
+    @_serialised
     def alarms(self, limit: int = 100) -> list[dict[str, object]]:
         """The most recent alarms, newest first."""
         rows = self.db.execute("SELECT ts, seq, site, detector, feature, direction, study_id "
@@ -287,6 +314,7 @@ class Monitor:
         keys = ("ts", "seq", "site", "detector", "feature", "direction", "study_id")
         return [dict(zip(keys, r, strict=True)) for r in rows]
 
+    @_serialised
     def status(self, window: int = 200, threshold: float = 0.5) -> dict[str, object]:
         """Counts, recent alarms, window drift tests, rolling and label-free performance."""
         scorer = self._require()
@@ -336,6 +364,7 @@ class Monitor:
             out["performance"] = perf
         return out
 
+    @_serialised
     def copy(self, path: str | os.PathLike[str]) -> Monitor:
         """A consistent copy of this monitor's database (SQLite online backup)."""
         target = sqlite3.connect(Path(path))
@@ -344,6 +373,7 @@ class Monitor:
         target.close()
         return Monitor(path)
 
+    @_serialised
     def close(self) -> None:
         """Close the database."""
         self.db.close()

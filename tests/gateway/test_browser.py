@@ -1,6 +1,7 @@
 """The web UI in headless Chromium (Debian chromium + chromedriver, driven by Selenium): sign
-in, the worklist shows the demo studies in priority order with their badges, a study view
-shows its images, the quarantine view lists what was held back."""
+in, the worklist shows the demo studies in priority order with their badges and the drift
+monitor's alarms, a study view shows its images, the quarantine view lists what was held
+back."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import shutil
 
 import pytest
 
-from radguard.gateway import Gateway, GatewayConfig
+from radguard.gateway import Gateway
 from radguard.gateway.auth import Users
 from radguard.gateway.demo import prepare_images, send_batch
 from radguard.gateway.web import _worklist_rows
@@ -41,17 +42,18 @@ def browser(tmp_path):
 def test_worklist_in_a_real_browser(tmp_path, browser):
     from selenium.webdriver.common.by import By
 
-    files, ca = prepare_images(tmp_path / "demo", lambda _: None)
-    config = GatewayConfig(data_dir=str(tmp_path / "data"), dicom_port=0, http_port=0,
-                           trust=[str(ca)], must_sign=["DX_ROOM3"], triage={"DX": "chest"})
-    gateway = Gateway(config.validate())
+    hospital = prepare_images(tmp_path / "demo", lambda _: None)
+    # every layer on, checks on the gateway's own threads (the demo test covers check
+    # processes)
+    config = hospital.config(tmp_path / "data", dicom_port=0, http_port=0, check_processes=0)
+    gateway = Gateway(config)
     gateway.start()
     try:
         Users(gateway.store).add("admin", "admin", PASSWORD)
-        send_batch(gateway, files, lambda _: None)
+        send_batch(gateway, hospital, lambda _: None)
         assert gateway.wait_idle(300)
         expected = [item["study"].uid for item in _worklist_rows(gateway.store)]
-        assert len(expected) == 5
+        assert len(expected) == 13
         base = f"http://127.0.0.1:{gateway.http_port}"
 
         browser.get(base + "/")  # not signed in: sent to the login page
@@ -73,7 +75,9 @@ def test_worklist_in_a_real_browser(tmp_path, browser):
             float(s.split("(")[1].rstrip(")")) >= 0.9 for s in suspicions)
         badges = [r.find_element(By.CSS_SELECTOR, ".badge").get_attribute("data-trust")
                   for r in rows]
-        assert badges == ["signed"] * 5
+        assert badges == ["signed"] * 13
+        alarms = [a.text for a in browser.find_elements(By.CSS_SELECTOR, "li.alarm")]
+        assert alarms and all("monitoring.alarm PAED_DX/" in a for a in alarms)
 
         rows[0].find_element(By.TAG_NAME, "a").click()
         WebDriverWait(browser, 30).until(
@@ -88,7 +92,7 @@ def test_worklist_in_a_real_browser(tmp_path, browser):
         browser.get(base + "/quarantine")
         states = [r.find_elements(By.TAG_NAME, "td")[1].text
                   for r in browser.find_elements(By.CSS_SELECTOR, "#quarantine tr[data-id]")]
-        assert sorted(states) == ["quarantined", "quarantined", "rejected"]
+        assert sorted(states) == ["quarantined"] * 3 + ["rejected"]
         browser.save_screenshot(str(tmp_path / "quarantine.png"))
     finally:
         gateway.stop()

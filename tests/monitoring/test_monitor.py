@@ -143,3 +143,44 @@ def test_new_scanner_metadata_raises_one_alarm_per_value(tmp_path):
                         metadata={"Manufacturer": "Acme", "ViewPosition": "LL"})
     tests = monitor.status(window=30)["metadata_tests"]
     assert tests["Manufacturer"]["p_value"] < 1e-6
+
+
+def test_threads_share_one_monitor(fitted):
+    """A gateway's worker threads observe through one Monitor: no study lost or doubled, the
+    drift state the same as observing them one after another."""
+    import threading
+
+    monitor, rng = fitted
+    rows = [(f"t{i}", _row(rng.normal(0.4, 1, 3)), float(rng.uniform())) for i in range(200)]
+    errors = []
+
+    def observe(share):
+        try:
+            for study, row, score in share:
+                monitor.observe(study, row, score=score, site="x")
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=observe, args=(rows[i::4],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    count, seqs = monitor.db.execute("SELECT COUNT(*), COUNT(DISTINCT seq) FROM studies "
+                                     "WHERE site='x'").fetchone()
+    assert count == seqs == 200
+    with pytest.raises(MonitorError, match="already observed"):
+        monitor.observe("t0", rows[0][1], score=0.5, site="x")
+
+
+def test_gateway_features_are_the_reference_features():
+    """What the gateway observes (from the pixels its scan decoded) is what `radguard monitor
+    features` wrote into the reference for the same file - by stored bit depth, not display."""
+    from radguard.dicom.io import read_dataset
+    from radguard.dicom.pixels import pixel_array
+    from radguard.monitoring.features import dataset_features
+
+    for path in (NIH_DX, RG1_J2K):
+        ds = read_dataset(path)
+        assert dataset_features(ds, pixel_array(ds)) == features_of_file(str(path))
