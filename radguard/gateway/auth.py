@@ -2,7 +2,8 @@
 
 Passwords are stored as scrypt hashes (n=2^14, r=8, p=1, 16-byte salt); tokens are 32 random
 bytes shown once and stored only as their SHA-256, so a stolen database yields no usable
-credential. Roles and what they may do:
+credential. The hospital's identity provider can issue the tokens instead (OpenID Connect
+access tokens, :mod:`radguard.gateway.oidc`). Roles and what they may do:
 
 ============== ==================================================================
 technologist   send images (STOW-RS)
@@ -40,6 +41,7 @@ class User:
 
     name: str
     role: str
+    via: str = "radguard"  # radguard's own token or login, or "oidc" (the provider's token)
 
 
 def _hash_password(password: str, salt: bytes) -> bytes:

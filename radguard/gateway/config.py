@@ -28,6 +28,16 @@ Example ``radguard.toml``::
     [forward]                         # the PACS; leave out to keep images here only
     dimse = "ORTHANC@127.0.0.1:4242"  # C-STORE target, AE@host:port
     stow = ""                         # or a DICOMweb root, e.g. http://user:pw@pacs/dicom-web/
+
+    [oidc]                            # also accept the identity provider's access tokens
+    issuer = "https://sso.hospital.example/realms/radiology"   # 'iss' must be exactly this
+    audience = "radguard"             # 'aud' must contain this
+    jwks = "https://sso.hospital.example/realms/radiology/protocol/openid-connect/certs"
+                                      # the provider's keys: https URL or a saved JWKS file
+    role_claim = "realm_access.roles" # claim holding the user's roles (dotted path)
+    username_claim = "preferred_username"
+    roles = { "pacs-admin" = "admin", "radiology" = "radiologist" }  # provider -> radguard
+                                      # role; radguard's own role names map to themselves
 """
 
 from __future__ import annotations
@@ -102,6 +112,22 @@ class GatewayConfig:
     tls_key: str = ""
     check_processes: int | str = "auto"  # see check_process_count; 0: checks run on the
                                          # worker threads of the gateway process
+    oidc_issuer: str = ""  # [oidc]: accept the identity provider's access tokens too
+    oidc_audience: str = ""
+    oidc_jwks: str = ""
+    oidc_role_claim: str = "roles"
+    oidc_username_claim: str = "preferred_username"
+    oidc_roles: dict[str, str] = field(default_factory=dict)
+
+    def oidc(self) -> Any:  # noqa: ANN401
+        """The OpenID Connect settings, or None when [oidc] is not configured."""
+        if not (self.oidc_issuer or self.oidc_audience or self.oidc_jwks):
+            return None
+        from radguard.gateway.oidc import OidcSettings
+
+        return OidcSettings(self.oidc_issuer, self.oidc_audience, self.oidc_jwks,
+                            self.oidc_role_claim, self.oidc_username_claim,
+                            dict(self.oidc_roles))
 
     @property
     def check_process_count(self) -> int:
@@ -141,6 +167,12 @@ class GatewayConfig:
                 not isinstance(self.check_processes, int) or isinstance(self.check_processes, bool)
                 or not 0 <= self.check_processes <= 32):
             raise ConfigError(f'check_processes {self.check_processes!r}: "auto" or 0-32')
+        if not isinstance(self.oidc_roles, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.oidc_roles.items()):
+            raise ConfigError("oidc.roles: a table of provider role = radguard role")
+        oidc = self.oidc()
+        if oidc is not None and oidc.problems():
+            raise ConfigError("; ".join(oidc.problems()))
         return self
 
 
@@ -155,10 +187,11 @@ def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) ->
             raise ConfigError(f"{p}: configuration file not found") from exc
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"{p}: not a valid TOML configuration ({exc})") from exc
-        forward = raw.pop("forward", {}) or {}
-        if not isinstance(forward, dict):
-            raise ConfigError(f"{p}: [forward] must be a table")
-        raw.update({f"forward_{k}": v for k, v in forward.items()})
+        for table in ("forward", "oidc"):
+            section = raw.pop(table, {}) or {}
+            if not isinstance(section, dict):
+                raise ConfigError(f"{p}: [{table}] must be a table")
+            raw.update({f"{table}_{k}": v for k, v in section.items()})
         known = {f.name for f in fields(GatewayConfig)}
         unknown = sorted(set(raw) - known)
         if unknown:

@@ -26,6 +26,21 @@ __all__ = ["Gateway"]
 log = logging.getLogger("radguard.gateway")
 
 
+def _oidc_verifier(config: GatewayConfig) -> Any:  # noqa: ANN401
+    """The identity provider's token verifier, or None; a JWKS file that cannot be read is a
+    configuration error, found before anything listens."""
+    settings = config.oidc()
+    if settings is None:
+        return None
+    from radguard.gateway.auth import AuthError
+    from radguard.gateway.oidc import OidcVerifier
+
+    try:
+        return OidcVerifier(settings)
+    except AuthError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
 class Gateway:
     """One gateway instance; ``start()`` returns once it listens."""
 
@@ -35,6 +50,7 @@ class Gateway:
         from radguard.governance.auditlog import AuditLog
 
         self.config = config
+        self.oidc = _oidc_verifier(config)
         self.store = Store(config.data_dir, config.db_url or None)
         self.audit_log = audit_log or AuditLog(Path(config.data_dir) / "audit.jsonl",
                                                actor="radguard-gateway")
@@ -134,8 +150,8 @@ class Gateway:
     def _process(self, instance: Instance) -> None:
         try:
             if self.checks is not None:
-                routing, features = self.checks.check(self.store.file(instance), instance)
-                self.pipeline.observe(instance, features, routing)
+                routing, observation = self.checks.check(self.store.file(instance), instance)
+                self.pipeline.observe(instance, observation, routing)
             else:
                 routing = self.pipeline.route(instance)
         except ForwardError:

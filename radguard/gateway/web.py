@@ -33,6 +33,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from radguard.errors import RadguardError
 from radguard.gateway.auth import AuthError, User, Users
 from radguard.gateway.dimse import header_of
+from radguard.gateway.oidc import NoRole
 from radguard.gateway.store import Instance
 
 __all__ = ["MAX_BODY", "create_app"]
@@ -78,6 +79,7 @@ def create_app(gateway: Any, *, bulk_read_limit: int = 500) -> Any:  # noqa: ANN
     users = Users(gateway.store)
     store = gateway.store
     bulk = _BulkReads(bulk_read_limit)
+    oidc = gateway.oidc  # the identity provider's tokens, when [oidc] is configured
 
     def audit(action: str, target: str, details: dict[str, Any], actor: str) -> None:
         gateway.audit_log.append(action, target, details, actor=actor)
@@ -90,10 +92,17 @@ def create_app(gateway: Any, *, bulk_read_limit: int = 500) -> Any:  # noqa: ANN
             raise HTTPException(401, "authentication required",
                                 headers={"WWW-Authenticate": "Bearer"})
         try:
-            user = users.user_for_token(token)
+            if oidc is not None and token.count(".") == 2:  # a JWT: radguard's are not
+                user = oidc.user(token)
+            else:
+                user = users.user_for_token(token)
+        except NoRole as exc:
+            audit("auth.no_role", _client(request), {"why": str(exc)[:200]}, "anonymous")
+            raise HTTPException(403, str(exc)) from exc
         except AuthError as exc:
             raise HTTPException(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from exc
-        audit("http.access", f"{request.method} {request.url.path}", {}, user.name)
+        audit("http.access", f"{request.method} {request.url.path}",
+              {"via": user.via} if user.via != "radguard" else {}, user.name)
         return user
 
     def role(*allowed: str) -> Any:  # noqa: ANN401
