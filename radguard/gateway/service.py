@@ -79,16 +79,16 @@ class Gateway:
         self._audit("gateway.start", self.config.ae_title,
                     {"recovered": recovered, "layers": self.pipeline.layers(),
                      "check_processes": self.config.check_process_count})
-        if self.config.check_process_count:
-            self.checks = CheckPool(self.config)  # ready before the first image arrives
         try:
+            if self.config.check_process_count:
+                self.checks = CheckPool(self.config)  # ready before the first image arrives
             self._start_http()
             self._start_workers()
             # DICOM last: a modality that connects the moment the port opens meets a gateway
             # that is fully up, not one still importing its web stack or starting workers
             self.dicom.start()
-        except ConfigError:  # a port in use: nothing of this gateway keeps running
-            self._shut_down()
+        except BaseException:  # a port in use, a failed start, Ctrl-C: nothing of this
+            self._shut_down()  # gateway keeps running (no orphaned check processes)
             raise
 
     def _start_workers(self) -> None:

@@ -113,9 +113,16 @@ def _edge_blocks(work: np.ndarray, layout: TagLayout, key: bytes, context: bytes
     rows = layout.tag_row_mask()
     b = layout.block
     fy, fx = layout.height // b, layout.width // b
-    for by, bx, y0, y1, x0, x1 in layout.blocks():
-        if by < fy and bx < fx:
-            continue
+    gy, gx = layout.grid
+    if (gy, gx) == (fy, fx):
+        return  # the frame divides into whole blocks: no partial ones
+    # raster order, as layout.blocks(): the partial column of every full row, then the
+    # partial last row
+    edges = [(by, gx - 1) for by in range(fy) if gx > fx] + [(fy, bx) for bx in range(gx)
+                                                            if gy > fy]
+    for by, bx in edges:
+        y0, x0 = by * b, bx * b
+        y1, x1 = min(y0 + b, layout.height), min(x0 + b, layout.width)
         tag_rows = np.nonzero(rows[y0:y1])[0]
         ys = slice(y0 + int(tag_rows[0]), y0 + int(tag_rows[-1]) + 1)
         n_bits = len(tag_rows) * (x1 - x0)

@@ -135,11 +135,16 @@ def extract(
             raise ValueError("location map does not fit this image")
         skipped = np.zeros(xm.shape, dtype=bool)
         skipped[zone] = lm
-        em = xm - p
+        em = xm - p  # int32 throughout: pixel ranges keep every value far from overflow
         inner = ~skipped & (em >= -2 * t) & (em < 2 * t)
-        e = em - np.where(em >= 2 * t, t, 0) + np.where(em < -2 * t, t, 0)
-        half = em[inner] >> 1
-        carried[colour] = (em[inner] - 2 * half).astype(np.uint8)
+        e = em.copy()
+        e[em >= 2 * t] -= t  # shifted errors move back by t
+        e[em < -2 * t] += t
+        expanded = em[inner]
+        half = expanded >> 1
+        carried[colour] = (expanded & 1).astype(np.uint8)  # 2e + b: b is the low bit
         e[inner] = half
-        _scatter(out, colour, np.where(skipped, xm, p + e))
+        restored = p + e
+        restored[skipped] = xm[skipped]
+        _scatter(out, colour, restored)
     return out, np.concatenate(carried)

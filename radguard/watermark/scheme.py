@@ -322,10 +322,12 @@ def _parse_header(frame: np.ndarray) -> tuple[tuple, _Split, bytes, int] | None:
     return fields, split, lm_blob + head, reserved
 
 
-def _extract(frame: np.ndarray, key: WatermarkKey, lo: int, hi: int
+def _extract(frame: np.ndarray, key: WatermarkKey, lo: int, hi: int,
+             parsed: tuple[tuple, _Split, bytes, int] | None = None
              ) -> tuple[np.ndarray, Identity, dict[str, int]]:
-    """Decode the payload and rebuild the original frame (MAC-checked)."""
-    parsed = _read_header(frame)
+    """Decode the payload and rebuild the original frame (MAC-checked). ``parsed``: the
+    frame's :func:`_read_header`, when the caller has it already."""
+    parsed = _read_header(frame) if parsed is None else parsed
     if parsed is None:
         raise WatermarkError("no radguard watermark found (or its header was destroyed)")
     fields, split, blob, reserved = parsed
@@ -444,7 +446,7 @@ def _check(frame: np.ndarray, key: WatermarkKey, lo: int, hi: int, frame_index: 
         return result
     result.params["threshold"] = int(parsed[0][3])
     try:
-        _original, identity, _ = _extract(frame, key, lo, hi)
+        _original, identity, _ = _extract(frame, key, lo, hi, parsed)
         result.identity = identity
         result.payload_ok = True
     except UnauthenticatedPayload as exc:

@@ -431,3 +431,26 @@ def test_file_meta_is_byte_for_byte_what_pydicom_and_pynetdicom_encode():
         assert file_meta(uids[0], uids[1], syntax) == expected
     for bad in ("", "1." * 40, "1.2.\u00e9"):
         assert file_meta(bad, "1.2.3", ExplicitVRLittleEndian) is None
+
+
+def test_a_start_that_fails_leaves_no_check_process_behind(tmp_path, monkeypatch):
+    """Any failure after the check processes are up (here the web stack) stops them again:
+    each is a few hundred MB that nothing would ever reap."""
+    from radguard.gateway import Gateway, GatewayConfig
+
+    gateway = Gateway(GatewayConfig(data_dir=str(tmp_path / "data"), dicom_port=0,
+                                    http_port=0, check_processes=1).validate())
+
+    started = []
+
+    def broken() -> None:
+        started.extend(gateway.checks._pool._processes.values())
+        raise RuntimeError("the web stack failed to start")
+
+    monkeypatch.setattr(gateway, "_start_http", broken)
+    with pytest.raises(RuntimeError, match="web stack"):
+        gateway.start()
+    assert len(started) == 1
+    started[0].join(10)
+    assert not started[0].is_alive()
+    assert gateway.dicom._server is None
