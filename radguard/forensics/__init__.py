@@ -2,7 +2,7 @@
 
 * :mod:`~radguard.forensics.metadata` - DICOM header consistency checks;
 * :mod:`~radguard.forensics.tamper` - local tamper detection without a watermark
-  (copy-move, flattened fills);
+  (copy-move, and fills and splices by the learned :mod:`~radguard.forensics.localnet`);
 * :mod:`~radguard.forensics.cues` and :mod:`~radguard.forensics.synthetic` - the
   synthetic-radiograph detector (named cues, block heat map, shipped weights);
 * :mod:`~radguard.forensics.scan` - every layer (signature, watermark, the above) combined

@@ -139,10 +139,10 @@ def scan_file(
 ) -> ScanResult:
     """Scan one file; never raises for bad input (the verdict is then ``unverifiable``).
 
-    ``trust_signed_pixels`` skips the content detectors (synthetic image, copy-move) when a
-    signature that chains to ``trust`` covers the pixel data: the pixels are then provably
-    the device's, and a statistical detector could only add false alarms (about 5% of real
-    radiographs at its threshold). Header checks still run.
+    ``trust_signed_pixels`` skips the content detectors (synthetic image, copy-move, fill /
+    splice) when a signature that chains to ``trust`` covers the pixel data: the pixels are
+    then provably the device's, and a statistical detector could only add false alarms (about
+    5% of real radiographs at its threshold). Header checks and the watermark still run.
     """
     p = Path(path)
     result = ScanResult(str(p))

@@ -19,7 +19,8 @@ Example ``radguard.toml``::
     validate_compressed_pixels = true # decode compressed pixel data before acknowledging, so a
                                       # corrupt stream is refused at the door (costs time)
     trust_signed_pixels = true        # a trusted signature over the pixel data makes the
-                                      # synthetic and copy-move detectors unnecessary
+                                      # content detectors (synthetic image, copy-move, fill /
+                                      # splice) unnecessary
     check_processes = "auto"          # run the checks (signature, forensics, triage) in this
                                       # many separate processes, so they do not share one
                                       # interpreter lock with receiving; "auto": one per core

@@ -11,10 +11,11 @@ The policy, in order (the first rule that applies decides):
 7. Otherwise **done**: forwarded to the PACS when one is configured; ``suspicious`` images
    go through with their badge and reasons.
 
-When a signature that chains to the trust store covers the pixel data, the synthetic-image
-and copy-move detectors are skipped (``trust_signed_pixels``, on by default): the pixels are
-provably the device's, and a statistical detector could only add false alarms. Header checks
-and triage still run.
+When a signature that chains to the trust store covers the pixel data, the content detectors
+(synthetic image, copy-move, fill / splice) are skipped (``trust_signed_pixels``, on by
+default): the pixels are provably the device's, and a statistical detector could only add
+false alarms. Header checks, the watermark check (a forgery signed with a stolen device key
+still lacks the watermark), triage and monitoring still run.
 
 Every layer that is not configured says so in the instance's details ("not configured")
 instead of being silently skipped. Delivery to the PACS is at least once: a crash between
