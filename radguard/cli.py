@@ -464,24 +464,39 @@ def _existing_db(path: str) -> None:
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False))
 def monitor_features(paths: tuple[str, ...], out: str) -> None:
-    """Compute image features of DICOM/PNG/JPEG files into a CSV (id = file path)."""
-    from radguard.dicom.io import iter_dicom_paths
+    """Compute image features of DICOM/PNG/JPEG files into a CSV (id = file path); DICOM files
+    add their acquisition metadata (manufacturer, model, protocol...), which `monitor init`
+    learns as categories: a new scanner then raises an alarm."""
+    from radguard.dicom.io import iter_dicom_paths, read_dataset
     from radguard.fileio import write_csv
-    from radguard.monitoring.features import IMAGE_FEATURES, features_of_file
+    from radguard.images import is_dicom_path
+    from radguard.monitoring.features import (
+        IMAGE_FEATURES,
+        METADATA_FIELDS,
+        dataset_features,
+        features_of_file,
+        metadata_features,
+    )
 
     rows = []
     files = list(iter_dicom_paths(paths))
-    failures = 0
+    failures, dicom = 0, False
     with _progress(len(files), "features") as progress:
         task = progress.add_task("features", total=len(files))
         for f in files:
             try:
-                rows.append({"id": str(f), **features_of_file(str(f))})
+                if is_dicom_path(f):
+                    ds = read_dataset(f)
+                    rows.append({"id": str(f), **dataset_features(ds), **metadata_features(ds)})
+                    dicom = True
+                else:
+                    rows.append({"id": str(f), **features_of_file(str(f))})
             except (RadguardError, ValueError) as exc:
                 failures += 1
                 _err(str(exc))
             progress.advance(task)
-    write_csv(out, rows, ["id", *IMAGE_FEATURES], durable=True)
+    columns = ["id", *IMAGE_FEATURES, *(METADATA_FIELDS if dicom else ())]
+    write_csv(out, rows, columns, durable=True)
     click.echo(f"{len(files) - failures} feature rows -> {out}")
 
 
@@ -495,6 +510,7 @@ def monitor_init(reference: str, db_path: str, budget: float) -> None:
     import numpy as np
 
     from radguard.monitoring import Monitor
+    from radguard.monitoring.features import METADATA_FIELDS
 
     fields, rows = _read_table(reference)
     candidates = [f for f in fields if f not in ("id", "score", "label", "site")]
@@ -506,7 +522,9 @@ def monitor_init(reference: str, db_path: str, budget: float) -> None:
             return False
         return True
 
-    names = [f for f in candidates if numeric(f)]
+    # acquisition metadata is categorical even where it looks numeric (KVP "120"): the
+    # gateway observes it as metadata, never as an image feature
+    names = [f for f in candidates if f not in METADATA_FIELDS and numeric(f)]
     categorical = [f for f in candidates if f not in names]  # manufacturer, view...
     try:
         x = np.array([[float(r[n]) for n in names] for r in rows])

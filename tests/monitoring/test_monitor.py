@@ -184,3 +184,40 @@ def test_gateway_features_are_the_reference_features():
     for path in (NIH_DX, RG1_J2K):
         ds = read_dataset(path)
         assert dataset_features(ds, pixel_array(ds)) == features_of_file(str(path))
+
+
+def test_a_cli_reference_from_dicom_files_knows_their_scanners(tmp_path):
+    """`monitor features` on DICOM files writes their acquisition metadata; `monitor init`
+    learns it as categories (KVP too, though it looks numeric), so the gateway's observations
+    - image features plus metadata - fit the reference and a new scanner alarms once."""
+    from radguard.dicom.io import read_dataset, write_dataset
+    from radguard.monitoring.features import METADATA_FIELDS, dataset_features, metadata_features
+
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    full = read_dataset(NIH_DX)
+    pixels = full.pixel_array
+    for i in range(50):  # 256 px crops at random places: 50 studies that differ
+        y, x = rng.integers(0, pixels.shape[0] - 256, 2)
+        ds = read_dataset(NIH_DX)
+        ds.PixelData = np.ascontiguousarray(pixels[y:y + 256, x:x + 256]).tobytes()
+        ds.Rows = ds.Columns = 256
+        ds.KVP, ds.Manufacturer = "120", "Vendor A"
+        write_dataset(ds, folder / f"{i}.dcm")
+    runner = CliRunner()
+    feats = tmp_path / "features.csv"
+    result = runner.invoke(main, ["monitor", "features", str(folder), "-o", str(feats)])
+    assert result.exit_code == 0, result.output
+    header = feats.read_text().splitlines()[0].split(",")
+    assert header == ["id", *IMAGE_FEATURES, *METADATA_FIELDS]
+    db = tmp_path / "m.db"
+    init = runner.invoke(main, ["monitor", "init", str(feats), "--db", str(db)])
+    assert init.exit_code == 0, init.output
+    assert "metadata Manufacturer" in init.output and "KVP" not in init.output.split(";")[0]
+    monitor = Monitor(db)
+    ds = read_dataset(folder / "7.dcm")
+    ds.Manufacturer = "Vendor B"
+    alarms = monitor.observe("new", dataset_features(ds), site="DX1",
+                             metadata=metadata_features(ds))
+    assert [(a.detector, a.feature) for a in alarms] == [("metadata", "Manufacturer=Vendor B")]
