@@ -338,10 +338,28 @@ _CHECKER: Pipeline | None = None
 
 def _start_checker(config: GatewayConfig) -> None:
     global _CHECKER
+    import os
+
     import torch
 
+    # a check process is of no use without its gateway; when the gateway dies without
+    # closing the pool (kill -9, the OOM killer) its workers never see the queue close (each
+    # holds the queue's write end itself), so they would keep their models in memory forever
+    # and a restarted gateway would add two more
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True,
+                     name="radguard-parent-watch").start()
     torch.set_num_threads(1)  # one core per check process; parallelism comes from processes
     _CHECKER = Pipeline(config, None, checks_only=True)
+
+
+def _exit_with_parent(parent: int, every: float = 0.5) -> None:
+    """Exit this process as soon as ``parent`` is no longer its parent."""
+    import os
+    import time
+
+    while os.getppid() == parent:
+        time.sleep(every)
+    os._exit(0)
 
 
 def _ready() -> bool:

@@ -63,6 +63,21 @@ def _serve(data_dir, port: int) -> subprocess.Popen:
     raise AssertionError("gateway did not start listening")
 
 
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (the gateway's check processes)."""
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True,
+                         text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def test_kill_9_during_a_1000_image_transfer(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
@@ -76,8 +91,14 @@ def test_kill_9_during_a_1000_image_transfer(tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "TCP_NODELAY": "1"})
     time.sleep(3.0)
+    checkers = _children(gateway.pid)
     gateway.send_signal(signal.SIGKILL)  # no chance to clean up
     gateway.wait(30)
+    # its check processes do not outlive it (they would hold their models forever)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(pid) for pid in checkers):
+        time.sleep(0.1)
+    assert checkers and not [pid for pid in checkers if _alive(pid)]
     log, _ = sender.communicate(timeout=120)
     acked, current = [], None
     for line in log.splitlines():
