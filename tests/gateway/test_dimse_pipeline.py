@@ -54,7 +54,7 @@ def _orthanc_sops(orthanc) -> set[str]:
 
 
 def test_storescu_to_radguard_to_orthanc(tmp_path, files, pki, orthanc):
-    config = GatewayConfig(data_dir=str(tmp_path / "data"), dicom_port=0,
+    config = GatewayConfig(data_dir=str(tmp_path / "data"), dicom_port=0, http_port=0,
                            trust=[str(pki.ca_cert_path)], must_sign=["DX_ROOM3"],
                            forward_dimse=f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}",
                            triage={"DX": "chest"}).validate()
@@ -102,7 +102,8 @@ def test_bad_instances_get_an_error_status_and_nothing_is_stored(tmp_path):
     from pydicom import dcmread
     from pynetdicom import AE
 
-    gateway = Gateway(GatewayConfig(data_dir=str(tmp_path / "data"), dicom_port=0))
+    gateway = Gateway(GatewayConfig(data_dir=str(tmp_path / "data"), dicom_port=0,
+                                    http_port=0))
     gateway.start()
     try:
         ae = AE(ae_title="FUZZ")

@@ -46,8 +46,10 @@ def _small_images(folder, n: int) -> dict[str, str]:
 
 
 def _serve(data_dir, port: int) -> subprocess.Popen:
+    # any free HTTP port: a fixed one (the default 8080) collides with a gateway another test
+    # worker starts at the same time
     proc = subprocess.Popen([sys.executable, "-m", "radguard.cli", "serve", "--data-dir",
-                             str(data_dir), "--dicom-port", str(port)],
+                             str(data_dir), "--dicom-port", str(port), "--http-port", "0"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
