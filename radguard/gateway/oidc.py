@@ -105,6 +105,8 @@ class OidcVerifier:
         if header.get("alg") not in ALGORITHMS:
             raise AuthError(f"token algorithm {header.get('alg')!r} not accepted")
         kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise AuthError("malformed bearer token (key id)")
         if self._client is None:
             if kid is None and len(self._file_keys) == 1:
                 return next(iter(self._file_keys.values()))
@@ -123,14 +125,18 @@ class OidcVerifier:
         """The user a valid token speaks for; AuthError (or NoRole) otherwise."""
         jwt = self._jwt
         key = self._key(token)
+        fits = _algorithms_for(key)
+        alg = jwt.get_unverified_header(token).get("alg")
+        if alg not in fits:  # e.g. ES256 named on an RSA key: PyJWT would raise a TypeError
+            raise AuthError(f"token algorithm {alg!r} does not fit the provider's key")
         s = self.settings
         try:
-            claims = jwt.decode(token, key, algorithms=list(ALGORITHMS), audience=s.audience,
+            claims = jwt.decode(token, key, algorithms=list(fits), audience=s.audience,
                                 issuer=s.issuer, leeway=LEEWAY_SECONDS,
                                 options={"require": ["exp", "iss", "aud"]})
         except jwt.ExpiredSignatureError as exc:
             raise AuthError("token expired") from exc
-        except jwt.InvalidTokenError as exc:
+        except jwt.PyJWTError as exc:
             raise AuthError(f"token not accepted ({exc})") from exc
         name = claims.get(s.username_claim) or claims.get("sub")
         if not isinstance(name, str) or not name or len(name) > 128:
@@ -141,6 +147,20 @@ class OidcVerifier:
         if role is None:
             raise NoRole(f"{name}: the token's {s.role_claim} hold no radguard role")
         return User(name, role, via="oidc")
+
+
+def _algorithms_for(key: Any) -> tuple[str, ...]:  # noqa: ANN401
+    """The signature algorithms a public key can verify (its type decides, not the token)."""
+    from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+
+    if isinstance(key, rsa.RSAPublicKey):
+        return ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        by_curve = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
+        return (by_curve[key.curve.name],) if key.curve.name in by_curve else ()
+    if isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+        return ("EdDSA",)
+    return ()
 
 
 def _claim(claims: dict, path: str) -> list[str]:

@@ -113,8 +113,16 @@ def test_forged_tokens_are_refused(gateway, keys):
         jwt.encode({"iss": ISSUER, "aud": "radguard", "exp": int(time.time()) + 60},
                    None, algorithm="none"),
         f"{header}.{promoted}.{signature}",
+        # an algorithm that does not fit the named key (PyJWT would raise a TypeError)
+        _token(keys["ec"], kid="k1", alg="ES256"),
+        _token(keys["rsa"], kid="k2", alg="RS256"),
         "a.b.c", "..",
     ]
+    # headers of every hostile shape, with a real signature behind them
+    for bad in ({"alg": "RS256", "kid": ["k1"]}, {"alg": "RS256", "kid": {"a": 1}},
+                {"alg": ["RS256"], "kid": "k1"}, {"alg": None}, {"kid": "k1"}, [], "RS256", 7,
+                None, {"alg": "RS256", "kid": "k1", "crit": ["exp"]}):
+        forged.append(f"{_b64(json.dumps(bad).encode())}.{promoted}.{signature}")
     for token in forged:
         assert _call(gateway, "GET", "/dicom-web/studies", token)[0] == 401, token
     assert not [e for e in gateway.audit_log.entries() if e.action == "http.access"]
