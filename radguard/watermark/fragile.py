@@ -57,6 +57,14 @@ class TagLayout:
         """Total tag bits in the frame (= tag pixels)."""
         return int(np.count_nonzero(self.tag_row_mask())) * self.width
 
+    def tag_bits_per_block(self) -> np.ndarray:
+        """Tag bits of every block (grid shape): what a block's passing check is worth."""
+        rows = self.tag_row_mask().astype(np.int64)
+        gy, gx = self.grid
+        down = np.add.reduceat(rows, np.arange(0, self.height, self.block))[:gy]
+        across = np.minimum(self.block, self.width - np.arange(gx) * self.block)
+        return np.outer(down, across)
+
 
 def _digest_bits(key: bytes, prefix: bytes, by: int, bx: int, data: bytes | memoryview,
                  n_bits: int) -> np.ndarray:

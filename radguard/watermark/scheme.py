@@ -395,8 +395,17 @@ def check_frame(frame: np.ndarray, key: WatermarkKey, *, lo: int, hi: int,
     return _check(frame, key, lo, hi, frame_index)
 
 
+# tag bits that must verify before a layout found by trial counts as a watermark: tiny edge
+# blocks carry 1-2 bit tags, and a few of them pass on any image by chance
+MIN_EVIDENCE_BITS = 64
+
+
 def _check(frame: np.ndarray, key: WatermarkKey, lo: int, hi: int, frame_index: int
            ) -> FrameCheck:
+    height, width = frame.shape
+    if width < ANCHOR_BITS or height < 8:  # embed_frame refuses these: none can carry one
+        raise WatermarkError(f"image too small to carry a radguard watermark ({width}x"
+                             f"{height}; at least {ANCHOR_BITS}x8)")
     result = FrameCheck()
     parsed = _read_header(frame)
     key_ok = False
@@ -427,7 +436,8 @@ def _check(frame: np.ndarray, key: WatermarkKey, lo: int, hi: int, frame_index: 
         tried += [lay for lay in LAYOUTS if lay != header_layout]
         scored = [failures(*lay) for lay in tried if lay[0] < min(frame.shape)]
         best = min(scored, key=lambda item: item[0].mean()) if scored else None
-        if best is not None and best[0].mean() < 0.95:
+        if best is not None and best[0].mean() < 0.95 and int(
+                best[1].tag_bits_per_block()[~best[0]].sum()) >= MIN_EVIDENCE_BITS:
             chosen = best
         elif (key_ok or anchor_ok) and header_layout is not None:
             chosen = failures(*header_layout)  # the key is proven: everything changed

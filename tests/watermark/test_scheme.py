@@ -120,3 +120,22 @@ def test_full_range_16_bit_and_flat_regions(wm_key):
     assert marked.min() >= 0 and marked.max() <= 65535
     restored, _ = restore_frame(marked, wm_key, lo=0, hi=65535)
     assert np.array_equal(restored, img)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 2), (7, 300), (300, 40)])
+def test_frames_too_small_to_carry_a_mark_are_refused_clearly(wm_key, shape):
+    frame = np.random.default_rng(0).integers(0, 256, shape)
+    with pytest.raises(WatermarkError, match="too small to carry"):
+        check_frame(frame, wm_key, lo=0, hi=255)
+
+
+def test_chance_matches_of_tiny_edge_tags_are_not_a_watermark(wm_key):
+    """Unmarked small images whose edge blocks hold 1-2 bit tags: some pass by chance, which
+    must not read as a watermarked image with changed blocks (the gateway would quarantine
+    it as edited instead of reporting no watermark)."""
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        h, w = int(rng.integers(8, 80)), int(rng.integers(64, 140))
+        frame = rng.integers(0, 4, (h, w))  # 2-bit data: random LSBs everywhere
+        with pytest.raises(WatermarkError, match="no radguard watermark"):
+            check_frame(frame, wm_key, lo=0, hi=3)
