@@ -94,11 +94,35 @@ def _objects(gateway) -> int:
     return sum(1 for _ in gateway.store.objects.glob("*/*"))
 
 
+def _watermark_key(tmp_path):
+    from radguard.watermark import generate_key_file
+
+    generate_key_file(tmp_path / "wm.key")
+    return tmp_path / "wm.key"
+
+
+def _monitor(tmp_path):
+    from radguard.monitoring import IMAGE_FEATURES, Monitor, image_features
+
+    rng = np.random.default_rng(3)
+    rows = [image_features(rng.integers(0, 255, (32, 32)), 255.0) for _ in range(60)]
+    monitor = Monitor(tmp_path / "monitor.db")
+    monitor.fit_reference(np.array([[f[n] for n in IMAGE_FEATURES] for f in rows]),
+                          list(IMAGE_FEATURES))
+    monitor.close()
+    return tmp_path / "monitor.db"
+
+
 def test_ten_thousand_malformed_objects(tmp_path):
     from pynetdicom import AE, _config
 
+    # every layer on, so the mutations that stay valid meet the watermark check and the
+    # drift monitor too
     gateway = Gateway(GatewayConfig(data_dir=str(tmp_path / "data"), dicom_port=0,
-                                    http_port=0, workers=1))
+                                    http_port=0, workers=1,
+                                    watermark_key=str(_watermark_key(tmp_path)),
+                                    monitor_db=str(_monitor(tmp_path)),
+                                    triage={"OT": "chest"}))
     Users(gateway.store).add("tech", "technologist", "fuzzing password")
     token = Users(gateway.store).issue_token("tech")
     gateway.start()
@@ -176,4 +200,8 @@ def test_ten_thousand_malformed_objects(tmp_path):
           f"{accepted} mutations that stayed valid were stored")
     assert refused >= 10_000
     assert _objects(gateway) == len({r.sha256 for r in gateway.store.instances()})
+    # every stored mutation got a verdict with reasons from the layers, none a bare exception
+    # caught by the pipeline's last resort
+    errors = [r.detail["error"] for r in gateway.store.instances() if "error" in r.detail]
+    assert not errors, errors[:5]
     assert not list(gateway.store.objects.glob("*/.*.tmp"))
