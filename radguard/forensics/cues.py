@@ -17,13 +17,16 @@ Block cues (one row per 32 x 32 block) feed the heat map of where the evidence l
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import scipy.fft
 from PIL import Image
 
 from radguard.errors import RadguardError
 
-__all__ = ["ANALYSIS_MAX", "BLOCK", "CUE_NAMES", "CueError", "block_cues", "image_cues", "prepare"]
+__all__ = ["ANALYSIS_MAX", "BLOCK", "CUE_NAMES", "CueError", "Prepared", "block_cues", "image_cues",
+           "prepare"]
 
 ANALYSIS_MAX = 512  # short side of the analysed image, at most
 MIN_SIDE = 32
@@ -83,6 +86,21 @@ def prepare(img: np.ndarray) -> np.ndarray:
         size = (max(1, round(a.shape[1] * scale)), max(1, round(a.shape[0] * scale)))
         a = np.asarray(Image.fromarray(a).resize(size, Image.Resampling.BOX))
     return a.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """An image in analysis form, made once and shared by the content detectors (the
+    synthetic-image detector and the learned fill / splice detector read the same pixels)."""
+
+    image: np.ndarray  # prepare(): 8-bit grey values as float32, short side <= ANALYSIS_MAX
+    residual: np.ndarray  # fine_residual(image)
+
+    @classmethod
+    def of(cls, img: np.ndarray) -> Prepared:
+        """Prepare ``img`` (CueError when it cannot be judged)."""
+        a = prepare(img)
+        return cls(a, fine_residual(a))
 
 
 def fine_residual(a: np.ndarray) -> np.ndarray:

@@ -37,13 +37,15 @@ _SHA_KEY = "radguard_weights_sha256"  # ONNX metadata: the .pt file the export w
 CELL = 4  # output cell edge in analysed pixels
 
 
-def network_input(a: np.ndarray) -> np.ndarray:
+def network_input(a: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
     """(2, h, w) float32: the centred 8-bit image and its clipped fine residual (a prepared
-    image from :func:`radguard.forensics.cues.prepare`, or a training crop)."""
+    image from :func:`radguard.forensics.cues.prepare`, or a training crop; ``residual``: its
+    fine residual, when the caller has it already)."""
     from radguard.forensics.cues import fine_residual
 
     a = np.asarray(a, dtype=np.float32)
-    r = fine_residual(a)  # the same 3 x 3 high-pass the synthetic detector's cues read
+    # the same 3 x 3 high-pass the synthetic detector's cues read
+    r = fine_residual(a) if residual is None else residual
     return np.stack([(a - 128.0) / 64.0, np.clip(r, -8.0, 8.0) / 4.0]).astype(np.float32)
 
 
@@ -122,10 +124,13 @@ class LocalEditDetector:
         with self._torch.inference_mode():
             return self.net(self._torch.from_numpy(x))[0, 0].numpy().astype(np.float64)
 
-    def analyse(self, a: np.ndarray) -> LocalEditMap:
-        """Edit probabilities of a prepared 8-bit image (short side >= 32)."""
+    def analyse(self, a: np.ndarray, residual: np.ndarray | None = None) -> LocalEditMap:
+        """Edit probabilities of a prepared 8-bit image (short side >= 32); ``residual``: its
+        fine residual, used when the image divides into whole cells (a cropped image has its
+        own border)."""
         h, w = (a.shape[0] // CELL) * CELL, (a.shape[1] // CELL) * CELL
-        logits = self.logits(network_input(a[:h, :w])[None])
+        whole = residual is not None and residual.shape == (h, w)
+        logits = self.logits(network_input(a[:h, :w], residual if whole else None)[None])
         p = 1.0 / (1.0 + np.exp(-logits))
         p[_extreme_cells(a[:h, :w], p.shape)] = 0.0
         return LocalEditMap(p, float(_smoothed_max(p)), self.threshold)

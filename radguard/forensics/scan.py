@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from radguard.errors import RadguardError
+from radguard.forensics.cues import Prepared
 from radguard.forensics.metadata import Finding, check_metadata
 from radguard.forensics.synthetic import SyntheticDetector, SyntheticResult, load_detector
 from radguard.forensics.tamper import TamperResult, detect_tamper
@@ -162,9 +163,11 @@ def scan_file(
             result.pixels = pixels
         _decide(result, det.threshold, det.suspicious_threshold)
         return result
+    prepared = None  # the analysis form both content detectors read, made once
     try:
         if result.modality in RADIOGRAPHIC:
-            result.synthetic = det.analyse(pixels)
+            prepared = Prepared.of(pixels)
+            result.synthetic = det.analyse(pixels, prepared)
         else:
             result.reasons.append(
                 f"synthetic-image detector not applied: trained on projection radiographs, "
@@ -177,7 +180,8 @@ def scan_file(
     else:
         try:
             # the learned fill / splice layer was trained on projection radiographs only
-            result.tamper = detect_tamper(pixels, local=result.modality in RADIOGRAPHIC)
+            result.tamper = detect_tamper(pixels, local=result.modality in RADIOGRAPHIC,
+                                          prepared=prepared)
         except RadguardError as exc:
             result.reasons.append(f"tamper detector: {exc}")
     if keep_pixels:

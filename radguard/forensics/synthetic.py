@@ -27,14 +27,7 @@ import numpy as np
 
 from radguard.errors import RadguardError
 from radguard.fileio import read_json_object
-from radguard.forensics.cues import (
-    BLOCK,
-    CUE_NAMES,
-    block_cues,
-    fine_residual,
-    image_cues,
-    prepare,
-)
+from radguard.forensics.cues import BLOCK, CUE_NAMES, Prepared, block_cues, image_cues
 
 __all__ = [
     "Cue",
@@ -170,10 +163,11 @@ class SyntheticDetector:
         q = self._quantiles[name]  # 101 quantiles of real training images
         return float(np.interp(value, q, np.linspace(0, 100, q.size), left=0.0, right=100.0))
 
-    def analyse(self, img: np.ndarray) -> SyntheticResult:
-        """Score one grey image (any numeric dtype, any size >= 32 x 32)."""
-        a = prepare(img)
-        r = fine_residual(a)
+    def analyse(self, img: np.ndarray, prepared: Prepared | None = None) -> SyntheticResult:
+        """Score one grey image (any numeric dtype, any size >= 32 x 32); ``prepared``: its
+        analysis form, when the caller has it already."""
+        prepared = prepared or Prepared.of(img)
+        a, r = prepared.image, prepared.residual
         cues, cooc = image_cues(a, r)
         bfeat, grid = block_cues(a, r)
         logits = self.block_logits(bfeat) if bfeat.size else np.zeros(0)

@@ -22,6 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from radguard.errors import RadguardError
+from radguard.forensics.cues import Prepared
 from radguard.forensics.localnet import CELL, LocalEditDetector, load_local_detector
 from radguard.regions import mask_boxes
 
@@ -170,15 +171,17 @@ def _copy_move(a: np.ndarray) -> tuple[list[list[int]], int]:
     return mask_boxes(grid, STEP), int(counts.max())
 
 
-def _local_edits(img: np.ndarray, result: TamperResult, detector: LocalEditDetector) -> None:
+def _local_edits(img: np.ndarray, result: TamperResult, detector: LocalEditDetector,
+                 prepared: Prepared | None = None) -> None:
     """Run the learned fill / splice detector on the analysed copy of ``img``."""
-    from radguard.forensics.cues import CueError, prepare
+    from radguard.forensics.cues import CueError
 
     try:
-        a = prepare(img)
+        prepared = prepared or Prepared.of(img)
     except CueError:  # too small for the network: the classical layers still spoke
         return
-    edit_map = detector.analyse(a)
+    a = prepared.image
+    edit_map = detector.analyse(a, prepared.residual)
     cell = CELL * max(np.asarray(img).shape[:2]) / max(a.shape)
     result.local_edit_score = edit_map.score
     result.local_edit_threshold = edit_map.threshold
@@ -189,12 +192,13 @@ def _local_edits(img: np.ndarray, result: TamperResult, detector: LocalEditDetec
                               for box in mask_boxes(edit_map.edited, CELL)]
 
 
-def detect_tamper(img: np.ndarray, *, local: LocalEditDetector | None | bool = True
-                  ) -> TamperResult:
+def detect_tamper(img: np.ndarray, *, local: LocalEditDetector | None | bool = True,
+                  prepared: Prepared | None = None) -> TamperResult:
     """Look for copy-moved, filled and spliced regions in a grey image.
 
     ``local``: the learned fill / splice detector to use (``True``: the shipped one,
-    ``False``: only the classical layers).
+    ``False``: only the classical layers). ``prepared``: ``img`` in analysis form, when the
+    caller has it already (the scan shares it with the synthetic-image detector).
     """
     full, base = _normalise(img)
     cm_boxes, pairs = _copy_move(full)
@@ -202,7 +206,7 @@ def detect_tamper(img: np.ndarray, *, local: LocalEditDetector | None | bool = T
     evidence = pairs / (pairs + 10.0) if pairs else 0.0
     if local is not False:
         detector = load_local_detector() if local is True or local is None else local
-        _local_edits(img, result, detector)
+        _local_edits(img, result, detector, prepared)
         if result.local_edits:
             evidence = max(evidence, float(result.local_edit_score or 0.0))
     result.score = float(evidence)

@@ -96,12 +96,8 @@ class OidcVerifier:
         else:
             self._file_keys = _read_key_file(Path(settings.jwks))
 
-    def _key(self, token: str) -> Any:  # noqa: ANN401
+    def _key(self, token: str, header: dict) -> Any:  # noqa: ANN401
         jwt = self._jwt
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.InvalidTokenError as exc:
-            raise AuthError("malformed bearer token") from exc
         if header.get("alg") not in ALGORITHMS:
             raise AuthError(f"token algorithm {header.get('alg')!r} not accepted")
         kid = header.get("kid")
@@ -124,9 +120,13 @@ class OidcVerifier:
     def user(self, token: str) -> User:
         """The user a valid token speaks for; AuthError (or NoRole) otherwise."""
         jwt = self._jwt
-        key = self._key(token)
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError as exc:
+            raise AuthError("malformed bearer token") from exc
+        key = self._key(token, header)
         fits = _algorithms_for(key)
-        alg = jwt.get_unverified_header(token).get("alg")
+        alg = header.get("alg")
         if alg not in fits:  # e.g. ES256 named on an RSA key: PyJWT would raise a TypeError
             raise AuthError(f"token algorithm {alg!r} does not fit the provider's key")
         s = self.settings
