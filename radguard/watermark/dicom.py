@@ -16,7 +16,7 @@ Private block (group 0099, creator ``RADGUARD WATERMARK``):
 element    VR    content
 =========  ====  ================================================================
 (0099,xx10) LO   scheme name, ``RG-RPEE-RH``
-(0099,xx11) IS   scheme version (1)
+(0099,xx11) IS   format version (2; images marked before read as 1)
 (0099,xx12) SH   watermark key fingerprint (identifies the key, reveals nothing)
 (0099,xx13) LT   per-frame parameters (JSON: block size, tag rows, threshold)
 (0099,xx14) LT   the original values of the header elements embedding changed (JSON)

@@ -29,7 +29,7 @@ def test_embedding_makes_a_documented_derived_instance(wm_key, tmp_path):
         .CodeValue == "109103"
     assert again.LossyImageCompression == ds.LossyImageCompression  # nothing was lost
     block = again.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)
-    assert block[0x10].value == "RG-RPEE-RH" and block[0x11].value == 1
+    assert block[0x10].value == "RG-RPEE-RH" and block[0x11].value == 2
     report = check_dataset(again, wm_key).to_dict()
     assert report["intact"] and report["regions"] == []
     assert report["payload"]["signer"] == "CN=DX Room 3"

@@ -139,3 +139,106 @@ def test_chance_matches_of_tiny_edge_tags_are_not_a_watermark(wm_key):
         frame = rng.integers(0, 4, (h, w))  # 2-bit data: random LSBs everywhere
         with pytest.raises(WatermarkError, match="no radguard watermark"):
             check_frame(frame, wm_key, lo=0, hi=3)
+
+
+def test_version_1_images_still_check_and_restore(marked_set, wm_key):
+    """Images marked before format version 2 keep working: bit-exact restore, clean check,
+    edits localised."""
+    for path in DICOM_IMAGES[:2] + PNG_SAMPLE[:1]:
+        frame, lo, hi, bits = load(path)
+        marked, _ = embed_frame(frame, wm_key, IDENTITY, lo=lo, hi=hi, bits_stored=bits,
+                                version=1)
+        restored, identity = restore_frame(marked, wm_key, lo=lo, hi=hi)
+        assert np.array_equal(restored, frame) and identity == IDENTITY
+        clean = check_frame(marked, wm_key, lo=lo, hi=hi)
+        assert clean.intact and clean.params["version"] == 1
+        edited = marked.copy()
+        y, x = marked.shape[0] // 2, marked.shape[1] // 2
+        edited[y : y + 16, x : x + 16] = edited[y : y + 16, x : x + 16] + 1
+        result = check_frame(edited, wm_key, lo=lo, hi=hi)
+        assert not result.intact and any(_overlaps(r, (x, y, x + 16, y + 16))
+                                         for r in result.regions)
+
+
+def test_blocks_copied_between_frames_marked_with_the_same_key_are_caught(wm_key):
+    """Collage: the same picture marked twice, a block of one pasted into the other at the
+    same place. Version 2 tags belong to their frame (nonce), so the block fails; version 1
+    tags were bound to the position only and let it pass (why the format changed)."""
+    frame, lo, hi, bits = load(DICOM_IMAGES[0])
+    for version, caught in ((2, True), (1, False)):
+        a, p = embed_frame(frame, wm_key, IDENTITY, lo=lo, hi=hi, bits_stored=bits,
+                           version=version)
+        b, _ = embed_frame(frame, wm_key, IDENTITY, lo=lo, hi=hi, bits_stored=bits,
+                           version=version)
+        size = p["block"]
+        y, x = (a.shape[0] // 2) // size * size, (a.shape[1] // 2) // size * size
+        collage = a.copy()
+        collage[y : y + size, x : x + size] = b[y : y + size, x : x + size]
+        assert not np.array_equal(collage, a)
+        result = check_frame(collage, wm_key, lo=lo, hi=hi)
+        assert (result.regions == [[x, y, x + size, y + size]]) is caught, (version, result)
+
+
+def test_damaged_header_or_anchor_still_localises(marked_set, wm_key):
+    _o, marked, lo, hi, _b, _p = marked_set[DICOM_IMAGES[0].name]
+    h, w = marked.shape
+    rng = np.random.default_rng(3)
+    top = marked.copy()
+    top[:6] = rng.integers(lo, hi + 1, (6, w))  # the header zone is gone
+    result = check_frame(top, wm_key, lo=lo, hi=hi)  # the anchor gives layout and nonce
+    assert "header damaged" in result.problem and not result.intact
+    assert all(r[1] < 8 for r in result.regions) and result.regions
+    bottom = marked.copy()
+    bottom[-3:] = rng.integers(lo, hi + 1, (3, w))  # the anchor and the frame MAC are gone
+    result = check_frame(bottom, wm_key, lo=lo, hi=hi)
+    assert result.regions and all(r[3] > h - 16 for r in result.regions)
+    assert result.identity == IDENTITY and not result.payload_ok  # readable, not vouched for
+    both = top.copy()
+    both[-3:] = bottom[-3:]
+    with pytest.raises(WatermarkError, match="no radguard watermark"):
+        check_frame(both, wm_key, lo=lo, hi=hi)
+
+
+@pytest.mark.parametrize("shape", [(203, 301), (64, 517), (130, 64)])
+def test_every_single_pixel_change_is_caught_in_its_block(wm_key, shape):
+    """Odd sizes (partial edge blocks) and one changed pixel at a time: exactly its block."""
+    rng = np.random.default_rng(shape[0])
+    full, lo, hi, bits = load(DICOM_IMAGES[0])  # a real radiograph, cut to an odd size
+    frame = full[: shape[0], : shape[1]] if min(full.shape) >= max(shape) else None
+    if frame is None or frame.shape != shape:
+        pytest.skip(f"{DICOM_IMAGES[0].name} is smaller than {shape}")
+    marked, p = embed_frame(frame, wm_key, IDENTITY, lo=lo, hi=hi, bits_stored=bits)
+    assert np.array_equal(restore_frame(marked, wm_key, lo=lo, hi=hi)[0], frame)
+    assert check_frame(marked, wm_key, lo=lo, hi=hi).intact
+    size = p["block"]
+    for _ in range(25):
+        y, x = int(rng.integers(0, shape[0])), int(rng.integers(0, shape[1]))
+        edited = marked.copy()
+        step = int(rng.choice([1, 2, 3, 256]))
+        edited[y, x] += step if marked[y, x] + step <= hi else -step
+        result = check_frame(edited, wm_key, lo=lo, hi=hi)
+        by, bx = y // size * size, x // size * size
+        expected = [bx, by, min(bx + size, shape[1]), min(by + size, shape[0])]
+        assert result.regions == [expected] and not result.intact, (y, x, result.regions)
+
+
+def test_block_hash_multipliers_keep_every_bit_of_a_pixel(wm_key):
+    """The 16 key rows of each position (k * x^j in GF(2^m)) are linearly independent for
+    tags of 16 bits or more: no change of one pixel can leave its tag unchanged."""
+    from radguard.watermark.wctags import _tables
+
+    def rank(values):
+        values, r = [int(v) for v in values], 0
+        for bit in range(64):
+            pivots = [v for v in values if (v >> bit) & 1]
+            if pivots:
+                r += 1
+                values = [v ^ pivots[0] if (v >> bit) & 1 else v for v in values
+                          if v is not pivots[0]]
+        return r
+
+    powers = [1 << b for b in range(8)]
+    for block, n_bits in ((8, 16), (16, 16), (32, 32), (64, 64)):
+        table = _tables(wm_key.tag, block, n_bits).reshape(block * block, 2, 256)
+        rows = np.concatenate([table[:, 0, powers], table[:, 1, powers]], axis=1)
+        assert all(rank(r) == 16 for r in rows[:: max(1, rows.shape[0] // 64)])
