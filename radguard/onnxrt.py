@@ -15,7 +15,8 @@ from typing import Any
 
 from radguard.errors import RadguardError
 
-__all__ = ["export_onnx", "open_session", "session_metadata"]
+__all__ = ["WEIGHTS_SHA256", "export_onnx", "file_sha256", "open_session", "open_stamped_export",
+           "session_metadata", "write_stamped_export"]
 
 
 def export_onnx(network: Any, example: Any, *, input_name: str, output_name: str,  # noqa: ANN401
@@ -76,3 +77,39 @@ def open_session(model: str | Path | bytes, *, threads: int = 1) -> Any:  # noqa
 def session_metadata(session: Any) -> dict[str, str]:  # noqa: ANN401
     """The ``metadata_props`` an ONNX model was exported with."""
     return dict(session.get_modelmeta().custom_metadata_map)
+
+
+# ONNX metadata: the SHA-256 of the torch weights file an export was made from
+WEIGHTS_SHA256 = "radguard_weights_sha256"
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def write_stamped_export(network: Any, example: Any, weights: Path, out: Path,  # noqa: ANN401
+                         **export_args: Any) -> Path:  # noqa: ANN401
+    """Export ``network`` (loaded from the ``weights`` file) to ``out``, stamped with the
+    weights' SHA-256, so a later load can tell a stale export from a fresh one."""
+    from radguard.fileio import atomic_write_bytes
+
+    data = export_onnx(network, example, metadata={WEIGHTS_SHA256: file_sha256(weights)},
+                       **export_args)
+    atomic_write_bytes(out, data)
+    return out
+
+
+def open_stamped_export(weights: Path, exported: Path, *, threads: int, remedy: str
+                        ) -> Any | None:  # noqa: ANN401
+    """A session of the ONNX export of ``weights``, or None when there is none; an export
+    made from other weights (they changed since) is refused, with ``remedy`` in the error."""
+    if not exported.is_file():
+        return None
+    session = open_session(exported, threads=threads)
+    if session_metadata(session).get(WEIGHTS_SHA256) != file_sha256(weights):
+        raise RadguardError(f"{exported} was not exported from {weights} (its weights "
+                            f"changed since); re-export it: {remedy}")
+    return session

@@ -1,6 +1,7 @@
-"""Rebuild the shipped chest X-ray triage bundle (radguard/triage/data/chest.{pt,json}).
+"""Rebuild the shipped chest X-ray triage bundle (radguard/triage/data/chest.{pt,json}, and
+chest.pt.onnx: the weights' stamped ONNX export that runs the scores).
 
-    python scripts/train_triage_chest.py [--epochs 30] [--train-site cxr-nih]
+    python scripts/train_triage_chest.py [--epochs 30] [--train-site cxr-nih] [--export-onnx]
 
 The same as ``radguard triage train chest --data ../shared/data/cxr-nih --external
 ../shared/data/cxr-kermany -o radguard/triage/data/chest`` (recipe in
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from radguard.triage.model import write_runtime_export
 from radguard.triage.training import train_chest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,8 +27,14 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--train-site", choices=SITES, default="cxr-nih")
+    ap.add_argument("--export-onnx", action="store_true",
+                    help="only write the shipped bundle's stamped ONNX export (chest.pt.onnx), "
+                         "which the gateway and the CLI run the scores with")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    other = next(s for s in SITES if s != args.train_site)
-    train_chest(SHARED / args.train_site, SHARED / other, REPO / "radguard/triage/data/chest",
-                epochs=args.epochs, log=print)
+    bundle = REPO / "radguard/triage/data/chest"
+    if not args.export_onnx:
+        other = next(s for s in SITES if s != args.train_site)
+        train_chest(SHARED / args.train_site, SHARED / other, bundle, epochs=args.epochs,
+                    log=print)
+    print(f"wrote {write_runtime_export(bundle.with_suffix('.json'))}")

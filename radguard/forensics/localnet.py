@@ -33,7 +33,6 @@ __all__ = ["CELL", "LocalEditDetector", "LocalEditMap", "WEIGHTS_PATH", "build_n
            "export_onnx", "load_local_detector", "network_input"]
 
 WEIGHTS_PATH = Path(__file__).with_name("data") / "local_edit_detector.pt"
-_SHA_KEY = "radguard_weights_sha256"  # ONNX metadata: the .pt file the export was made from
 CELL = 4  # output cell edge in analysed pixels
 
 
@@ -162,28 +161,18 @@ def _smoothed_max(p: np.ndarray) -> float:
     return float(_pooled(p).max()) if p.size else 0.0
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def export_onnx(weights: str | Path = WEIGHTS_PATH) -> Path:
     """Write ``<weights>.onnx`` beside a ``.pt`` weights file: the network for onnxruntime,
     stamped with the SHA-256 of the weights it holds. Needs the ``onnx`` package."""
     import torch
 
-    from radguard.fileio import atomic_write_bytes
-    from radguard.onnxrt import export_onnx as export
+    from radguard.onnxrt import write_stamped_export
 
     p = Path(weights)
     detector = LocalEditDetector(_read_state(p))
-    data = export(detector.net, torch.zeros(1, 2, 64, 64), input_name="x", output_name="logits",
-                  dynamic_axes={"x": {2: "h", 3: "w"}, "logits": {2: "h4", 3: "w4"}},
-                  metadata={_SHA_KEY: _sha256(p)})
-    out = p.with_suffix(".onnx")
-    atomic_write_bytes(out, data)
-    return out
+    return write_stamped_export(
+        detector.net, torch.zeros(1, 2, 64, 64), p, p.with_suffix(".onnx"), input_name="x",
+        output_name="logits", dynamic_axes={"x": {2: "h", 3: "w"}, "logits": {2: "h4", 3: "w4"}})
 
 
 def _read_state(p: Path) -> dict:
@@ -207,16 +196,11 @@ def load_local_detector(path: str | None = None) -> LocalEditDetector:
     thread of the loading process: the gateway's check processes use one each)."""
     import torch
 
-    from radguard.onnxrt import open_session, session_metadata
+    from radguard.onnxrt import open_stamped_export
 
     p = Path(path) if path else WEIGHTS_PATH
     state = _read_state(p)
-    session = None
-    exported = p.with_suffix(".onnx")
-    if exported.is_file():
-        session = open_session(exported, threads=torch.get_num_threads())
-        if session_metadata(session).get(_SHA_KEY) != _sha256(p):
-            raise RadguardError(
-                f"{exported} was not exported from {p} (its weights changed since); "
-                "re-export it: python scripts/train_tamper_detector.py --export-onnx")
+    session = open_stamped_export(
+        p, p.with_suffix(".onnx"), threads=torch.get_num_threads(),
+        remedy="python scripts/train_tamper_detector.py --export-onnx")
     return LocalEditDetector(state, session)

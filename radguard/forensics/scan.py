@@ -104,11 +104,17 @@ def _dicom_layers(path: Path, result: ScanResult, trust: object, key: object,
         result.reasons.append("signature valid but does not cover the pixel data")
     elif report.status == "valid" and trust is not None:
         result.pixels_vouched = True
+    result.modality = str(getattr(ds, "Modality", "") or "").upper()
+    try:
+        pixels = pixel_array(ds)  # decoded once: watermark, header checks and the display
+    except RadguardError:
+        result.findings = check_metadata(ds)  # reports the unreadable pixels as a finding
+        raise
     if key is not None:
         from radguard.watermark import WatermarkError, check_dataset
 
         try:
-            check = check_dataset(ds, key)  # type: ignore[arg-type]
+            check = check_dataset(ds, key, pixels)  # type: ignore[arg-type]
             result.watermark = "intact" if check.intact else "changed"
             if check.regions:
                 result.reasons.append(
@@ -117,12 +123,6 @@ def _dicom_layers(path: Path, result: ScanResult, trust: object, key: object,
         except WatermarkError as exc:
             result.watermark = "absent"
             result.reasons.append(f"watermark: {exc}")
-    result.modality = str(getattr(ds, "Modality", "") or "").upper()
-    try:
-        pixels = pixel_array(ds)  # decoded once for the header checks and the display
-    except RadguardError:
-        result.findings = check_metadata(ds)  # reports the unreadable pixels as a finding
-        raise
     result.findings = check_metadata(ds, pixels=pixels)
     if keep:
         result.dataset, result.stored = ds, pixels

@@ -208,7 +208,7 @@ def write_bundle(out: str | Path, net: Any, meta: dict) -> Path:  # noqa: ANN401
     import torch
 
     from radguard.fileio import atomic_write_bytes
-    from radguard.triage.model import bundle_stem
+    from radguard.triage.model import bundle_stem, runtime_export_path
 
     out = bundle_stem(out)
     buf = io.BytesIO()
@@ -216,6 +216,9 @@ def write_bundle(out: str | Path, net: Any, meta: dict) -> Path:  # noqa: ANN401
     atomic_write_bytes(out.with_name(out.name + ".pt"), buf.getvalue(), durable=False)
     json_path = out.with_name(out.name + ".json")
     atomic_write_bytes(json_path, json.dumps(meta, indent=1).encode(), durable=False)
+    # an ONNX export of the previous weights would be refused at load: the training
+    # scripts make a new one (write_runtime_export)
+    runtime_export_path(json_path).unlink(missing_ok=True)
     return json_path
 
 

@@ -62,12 +62,12 @@ PRIVATE_GROUP = 0x0099
 _SIGNATURE_TAGS = (0x4FFE0001, 0xFFFAFFFA)
 
 
-def _frames(ds: Dataset) -> tuple[np.ndarray, PixelInfo]:
+def _frames(ds: Dataset, pixels: np.ndarray | None = None) -> tuple[np.ndarray, PixelInfo]:
     info = pixel_info(ds)
     if info.samples_per_pixel != 1 or not info.photometric.startswith("MONOCHROME"):
         raise WatermarkError(f"only monochrome images can be watermarked, not "
                              f"{info.photometric} with {info.samples_per_pixel} samples")
-    arr = pixel_array(ds)
+    arr = pixel_array(ds) if pixels is None else pixels
     frames = arr.reshape(info.frames, info.rows, info.columns)
     return frames, info
 
@@ -220,9 +220,11 @@ class DatasetCheck:
         }
 
 
-def check_dataset(ds: Dataset, key: WatermarkKey) -> DatasetCheck:
-    """Check every frame's tags and payload."""
-    frames, info = _frames(ds)
+def check_dataset(ds: Dataset, key: WatermarkKey, pixels: np.ndarray | None = None
+                  ) -> DatasetCheck:
+    """Check every frame's tags and payload; ``pixels``: the stored values as
+    :func:`radguard.dicom.pixels.pixel_array` decoded them, when the caller has them."""
+    frames, info = _frames(ds, pixels)
     report = DatasetCheck()
     for i, frame in enumerate(frames):
         report.frames.append(check_frame(frame, key, lo=info.min_value, hi=info.max_value,

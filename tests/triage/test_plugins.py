@@ -3,11 +3,14 @@ package registers through the ``radguard.triage_models`` entry point."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +18,15 @@ from click.testing import CliRunner
 from PIL import Image
 
 from radguard.cli import main
-from radguard.triage.model import OnnxTriageModel, TriageError, load_model
+from radguard.triage.model import (
+    OnnxTriageModel,
+    TriageError,
+    load_bundle,
+    load_model,
+    runtime_export_path,
+    write_runtime_export,
+)
+from radguard.triage.training import write_bundle
 from tests.conftest import NIH_DX, SHARED
 
 
@@ -38,8 +49,16 @@ def onnx_bundle(tmp_path_factory):
     return out.with_name("chest-onnx.json")
 
 
+def _torch_only(model):
+    """The same bundle with its scores computed by torch (the shipped one runs onnxruntime)."""
+    model = copy.copy(model)
+    model.session = None
+    return model
+
+
 def test_onnx_bundle_scores_like_the_torch_model(onnx_bundle):
-    torch_model, onnx_model = load_model("chest"), load_model(str(onnx_bundle))
+    torch_model, onnx_model = _torch_only(load_model("chest")), load_model(str(onnx_bundle))
+    assert torch_model.runtime == "torch"
     assert isinstance(onnx_model, OnnxTriageModel)
     assert json.loads(onnx_bundle.read_text())["format"] == "onnx"
     assert onnx_model.card == torch_model.card and onnx_model.threshold == torch_model.threshold
@@ -154,3 +173,41 @@ def test_an_installed_package_registers_its_model_by_entry_point(onnx_bundle, tm
                          timeout=120)
     assert bad.returncode == 2 and "returned str, not a TriageModel" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_the_shipped_chest_bundle_scores_on_its_stamped_export_like_torch():
+    """chest.pt.onnx runs the scores (the gateway scores every chest radiograph); it must
+    give what the weights give in torch."""
+    model = load_model("chest")
+    assert model.runtime == "onnxruntime"
+    reference = _torch_only(model)
+    images = _nih_images(6)
+    batch = np.stack([model.preprocess(i) for i in images])
+    assert np.abs(model.raw_scores(batch) - reference.raw_scores(batch)).max() < 1e-4
+    for image in images:
+        a, b = model.predict(image), reference.predict(image)
+        assert abs(a.probability - b.probability) < 1e-4 and a.suspicion == b.suspicion
+
+
+def test_a_stale_runtime_export_is_refused_and_new_weights_drop_it(tmp_path):
+    import torch
+
+    data = Path(__file__).resolve().parents[2] / "radguard" / "triage" / "data"
+    for name in ("chest.json", "chest.pt", "chest.pt.onnx"):
+        shutil.copy(data / name, tmp_path / name)
+    bundle = tmp_path / "chest.json"
+    assert load_bundle(bundle).runtime == "onnxruntime"
+    state = torch.load(tmp_path / "chest.pt")
+    name = next(k for k, v in state.items() if v.is_floating_point() and v.ndim == 4)
+    state[name] = state[name] * 1.5  # other weights than the export was made from
+    torch.save(state, tmp_path / "chest.pt")
+    with pytest.raises(TriageError, match="was not exported from"):
+        load_bundle(bundle)
+    write_runtime_export(bundle)  # exported again from the new weights
+    fresh = load_bundle(bundle)
+    image = _nih_images(1)[0]
+    assert fresh.runtime == "onnxruntime"
+    assert abs(fresh.predict(image).probability
+               - _torch_only(fresh).predict(image).probability) < 1e-4
+    write_bundle(tmp_path / "chest", fresh.network, fresh.meta)  # retrained weights
+    assert not runtime_export_path(bundle).exists() and load_bundle(bundle).runtime == "torch"
