@@ -22,14 +22,19 @@ METADATA_FIELDS = ("Manufacturer", "ManufacturerModelName", "ProtocolName", "KVP
                    "PixelSpacing", "ViewPosition", "BodyPartExamined")
 
 
-def image_features(pixels: np.ndarray, max_value: float | None = None) -> dict[str, float]:
-    """Scale-free statistics of a grey image (2-D array of stored values)."""
-    img = np.asarray(pixels, dtype=np.float64)
+def image_features(pixels: np.ndarray, max_value: float | None = None, *,
+                   offset: float = 0.0) -> dict[str, float]:
+    """Scale-free statistics of a grey image (2-D array of stored values, ``offset``
+    subtracted first)."""
+    img = np.asarray(pixels)
     if img.ndim != 2 or min(img.shape) < 8:
         raise ValueError("image features need a 2-D image of at least 8x8 pixels")
-    peak = max_value if max_value else (255.0 if img.max() <= 255 else float(img.max()))
     step = max(1, img.shape[1] // 256)
-    small = img[::step, ::step] / max(peak, 1.0)
+    small = img[::step, ::step].astype(np.float64) - offset  # only the pixels read
+    if not max_value:
+        top = float(img.max()) - offset
+        max_value = 255.0 if top <= 255 else top
+    small /= max(max_value, 1.0)
     hist = np.histogram(small, bins=64, range=(0.0, 1.0))[0].astype(np.float64)
     prob = hist[hist > 0] / hist.sum()
     lap = np.abs(4 * small[1:-1, 1:-1] - small[:-2, 1:-1] - small[2:, 1:-1]
@@ -54,7 +59,7 @@ def dataset_features(ds: Dataset, pixels: np.ndarray | None = None) -> dict[str,
     arr = pixel_array(ds) if pixels is None else pixels
     arr = np.asarray(arr).reshape(info.frames, info.rows, info.columns, -1)[0, ..., 0]
     low = info.min_value
-    return image_features(arr.astype(np.float64) - low, info.max_value - low)
+    return image_features(arr, info.max_value - low, offset=low)
 
 
 def metadata_features(ds: Dataset) -> dict[str, str]:

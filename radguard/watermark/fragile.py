@@ -1,4 +1,6 @@
-"""Fragile block authentication: a keyed tag per block, written in the LSBs of its last rows.
+"""Block geometry of the fragile mark, and the block tags of watermark format version 1 (read
+for older images; version 2 tags are in :mod:`.wctags`): a keyed tag per block, written in
+the LSBs of its last rows.
 
 The frame is cut into ``block x block`` squares. The last ``rows`` rows of each square are
 its *tag rows*: the least significant bit of every pixel there holds one bit of a BLAKE2s
@@ -13,6 +15,7 @@ them, so ``restore`` puts them back bit for bit.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,11 +38,7 @@ class TagLayout:
 
     def tag_row_mask(self) -> np.ndarray:
         """Boolean per frame row: True for tag rows."""
-        mask = np.zeros(self.height, dtype=bool)
-        for y0 in range(0, self.height, self.block):
-            h = min(self.block, self.height - y0)
-            mask[y0 + h - min(self.rows, h - 1 if h > 1 else 1) : y0 + h] = True
-        return mask
+        return _tag_row_mask(self.height, self.block, self.rows).copy()
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -64,6 +63,15 @@ class TagLayout:
         down = np.add.reduceat(rows, np.arange(0, self.height, self.block))[:gy]
         across = np.minimum(self.block, self.width - np.arange(gx) * self.block)
         return np.outer(down, across)
+
+
+@functools.lru_cache(maxsize=64)
+def _tag_row_mask(height: int, block: int, rows: int) -> np.ndarray:
+    mask = np.zeros(height, dtype=bool)
+    for y0 in range(0, height, block):
+        h = min(block, height - y0)
+        mask[y0 + h - min(rows, h - 1 if h > 1 else 1) : y0 + h] = True
+    return mask
 
 
 def _digest_bits(key: bytes, prefix: bytes, by: int, bx: int, data: bytes | memoryview,
