@@ -111,18 +111,17 @@ def _byte_histogram(flat: np.ndarray) -> np.ndarray:
     return counts
 
 
-def percentiles(a: np.ndarray, qs: tuple[float, ...]) -> np.ndarray:
-    """``np.percentile(a, qs)`` (linear interpolation) in float64, computed from a histogram
-    when the values are integers spanning at most 65536 levels - every stored radiograph -
-    which is several times faster than numpy's partition on a full image."""
+def level_counts(a: np.ndarray) -> tuple[int, np.ndarray] | None:
+    """(lowest value, count of every value from it up) of an image of integers spanning at
+    most 65536 levels - every stored radiograph; None for anything else."""
     a = np.asarray(a)
     if a.size == 0 or a.dtype.kind not in "uif":
-        return np.percentile(a, qs).astype(np.float64)
+        return None
     if a.dtype.kind == "f" and not (np.isfinite(a).all() and np.array_equal(a, np.rint(a))):
-        return np.percentile(a, qs).astype(np.float64)
+        return None
     low, high = float(a.min()), float(a.max())
     if high - low >= 65536:
-        return np.percentile(a, qs).astype(np.float64)
+        return None
     flat = a.ravel()
     if a.dtype == np.uint8:
         counts = _byte_histogram(flat)[int(low):int(high) + 1]
@@ -132,19 +131,40 @@ def percentiles(a: np.ndarray, qs: tuple[float, ...]) -> np.ndarray:
         counts = np.bincount(flat.astype(np.int64) - int(low), minlength=int(high - low) + 1)
     else:
         counts = np.bincount((flat - low).astype(np.intp), minlength=int(high - low) + 1)
+    return int(low), counts
+
+
+def percentiles_of_counts(low: int, counts: np.ndarray, qs: tuple[float, ...],
+                          values: np.ndarray | None = None) -> np.ndarray:
+    """What ``np.percentile`` (linear interpolation) gives on the image whose
+    :func:`level_counts` these are; ``values``: what each level becomes first (a
+    non-decreasing map, e.g. a rescale), else the levels themselves."""
     cumulative = np.cumsum(counts)
-    n = a.size
+    n = int(cumulative[-1])
     out = []
     for q in qs:
         virtual = (q / 100.0) * (n - 1)
         index = np.floor(virtual)
         gamma = virtual - index
-        below = low + float(np.searchsorted(cumulative, int(index), side="right"))
-        above = low + float(np.searchsorted(cumulative, min(int(index) + 1, n - 1),
-                                            side="right"))
+        lo = int(np.searchsorted(cumulative, int(index), side="right"))
+        hi = int(np.searchsorted(cumulative, min(int(index) + 1, n - 1), side="right"))
+        if values is None:
+            below, above = low + float(lo), low + float(hi)
+        else:
+            below, above = float(values[lo]), float(values[hi])
         diff = above - below
         out.append(above - diff * (1 - gamma) if gamma >= 0.5 else below + diff * gamma)
     return np.array(out, dtype=np.float64)
+
+
+def percentiles(a: np.ndarray, qs: tuple[float, ...]) -> np.ndarray:
+    """``np.percentile(a, qs)`` (linear interpolation) in float64, computed from a histogram
+    when the values are integers spanning at most 65536 levels - every stored radiograph -
+    which is several times faster than numpy's partition on a full image."""
+    levels = level_counts(a)
+    if levels is None:
+        return np.percentile(np.asarray(a), qs).astype(np.float64)
+    return percentiles_of_counts(*levels, qs)
 
 
 def per_level(frame: np.ndarray, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:

@@ -7,7 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from radguard.images import display_frame, percentiles, window_to_8bit
+from radguard.images import (
+    display_frame,
+    level_counts,
+    percentiles,
+    percentiles_of_counts,
+    window_to_8bit,
+)
 from tests.conftest import MR_NATIVE, NIH_DX, RG1_J2K
 
 
@@ -22,6 +28,23 @@ def test_percentiles_match_numpy_exactly(dtype, low, high):
         a = rng.integers(low, high, n).astype(dtype)
         for qs in ((0.5, 99.5), (5, 50, 95), (0, 100), (33.3,)):
             assert np.array_equal(percentiles(a, qs), np.percentile(a, qs).astype(np.float64))
+
+
+def test_percentiles_of_rescaled_levels_match_numpy_on_the_rescaled_image():
+    """The monitor reads percentiles of (stored value - offset) / peak: per level, they must
+    be the very numbers numpy finds on the rescaled pixels."""
+    rng = np.random.default_rng(5)
+    for dtype, high, offset, peak in ((np.uint8, 256, 0.0, 255.0), (np.uint16, 4096, 0.0, 4095.0),
+                                      (np.int16, 2048, -1024.0, 4095.0)):
+        a = (rng.integers(0, high, (211, 137)) + (offset if dtype == np.int16 else 0)
+             ).astype(dtype)
+        low, counts = level_counts(a)
+        values = (np.arange(counts.size, dtype=np.float64) + low) - offset
+        values /= peak
+        scaled = (a.astype(np.float64) - offset) / peak
+        qs = (0.5, 5, 50, 95, 99.5)
+        assert np.array_equal(percentiles_of_counts(low, counts, qs, values),
+                              np.percentile(scaled, qs))
 
 
 def test_percentiles_of_non_integer_or_wide_values_fall_back_to_numpy():

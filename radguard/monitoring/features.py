@@ -12,6 +12,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from radguard.dicom.io import peek
+from radguard.images import level_counts, percentiles_of_counts
 
 __all__ = ["IMAGE_FEATURES", "METADATA_FIELDS", "dataset_features", "features_of_file",
            "image_features", "metadata_features"]
@@ -30,16 +31,26 @@ def image_features(pixels: np.ndarray, max_value: float | None = None, *,
     if img.ndim != 2 or min(img.shape) < 8:
         raise ValueError("image features need a 2-D image of at least 8x8 pixels")
     step = max(1, img.shape[1] // 256)
-    small = img[::step, ::step].astype(np.float64) - offset  # only the pixels read
+    sample = img[::step, ::step]  # only the pixels read
+    small = sample.astype(np.float64) - offset
     if not max_value:
         top = float(img.max()) - offset
         max_value = 255.0 if top <= 255 else top
-    small /= max(max_value, 1.0)
-    hist = np.histogram(small, bins=64, range=(0.0, 1.0))[0].astype(np.float64)
+    scale = max(max_value, 1.0)
+    small /= scale
+    levels = level_counts(sample)
+    if levels is None:
+        hist = np.histogram(small, bins=64, range=(0.0, 1.0))[0].astype(np.float64)
+        p05, p50, p95 = np.percentile(small, [5, 50, 95])
+    else:  # stored integers: per level, not per pixel (the same numbers, bit for bit)
+        low, counts = levels
+        values = (np.arange(counts.size, dtype=np.float64) + low) - offset
+        values /= scale  # each level as ``small`` holds it
+        hist = np.histogram(values, bins=64, range=(0.0, 1.0), weights=counts)[0]
+        p05, p50, p95 = percentiles_of_counts(low, counts, (5, 50, 95), values)
     prob = hist[hist > 0] / hist.sum()
     lap = np.abs(4 * small[1:-1, 1:-1] - small[:-2, 1:-1] - small[2:, 1:-1]
                  - small[1:-1, :-2] - small[1:-1, 2:])
-    p05, p50, p95 = np.percentile(small, [5, 50, 95])
     return {
         "mean": float(small.mean()), "std": float(small.std()), "p05": float(p05),
         "p50": float(p50), "p95": float(p95), "entropy": float(-(prob * np.log2(prob)).sum()),

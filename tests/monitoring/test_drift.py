@@ -66,3 +66,27 @@ def test_calibrated_cusum_keeps_its_false_alarm_budget_and_detects_shifts():
     shifted = Cusum(h=h)
     delay = next(i for i, z in enumerate(rng.normal(1.5, 1, (200, 6))) if shifted.update(z).size)
     assert delay < 15
+
+
+def test_image_features_per_level_equal_the_per_pixel_definition():
+    """Integer images take a per-level shortcut (histogram, percentiles); the features must
+    be the numbers the plain per-pixel definition gives, or a monitor fitted on one would
+    drift against the other."""
+    from radguard.monitoring.features import image_features
+
+    def reference(img, peak, offset=0.0):
+        small = (np.asarray(img, np.float64)[:: max(1, img.shape[1] // 256),
+                                             :: max(1, img.shape[1] // 256)] - offset) / peak
+        hist = np.histogram(small, bins=64, range=(0.0, 1.0))[0].astype(np.float64)
+        prob = hist[hist > 0] / hist.sum()
+        p05, p50, p95 = np.percentile(small, [5, 50, 95])
+        return p05, p50, p95, float(-(prob * np.log2(prob)).sum()), float(small.mean())
+
+    rng = np.random.default_rng(9)
+    for dtype, high, offset, peak in ((np.uint8, 256, 0.0, 255.0), (np.uint16, 4096, 0.0, 4095.0),
+                                      (np.int16, 3000, -1000.0, 4095.0)):
+        img = (rng.integers(0, high, (333, 515)) + (offset if dtype == np.int16 else 0)
+               ).astype(dtype)
+        got = image_features(img, peak, offset=offset)
+        assert (got["p05"], got["p50"], got["p95"], got["entropy"], got["mean"]) == \
+            reference(img, peak, offset)
