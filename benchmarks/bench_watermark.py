@@ -7,10 +7,13 @@ Runs on every radiograph in ../shared/data/dicom and every PNG of the PNG sets
    bit depth;
 2. localisation: a pasted 16x16 and 32x32 patch (copy-move), an inpainted (flattened) region
    and a single changed pixel per image must each be covered by a reported region, and the
-   untouched images must report no changed block at all;
+   untouched images must report no changed block at all; for the DICOM radiographs also a
+   collage: a region of the same picture marked a second time with the same key, pasted at
+   the same place (format version 1 let such blocks pass);
 3. robust export mark: JPEG q75, 0.5x resize, grey conversion and all three together,
    bit error rate of the 64-bit codeword and ID recovery rate;
-4. speed of embed and check on a 2048 x 2048 16-bit image (one core), next to
+4. speed of embed and check on a 2048 x 2048 16-bit image (one core; and the check of the
+   same image in format version 1), next to
    invisible-watermark's dwtDct on the same image in 8 bits when that package is
    installed, and next to plain SHA-256 of the pixels in any case.
 
@@ -163,6 +166,16 @@ def main() -> int:
         else:
             sets[group]["rows"].append(row)
         rng = np.random.default_rng(zlib.crc32(name.encode()))
+        if group == "dicom":  # collage: a region of the same picture marked again, same key
+            again, _ = embed_frame(arr, KEY, IDENTITY, lo=lo, hi=hi, bits_stored=bits)
+            size = 4 * params["block"]
+            y = int(rng.integers(0, max(1, arr.shape[0] // size - 1))) * size
+            x = int(rng.integers(0, max(1, arr.shape[1] // size - 1))) * size
+            pasted = marked.copy()
+            pasted[y : y + size, x : x + size] = again[y : y + size, x : x + size]
+            loc_total["collage"] += 1
+            found = check_frame(pasted, KEY, lo=lo, hi=hi)
+            loc["collage"] += _hit(found.regions, (x, y, x + size, y + size))
         for kind, tampered, box in _edits(marked, rng):
             loc_total[kind] += 1
             try:
@@ -238,12 +251,19 @@ def main() -> int:
     t0 = time.perf_counter()
     check_frame(marked, KEY, lo=0, hi=65535)
     t_check = time.perf_counter() - t0
+    v1, _ = embed_frame(big, KEY, IDENTITY, lo=0, hi=65535, bits_stored=16, version=1)
+    check_frame(v1, KEY, lo=0, hi=65535)
+    t0 = time.perf_counter()
+    check_frame(v1, KEY, lo=0, hi=65535)
+    t_check_v1 = time.perf_counter() - t0
     raw = big.astype("<u2").tobytes()
     t0 = time.perf_counter()
     for _ in range(10):
         hashlib.sha256(raw).digest()
     t_sha = (time.perf_counter() - t0) / 10
     print(f"radguard embed {t_embed:.3f} s, check {t_check:.3f} s (target < 1 s each; {params})")
+    print(f"format version 1 check of the same image (still read): {t_check_v1:.3f} s "
+          f"(version 2 takes {t_check / t_check_v1:.2f}x its time)")
     print(f"anchor: plain SHA-256 of the pixels {t_sha * 1000:.1f} ms "
           f"(embed = {t_embed / t_sha:.0f}x, check = {t_check / t_sha:.0f}x)")
     try:

@@ -5,14 +5,15 @@ Layout of a marked frame (tag rows and compact image as in version 1):
 * **tag rows**: the last rows of every block carry its Wegman-Carter tag (:mod:`.wctags`),
   bound to the frame's random 64-bit nonce;
 * **header zone** (first rows of the compact image), in the LSBs: the clear header (magic,
-  block size, tag rows, threshold ``T``, nonce, lengths, a 16-bit key check), the identity
-  (encrypted), a MAC over the original frame, and the compressed location map;
+  block size, tag rows, threshold ``T``, nonce, lengths, a 16-bit key check), the **frame
+  MAC** (128 bits: keyed BLAKE2b over every stored value of the marked frame with these 128
+  LSBs cleared), the identity (encrypted), a MAC over the original frame, and the compressed
+  location map;
 * **payload zone**: the reversible embedding (:mod:`.rhombus`) of the original LSBs of the
   header zone, the anchor and the tag rows, encrypted with a keystream bound to the nonce;
-* **anchor** (the last 256 pixels of the compact image): magic, layout, nonce and a key
-  check (128 bits), so the tags can be checked when an edit destroyed the header, then the
-  **frame MAC** (128 bits): keyed BLAKE2b over every stored value of the marked frame with
-  these 128 LSBs cleared.
+* **anchor** (the last 128 pixels of the compact image): magic, layout, nonce and a key
+  check, so the tags can be checked when an edit destroyed the header (the frame MAC sits
+  at a fixed place, so the tags know which LSBs it took without reading the header).
 
 ``check`` reads the header, the tags and the frame MAC from the stored values as they are:
 no reversible extraction, one hash of the frame and a vectorised hash of the blocks. A frame
@@ -53,8 +54,8 @@ MAGIC = b"RGW2"
 # header-zone rows, key check, identity bytes
 HEAD = struct.Struct("<4sBBHQIIIIHHH")
 ANCHOR_MAGIC = b"RGWb"
-ANCHOR_BITS = 256  # anchor body (magic, block, rows, nonce, key check) + frame MAC
-_BODY_BITS = 128
+ANCHOR_BITS = 128  # magic, block, rows, nonce, key check
+_MAC_BITS = 128  # the frame MAC, in the header zone right after the fixed header
 
 
 def _anchor_body(key: WatermarkKey, layout: TagLayout, nonce: bytes) -> bytes:
@@ -72,23 +73,21 @@ class _Geometry:
     tag_rows: np.ndarray  # bool per frame row
     compact_rows: np.ndarray  # frame row of each compact-image row
     anchor_rows: int  # compact rows holding the anchor (at the bottom)
-    anchor_px: tuple[np.ndarray, np.ndarray]  # frame (rows, cols) of the 256 anchor pixels
+    anchor_px: tuple[np.ndarray, np.ndarray]  # frame (rows, cols) of the anchor pixels
+    mac_px: tuple[np.ndarray, np.ndarray]  # frame (rows, cols) of the frame MAC's pixels
 
     @classmethod
     def of(cls, height: int, width: int, block: int, rows: int) -> _Geometry:
         layout = TagLayout(height, width, block, rows)
         tag_rows = layout.tag_row_mask()
         compact_rows = np.nonzero(~tag_rows)[0]
-        flat = compact_rows.size * width - ANCHOR_BITS + np.arange(ANCHOR_BITS)
-        if flat[0] < 0:
+        anchor = compact_rows.size * width - ANCHOR_BITS + np.arange(ANCHOR_BITS)
+        mac = HEAD.size * 8 + np.arange(_MAC_BITS)  # a fixed place: no header parse needed
+        if mac[-1] >= anchor[0]:
             raise WatermarkError("image too small to hold the watermark anchor")
         return cls(layout, tag_rows, compact_rows, -(-ANCHOR_BITS // width),
-                   (compact_rows[flat // width], flat % width))
-
-    @property
-    def mac_px(self) -> tuple[np.ndarray, np.ndarray]:
-        """The 128 pixels whose LSBs hold the frame MAC."""
-        return self.anchor_px[0][_BODY_BITS:], self.anchor_px[1][_BODY_BITS:]
+                   (compact_rows[anchor // width], anchor % width),
+                   (compact_rows[mac // width], mac % width))
 
     def header_bits(self, frame: np.ndarray, n_bits: int) -> np.ndarray:
         """The first ``n_bits`` LSBs of the compact image."""
@@ -118,7 +117,7 @@ def _original_mac(key: WatermarkKey, head_start: bytes, id_bytes: bytes, origina
 
 def need_bits(id_bytes: bytes, n_tag: int, width: int) -> int:
     """Payload bits an embedding at this size needs (estimate, before the header size)."""
-    return 8 * (len(id_bytes) + 16 + HEAD.size) + n_tag + width + ANCHOR_BITS
+    return 8 * (len(id_bytes) + 32 + HEAD.size) + n_tag + width + ANCHOR_BITS
 
 
 def try_embed(original: np.ndarray, sp: Split, key: WatermarkKey, id_bytes: bytes,
@@ -155,7 +154,8 @@ def try_embed(original: np.ndarray, sp: Split, key: WatermarkKey, id_bytes: byte
         head = head_start + struct.pack("<IIIIHHH", plain.size, len(plans[0].location_map),
                                         len(plans[1].location_map), len(lm_blob), reserved,
                                         key_check(key, head_start), len(id_bytes))
-        header = bytes_to_bits(head + enc_id + mac_original + lm_blob)
+        # the frame MAC's place stays zero until the tags are written
+        header = bytes_to_bits(head + bytes(_MAC_BITS // 8) + enc_id + mac_original + lm_blob)
         if header.size > reserved * width:
             reserved = -(-header.size // width)
             continue
@@ -163,9 +163,8 @@ def try_embed(original: np.ndarray, sp: Split, key: WatermarkKey, id_bytes: byte
         out[reserved : n_compact - geo.anchor_rows] = marked_zone
         out_flat = out.reshape(-1)  # a view
         out_flat[: header.size] = (out_flat[: header.size] & ~1) | header
-        anchor = np.zeros(ANCHOR_BITS, np.int32)
-        anchor[:_BODY_BITS] = bytes_to_bits(_anchor_body(key, layout, nonce))
-        out_flat[-ANCHOR_BITS:] = (out_flat[-ANCHOR_BITS:] & ~1) | anchor  # MAC bits 0
+        anchor = bytes_to_bits(_anchor_body(key, layout, nonce)).astype(np.int32)
+        out_flat[-ANCHOR_BITS:] = (out_flat[-ANCHOR_BITS:] & ~1) | anchor
         marked = original.astype(np.int32)
         marked[~sp.tag_rows, :] = out
         marked = BlockTags(layout, key.tag, nonce, frame_index).write(marked, geo.mac_px)
@@ -211,11 +210,11 @@ def _parse_header(frame: np.ndarray) -> Header | None:
     geo = _Geometry.of(height, width, block, rows)
     fields = HEAD.unpack(bits_to_bytes(geo.header_bits(frame, HEAD.size * 8)))
     _m, _b, _r, threshold, _n, payload_bits, lm0, lm1, lm_bytes, reserved, kc, id_len = fields
-    total = 8 * (HEAD.size + id_len + 16 + lm_bytes)
+    total = 8 * (HEAD.size + _MAC_BITS // 8 + id_len + 16 + lm_bytes)
     if reserved >= geo.compact_rows.size - geo.anchor_rows - 2 or total > reserved * width:
         return None
     raw = bits_to_bytes(geo.header_bits(frame, total))
-    blob = raw[HEAD.size :]
+    blob = raw[HEAD.size + _MAC_BITS // 8 :]
     return Header(geo, threshold, raw[8:16], raw[:16], payload_bits, (lm0, lm1), reserved, kc,
                   blob[:id_len], blob[id_len : id_len + 16], blob[id_len + 16 :])
 
@@ -228,7 +227,7 @@ def read_anchor(frame: np.ndarray, key: WatermarkKey) -> tuple[_Geometry, bytes,
             geo = _Geometry.of(height, width, block, rows)
         except WatermarkError:
             continue
-        body = bits_to_bytes(lsbs(frame[geo.anchor_px][:_BODY_BITS]))
+        body = bits_to_bytes(lsbs(frame[geo.anchor_px]))
         if body[:4] == ANCHOR_MAGIC and body[4] == block and body[5] == rows:
             nonce = body[6:14]
             return geo, nonce, body == _anchor_body(key, geo.layout, nonce)

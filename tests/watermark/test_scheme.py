@@ -242,3 +242,18 @@ def test_block_hash_multipliers_keep_every_bit_of_a_pixel(wm_key):
         table = _tables(wm_key.tag, block, n_bits).reshape(block * block, 2, 256)
         rows = np.concatenate([table[:, 0, powers], table[:, 1, powers]], axis=1)
         assert all(rank(r) == 16 for r in rows[:: max(1, rows.shape[0] // 64)])
+
+
+def test_a_changed_frame_mac_is_not_intact(marked_set, wm_key):
+    """The frame MAC's own LSBs are outside every block tag; changing one must still make
+    the frame fail (its 128-bit MAC no longer matches)."""
+    from radguard.watermark.v2 import _Geometry
+
+    _o, marked, lo, hi, _b, p = marked_set[DICOM_IMAGES[0].name]
+    geo = _Geometry.of(*marked.shape, p["block"], p["tag_rows"])
+    edited = marked.copy()
+    y, x = geo.mac_px[0][5], geo.mac_px[1][5]
+    edited[y, x] ^= 1
+    result = check_frame(edited, wm_key, lo=lo, hi=hi)
+    assert not result.intact and not result.payload_ok and "frame MAC" in result.problem
+    assert result.identity == IDENTITY  # still readable, no longer vouched for
