@@ -246,7 +246,7 @@ def test_block_hash_multipliers_keep_every_bit_of_a_pixel(wm_key):
 
 def test_a_changed_frame_mac_is_not_intact(marked_set, wm_key):
     """The frame MAC's own LSBs are outside every block tag; changing one must still make
-    the frame fail (its 128-bit MAC no longer matches)."""
+    the frame fail (its 128-bit MAC no longer matches) and be localised."""
     from radguard.watermark.v2 import _Geometry
 
     _o, marked, lo, hi, _b, p = marked_set[DICOM_IMAGES[0].name]
@@ -257,3 +257,6 @@ def test_a_changed_frame_mac_is_not_intact(marked_set, wm_key):
     result = check_frame(edited, wm_key, lo=lo, hi=hi)
     assert not result.intact and not result.payload_ok and "frame MAC" in result.problem
     assert result.identity == IDENTITY  # still readable, no longer vouched for
+    size = p["block"]  # and the changed pixel's block is the one reported
+    assert result.regions == [[x // size * size, y // size * size, x // size * size + size,
+                               y // size * size + size]]
