@@ -260,3 +260,31 @@ def test_a_changed_frame_mac_is_not_intact(marked_set, wm_key):
     size = p["block"]  # and the changed pixel's block is the one reported
     assert result.regions == [[x // size * size, y // size * size, x // size * size + size,
                                y // size * size + size]]
+
+
+def test_hostile_headers_get_a_clear_error(marked_set, wm_key):
+    """Frames whose LSBs carry a version 2 magic and then garbage, or a real header with
+    fields changed (lengths, layout, threshold, reserved rows): check and restore answer
+    with a WatermarkError or a result, never another exception."""
+    from radguard.watermark.v2 import HEAD, MAGIC
+
+    _o, marked, lo, hi, _b, _p = marked_set[DICOM_IMAGES[1].name]
+    rng = np.random.default_rng(11)
+    width = marked.shape[1]
+    for trial in range(120):
+        frame = marked.copy()
+        bits = np.unpackbits(np.frombuffer(MAGIC + bytes([8, 2]), np.uint8)).astype(np.int64)
+        if trial % 2:  # garbage after a plausible start
+            tail = rng.integers(0, 2, width - bits.size)
+        else:  # the real header with one field's bytes replaced
+            real = frame[0] & 1
+            tail = real[bits.size :].copy()
+            start = int(rng.integers(0, HEAD.size - 6)) * 8
+            tail[start : start + 16] = rng.integers(0, 2, 16)
+        frame[0] = (frame[0] & ~1) | np.concatenate([bits, tail])[:width]
+        for call in (lambda f: check_frame(f, wm_key, lo=lo, hi=hi),
+                     lambda f: restore_frame(f, wm_key, lo=lo, hi=hi)):
+            try:
+                call(frame)
+            except WatermarkError:
+                pass
