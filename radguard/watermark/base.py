@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from radguard.errors import RadguardError
+from radguard.watermark.bits import bits_to_bytes
 from radguard.watermark.fragile import TagLayout
 from radguard.watermark.keys import WatermarkKey
 
@@ -115,6 +116,15 @@ def split(frame: np.ndarray, block: int, rows: int) -> Split:
     layout = TagLayout(frame.shape[0], frame.shape[1], block, rows)
     mask = layout.tag_row_mask()
     return Split(layout, mask, frame[~mask, :].astype(np.int32))
+
+
+def header_probe(frame: np.ndarray, magic: bytes) -> tuple[int, int] | None:
+    """(block, tag rows) announced by the first LSBs of the frame when they start with a
+    format's ``magic``; None otherwise."""
+    probe = bits_to_bytes(lsbs(frame[0, : 8 * (len(magic) + 2)]))
+    if probe[: len(magic)] != magic:
+        return None
+    return probe[len(magic)], probe[len(magic) + 1]
 
 
 def refuse_small(frame: np.ndarray) -> None:

@@ -27,6 +27,7 @@ from radguard.watermark.base import (
     Split,
     UnauthenticatedPayload,
     WatermarkError,
+    header_probe,
     key_check,
     lsbs,
     split,
@@ -136,10 +137,10 @@ def read_header(frame: np.ndarray) -> Parsed | None:
 
 
 def _parse_header(frame: np.ndarray) -> Parsed | None:
-    probe = bits_to_bytes(lsbs(frame[0, : 8 * 6]))
-    if probe[:4] != MAGIC:
+    layout = header_probe(frame, MAGIC)
+    if layout is None:
         return None
-    block, rows = probe[4], probe[5]
+    block, rows = layout
     if block < 2 or rows < 1 or rows >= block:
         return None
     sp = split(frame, block, rows)

@@ -40,6 +40,7 @@ from radguard.watermark.base import (
     Split,
     UnauthenticatedPayload,
     WatermarkError,
+    header_probe,
     key_check,
     lsbs,
 )
@@ -96,12 +97,17 @@ class _Geometry:
         return lsbs(frame[rows, :]).ravel()[:n_bits]
 
 
-def _frame_mac(key: WatermarkKey, frame: np.ndarray, geo: _Geometry, frame_index: int
-               ) -> bytes:
-    """Keyed BLAKE2b over the marked frame's values mod 2^16, the MAC pixels' LSBs cleared."""
+def _mac_input(frame: np.ndarray, geo: _Geometry) -> np.ndarray:
+    """The frame's values mod 2^16 (uint16), the frame MAC's own LSBs cleared: what the frame
+    MAC covers, and, with the tag rows' LSBs cleared too, what the block tags hash."""
     work = np.asarray(frame).astype("<u2")  # integer casts keep the low 16 bits
     work[geo.mac_px] &= np.uint16(0xFFFE)
-    h = hashlib.blake2b(struct.pack("<III", frame.shape[0], frame.shape[1], frame_index),
+    return work
+
+
+def _frame_mac(key: WatermarkKey, work: np.ndarray, frame_index: int) -> bytes:
+    """Keyed BLAKE2b over :func:`_mac_input`."""
+    h = hashlib.blake2b(struct.pack("<III", work.shape[0], work.shape[1], frame_index),
                         key=key.mac, digest_size=16, person=b"rgw2-frame")
     h.update(work.data)
     return h.digest()
@@ -168,7 +174,8 @@ def try_embed(original: np.ndarray, sp: Split, key: WatermarkKey, id_bytes: byte
         marked = original.astype(np.int32)
         marked[~sp.tag_rows, :] = out
         marked = BlockTags(layout, key.tag, nonce, frame_index).write(marked, geo.mac_px)
-        mac = bytes_to_bits(_frame_mac(key, marked, geo, frame_index)).astype(np.int32)
+        mac = bytes_to_bits(_frame_mac(key, _mac_input(marked, geo), frame_index)).astype(
+            np.int32)
         marked[geo.mac_px] = (marked[geo.mac_px] & ~1) | mac
         return marked
     return None
@@ -180,8 +187,7 @@ class Header:
 
     geo: _Geometry
     threshold: int
-    nonce: bytes
-    head_start: bytes
+    head_start: bytes  # magic, block, rows, T, nonce: what the keystreams and MACs bind to
     payload_bits: int
     lm_bits: tuple[int, int]
     reserved: int
@@ -189,6 +195,11 @@ class Header:
     enc_id: bytes
     mac_original: bytes
     lm_blob: bytes
+
+    @property
+    def nonce(self) -> bytes:
+        """The frame's random 64-bit nonce."""
+        return self.head_start[8:16]
 
 
 def read_header(frame: np.ndarray) -> Header | None:
@@ -200,12 +211,10 @@ def read_header(frame: np.ndarray) -> Header | None:
 
 
 def _parse_header(frame: np.ndarray) -> Header | None:
-    probe = bits_to_bytes(lsbs(frame[0, : 8 * 6]))
-    if probe[:4] != MAGIC:
+    layout = header_probe(frame, MAGIC)
+    if layout not in LAYOUTS:
         return None
-    block, rows = probe[4], probe[5]
-    if (block, rows) not in LAYOUTS:
-        return None
+    block, rows = layout
     height, width = frame.shape
     geo = _Geometry.of(height, width, block, rows)
     fields = HEAD.unpack(bits_to_bytes(geo.header_bits(frame, HEAD.size * 8)))
@@ -215,7 +224,7 @@ def _parse_header(frame: np.ndarray) -> Header | None:
         return None
     raw = bits_to_bytes(geo.header_bits(frame, total))
     blob = raw[HEAD.size + _MAC_BITS // 8 :]
-    return Header(geo, threshold, raw[8:16], raw[:16], payload_bits, (lm0, lm1), reserved, kc,
+    return Header(geo, threshold, raw[:16], payload_bits, (lm0, lm1), reserved, kc,
                   blob[:id_len], blob[id_len : id_len + 16], blob[id_len + 16 :])
 
 
@@ -261,8 +270,9 @@ def check(frame: np.ndarray, key: WatermarkKey, frame_index: int) -> FrameCheck 
         raise WatermarkError("watermark key does not match this image")
     else:
         return None
-    failed = BlockTags(geo.layout, key.tag, nonce, frame_index).failures(frame, geo.mac_px)
-    expected, stored = _frame_mac(key, frame, geo, frame_index), lsbs(frame[geo.mac_px])
+    work = _mac_input(frame, geo)  # one copy for both hashes
+    expected, stored = _frame_mac(key, work, frame_index), lsbs(frame[geo.mac_px])
+    failed = BlockTags(geo.layout, key.tag, nonce, frame_index).failures(frame, work)
     mac_ok = hmac.compare_digest(expected, bits_to_bytes(stored))
     if not mac_ok and not failed.any():
         # every block holds but the MAC does not: its own pixels changed (their LSBs are

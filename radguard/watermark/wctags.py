@@ -111,9 +111,12 @@ class BlockTags:
         """uint16 values as hashed: stored value mod 2^16, tag-row LSBs cleared, and the LSBs
         of ``exclude`` (row and column indices: pixels written after the tags) cleared."""
         work = np.asarray(frame).astype(np.uint16)  # integer casts keep the low 16 bits
-        work[self._rows, :] &= np.uint16(0xFFFE)
         if exclude is not None:
             work[exclude] &= np.uint16(0xFFFE)
+        return self._clear_tag_rows(work)
+
+    def _clear_tag_rows(self, work: np.ndarray) -> np.ndarray:
+        work[self._rows, :] &= np.uint16(0xFFFE)
         return work
 
     def _hash(self, values: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -195,7 +198,8 @@ class BlockTags:
             out[tag_ys, xs] |= bits.astype(np.int32).reshape(out[tag_ys, xs].shape)
         return out
 
-    def failures(self, frame: np.ndarray, exclude: tuple[np.ndarray, np.ndarray] | None
-                 ) -> np.ndarray:
-        """Boolean grid: True where a block's tag does not match its pixels."""
-        return self.expected(self.hashed_form(frame, exclude)) != self.observed(frame)
+    def failures(self, frame: np.ndarray, work: np.ndarray) -> np.ndarray:
+        """Boolean grid: True where a block's tag does not match its pixels. ``work``: the
+        frame as uint16 with the LSBs written after the tags cleared (changed in place: its
+        tag rows' LSBs are cleared too)."""
+        return self.expected(self._clear_tag_rows(work)) != self.observed(frame)
