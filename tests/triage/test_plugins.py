@@ -56,18 +56,23 @@ def _torch_only(model):
     return model
 
 
+def _assert_same_scores(model, reference):
+    """Raw scores, probabilities and suspicion of six NIH radiographs agree (to 1e-4)."""
+    images = _nih_images(6)
+    batch = np.stack([reference.preprocess(i) for i in images])
+    assert np.abs(model.raw_scores(batch) - reference.raw_scores(batch)).max() < 1e-4
+    for image in images:
+        a, b = reference.predict(image), model.predict(image)
+        assert abs(a.probability - b.probability) < 1e-4 and a.suspicion == b.suspicion
+
+
 def test_onnx_bundle_scores_like_the_torch_model(onnx_bundle):
     torch_model, onnx_model = _torch_only(load_model("chest")), load_model(str(onnx_bundle))
     assert torch_model.runtime == "torch"
     assert isinstance(onnx_model, OnnxTriageModel)
     assert json.loads(onnx_bundle.read_text())["format"] == "onnx"
     assert onnx_model.card == torch_model.card and onnx_model.threshold == torch_model.threshold
-    images = _nih_images(6)
-    batch = np.stack([torch_model.preprocess(i) for i in images])
-    assert np.abs(onnx_model.raw_scores(batch) - torch_model.raw_scores(batch)).max() < 1e-4
-    for image in images:
-        a, b = torch_model.predict(image), onnx_model.predict(image)
-        assert abs(a.probability - b.probability) < 1e-4 and a.suspicion == b.suspicion
+    _assert_same_scores(onnx_model, torch_model)
 
 
 def test_onnx_model_through_the_cli_with_dicom_results(onnx_bundle, tmp_path):
@@ -180,13 +185,7 @@ def test_the_shipped_chest_bundle_scores_on_its_stamped_export_like_torch():
     give what the weights give in torch."""
     model = load_model("chest")
     assert model.runtime == "onnxruntime"
-    reference = _torch_only(model)
-    images = _nih_images(6)
-    batch = np.stack([model.preprocess(i) for i in images])
-    assert np.abs(model.raw_scores(batch) - reference.raw_scores(batch)).max() < 1e-4
-    for image in images:
-        a, b = model.predict(image), reference.predict(image)
-        assert abs(a.probability - b.probability) < 1e-4 and a.suspicion == b.suspicion
+    _assert_same_scores(model, _torch_only(model))
 
 
 def test_a_stale_runtime_export_is_refused_and_new_weights_drop_it(tmp_path):
