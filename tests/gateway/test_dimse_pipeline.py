@@ -234,7 +234,7 @@ def test_checks_in_separate_processes_route_the_same(tmp_path, files, pki):
     gateway = Gateway(config)
     gateway.start()
     try:
-        pids = list(gateway.checks._pool._processes)
+        pids = gateway.checks.pids
         assert pids and all(pid != os.getpid() for pid in pids)
         result = _storescu(gateway.dicom.port, *files.values())
         assert result.returncode == 0, result.stderr
@@ -261,6 +261,6 @@ def test_checks_in_separate_processes_route_the_same(tmp_path, files, pki):
         first, second = (after[str(read_dataset(p).SOPInstanceUID)] for p in again)
         assert first.state == "quarantined" and "check process died" in first.detail["error"]
         assert "error" not in second.detail and second.ai_suspicion is not None
-        assert set(gateway.checks._pool._processes).isdisjoint(pids)
+        assert len(gateway.checks.pids) == 1 and set(gateway.checks.pids).isdisjoint(pids)
     finally:
         gateway.stop()
