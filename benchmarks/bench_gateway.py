@@ -8,10 +8,16 @@ as the demo hospital's DX room does it (radguard.gateway.demo.DemoHospital.acqui
 watermarked, then signed by the room's device key. The gateway has every layer on: signature
 verification against the CA, the watermark check with the hospital's key, the forensics scan,
 the chest triage model and the drift monitor (fitted on 300 other NIH radiographs; each run
-gets a fresh copy). The gateway runs as its own process (`radguard serve`), like Orthanc; the
-senders are pynetdicom SCUs with TCP_NODELAY in this process.
+gets a fresh copy). The gateway runs as its own process (`radguard serve`), like Orthanc.
 
-    python benchmarks/bench_gateway.py [--images 300] [--workers 2]
+Senders (the same for both sides of a ratio): dcmtk ``storescu``, one process per association
+(default; a C implementation that waits on its socket, as a modality's DICOM stack does), or
+``--sender pynetdicom``: SCUs in this process. pynetdicom's requestor polls its socket every
+millisecond on two threads per association, so ten idle associations alone burn about 0.8 of
+a core here - on a two-core machine that is CPU taken from the receiver being measured, more
+of it the longer a run lasts.
+
+    python benchmarks/bench_gateway.py [--images 300] [--workers 2] [--sender storescu]
 
 300 images by default: rates are sustained ones - at 50 instances/s a 120-image run lasts
 2.4 s, and the start of every association and the latency of the last instances are then a
@@ -73,7 +79,31 @@ def make_images(folder: Path, n: int) -> tuple[list[Path], object]:
             for i in range(n)], hospital
 
 
-def send(port: int, aet: str, files: list[Path], associations: int) -> float:
+def send_storescu(port: int, aet: str, files: list[Path], associations: int) -> float:
+    """Send every file with ``associations`` dcmtk storescu processes (one association
+    each, its share of the files in order); seconds taken. Any failure stops the benchmark."""
+    tool = next((t for t in ("/usr/bin/storescu", shutil.which("storescu")) if t
+                 and Path(t).exists() and "pyenv" not in t and "bin/python" not in t), None)
+    if tool is None:
+        raise SystemExit("dcmtk storescu not found (apt-get install dcmtk), or use "
+                         "--sender pynetdicom")
+    shares = [files[i::associations] for i in range(associations)]
+    start = time.perf_counter()
+    # --required: contexts for the files' SOP class only, uncompressed syntaxes (explicit VR
+    # little endian first), as a modality proposes them
+    procs = [subprocess.Popen([tool, "--required", "-aet", "BENCH", "-aec", aet, "127.0.0.1",
+                               str(port), *map(str, share)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for share in shares if share]
+    errors = [p.communicate()[1].decode(errors="replace") for p in procs]
+    elapsed = time.perf_counter() - start
+    failed = [e for p, e in zip(procs, errors, strict=True) if p.returncode]
+    if failed:
+        raise SystemExit(f"{len(failed)} storescu run(s) failed: {failed[0][-1500:]}")
+    return elapsed
+
+
+def send_pynetdicom(port: int, aet: str, files: list[Path], associations: int) -> float:
     """Send every file over ``associations`` parallel associations; seconds taken. Any
     failed C-STORE stops the benchmark. The associations are opened with radguard's
     :func:`open_association`, which keeps pynetdicom's requestor from losing a response to
@@ -133,7 +163,8 @@ def orthanc(folder: Path) -> tuple[subprocess.Popen, int]:
 
 
 def gateway_run(tmp: Path, files: list[Path], hospital: object, associations: int,
-                workers: int, trust_signed: bool, check_processes: int) -> dict[str, float]:
+                workers: int, trust_signed: bool, check_processes: int,
+                sender: str = "storescu") -> dict[str, float]:
     from radguard.gateway.store import Store
     from radguard.monitoring import Monitor
 
@@ -157,7 +188,7 @@ def gateway_run(tmp: Path, files: list[Path], hospital: object, associations: in
     try:
         wait_port(port, proc, "radguard")
         start = time.perf_counter()
-        receive = send(port, "RADGUARD", files, associations)
+        receive = SENDERS[sender](port, "RADGUARD", files, associations)
         store = Store(data)
         while True:
             counts = store.counts()
@@ -188,6 +219,9 @@ def gateway_run(tmp: Path, files: list[Path], hospital: object, associations: in
         log.close()
 
 
+SENDERS = {"storescu": send_storescu, "pynetdicom": send_pynetdicom}
+
+
 def every_layer_ran(row: object, *, detectors: bool) -> bool:
     """The signature verified, the watermark checked intact, the chest model scored and the
     drift monitor updated for this instance (what 'every check on' is measured with); with
@@ -205,11 +239,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--sender", choices=sorted(SENDERS), default="storescu",
+                        help="what sends the images to both Orthanc and radguard (default: "
+                             "dcmtk storescu, one process per association)")
     parser.add_argument("--check-processes", type=int,
                         default=max(1, min(4, os.cpu_count() or 1)),
                         help="check processes for policies A<n>/B<n> (default: one per core, "
                              "at most 4; A/B: checks in-process)")
+    parser.add_argument("--policies", default="A,B,An,Bn",
+                        help="comma-separated subset of A, B, An, Bn (An/Bn: with the check "
+                             "processes), e.g. --policies An for the default configuration only")
     args = parser.parse_args()
+    wanted = {p.strip() for p in args.policies.split(",") if p.strip()}
+    if not wanted or wanted - {"A", "B", "An", "Bn"}:
+        parser.error("--policies: a comma-separated subset of A, B, An, Bn")
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         files, hospital = make_images(tmp / "images", args.images)
@@ -226,6 +269,8 @@ def main() -> None:
               f"A{args.check_processes}/B{args.check_processes}: checks in "
               f"{args.check_processes} separate process(es) (the gateway's default 'auto' is "
               "one per core, at most 4)")
+        print(f"sender: {args.sender} (one association per "
+              f"{'storescu process' if args.sender == 'storescu' else 'thread'})")
         print("every instance of every run is checked to have passed each layer (signature "
               "valid, watermark intact, triage scored, monitor updated)")
         print(f"{'associations':>12}{'policy':>7}{'Orthanc/s':>11}{'radguard received/s':>21}"
@@ -233,15 +278,19 @@ def main() -> None:
         for associations in (1, 4, 10):
             proc, port = orthanc(tmp / f"orthanc{associations}")
             try:
-                orthanc_rate = len(files) / send(port, "ORTHANC", files, associations)
+                orthanc_rate = len(files) / SENDERS[args.sender](port, "ORTHANC", files,
+                                                                 associations)
             finally:
                 proc.terminate()
                 proc.wait(30)
             n = args.check_processes
-            for policy, trust_signed, procs in (("A", True, 0), ("B", False, 0),
-                                                (f"A{n}", True, n), (f"B{n}", False, n)):
+            for key, trust_signed, procs in (("A", True, 0), ("B", False, 0),
+                                             ("An", True, n), ("Bn", False, n)):
+                if key not in wanted:
+                    continue
+                policy = key.replace("n", str(n)) if procs else key
                 r = gateway_run(tmp, files, hospital, associations, args.workers,
-                                trust_signed, procs)
+                                trust_signed, procs, args.sender)
                 print(f"{associations:>12}{policy:>7}{orthanc_rate:>11.1f}"
                       f"{r['receive_rate']:>21.1f}{r['rate']:>20.1f}"
                       f"{r['rate'] / orthanc_rate:>7.2f}{r['p50']:>8.2f}{r['p99']:>8.2f}"

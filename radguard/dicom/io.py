@@ -7,6 +7,7 @@ radguard is a security tool, so reading is strict: any short read is a truncated
 
 from __future__ import annotations
 
+import functools
 import io
 import mmap
 import os
@@ -262,6 +263,11 @@ _SINGLE_BINARY = {vr: struct.Struct(f"<{code}") for vr, code in
                   (("US", "H"), ("SS", "h"), ("UL", "I"), ("SL", "i"))}
 
 
+@functools.lru_cache(maxsize=1024)
+def _keyword_tag(keyword: str) -> int | None:
+    return tag_for_keyword(keyword)
+
+
 def peek(ds: Dataset, keyword: str | int, default: Any = None) -> Any:  # noqa: ANN401
     """An element's value without converting it in place.
 
@@ -269,10 +275,14 @@ def peek(ds: Dataset, keyword: str | int, default: Any = None) -> Any:  # noqa: 
     value is re-encoded on writing (trailing spaces dropped, numbers reformatted...), which
     would change bytes a signature covers. Read-only consumers use this instead.
     """
-    tag = keyword if isinstance(keyword, int) else tag_for_keyword(keyword)
-    if tag is None or tag not in ds:
+    tag = keyword if isinstance(keyword, int) else _keyword_tag(keyword)
+    if tag is None:
         return default
-    elem = ds.get_item(tag)
+    elem = ds._dict.get(tag)  # one lookup; ``in`` + ``get_item`` made two Tag objects
+    if elem is None:
+        return default
+    if isinstance(elem, RawDataElement) and elem.value is None and elem.length:
+        elem = ds.get_item(tag)  # a deferred value: pydicom reads it from the file
     if isinstance(elem, RawDataElement):
         fmt = _SINGLE_BINARY.get(elem.VR)  # type: ignore[arg-type]
         if (fmt is not None and elem.value is not None and len(elem.value) == fmt.size
