@@ -21,7 +21,7 @@ from radguard.gateway.acceptor import (
     encode_response,
     parse_command,
 )
-from tests.conftest import NIH_DX
+from tests.conftest import NIH_DX, process_alive
 
 VERIFICATION = "1.2.840.10008.1.1"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
@@ -409,8 +409,8 @@ def test_a_port_in_use_is_a_clear_error_and_nothing_keeps_listening(tmp_path, wh
     # whatever had started (the web server, the workers) has stopped again
     assert gateway.dicom._server is None
     if which == "dicom_port":  # opened last, after the web server and the workers
-        assert not gateway._http_thread.is_alive() and gateway._threads
-    assert not any(t.is_alive() for t in gateway._threads)
+        assert not gateway._http_thread.isprocess_alive() and gateway._threads
+    assert not any(t.isprocess_alive() for t in gateway._threads)
     taken.close()
 
 
@@ -452,16 +452,7 @@ def test_a_start_that_fails_leaves_no_check_process_behind(tmp_path, monkeypatch
         gateway.start()
     assert len(started) == 1
     deadline = time.monotonic() + 10
-    while _alive(started[0]) and time.monotonic() < deadline:
+    while process_alive(started[0]) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _alive(started[0])
+    assert not process_alive(started[0])
     assert gateway.dicom._server is None
-
-
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` still runs (a zombie awaiting its parent's wait() does not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
