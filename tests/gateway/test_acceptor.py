@@ -409,8 +409,8 @@ def test_a_port_in_use_is_a_clear_error_and_nothing_keeps_listening(tmp_path, wh
     # whatever had started (the web server, the workers) has stopped again
     assert gateway.dicom._server is None
     if which == "dicom_port":  # opened last, after the web server and the workers
-        assert not gateway._http_thread.isprocess_alive() and gateway._threads
-    assert not any(t.isprocess_alive() for t in gateway._threads)
+        assert not gateway._http_thread.is_alive() and gateway._threads
+    assert not any(t.is_alive() for t in gateway._threads)
     taken.close()
 
 
