@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from radguard.gateway.store import Store
-from tests.conftest import _free_port, dcmtk_tool
+from tests.conftest import _free_port, dcmtk_tool, process_alive
 
 
 def _small_images(folder, n: int) -> dict[str, str]:
@@ -72,14 +72,6 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in out.split()]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_kill_9_during_a_1000_image_transfer(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
@@ -98,9 +90,9 @@ def test_kill_9_during_a_1000_image_transfer(tmp_path):
     gateway.wait(30)
     # its check processes do not outlive it (they would hold their models forever)
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(_alive(pid) for pid in checkers):
+    while time.monotonic() < deadline and any(process_alive(pid) for pid in checkers):
         time.sleep(0.1)
-    assert checkers and not [pid for pid in checkers if _alive(pid)]
+    assert checkers and not [pid for pid in checkers if process_alive(pid)]
     log, _ = sender.communicate(timeout=120)
     acked, current = [], None
     for line in log.splitlines():
