@@ -2,13 +2,19 @@
 
 Every command prints a one-line error and exits non-zero on bad input; tracebacks are shown
 only with ``RADGUARD_DEBUG=1``. Exit codes: 0 success, 1 a check failed (e.g. a file is not
-validly signed), 2 bad usage or bad input, 3 internal error.
+validly signed), 2 bad usage or bad input, or a file that cannot be read or written (no
+permission, read-only file system, file too large, disk full: outputs are written atomically,
+so nothing half-written is left), 3 internal error, 130 interrupted, 141 the reader of the
+output went away (``radguard verify ... | head``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import sqlite3
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -33,8 +39,31 @@ def _err(message: str) -> None:
     click.echo(f"radguard: error: {message}", err=True)
 
 
+#: SQLite primary result codes that mean the database file cannot be read or written
+#: (permission, read-only, I/O error, disk full, cannot open), not a bug in a query.
+_SQLITE_STORAGE_ERRORS = frozenset({3, 8, 10, 13, 14})
+
+
+def _os_error_message(exc: OSError) -> str:
+    """One line for a file that cannot be read or written: which file, why, and the errno
+    name (EACCES, EROFS, EFBIG, ENOSPC...)."""
+    reason = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
+    code = errno.errorcode.get(exc.errno) if isinstance(exc.errno, int) else None
+    if code:
+        reason += f" ({code})"
+    name = exc.filename2 if exc.filename2 is not None else exc.filename
+    if name is None:
+        return f"cannot read or write a file: {reason}; nothing half-written was left"
+    path = Path(os.fsdecode(name))
+    if path.name.startswith(".") and path.name.endswith(".tmp"):
+        # the atomic writer's temporary file (.NAME.random.tmp): name the real output
+        path = path.with_name(path.name[1:-4].rsplit(".", 1)[0])
+    return f"{path}: {reason}"
+
+
 class _Group(click.Group):
-    """Turns RadguardError into a one-line message and exit code 2; hides tracebacks."""
+    """Turns RadguardError, and files that cannot be read or written, into a one-line
+    message and exit code 2; hides tracebacks."""
 
     def invoke(self, ctx: click.Context) -> Any:  # noqa: ANN401
         try:
@@ -47,9 +76,24 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             _err("interrupted")
             ctx.exit(130)
+        except BrokenPipeError:
+            # the reader of our output is gone: say nothing more (stdout is dead too)
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(141)
+        except OSError as exc:
+            if os.environ.get("RADGUARD_DEBUG"):
+                raise
+            _err(_os_error_message(exc))
+            ctx.exit(2)
         except Exception as exc:
             if os.environ.get("RADGUARD_DEBUG"):
                 raise
+            if isinstance(exc, sqlite3.OperationalError) and \
+                    (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in _SQLITE_STORAGE_ERRORS:
+                _err(f"database file cannot be used: {exc} "
+                     f"({getattr(exc, 'sqlite_errorname', 'SQLITE_ERROR')})")
+                ctx.exit(2)
             _err(f"internal error ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); "
                  "rerun with RADGUARD_DEBUG=1 for details")
             ctx.exit(3)
@@ -292,22 +336,50 @@ def sign(inputs: tuple[str, ...], out: str, key_path: str, cert_path: str, profi
 
 # -- verify -------------------------------------------------------------------------------
 
+def _policy_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--allow-weak / --min-rsa-bits / --min-ec-bits: the signature algorithm policy."""
+    from radguard.provenance.policy import EC_BITS_RANGE, RSA_BITS_RANGE
+
+    options = [
+        click.option("--allow-weak", is_flag=True,
+                     help="Accept weak signatures (MD5 or SHA-1 MAC, short keys) as valid; "
+                          "they are still labelled weak-allowed. Default: status weak."),
+        click.option("--min-rsa-bits", type=click.IntRange(*RSA_BITS_RANGE), default=2048,
+                     show_default=True, help="Shorter RSA signer keys are weak."),
+        click.option("--min-ec-bits", type=click.IntRange(*EC_BITS_RANGE), default=256,
+                     show_default=True, help="Smaller elliptic-curve signer keys are weak."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _policy(allow_weak: bool, min_rsa_bits: int, min_ec_bits: int) -> Any:  # noqa: ANN401
+    from radguard.provenance.policy import AlgorithmPolicy
+
+    return AlgorithmPolicy(allow_weak=allow_weak, min_rsa_bits=min_rsa_bits,
+                           min_ec_bits=min_ec_bits)
+
+
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("--trust", "trust_paths", multiple=True, type=click.Path(),
               help="Trusted CA or signer certificate(s): PEM/DER files or folders; repeatable. "
                    "Add the TSA's CA to trust certified timestamps.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per file.")
+@_policy_options
 @_workers_option
 def verify(paths: tuple[str, ...], trust_paths: tuple[str, ...], as_json: bool,
-           workers: int) -> None:
+           allow_weak: bool, min_rsa_bits: int, min_ec_bits: int, workers: int) -> None:
     """Verify DICOM signatures; exit 0 only if every file is validly signed by a trusted
-    signer."""
+    signer. Only signatures in the top-level data set count: one inside a sequence item is
+    reported but vouches for that item only."""
     from radguard.dicom.io import iter_dicom_paths
     from radguard.provenance.trust import TrustStore
     from radguard.provenance.verify import VerificationReport, verify_paths
 
     trust = TrustStore.from_paths(trust_paths) if trust_paths else None
+    policy = _policy(allow_weak, min_rsa_bits, min_ec_bits)
     missing = [p for p in paths if not Path(p).exists()]
     all_ok = not missing
     for p in missing:
@@ -319,7 +391,7 @@ def verify(paths: tuple[str, ...], trust_paths: tuple[str, ...], as_json: bool,
         raise RadguardError("no input files found")
     with _progress(total, "verifying") as progress:
         task = progress.add_task("verify", total=total)
-        for report in verify_paths(present, trust, workers=workers):
+        for report in verify_paths(present, trust, workers=workers, policy=policy):
             all_ok &= report.ok
             _print_report(report, as_json)
             progress.advance(task)
@@ -337,19 +409,25 @@ def _print_report(report: Any, as_json: bool) -> None:  # noqa: ANN401
     if report.error:
         click.echo(f"    {report.error}")
     for sig in report.signatures:
-        where = f" in {sig.location}" if sig.location else ""
+        where = f" in {sig.location} (vouches for that item only)" if sig.location else ""
         when = f"{sig.signed_at:%Y-%m-%d %H:%M:%SZ}" if sig.signed_at else "?"
+        key = f"{sig.key_type} {sig.key_bits}" if sig.key_type else "?"
         click.echo(f"    signature {sig.mac_id}{where}: {sig.status} - {sig.reason}")
-        click.echo(f"      signer {sig.signer or '?'}; {sig.mac_algorithm or '?'}; "
+        click.echo(f"      signer {sig.signer or '?'}; {sig.mac_algorithm or '?'}, {key}; "
                    f"signed {when}; profiles {', '.join(sig.profiles) or 'none'}")
         if sig.timestamp is not None:
             ts = sig.timestamp
             click.echo(f"      certified timestamp {ts.time:%Y-%m-%d %H:%M:%SZ} by {ts.tsa}: "
                        f"{ts.reason}" if ts.time else f"      certified timestamp: {ts.reason}")
-    if report.uncovered and any(sig.intact for sig in report.signatures):
+    if not any(sig.intact for sig in report.top_level):
+        return
+    if report.uncovered:
         shown = ", ".join(report.uncovered[:12])
         more = f" (+{len(report.uncovered) - 12} more)" if len(report.uncovered) > 12 else ""
         click.echo(f"    NOT covered by any signature: {shown}{more}")
+    if report.pixels_uncovered:
+        click.echo("    pixel data NOT vouched for by a valid signature: "
+                   + ", ".join(report.pixels_uncovered))
 
 
 # -- dicom --------------------------------------------------------------------------------
@@ -861,8 +939,10 @@ _VERDICT_COLOUR = {"authentic": "green", "suspicious": "yellow", "unverifiable":
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image.")
 @click.option("--heatmap-dir", type=click.Path(file_okay=False),
               help="Write <name>.heatmap.png per image: detector evidence and tamper regions.")
+@_policy_options
 def scan(paths: tuple[str, ...], trust_paths: tuple[str, ...], key_path: str | None,
-         as_json: bool, heatmap_dir: str | None) -> None:
+         as_json: bool, heatmap_dir: str | None, allow_weak: bool, min_rsa_bits: int,
+         min_ec_bits: int) -> None:
     """One forensic verdict per image (DICOM, PNG, JPEG; folders recursively): authentic,
     suspicious, synthetic, tampered or unverifiable, with reasons. Exit 0 if every image is
     authentic, 1 otherwise."""
@@ -872,6 +952,7 @@ def scan(paths: tuple[str, ...], trust_paths: tuple[str, ...], key_path: str | N
     from radguard.provenance.trust import TrustStore
 
     trust = TrustStore.from_paths(trust_paths) if trust_paths else None
+    policy = _policy(allow_weak, min_rsa_bits, min_ec_bits)
     key = None
     if key_path:
         from radguard.watermark import load_key
@@ -892,7 +973,7 @@ def scan(paths: tuple[str, ...], trust_paths: tuple[str, ...], key_path: str | N
         task = progress.add_task("scan", total=len(files))
         for i, f in enumerate(files):
             result = scan_file(f, trust=trust, watermark_key=key, detector=detector,
-                               keep_pixels=out_dir is not None)
+                               keep_pixels=out_dir is not None, policy=policy)
             if out_dir and result.synthetic is not None:
                 target = out_dir / f"{i:05d}-{f.stem}.heatmap.png"
                 write_heatmap(result, target)

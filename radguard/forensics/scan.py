@@ -1,7 +1,9 @@
 """One verdict per image from every layer that can speak about it.
 
-Layers, strongest first: the PS3.15 signature (DICOM), the fragile watermark (when a key is
-configured), the declared Synthetic Data attribute, the local tamper detector, the
+Layers, strongest first: the PS3.15 signature (DICOM; only a valid top-level signature over
+the pixel data and the attributes that say how to read it vouches for the image, see
+``VerificationReport.pixels_covered``), the fragile watermark (when a key is configured),
+the declared Synthetic Data attribute, the local tamper detector, the
 synthetic-radiograph detector and the header checks. Verdicts:
 
 * ``tampered``     - a signature no longer matches, the watermark shows changed blocks, a
@@ -10,9 +12,11 @@ synthetic-radiograph detector and the header checks. Verdicts:
 * ``synthetic``    - declared synthetic, or the detector score reaches the shipped threshold
   (without a valid trusted signature vouching for the pixels);
 * ``suspicious``   - weaker evidence: a high-severity header finding, a
-  detector score in the upper band below the threshold, or a detector alarm (synthetic,
-  fill or splice) on a validly signed image (a stolen key is possible, a forged signature
-  is not);
+  detector score in the upper band below the threshold, a detector alarm (synthetic,
+  fill or splice) on an image whose pixels a valid signature covers (a stolen key is
+  possible, a forged signature is not), a signer that is not trusted, a signature too weak
+  to count (MD5, SHA-1, short key), or a signature inside a sequence item that no longer
+  matches its item;
 * ``unverifiable`` - nothing could be judged (unreadable file, image too small or not grey);
 * ``authentic``    - every layer that ran found nothing.
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -31,6 +36,10 @@ from radguard.forensics.metadata import Finding, check_metadata
 from radguard.forensics.synthetic import SyntheticDetector, SyntheticResult, load_detector
 from radguard.forensics.tamper import TamperResult, detect_tamper
 from radguard.images import display_frame, is_dicom_path, read_for_analysis
+
+if TYPE_CHECKING:
+    from radguard.provenance.policy import AlgorithmPolicy
+    from radguard.provenance.verify import VerificationReport
 
 __all__ = ["VERDICTS", "ScanResult", "scan_file", "write_heatmap"]
 
@@ -44,7 +53,8 @@ class ScanResult:
     path: str
     verdict: str = "unverifiable"
     reasons: list[str] = field(default_factory=list)
-    signature: str = "not applicable"  # valid / invalid / untrusted / unsigned / not applicable
+    # valid / invalid / weak / untrusted / unsigned / not applicable (VerificationReport.status)
+    signature: str = "not applicable"
     watermark: str = "not checked"  # intact / changed / absent / not checked
     synthetic: SyntheticResult | None = None
     tamper: TamperResult | None = None
@@ -55,7 +65,9 @@ class ScanResult:
     dataset: object | None = field(default=None, repr=False)
     stored: np.ndarray | None = field(default=None, repr=False)
     modality: str = ""
-    pixels_vouched: bool = False  # a trusted signature covers the pixel data
+    weak_evidence: list[str] = field(default_factory=list)  # makes the verdict suspicious
+    pixels_vouched: bool = False  # a valid trusted signature covers the pixels (and how to
+    # read them): VerificationReport.pixels_covered
 
     @property
     def synthetic_score(self) -> float | None:
@@ -83,27 +95,49 @@ RADIOGRAPHIC = {"CR", "DX", "MG", "RF", "XA", "IO", "PX", "RG", "OT", ""}
 TAMPER_MODALITIES = RADIOGRAPHIC | {"CT"}  # where the tamper layer was designed and measured
 
 
-def _dicom_layers(path: Path, result: ScanResult, trust: object, key: object,
-                  keep: bool) -> np.ndarray:
-    from radguard.dicom.io import read_dataset
-    from radguard.dicom.pixels import pixel_array
-    from radguard.provenance.verify import verify_dataset
+def _signature_layer(report: VerificationReport, result: ScanResult, trust: object) -> None:
+    """The signature's verdict, in words, from the top-level signatures; nested ones are
+    reported but never vouch for the image."""
+    from radguard.provenance.policy import AlgorithmVerdict
 
-    ds = read_dataset(path, stop_before_pixels=False)
-    report = verify_dataset(ds, trust)  # type: ignore[arg-type]
     result.signature = report.status
+    top = report.top_level
     if report.status == "invalid":
-        bad = next(s for s in report.signatures if s.status == "invalid")
+        bad = next(s for s in top if s.status == "invalid")
         result.reasons.append(f"signature does not match the data: {bad.reason}")
+    elif report.status == "weak":
+        weak = next(s for s in top if s.status == "weak")
+        result.reasons.append(f"signature too weak to count: {weak.reason}")
     elif report.status == "untrusted":
         result.reasons.append(
             "signature intact but its signer is not trusted"
             + ("" if trust else " (no --trust given)")
         )
-    elif report.status == "valid" and "Pixel Data" in report.uncovered:
-        result.reasons.append("signature valid but does not cover the pixel data")
-    elif report.status == "valid" and trust is not None:
-        result.pixels_vouched = True
+    elif report.status == "valid" and not report.pixels_covered:
+        result.reasons.append("signature valid but does not vouch for the pixels: not covered "
+                              + (", ".join(report.pixels_uncovered) or "(no pixel data)"))
+    result.pixels_vouched = report.status == "valid" and report.pixels_covered
+    result.reasons.extend(f"signature {s.mac_id}: {s.reason}" for s in top
+                          if s.status == "valid" and s.algorithm is AlgorithmVerdict.WEAK_ALLOWED)
+    for nested in report.nested:
+        if nested.status == "invalid":
+            result.weak_evidence.append(f"signature in {nested.location} does not match its "
+                                        f"item: {nested.reason}")
+        else:
+            result.reasons.append(f"signature in {nested.location} ({nested.status}) vouches "
+                                  "for that item only, not for this image")
+
+
+def _dicom_layers(path: Path, result: ScanResult, trust: object, key: object,
+                  keep: bool, policy: AlgorithmPolicy | None) -> np.ndarray:
+    from radguard.dicom.io import read_dataset
+    from radguard.dicom.pixels import pixel_array
+    from radguard.provenance.policy import DEFAULT_POLICY
+    from radguard.provenance.verify import verify_dataset
+
+    ds = read_dataset(path, stop_before_pixels=False)
+    report = verify_dataset(ds, trust, policy=policy or DEFAULT_POLICY)  # type: ignore[arg-type]
+    _signature_layer(report, result, trust)
     result.modality = str(getattr(ds, "Modality", "") or "").upper()
     try:
         pixels = pixel_array(ds)  # decoded once: watermark, header checks and the display
@@ -137,20 +171,23 @@ def scan_file(
     detector: SyntheticDetector | None = None,
     keep_pixels: bool = False,
     trust_signed_pixels: bool = False,
+    policy: AlgorithmPolicy | None = None,
 ) -> ScanResult:
     """Scan one file; never raises for bad input (the verdict is then ``unverifiable``).
 
     ``trust_signed_pixels`` skips the content detectors (synthetic image, copy-move, fill /
-    splice) when a signature that chains to ``trust`` covers the pixel data: the pixels are
-    then provably the device's, and a statistical detector could only add false alarms (about
-    5% of real radiographs at its threshold). Header checks and the watermark still run.
+    splice) when a valid top-level signature that chains to ``trust`` covers the pixel data
+    and the attributes that say how to read it: the pixels are then provably the device's,
+    and a statistical detector could only add false alarms (about 5% of real radiographs at
+    its threshold). Header checks and the watermark still run. ``policy``: which signature
+    algorithms count (default: :data:`~radguard.provenance.policy.DEFAULT_POLICY`).
     """
     p = Path(path)
     result = ScanResult(str(p))
     det = detector or load_detector()
     try:
         if is_dicom_path(p):
-            pixels = _dicom_layers(p, result, trust, watermark_key, keep_pixels)
+            pixels = _dicom_layers(p, result, trust, watermark_key, keep_pixels, policy)
         else:
             pixels = read_for_analysis(p)
     except RadguardError as exc:
@@ -192,7 +229,9 @@ def scan_file(
 
 def _decide(r: ScanResult, threshold: float, band: float) -> None:
     """Combine the layers into one verdict; strongest evidence first."""
-    vouched = r.signature == "valid" or r.watermark == "intact"
+    # a signature vouches only when it covers the pixels: one over a few header elements
+    # says nothing about the image
+    vouched = r.pixels_vouched or r.watermark == "intact"
     declared = any(f.code == "synthetic-data" for f in r.findings)
     score = r.synthetic_score
     tampered = r.signature == "invalid" or r.watermark == "changed"
@@ -202,7 +241,7 @@ def _decide(r: ScanResult, threshold: float, band: float) -> None:
             f"copy-move: {len(r.tamper.copy_move)} region(s) duplicated "
             f"elsewhere in the image {r.tamper.copy_move[:3]}"
         )
-    weak = []
+    weak = list(r.weak_evidence)
     if r.tamper is not None and r.tamper.local_edits:
         found = (
             f"local edit (fill or splice): {len(r.tamper.local_edits)} region(s) "
@@ -233,7 +272,8 @@ def _decide(r: ScanResult, threshold: float, band: float) -> None:
         r.verdict = "tampered"
     elif declared or (score is not None and score >= threshold and not vouched):
         r.verdict = "synthetic"
-    elif weak or (score is not None and score >= threshold) or r.signature == "untrusted":
+    elif weak or (score is not None and score >= threshold) \
+            or r.signature in ("untrusted", "weak"):
         r.verdict = "suspicious"
     elif score is None and not vouched:
         r.verdict = "unverifiable"

@@ -3,16 +3,21 @@
 The policy, in order (the first rule that applies decides):
 
 1. Synthetic Data = YES: **rejected** - synthetic images never enter the clinical store.
-2. A signature that does not hold (invalid), or a signer not trusted: **quarantined**.
-3. Unsigned, from a calling AE title or modality listed in ``must_sign``: **quarantined**.
+2. A signature that does not hold (invalid), one too weak to count (MD5 / SHA-1 MAC, short
+   key; ``[signatures]`` in the configuration), or a signer not trusted: **quarantined**.
+3. From a calling AE title or modality listed in ``must_sign``, without a valid top-level
+   signature over the pixel data and the attributes that say how to read it: **quarantined**
+   (unsigned, signed only inside sequence items - such a signature covers its item, not the
+   image - or signed over a few header elements only).
 4. A watermark that no longer matches the pixels: **quarantined**.
 5. Forensics verdict ``tampered`` or ``synthetic``: **quarantined**.
 6. Pixel data that cannot be decoded (verdict ``unverifiable``): **quarantined**.
 7. Otherwise **done**: forwarded to the PACS when one is configured; ``suspicious`` images
    go through with their badge and reasons.
 
-When a signature that chains to the trust store covers the pixel data, the content detectors
-(synthetic image, copy-move, fill / splice) are skipped (``trust_signed_pixels``, on by
+When a valid top-level signature that chains to the trust store covers the pixel data and
+the attributes that say how to read it (``VerificationReport.pixels_covered``), the content
+detectors (synthetic image, copy-move, fill / splice) are skipped (``trust_signed_pixels``, on by
 default): the pixels are provably the device's, and a statistical detector could only add
 false alarms. Header checks, the watermark check (a forgery signed with a stolen device key
 still lacks the watermark), triage and monitoring still run.
@@ -49,7 +54,7 @@ class Routing:
 
     state: str  # done / quarantined / rejected
     verdict: str
-    trust: str  # the badge: signed / watermarked / unsigned / invalid / ...
+    trust: str  # the badge: signed / pixels unsigned / watermarked / unsigned / invalid / ...
     reasons: list[str] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
     ai_probability: float | None = None
@@ -172,6 +177,7 @@ class Pipeline:
         from radguard.forensics.synthetic import load_detector
 
         self.config, self.store, self.audit_log = config, store, audit_log
+        self.policy = config.signature_policy()
         self.trust = None
         if config.trust:
             from radguard.provenance.trust import TrustStore
@@ -233,9 +239,10 @@ class Pipeline:
 
         scan = scan_file(path, trust=self.trust, watermark_key=self.key, detector=self.detector,
                          keep_pixels=bool(self.models or self.wants_features),
-                         trust_signed_pixels=self.config.trust_signed_pixels)
+                         trust_signed_pixels=self.config.trust_signed_pixels,
+                         policy=self.policy)
         codes = {f.code for f in scan.findings}
-        trust = _badge(scan.signature, scan.watermark)
+        trust = _badge(scan.signature, scan.watermark, scan.pixels_vouched)
         details: dict[str, Any] = {"scan": {k: v for k, v in scan.to_dict().items()
                                             if k != "path"}, "layers": self.layers()}
         r = Routing("done", scan.verdict, trust, list(scan.reasons), details)
@@ -243,14 +250,18 @@ class Pipeline:
             r.state = "rejected"
             r.reasons.insert(0, "Synthetic Data = YES: synthetic images are refused into the "
                                 "clinical store")
-        elif scan.signature in ("invalid", "untrusted"):
+        elif scan.signature in ("invalid", "weak", "untrusted"):
             r.state = "quarantined"
             r.reasons.insert(0, f"signature {scan.signature}")
-        elif scan.signature == "unsigned" and (instance.calling_ae.upper() in self.must_sign
-                                               or instance.modality.upper() in self.must_sign):
+        elif not scan.pixels_vouched and (instance.calling_ae.upper() in self.must_sign
+                                          or instance.modality.upper() in self.must_sign):
             r.state = "quarantined"
-            r.reasons.insert(0, f"unsigned, but {instance.calling_ae or instance.modality} "
-                                "must sign")
+            who = instance.calling_ae or instance.modality
+            if scan.signature == "valid":  # over a few header elements, not the image
+                why = f"signed, but the signature does not cover the pixel data; {who} must sign"
+            else:  # no top-level signature (one in a sequence item covers that item only)
+                why = f"unsigned, but {who} must sign"
+            r.reasons.insert(0, why)
         elif scan.watermark == "changed":
             r.state = "quarantined"
             r.reasons.insert(0, "watermark no longer matches the pixels")
@@ -322,13 +333,14 @@ def _observation(scan: Any, r: Routing) -> Observation | None:  # noqa: ANN401
         return None
 
 
-def _badge(signature: str, watermark: str) -> str:
-    if signature in ("invalid", "untrusted"):
+def _badge(signature: str, watermark: str, pixels_vouched: bool) -> str:
+    if signature in ("invalid", "weak", "untrusted"):
         return f"signature {signature}"
     if watermark == "changed":
         return "watermark changed"
     if signature == "valid":
-        return "signed"
+        # "signed" only when the signature vouches for the image, not a few header elements
+        return "signed" if pixels_vouched else "pixels unsigned"
     if watermark == "intact":
         return "watermarked"
     return "unsigned"

@@ -8,9 +8,13 @@ shorter chain, so every append also writes the head (count and last hash) to a s
 truncated log no longer matches its head. An attacker who rewrites log and head together is
 caught only by a head kept elsewhere: ``verify(expect_head=...)`` checks against one (print
 it with ``radguard audit head`` and store it off the machine, e.g. in the PACS or a ticket).
+Deleting log and head together would otherwise look like a log that was never written, so a
+missing (or empty) log without a head file is a problem unless the caller says the log is new
+(``verify(new=True)``, ``radguard audit verify --new``).
 
 Appends from several processes are serialised with an exclusive ``flock`` on the log and
-fsync'd before returning, so an acknowledged entry survives a crash.
+fsync'd before returning, so an acknowledged entry survives a crash. An append that cannot be
+completed (disk full, file too large) is taken back out: the log never ends in half a line.
 """
 
 from __future__ import annotations
@@ -84,6 +88,7 @@ class ChainReport:
     entries: int = 0
     head: str = GENESIS
     problems: list[str] = field(default_factory=list)
+    missing: bool = False  # the log file does not exist
 
     @property
     def intact(self) -> bool:
@@ -92,8 +97,8 @@ class ChainReport:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
-        return {"path": self.path, "intact": self.intact, "entries": self.entries,
-                "head": self.head, "problems": self.problems}
+        return {"path": self.path, "intact": self.intact, "missing": self.missing,
+                "entries": self.entries, "head": self.head, "problems": self.problems}
 
 
 class AuditLog:
@@ -130,11 +135,20 @@ class AuditLog:
                     "prev": last["hash"] if last else GENESIS,
                 }
                 record["hash"] = _entry_hash(record)
-                fh.write(_canonical(record) + b"\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-                head = {"entries": record["seq"], "head": record["hash"]}
-                atomic_write_bytes(self.head_path, _canonical(head) + b"\n", 0o640)
+                # written straight to the descriptor (O_APPEND), so that a failed write
+                # leaves nothing buffered to be flushed after the log is cut back
+                end = os.lseek(fh.fileno(), 0, os.SEEK_END)
+                try:
+                    line = memoryview(_canonical(record) + b"\n")
+                    while line:
+                        line = line[os.write(fh.fileno(), line):]
+                    os.fsync(fh.fileno())
+                    head = {"entries": record["seq"], "head": record["hash"]}
+                    atomic_write_bytes(self.head_path, _canonical(head) + b"\n", 0o640)
+                except OSError as exc:
+                    _take_back(fh.fileno(), end)
+                    raise AuditLogError(f"{self.path}: cannot write audit entry "
+                                        f"({exc.strerror or exc}); nothing was logged") from exc
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
         return AuditEntry(**record)
@@ -200,12 +214,22 @@ class AuditLog:
                     continue
                 yield lineno, record, ""
 
-    def verify(self, expect_head: str | None = None) -> ChainReport:
-        """Walk the chain; every break, the head file and ``expect_head`` are checked."""
+    def verify(self, expect_head: str | None = None, *, new: bool = False) -> ChainReport:
+        """Walk the chain; every break, the head file and ``expect_head`` are checked.
+
+        A missing or empty log without a head file is what deleting both leaves behind, so
+        it is a problem unless ``new`` says nothing was ever logged here. The gateway logs
+        its own start, so its log is never legitimately missing.
+        """
         report = ChainReport(str(self.path))
         if not self.path.exists():
+            report.missing = True
             if self.head_path.exists():
                 report.problems.append("the log is missing but its head file exists")
+            elif not new:
+                report.problems.append(
+                    "no audit log and no head file: if anything was ever logged here, both "
+                    "were deleted (for a log not written yet: audit verify --new)")
             if expect_head and expect_head != GENESIS:
                 report.problems.append("the log is missing; expected head " + expect_head[:16])
             return report
@@ -233,6 +257,10 @@ class AuditLog:
         if stored is None:
             if report.entries:
                 report.problems.append("the head file is missing")
+            elif not new and not report.problems:
+                report.problems.append(
+                    "the log is empty and has no head file: if anything was ever logged "
+                    "here, it was erased (for a log not written yet: audit verify --new)")
         elif stored.get("head") != prev or stored.get("entries") != report.entries:
             report.problems.append(
                 f"the log ends at entry {report.entries} but its head file records "
@@ -280,6 +308,13 @@ def _last_record(fh: Any, path: Path) -> dict[str, Any] | None:  # noqa: ANN401
         raise AuditLogError(f"{path}: the last entry is damaged; run 'radguard audit verify' "
                             "before writing more") from exc
     return record
+
+
+def _take_back(fd: int, end: int) -> None:
+    """Cut an append that failed half-way back to where the log ended before it."""
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, end)
+        os.fsync(fd)
 
 
 def _current_user() -> str:

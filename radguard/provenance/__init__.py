@@ -4,7 +4,8 @@ The API mirrors the CLI so the gateway calls it without a subprocess::
 
     signer = load_signer("dx3.key.pem", "dx3.cert.pem")
     sign_dataset(ds, signer, profile="creator", mac="sha256")
-    report = verify_dataset(ds, TrustStore.from_paths(["ca.cert.pem"]))
+    report = verify_dataset(ds, TrustStore.from_paths(["ca.cert.pem"]),
+                            policy=AlgorithmPolicy(min_rsa_bits=3072))
 """
 
 from radguard.provenance.keys import (
@@ -18,6 +19,7 @@ from radguard.provenance.keys import (
     save_certificate,
     save_private_key,
 )
+from radguard.provenance.policy import AlgorithmPolicy, AlgorithmVerdict
 from radguard.provenance.profiles import PROFILES, SIGNING_MACS
 from radguard.provenance.sign import PURPOSES, SignatureInfo, sign_dataset, sign_file, sign_paths
 from radguard.provenance.timestamp import http_timestamper, verify_timestamp_token
@@ -33,6 +35,8 @@ __all__ = [
     "PROFILES",
     "PURPOSES",
     "SIGNING_MACS",
+    "AlgorithmPolicy",
+    "AlgorithmVerdict",
     "ChainResult",
     "Identity",
     "SignatureCheck",

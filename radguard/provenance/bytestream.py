@@ -38,6 +38,7 @@ from pydicom.tag import BaseTag, Tag
 
 from radguard.dicom.io import stored_element
 from radguard.dicom.splice import explicit_header, header_size
+from radguard.provenance import ripemd160
 
 __all__ = [
     "EXCLUDED_FROM_ITEM_STREAM",
@@ -388,10 +389,13 @@ def _converted_bytes(ds: Dataset, tag: int) -> bytes:
 
 
 def new_hasher(mac_algorithm: str) -> Any:
-    """A hashlib object for a DICOM MAC Algorithm (0400,0015) defined term."""
+    """A hashlib object for a DICOM MAC Algorithm (0400,0015) defined term (RIPEMD-160 from
+    a pure-Python fallback where this OpenSSL build lacks it)."""
     name = _HASHLIB_NAMES.get(mac_algorithm.strip().upper())
     if name is None:
         raise ValueError(f"unknown MAC algorithm {mac_algorithm!r}")
+    if name == "ripemd160":
+        return ripemd160.new()
     return hashlib.new(name)
 
 

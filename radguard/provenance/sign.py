@@ -462,6 +462,10 @@ def sign_paths(
         except RadguardError as exc:
             result.error = str(exc)
             result.destination = None
+        except OSError as exc:  # no permission, read-only, file too large, disk full
+            # (outputs are written atomically: nothing half-written is left)
+            result.error = f"{dst}: cannot write ({exc.strerror or exc})"
+            result.destination = None
         return result
 
     results = []

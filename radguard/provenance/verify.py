@@ -4,15 +4,25 @@ Per signature: recompute the MAC byte stream, check the RSA/ECDSA signature with
 certificate embedded in the instance, validate that certificate against the trust store,
 check an RFC 3161 timestamp if present, and infer which PS3.15 profiles it satisfies.
 
-Per file: ``valid`` only if every signature is mathematically valid *and* trusted;
-``invalid`` if any signature does not match the data (the file changed after signing) or
-is malformed; ``untrusted`` if the data is intact but a signer is unknown, its certificate
-chain is broken, or it was not valid at the relevant time; ``unsigned`` if there is no
-signature; ``error`` if the file cannot be read.
+Per file, judged by the signatures in the *top-level* data set only: ``valid`` if every
+one is mathematically valid, made with algorithms the :class:`AlgorithmPolicy` accepts, and
+trusted; ``invalid`` if any does not match the data (the file changed after signing) or is
+malformed; ``weak`` if the data matches but a MAC algorithm or key is too weak (MD5, SHA-1,
+short keys); ``untrusted`` if the data is intact but a signer is unknown, its certificate
+chain is broken, or it was not valid at the relevant time; ``unsigned`` if the top level has
+no signature; ``error`` if the file cannot be read.
+
+Signatures inside sequence items are verified and reported with their location, but they
+never vouch for the file: PS3.15 C.12.1.1.3 makes an item's signature cover that item only,
+and anyone can paste a validly signed data set (signatures included) into an item of a forged
+image. A file whose only signatures are nested is ``unsigned``; a nested signature that does
+not hold changes nothing at file level (the scan reports it as weak evidence).
 
 A valid signature does not mean the whole file is vouched for: PS3.15 lets anyone add
-elements without breaking a signature. ``uncovered`` lists every present element that no
-intact signature covers.
+elements without breaking a signature. ``covered`` / ``uncovered`` list the present elements
+that an intact top-level signature does / does not cover, and ``pixels_covered`` says whether
+valid top-level signatures vouch for the image itself: the pixel data and every present
+attribute that says how to read it (:data:`PIXEL_DESCRIPTION`).
 
 Time policy: with a trusted certified timestamp the signer certificate must have been valid
 at the timestamp's time; without one it must be valid both at the claimed signing time and
@@ -22,6 +32,7 @@ now (a claimed time is the signer's word, and an expired key may have leaked).
 from __future__ import annotations
 
 import datetime as dt
+import hmac
 import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, wait
@@ -30,8 +41,9 @@ from typing import Any, Literal
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
-from pydicom.datadict import keyword_for_tag
+from pydicom.datadict import keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pydicom.uid import UID
@@ -49,12 +61,15 @@ from radguard.provenance.bytestream import (
     signable_tags,
 )
 from radguard.provenance.keys import describe_name
+from radguard.provenance.policy import DEFAULT_POLICY, AlgorithmPolicy, AlgorithmVerdict
 from radguard.provenance.profiles import VERIFY_MACS, satisfied_profiles
 from radguard.provenance.sign import crypto_hash
 from radguard.provenance.timestamp import TimestampCheck, verify_timestamp_token
 from radguard.provenance.trust import TrustStore
 
 __all__ = [
+    "PIXEL_DATA",
+    "PIXEL_DESCRIPTION",
     "SignatureCheck",
     "Status",
     "VerificationReport",
@@ -63,24 +78,54 @@ __all__ = [
     "verify_paths",
 ]
 
-Status = Literal["valid", "invalid", "untrusted", "unsigned", "error"]
+Status = Literal["valid", "invalid", "weak", "untrusted", "unsigned", "error"]
+SignatureStatus = Literal["valid", "invalid", "weak", "untrusted"]
 
 #: Elements that are part of the signature machinery or encoding, never "uncovered content".
 _MACHINERY = {0x4FFE0001, 0xFFFAFFFA, 0xFFFCFFFC, 0x00080001}
+
+
+def _keyword_tags(*keywords: str) -> frozenset[int]:
+    return frozenset(int(tag_for_keyword(k)) for k in keywords)  # type: ignore[arg-type]
+
+
+#: The image itself: Pixel Data, Float Pixel Data, Double Float Pixel Data.
+PIXEL_DATA = _keyword_tags("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+#: Attributes that say how the pixel bytes become an image: change one and the same signed
+#: bytes show another picture (Rows/Columns reshape it, BitsStored/HighBit/PixelRepresentation
+#: change every value, PhotometricInterpretation inverts or recolours it, NumberOfFrames and
+#: the Extended Offset Table cut it into other frames, palette tables repaint it). All are
+#: from the Image Pixel and Multi-frame modules, which the Creator and Authorization RSA
+#: profiles require a signature to cover when present, so a profile-conforming signature
+#: over the pixels covers them. Display settings (rescale, window, VOI/presentation LUTs) are
+#: not here: they change how an image is shown, not what the device recorded, and they show
+#: up in ``uncovered`` when unsigned.
+PIXEL_DESCRIPTION = _keyword_tags(
+    "SamplesPerPixel", "PhotometricInterpretation", "Rows", "Columns", "BitsAllocated",
+    "BitsStored", "HighBit", "PixelRepresentation", "PlanarConfiguration", "NumberOfFrames",
+    "ExtendedOffsetTable", "ExtendedOffsetTableLengths",
+    "RedPaletteColorLookupTableDescriptor", "GreenPaletteColorLookupTableDescriptor",
+    "BluePaletteColorLookupTableDescriptor", "RedPaletteColorLookupTableData",
+    "GreenPaletteColorLookupTableData", "BluePaletteColorLookupTableData",
+    "SegmentedRedPaletteColorLookupTableData", "SegmentedGreenPaletteColorLookupTableData",
+    "SegmentedBluePaletteColorLookupTableData",
+)
 
 
 @dataclass
 class SignatureCheck:
     """The verdict on one signature item."""
 
-    status: Literal["valid", "invalid", "untrusted"]
+    status: SignatureStatus
     reason: str
-    location: str = ""
+    location: str = ""  # "" for the top-level data set, else e.g. "ReferencedImageSequence[0]"
     mac_id: int | None = None
     uid: str | None = None
     signer: str | None = None
     key_type: str | None = None
+    key_bits: int | None = None
     mac_algorithm: str | None = None
+    algorithm: AlgorithmVerdict | None = None  # the algorithm policy's verdict (if intact)
     signed_at: dt.datetime | None = None
     profiles: list[str] = field(default_factory=list)
     covered: list[int] = field(default_factory=list)
@@ -97,7 +142,9 @@ class SignatureCheck:
             "uid": self.uid,
             "signer": self.signer,
             "key_type": self.key_type,
+            "key_bits": self.key_bits,
             "mac_algorithm": self.mac_algorithm,
+            "algorithm": self.algorithm.value if self.algorithm else None,
             "signed_at": self.signed_at.isoformat() if self.signed_at else None,
             "profiles": self.profiles,
             "covered": [_name(t) for t in self.covered],
@@ -114,18 +161,30 @@ class VerificationReport:
     signatures: list[SignatureCheck] = field(default_factory=list)
     uncovered: list[str] = field(default_factory=list)
     error: str | None = None
+    covered: list[str] = field(default_factory=list)  # present, covered at the top level
+    pixels_covered: bool = False  # valid top-level signatures vouch for the image itself
+    pixels_uncovered: list[str] = field(default_factory=list)  # what they leave out of it
+
+    @property
+    def top_level(self) -> list[SignatureCheck]:
+        """The signatures that can vouch for the file."""
+        return [s for s in self.signatures if not s.location]
+
+    @property
+    def nested(self) -> list[SignatureCheck]:
+        """Signatures inside sequence items: they vouch for their item only."""
+        return [s for s in self.signatures if s.location]
 
     @property
     def signer(self) -> str | None:
-        """Signer of the first top-level signature (the one that vouches for the content)."""
-        for check in self.signatures:
-            if not check.location:
-                return check.signer
-        return self.signatures[0].signer if self.signatures else None
+        """Signer of the first top-level signature (None if there is none: a signature in
+        an item never speaks for the file)."""
+        top = self.top_level
+        return top[0].signer if top else None
 
     @property
     def ok(self) -> bool:
-        """True when every signature is valid and trusted."""
+        """True when every top-level signature is valid and trusted (and there is one)."""
         return self.status == "valid"
 
     def to_dict(self) -> dict[str, object]:
@@ -134,7 +193,10 @@ class VerificationReport:
             "path": self.path,
             "status": self.status,
             "signer": self.signer,
+            "covered": self.covered,
             "uncovered": self.uncovered,
+            "pixels_covered": self.pixels_covered,
+            "pixels_uncovered": self.pixels_uncovered,
             "error": self.error,
             "signatures": [s.to_dict() for s in self.signatures],
         }
@@ -186,6 +248,7 @@ def _check_one(
     is_little: bool,
     location: str,
     source: memoryview | None,
+    policy: AlgorithmPolicy,
 ) -> SignatureCheck:
     check = SignatureCheck(status="invalid", reason="", location=location)
     digest_future: Future[bytes] | None = None
@@ -242,17 +305,15 @@ def _check_one(
         if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
             check.reason = "signer key type is not RSA or ECDSA"
             return check
-        check.key_type = "RSA" if isinstance(key, rsa.RSAPublicKey) else "ECDSA"
+        if isinstance(key, rsa.RSAPublicKey):
+            check.key_type, check.key_bits = "RSA", key.key_size
+        else:
+            check.key_type, check.key_bits = "ECDSA", key.curve.key_size
         timestamp = _timestamp_check(sig, signature, trust)
         trust_problem = _trust_problem(cert, trust, timestamp, check.signed_at, now)
         digest = (digest_future.result() if digest_future is not None
                   else _digest(*digest_args))
-        prehashed = utils.Prehashed(crypto_hash(mac))
-        if isinstance(key, rsa.RSAPublicKey):
-            key.verify(signature, digest, padding.PKCS1v15(), prehashed)
-        else:
-            # DICOM pads the odd-length DER of an ECDSA signature with a zero byte
-            key.verify(_der_trim(signature), digest, ec.ECDSA(prehashed))
+        _verify_signature(key, signature, digest, mac)
     except InvalidSignature:
         check.reason = "data changed after signing: signature does not match the content"
         return check
@@ -276,13 +337,52 @@ def _check_one(
     if check.timestamp is not None and not check.timestamp.ok:
         check.reason = f"certified timestamp invalid: {check.timestamp.reason}"
         return check
+    check.algorithm, weaknesses = policy.judge(mac, check.key_type or "", check.key_bits or 0)
+    if check.algorithm is AlgorithmVerdict.WEAK:
+        check.status = "weak"
+        check.reason = ("signature matches the data but its algorithms are too weak to vouch "
+                        "for it: " + "; ".join(weaknesses)
+                        + (f"; signer not trusted either: {trust_problem}" if trust_problem
+                           else ""))
+        return check
     check.status = "untrusted"
     if trust_problem:
         check.reason = trust_problem
         return check
     check.status = "valid"
     check.reason = "signature matches the data and the signer is trusted"
+    if check.algorithm is AlgorithmVerdict.WEAK_ALLOWED:
+        check.reason += " (weak algorithm accepted by policy: " + "; ".join(weaknesses) + ")"
     return check
+
+
+#: PKCS #1 v1.5 DigestInfo header for RIPEMD-160 (OID 1.3.36.3.2.1, NULL parameters), as
+#: OpenSSL (and so dcmtk) writes it.
+_RIPEMD160_DIGEST_INFO = bytes.fromhex("3021300906052b2403020105000414")
+
+
+def _verify_signature(key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey, signature: bytes,
+                      digest: bytes, mac: str) -> None:
+    """Check ``signature`` over a MAC ``digest``; InvalidSignature if it does not hold.
+
+    ``cryptography`` has no RIPEMD-160 for prehashed digests. For RSA the signed DigestInfo
+    is recovered (PKCS #1 v1.5 decoding of the signature) and compared with the expected one;
+    ECDSA signs the bare digest, so any hash of the same size (SHA-1: 20 bytes) names it.
+    """
+    if mac == "RIPEMD160":
+        if isinstance(key, rsa.RSAPublicKey):
+            recovered = key.recover_data_from_signature(signature, padding.PKCS1v15(), None)
+            if not hmac.compare_digest(recovered, _RIPEMD160_DIGEST_INFO + digest):
+                raise InvalidSignature("RIPEMD-160 digest does not match")
+            return
+        # DICOM pads the odd-length DER of an ECDSA signature with a zero byte
+        key.verify(_der_trim(signature), digest, ec.ECDSA(utils.Prehashed(hashes.SHA1())))
+        return
+    prehashed = utils.Prehashed(crypto_hash(mac))
+    if isinstance(key, rsa.RSAPublicKey):
+        key.verify(signature, digest, padding.PKCS1v15(), prehashed)
+    else:
+        key.verify(_der_trim(signature), digest, ec.ECDSA(prehashed))
 
 
 #: pixel data from this size on is hashed in the background while the rest is checked
@@ -371,8 +471,10 @@ def verify_dataset(
     *,
     now: dt.datetime | None = None,
     path: str = "",
+    policy: AlgorithmPolicy = DEFAULT_POLICY,
 ) -> VerificationReport:
-    """Verify every signature in ``ds`` (top level and nested in sequence items)."""
+    """Verify every signature in ``ds`` (top level and nested in sequence items); only the
+    top-level ones decide the file's status (see the module docstring)."""
     now = now or dt.datetime.now(dt.UTC)
     is_implicit, is_little = ds.original_encoding
     is_implicit = bool(is_implicit)
@@ -381,25 +483,39 @@ def verify_dataset(
                                 status="unsigned")
     for site, location in _signature_sites(ds):
         mac_params = _seq(site, 0x4FFE0001)
+        # the file's bytes serve top-level values only: an item's elements record offsets
+        # within their sequence's value, not within the file
+        source = source_view(ds) if site is ds else None
         for sig in _seq(site, 0xFFFAFFFA):
             report.signatures.append(
                 _check_one(site, sig, mac_params, trust, now, is_implicit, is_little,
-                           location.rstrip("."), source_view(ds))
+                           location.rstrip("."), source, policy)
             )
+    top = report.top_level
     covered: set[int] = set()
-    for check in report.signatures:
-        if check.intact and not check.location:
+    vouched: set[int] = set()  # covered by valid (policy-accepted, trusted) signatures
+    for check in top:
+        if check.intact:
             covered.update(check.covered)
-    report.uncovered = [
-        _name(int(t)) for t in sorted(ds.keys())
-        if int(t) not in covered and int(t) not in _MACHINERY and (int(t) & 0xFFFF) != 0
-        and (int(t) >> 16) >= 0x0008
-    ]
-    statuses = {c.status for c in report.signatures}
-    if not report.signatures:
+        if check.status == "valid":
+            vouched.update(check.covered)
+    present = [int(t) for t in sorted(ds.keys())]
+    content = [t for t in present
+               if t not in _MACHINERY and (t & 0xFFFF) != 0 and (t >> 16) >= 0x0008]
+    report.covered = [_name(t) for t in content if t in covered]
+    report.uncovered = [_name(t) for t in content if t not in covered]
+    pixels = [t for t in present if t in PIXEL_DATA]
+    if pixels:
+        needed = pixels + [t for t in present if t in PIXEL_DESCRIPTION]
+        report.pixels_uncovered = [_name(t) for t in needed if t not in vouched]
+        report.pixels_covered = not report.pixels_uncovered
+    statuses = {c.status for c in top}
+    if not top:
         report.status = "unsigned"
     elif "invalid" in statuses:
         report.status = "invalid"
+    elif "weak" in statuses:
+        report.status = "weak"
     elif "untrusted" in statuses:
         report.status = "untrusted"
     else:
@@ -412,13 +528,14 @@ def verify_file(
     trust: TrustStore | None = None,
     *,
     now: dt.datetime | None = None,
+    policy: AlgorithmPolicy = DEFAULT_POLICY,
 ) -> VerificationReport:
     """Verify a file; unreadable files give status ``error`` instead of raising."""
     try:
         ds = read_dataset(path)
     except RadguardError as exc:
         return VerificationReport(path=str(path), status="error", error=str(exc))
-    return verify_dataset(ds, trust, now=now, path=str(path))
+    return verify_dataset(ds, trust, now=now, path=str(path), policy=policy)
 
 
 def verify_paths(
@@ -427,7 +544,9 @@ def verify_paths(
     *,
     workers: int = 1,
     now: dt.datetime | None = None,
+    policy: AlgorithmPolicy = DEFAULT_POLICY,
 ) -> Iterator[VerificationReport]:
     """Verify many files (folders expanded), ``workers`` at a time, reports in order."""
     files = list(iter_dicom_paths(paths))
-    yield from map_ordered(lambda f: verify_file(f, trust, now=now), files, workers)
+    yield from map_ordered(lambda f: verify_file(f, trust, now=now, policy=policy), files,
+                           workers)

@@ -129,14 +129,23 @@ def test_malformed_signature_items_are_invalid_not_crashes(pki):
     assert "transfer syntax" in verify_dataset(ds3, None).signatures[0].reason
 
 
-def test_signature_inside_a_sequence_item_is_found(pki):
+def test_signature_inside_a_sequence_item_is_found_but_vouches_for_its_item_only(pki):
+    """PS3.15: a signature in an item covers that item; the file stays unsigned."""
     ds = read_dataset(RG1_J2K)
     sign_dataset(ds.SourceImageSequence[0], pki.signer)
     report = verify_dataset(ds, TrustStore([pki.ca_cert]))
     assert [s.location for s in report.signatures] == ["SourceImageSequence[0]"]
     assert report.signatures[0].status == "valid"
+    assert report.status == "unsigned" and report.signer is None
+    assert not report.pixels_covered and report.covered == []
     ds.SourceImageSequence[0].ReferencedSOPInstanceUID = "1.2.3"
-    assert verify_dataset(ds, TrustStore([pki.ca_cert])).status == "invalid"
+    changed = verify_dataset(ds, TrustStore([pki.ca_cert]))
+    assert changed.signatures[0].status == "invalid" and changed.status == "unsigned"
+    sign_dataset(ds, pki.signer)  # a top-level signature decides; the broken item one stays
+    both = verify_dataset(ds, TrustStore([pki.ca_cert]))
+    assert both.status == "valid" and both.pixels_covered
+    assert [(s.location, s.status) for s in both.signatures] == [
+        ("", "valid"), ("SourceImageSequence[0]", "invalid")]
 
 
 def test_unsigned_file_and_verification_leaves_data_untouched(pki, tmp_path):

@@ -1,0 +1,455 @@
+"""What a signature vouches for, as an attacker would test it (issue 21 items 1, 2 and 10).
+
+(a) A validly signed data set, signatures included, pasted into an item of a forged image's
+ReferencedImageSequence must not make the forgery valid: PS3.15 C.12.1.1.3, a signature in
+an item covers that item only. (b) A signature over SOPInstanceUID alone must not let
+blacked-out pixels through as "signed" with the content detectors skipped. (c) The algorithm
+policy: dcmsign-made signatures with every MAC it offers, RSA-1024 and EC keys come out as
+the policy says, RIPEMD-160 (dcmtk's default) verifies, also without OpenSSL's RIPEMD-160.
+
+The gateway is a real ``radguard serve`` process fed by dcmtk's storescu.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import generate_uid
+
+from radguard.cli import main
+from radguard.dicom.io import read_dataset, write_dataset
+from radguard.dicom.pixels import pixel_array
+from radguard.forensics.scan import scan_file
+from radguard.gateway.config import ConfigError, load_config
+from radguard.provenance import TrustStore, verify_file
+from radguard.provenance.sign import sign_file
+from tests.conftest import NIH_DX, dcmtk_tool
+
+DCMSIGN = "/usr/bin/dcmsign"
+
+
+# -- making the attack files ---------------------------------------------------------------
+
+def _new_instance(src: Path, dst: Path, *, paste: bool = False) -> Path:
+    """A copy of ``src`` with fresh UIDs; ``paste`` adds a bright disc (a forged finding)."""
+    ds = read_dataset(src)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    if paste:
+        pixels = pixel_array(ds).copy()
+        h, w = pixels.shape[:2]
+        yy, xx = np.ogrid[:h, :w]
+        disc = (yy - h // 2) ** 2 + (xx - w // 3) ** 2 < (min(h, w) // 12) ** 2
+        pixels[disc] = pixels.max()
+        ds.PixelData = pixels.tobytes()
+    write_dataset(ds, dst)
+    return dst
+
+
+def _signed(pki, tmp_path: Path, name: str, **options: object) -> Path:
+    raw = _new_instance(NIH_DX, tmp_path / f"{name}.raw.dcm")
+    out = tmp_path / f"{name}.dcm"
+    sign_file(raw, out, pki.signer, **options)
+    return out
+
+
+def _transplant(signed: Path, dst: Path) -> Path:
+    """A forged image carrying ``signed``'s whole data set (signatures too) in an item of its
+    ReferencedImageSequence: the attack of issue 21 item 1."""
+    forged = read_dataset(_new_instance(NIH_DX, dst, paste=True))
+    item = Dataset()
+    for element in read_dataset(signed):
+        item.add(element)
+    forged.ReferencedImageSequence = Sequence([item])
+    write_dataset(forged, dst)
+    return dst
+
+
+def _uncovered_blackout(pki, tmp_path: Path, name: str) -> Path:
+    """Signed over SOPInstanceUID only, then a region of the pixels blacked out (item 2)."""
+    signed = _signed(pki, tmp_path, name, tags=[0x00080018])
+    ds = read_dataset(signed)
+    pixels = pixel_array(ds).copy()
+    h, w = pixels.shape[:2]
+    pixels[h // 3 : h // 3 + h // 5, w // 3 : w // 3 + w // 5] = 0
+    ds.PixelData = pixels.tobytes()
+    write_dataset(ds, signed)
+    return signed
+
+
+def _verify_json(*args: str | Path) -> tuple[int, dict[str, dict]]:
+    result = CliRunner().invoke(main, ["verify", "--json", *map(str, args)])
+    reports = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    return result.exit_code, {Path(r["path"]).name: r for r in reports}
+
+
+# -- (a) transplanted signatures -----------------------------------------------------------
+
+def test_a_transplanted_signature_does_not_make_a_forgery_valid(pki, tmp_path):
+    signed = _signed(pki, tmp_path, "genuine")
+    forged = _transplant(signed, tmp_path / "forged.dcm")
+    code, reports = _verify_json(forged, signed, "--trust", pki.ca_cert_path)
+    assert code == 1  # exit 0 only if every file is validly signed
+    report = reports["forged.dcm"]
+    assert report["status"] == "unsigned" and report["signer"] is None
+    assert report["pixels_covered"] is False and report["covered"] == []
+    [nested] = report["signatures"]  # still verified and reported, with where it sits
+    assert nested["location"] == "ReferencedImageSequence[0]" and nested["status"] == "valid"
+    genuine = reports["genuine.dcm"]
+    assert genuine["status"] == "valid" and genuine["pixels_covered"] is True
+    assert "PixelData" in genuine["covered"] and genuine["uncovered"] == []
+    text = CliRunner().invoke(main, ["verify", str(forged), "--trust", str(pki.ca_cert_path)])
+    assert text.exit_code == 1 and text.output.startswith("UNSIGNED")
+    assert "vouches for that item only" in text.output
+
+
+def test_an_item_signature_made_by_dcmsign_verifies_in_its_item_only(pki, tmp_path):
+    """dcmsign --sign-item signs inside an item; in an Explicit VR file (what the gateway
+    stores) it must verify where it sits (item values are not at file offsets)."""
+    forged = read_dataset(_transplant(_signed(pki, tmp_path, "genuine"), tmp_path / "f.dcm"))
+    write_dataset(forged, tmp_path / "explicit.dcm", transfer_syntax="1.2.840.10008.1.2.1")
+    result = subprocess.run([DCMSIGN, "--sign-item", str(pki.key_path), str(pki.cert_path),
+                             "ReferencedImageSequence[0]", "-pw", "+m2",
+                             str(tmp_path / "explicit.dcm"), str(tmp_path / "item.dcm")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    report = verify_file(tmp_path / "item.dcm", TrustStore.from_paths([pki.ca_cert_path]))
+    assert report.status == "unsigned" and not report.pixels_covered
+    assert [(s.location, s.status) for s in report.signatures] == [
+        ("ReferencedImageSequence[0]", "valid")] * 2  # the transplanted one and dcmsign's
+
+
+def test_a_nested_signature_that_no_longer_matches_is_weak_evidence(pki, tmp_path):
+    """Decided for nested signatures: an invalid one does not make the file invalid (it
+    vouched for nothing at file level) but makes the scan verdict at least suspicious."""
+    forged = read_dataset(_transplant(_signed(pki, tmp_path, "genuine"), tmp_path / "f.dcm"))
+    forged.ReferencedImageSequence[0].PatientName = "Changed^InTheItem"
+    write_dataset(forged, tmp_path / "f.dcm")
+    trust = TrustStore.from_paths([pki.ca_cert_path])
+    report = verify_file(tmp_path / "f.dcm", trust)
+    assert report.status == "unsigned"
+    assert [(s.location, s.status) for s in report.signatures] == [
+        ("ReferencedImageSequence[0]", "invalid")]
+    scan = scan_file(tmp_path / "f.dcm", trust=trust, trust_signed_pixels=True)
+    assert scan.verdict in ("suspicious", "tampered", "synthetic")
+    assert any("ReferencedImageSequence[0] does not match its item" in r for r in scan.reasons)
+    assert scan.synthetic is not None  # the content detectors ran
+
+
+# -- (b) signatures that leave the pixels out ----------------------------------------------
+
+def test_pixels_covered_needs_the_pixel_data_and_how_to_read_it(pki, tmp_path):
+    trust = TrustStore.from_paths([pki.ca_cert_path])
+    everything = verify_file(_signed(pki, tmp_path, "all"), trust)
+    assert everything.status == "valid" and everything.pixels_covered
+    assert everything.pixels_uncovered == []
+    uid_only = verify_file(_signed(pki, tmp_path, "uid", tags=[0x00080018]), trust)
+    assert uid_only.status == "valid" and not uid_only.pixels_covered
+    assert uid_only.covered == ["SOPInstanceUID"]
+    assert {"PixelData", "Rows", "Columns", "BitsStored"} <= set(uid_only.pixels_uncovered)
+    ds = read_dataset(NIH_DX)  # pixels signed, but not the Rows that say how to cut them
+    tags = [int(t) for t in ds.keys() if int(t) != 0x00280010 and (int(t) >> 16) >= 0x0008]
+    no_rows = verify_file(_signed(pki, tmp_path, "norows", tags=tags), trust)
+    assert no_rows.status == "valid" and "PixelData" in no_rows.covered
+    assert not no_rows.pixels_covered and no_rows.pixels_uncovered == ["Rows"]
+    assert no_rows.to_dict()["pixels_covered"] is False
+    untrusted = verify_file(_signed(pki, tmp_path, "untrusted"), None)
+    assert untrusted.status == "untrusted" and not untrusted.pixels_covered
+
+
+def test_scan_runs_the_detectors_when_the_signature_leaves_the_pixels_out(pki, tmp_path):
+    attack = _uncovered_blackout(pki, tmp_path, "blackout")
+    trust = TrustStore.from_paths([pki.ca_cert_path])
+    result = scan_file(attack, trust=trust, trust_signed_pixels=True)
+    assert result.signature == "valid" and not result.pixels_vouched
+    assert not any("detectors skipped" in r for r in result.reasons)
+    assert result.synthetic is not None and result.tamper is not None
+    assert any("does not vouch for the pixels" in r for r in result.reasons)
+    control = scan_file(_signed(pki, tmp_path, "control"), trust=trust,
+                        trust_signed_pixels=True)
+    assert control.pixels_vouched and control.synthetic is None  # skipped when covered
+    assert any("detectors skipped" in r for r in control.reasons)
+
+
+# -- the gateway: real DIMSE in, routing read from its database ----------------------------
+
+def _storescu(port: int, aet: str, *paths: Path, options: tuple[str, ...] = ()) -> None:
+    result = subprocess.run([dcmtk_tool("storescu"), *options, "-aet", aet, "-aec",
+                             "RADGUARD", "127.0.0.1", str(port), *map(str, paths)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def _routed(gw, paths: list[Path], timeout: float = 180) -> dict[str, dict]:
+    """state / trust / details of each file's instance once the gateway has decided."""
+    want = {str(read_dataset(p, stop_before_pixels=True).SOPInstanceUID): p.stem
+            for p in paths}
+    deadline = time.monotonic() + timeout
+    while True:
+        db = sqlite3.connect(f"file:{gw.data_dir / 'radguard.db'}?mode=ro", uri=True)
+        try:
+            rows = db.execute("SELECT sop_uid, state, trust, details FROM instances").fetchall()
+        finally:
+            db.close()
+        done = {want[sop]: {"state": state, "trust": trust,
+                            "details": json.loads(details) if details else {}}
+                for sop, state, trust, details in rows
+                if sop in want and state in ("done", "quarantined", "rejected")}
+        if len(done) == len(want):
+            return done
+        assert time.monotonic() < deadline, f"not routed in time: {done}"
+        assert gw.alive(), gw.stderr_text()[-2000:]
+        time.sleep(0.2)
+
+
+def _detectors_ran(row: dict) -> bool:
+    scan = row["details"]["scan"]
+    skipped = any("detectors skipped" in r for r in row["details"]["reasons"])
+    return scan["synthetic_score"] is not None and scan["tamper"] is not None and not skipped
+
+
+def _dcmsign(pki, src: Path, dst: Path, *flags: str) -> Path:
+    result = subprocess.run([DCMSIGN, "--sign", str(pki.key_path), str(pki.cert_path), "-pw",
+                             *flags, str(src), str(dst)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    return dst
+
+
+def test_gateway_quarantines_transplants_uncovered_pixels_and_weak_signatures(
+        pki, tmp_path, gateway_process):
+    files = {
+        "transplant_must": _transplant(_signed(pki, tmp_path, "g1"), tmp_path / "t1.dcm"),
+        "transplant_other": _transplant(_signed(pki, tmp_path, "g2"), tmp_path / "t2.dcm"),
+        "blackout_must": _uncovered_blackout(pki, tmp_path, "b1"),
+        "blackout_other": _uncovered_blackout(pki, tmp_path, "b2"),
+        "sha1_must": _dcmsign(pki, _new_instance(NIH_DX, tmp_path / "s.raw.dcm"),
+                              tmp_path / "s.dcm", "+ms"),
+        "ripemd_must": _dcmsign(pki, _new_instance(NIH_DX, tmp_path / "r.raw.dcm"),
+                                tmp_path / "r.dcm", "+mr"),
+        "control_must": _signed(pki, tmp_path, "control"),
+    }
+    names = {path.stem: name for name, path in files.items()}
+    gw = gateway_process(f'trust = ["{pki.ca_cert_path}"]\nmust_sign = ["DX_ROOM3"]\n')
+    for aet, suffix in (("DX_ROOM3", "_must"), ("CR_ROOM1", "_other")):
+        # the transplants as they were made (Implicit VR), as the attacker sent them
+        _storescu(gw.dicom_port, aet, *[p for n, p in files.items()
+                                        if n.endswith(suffix) and n.startswith("transplant")],
+                  options=("-xi",))
+        _storescu(gw.dicom_port, aet, *[p for n, p in files.items()
+                                        if n.endswith(suffix) and not n.startswith("transplant")])
+    rows = {names[stem]: row for stem, row in _routed(gw, list(files.values())).items()}
+
+    t = rows["transplant_must"]  # must_sign: a signature in an item does not satisfy it
+    assert (t["state"], t["trust"]) == ("quarantined", "unsigned"), t
+    assert t["details"]["reasons"][0] == "unsigned, but DX_ROOM3 must sign"
+    assert any("vouches for that item only" in r for r in t["details"]["reasons"]), t
+    assert _detectors_ran(t)
+    t = rows["transplant_other"]  # no must_sign: judged on content, never "signed"
+    assert t["trust"] == "unsigned" and _detectors_ran(t), t
+
+    b = rows["blackout_must"]
+    assert (b["state"], b["trust"]) == ("quarantined", "pixels unsigned"), b
+    assert b["details"]["reasons"][0].startswith(
+        "signed, but the signature does not cover the pixel data")
+    assert _detectors_ran(b)
+    b = rows["blackout_other"]
+    assert b["trust"] == "pixels unsigned" and _detectors_ran(b), b
+
+    w = rows["sha1_must"]  # item 10: weak by default, quarantined with the reason
+    assert (w["state"], w["trust"]) == ("quarantined", "signature weak"), w
+    assert w["details"]["reasons"][0] == "signature weak"
+    assert any("SHA1 MAC" in r for r in w["details"]["reasons"])
+    r = rows["ripemd_must"]  # dcmtk's default MAC: a real modality's files go through
+    assert (r["state"], r["trust"]) == ("done", "signed"), r
+    c = rows["control_must"]  # the pixel-covering signature still skips the detectors
+    assert (c["state"], c["trust"]) == ("done", "signed"), c
+    assert not _detectors_ran(c)
+
+
+def test_gateway_accepts_weak_signatures_only_when_configured(pki, tmp_path, gateway_process):
+    sha1 = _dcmsign(pki, _new_instance(NIH_DX, tmp_path / "s.raw.dcm"), tmp_path / "s.dcm",
+                    "+ms")
+    gw = gateway_process(f'trust = ["{pki.ca_cert_path}"]\nmust_sign = ["DX_ROOM3"]\n'
+                         "[signatures]\nallow_weak = true\n")
+    _storescu(gw.dicom_port, "DX_ROOM3", sha1)
+    row = _routed(gw, [sha1])["s"]
+    assert (row["state"], row["trust"]) == ("done", "signed"), row
+    assert any("weak algorithm accepted by policy" in r for r in row["details"]["reasons"])
+
+
+def test_signature_settings_are_validated(tmp_path):
+    from radguard.provenance.policy import AlgorithmPolicy, AlgorithmPolicyError
+
+    config = tmp_path / "gw.toml"
+    for text, message in (("min_rsa_bits = 512", "signatures.min_rsa_bits 512"),
+                          ("min_ec_bits = 1000", "signatures.min_ec_bits 1000"),
+                          ('allow_weak = "yes"', "signatures.allow_weak"),
+                          ("strength = 3", "unknown setting(s) signatures_strength")):
+        config.write_text(f"[signatures]\n{text}\n")
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            load_config(config)
+    config.write_text("[signatures]\nmin_rsa_bits = 3072\nmin_ec_bits = 384\n")
+    assert load_config(config).signature_policy() == AlgorithmPolicy(
+        min_rsa_bits=3072, min_ec_bits=384)
+    assert load_config(None).signature_policy() == AlgorithmPolicy()  # safe default
+    with pytest.raises(AlgorithmPolicyError):
+        AlgorithmPolicy(min_rsa_bits=True)
+
+
+# -- (c) the algorithm policy against dcmsign-made signatures -------------------------------
+
+def _openssl_signer(folder: Path, name: str, *newkey: str) -> tuple[Path, Path]:
+    key, cert = folder / f"{name}.key", folder / f"{name}.crt"
+    result = subprocess.run(["openssl", "req", "-x509", "-newkey", *newkey, "-nodes",
+                             "-keyout", str(key), "-out", str(cert), "-subj", f"/CN={name}",
+                             "-days", "30"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return key, cert
+
+
+#: (name, signer, dcmsign MAC flag, status under the default policy, MAC recorded)
+CASES = [
+    ("rsa-ripemd160", "rsa2048", "+mr", "valid", "RIPEMD160"),
+    ("rsa-sha256", "rsa2048", "+m2", "valid", "SHA256"),
+    ("rsa-sha384", "rsa2048", "+m3", "valid", "SHA384"),
+    ("rsa-sha512", "rsa2048", "+m5", "valid", "SHA512"),
+    ("rsa-sha1", "rsa2048", "+ms", "weak", "SHA1"),
+    ("rsa-md5", "rsa2048", "+mm", "weak", "MD5"),
+    ("rsa1024-sha256", "rsa1024", "+m2", "weak", "SHA256"),
+    ("ec256-sha256", "ec256", "+m2", "valid", "SHA256"),
+    ("ec256-ripemd160", "ec256", "+mr", "valid", "RIPEMD160"),
+    ("ec224-sha256", "ec224", "+m2", "weak", "SHA256"),
+]
+
+
+@pytest.fixture(scope="module")
+def dcmsign_files(tmp_path_factory):
+    """NIH_DX signed by dcmsign once per case, with openssl-made keys, and the certs."""
+    folder = tmp_path_factory.mktemp("dcmsign-policy")
+    signers = {
+        "rsa2048": _openssl_signer(folder, "rsa2048", "rsa:2048"),
+        "rsa1024": _openssl_signer(folder, "rsa1024", "rsa:1024"),
+        "ec256": _openssl_signer(folder, "ec256", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"),
+        "ec224": _openssl_signer(folder, "ec224", "ec", "-pkeyopt",
+                                 "ec_paramgen_curve:secp224r1"),
+    }
+    files = {}
+    for name, signer, flag, _, _ in CASES:
+        key, cert = signers[signer]
+        files[name] = folder / f"{name}.dcm"
+        result = subprocess.run([DCMSIGN, "--sign", str(key), str(cert), "-pw", flag,
+                                 str(NIH_DX), str(files[name])], capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 0, result.stderr
+    trust = [str(cert) for _, cert in signers.values()]
+    return files, [arg for cert in trust for arg in ("--trust", cert)]
+
+
+def test_dcmsign_signatures_get_the_policy_status(dcmsign_files):
+    files, trust = dcmsign_files
+    code, reports = _verify_json(*files.values(), *trust)
+    assert code == 1
+    for name, _, _, status, mac in CASES:
+        report = reports[f"{name}.dcm"]
+        sig = report["signatures"][0]
+        assert (report["status"], sig["mac_algorithm"]) == (status, mac), (name, report)
+        assert sig["algorithm"] == ("accepted" if status == "valid" else "weak"), name
+        assert report["pixels_covered"] is (status == "valid"), name
+    assert "RSA key of 1024 bits" in reports["rsa1024-sha256.dcm"]["signatures"][0]["reason"]
+    assert reports["ec224-sha256.dcm"]["signatures"][0]["key_bits"] == 224
+    code, allowed = _verify_json(*files.values(), *trust, "--allow-weak")
+    assert code == 0, allowed
+    for name, _, _, status, _ in CASES:
+        sig = allowed[f"{name}.dcm"]["signatures"][0]
+        assert allowed[f"{name}.dcm"]["status"] == "valid"
+        assert sig["algorithm"] == ("accepted" if status == "valid" else "weak-allowed"), name
+    code, lowered = _verify_json(files["rsa1024-sha256"], *trust, "--min-rsa-bits", "1024")
+    assert code == 0 and lowered["rsa1024-sha256.dcm"]["status"] == "valid"
+    refused = CliRunner().invoke(main, ["verify", str(files["rsa-sha256"]), "--min-rsa-bits",
+                                        "512"])
+    assert refused.exit_code == 2 and "512" in refused.output
+
+
+def test_ripemd160_signatures_catch_tampering(dcmsign_files, tmp_path):
+    files, trust = dcmsign_files
+    tampered = []
+    for name in ("rsa-ripemd160", "ec256-ripemd160"):
+        ds = read_dataset(files[name])
+        pixels = pixel_array(ds).copy()
+        pixels[10, 10] ^= 1
+        ds.PixelData = pixels.tobytes()
+        tampered.append(tmp_path / f"{name}.dcm")
+        write_dataset(ds, tampered[-1])
+    code, reports = _verify_json(*tampered, *trust)
+    assert code == 1
+    for report in reports.values():
+        assert report["status"] == "invalid", report
+        assert "changed after signing" in report["signatures"][0]["reason"]
+
+
+def test_scan_takes_the_policy_flags(dcmsign_files):
+    files, trust = dcmsign_files
+    weak = CliRunner().invoke(main, ["scan", "--json", str(files["rsa-md5"]), *trust])
+    assert json.loads(weak.output.splitlines()[-1])["signature"] == "weak"
+    allowed = CliRunner().invoke(main, ["scan", "--json", str(files["rsa-md5"]), *trust,
+                                        "--allow-weak"])
+    assert json.loads(allowed.output.splitlines()[-1])["signature"] == "valid"
+
+
+def test_ripemd160_verifies_where_openssl_lacks_it(dcmsign_files, tmp_path):
+    """An OpenSSL configured with only its base provider has no RIPEMD-160 (as on builds
+    that keep it in the legacy provider): the pure-Python fallback is used, for real."""
+    files, trust = dcmsign_files
+    conf = tmp_path / "openssl.cnf"
+    conf.write_text("openssl_conf = init\n[init]\nproviders = providers\n"
+                    "[providers]\nbase = base\n[base]\nactivate = 1\n")
+    env = {**os.environ, "OPENSSL_CONF": str(conf)}
+    probe = subprocess.run([sys.executable, "-c", "import hashlib; hashlib.new('ripemd160')"],
+                           env=env, capture_output=True, text=True)
+    assert probe.returncode != 0 and "ripemd160" in probe.stderr  # really unavailable
+    result = subprocess.run([sys.executable, "-m", "radguard.cli", "verify", "--json",
+                             str(files["rsa-ripemd160"]), str(files["ec256-ripemd160"]),
+                             *trust], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [json.loads(line)["status"] for line in result.stdout.splitlines()] == ["valid"] * 2
+
+
+def test_pure_python_ripemd160_matches_the_published_vectors_and_hashlib():
+    from radguard.provenance.ripemd160 import RIPEMD160
+
+    vectors = {  # Dobbertin, Bosselaers, Preneel: RIPEMD-160 test vectors
+        b"": "9c1185a5c5e9fc54612808977ee8f548b2258d31",
+        b"a": "0bdc9d2d256b3ee9daae347be6f4dc835a467ffe",
+        b"abc": "8eb208f7e05d987a9b044a8e98c6b087f15a0bfc",
+        b"message digest": "5d0689ef49d2fae572b881b123a85ffa21595f36",
+        b"abcdefghijklmnopqrstuvwxyz": "f71c27109c692c1b56bbdceb5b9d2865b3708dbc",
+        b"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq":
+            "12a053384a9c0c88e405a06c27dcf49ada62eb2b",
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789":
+            "b0e20b6e3116640286ed3a87a5713079b21f5189",
+        b"1234567890" * 8: "9b752e45573d4b39f4dbd3323cab82bf63326bfb",
+        b"a" * 1_000_000: "52783243c1697bdbe16d37f97f68f08325dc1528",
+    }
+    for message, expected in vectors.items():
+        assert RIPEMD160(message).hexdigest() == expected, message[:20]
+    rng = np.random.default_rng(21)
+    for size in (*range(0, 130), 1000, 65536 + 7):  # every padding case, several blocks
+        data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+        ours = RIPEMD160()
+        for start in range(0, size, 37):  # fed in odd pieces, as a MAC stream does
+            ours.update(data[start : start + 37])
+        assert ours.digest() == hashlib.new("ripemd160", data).digest(), size
+        assert ours.copy().hexdigest() == ours.hexdigest()
