@@ -38,11 +38,25 @@ def is_dicom_path(path: str | os.PathLike[str]) -> bool:
     return Path(path).suffix.lower() not in _RASTER
 
 
+def _check_size(im: Image.Image, p: Path) -> None:
+    """The decode limits of :mod:`radguard.dicom.limits`, from the header Pillow has read
+    before it decodes anything (a small PNG or JPEG can declare a huge image)."""
+    from radguard.dicom.limits import decoded_size
+
+    bits = 32 if im.mode in ("I", "F") else 16 if im.mode.startswith("I;16") else 8
+    decoded_size(str(p), im.height, im.width, 1, len(im.getbands()), bits)
+
+
 def read_grey(path: str | os.PathLike[str]) -> tuple[np.ndarray, int]:
     """Grey pixels and bits per sample (8 or 16) of a raster image; colour is refused."""
     p = Path(path)
     try:
-        with Image.open(p) as im:
+        with warnings.catch_warnings():
+            # radguard's own decode limits decide (_check_size), up to Pillow's hard limit
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(p)
+        with im:
+            _check_size(im, p)
             im.load()
             mode = im.mode
             if mode == "L":
@@ -58,6 +72,8 @@ def read_grey(path: str | os.PathLike[str]) -> tuple[np.ndarray, int]:
             )
     except FileNotFoundError as exc:
         raise DicomReadError(f"{p}: no such file") from exc
+    except Image.DecompressionBombError as exc:
+        raise DicomReadError(f"{p}: image too large to decode ({exc})") from exc
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise DicomReadError(f"{p}: not a readable image ({exc})") from exc
 
@@ -70,11 +86,12 @@ def read_for_analysis(path: str | os.PathLike[str], *, keep_colour: bool = False
     p = Path(path)
     try:
         with warnings.catch_warnings():
-            # up to Pillow's hard limit (about 179 megapixels) a big radiograph is fine
+            # radguard's own decode limits decide (_check_size), up to Pillow's hard limit
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(p)
-            im.load()
         with im:
+            _check_size(im, p)
+            im.load()
             if im.mode in ("L", "I;16", "I;16B", "I;16L", "I", "F"):
                 return np.array(im)
             if im.mode == "1":

@@ -3,6 +3,12 @@
 pydicom is lenient: a file cut short in the middle of its pixel data is returned as a
 dataset with a short element, and a file cut inside a sequence only produces a warning.
 radguard is a security tool, so reading is strict: any short read is a truncated file.
+
+Hostile input is bounded before it costs memory: a Deflated Explicit VR Little Endian data
+set is inflated only up to :attr:`DecodeLimits.max_inflated_bytes` (counted in a first pass
+that keeps nothing), and sequences nested deeper than :data:`MAX_NESTING` levels are
+refused, since pydicom and every walk over a data set follow nesting by recursion (a
+RecursionError that pydicom reports as a read error, or that escapes later).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import os
 import struct
 import threading
 import warnings
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,13 +31,15 @@ from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_eleme
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.tag import Tag
-from pydicom.uid import UID, ExplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from radguard.dicom import fastread
+from radguard.dicom.limits import decode_budget, decode_limits
 from radguard.errors import DicomReadError
 from radguard.fileio import atomic_writer
 
 __all__ = [
+    "MAX_NESTING",
     "detached_view",
     "encode_dataset",
     "iter_dicom_paths",
@@ -89,6 +98,11 @@ _PARSE_LOCK = threading.Lock()
 #: Values above this size are left in the file (mmap) and read or hashed in place.
 DEFER_SIZE = 1 << 20
 
+#: Deepest sequence nesting radguard reads. Real objects nest a few levels (structured
+#: reports about ten); pydicom reads nesting by recursion and gives up near 200 levels with
+#: a misleading "no tag to read", and signature and scan walks recurse too.
+MAX_NESTING = 64
+
 
 def _parse(buffer: bytes | mmap.mmap, name: str, *, stop_before_pixels: bool,
            defer: bool, path: str | None) -> Dataset:
@@ -97,6 +111,7 @@ def _parse(buffer: bytes | mmap.mmap, name: str, *, stop_before_pixels: bool,
             f"{name}: not a DICOM Part 10 file (no 'DICM' marker after the 128-byte preamble)"
         )
     fp = _StrictReader(buffer, path)
+    inflated = False
     # warning capture is process-global, so parses that rely on it take turns
     with _PARSE_LOCK, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -106,15 +121,28 @@ def _parse(buffer: bytes | mmap.mmap, name: str, *, stop_before_pixels: bool,
             ds = None if stop_before_pixels else fastread.parse(
                 fp, buffer, len(buffer), DEFER_SIZE if defer else None)
             if ds is None:
-                fp.seek(0)
-                fp.short_read = False
-                ds = pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels,
-                                     defer_size=DEFER_SIZE if defer else None)
+                meta = _file_meta_extent(buffer)
+                if meta is not None and meta[1] == DeflatedExplicitVRLittleEndian:
+                    # pydicom would inflate without any bound: inflate here, bounded
+                    buffer = _inflate(buffer, meta[0], name)
+                    fp, inflated = _StrictReader(buffer, path), True
+                    ds = _read_inflated(fp, stop_before_pixels)
+                else:
+                    fp.seek(0)
+                    fp.short_read = False
+                    ds = pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels,
+                                         defer_size=DEFER_SIZE if defer else None)
+        except DicomReadError:
+            raise
         except InvalidDicomError as exc:
             raise DicomReadError(f"{name}: not a valid DICOM file ({_one_line(exc)})") from exc
+        except RecursionError as exc:
+            raise _too_deep_error(name) from exc
         except (EOFError, OSError) as exc:
+            _raise_if_too_deep(buffer, name, exc, inflated=inflated)
             raise DicomReadError(f"{name}: truncated DICOM file ({_one_line(exc)})") from exc
         except Exception as exc:  # pydicom raises many types on garbage input
+            _raise_if_too_deep(buffer, name, exc, inflated=inflated)
             if fp.short_read or fp.tell() >= len(buffer):  # failed for want of data
                 raise DicomReadError(f"{name}: truncated DICOM file (data ends inside an "
                                      f"element: {_one_line(exc)})") from exc
@@ -129,15 +157,253 @@ def _parse(buffer: bytes | mmap.mmap, name: str, *, stop_before_pixels: bool,
         raise DicomReadError(f"{name}: DICOM file holds no data set")
     if not stop_before_pixels:
         _check_complete(ds, name, len(buffer))
+    _check_nesting(ds, name)
     ds.filename = path or name
     return ds
 
 
+# -- deflated data sets ---------------------------------------------------------------------
+
+_INFLATE_CHUNK = 1 << 20
+
+
+def _file_meta_extent(buffer: bytes | mmap.mmap) -> tuple[int, str] | None:
+    """(offset of the first data-set byte, transfer syntax) from the File Meta Information
+    (Explicit VR Little Endian, group 0002); None when it cannot be walked."""
+    pos, size, syntax = 132, len(buffer), None
+    while pos + 8 <= size:
+        group, element, vr, length = struct.unpack_from("<HH2sH", buffer, pos)
+        if group != 0x0002:
+            break
+        if vr in (b"OB", b"OW", b"UN", b"UT", b"SQ"):
+            if pos + 12 > size:
+                return None
+            length = struct.unpack_from("<L", buffer, pos + 8)[0]
+            pos += 12
+        else:
+            pos += 8
+        if length == 0xFFFFFFFF or pos + length > size:
+            return None
+        if element == 0x0010:
+            syntax = bytes(buffer[pos:pos + length]).rstrip(b"\0 ").decode("ascii", "replace")
+        pos += length
+    return (pos, syntax) if syntax else None
+
+
+def _inflate_chunks(data: memoryview, name: str) -> Iterator[bytes]:
+    """The raw deflate stream ``data`` (PS3.5 A.5) inflated, at most 1 MiB at a time."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        chunk = inflater.decompress(data, _INFLATE_CHUNK)
+        while chunk:
+            yield chunk
+            chunk = inflater.decompress(inflater.unconsumed_tail, _INFLATE_CHUNK)
+    except zlib.error as exc:
+        raise DicomReadError(f"{name}: malformed deflated data set ({exc})") from exc
+    if not inflater.eof:
+        raise DicomReadError(f"{name}: truncated DICOM file (the deflated data set ends "
+                             "early)")
+
+
+def _inflate(buffer: bytes | mmap.mmap, start: int, name: str) -> mmap.mmap:
+    """The file with its data set inflated, in an anonymous map (one copy, no joining of
+    chunks). A first pass only counts, so a data set over the limit is refused without
+    ever being held; the second takes its size from the decode budget."""
+    limit = decode_limits().max_inflated_bytes
+    data = memoryview(buffer)[start:]
+    total = 0
+    for chunk in _inflate_chunks(data, name):
+        total += len(chunk)
+        if total > limit:
+            raise DicomReadError(f"{name}: the deflated data set inflates to more than "
+                                 f"{limit:,} bytes, more than this system accepts")
+    with decode_budget().reserve(total):
+        out = mmap.mmap(-1, start + total)
+        out[:start] = buffer[:start]
+        at = start
+        for chunk in _inflate_chunks(data, name):
+            out[at:at + len(chunk)] = chunk
+            at += len(chunk)
+    return out
+
+
+def _read_inflated(fp: _StrictReader, stop_before_pixels: bool) -> Dataset:
+    """What ``pydicom.dcmread`` builds for a deflated file, read from the already inflated
+    data set (pydicom 3.0's own steps, minus its unbounded inflate)."""
+    from pydicom.dataset import FileDataset
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+    from pydicom.filereader import read_dataset as read_elements
+
+    fp.seek(0)
+    preamble = read_preamble(fp, False)
+    file_meta = _read_file_meta_info(fp)
+    stop = (lambda tag, vr, length: tag in _PIXEL_TAGS) if stop_before_pixels else None
+    dataset = read_elements(fp, False, True, stop_when=stop, defer_size=DEFER_SIZE)
+    ds = FileDataset(fp, dataset, preamble, file_meta, False, True)
+    ds.set_original_encoding(False, True, dataset._character_set)
+    return ds
+
+
+_PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00009, 0x7FE00008})
+
+
+# -- nesting depth --------------------------------------------------------------------------
+
+_ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_UNDEFINED = 0xFFFFFFFF
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
+                       b"UR", b"UT", b"UV"})
+_DATA_SET, _SEQUENCE, _FRAGMENTS = 0, 1, 2
+
+
+def _too_deep_error(name: str) -> DicomReadError:
+    return DicomReadError(f"{name}: sequences nested deeper than {MAX_NESTING} levels "
+                          "(refused: no real object nests so deep)")
+
+
+def _nests_deeper(data: Any, pos: int, end: int, *, sequence: bool, implicit: bool,  # noqa: ANN401
+                  little: bool, allowed: int) -> bool:
+    """Whether the encoded elements in ``data[pos:end]`` - the items of one sequence value
+    (``sequence``), or a data set - nest sequences more than ``allowed`` levels deep.
+
+    Iterative (a stack, no recursion) and over-inclusive: every value that could be read as
+    a sequence is followed (SQ, UN, any implicit-VR value starting with an item). A region
+    that is not well formed is skipped when its end is known, and otherwise ends the scan;
+    the parser reports malformed data itself."""
+    head = struct.Struct("<HHL" if little else ">HHL")
+    explicit_head = struct.Struct("<HH2sH" if little else ">HH2sH")
+    long_length = struct.Struct("<L" if little else ">L")
+    item = head.pack(0xFFFE, 0xE000, 0)[:4]
+    stack: list[list[Any]] = [[_SEQUENCE if sequence else _DATA_SET, end, implicit]]
+    level = 1 if sequence else 0
+    size = min(len(data), end)
+    while stack:
+        kind, frame_end, imp = stack[-1]
+        if frame_end is not None and pos >= frame_end:
+            level -= stack.pop()[0] == _SEQUENCE
+            continue
+        tag = length = -1
+        if pos + 8 <= size:
+            group, element, length = head.unpack_from(data, pos)
+            tag = group << 16 | element
+        push: list[Any] | None = None
+        if tag < 0:
+            pass  # runs past the end: malformed
+        elif kind != _DATA_SET:  # the items of a sequence, or the fragments of pixel data
+            if tag == _SEQ_END:
+                pos += 8
+                level -= stack.pop()[0] == _SEQUENCE
+                continue
+            if tag == _ITEM and kind == _SEQUENCE:
+                pos += 8
+                push = [_DATA_SET, None if length == _UNDEFINED else pos + length, imp]
+            elif tag == _ITEM and length != _UNDEFINED:
+                pos += 8 + length
+                continue
+        elif tag == _ITEM_END:
+            pos += 8
+            stack.pop()
+            continue
+        else:
+            vr = None
+            at = pos + 8
+            if not imp:
+                vr, length = explicit_head.unpack_from(data, pos)[2:]
+                if vr in _LONG_VRS:
+                    length = long_length.unpack_from(data, pos + 8)[0] if pos + 12 <= size \
+                        else -1
+                    at = pos + 12
+            if length == _UNDEFINED:
+                pos = at
+                if tag in _PIXEL_TAGS or vr in (b"OB", b"OW"):
+                    push = [_FRAGMENTS, None, imp]
+                else:  # SQ, an implicit-VR sequence or UN (implicit VR inside)
+                    push = [_SEQUENCE, None, imp or vr == b"UN"]
+            elif length >= 0:
+                pos = at + length
+                if ((imp or vr in (b"SQ", b"UN")) and length >= 8
+                        and bytes(data[at:at + 4]) == item
+                        and level + 1 + length // 16 > allowed):
+                    push = [_SEQUENCE, at + length, imp or vr == b"UN"]
+                    pos = at
+                else:
+                    continue
+        if push is None:  # malformed: resume after the innermost region of known length
+            while stack and stack[-1][1] is None:
+                stack.pop()
+            if not stack:
+                return False
+            pos = stack.pop()[1]
+            level = sum(f[0] == _SEQUENCE for f in stack)
+            continue
+        stack.append(push)
+        if push[0] == _SEQUENCE:
+            level += 1
+            if level > allowed:
+                return True
+    return False
+
+
+def _check_nesting(ds: Dataset, name: str) -> None:
+    """Refuse a parsed data set whose sequences nest deeper than :data:`MAX_NESTING`.
+
+    Sequences pydicom has already read are walked as objects; those still raw (defined
+    length: pydicom reads them on first access) are scanned in their bytes, and only when
+    their length leaves room for enough levels (each level takes at least 16 bytes), so an
+    ordinary file costs one pass over its top-level elements."""
+    source = source_view(ds)
+    stack: list[tuple[Dataset, int]] = [(ds, 0)]
+    while stack:
+        current, level = stack.pop()
+        for elem in current._dict.values():
+            if isinstance(elem, RawDataElement):
+                vr = elem.VR
+                if not (vr in ("SQ", "UN") or (vr is None and elem.is_implicit_VR)):
+                    continue
+                length = elem.length
+                if length == _UNDEFINED or level + 1 + length // 16 <= MAX_NESTING:
+                    continue
+                value = elem.value
+                if value is None and source is not None and current is ds:
+                    value = source[elem.value_tell:elem.value_tell + length]
+                if value is None or bytes(value[:4]) not in (b"\xfe\xff\x00\xe0",
+                                                             b"\xff\xfe\xe0\x00"):
+                    continue
+                implicit = elem.is_implicit_VR or vr == "UN"
+                if _nests_deeper(value, 0, len(value), sequence=True, implicit=implicit,
+                                 little=elem.is_little_endian, allowed=MAX_NESTING - level):
+                    raise _too_deep_error(name)
+            elif elem.VR == "SQ" and elem.value:
+                if level + 1 > MAX_NESTING:
+                    raise _too_deep_error(name)
+                stack.extend((item, level + 1) for item in elem.value)
+
+
+def _raise_if_too_deep(buffer: bytes | mmap.mmap, name: str, exc: Exception, *,
+                       inflated: bool) -> None:
+    """After a failed parse: if the data set nests too deep, say so (pydicom gives up with
+    an unrelated-looking read error when its recursion runs out). ``inflated``: ``buffer``
+    holds a deflated file's data set already inflated."""
+    meta = _file_meta_extent(buffer)
+    if meta is None:
+        return
+    syntax = UID(ExplicitVRLittleEndian if inflated else meta[1])
+    if not syntax.is_transfer_syntax or syntax.is_deflated:
+        return
+    if _nests_deeper(buffer, meta[0], len(buffer), sequence=False,
+                     implicit=syntax.is_implicit_VR, little=syntax.is_little_endian,
+                     allowed=MAX_NESTING):
+        raise _too_deep_error(name) from exc
+
+
 def read_dataset_bytes(
-    data: bytes, name: str = "<bytes>", *, stop_before_pixels: bool = False
+    data: bytes, name: str = "<bytes>", *, stop_before_pixels: bool = False,
+    defer: bool = False,
 ) -> Dataset:
-    """Parse Part 10 bytes into a dataset, raising :class:`DicomReadError` on any defect."""
-    return _parse(data, name, stop_before_pixels=stop_before_pixels, defer=False, path=None)
+    """Parse Part 10 bytes into a dataset, raising :class:`DicomReadError` on any defect.
+    ``defer``: values over 1 MiB stay in ``data`` until read (a parse that only checks
+    and indexes then copies nothing large)."""
+    return _parse(data, name, stop_before_pixels=stop_before_pixels, defer=defer, path=None)
 
 
 def stored_element(ds: Dataset, tag: int) -> DataElement | RawDataElement | None:

@@ -2,19 +2,26 @@
 
 Compressed transfer syntaxes (JPEG 2000, JPEG-LS, JPEG lossless/lossy, RLE) are decoded by
 the pylibjpeg plugins and pyjpegls; a decoder failure becomes a :class:`DicomReadError`.
+
+Nothing is decoded before the header's numbers pass :mod:`radguard.dicom.limits` (frame
+size, total decoded bytes) and, for compressed data, before the encapsulation is seen to
+fit them (at least one fragment per frame, a believable compression ratio): a decoder
+allocates what the header declares before it finds the stream too short.
 """
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 import numpy as np
 from pydicom.dataset import Dataset
 
 from radguard.dicom.io import detached_view, peek, source_view, stored_element
+from radguard.dicom.limits import check_ratio, decode_budget, decoded_size
 from radguard.errors import DicomReadError
 
-__all__ = ["PixelInfo", "pixel_array", "pixel_info", "validate_pixel_data"]
+__all__ = ["PixelInfo", "decoded_bytes", "pixel_array", "pixel_info", "validate_pixel_data"]
 
 
 @dataclass(frozen=True)
@@ -64,15 +71,26 @@ def pixel_info(ds: Dataset) -> PixelInfo:
         raise DicomReadError(f"{name}: incomplete Image Pixel Module ({exc})") from exc
 
 
+def decoded_bytes(ds: Dataset, info: PixelInfo | None = None) -> int:
+    """Bytes the decoded pixel array will take; a :class:`DicomReadError` when the header's
+    numbers are impossible or exceed the decode limits in force (nothing is decoded)."""
+    info = info or pixel_info(ds)
+    return decoded_size(getattr(ds, "filename", None) or "dataset", info.rows, info.columns,
+                        info.frames, info.samples_per_pixel, info.bits_allocated)
+
+
 def validate_pixel_data(ds: Dataset, *, decode_compressed: bool = True) -> PixelInfo:
     """Check that the pixel data can be displayed, as cheaply as that can be known.
 
-    Native pixel data must hold exactly the bytes the Image Pixel Module implies (odd
-    totals padded by one); encapsulated (compressed) pixel data is decoded, since only a
-    decoder can tell that a JPEG stream is corrupt (``decode_compressed=False`` skips that,
-    for a receiver that must answer quickly and checks the image later).
+    The header's image size must be within the decode limits. Native pixel data must hold
+    exactly the bytes the Image Pixel Module implies (odd totals padded by one);
+    encapsulated (compressed) pixel data must hold a fragment per frame and a believable
+    amount of data, and is decoded, since only a decoder can tell that a JPEG stream is
+    corrupt (``decode_compressed=False`` skips the decoding, for a receiver that must
+    answer quickly and checks the image later).
     """
     info = pixel_info(ds)
+    decoded = decoded_bytes(ds, info)
     name = getattr(ds, "filename", None) or "dataset"
     elem = stored_element(ds, 0x7FE00010) if 0x7FE00010 in ds else None
     undefined = elem is not None and (
@@ -80,7 +98,9 @@ def validate_pixel_data(ds: Dataset, *, decode_compressed: bool = True) -> Pixel
     )
     if elem is None or undefined:
         if decode_compressed:
-            pixel_array(ds)
+            pixel_array(ds)  # checks the encapsulation before decoding
+        elif elem is not None:
+            _check_encapsulated(ds, elem, info, decoded, name)
         return info
     bits = info.rows * info.columns * info.frames * info.samples_per_pixel * info.bits_allocated
     expected = (bits + 7) // 8
@@ -100,24 +120,76 @@ def pixel_array(ds: Dataset) -> np.ndarray:
     ``ds`` itself is not modified.
     """
     info = pixel_info(ds)
-    native = _native_array(ds, info)
-    if native is not None:
-        return native
+    decoded = decoded_bytes(ds, info)  # before anything is allocated
     name = getattr(ds, "filename", None) or "dataset"
-    # decode through a view with its own element dict: pydicom replaces raw elements by
-    # converted ones on access, and the caller's original bytes must stay untouched
-    # (signature verification and byte-faithful re-writing depend on them)
-    try:
-        arr = detached_view(ds).pixel_array
-    except Exception as exc:
-        text = " ".join(str(exc).split())[:200]
-        raise DicomReadError(f"{name}: cannot decode pixel data ({text})") from exc
+    elem = stored_element(ds, 0x7FE00010)
+    encoded = 0
+    if elem is not None and (getattr(elem, "length", None) == 0xFFFFFFFF
+                             or getattr(elem, "is_undefined_length", False)):
+        encoded = _check_encapsulated(ds, elem, info, decoded, name)
+    with decode_budget().reserve(decoded + encoded):
+        native = _native_array(ds, info)
+        if native is not None:
+            return native
+        # decode through a view with its own element dict: pydicom replaces raw elements by
+        # converted ones on access, and the caller's original bytes must stay untouched
+        # (signature verification and byte-faithful re-writing depend on them)
+        try:
+            arr = detached_view(ds).pixel_array
+        except Exception as exc:
+            text = " ".join(str(exc).split())[:200]
+            raise DicomReadError(f"{name}: cannot decode pixel data ({text})") from exc
     expected = info.rows * info.columns * info.frames * info.samples_per_pixel
     if arr.size != expected:
         raise DicomReadError(
             f"{name}: pixel data holds {arr.size} values, header says {expected}"
         )
     return np.asarray(arr)
+
+
+_ITEM_HEAD = struct.Struct("<HHL")
+#: MPEG-2, MPEG-4 and HEVC: one stream for all frames, not a fragment per frame
+_VIDEO_PREFIX = "1.2.840.10008.1.2.4.10"
+
+
+def _check_encapsulated(ds: Dataset, elem: object, info: PixelInfo, decoded: int,
+                        name: str) -> int:
+    """Walk the item headers of encapsulated pixel data (no pixel byte is read): a still-
+    image syntax needs at least one fragment per frame (PS3.5 A.4), and the fragments must
+    hold enough bytes for the decoded size (:func:`radguard.dicom.limits.check_ratio`).
+    Returns the encoded size; a :class:`DicomReadError` for data that cannot be walked."""
+    value = getattr(elem, "value", None)
+    start, in_file = 0, value is None
+    if in_file:  # deferred: the item headers are read where the file is mapped
+        value, start = source_view(ds), getattr(elem, "value_tell", None)
+        if value is None or start is None:
+            return 0  # not read by radguard: the decoder is the only check left
+    if not isinstance(value, bytes | bytearray | memoryview):
+        return 0
+    fragments, encoded, pos, size = -1, 0, start, len(value)
+    while True:
+        if pos == size and not in_file:
+            break  # a value read into memory stops before the sequence delimiter
+        if pos + 8 > size:
+            raise DicomReadError(f"{name}: encapsulated pixel data ends without its "
+                                 "sequence delimiter")
+        group, element, length = _ITEM_HEAD.unpack_from(value, pos)
+        if (group, element) == (0xFFFE, 0xE0DD):
+            break
+        if (group, element) != (0xFFFE, 0xE000) or length == 0xFFFFFFFF \
+                or pos + 8 + length > size:
+            raise DicomReadError(f"{name}: malformed encapsulated pixel data (item "
+                                 f"({group:04X},{element:04X}) at byte {pos - start})")
+        fragments += 1  # the first item is the Basic Offset Table
+        encoded += length if fragments else 0
+        pos += 8 + length
+    meta = getattr(ds, "file_meta", None)
+    syntax = str(getattr(meta, "TransferSyntaxUID", "") or "") if meta is not None else ""
+    if fragments < info.frames and not syntax.startswith(_VIDEO_PREFIX):
+        raise DicomReadError(f"{name}: {info.frames} frames declared but the encapsulated "
+                             f"pixel data holds {max(fragments, 0)} fragment(s)")
+    check_ratio(name, decoded, encoded)
+    return encoded
 
 
 #: uncompressed little-endian syntaxes: the stored values are the bytes themselves

@@ -5,8 +5,10 @@ negotiation); this module decides what each C-STORE gets.
 
 A C-STORE is answered Success (0x0000) only after the instance is parsed strictly, written
 and fsync'd, and its row committed (:meth:`Store.ingest`): an acknowledged image is never
-lost. Anything that is not a well-formed Part 10 data set gets 0xC000 (cannot understand) and
-nothing is stored; a full disk or a database failure gets 0xA700 (out of resources). Calling
+lost. Anything that is not a well-formed Part 10 data set - malformed UIDs and images above
+the decode limits included (:func:`header_of`) - gets 0xC000 (cannot understand) and nothing
+is stored; a full disk or a database failure gets 0xA700 (out of resources), and the store
+takes objects again as soon as it can be written. Calling
 AE titles can be restricted, and every socket gets TCP_NODELAY: without it a small instance
 waits 40-90 ms on Nagle's algorithm and delayed ACKs (about 20 instances/s instead of
 hundreds). Whatever sends with pynetdicom (the forwarder, the demo, the load benchmark) opens
@@ -17,6 +19,7 @@ in pynetdicom's requestor.
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 import threading
 import time
@@ -66,11 +69,16 @@ def open_association(ae: Any, host: str, port: int, ae_title: str) -> Any:  # no
     return assoc
 
 
-def header_of(data: bytes, name: str = "instance", *, decode_compressed: bool = True
-              ) -> dict[str, str]:
-    """Parse Part 10 bytes strictly (pixel data included, so a truncated or inconsistent
-    object is refused; compressed pixel data is decoded, so a corrupt stream is refused
-    too) and pull out what the store indexes."""
+def header_of(data: bytes | os.PathLike[str], name: str = "instance", *,
+              decode_compressed: bool = True) -> dict[str, str]:
+    """Parse a Part 10 object - its bytes, or a file holding it (a large object spooled
+    while it arrived) - strictly and pull out what the store indexes.
+
+    Refused with a :class:`DicomReadError`: a truncated or inconsistent object (pixel data
+    included), a Study, Series or SOP Instance UID or SOP Class UID that is missing or not
+    a UID (PS3.5 9.1: these end up in paths, URLs and web pages), an image larger than the
+    decode limits, and - unless ``decode_compressed`` is off - compressed pixel data that
+    does not decode. Values over 1 MiB are checked where they lie, never copied."""
     try:
         return _header(data, name, decode_compressed)
     except RadguardError:
@@ -80,20 +88,38 @@ def header_of(data: bytes, name: str = "instance", *, decode_compressed: bool = 
                              f"{' '.join(str(exc).split())[:160]})") from exc
 
 
-def _header(data: bytes, name: str, decode_compressed: bool) -> dict[str, str]:
-    from radguard.dicom.io import read_dataset_bytes
-    from radguard.dicom.pixels import validate_pixel_data
+_UIDS = (("SOPInstanceUID", "SOP Instance UID"), ("SOPClassUID", "SOP Class UID"),
+         ("StudyInstanceUID", "Study Instance UID"),
+         ("SeriesInstanceUID", "Series Instance UID"))
 
-    ds = read_dataset_bytes(data, name)
-    sop = str(ds.get("SOPInstanceUID", "") or "")
-    if not sop:
-        raise RadguardError(f"{name}: no SOP Instance UID")
+
+def _header(data: bytes | os.PathLike[str], name: str, decode_compressed: bool
+            ) -> dict[str, str]:
+    from radguard.dicom.io import peek, read_dataset, read_dataset_bytes
+    from radguard.dicom.pixels import validate_pixel_data
+    from radguard.dicom.uids import uid_problem
+
+    if isinstance(data, bytes | bytearray | memoryview):
+        ds = read_dataset_bytes(data, name, defer=True)
+    else:
+        try:
+            ds = read_dataset(data)
+        except DicomReadError as exc:  # say who sent it, not where it was spooled
+            raise DicomReadError(str(exc).replace(str(data), name)) from exc
+        ds.filename = name
+    uids = {}
+    for keyword, label in _UIDS:
+        value = peek(ds, keyword)  # several values (a backslash) are not a UID either
+        text = "" if value is None else str(value).rstrip("\0 ")
+        problem = uid_problem(text, label)
+        if problem:
+            raise DicomReadError(f"{name}: {problem}")
+        uids[keyword] = text
     if "PixelData" in ds:
         validate_pixel_data(ds, decode_compressed=decode_compressed)
     return {
-        "sop_uid": sop, "study_uid": str(ds.get("StudyInstanceUID", "") or ""),
-        "series_uid": str(ds.get("SeriesInstanceUID", "") or ""),
-        "sop_class": str(ds.get("SOPClassUID", "") or ""),
+        "sop_uid": uids["SOPInstanceUID"], "study_uid": uids["StudyInstanceUID"],
+        "series_uid": uids["SeriesInstanceUID"], "sop_class": uids["SOPClassUID"],
         "patient_id": str(ds.get("PatientID", "") or ""),
         "patient_name": str(ds.get("PatientName", "") or ""),
         "modality": str(ds.get("Modality", "") or ""),
@@ -118,10 +144,19 @@ class DicomServer:
         self._pending: dict[str, int] = {}
 
     def _handle_store(self, request: StoreRequest) -> int:
-        """Status for one received C-STORE (runs on the acceptor's thread pool)."""
-        calling = request.calling_ae
+        """Status for one received C-STORE (runs on the acceptor's thread pool). A spooled
+        object (``request.path``) is moved into the store or deleted here."""
         try:
-            header = header_of(request.data, f"C-STORE from {calling}",
+            return self._store(request)
+        finally:
+            if request.path is not None:
+                request.path.unlink(missing_ok=True)
+
+    def _store(self, request: StoreRequest) -> int:
+        calling = request.calling_ae
+        source = request.path if request.path is not None else request.data
+        try:
+            header = header_of(source, f"C-STORE from {calling}",
                                decode_compressed=self.config.validate_compressed_pixels)
         except RadguardError as exc:
             return self._refuse(calling, str(exc))
@@ -129,9 +164,12 @@ class DicomServer:
             self._refuse(calling, "SOP Instance UID differs from the C-STORE request")
             return _SOP_MISMATCH
         try:
-            row = self.store.ingest(request.data, header, source="dimse", calling_ae=calling)
+            row = self.store.ingest(source, header, source="dimse", calling_ae=calling)
         except (OSError, RadguardError) as exc:
-            log.error("store failed for %s: %s", header["sop_uid"], exc)
+            # the first failure of an outage is logged and audited by the gateway
+            # (Store.health); each refused instance after it only at debug level
+            log.log(logging.ERROR if self.store.health.failures <= 1 else logging.DEBUG,
+                    "C-STORE from %s not stored (0xA700): %s", calling, exc)
             return OUT_OF_RESOURCES
         if self.on_stored:
             self.on_stored(row)
@@ -156,9 +194,13 @@ class DicomServer:
 
     def start(self) -> int:
         """Listen; returns the port (useful with port 0)."""
+        from pathlib import Path
+
         from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
         from pynetdicom.presentation import build_context
         from pynetdicom.sop_class import Verification
+
+        from radguard.gateway.acceptor import DimseLimits
 
         # every storage class in every transfer syntax: compressed ones accepted as sent
         contexts = [build_context(c.abstract_syntax, ALL_TRANSFER_SYNTAXES)
@@ -168,10 +210,25 @@ class DicomServer:
         if self.config.tls_cert:
             ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ssl_context.load_cert_chain(self.config.tls_cert, self.config.tls_key)
-        self._server = Acceptor(self.config.ae_title, contexts, self._handle_store,
-                                allowed_calling_aes=list(self.config.allowed_calling_aes),
-                                ssl_context=ssl_context, max_associations=32,
-                                network_timeout=60)
+        c = self.config
+        limits = DimseLimits(
+            max_associations=c.dicom_max_associations, max_per_ip=c.dicom_max_per_ip,
+            max_per_ae=c.dicom_max_per_ae, connect_timeout=c.dicom_connect_timeout,
+            idle_timeout=c.dicom_idle_timeout, min_rate=c.dicom_min_rate_kib << 10,
+            max_association_time=c.dicom_max_association_time,
+            max_data_set=c.dicom_max_data_set_mb << 20,
+            memory_per_message=c.dicom_memory_per_message_mb << 20,
+            memory_budget=c.dicom_memory_budget_mb << 20)
+        # large data sets are spooled beside the store, so a rename moves them into place
+        spool = Path(c.data_dir) / "incoming"
+        try:
+            spool.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"{spool}: cannot create the DICOM spool folder "
+                              f"({exc.strerror or exc})") from exc
+        self._server = Acceptor(c.ae_title, contexts, self._handle_store,
+                                allowed_calling_aes=list(c.allowed_calling_aes),
+                                ssl_context=ssl_context, limits=limits, spool_dir=spool)
         try:
             self.port = self._server.start(self.config.host, self.config.dicom_port)
         except OSError as exc:

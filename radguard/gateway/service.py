@@ -7,6 +7,17 @@ resumes the queue (:meth:`Store.recover`). With ``check_processes`` the stateles
 in separate processes (:class:`~radguard.gateway.pipeline.CheckPool`), so on a multi-core
 server they do not share the receiving process's interpreter lock; the store, the monitor
 and forwarding stay in the gateway process.
+
+The workers survive every store error. When the store cannot be written (a full disk, an
+unreachable database) new objects are refused (C-STORE 0xA700), ``Gateway.problem`` says
+since when and why (the web UI shows it), the transition is logged and audited once, and
+the workers back off and probe until writes work again; an instance claimed when the error
+hit goes back to the queue. Nothing acknowledged is lost and nothing needs a restart.
+
+A conflicting copy of a SOP Instance UID already held (different bytes, see
+:class:`~radguard.gateway.store.Store`) is checked like any instance but always ends in
+quarantine with the reason, never forwarded, so an admin decides; the first copy stays the
+one served.
 """
 
 from __future__ import annotations
@@ -16,10 +27,11 @@ import threading
 import time
 from typing import Any
 
+from radguard.errors import RadguardError
 from radguard.gateway.config import ConfigError, GatewayConfig
 from radguard.gateway.dimse import DicomServer
-from radguard.gateway.pipeline import CheckPool, ForwardError, Pipeline
-from radguard.gateway.store import Instance, Store
+from radguard.gateway.pipeline import CheckPool, ForwardError, Pipeline, Routing
+from radguard.gateway.store import Instance, Store, StoreError
 
 __all__ = ["Gateway"]
 
@@ -47,11 +59,14 @@ class Gateway:
     def __init__(self, config: GatewayConfig, *, audit_log: Any = None) -> None:  # noqa: ANN401
         from pathlib import Path
 
+        from radguard.dicom.limits import set_decode_limits
         from radguard.governance.auditlog import AuditLog
 
         self.config = config
+        set_decode_limits(config.decode_limits())  # the door and in-process checks
         self.oidc = _oidc_verifier(config)
         self.store = Store(config.data_dir, config.db_url or None)
+        self.store.health.listeners.append(self._store_health)
         self.audit_log = audit_log or AuditLog(Path(config.data_dir) / "audit.jsonl",
                                                actor="radguard-gateway")
         self.pipeline = Pipeline(config, self.store, self.audit_log)
@@ -64,9 +79,35 @@ class Gateway:
         self.processed = 0
         self.http_port: int | None = None
         self._http: Any = None
+        self._held: set[int] = set()  # claimed, then the store failed: requeue when it works
+        self._held_lock = threading.Lock()
+
+    @property
+    def problem(self) -> str | None:
+        """What keeps the gateway from working normally, for the web UI's banner (e.g.
+        "disk full since ...: new images refused"); None when all is well."""
+        return self.store.health.problem
 
     def _audit(self, action: str, target: str, details: dict[str, Any]) -> None:
-        self.audit_log.append(action, target, details)
+        """Append to the audit log; a log that cannot be written (the disk is full) is
+        logged here and does not stop the caller."""
+        try:
+            self.audit_log.append(action, target, details)
+        except (OSError, RadguardError) as exc:
+            log.error("audit log not written (%s): %s %s", exc, action, target)
+
+    def _store_health(self, problem: str | None) -> None:
+        """A store health transition (once per outage, not per refused instance)."""
+        health = self.store.health
+        if problem is not None:
+            log.error("store: %s", problem)
+            self._audit("store.unavailable", self.config.ae_title, {"problem": problem})
+        else:
+            log.warning("store: writes work again (failing since %s, %d failed writes); "
+                        "taking new images", health.since, health.failures)
+            self._audit("store.recovered", self.config.ae_title,
+                        {"failing_since": health.since, "failed_writes": health.failures})
+            self._wake.set()
 
     def _wake_up(self, _row: int) -> None:
         self._wake.set()
@@ -104,6 +145,7 @@ class Gateway:
 
         import uvicorn
 
+        from radguard.gateway.httpguard import guarded_protocol
         from radguard.gateway.web import create_app
 
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -118,7 +160,14 @@ class Gateway:
         self.http_port = int(sock.getsockname()[1])
         app = create_app(self, bulk_read_limit=self.config.bulk_read_limit)
         settings = uvicorn.Config(app, log_level="warning", access_log=False,
-                                  limit_concurrency=64, timeout_keep_alive=5,
+                                  limit_concurrency=self.config.http_max_connections,
+                                  timeout_keep_alive=5,
+                                  http=guarded_protocol(self.config.http_header_seconds,
+                                                        self.config.http_max_per_client,
+                                                        list(self.config.trusted_proxies)),
+                                  h11_max_incomplete_event_size=16 << 10, server_header=False,
+                                  proxy_headers=bool(self.config.trusted_proxies),
+                                  forwarded_allow_ips=list(self.config.trusted_proxies),
                                   ssl_certfile=self.config.tls_cert or None,
                                   ssl_keyfile=self.config.tls_key or None)
         self._http = uvicorn.Server(settings)
@@ -131,30 +180,69 @@ class Gateway:
         self._http_thread = thread
 
     def _work(self) -> None:
-        backoff = 1.0
+        store_wait, forward_wait = 1.0, 1.0  # back-offs, doubling while the trouble lasts
         while not self._stop.is_set():
-            instance = self.store.claim()
+            try:
+                if self.store.health.problem is not None and not self.store.probe():
+                    raise StoreError(self.store.health.problem)
+                self._requeue_held()
+                instance = self.store.claim()
+            except (OSError, StoreError) as exc:
+                log.debug("worker waits for the store: %s", exc)
+                self._stop.wait(store_wait)
+                store_wait = min(store_wait * 2, 30.0)
+                continue
+            store_wait = 1.0
             if instance is None:
                 self._wake.wait(0.5)
                 self._wake.clear()
                 continue
             try:
                 self._process(instance)
-                backoff = 1.0
+                forward_wait = 1.0
             except ForwardError as exc:
                 log.warning("forwarding %s failed, will retry: %s", instance.sop_uid, exc)
-                self.store.requeue(instance.id)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 60.0)
+                self._hold(instance.id)
+                self._stop.wait(forward_wait)
+                forward_wait = min(forward_wait * 2, 60.0)
+            except (OSError, StoreError) as exc:  # the result could not be recorded
+                log.debug("instance %s back to the queue: %s", instance.sop_uid, exc)
+                self._hold(instance.id)
+                self._stop.wait(store_wait)
+                store_wait = min(store_wait * 2, 30.0)
+
+    def _hold(self, instance_id: int) -> None:
+        """Put a claimed instance back in the queue, or keep it for later if the store
+        cannot take even that now (it must not stay claimed until a restart)."""
+        try:
+            self.store.requeue(instance_id)
+        except (OSError, StoreError):
+            with self._held_lock:
+                self._held.add(instance_id)
+
+    def _requeue_held(self) -> None:
+        with self._held_lock:
+            held, self._held = self._held, set()
+        for number, instance_id in enumerate(sorted(held)):
+            try:
+                self.store.requeue(instance_id)
+            except (OSError, StoreError):
+                with self._held_lock:
+                    self._held.update(sorted(held)[number:])
+                raise
 
     def _process(self, instance: Instance) -> None:
+        first = self.store.get(instance.duplicate_of) if instance.duplicate_of else None
         try:
             if self.checks is not None:
                 routing, observation = self.checks.check(self.store.file(instance), instance)
-                self.pipeline.observe(instance, observation, routing)
-            else:
+                if first is None:
+                    self.pipeline.observe(instance, observation, routing)
+            elif first is None:
                 routing = self.pipeline.route(instance)
-        except ForwardError:
+            else:  # a conflicting copy does not feed the drift monitor
+                routing = self.pipeline.check(self.store.file(instance), instance)[0]
+        except (ForwardError, StoreError):
             raise
         except Exception as exc:  # noqa: BLE001 - one bad instance must not stop the queue
             log.exception("pipeline failed on %s", instance.sop_uid)
@@ -162,6 +250,8 @@ class Gateway:
                               trust="unknown", details={"error": f"{type(exc).__name__}: "
                                                                  f"{exc}"[:500]})
             return
+        if instance.duplicate_of:
+            _conflict(routing, instance, first)
         forwarded = self.pipeline.forward(instance) if routing.state == "done" else None
         self.store.finish(instance.id, state=routing.state, verdict=routing.verdict,
                           trust=routing.trust,
@@ -170,8 +260,11 @@ class Gateway:
                           ai_suspicion=routing.ai_suspicion, forwarded=forwarded)
         self.processed += 1
         if routing.state != "done":
-            self._audit(f"instance.{routing.state}", instance.sop_uid,
-                        {"study": instance.study_uid, "reasons": routing.reasons[:3]})
+            details: dict[str, Any] = {"study": instance.study_uid,
+                                       "reasons": routing.reasons[:3]}
+            if instance.duplicate_of:
+                details["duplicate_of"] = instance.duplicate_of
+            self._audit(f"instance.{routing.state}", instance.sop_uid, details)
 
     def wait_idle(self, timeout: float = 60.0) -> bool:
         """Block until nothing is queued or processing (tests, the demo)."""
@@ -200,3 +293,17 @@ class Gateway:
         if self.checks is not None:
             self.checks.close()
         self.pipeline.close()
+
+
+def _conflict(routing: Routing, instance: Instance, first: Instance | None) -> None:
+    """Route a conflicting copy of a SOP Instance UID to quarantine (a rejection stands):
+    the first copy keeps being served, an admin decides about this one."""
+    origin = (f"first received {first.received_at[:19]}Z from "
+              f"{first.calling_ae or first.source} (row {first.id})" if first is not None
+              else f"first copy's row {instance.duplicate_of}")
+    routing.reasons.insert(0, f"conflicting duplicate of SOP Instance UID {instance.sop_uid}: "
+                              f"different content than the copy {origin}; the first copy is "
+                              "kept and served, an admin decides about this one")
+    routing.details["duplicate_of"] = instance.duplicate_of
+    if routing.state == "done":
+        routing.state = "quarantined"

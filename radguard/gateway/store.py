@@ -9,6 +9,21 @@ writes its result and the final state in one transaction, so each received insta
 processed exactly once. Files without a row (a crash between fsync and commit: never
 acknowledged) are removed by ``recover``.
 
+One SOP Instance UID names one object. The same bytes again (same SHA-256) are a resend:
+acknowledged, no new row. Different bytes under a UID already held are stored - never
+instead of the first copy - with ``duplicate_of`` naming the first row, and the gateway
+quarantines them for an admin to decide; the first copy is what DICOMweb and the viewer
+serve (:meth:`Store.served`). So a peer cannot shadow an image by resending its UID.
+
+Large objects arrive as files (the DICOM acceptor spools them to ``data_dir/incoming``, on
+the store's filesystem): :meth:`Store.ingest` hashes them while reading and renames them
+into place, so no copy of a large object is ever held in memory.
+
+Write failures (a full disk, an unreachable database) are tracked in :attr:`Store.health`:
+the first failure and the first success after failures are the transitions the gateway
+logs, audits and shows; nothing is lost meanwhile (refused objects were not acknowledged,
+claimed ones go back to the queue).
+
 Schema changes are numbered migrations applied in order at open (``schema_version``).
 The embedded default is SQLite in the data folder; a larger site gives a PostgreSQL URL
 (``db_url = "postgresql://user:pw@host/radguard"``) and several gateways can then share one
@@ -19,20 +34,25 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import hashlib
 import json
+import logging
 import os
+import shutil
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from radguard.errors import RadguardError
-from radguard.fileio import atomic_write_bytes
+from radguard.fileio import atomic_write_bytes, atomic_writer
 
-__all__ = ["Instance", "Store", "StoreError"]
+__all__ = ["Instance", "Store", "StoreError", "WriteHealth"]
+
+log = logging.getLogger("radguard.gateway")
 
 MIGRATIONS = [
     # 1: instances and their queue state ({id} is the backend's auto-increment key)
@@ -56,6 +76,10 @@ MIGRATIONS = [
     CREATE TABLE users (name TEXT PRIMARY KEY, role TEXT NOT NULL, salt {blob} NOT NULL,
                         password_hash {blob} NOT NULL, created TEXT NOT NULL);
     CREATE TABLE tokens (digest TEXT PRIMARY KEY, name TEXT NOT NULL, expires TEXT NOT NULL);
+    """,
+    # 3: a conflicting copy of a SOP Instance UID already held names the first copy's row
+    """
+    ALTER TABLE instances ADD COLUMN duplicate_of {int}
     """,
 ]
 
@@ -94,6 +118,7 @@ class Instance:
     processed_at: str | None
     decided_by: str | None
     decision_note: str | None
+    duplicate_of: int | None = None  # the first copy's row when this is a conflicting one
 
     @property
     def detail(self) -> dict[str, Any]:
@@ -108,11 +133,58 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
 
 
+def _disk_full(exc: BaseException) -> bool:
+    """A write failed for want of space (ENOSPC, a quota, a file size limit)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return True
+    text = str(exc).lower()
+    return "disk is full" in text or "no space left" in text or "file too large" in text
+
+
+class WriteHealth:
+    """Whether the store's last writes worked: ``problem`` is None while they do, else one
+    line saying since when and why they fail. Listeners hear each transition once
+    (``listener(problem)`` on failing, ``listener(None)`` on recovering), not every failed
+    write."""
+
+    def __init__(self) -> None:
+        self.problem: str | None = None
+        self.since: str | None = None
+        self.failures = 0  # failed writes of the current (or last) outage
+        self._lock = threading.Lock()
+        self.listeners: list[Callable[[str | None], None]] = []
+
+    def failed(self, exc: BaseException) -> None:
+        """A write failed with ``exc``."""
+        with self._lock:
+            if self.problem is not None:
+                self.failures += 1
+                return
+            self.since, self.failures = _now(), 1
+            reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+            what = "disk full" if _disk_full(exc) else "the store cannot be written"
+            self.problem = f"{what} since {self.since[:19]}Z: new images refused ({reason})"
+            problem = self.problem
+        for listener in list(self.listeners):
+            listener(problem)
+
+    def worked(self) -> None:
+        """A durable write succeeded."""
+        if self.problem is None:  # the common case: no lock
+            return
+        with self._lock:
+            if self.problem is None:
+                return
+            self.problem = None
+        for listener in list(self.listeners):
+            listener(None)
+
+
 class _Backend:
     """The few things that differ between SQLite and PostgreSQL."""
 
     name = "sqlite"
-    ddl = {"id": "INTEGER PRIMARY KEY AUTOINCREMENT", "blob": "BLOB"}
+    ddl = {"id": "INTEGER PRIMARY KEY AUTOINCREMENT", "blob": "BLOB", "int": "INTEGER"}
     begin = "BEGIN IMMEDIATE"  # take the write lock now: no upgrade deadlocks
     skip_locked = ""
     errors: tuple[type[BaseException], ...] = (sqlite3.DatabaseError,)
@@ -134,10 +206,19 @@ class _Backend:
     def describe(self) -> str:
         return self.target
 
+    def lock_uid(self, execute: Callable[..., Any], uid: str) -> None:  # noqa: B027
+        """Serialise writers of one SOP Instance UID within a transaction (SQLite's write
+        transaction already excludes every other writer)."""
+
+    def broken(self, db: Any) -> bool:  # noqa: ANN401
+        """Whether a connection is lost for good (reconnect instead of reusing it)."""
+        return False
+
 
 class _Postgres(_Backend):
     name = "postgresql"
-    ddl = {"id": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY", "blob": "BYTEA"}
+    ddl = {"id": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY", "blob": "BYTEA",
+           "int": "BIGINT"}
     begin = "BEGIN"
     skip_locked = " FOR UPDATE SKIP LOCKED"
 
@@ -157,6 +238,14 @@ class _Postgres(_Backend):
     def sql(self, text: str) -> str:
         return text.replace("?", "%s")  # no literal question marks in radguard's SQL
 
+    def lock_uid(self, execute: Callable[..., Any], uid: str) -> None:
+        # gateways sharing the database: an advisory lock per UID until the transaction ends
+        execute("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", (uid,))
+
+    def broken(self, db: Any) -> bool:  # noqa: ANN401
+        return bool(getattr(db, "closed", False)) or getattr(
+            getattr(db, "info", None), "status", None) == self.psycopg.pq.ConnStatus.BAD
+
     def describe(self) -> str:
         from radguard.dicom.web import redact
 
@@ -171,8 +260,11 @@ class Store:
     def __init__(self, data_dir: str | os.PathLike[str], db_url: str | None = None) -> None:
         self.root = Path(data_dir)
         self.objects = self.root / "objects"
+        self.incoming = self.root / "incoming"  # large objects spooled while they arrive
+        self.health = WriteHealth()
         try:
             self.objects.mkdir(parents=True, exist_ok=True)
+            self.incoming.mkdir(exist_ok=True)
         except OSError as exc:
             raise StoreError(f"{self.root}: cannot create the data folder ({exc.strerror})") \
                 from exc
@@ -201,9 +293,14 @@ class Store:
 
     def execute(self, sql: str, params: tuple[Any, ...] = ()) -> Any:  # noqa: ANN401
         """Run one statement (``?`` placeholders) on this thread's connection."""
+        db = self._db()
         try:
-            return self._db().execute(self.backend.sql(sql), params)
+            return db.execute(self.backend.sql(sql), params)
         except self.backend.errors as exc:
+            if self.backend.broken(db):  # the server went away: a new connection next time
+                self._local.db = None
+                with contextlib.suppress(Exception):
+                    db.close()
             raise StoreError(f"{self.db_path}: database error ({exc})") from exc
 
     @contextlib.contextmanager
@@ -221,13 +318,17 @@ class Store:
                 self.execute(self.backend.begin)
                 try:
                     yield
+                    self.execute("COMMIT")
                 except BaseException:
-                    self.execute("ROLLBACK")
+                    # also after a failed COMMIT (a full disk): SQLite may keep the
+                    # transaction open, and the next BEGIN on this connection would fail
+                    with contextlib.suppress(StoreError):
+                        self.execute("ROLLBACK")
                     raise
-                self.execute("COMMIT")
             finally:
                 if lazy:
-                    self.execute("PRAGMA synchronous=FULL")
+                    with contextlib.suppress(StoreError):
+                        self.execute("PRAGMA synchronous=FULL")
 
     def _migrate(self) -> None:
         self.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
@@ -250,41 +351,138 @@ class Store:
         return int(self.execute("SELECT version FROM schema_version").fetchone()[0])
 
     # -- ingest ----------------------------------------------------------------------------------
-    def ingest(self, data: bytes, header: dict[str, str], *, source: str,
+    def ingest(self, data: bytes | os.PathLike[str], header: dict[str, str], *, source: str,
                calling_ae: str = "") -> int:
-        """Store one Part 10 file durably and queue it; returns its row id. ``header`` holds
-        the UIDs and the few attributes the worklist shows (already validated by the caller).
+        """Store one Part 10 object durably and queue it; returns its row id. ``header``
+        holds the UIDs and the few attributes the worklist shows (already validated by the
+        caller).
+
+        ``data`` is the object's bytes or a file holding it (a spooled large object): the
+        file is hashed while read and moved into the store - or deleted when the store
+        already holds the same bytes. When ingest fails the caller deletes what is left of
+        it; a file already moved but without a row is never acknowledged, and
+        :meth:`recover` removes it.
+        The same bytes under the same SOP Instance UID again are a resend: the first row's
+        id comes back and nothing is added. Different bytes under a UID already held get
+        a row of their own with ``duplicate_of`` set; they never replace the first copy.
         """
-        digest = hashlib.sha256(data).hexdigest()
+        try:
+            row, wrote = self._ingest(data, header, source, calling_ae)
+        except (OSError, StoreError) as exc:
+            self.health.failed(exc)
+            raise
+        if wrote:
+            self.health.worked()
+        return row
+
+    def _ingest(self, data: bytes | os.PathLike[str], header: dict[str, str], source: str,
+                calling_ae: str) -> tuple[int, bool]:
+        """(row id, whether anything was written)."""
+        spooled = None if isinstance(data, bytes | bytearray | memoryview) else Path(data)
+        if spooled is None:
+            digest, size = hashlib.sha256(data).hexdigest(), len(data)  # type: ignore[arg-type]
+        else:
+            with open(spooled, "rb") as fh:
+                digest = hashlib.file_digest(fh, "sha256").hexdigest()
+                size = os.fstat(fh.fileno()).st_size
+        sop = header["sop_uid"]
+        known = self.execute("SELECT id FROM instances WHERE sop_uid=? AND sha256=? "
+                             "ORDER BY id LIMIT 1", (sop, digest)).fetchone()
+        if known is not None:  # a resend: no second file, no second row
+            if spooled is not None:
+                spooled.unlink(missing_ok=True)
+            return int(known[0]), False
         path = self.objects / digest[:2] / f"{digest}.dcm"
-        if not path.exists():
-            atomic_write_bytes(path, data, 0o640, durable=True)
+        if spooled is not None:
+            self._adopt(spooled, path)
+        elif not path.exists():
+            atomic_write_bytes(path, data, 0o640, durable=True)  # type: ignore[arg-type]
         with self.transaction():
+            self.backend.lock_uid(self.execute, sop)
+            rows = self.execute("SELECT id, sha256 FROM instances WHERE sop_uid=? ORDER BY id",
+                                (sop,)).fetchall()
+            same = next((r[0] for r in rows if r[1] == digest), None)
+            if same is not None:  # the same resend raced this one in
+                return int(same), False
             row = self.execute(
                 "INSERT INTO instances (sop_uid, study_uid, series_uid, sop_class, "
                 "patient_id, patient_name, modality, study_date, path, sha256, size, "
-                "received_at, source, calling_ae) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
-                "RETURNING id",
-                (header["sop_uid"], header.get("study_uid", ""),
+                "received_at, source, calling_ae, duplicate_of) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
+                (sop, header.get("study_uid", ""),
                  header.get("series_uid", ""), header.get("sop_class", ""),
                  header.get("patient_id", ""), header.get("patient_name", ""),
                  header.get("modality", ""), header.get("study_date", ""),
-                 str(path.relative_to(self.root)), digest, len(data), _now(), source,
-                 calling_ae)).fetchone()
-        return int(row[0])
+                 str(path.relative_to(self.root)), digest, size, _now(), source,
+                 calling_ae, rows[0][0] if rows else None)).fetchone()
+        return int(row[0]), True
+
+    @staticmethod
+    def _adopt(spooled: Path, path: Path) -> None:
+        """Move a spooled object to its content-addressed place durably: fsync, rename (the
+        spool folder is on the store's filesystem), fsync the folder. From elsewhere (another
+        filesystem) it is copied through an atomic write instead."""
+        if path.exists():
+            spooled.unlink(missing_ok=True)
+            return
+        with open(spooled, "rb") as fh:
+            os.fsync(fh.fileno())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(spooled, 0o640)
+        try:
+            os.replace(spooled, path)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            with open(spooled, "rb") as src, atomic_writer(path, 0o640) as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            spooled.unlink(missing_ok=True)
+            return
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def probe(self) -> bool:
+        """Whether the store can be written now (a 1 MiB file written and fsync'd, then
+        removed, and one durable database transaction); records the result in
+        :attr:`health`. Used while writes fail, to notice when space returns."""
+        try:
+            probe = self.incoming / "write-probe"  # removed by recover() after a crash
+            atomic_write_bytes(probe, bytes(1 << 20), 0o600, durable=True)
+            probe.unlink(missing_ok=True)  # several workers may probe at once
+            with self.transaction():
+                self.execute("UPDATE schema_version SET version=version")
+        except (OSError, StoreError) as exc:
+            self.health.failed(exc)
+            return False
+        self.health.worked()
+        return True
+
+    def served(self, sop_uid: str) -> Instance | None:
+        """The copy of a SOP Instance UID that DICOMweb and the viewer serve: the first
+        one that passed the checks (or was released). A conflicting later copy, even
+        released, never shadows it."""
+        rows = self.instances("sop_uid=? AND state='done'", (sop_uid,), order="id")
+        return rows[0] if rows else None
 
     # -- queue -----------------------------------------------------------------------------------
     def claim(self) -> Instance | None:
         """The oldest queued instance, now marked ``processing`` (None if the queue is empty).
         Not a durable commit: a claim lost to a power cut leaves the instance queued, and
         :meth:`recover` requeues claims that survive a crash anyway."""
-        with self.transaction(durable=False):
-            row = self.execute("SELECT id FROM instances WHERE state='queued' ORDER BY id "
-                               "LIMIT 1" + self.backend.skip_locked).fetchone()
-            if row is None:
-                return None
-            self.execute("UPDATE instances SET state='processing', attempts=attempts+1 "
-                         "WHERE id=?", (row[0],))
+        try:
+            with self.transaction(durable=False):
+                row = self.execute("SELECT id FROM instances WHERE state='queued' ORDER BY "
+                                   "id LIMIT 1" + self.backend.skip_locked).fetchone()
+                if row is None:
+                    return None
+                self.execute("UPDATE instances SET state='processing', attempts=attempts+1 "
+                             "WHERE id=?", (row[0],))
+        except (OSError, StoreError) as exc:
+            self.health.failed(exc)
+            raise
         return self.get(row[0])
 
     def finish(self, instance_id: int, *, state: str, verdict: str, trust: str,
@@ -293,19 +491,29 @@ class Store:
         """Record the pipeline's result and final state in one transaction."""
         if state not in ("done", "quarantined", "rejected"):
             raise StoreError(f"unknown final state {state!r}")
-        with self.transaction():
-            self.execute(
-                "UPDATE instances SET state=?, verdict=?, trust=?, details=?, "
-                "ai_probability=?, ai_suspicion=?, forwarded=?, processed_at=? "
-                "WHERE id=? AND state='processing'",
-                (state, verdict, trust, json.dumps(details, default=str), ai_probability,
-                 ai_suspicion, forwarded, _now(), instance_id))
+        try:
+            with self.transaction():
+                self.execute(
+                    "UPDATE instances SET state=?, verdict=?, trust=?, details=?, "
+                    "ai_probability=?, ai_suspicion=?, forwarded=?, processed_at=? "
+                    "WHERE id=? AND state='processing'",
+                    (state, verdict, trust, json.dumps(details, default=str), ai_probability,
+                     ai_suspicion, forwarded, _now(), instance_id))
+        except (OSError, StoreError) as exc:
+            self.health.failed(exc)
+            raise
+        self.health.worked()
 
     def requeue(self, instance_id: int) -> None:
-        """Put a claimed instance back (the PACS was unreachable; try again later)."""
-        with self.transaction():
-            self.execute("UPDATE instances SET state='queued' WHERE id=? AND "
-                         "state='processing'", (instance_id,))
+        """Put a claimed instance back (the PACS was unreachable, the store could not record
+        the result; try again later)."""
+        try:
+            with self.transaction():
+                self.execute("UPDATE instances SET state='queued' WHERE id=? AND "
+                             "state='processing'", (instance_id,))
+        except (OSError, StoreError) as exc:
+            self.health.failed(exc)
+            raise
 
     def set_forwarded(self, instance_id: int, forwarded: str) -> None:
         """Record where an instance went after a release."""
@@ -327,7 +535,8 @@ class Store:
         return found
 
     def recover(self) -> dict[str, int]:
-        """After a crash: unfinished work back to the queue, unacknowledged files removed.
+        """After a crash: unfinished work back to the queue, unacknowledged files removed
+        (half-written ones, files without a row, objects still arriving in ``incoming``).
         (With a shared PostgreSQL queue, run it only when no other gateway is processing.)"""
         with self.transaction():
             requeued = self.execute("UPDATE instances SET state='queued' "
@@ -342,7 +551,12 @@ class Store:
             elif rel not in known:
                 path.unlink(missing_ok=True)
                 orphans += 1
-        return {"requeued": requeued, "orphans_removed": orphans}
+        spooled = 0
+        for path in self.incoming.glob("*"):  # objects still arriving: never acknowledged
+            if path.is_file():
+                path.unlink(missing_ok=True)
+                spooled += 1
+        return {"requeued": requeued, "orphans_removed": orphans, "spooled_removed": spooled}
 
     # -- reading ---------------------------------------------------------------------------------
     def get(self, instance_id: int) -> Instance | None:

@@ -5,6 +5,7 @@ nothing for it; an object the mutation happened to leave valid is stored whole."
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import urllib.error
@@ -138,6 +139,7 @@ def test_ten_thousand_malformed_objects(tmp_path):
         assoc = ae.associate("127.0.0.1", gateway.dicom.port, ae_title="RADGUARD")
         path = tmp_path / "fuzz.dcm"
         stored_rows = 0
+        resent: set[str] = set()
         for _ in range(3000):
             compressed = rng.random() < 0.3
             data = _mutate(bases[compressed], rng, compressed)
@@ -149,10 +151,15 @@ def test_ten_thousand_malformed_objects(tmp_path):
             rows = _rows(gateway)
             if status.Status == 0:
                 accepted += 1
-                assert rows == stored_rows + 1
-                last = gateway.store.get(rows)
-                stored = gateway.store.file(last).read_bytes()
-                assert stored.endswith(data[_meta_end(data):])  # whole, as sent
+                digest = hashlib.sha256(data[_meta_end(data):]).hexdigest()
+                if digest in resent:  # the same bytes again: a resend, no second row
+                    assert rows == stored_rows
+                else:
+                    assert rows == stored_rows + 1
+                    last = gateway.store.get(rows)
+                    stored = gateway.store.file(last).read_bytes()
+                    assert stored.endswith(data[_meta_end(data):])  # whole, as sent
+                    resent.add(digest)
             else:
                 refused += 1
                 assert status.Status in (0xC000, 0xC001, 0xA700)
@@ -170,6 +177,10 @@ def test_ten_thousand_malformed_objects(tmp_path):
             body = b"".join(b"--fz\r\nContent-Type: application/dicom\r\n\r\n" + p + b"\r\n"
                             for p in parts) + b"--fz--\r\n"
             before = _rows(gateway)
+            held = {r.sha256 for r in gateway.store.instances()}
+            digests = [hashlib.sha256(p).hexdigest() for p in parts]
+            # a part whose bytes are already stored (or repeat in this request) is a resend
+            resends = sum(d in held for d in digests) + len(digests) - len(set(digests))
             req = urllib.request.Request(url, data=body, method="POST", headers={
                 "Authorization": f"Bearer {token}",
                 "Content-Type": 'multipart/related; type="application/dicom"; boundary=fz'})
@@ -182,7 +193,7 @@ def test_ten_thousand_malformed_objects(tmp_path):
             ok = len(answer.get("00081199", {}).get("Value", []))
             failed = len(answer.get("00081198", {}).get("Value", []))
             assert ok + failed == 200
-            assert _rows(gateway) == before + ok
+            assert before + ok - resends <= _rows(gateway) <= before + ok
             refused += failed
             accepted += ok
 

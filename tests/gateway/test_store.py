@@ -48,7 +48,7 @@ def test_ingest_claim_finish_recover(store):
     with pytest.raises(StoreError):
         store.decide(first.id, "done", "boss", "again")
     assert store.file(first).read_bytes() == data + b"\x00"
-    assert store.schema_version == 2
+    assert store.schema_version == 3
 
 
 def test_users_and_tokens(store):

@@ -1,0 +1,158 @@
+"""How large an image radguard agrees to inflate or decode, checked before any allocation.
+
+A DICOM header states its image size, and a few hundred bytes of compressed or deflated data
+can state an enormous one: 261 KB of deflate inflate to a 16384 x 16384 data set, and a JPEG
+or JPEG 2000 header declaring 16384 x 16384 makes its decoder allocate gigabytes before it
+finds the stream too short. Every inflate and decode path of :mod:`radguard.dicom` therefore
+checks the header's numbers against :class:`DecodeLimits` first (a few integer
+multiplications, no parse), and the large allocations that pass take their size from a
+per-process :class:`ByteBudget`, so many concurrent decodes cannot add up either.
+
+The defaults sit far above real images - a 4096 x 5120 16-bit mammogram is 21 megapixels
+and 42 MB, a large tomosynthesis or multi-frame CT about 1 GB - and far below what breaks a
+server. The gateway installs its configured limits in every process it runs
+(:func:`set_decode_limits`); command-line tools use the defaults.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from radguard.errors import DicomReadError
+
+__all__ = [
+    "ByteBudget",
+    "DecodeLimits",
+    "check_ratio",
+    "decode_budget",
+    "decode_limits",
+    "decoded_size",
+    "set_decode_limits",
+]
+
+#: Above this decoded size the compression ratio is checked (smaller images may be blank
+#: and compress without bound; they cost little memory either way).
+RATIO_FLOOR = 64 << 20
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Upper bounds for one image (and for all decodes of one process at once)."""
+
+    #: Rows x Columns of one frame (16384 x 16384 = 268 M is refused)
+    max_frame_pixels: int = 100_000_000
+    #: Rows x Columns x frames x samples x bytes per decoded sample, all frames together
+    max_decoded_bytes: int = 2 << 30
+    #: a Deflated Explicit VR Little Endian data set after inflating (deflate is for reports
+    #: and waveforms; images travel native or with an image codec)
+    max_inflated_bytes: int = 512 << 20
+    #: decoded / encoded bytes of compressed pixel data larger than :data:`RATIO_FLOOR`
+    #: (real images: 2-50, lossy at most a few hundred); 0 switches the check off
+    max_compression_ratio: int = 1000
+    #: bytes that inflates and decodes of one process may hold at once; one larger image
+    #: waits until it runs alone
+    decode_budget_bytes: int = 1 << 30
+
+    def problems(self) -> list[str]:
+        """Why these limits are unusable (empty when they are fine)."""
+        out = [f"{name} must be a positive integer" for name in (
+            "max_frame_pixels", "max_decoded_bytes", "max_inflated_bytes",
+            "decode_budget_bytes")
+            if not _positive(getattr(self, name))]
+        if not _positive(self.max_compression_ratio) and self.max_compression_ratio != 0:
+            out.append("max_compression_ratio must be a positive integer (0: no check)")
+        return out
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+class ByteBudget:
+    """A semaphore counted in bytes: :meth:`reserve` waits until the bytes fit beside what
+    other threads hold. A request larger than the whole budget waits until nothing else is
+    held, then runs alone (a real image larger than the budget is slow, never refused)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.used = 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def reserve(self, size: int) -> Iterator[None]:
+        """Hold ``size`` bytes of the budget for the duration of the block."""
+        size = max(0, min(size, self.total))
+        with self._cond:
+            self._cond.wait_for(lambda: self.used + size <= self.total)
+            self.used += size
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= size
+                self._cond.notify_all()
+
+
+_limits = DecodeLimits()
+_budget = ByteBudget(_limits.decode_budget_bytes)
+_lock = threading.Lock()
+
+
+def decode_limits() -> DecodeLimits:
+    """The limits in force in this process."""
+    return _limits
+
+
+def decode_budget() -> ByteBudget:
+    """This process's budget for large inflates and decodes."""
+    return _budget
+
+
+def set_decode_limits(limits: DecodeLimits) -> None:
+    """Put ``limits`` in force for every later inflate and decode in this process."""
+    global _limits, _budget
+    problems = limits.problems()
+    if problems:
+        raise ValueError("; ".join(problems))
+    with _lock:
+        if limits.decode_budget_bytes != _budget.total:
+            _budget = ByteBudget(limits.decode_budget_bytes)
+        _limits = limits
+
+
+def decoded_size(name: str, rows: int, columns: int, frames: int, samples: int,
+                 bits_allocated: int, limits: DecodeLimits | None = None) -> int:
+    """Bytes the decoded pixels of an image with this Image Pixel Module take (one to eight
+    bytes per sample, as numpy holds them); a :class:`DicomReadError` when the numbers are
+    impossible or exceed ``limits`` (default: those in force)."""
+    limits = limits or _limits
+    if min(rows, columns, frames, samples) < 1 or not 1 <= bits_allocated <= 64:
+        raise DicomReadError(
+            f"{name}: impossible Image Pixel Module ({rows} x {columns} pixels, {frames} "
+            f"frame(s), {samples} sample(s) per pixel, {bits_allocated} bits allocated)")
+    pixels = rows * columns
+    if pixels > limits.max_frame_pixels:
+        raise DicomReadError(
+            f"{name}: a frame of {rows} x {columns} pixels is larger than this system decodes "
+            f"({limits.max_frame_pixels:,} pixels per frame at most)")
+    width = next(w for w in (1, 2, 4, 8) if bits_allocated <= 8 * w)
+    total = pixels * frames * samples * width
+    if total > limits.max_decoded_bytes:
+        raise DicomReadError(
+            f"{name}: {frames} frame(s) of {rows} x {columns} pixels decode to {total:,} "
+            f"bytes, more than this system decodes ({limits.max_decoded_bytes:,} at most)")
+    return total
+
+
+def check_ratio(name: str, decoded: int, encoded: int,
+                limits: DecodeLimits | None = None) -> None:
+    """Refuse compressed pixel data that claims to expand beyond any real image's ratio."""
+    limits = limits or _limits
+    ratio = limits.max_compression_ratio
+    if ratio and decoded > RATIO_FLOOR and decoded > max(encoded, 1) * ratio:
+        raise DicomReadError(
+            f"{name}: {encoded:,} bytes of compressed pixel data cannot hold {decoded:,} "
+            f"decoded bytes (more than {ratio}:1, no real image compresses so far)")
