@@ -11,32 +11,71 @@ that offers C-STORE and C-ECHO (PS3.8 9.3, PS3.7 9.3.1 and 9.3.5):
   offer: the requestor lists the syntax its data is in first, and a conversion would break
   a DICOM signature (8-bit pixel data is OB in Explicit VR and OW in Implicit VR);
   SCP/SCU role selection is not answered, so the default roles apply (PS3.7 D.3.3.4);
-* the first PDU must be an A-ASSOCIATE-RQ within ``network_timeout``; a calling AE title not
-  allowed, an unknown application context, a bad protocol version or too many associations
-  get an A-ASSOCIATE-RJ with the matching reason;
+* the first PDU must be an A-ASSOCIATE-RQ; a calling AE title not allowed, an unknown
+  application context, a bad protocol version or too many associations get an
+  A-ASSOCIATE-RJ with the matching reason;
 * P-DATA-TF fragments are reassembled per message (command first, then data set, on one
   accepted presentation context); a complete C-STORE is handed to ``handler`` on a thread
   pool (parse, fsync and commit take time and release the GIL) and its status goes back
   once the handler has returned, so "success" still means "durably stored";
 * anything out of order, a PDU longer than we offered, an undecodable request, or a peer
-  silent for ``network_timeout`` ends the association with an A-ABORT; bytes of an
-  unfinished message are dropped, nothing reaches the store.
+  out of time (below) ends the association with an A-ABORT; bytes of an unfinished message
+  are dropped, nothing reaches the store.
+
+What one peer may cost is bounded (:class:`DimseLimits`, ``[dicom]`` in the gateway
+configuration), so that neither slow nor large senders starve the port or exhaust memory:
+
+* connections: at most ``max_per_ip`` open connections from one address, counted from the
+  moment they are accepted (TLS handshake and negotiation included), and at most
+  ``max(64, 2 * max_associations)`` connections not yet associated; more are closed
+  unread. At most ``max_associations`` associations at once and ``max_per_ae`` with one
+  calling AE title; more get an A-ASSOCIATE-RJ (transient, local limit exceeded).
+  Refusals, rejects, aborts and drops are logged at most once a minute per address and
+  kind, with the number left out.
+* time: the TLS handshake and the whole A-ASSOCIATE-RQ must arrive within
+  ``connect_timeout`` of the connection. From then on the association has an allowance of
+  ``idle_timeout`` seconds: time spent waiting for the peer uses it up (our own work - the
+  handler, a spool write - does not), every byte received adds ``1 / min_rate`` seconds up
+  to ``idle_timeout``, and a C-STORE answered Success or Warning fills it again. When it is
+  used up the association is aborted. So a silent peer goes after ``idle_timeout``, a
+  trickle of small but complete PDUs slower than ``min_rate`` a little later, while a sender
+  at ``min_rate`` or faster never runs out and may pause up to ``idle_timeout`` between
+  bursts or images. No association lasts longer than ``max_association_time`` (checked
+  while waiting for the peer, so a handler at work is never cut off).
+* memory: a PDU is never held whole; data set fragments are read in pieces of at most
+  256 KiB. A data set stays in memory up to ``memory_per_message`` bytes and only while the
+  data sets in memory of all associations together (those with their handler included)
+  fit in ``memory_budget``; beyond either it is spooled to a file in ``spool_dir`` (the
+  store's filesystem, so the handler can rename it into place) and the handler gets its
+  path. A data set larger than ``max_data_set`` aborts the association. A spool file is
+  deleted as soon as its association ends unfinished, and after the handler returns unless
+  the handler moved it; leftovers of a crash are deleted at start. A spool file that cannot
+  be written (disk full) ends that message: the rest of it is read and dropped and the
+  C-STORE is answered 0xA700 (out of resources); the association and the server go on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import enum
 import logging
+import os
+import shutil
 import socket
 import ssl
 import struct
+import tempfile
 import threading
-from collections.abc import Callable
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
-__all__ = ["Acceptor", "StoreRequest"]
+__all__ = ["Acceptor", "DimseLimits", "StoreRequest"]
 
 log = logging.getLogger("radguard.gateway")
 
@@ -45,45 +84,109 @@ A_ASSOCIATE_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, P_DATA_TF = 1, 2, 3, 4
 A_RELEASE_RQ, A_RELEASE_RP, A_ABORT = 5, 6, 7
 C_STORE_RQ, C_ECHO_RQ, C_CANCEL_RQ = 0x0001, 0x0030, 0x0FFF
 NO_DATA_SET = 0x0101
-UNRECOGNISED_OPERATION, CANNOT_UNDERSTAND = 0x0211, 0xC000
+UNRECOGNISED_OPERATION, CANNOT_UNDERSTAND, OUT_OF_RESOURCES = 0x0211, 0xC000, 0xA700
 # A-ABORT reasons (source 2 = service provider)
 UNRECOGNISED_PDU, UNEXPECTED_PDU, INVALID_PARAMETER = 0x01, 0x02, 0x06
+LOCAL_LIMIT = (0x02, 0x03, 0x02)  # A-ASSOCIATE-RJ: transient, presentation provider, limit
 ASSOCIATION_PDU_LIMIT = 1 << 20  # an A-ASSOCIATE-RQ with 128 contexts is ~40 KB
+SMALL_PDU_LIMIT = 1024  # A-RELEASE-RQ and A-ABORT carry 4 bytes
+READ_CHUNK = 256 << 10  # data set bytes taken off the socket at a time
+WRITE_CHUNK = 1 << 20  # spooled bytes gathered before one write
+READ_BUFFER = 256 << 10  # the stream reader pauses the socket at twice this
+HANG_UP_GRACE = 2.0  # seconds a closed connection may take to flush before it is cut
+ARTIM_TIMEOUT = 2.0  # seconds a rejected requestor has to close the connection itself
+SPOOL_PREFIX, SPOOL_SUFFIX = "dimse-", ".part"
+
+
+@dataclass(frozen=True)
+class DimseLimits:
+    """What one peer may cost the gateway; the rules are in the module docstring. The
+    defaults admit real modalities (a 4 GiB object, a 50 MB image over a 1 Mbit/s link)."""
+
+    max_associations: int = 32
+    max_per_ip: int = 16  # open connections from one address, negotiating ones included
+    max_per_ae: int = 16  # associations with one calling AE title
+    connect_timeout: float = 15.0  # seconds to a whole A-ASSOCIATE-RQ, TLS included
+    idle_timeout: float = 60.0  # the allowance of time without progress, seconds
+    min_rate: int = 16 << 10  # bytes per second that count as progress
+    max_association_time: float = 3600.0  # seconds
+    max_data_set: int = 4 << 30  # bytes
+    memory_per_message: int = 32 << 20  # bytes of one data set held in memory
+    memory_budget: int = 256 << 20  # bytes of data sets held in memory, all associations
+
+    def __post_init__(self) -> None:
+        counts = (self.max_associations, self.max_per_ip, self.max_per_ae, self.min_rate,
+                  self.max_data_set)
+        times = (self.connect_timeout, self.idle_timeout, self.max_association_time)
+        if min(counts) < 1 or min(times) <= 0 or min(self.memory_per_message,
+                                                      self.memory_budget) < 0:
+            raise ValueError(f"impossible DICOM limits: {self}")
 
 
 @dataclass(frozen=True)
 class StoreRequest:
     """One complete C-STORE: who sent it, what the command said and the Part 10 bytes
-    (128-byte preamble, file meta built from the request, the data set exactly as sent)."""
+    (128-byte preamble, file meta built from the request, the data set exactly as sent).
+
+    A message too large for the in-memory budget is spooled to disk while it arrives: then
+    ``data`` is empty and ``path`` names a file holding the whole Part 10 object (written
+    and closed, not fsync'd). The handler owns that file once it is called (moves it into
+    the store or leaves it); if it is still there when the handler returns, it is deleted."""
 
     calling_ae: str
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax: str
     data: bytes
+    path: Path | None = None
+    peer: str = ""  # the peer's IP address
 
 
 StoreHandler = Callable[[StoreRequest], int]
 
 
 class _Abort(Exception):
-    """End the association with an A-ABORT (reason) or, before it exists, a reject."""
+    """End the association with an A-ABORT (reason)."""
 
     def __init__(self, reason: int, why: str) -> None:
         super().__init__(why)
         self.reason = reason
 
 
+class _Expiry(enum.Enum):
+    """Why the clock ended a connection."""
+
+    CONNECT = "no complete A-ASSOCIATE-RQ within the connect timeout"
+    IDLE = "idle or slower than the minimum transfer rate"
+    TOTAL = "longer than the maximum association time"
+
+
+class _Keep(enum.Enum):
+    """Where the data set of the message being received goes."""
+
+    MEMORY = "memory"
+    SPOOL = "spool file"
+    DISCARD = "nowhere"  # read and dropped: the answer is already decided
+
+
 class _Message:
     """A DIMSE message being reassembled from PDV fragments."""
 
-    def __init__(self, context_id: int) -> None:
+    def __init__(self, context_id: int, transfer_syntax: str) -> None:
         self.context_id = context_id
-        self.command_parts: list[memoryview] = []
+        self.transfer_syntax = transfer_syntax
+        self.command_parts: list[bytes] = []
+        self.command_size = 0
         self.command: dict[int, bytes] | None = None
-        self.data_parts: list[memoryview] = []
         self.data_size = 0
         self.data_done = False
+        self.keep: _Keep | None = None  # decided by the first data set fragment
+        self.status: int | None = None  # the answer when the data set is discarded
+        self.parts: list[bytes] = []  # Part 10 head and data set in memory, or not written yet
+        self.pending = 0  # bytes in ``parts`` not yet written to the spool file
+        self.held = 0  # bytes reserved from the memory budget
+        self.file: BinaryIO | None = None
+        self.path: Path | None = None
 
     @property
     def has_data_set(self) -> bool:
@@ -101,6 +204,11 @@ def _us(value: bytes) -> int | None:
 
 def _uid(value: bytes) -> str:
     return value.rstrip(b"\x00 ").decode("ascii", "replace")
+
+
+def _accepted(status: int) -> bool:
+    """A C-STORE status that means the instance was taken (Success or a Warning)."""
+    return status in (0x0000, 0x0001, 0x0107, 0x0116) or 0xB000 <= status <= 0xBFFF
 
 
 def parse_command(data: bytes) -> dict[int, bytes]:
@@ -199,39 +307,176 @@ def _p_data(context_id: int, command: bytes, peer_max: int) -> bytes:
     return out
 
 
+class _LogThrottle:
+    """At most one log line a minute per key (an address and a kind of event), with the
+    number left out: a peer reconnecting a thousand times a second must not fill the disk."""
+
+    def __init__(self, interval: float = 60.0) -> None:
+        self.interval = interval
+        self.seen: dict[tuple[str, str], list[float]] = {}  # key -> [last logged, left out]
+
+    def __call__(self, level: int, key: tuple[str, str], message: str, *args: object) -> None:
+        now = time.monotonic()
+        entry = self.seen.get(key)
+        if entry is not None and now - entry[0] < self.interval:
+            entry[1] += 1
+            return
+        if len(self.seen) > 4096:  # many addresses: forget the quiet ones
+            self.seen = {k: v for k, v in self.seen.items() if now - v[0] < self.interval}
+        left_out = int(entry[1]) if entry else 0
+        self.seen[key] = [now, 0]
+        if left_out:
+            message += " (%d more like it left out of the log)"
+            args = (*args, left_out)
+        log.log(level, message, *args)
+
+
+class _Connection:
+    """One peer: its streams, what it counts against the limits, and its clock (the
+    allowance of the module docstring, enforced by one timer that re-arms itself)."""
+
+    def __init__(self, acceptor: Acceptor, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter, ip: str) -> None:
+        self.acceptor, self.limits = acceptor, acceptor.limits
+        self.reader, self.writer, self.ip = reader, writer, ip
+        self.calling: str | None = None  # set once associated
+        self.handshaking = False  # TLS: asyncio bounds the handshake itself
+        self.message: _Message | None = None
+        self.expired: _Expiry | None = None
+        self.loop = asyncio.get_running_loop()
+        now = self.loop.time()
+        self.deadline = now + self.limits.connect_timeout
+        self.end = now + self.limits.max_association_time
+        self.paused_since: float | None = None
+        self.timer: asyncio.TimerHandle | None = self.loop.call_at(self.deadline, self._check)
+
+    # -- the clock --------------------------------------------------------------------------
+    def associated(self, calling: str) -> None:
+        self.calling = calling
+        self.deadline = self.loop.time() + self.limits.idle_timeout
+        self.rearm()
+
+    def credit(self, received: int) -> None:
+        """Bytes received buy time at ``min_rate`` (none before the association: the
+        A-ASSOCIATE-RQ has a fixed deadline)."""
+        if self.calling is not None:
+            now = self.loop.time()
+            self.deadline = min(now + self.limits.idle_timeout,
+                                max(self.deadline, now) + received / self.limits.min_rate)
+
+    @contextlib.contextmanager
+    def ours(self) -> Iterator[None]:
+        """Time spent on our side (a handler, a spool write) is not the peer's."""
+        self.paused_since = self.loop.time()
+        try:
+            yield
+        finally:
+            now = self.loop.time()
+            self.deadline = min(now + self.limits.idle_timeout,
+                                self.deadline + now - self.paused_since)
+            self.paused_since = None
+            self.rearm()
+
+    def refill(self) -> None:
+        self.deadline = self.loop.time() + self.limits.idle_timeout
+
+    def rearm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = self.loop.call_at(min(self.deadline, self.end), self._check)
+
+    def stop_clock(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _check(self) -> None:
+        if self.timer is None or self.paused_since is not None or self.handshaking:
+            return  # closed, our own work running, or TLS: re-armed when it ends
+        now = self.loop.time()
+        if now + 0.001 < min(self.deadline, self.end):
+            self.timer = self.loop.call_at(min(self.deadline, self.end), self._check)
+            return
+        self.timer = None
+        self.expired = (_Expiry.CONNECT if self.calling is None
+                        else _Expiry.TOTAL if now + 0.001 >= self.end else _Expiry.IDLE)
+        self.acceptor.throttle(logging.WARNING, (self.ip, "expired"),
+                               "DICOM connection from %s (%s) dropped: %s", self.ip,
+                               self.calling or "not associated", self.expired.value)
+        transport = self.writer.transport
+        if self.calling is not None and not transport.get_write_buffer_size():
+            transport.write(_pdu(A_ABORT, bytes([0, 0, 2, 0])))
+        transport.abort()  # the pending read fails and the association unwinds
+
+    # -- reading; every byte counts as progress -------------------------------------------------
+    async def exactly(self, size: int) -> bytes:
+        data = await self.reader.readexactly(size)
+        self.credit(size)
+        return data
+
+    async def some(self, size: int) -> bytes:
+        data = await self.reader.read(size)
+        if not data:
+            raise asyncio.IncompleteReadError(b"", size)
+        self.credit(len(data))
+        return data
+
+
 class Acceptor:
-    """Listens on ``host:port`` in a background thread until :meth:`stop`."""
+    """Listens on ``host:port`` in a background thread until :meth:`stop`. ``spool_dir``
+    receives data sets too large for memory (default: a private temporary folder)."""
 
     def __init__(self, ae_title: str, contexts: list[Any], handler: StoreHandler, *,  # noqa: ANN401
                  allowed_calling_aes: list[str] | None = None,
-                 ssl_context: ssl.SSLContext | None = None, max_associations: int = 32,
-                 network_timeout: float = 60.0, max_pdu: int = 4 << 20,
-                 max_data_set: int = 4 << 30) -> None:
+                 ssl_context: ssl.SSLContext | None = None,
+                 limits: DimseLimits | None = None, spool_dir: Path | None = None,
+                 max_pdu: int = 4 << 20) -> None:
         self.ae_title = ae_title
         self.syntaxes = {str(c.abstract_syntax): {str(t) for t in c.transfer_syntax}
                          for c in contexts}  # abstract syntax -> transfer syntaxes offered
         self.handler = handler
         self.allowed = {a.strip() for a in allowed_calling_aes or []}
         self.ssl_context = ssl_context
-        self.max_associations = max_associations
-        self.network_timeout = network_timeout
-        self.max_pdu, self.max_data_set = max_pdu, max_data_set
+        self.limits = limits or DimseLimits()
+        self.max_pdu = max_pdu
+        self.spool_dir = spool_dir
+        self._own_spool = spool_dir is None
         self.port = 0
+        self.throttle = _LogThrottle()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
         self._thread: threading.Thread | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._pool = ThreadPoolExecutor(max_workers=min(32, max_associations),
+        self._connections: set[_Connection] = set()
+        self._lingering: set[asyncio.BaseTransport] = set()
+        self._per_ip: Counter[str] = Counter()
+        self._per_ae: Counter[str] = Counter()
+        self._associations = 0
+        # connections not yet associated (each for connect_timeout at most), from all addresses
+        self.negotiating_limit = max(64, 2 * self.limits.max_associations)
+        self.memory_held = 0  # bytes of data sets in memory (unfinished or being handled)
+        self._spools: dict[Path, BinaryIO] = {}  # spool files of unfinished messages
+        self._pool = ThreadPoolExecutor(max_workers=min(32, self.limits.max_associations),
                                         thread_name_prefix="radguard-store")
+        self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="radguard-spool")
 
     @property
     def active(self) -> int:
-        """Open connections (the one being negotiated included)."""
-        return len(self._writers)
+        """Open connections (the ones being negotiated included)."""
+        return len(self._connections)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self, host: str, port: int) -> int:
-        """Listen; returns the port (useful with port 0). Raises OSError if it cannot bind."""
+        """Listen; returns the port (useful with port 0). Raises OSError if it cannot bind
+        or cannot use the spool folder."""
+        if self.spool_dir is None:
+            self.spool_dir = Path(tempfile.mkdtemp(prefix="radguard-spool-"))
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        leftovers = list(self.spool_dir.glob(f"{SPOOL_PREFIX}*{SPOOL_SUFFIX}"))
+        for path in leftovers:  # never acknowledged: the sender still has them
+            path.unlink(missing_ok=True)
+        if leftovers:
+            log.info("removed %d unfinished DICOM spool file(s) from %s", len(leftovers),
+                     self.spool_dir)
         loop = asyncio.new_event_loop()
         self._loop = loop
         self._thread = threading.Thread(target=loop.run_forever, name="radguard-dicom",
@@ -246,10 +491,9 @@ class Acceptor:
         return self.port
 
     async def _listen(self, host: str, port: int) -> int:
-        self._server = await asyncio.start_server(
-            self._serve, host, port, ssl=self.ssl_context, reuse_address=True,
-            ssl_handshake_timeout=self.network_timeout if self.ssl_context else None,
-            limit=1 << 20)
+        # TLS is started per connection, so a handshake already counts against the limits
+        self._server = await asyncio.start_server(self._serve, host, port, reuse_address=True,
+                                                  limit=READ_BUFFER)
         return int(self._server.sockets[0].getsockname()[1])
 
     def stop(self) -> None:
@@ -264,123 +508,354 @@ class Acceptor:
         if self._thread is not None:
             self._thread.join(30)
         self._pool.shutdown(wait=True)
+        self._io.shutdown(wait=True)
         loop.close()
         self._loop = None
+        for path, file in list(self._spools.items()):  # associations cut off by the stop
+            with contextlib.suppress(OSError):
+                file.close()
+            path.unlink(missing_ok=True)
+        self._spools.clear()
+        if self._own_spool and self.spool_dir is not None:
+            shutil.rmtree(self.spool_dir, ignore_errors=True)
 
     async def _close(self) -> None:
         if self._server is not None:
             self._server.close()
-        for writer in list(self._writers):
-            writer.transport.abort()
-        self._writers.clear()
+        for connection in list(self._connections):
+            connection.stop_clock()
+            if connection.writer.transport is not None:
+                connection.writer.transport.abort()
+        for transport in list(self._lingering):
+            transport.abort()
+        self._lingering.clear()
 
     # -- one connection -----------------------------------------------------------------------
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        ip = str(peer[0]) if peer else "?"
+        refusal = self._admit(ip)
+        if refusal:
+            self.throttle(logging.WARNING, (ip, "refused"),
+                          "DICOM connection from %s closed unread: %s", ip, refusal)
+            writer.transport.abort()
+            return
         no_delay(writer.get_extra_info("socket"))
-        self._writers.add(writer)
+        connection = _Connection(self, reader, writer, ip)
+        self._connections.add(connection)
+        self._per_ip[ip] += 1
         try:
-            await self._association(reader, writer)
+            if self.ssl_context is not None:
+                await self._start_tls(connection)
+            await self._association(connection)
         except _Abort as exc:
-            log.warning("DICOM association aborted: %s", exc)
+            self.throttle(logging.WARNING, (ip, "aborted"),
+                          "DICOM association from %s (%s) aborted: %s", ip,
+                          connection.calling or "not associated", exc)
             writer.write(_pdu(A_ABORT, bytes([0, 0, 2, exc.reason])))
         except (asyncio.IncompleteReadError, ConnectionError, TimeoutError, ssl.SSLError):
-            pass  # the peer went away or went silent: nothing of its unfinished message kept
+            pass  # the peer went away, or its time ran out (logged by the clock)
         except Exception:  # noqa: BLE001 - one broken association must not stop the server
-            log.exception("DICOM association failed")
+            log.exception("DICOM association from %s failed", ip)
             writer.write(_pdu(A_ABORT, bytes([0, 0, 2, 0])))
         finally:
-            self._writers.discard(writer)
-            try:
-                writer.close()
-            except (OSError, RuntimeError):
-                pass
+            await self._forget(connection)
+            self._hang_up(writer)
 
-    async def _read_pdu(self, reader: asyncio.StreamReader, limit: int) -> tuple[int, bytes]:
-        async with asyncio.timeout(self.network_timeout):
-            head = await reader.readexactly(6)
+    async def _start_tls(self, connection: _Connection) -> None:
+        """The TLS handshake, bounded by asyncio's own timeout (the clock leaves it alone:
+        aborting the transport under a handshake would leave the stream without one)."""
+        connection.handshaking = True
+        try:
+            await connection.writer.start_tls(self.ssl_context,
+                                              ssl_handshake_timeout=self.limits.connect_timeout)
+        finally:
+            connection.handshaking = False
+        if connection.writer.transport is None:  # closed under the handshake (a stop)
+            raise ConnectionResetError("connection closed during the TLS handshake")
+        connection.rearm()
+
+    def _admit(self, ip: str) -> str:
+        """Why a new connection is closed before a byte is read ("" to let it in)."""
+        if self._per_ip[ip] >= self.limits.max_per_ip:
+            return f"{self._per_ip[ip]} connections from this address already " \
+                   f"(max_per_ip {self.limits.max_per_ip})"
+        if len(self._connections) - self._associations >= self.negotiating_limit:
+            return f"{self.negotiating_limit} connections are negotiating already"
+        return ""
+
+    async def _forget(self, connection: _Connection) -> None:
+        """A connection ended: its counts go at once, its unfinished message with them."""
+        connection.stop_clock()
+        self._connections.discard(connection)
+        ip = connection.ip
+        self._per_ip[ip] -= 1
+        if self._per_ip[ip] <= 0:
+            del self._per_ip[ip]
+        if connection.calling is not None:
+            self._associations -= 1
+            self._per_ae[connection.calling] -= 1
+            if self._per_ae[connection.calling] <= 0:
+                del self._per_ae[connection.calling]
+        if connection.message is not None:
+            message, connection.message = connection.message, None
+            await self._drop(message)
+
+    def _hang_up(self, writer: asyncio.StreamWriter) -> None:
+        """Close; a peer that does not read what is still buffered is cut off soon after,
+        so it cannot keep the socket open."""
+        transport = writer.transport
+        if transport is None:  # closed under a TLS handshake
+            return
+        with contextlib.suppress(OSError, RuntimeError):
+            writer.close()
+        self._lingering.add(transport)
+
+        def cut() -> None:
+            self._lingering.discard(transport)
+            transport.abort()  # nothing happens if it closed meanwhile
+
+        asyncio.get_running_loop().call_later(HANG_UP_GRACE, cut)
+
+    async def _association(self, connection: _Connection) -> None:
+        head = await connection.exactly(6)
+        kind, length = head[0], struct.unpack(">I", head[2:])[0]
+        if not A_ASSOCIATE_RQ <= kind <= A_ABORT:
+            raise _Abort(UNRECOGNISED_PDU, f"unknown PDU type 0x{kind:02X}")
+        if kind != A_ASSOCIATE_RQ:
+            raise _Abort(UNEXPECTED_PDU, f"PDU type {kind} before A-ASSOCIATE-RQ")
+        if length > ASSOCIATION_PDU_LIMIT:
+            raise _Abort(INVALID_PARAMETER, f"A-ASSOCIATE-RQ of {length} bytes "
+                                            f"(at most {ASSOCIATION_PDU_LIMIT})")
+        pdu = head + await connection.exactly(length)
+        accepted, peer_max = self._negotiate(pdu, connection)
+        if accepted is None:
+            await self._await_close(connection)
+            return
+        await connection.writer.drain()
+        while True:
+            head = await connection.exactly(6)
             kind, length = head[0], struct.unpack(">I", head[2:])[0]
             if not A_ASSOCIATE_RQ <= kind <= A_ABORT:
                 raise _Abort(UNRECOGNISED_PDU, f"unknown PDU type 0x{kind:02X}")
-            if length > limit:
-                raise _Abort(INVALID_PARAMETER, f"PDU of {length} bytes (at most {limit})")
-            body = await reader.readexactly(length)
-            # an A-ASSOCIATE-RQ goes to pynetdicom's decoder whole; P-DATA is read in place
-            return kind, head + body if kind == A_ASSOCIATE_RQ else body
-
-    async def _association(self, reader: asyncio.StreamReader,
-                           writer: asyncio.StreamWriter) -> None:
-        kind, pdu = await self._read_pdu(reader, ASSOCIATION_PDU_LIMIT)
-        if kind != A_ASSOCIATE_RQ:
-            raise _Abort(UNEXPECTED_PDU, f"PDU type {kind} before A-ASSOCIATE-RQ")
-        accepted, calling, peer_max = self._negotiate(pdu, writer)
-        if accepted is None:
-            return
-        await writer.drain()
-        message: _Message | None = None
-        while True:
-            kind, pdu = await self._read_pdu(reader, self.max_pdu)
-            if kind == A_RELEASE_RQ:
-                writer.write(_pdu(A_RELEASE_RP, b"\x00" * 4))
-                await writer.drain()
-                return
+            if kind == P_DATA_TF:
+                if length > self.max_pdu:
+                    raise _Abort(INVALID_PARAMETER, f"PDU of {length} bytes "
+                                                    f"(at most {self.max_pdu})")
+                await self._receive_p_data(connection, length, accepted, peer_max)
+                continue
+            if kind not in (A_RELEASE_RQ, A_ABORT):
+                raise _Abort(UNEXPECTED_PDU, f"PDU type {kind} during the association")
+            if length > SMALL_PDU_LIMIT:
+                raise _Abort(INVALID_PARAMETER, f"PDU type {kind} of {length} bytes")
+            await connection.exactly(length)
             if kind == A_ABORT:
                 return
-            if kind != P_DATA_TF:
-                raise _Abort(UNEXPECTED_PDU, f"PDU type {kind} during the association")
-            at, view = 0, memoryview(pdu)
-            while at < len(pdu):
-                if at + 6 > len(pdu):
-                    raise _Abort(INVALID_PARAMETER, "truncated PDV item")
-                length, context_id, control = struct.unpack_from(">IBB", pdu, at)
-                if length < 2 or at + 4 + length > len(pdu):
-                    raise _Abort(INVALID_PARAMETER, "PDV item length out of range")
-                value = view[at + 6:at + 4 + length]  # no copy until the message is joined
-                at += 4 + length
-                if context_id not in accepted:
-                    raise _Abort(INVALID_PARAMETER, f"PDV on context {context_id}, "
-                                                    "which was not accepted")
-                message = self._fragment(message, context_id, control, value)
-                if message.complete:
-                    await self._dispatch(message, accepted[context_id], calling, peer_max,
-                                         writer)
-                    message = None
+            connection.writer.write(_pdu(A_RELEASE_RP, b"\x00" * 4))
+            await connection.writer.drain()
+            return
 
-    def _fragment(self, message: _Message | None, context_id: int, control: int,
-                  value: memoryview) -> _Message:
-        """Add one PDV fragment to the message being received (PS3.8 E.2)."""
+    @staticmethod
+    async def _await_close(connection: _Connection) -> None:
+        """After an A-ASSOCIATE-RJ the requestor closes the connection (PS3.8 9.2, Sta13),
+        or the ARTIM timer runs out: closing first races the requestor's reading of the
+        reject (pynetdicom then reports an abort)."""
+        await connection.writer.drain()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(ARTIM_TIMEOUT):
+                while await connection.reader.read(4096):
+                    pass
+
+    async def _receive_p_data(self, connection: _Connection, length: int,
+                              accepted: dict[int, Any], peer_max: int) -> None:
+        """One P-DATA-TF PDU, read PDV by PDV (PS3.8 9.3.5); data set values in pieces."""
+        left = length
+        while left:
+            if left < 6:
+                raise _Abort(INVALID_PARAMETER, "truncated PDV item")
+            item = await connection.exactly(6)
+            left -= 6
+            item_length, context_id, control = struct.unpack(">IBB", item)
+            size = item_length - 2
+            if item_length < 2 or size > left:
+                raise _Abort(INVALID_PARAMETER, "PDV item length out of range")
+            left -= size
+            if context_id not in accepted:
+                raise _Abort(INVALID_PARAMETER, f"PDV on context {context_id}, "
+                                                "which was not accepted")
+            message = self._fragment(connection.message, context_id, control,
+                                     str(accepted[context_id].transfer_syntax[0]))
+            connection.message = message
+            if control & 0x01:
+                if message.command_size + size > ASSOCIATION_PDU_LIMIT:
+                    raise _Abort(INVALID_PARAMETER, "command set too long")
+                message.command_parts.append(await connection.exactly(size))
+                message.command_size += size
+                if control & 0x02:
+                    self._command_done(message)
+            else:
+                await self._data(connection, message, size)
+                if control & 0x02:
+                    message.data_done = True
+                    await self._data_done(connection, message)
+            if message.complete:
+                connection.message = None
+                await self._dispatch(connection, message, peer_max)
+
+    @staticmethod
+    def _fragment(message: _Message | None, context_id: int, control: int,
+                  transfer_syntax: str) -> _Message:
+        """The message a PDV fragment belongs to, if it may come now (PS3.8 E.2)."""
         if message is None:
-            message = _Message(context_id)
+            message = _Message(context_id, transfer_syntax)
         elif message.context_id != context_id:
             raise _Abort(UNEXPECTED_PDU, "a message switched presentation context")
         if control & 0x01:  # command fragment
             if message.command is not None:
                 raise _Abort(UNEXPECTED_PDU, "command fragment after the command ended")
-            message.command_parts.append(value)
-            if sum(map(len, message.command_parts)) > ASSOCIATION_PDU_LIMIT:
-                raise _Abort(INVALID_PARAMETER, "command set too long")
-            if control & 0x02:
-                try:
-                    message.command = parse_command(b"".join(message.command_parts))
-                except ValueError as exc:
-                    raise _Abort(INVALID_PARAMETER, str(exc)) from exc
-                if _us(message.command.get(0x0110, b"")) is None:
-                    raise _Abort(INVALID_PARAMETER, "request without a Message ID")
-        else:
-            if message.command is None or not message.has_data_set or message.data_done:
-                raise _Abort(UNEXPECTED_PDU, "data set fragment without a command that "
-                                             "announces one")
-            message.data_parts.append(value)
-            message.data_size += len(value)
-            if message.data_size > self.max_data_set:
-                raise _Abort(INVALID_PARAMETER, "data set larger than this gateway accepts")
-            message.data_done = bool(control & 0x02)
+        elif message.command is None or not message.has_data_set or message.data_done:
+            raise _Abort(UNEXPECTED_PDU, "data set fragment without a command that "
+                                         "announces one")
         return message
 
+    @staticmethod
+    def _command_done(message: _Message) -> None:
+        """Parse the complete command set (PS3.7 9.3: it names the operation)."""
+        try:
+            message.command = parse_command(b"".join(message.command_parts))
+        except ValueError as exc:
+            raise _Abort(INVALID_PARAMETER, str(exc)) from exc
+        message.command_parts.clear()
+        if _us(message.command.get(0x0110, b"")) is None:
+            raise _Abort(INVALID_PARAMETER, "request without a Message ID")
+
+    # -- data sets: memory, spool file or nowhere -------------------------------------------------
+    async def _data(self, connection: _Connection, message: _Message, size: int) -> None:
+        """Take ``size`` bytes of data set off the socket and keep them where they go."""
+        if message.keep is None:
+            self._start_data_set(message)
+        while size:
+            chunk = await connection.some(min(size, READ_CHUNK))
+            size -= len(chunk)
+            message.data_size += len(chunk)
+            if message.data_size > self.limits.max_data_set:
+                raise _Abort(INVALID_PARAMETER, f"data set larger than this gateway accepts "
+                                                f"({self.limits.max_data_set} bytes)")
+            if message.keep is _Keep.MEMORY:
+                n = len(chunk)
+                if (message.held + n <= self.limits.memory_per_message
+                        and self.memory_held + n <= self.limits.memory_budget):
+                    message.parts.append(chunk)
+                    message.held += n
+                    self.memory_held += n
+                    continue
+                await self._spool(connection, message)
+            if message.keep is _Keep.SPOOL:
+                message.parts.append(chunk)
+                message.pending += len(chunk)
+                if message.pending >= WRITE_CHUNK:
+                    await self._write(connection, message)
+
+    def _start_data_set(self, message: _Message) -> None:
+        """The Part 10 head (preamble, file meta) of a C-STORE's data set; a data set that
+        cannot become an instance is not kept at all."""
+        command = message.command
+        assert command is not None
+        meta = None
+        if _us(command[0x0100]) == C_STORE_RQ:
+            meta = file_meta(_uid(command.get(0x0002, b"")), _uid(command.get(0x1000, b"")),
+                             message.transfer_syntax)
+        if meta is None:  # answered UNRECOGNISED_OPERATION or CANNOT_UNDERSTAND
+            message.keep, message.status = _Keep.DISCARD, CANNOT_UNDERSTAND
+            return
+        head = b"".join((b"\x00" * 128, b"DICM", meta))
+        message.keep, message.parts, message.held = _Keep.MEMORY, [head], len(head)
+        self.memory_held += len(head)
+
+    async def _spool(self, connection: _Connection, message: _Message) -> None:
+        """Move a message from memory to a new spool file: what it has so far is written
+        at once and its memory released."""
+        assert self.spool_dir is not None and self._loop is not None
+        spool_dir = self.spool_dir
+
+        def create() -> tuple[BinaryIO, Path]:
+            fd, name = tempfile.mkstemp(prefix=SPOOL_PREFIX, suffix=SPOOL_SUFFIX, dir=spool_dir)
+            os.fchmod(fd, 0o640)  # what the store gives its files: a rename is enough
+            return os.fdopen(fd, "wb"), Path(name)
+
+        try:
+            with connection.ours():
+                message.file, message.path = await self._loop.run_in_executor(self._io, create)
+        except OSError as exc:
+            await self._fail(connection, message, exc)
+            return
+        self._spools[message.path] = message.file
+        message.keep = _Keep.SPOOL
+        message.pending = sum(map(len, message.parts))
+        await self._write(connection, message)
+
+    async def _write(self, connection: _Connection, message: _Message) -> None:
+        """Write what is pending to the spool file (on the I/O threads)."""
+        assert message.file is not None and self._loop is not None
+        parts, message.parts, message.pending = message.parts, [], 0
+        try:
+            with connection.ours():
+                await self._loop.run_in_executor(self._io, message.file.writelines, parts)
+        except OSError as exc:
+            await self._fail(connection, message, exc)
+        finally:
+            self.memory_held -= message.held  # parts moved from memory, if any, are gone
+            message.held = 0
+
+    async def _data_done(self, connection: _Connection, message: _Message) -> None:
+        """The last fragment arrived: a spool file gets its rest and is closed."""
+        if message.keep is not _Keep.SPOOL:
+            return
+        if message.parts:
+            await self._write(connection, message)
+        file = message.file
+        if message.keep is _Keep.SPOOL and file is not None:
+            assert self._loop is not None
+            try:
+                with connection.ours():
+                    await self._loop.run_in_executor(self._io, file.close)
+            except OSError as exc:
+                await self._fail(connection, message, exc)
+
+    async def _fail(self, connection: _Connection, message: _Message, exc: OSError) -> None:
+        """A spool file could not be made or written: the rest of the message is dropped
+        and the C-STORE answered "out of resources"."""
+        self.throttle(logging.ERROR, ("", "spool"),
+                      "C-STORE from %s (%s) not received: cannot write to the spool folder "
+                      "%s (%s); answering 0xA700", connection.ip, connection.calling,
+                      self.spool_dir, exc.strerror or exc)
+        await self._drop(message)
+        message.keep, message.status = _Keep.DISCARD, OUT_OF_RESOURCES
+
+    async def _drop(self, message: _Message) -> None:
+        """Forget a message's data set: memory released, spool file deleted."""
+        self.memory_held -= message.held
+        message.held, message.parts, message.pending = 0, [], 0
+        file, path, message.file, message.path = message.file, message.path, None, None
+        if path is None:
+            return
+        self._spools.pop(path, None)
+
+        def remove() -> None:
+            if file is not None:
+                with contextlib.suppress(OSError):
+                    file.close()
+            path.unlink(missing_ok=True)
+
+        assert self._loop is not None
+        with contextlib.suppress(OSError):
+            await self._loop.run_in_executor(self._io, remove)
+
     # -- negotiation ----------------------------------------------------------------------------
-    def _negotiate(self, pdu: bytes, writer: asyncio.StreamWriter
-                   ) -> tuple[dict[int, Any] | None, str, int]:
-        """Answer the A-ASSOCIATE-RQ: ``({context id: accepted context}, calling AE, the peer's
-        maximum PDU length)``, or ``(None, ...)`` after a reject."""
+    def _negotiate(self, pdu: bytes, connection: _Connection
+                   ) -> tuple[dict[int, Any] | None, int]:
+        """Answer the A-ASSOCIATE-RQ: ``({context id: accepted context}, the peer's maximum
+        PDU length)``, or ``(None, ...)`` after a reject."""
         from pynetdicom.pdu import A_ASSOCIATE_AC as AcPdu
         from pynetdicom.pdu import A_ASSOCIATE_RQ as RqPdu
         from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
@@ -398,19 +873,25 @@ class Acceptor:
         except Exception as exc:  # noqa: BLE001 - pynetdicom's decoders raise anything
             raise _Abort(INVALID_PARAMETER, f"undecodable A-ASSOCIATE-RQ "
                                             f"({type(exc).__name__})") from exc
-        reject = None
+        reject, why = None, ""
         if not version & 0x01:
-            reject = (0x01, 0x02, 0x02)  # permanent, ACSE provider: protocol version
+            reject, why = (0x01, 0x02, 0x02), "protocol version"
         elif context_name != APPLICATION_CONTEXT:
-            reject = (0x01, 0x01, 0x02)  # permanent, user: application context name
+            reject, why = (0x01, 0x01, 0x02), "application context name"
         elif self.allowed and calling not in self.allowed:
-            reject = (0x01, 0x01, 0x03)  # permanent, user: calling AE title not recognised
-        elif self.active > self.max_associations:
-            reject = (0x02, 0x03, 0x02)  # transient, presentation provider: local limit
+            reject, why = (0x01, 0x01, 0x03), "calling AE title not allowed"
+        elif self._associations >= self.limits.max_associations:
+            reject, why = LOCAL_LIMIT, f"{self._associations} associations open " \
+                                       f"(max_associations {self.limits.max_associations})"
+        elif self._per_ae[calling] >= self.limits.max_per_ae:
+            reject, why = LOCAL_LIMIT, f"{self._per_ae[calling]} associations with this " \
+                                       f"calling AE title (max_per_ae {self.limits.max_per_ae})"
         if reject:
-            log.warning("A-ASSOCIATE from %r rejected %s", calling, reject)
-            writer.write(_pdu(A_ASSOCIATE_RJ, bytes([0, *reject])))
-            return None, calling, peer_max
+            self.throttle(logging.WARNING, (connection.ip, "rejected"),
+                          "A-ASSOCIATE from %s (%r) rejected %s: %s", connection.ip, calling,
+                          reject, why)
+            connection.writer.write(_pdu(A_ASSOCIATE_RJ, bytes([0, *reject])))
+            return None, peer_max
         try:
             results = [self._choose(cx) for cx in rq.presentation_context_definition_list]
         except Exception as exc:  # noqa: BLE001 - malformed context items
@@ -424,9 +905,12 @@ class Acceptor:
         ac.user_information = self._user_information()
         ac_pdu = AcPdu()
         ac_pdu.from_primitive(ac)
-        writer.write(ac_pdu.encode())
+        connection.writer.write(ac_pdu.encode())
+        self._associations += 1
+        self._per_ae[calling] += 1
+        connection.associated(calling)
         accepted = {int(cx.context_id): cx for cx in results if cx.result == 0x00}
-        return accepted, calling, peer_max
+        return accepted, peer_max
 
     def _choose(self, requested: Any) -> Any:  # noqa: ANN401
         """The answer to one proposed presentation context (PS3.8 9.3.3.2)."""
@@ -462,42 +946,56 @@ class Acceptor:
         return [length, uid, name]
 
     # -- messages -------------------------------------------------------------------------------
-    async def _dispatch(self, message: _Message, context: Any, calling: str,  # noqa: ANN401
-                        peer_max: int, writer: asyncio.StreamWriter) -> None:
+    async def _dispatch(self, connection: _Connection, message: _Message, peer_max: int) -> None:
         command = message.command
-        assert command is not None
+        assert command is not None and self._loop is not None
         field = _us(command[0x0100])
         if field == C_CANCEL_RQ:
             return  # nothing of ours can be cancelled: stores are answered one at a time
         if field == C_ECHO_RQ:
             status = 0x0000
         elif field == C_STORE_RQ and message.has_data_set:
-            request = self._store_request(message, context, calling)
-            if request is None:
-                status = CANNOT_UNDERSTAND
+            if message.status is not None:
+                status = message.status
             else:
-                loop = asyncio.get_running_loop()
-                status = await loop.run_in_executor(self._pool, self.handler, request)
+                request = self._store_request(connection, message)
+                try:
+                    with connection.ours():
+                        status = await self._loop.run_in_executor(self._pool, self._handle,
+                                                                  request)
+                finally:
+                    self.memory_held -= message.held
+                    message.held = 0
+                if _accepted(status):
+                    connection.refill()
         elif field == C_STORE_RQ:
             status = CANNOT_UNDERSTAND  # a C-STORE without its data set
         else:
             status = UNRECOGNISED_OPERATION
-        writer.write(_p_data(message.context_id, encode_response(command, status), peer_max))
-        await writer.drain()
+        connection.writer.write(_p_data(message.context_id, encode_response(command, status),
+                                        peer_max))
+        await connection.writer.drain()
 
-    @staticmethod
-    def _store_request(message: _Message, context: Any, calling: str  # noqa: ANN401
-                       ) -> StoreRequest | None:
-        """The Part 10 bytes of a received C-STORE; None if its command's UIDs cannot
-        make file meta information."""
+    def _handle(self, request: StoreRequest) -> int:
+        """The handler, on the store threads; its spool file does not outlive it."""
+        try:
+            return self.handler(request)
+        finally:
+            if request.path is not None:
+                request.path.unlink(missing_ok=True)
+
+    def _store_request(self, connection: _Connection, message: _Message) -> StoreRequest:
+        """The received C-STORE: Part 10 bytes in memory, or the spool file now handed over."""
         command = message.command
-        assert command is not None
-        sop_class = _uid(command.get(0x0002, b""))
-        sop_instance = _uid(command.get(0x1000, b""))
-        syntax = str(context.transfer_syntax[0])
-        meta = file_meta(sop_class, sop_instance, syntax)
-        if meta is None:
-            return None
-        data = b"".join((b"\x00" * 128, b"DICM", meta, *message.data_parts))
-        message.data_parts.clear()
-        return StoreRequest(calling, sop_class, sop_instance, syntax, data)
+        assert command is not None and connection.calling is not None
+        data, path = b"", None
+        if message.path is not None:
+            path = message.path
+            self._spools.pop(path, None)  # the handler's from now on
+            message.file = message.path = None
+        else:
+            data = b"".join(message.parts)
+        message.parts = []
+        return StoreRequest(connection.calling, _uid(command.get(0x0002, b"")),
+                            _uid(command.get(0x1000, b"")), message.transfer_syntax, data,
+                            path=path, peer=connection.ip)

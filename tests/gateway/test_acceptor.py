@@ -16,6 +16,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from radguard.gateway.acceptor import (
     Acceptor,
+    DimseLimits,
     StoreRequest,
     _p_data,
     encode_response,
@@ -141,15 +142,17 @@ def test_calling_ae_not_allowed_is_rejected(server):
 def test_too_many_associations_get_a_transient_reject_and_later_ones_work(server):
     from pynetdicom import AE
 
-    acceptor = server(max_associations=1)
+    acceptor = server(limits=DimseLimits(max_associations=1))
     ae = AE()
     ae.add_requested_context(VERIFICATION)
     first = ae.associate("127.0.0.1", acceptor.port, ae_title="RADGUARD")
     assert first.is_established
-    second = ae.associate("127.0.0.1", acceptor.port, ae_title="RADGUARD")
-    assert second.is_rejected
-    assert (second.acceptor.primitive.result, second.acceptor.primitive.result_source,
-            second.acceptor.primitive.diagnostic) == (0x02, 0x03, 0x02)  # transient, limit
+    # the second on a raw socket: pynetdicom's requestor sometimes reports a reject that
+    # arrives together with the connection's end as an abort (a race on its side)
+    with _raw(acceptor.port) as second:
+        second.sendall(_associate_rq())
+        kind, body = _read_pdu(second)
+    assert kind == 3 and tuple(body[1:4]) == (0x02, 0x03, 0x02)  # transient, local limit
     first.release()
     deadline = time.monotonic() + 5
     while acceptor.active and time.monotonic() < deadline:
@@ -349,7 +352,7 @@ def test_protocol_violations_abort_and_keep_nothing(server, name, pdus):
 
 def test_random_byte_streams_never_reach_the_handler_or_stop_the_server(server):
     recorder = Recorder()
-    acceptor = server(recorder, network_timeout=2)
+    acceptor = server(recorder, limits=DimseLimits(connect_timeout=2, idle_timeout=2))
     rng = random.Random(2026)
     valid = _associate_rq() + _p_data_pdu(_pdv(1, 0x03, _command(0x0001, data=True)))
     for _ in range(300):
@@ -369,8 +372,8 @@ def test_random_byte_streams_never_reach_the_handler_or_stop_the_server(server):
     assert _echo_ok(acceptor.port)
 
 
-def test_a_silent_peer_is_dropped_after_the_network_timeout(server):
-    acceptor = server(network_timeout=0.5)
+def test_a_silent_peer_is_dropped_after_the_connect_timeout(server):
+    acceptor = server(limits=DimseLimits(connect_timeout=0.5))
     sock = _raw(acceptor.port)
     start = time.monotonic()
     assert _read_pdu(sock)[0] == 0  # closed without a word
