@@ -332,14 +332,19 @@ def audit() -> None:
 @click.option("--log", "log_path", type=click.Path(dir_okay=False), default=None,
               help="Log file (default $RADGUARD_AUDIT_LOG or ~/.radguard/audit.jsonl).")
 @click.option("--expect-head", help="Head hash kept elsewhere; the log must end there.")
+@click.option("--new", "new", is_flag=True,
+              help="Nothing was ever logged here: a missing or empty log without a head file "
+                   "is then not an error (by default it is: deleting both hides everything).")
 @click.option("--json", "as_json", is_flag=True)
-def audit_verify(log_path: str | None, expect_head: str | None, as_json: bool) -> None:
-    """Detect any edit, deletion, insertion, reordering or truncation. Exits 1 if found."""
-    report = _audit_log(log_path).verify(expect_head)
+def audit_verify(log_path: str | None, expect_head: str | None, new: bool,
+                 as_json: bool) -> None:
+    """Detect any edit, deletion, insertion, reordering or truncation, and a deleted log.
+    Exits 1 if found."""
+    report = _audit_log(log_path).verify(expect_head, new=new)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=1))
     else:
-        state = "intact" if report.intact else "TAMPERED"
+        state = "intact" if report.intact else "MISSING" if report.missing else "TAMPERED"
         click.echo(f"{report.path}: {state}, {report.entries} entries, head {report.head}")
         for problem in report.problems:
             click.echo(f"  {problem}")
@@ -501,7 +506,7 @@ def _data_dir_option(func):  # noqa: ANN001, ANN202
 @_data_dir_option
 def user_add(name: str, role: str, password_file: str | None, data_dir: str,
              db_url: str | None) -> None:
-    """Create (or reset) a user."""
+    """Create a user, or reset one's password and role (which revokes its tokens)."""
     from radguard.gateway.auth import Users
     from radguard.gateway.store import Store
 
@@ -509,9 +514,11 @@ def user_add(name: str, role: str, password_file: str | None, data_dir: str,
         password = (_read_passphrase(password_file) or b"").decode()
     else:
         password = click.prompt("password", hide_input=True, confirmation_prompt=True)
-    Users(Store(data_dir, db_url)).add(name, role, password)
-    _audit_log(str(Path(data_dir) / "audit.jsonl")).append("user.add", name, {"role": role})
-    click.echo(f"user {name} ({role}) saved")
+    revoked = Users(Store(data_dir, db_url)).add(name, role, password)
+    _audit_log(str(Path(data_dir) / "audit.jsonl")).append(
+        "user.add", name, {"role": role, **({"tokens_revoked": revoked} if revoked else {})})
+    click.echo(f"user {name} ({role}) saved" + (f"; {revoked} token(s) revoked" if revoked
+                                                 else ""))
 
 
 @user.command("token")
@@ -526,6 +533,34 @@ def user_token(name: str, days: int, data_dir: str, db_url: str | None) -> None:
     token = Users(Store(data_dir, db_url)).issue_token(name, days)
     _audit_log(str(Path(data_dir) / "audit.jsonl")).append("user.token", name, {"days": days})
     click.echo(token)
+
+
+@user.command("revoke")
+@click.argument("name")
+@_data_dir_option
+def user_revoke(name: str, data_dir: str, db_url: str | None) -> None:
+    """Revoke every token of a user (its web sessions end with their next request)."""
+    from radguard.gateway.auth import Users
+    from radguard.gateway.store import Store
+
+    revoked = Users(Store(data_dir, db_url)).revoke_all(name)
+    _audit_log(str(Path(data_dir) / "audit.jsonl")).append("user.revoke", name,
+                                                           {"tokens": revoked})
+    click.echo(f"user {name}: {revoked} token(s) revoked")
+
+
+@user.command("remove")
+@click.argument("name")
+@_data_dir_option
+def user_remove(name: str, data_dir: str, db_url: str | None) -> None:
+    """Delete a user and all its tokens (its web sessions end at once)."""
+    from radguard.gateway.auth import Users
+    from radguard.gateway.store import Store
+
+    revoked = Users(Store(data_dir, db_url)).remove(name)
+    _audit_log(str(Path(data_dir) / "audit.jsonl")).append("user.remove", name,
+                                                           {"tokens": revoked})
+    click.echo(f"user {name} removed ({revoked} token(s) revoked)")
 
 
 def register(main: click.Group) -> None:

@@ -8,18 +8,22 @@ they are never printed: :func:`redact` strips them from anything shown to people
 from __future__ import annotations
 
 import base64
+import io
 import json
 import re
 import secrets
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from enum import Enum
+from typing import BinaryIO, cast
 
 from radguard.errors import RadguardError
 
-__all__ = ["DicomWebClient", "DicomWebError", "InstanceRef", "is_dicomweb_url", "redact"]
+__all__ = ["DicomWebClient", "DicomWebError", "InstanceRef", "MultipartParser", "Part",
+           "is_dicomweb_url", "redact", "split_multipart"]
 
 DICOM_MEDIA = "application/dicom"
 
@@ -145,26 +149,120 @@ def _value(item: dict, tag: str) -> str:
 def split_multipart(data: bytes, content_type: str) -> list[tuple[dict[str, str], bytes]]:
     """Parts of a multipart/related body: (headers, content) each. Strict: a body that does
     not follow the boundary rules raises DicomWebError."""
-    match = re.search(r'boundary="?([^";]+)"?', content_type, flags=re.IGNORECASE)
-    if not content_type.lower().startswith("multipart/related") or not match:
-        raise DicomWebError(f"not a multipart/related answer ({content_type or 'no type'})")
-    delimiter = b"--" + match.group(1).strip().encode()
-    chunks = data.split(delimiter)
-    if len(chunks) < 3 or not chunks[-1].startswith(b"--"):
-        raise DicomWebError("malformed multipart body (missing boundaries)")
-    parts = []
-    for chunk in chunks[1:-1]:
-        if chunk.startswith(b"\r\n"):
-            chunk = chunk[2:]
-        head, sep, content = chunk.partition(b"\r\n\r\n")
-        if not sep:
-            raise DicomWebError("malformed multipart part (no header end)")
-        if content.endswith(b"\r\n"):
-            content = content[:-2]
-        headers = {}
-        for line in head.decode("latin-1").split("\r\n"):
-            if ":" in line:
-                name, _, value = line.partition(":")
-                headers[name.strip().lower()] = value.strip()
-        parts.append((headers, content))
-    return parts
+    parser = MultipartParser(content_type, lambda _headers: io.BytesIO())
+    parser.feed(data)
+    return [(part.headers, cast(io.BytesIO, part.sink).getvalue()) for part in parser.finish()]
+
+
+@dataclass
+class Part:
+    """One part of a multipart body: its headers (lower-case names) and where its content
+    went."""
+
+    headers: dict[str, str]
+    sink: BinaryIO
+    size: int = 0
+
+
+class _State(Enum):
+    PREAMBLE = "preamble"
+    BOUNDARY_LINE = "boundary line"
+    HEADERS = "part headers"
+    BODY = "part body"
+    END = "end"
+
+
+class MultipartParser:
+    """multipart/related (RFC 2046) parsed as it arrives: ``feed`` chunks in any sizes, each
+    part's content is written to the sink ``open_part(headers)`` returns (a file in a spool
+    folder, or memory), and ``finish`` checks the body ended properly. A large STOW-RS body is
+    therefore never held whole; only a delimiter's length is kept back between chunks."""
+
+    def __init__(self, content_type: str, open_part: Callable[[dict[str, str]], BinaryIO], *,
+                 max_parts: int = 10_000, max_header_bytes: int = 16_384) -> None:
+        match = re.search(r'boundary="?([^";]+)"?', content_type, flags=re.IGNORECASE)
+        if not content_type.lower().startswith("multipart/related") or not match:
+            raise DicomWebError(f"not a multipart/related body ({content_type[:100] or 'no type'})")
+        boundary = match.group(1).strip().encode("latin-1", "replace")
+        if not 0 < len(boundary) <= 200:
+            raise DicomWebError("multipart boundary must be 1-200 characters")
+        self._delimiter = b"\r\n--" + boundary
+        self._buf = bytearray(b"\r\n")  # the first delimiter needs no line break before it
+        self._state = _State.PREAMBLE
+        self._open_part = open_part
+        self.max_parts, self.max_header_bytes = max_parts, max_header_bytes
+        self.parts: list[Part] = []
+
+    def feed(self, data: bytes) -> None:
+        """Consume the next chunk of the body."""
+        if self._state is _State.END:
+            return  # the epilogue is ignored
+        self._buf += data
+        while self._step():
+            pass
+
+    def _step(self) -> bool:
+        """Advance by one state; False when more data is needed."""
+        buf, state = self._buf, self._state
+        if state in (_State.PREAMBLE, _State.BODY):
+            at = buf.find(self._delimiter)
+            if at < 0:
+                keep = len(self._delimiter) - 1
+                if len(buf) > keep:
+                    if state is _State.BODY:
+                        self._write(buf[:-keep])
+                    del buf[:-keep]
+                return False
+            if state is _State.BODY:
+                self._write(buf[:at])
+            del buf[:at + len(self._delimiter)]
+            self._state = _State.BOUNDARY_LINE
+            return True
+        if state is _State.BOUNDARY_LINE:
+            if len(buf) < 2:
+                return False
+            if buf.startswith(b"--"):
+                self._state = _State.END
+                buf.clear()
+                return False
+            end = buf.find(b"\r\n")
+            if end < 0 or buf[:end].strip(b" \t"):  # only transport padding may follow
+                if end >= 0 or len(buf) > 256:
+                    raise DicomWebError("malformed multipart body (bad boundary line)")
+                return False
+            del buf[:end + 2]
+            self._state = _State.HEADERS
+            return True
+        if state is _State.HEADERS:
+            end = buf.find(b"\r\n\r\n") if not buf.startswith(b"\r\n") else -2
+            if end == -1:
+                if len(buf) > self.max_header_bytes:
+                    raise DicomWebError("malformed multipart part (headers too long)")
+                return False
+            head = bytes(buf[:end]) if end > 0 else b""  # -2: a part without headers
+            del buf[:end + 4]
+            headers = {}
+            for line in head.decode("latin-1").split("\r\n"):
+                if ":" in line:
+                    name, _, value = line.partition(":")
+                    headers[name.strip().lower()] = value.strip()
+            if len(self.parts) >= self.max_parts:
+                raise DicomWebError(f"more than {self.max_parts} parts in one request")
+            self.parts.append(Part(headers, self._open_part(headers)))
+            self._state = _State.BODY
+            return True
+        return False
+
+    def _write(self, data: bytearray) -> None:
+        if data:
+            part = self.parts[-1]
+            part.sink.write(data)
+            part.size += len(data)
+
+    def finish(self) -> list[Part]:
+        """The parts, once the closing boundary has been seen (else DicomWebError)."""
+        if self._state is not _State.END:
+            where = "missing boundaries" if self._state is _State.PREAMBLE else \
+                f"ends in the {self._state.value}, no closing boundary"
+            raise DicomWebError(f"malformed multipart body ({where})")
+        return self.parts

@@ -2,8 +2,10 @@
 
 Passwords are stored as scrypt hashes (n=2^14, r=8, p=1, 16-byte salt); tokens are 32 random
 bytes shown once and stored only as their SHA-256, so a stolen database yields no usable
-credential. The hospital's identity provider can issue the tokens instead (OpenID Connect
-access tokens, :mod:`radguard.gateway.oidc`). Roles and what they may do:
+credential. Resetting a password revokes the user's tokens; ``radguard user revoke`` and
+``radguard user remove`` revoke them on demand. The hospital's identity provider can issue
+the tokens instead (OpenID Connect access tokens, :mod:`radguard.gateway.oidc`). Roles and
+what they may do:
 
 ============== ==================================================================
 technologist   send images (STOW-RS)
@@ -58,8 +60,10 @@ class Users:
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    def add(self, name: str, role: str, password: str) -> None:
-        """Create or replace a user."""
+    def add(self, name: str, role: str, password: str) -> int:
+        """Create or replace a user. Replacing one (a password reset) also revokes all its
+        tokens and so ends its web sessions: whoever knew the old password may have one.
+        Returns the number of tokens revoked."""
         if role not in ROLES:
             raise AuthError(f"unknown role {role!r} (roles: {', '.join(ROLES)})")
         if not name or len(name) > 64 or not name.isprintable():
@@ -67,12 +71,15 @@ class Users:
         if len(password) < 10:
             raise AuthError("a password needs at least 10 characters")
         salt = secrets.token_bytes(16)
+        digest = _hash_password(password, salt)  # before the write lock: scrypt takes a while
         with self.store.transaction():
             self.store.execute("DELETE FROM users WHERE name=?", (name,))
+            revoked = self.store.execute("DELETE FROM tokens WHERE name=?", (name,)).rowcount
             self.store.execute(
                 "INSERT INTO users (name, role, salt, password_hash, created) "
-                "VALUES (?,?,?,?,?)", (name, role, salt, _hash_password(password, salt),
-                                      dt.datetime.now(dt.UTC).isoformat()))
+                "VALUES (?,?,?,?,?)",
+                (name, role, salt, digest, dt.datetime.now(dt.UTC).isoformat()))
+        return int(revoked)
 
     def check_password(self, name: str, password: str) -> User:
         """The user, if the password is right (constant-time compare)."""
@@ -88,8 +95,7 @@ class Users:
 
     def issue_token(self, name: str, days: int = TOKEN_DAYS) -> str:
         """A new bearer token for an existing user (shown once)."""
-        if self.store.execute("SELECT 1 FROM users WHERE name=?", (name,)).fetchone() is None:
-            raise AuthError(f"no user {name!r}")
+        self._must_exist(name)
         token = secrets.token_urlsafe(32)
         expires = dt.datetime.now(dt.UTC) + dt.timedelta(days=days)
         with self.store.transaction():
@@ -112,3 +118,22 @@ class Users:
         """Forget a token (logout)."""
         with self.store.transaction():
             self.store.execute("DELETE FROM tokens WHERE digest=?", (_token_digest(token),))
+
+    def revoke_all(self, name: str) -> int:
+        """Forget every token of a user (a lost laptop, a leaked script token); returns how
+        many there were. Their web sessions end with their next request."""
+        self._must_exist(name)
+        with self.store.transaction():
+            return int(self.store.execute("DELETE FROM tokens WHERE name=?", (name,)).rowcount)
+
+    def remove(self, name: str) -> int:
+        """Delete a user and all its tokens; returns the number of tokens revoked."""
+        self._must_exist(name)
+        with self.store.transaction():
+            revoked = self.store.execute("DELETE FROM tokens WHERE name=?", (name,)).rowcount
+            self.store.execute("DELETE FROM users WHERE name=?", (name,))
+        return int(revoked)
+
+    def _must_exist(self, name: str) -> None:
+        if self.store.execute("SELECT 1 FROM users WHERE name=?", (name,)).fetchone() is None:
+            raise AuthError(f"no user {name!r}")

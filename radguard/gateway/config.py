@@ -25,6 +25,32 @@ Example ``radguard.toml``::
                                       # many separate processes, so they do not share one
                                       # interpreter lock with receiving; "auto": one per core
                                       # (at most 4), none on a single core; 0: in-process
+    # HTTP side (web UI, DICOMweb, logins)
+    stow_max_bytes = 536870912        # largest STOW-RS request (512 MiB); bigger: 413. The
+                                      # body is spooled to data_dir, never held in memory
+    login_max_failures = 5            # wrong passwords for one user name, then a wait...
+    login_max_failures_per_client = 20  # ...or from one client address (NATs share one)
+    login_backoff_seconds = 1.0       # first wait; doubles with every further failure; a
+    login_backoff_max_seconds = 900.0 # locked name or address gets 429 + Retry-After
+    trusted_proxies = []              # reverse proxies (IPs or networks) whose
+                                      # X-Forwarded-For/-Proto are believed; empty: none
+    http_max_connections = 256        # open HTTP connections; beyond them 503...
+    http_max_per_client = 32          # ...and per client address (proxies exempt)
+    http_header_seconds = 10.0        # a request's headers, and a login's or form's body,
+                                      # must arrive within this (an idle or trickling
+                                      # connection is closed; a stalled form gets 408)
+    # ingest: how large an image may be inflated or decoded (dicom/limits.py), at the door
+    # and in the check processes; larger ones are refused (C-STORE 0xC000, STOW failed
+    # item) or, already stored, quarantined as unverifiable
+    max_frame_pixels = 100000000      # Rows x Columns of one frame (a 4096 x 5120
+                                      # mammogram is 21 million; 16384 x 16384 is refused)
+    max_decoded_mb = 2048             # all frames decoded (Rows x Columns x frames x
+                                      # samples x bytes): a large tomosynthesis is ~1 GB
+    max_inflated_mb = 512             # a deflated data set (1.2.840.10008.1.2.1.99) inflated
+    max_compression_ratio = 1000      # decoded / compressed size above 64 MiB decoded (real
+                                      # images: 2-50); 0: no check
+    decode_budget_mb = 1024           # inflates and decodes held at once by one process; a
+                                      # larger image waits and then runs alone
 
     [forward]                         # the PACS; leave out to keep images here only
     dimse = "ORTHANC@127.0.0.1:4242"  # C-STORE target, AE@host:port
@@ -39,6 +65,31 @@ Example ``radguard.toml``::
     username_claim = "preferred_username"
     roles = { "pacs-admin" = "admin", "radiology" = "radiologist" }  # provider -> radguard
                                       # role; radguard's own role names map to themselves
+
+    [signatures]                      # which signature algorithms count: MD5 / SHA-1 MACs and
+                                      # short keys are "weak" and quarantined with the reason
+    allow_weak = false                # true: weak signatures count as valid (a legacy modality
+                                      # that cannot be upgraded); still labelled weak-allowed
+    min_rsa_bits = 2048               # shorter RSA signer keys are weak (1024-16384)
+    min_ec_bits = 256                 # smaller elliptic-curve signer keys are weak (160-521)
+
+    [dicom]                           # what one DICOM peer may cost (gateway/acceptor.py)
+    max_associations = 32             # associations at once; more get A-ASSOCIATE-RJ
+                                      # (transient, local limit exceeded)
+    max_per_ip = 16                   # open connections from one address, negotiating ones
+                                      # included; more are closed unread
+    max_per_ae = 16                   # associations per calling AE title; more: rejected
+    connect_timeout = 15              # seconds from connect to a whole A-ASSOCIATE-RQ (TLS
+                                      # handshake included)
+    idle_timeout = 60                 # seconds of allowance; waiting for the peer uses it up
+    min_rate_kib = 16                 # each KiB received adds 1/16 s (up to idle_timeout),
+                                      # an accepted C-STORE refills it: silence or a trickle
+                                      # below 16 KiB/s is dropped, a steady sender never
+    max_association_time = 3600       # seconds, however busy the association
+    max_data_set_mb = 4096            # largest data set; bigger: A-ABORT
+    memory_per_message_mb = 32        # a data set is received in memory up to this size
+    memory_budget_mb = 256            # and while all of them together fit in this; else it
+                                      # is spooled to data_dir/incoming
 """
 
 from __future__ import annotations
@@ -47,9 +98,12 @@ import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from radguard.errors import RadguardError
+
+if TYPE_CHECKING:
+    from radguard.provenance.policy import AlgorithmPolicy
 
 __all__ = ["ConfigError", "DimseTarget", "GatewayConfig", "load_config"]
 
@@ -119,6 +173,68 @@ class GatewayConfig:
     oidc_role_claim: str = "roles"
     oidc_username_claim: str = "preferred_username"
     oidc_roles: dict[str, str] = field(default_factory=dict)
+    # -- HTTP side: request bodies, logins, proxies (gateway/web.py, gateway/httpguard.py) --
+    stow_max_bytes: int = 512 << 20  # one STOW-RS request; spooled to disk, never held whole
+    login_max_failures: int = 5  # wrong passwords for one user name before it must wait
+    login_max_failures_per_client: int = 20  # ...and from one address (a NAT shares one)
+    login_backoff_seconds: float = 1.0  # the first wait; doubles with each further failure
+    login_backoff_max_seconds: float = 900.0  # the longest wait
+    trusted_proxies: list[str] = field(default_factory=list)  # reverse proxies whose
+                                     # X-Forwarded-For/-Proto name the client; empty: none
+    http_max_connections: int = 256  # open HTTP connections (beyond: 503)
+    http_max_per_client: int = 32  # ...from one client address (trusted proxies exempt)
+    http_header_seconds: float = 10.0  # a request's headers (and a form's body) must
+                                       # arrive within this
+    # -- signatures: which algorithms count ([signatures]; provenance/policy.py) --
+    signatures_allow_weak: bool = False  # weak (MD5/SHA-1, short keys) counts as valid
+    signatures_min_rsa_bits: int = 2048  # shorter RSA signer keys are weak
+    signatures_min_ec_bits: int = 256  # smaller elliptic-curve signer keys are weak
+    # -- DICOM door: connections, time, memory per peer ([dicom]; gateway/acceptor.py) --
+    dicom_max_associations: int = 32  # associations at once
+    dicom_max_per_ip: int = 16  # open connections from one address, negotiating ones included
+    dicom_max_per_ae: int = 16  # associations with one calling AE title
+    dicom_connect_timeout: float = 15.0  # seconds from connect to a whole A-ASSOCIATE-RQ
+    dicom_idle_timeout: float = 60.0  # seconds of allowance without progress
+    dicom_min_rate_kib: int = 16  # KiB/s received that keep the allowance full
+    dicom_max_association_time: float = 3600.0  # seconds
+    dicom_max_data_set_mb: int = 4096  # MiB in one data set (spooled to disk when large)
+    dicom_memory_per_message_mb: int = 32  # MiB of one data set held in memory
+    dicom_memory_budget_mb: int = 256  # MiB of data sets in memory, all associations
+    # -- ingest: decode and inflate limits (dicom/limits.py; gateway/dimse.py header_of) --
+    max_frame_pixels: int = 100_000_000  # Rows x Columns of one frame
+    max_decoded_mb: int = 2048  # all frames decoded, MiB
+    max_inflated_mb: int = 512  # a deflated data set after inflating, MiB
+    max_compression_ratio: int = 1000  # decoded / compressed bytes (above 64 MiB); 0: off
+    decode_budget_mb: int = 1024  # MiB of inflates and decodes at once, per process
+
+    def decode_limits(self) -> Any:  # noqa: ANN401 - DecodeLimits (no import at load time)
+        """The ingest block as :class:`radguard.dicom.limits.DecodeLimits`."""
+        from radguard.dicom.limits import DecodeLimits
+
+        return DecodeLimits(max_frame_pixels=self.max_frame_pixels,
+                            max_decoded_bytes=self.max_decoded_mb << 20,
+                            max_inflated_bytes=self.max_inflated_mb << 20,
+                            max_compression_ratio=self.max_compression_ratio,
+                            decode_budget_bytes=self.decode_budget_mb << 20)
+
+    def _validate_ingest(self) -> None:
+        """The ingest block: positive whole numbers (the ratio may be 0, no check)."""
+        for name, low in (("max_frame_pixels", 1), ("max_decoded_mb", 1),
+                          ("max_inflated_mb", 1), ("max_compression_ratio", 0),
+                          ("decode_budget_mb", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not \
+                    low <= value <= 1 << 40:
+                raise ConfigError(f"{name} {value!r}: a whole number from {low} to {1 << 40}")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickling happens in a check process, which receives the configuration when it
+        is spawned: the decode limits are put in force there too, so the checks refuse the
+        same oversized images as the door, before decoding them."""
+        self.__dict__.update(state)
+        from radguard.dicom.limits import set_decode_limits
+
+        set_decode_limits(self.decode_limits())
 
     def oidc(self) -> Any:  # noqa: ANN401
         """The OpenID Connect settings, or None when [oidc] is not configured."""
@@ -174,7 +290,76 @@ class GatewayConfig:
         oidc = self.oidc()
         if oidc is not None and oidc.problems():
             raise ConfigError("; ".join(oidc.problems()))
+        self._validate_http()
+        self.signature_policy()
+        self._validate_dicom()
+        self._validate_ingest()
         return self
+
+    def _validate_dicom(self) -> None:
+        """The [dicom] block: connection, time and memory limits."""
+
+        def number(name: str, low: float, high: float, *, whole: bool = True) -> float:
+            value = getattr(self, f"dicom_{name}")
+            kinds = int if whole else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
+                what = "a whole number" if whole else "a number of seconds"
+                raise ConfigError(f"dicom.{name} {value!r}: {what} from {low} to {high}")
+            return float(value)
+
+        most = number("max_associations", 1, 1024)
+        number("max_per_ip", 1, most)
+        number("max_per_ae", 1, most)
+        number("connect_timeout", 0.1, 3600, whole=False)
+        idle = number("idle_timeout", 0.1, 86400, whole=False)
+        number("min_rate_kib", 1, 1 << 20)
+        if number("max_association_time", 1, 7 * 86400, whole=False) < idle:
+            raise ConfigError("dicom.max_association_time must not be below dicom.idle_timeout")
+        number("max_data_set_mb", 1, 1 << 20)
+        budget = number("memory_budget_mb", 0, 1 << 20)
+        number("memory_per_message_mb", 0, budget)
+
+    def signature_policy(self) -> AlgorithmPolicy:
+        """The [signatures] settings as the verifier's algorithm policy (ConfigError if one
+        is out of range)."""
+        from radguard.provenance.policy import AlgorithmPolicy, AlgorithmPolicyError
+
+        try:
+            return AlgorithmPolicy(allow_weak=self.signatures_allow_weak,
+                                   min_rsa_bits=self.signatures_min_rsa_bits,
+                                   min_ec_bits=self.signatures_min_ec_bits)
+        except AlgorithmPolicyError as exc:
+            raise ConfigError(f"signatures.{exc}") from exc
+
+    def _validate_http(self) -> None:
+        """The HTTP block: body and login limits, trusted proxies."""
+        import ipaddress
+
+        def number(name: str, low: float, high: float, *, whole: bool = True) -> float:
+            value = getattr(self, name)
+            kinds = int if whole else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
+                what = "a whole number" if whole else "a number"
+                raise ConfigError(f"{name} {value!r}: {what} from {low} to {high}")
+            return float(value)
+
+        number("stow_max_bytes", 1 << 20, 1 << 40)
+        number("login_max_failures", 1, 1000)
+        number("login_max_failures_per_client", 1, 100_000)
+        first = number("login_backoff_seconds", 0.01, 86400, whole=False)
+        if number("login_backoff_max_seconds", 0.01, 86400, whole=False) < first:
+            raise ConfigError("login_backoff_max_seconds must not be below login_backoff_seconds")
+        number("http_max_connections", 8, 100_000)
+        number("http_max_per_client", 1, 100_000)
+        number("http_header_seconds", 1, 3600, whole=False)
+        if not isinstance(self.trusted_proxies, list):
+            raise ConfigError("trusted_proxies: a list of addresses or networks")
+        for proxy in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(str(proxy), strict=False)
+            except ValueError as exc:
+                raise ConfigError(f"trusted_proxies entry {proxy!r}: not an IP address or "
+                                  "network") from exc
 
 
 def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) -> GatewayConfig:  # noqa: ANN401
@@ -188,7 +373,7 @@ def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) ->
             raise ConfigError(f"{p}: configuration file not found") from exc
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"{p}: not a valid TOML configuration ({exc})") from exc
-        for table in ("forward", "oidc"):
+        for table in ("forward", "oidc", "signatures", "dicom"):
             section = raw.pop(table, {}) or {}
             if not isinstance(section, dict):
                 raise ConfigError(f"{p}: [{table}] must be a table")

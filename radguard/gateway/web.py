@@ -1,53 +1,123 @@
 """The gateway's HTTP side (FastAPI): DICOMweb (PS3.18) and the web UI, all behind tokens.
 
 Every route needs a bearer token (``Authorization: Bearer ...``) or the session cookie the
-login page sets, except the login itself (``GET/POST /login``, ``POST /auth/token``): without
-one the answer is 401, with the wrong role 403. Every request that reaches a route, and every
-failed login, is written to the audit log; retrieving more than ``bulk_read_limit``
-instances within ten minutes raises a bulk-read alarm there ("monitoring for unusual bulk
-downloads").
+login page sets, except the login itself (``GET/POST /login``, ``POST /auth/token``) and the
+style sheet: without one the answer is 401, with the wrong role 403. Every request that
+reaches a route, and failed logins (bounded, see :class:`~radguard.gateway.httpguard.Throttle`),
+are written to the audit log; retrieving more than ``bulk_read_limit`` instances within ten
+minutes raises a bulk-read alarm there ("monitoring for unusual bulk downloads").
 
 DICOMweb: STOW-RS ``POST /dicom-web/studies``; QIDO-RS ``GET /dicom-web/studies``,
 ``.../studies/{study}/series``, ``.../series/{series}/instances``, ``/dicom-web/instances``;
 WADO-RS ``GET /dicom-web/studies/{study}`` and ``.../instances/{sop}``. Only instances that
 passed the pipeline (state ``done``) are visible: quarantined ones are not clinical data.
+
+Hardening (issue 21), with the pieces in :mod:`radguard.gateway.httpguard`:
+
+* Pages are Jinja2 templates with autoescaping and double-quoted attributes, so a UID or
+  patient name from an unauthenticated C-STORE is text, never markup; no page has a script,
+  and the Content-Security-Policy forbids scripts and inline styles anyway.
+* A request that changes something with the session cookie must come from the gateway's own
+  origin (``Origin``/``Referer``) and carry the session's CSRF token (form field ``csrf`` or
+  header ``X-CSRF-Token``); bearer-token calls (scripts, DICOMweb clients) send no cookie and
+  are not subject to it.
+* Bodies are limited before they are read (forms and logins 8 KiB, STOW-RS
+  ``stow_max_bytes``); a STOW-RS body is parsed as it arrives and each part spooled to a file
+  in the data folder, never held whole in memory.
+* Logins back off per user name and per client address (429 + Retry-After), and at most
+  ``PASSWORD_CHECKS`` scrypt checks run at once, so a login flood can neither guess on nor
+  take the CPU.
+* A store that cannot be read or written (full disk, database down) gives 503 with a short
+  message; ids beyond 64 bits give 404 - never a 500 with a traceback.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import html
-import io
+import hashlib
+import hmac
 import json
+import logging
 import re
 import secrets
+import shutil
+import tempfile
 import threading
 import time
 import urllib.parse
 from collections import defaultdict, deque
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import anyio
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import (
+    HTMLResponse,
+    JSONResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
+from radguard.dicom.web import DicomWebError, MultipartParser, Part
 from radguard.errors import RadguardError
 from radguard.gateway.auth import AuthError, User, Users
 from radguard.gateway.dimse import header_of
+from radguard.gateway.httpguard import (
+    BodyTimeout,
+    BodyTooLarge,
+    GuardMiddleware,
+    Lockout,
+    LoginGuard,
+    Throttle,
+    retry_after,
+)
 from radguard.gateway.oidc import NoRole
-from radguard.gateway.store import Instance
+from radguard.gateway.store import Instance, StoreError
+from radguard.governance.auditlog import AuditLogError
 
-__all__ = ["MAX_BODY", "create_app"]
+__all__ = ["FORM_MAX", "create_app"]
 
-MAX_BODY = 512 << 20  # one STOW request; larger bodies get 413
+log = logging.getLogger("radguard.gateway")
+
 COOKIE = "radguard_session"
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+CSRF_FIELD = "csrf"
+FORM_MAX = 8 << 10  # a login, a token request, a quarantine decision: a few hundred bytes
+PASSWORD_CHECKS = 2  # scrypt checks at once (16 MB and ~0.1 s of a core each)
+MAX_ROW_ID = (1 << 63) - 1  # ids are 64-bit in SQLite and PostgreSQL
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 CLINICAL = "state='done'"
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_TEMPLATES = Path(__file__).parent / "templates"
+_BAD_TRUST = ("signature invalid", "signature untrusted", "watermark changed", "unknown")
 
 
 def _uid(value: str) -> str:
     if len(value) > 64 or not _UID.match(value):
         raise HTTPException(400, "not a DICOM UID")
     return value
+
+
+def _row_id(value: int) -> int:
+    """A path's row id; anything no row can have (negative, beyond 64 bits) is not found."""
+    if not 0 < value <= MAX_ROW_ID:
+        raise HTTPException(404, "no such instance")
+    return value
+
+
+def _trust_css(trust: str | None) -> str:
+    trust = trust or "pending"
+    return "bad" if trust in _BAD_TRUST else trust if trust in ("signed", "watermarked") \
+        else "unsigned"
+
+
+_env = Environment(loader=FileSystemLoader(_TEMPLATES), autoescape=True,
+                   undefined=StrictUndefined)
+_env.globals["trust_css"] = _trust_css
 
 
 class _BulkReads:
@@ -73,73 +143,269 @@ class _BulkReads:
         return False
 
 
-def create_app(gateway: Any, *, bulk_read_limit: int = 500) -> Any:  # noqa: ANN401
-    """The FastAPI application for one running :class:`~radguard.gateway.Gateway`."""
-    app = FastAPI(title="radguard gateway", docs_url=None, redoc_url=None, openapi_url=None)
-    users = Users(gateway.store)
-    store = gateway.store
-    bulk = _BulkReads(bulk_read_limit)
-    oidc = gateway.oidc  # the identity provider's tokens, when [oidc] is configured
+def csrf_token(session: str) -> str:
+    """The CSRF token of a session: derived from the session token (which the page's
+    origin alone can read, as an HttpOnly cookie), so nothing needs storing."""
+    return hmac.new(session.encode(), b"radguard-csrf", hashlib.sha256).hexdigest()[:32]
 
-    def audit(action: str, target: str, details: dict[str, Any], actor: str) -> None:
-        gateway.audit_log.append(action, target, details, actor=actor)
 
-    def current_user(request: Request) -> User:
-        header = request.headers.get("authorization", "")
-        token = header[7:].strip() if header.lower().startswith("bearer ") else \
-            request.cookies.get(COOKIE, "")
-        if not token:
-            raise HTTPException(401, "authentication required",
-                                headers={"WWW-Authenticate": "Bearer"})
+def _client(request: Request) -> str:
+    return request.client.host if request.client else ""
+
+
+def _credentials(request: Request) -> tuple[str, bool]:
+    """(token, came from the session cookie)."""
+    header = request.headers.get("authorization", "")
+    if header.lower().startswith("bearer "):
+        return header[7:].strip(), False
+    return request.cookies.get(COOKIE, ""), True
+
+
+class _Web:
+    """What the routes share: the gateway's store and users, auditing, authentication,
+    login backoff, page rendering."""
+
+    def __init__(self, gateway: Any, bulk_read_limit: int) -> None:  # noqa: ANN401
+        config = gateway.config
+        self.gateway, self.store, self.oidc = gateway, gateway.store, gateway.oidc
+        self.users = Users(gateway.store)
+        self.bulk = _BulkReads(bulk_read_limit)
+        self.logins = LoginGuard(config.login_max_failures, config.login_max_failures_per_client,
+                                 config.login_backoff_seconds, config.login_backoff_max_seconds)
+        self.password_checks = anyio.CapacityLimiter(PASSWORD_CHECKS)
+        self.throttle = Throttle()
+        self.spool = Path(gateway.store.root) / "http-spool"
+        shutil.rmtree(self.spool, ignore_errors=True)  # uploads a crash interrupted
+        self.spool.mkdir(parents=True, exist_ok=True)
+
+    # -- audit --------------------------------------------------------------------------------
+    def audit(self, action: str, target: str, details: dict[str, Any], actor: str) -> None:
+        self.gateway.audit_log.append(action, target, details, actor=actor)
+
+    def audit_bounded(self, key: str, action: str, target: str, details: dict[str, Any],
+                      actor: str = "anonymous") -> None:
+        """An audit entry for an event an attacker can repeat at will: the first per key,
+        then one a minute carrying how many were held back."""
+        write, held = self.throttle.allow(key)
+        if write:
+            self.audit(action, target, {**details, **({"held_back": held} if held else {})},
+                       actor)
+
+    # -- authentication -----------------------------------------------------------------------
+    def authenticate(self, token: str, request: Request) -> User:
+        """The token's user (radguard's own token, or the identity provider's JWT)."""
         try:
-            if oidc is not None and token.count(".") == 2:  # a JWT: radguard's are not
-                user = oidc.user(token)
+            if self.oidc is not None and token.count(".") == 2:  # a JWT: radguard's are not
+                user = self.oidc.user(token)
             else:
-                user = users.user_for_token(token)
+                user = self.users.user_for_token(token)
         except NoRole as exc:
-            audit("auth.no_role", _client(request), {"why": str(exc)[:200]}, "anonymous")
+            self.audit("auth.no_role", _client(request), {"why": str(exc)[:200]}, "anonymous")
             raise HTTPException(403, str(exc)) from exc
         except AuthError as exc:
             raise HTTPException(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from exc
-        audit("http.access", f"{request.method} {request.url.path}",
-              {"via": user.via} if user.via != "radguard" else {}, user.name)
+        self.audit("http.access", f"{request.method} {request.url.path}",
+                   {"via": user.via} if user.via != "radguard" else {}, user.name)
         return user
 
-    def role(*allowed: str) -> Any:  # noqa: ANN401
-        def check(user: User = Depends(current_user)) -> User:
+    async def current_user(self, request: Request) -> User:
+        """FastAPI dependency: the caller, or 401; cookie requests that change something must
+        pass the same-origin and CSRF checks."""
+        token, from_cookie = _credentials(request)
+        if not token:
+            raise HTTPException(401, "authentication required",
+                                headers={"WWW-Authenticate": "Bearer"})
+        user = await run_in_threadpool(self.authenticate, token, request)
+        if from_cookie and request.method not in SAFE_METHODS:
+            await self._check_csrf(request, token, user)
+        return user
+
+    def role(self, *allowed: str) -> Any:  # noqa: ANN401
+        """FastAPI dependency: the caller, if admin or one of ``allowed`` (else 403)."""
+        def check(user: User = Depends(self.current_user)) -> User:
             if user.role != "admin" and user.role not in allowed:
                 raise HTTPException(403, f"role {user.role} may not do this")
             return user
         return check
 
-    @app.exception_handler(HTTPException)
-    async def _http_error(request: Request, exc: HTTPException) -> Response:
-        if "text/html" in request.headers.get("accept", "") and exc.status_code == 401:
-            return RedirectResponse("/login", status_code=303)
-        return JSONResponse({"error": exc.detail}, status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+    async def _check_csrf(self, request: Request, session: str, user: User) -> None:
+        why = _foreign_origin(request)
+        if why is None:
+            sent = request.headers.get("x-csrf-token", "")
+            if not sent and request.headers.get("content-type", "").startswith(
+                    "application/x-www-form-urlencoded"):
+                sent = (await self.form(request)).get(CSRF_FIELD, "")
+            if not hmac.compare_digest(sent.encode(), csrf_token(session).encode()):
+                why = "missing or wrong CSRF token"
+        if why is not None:
+            await run_in_threadpool(self.audit_bounded, f"csrf:{user.name}", "http.csrf_refused",
+                                    f"{request.method} {request.url.path}",
+                                    {"why": why, "client": _client(request)}, user.name)
+            raise HTTPException(403, f"cross-site request refused ({why})")
 
-    # -- login --------------------------------------------------------------------------------
-    async def _form(request: Request) -> dict[str, str]:
-        body = await request.body()
-        if len(body) > 4096:
-            raise HTTPException(413, "form too large")
+    @staticmethod
+    async def form(request: Request) -> dict[str, str]:
+        """An urlencoded form (the body is already limited to FORM_MAX by the middleware)."""
         try:
-            fields = urllib.parse.parse_qs(body.decode("utf-8"), strict_parsing=False)
+            fields = urllib.parse.parse_qs((await request.body()).decode("utf-8"))
         except UnicodeDecodeError as exc:
             raise HTTPException(400, "form is not UTF-8") from exc
         return {k: v[0] for k, v in fields.items() if v}
 
-    def _login(name: str, password: str, request: Request) -> str:
+    # -- logins -------------------------------------------------------------------------------
+    async def login(self, name: str, password: str, request: Request) -> str:
+        """A new session token for the right password, unless the name or the address is
+        waiting out failed attempts (429: checked before any password work, so a locked
+        name is refused even with its right password)."""
+        client = _client(request)
+        if _foreign_origin(request):
+            raise HTTPException(403, "cross-site login refused")
+        self._refuse_if_locked(name, client)
         try:
-            user = users.check_password(name, password)
-        except AuthError as exc:
-            audit("auth.failed", name[:64], {"client": _client(request)}, "anonymous")
+            user, lockouts = await anyio.to_thread.run_sync(
+                self._check_password, name, password, client, limiter=self.password_checks)
+        except _Locked:
+            self._refuse_if_locked(name, client)
+            raise HTTPException(429, "too many failed logins") from None
+        if user is None:
+            await run_in_threadpool(self._audit_failure, name, client, lockouts)
             raise HTTPException(401, "wrong user name or password",
-                                headers={"WWW-Authenticate": "Bearer"}) from exc
-        audit("auth.login", user.name, {"client": _client(request)}, user.name)
-        return users.issue_token(user.name)
+                                headers={"WWW-Authenticate": "Bearer"})
 
+        def session() -> str:
+            self.audit("auth.login", user.name, {"client": client}, user.name)
+            return self.users.issue_token(user.name)
+        return await run_in_threadpool(session)
+
+    def _refuse_if_locked(self, name: str, client: str) -> None:
+        wait, reason = self.logins.wait(name, client)
+        if wait > 0:
+            self.audit_bounded(f"locked:{client}", "auth.refused_locked", name[:64],
+                               {"client": client, "locked": reason.value if reason else ""})
+            raise HTTPException(429, f"too many failed logins: try again in "
+                                f"{retry_after(wait)} s", headers={"Retry-After":
+                                                                   retry_after(wait)})
+
+    def _check_password(self, name: str, password: str, client: str
+                        ) -> tuple[User | None, list[Lockout]]:
+        """Runs with a password-check slot: the wait is checked again here, as other
+        attempts may have failed while this one queued for the slot."""
+        if self.logins.wait(name, client)[0] > 0:
+            raise _Locked
+        try:
+            user = self.users.check_password(name, password)
+        except AuthError:
+            return None, self.logins.failed(name, client)
+        self.logins.succeeded(name, client)
+        return user, []
+
+    def _audit_failure(self, name: str, client: str, lockouts: list[Lockout]) -> None:
+        self.audit_bounded(f"failed:{client}", "auth.failed", name[:64], {"client": client})
+        for lock in lockouts:
+            log.warning("logins for %s %s wait %.0f s after %d failures", lock.reason.value,
+                        lock.who, lock.seconds, lock.failures)
+            self.audit_bounded(f"lockout:{lock.reason.value}:{lock.who}", "auth.lockout",
+                               f"{lock.reason.value}:{lock.who}",
+                               {"failures": lock.failures, "seconds": round(lock.seconds, 1),
+                                "client": client})
+
+    # -- pages --------------------------------------------------------------------------------
+    def page(self, template: str, request: Request, user: User | None, title: str,
+             status: int = 200, headers: dict[str, str] | None = None,
+             **context: Any) -> HTMLResponse:  # noqa: ANN401
+        """A rendered template (autoescaped) with the CSRF token of the caller's session and
+        the gateway's current problem, if any, as a banner."""
+        token, from_cookie = _credentials(request)
+        html = _env.get_template(template).render(
+            title=title, user=user, csrf=csrf_token(token) if token and from_cookie else "",
+            problem=getattr(self.gateway, "problem", None), **context)
+        return HTMLResponse(html, status_code=status,
+                            headers={"Cache-Control": "no-store", **(headers or {})})
+
+
+class _Locked(Exception):
+    """A login attempt that became locked out while it queued for a password check."""
+
+
+def _foreign_origin(request: Request) -> str | None:
+    """Why the request comes from another origin than the gateway's own, or None. Browsers
+    send ``Origin`` with every POST; ``Referer`` is the fallback; clients that send
+    neither (scripts) are not browsers."""
+    own = f"{request.url.scheme}://{request.headers.get('host', '')}"
+    origin = request.headers.get("origin")
+    if origin is None and request.headers.get("referer"):
+        parts = urllib.parse.urlsplit(request.headers["referer"])
+        origin = f"{parts.scheme}://{parts.netloc}"
+    if origin is not None and origin != own:
+        return f"origin {origin[:100]} is not {own[:100]}"
+    return None
+
+
+def create_app(gateway: Any, *, bulk_read_limit: int = 500) -> FastAPI:  # noqa: ANN401
+    """The FastAPI application for one running :class:`~radguard.gateway.Gateway`."""
+    app = FastAPI(title="radguard gateway", docs_url=None, redoc_url=None, openapi_url=None)
+    web = _Web(gateway, bulk_read_limit)
+    _add_error_handlers(app, web)
+    _add_login_routes(app, web)
+    _add_dicomweb_routes(app, web)
+    _add_ui_routes(app, web)
+    stow_max = int(gateway.config.stow_max_bytes)
+
+    def body_limit(method: str, path: str) -> int:
+        return stow_max if method == "POST" and path.rstrip("/") == "/dicom-web/studies" \
+            else FORM_MAX
+
+    app.add_middleware(GuardMiddleware, limit_for=body_limit, small_limit=FORM_MAX,
+                       small_seconds=float(gateway.config.http_header_seconds))
+    return app
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+def _add_error_handlers(app: FastAPI, web: _Web) -> None:
+    def error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> Response:
+        html = "text/html" in request.headers.get("accept", "")
+        if html and request.url.path == "/login" and exc.status_code in (401, 403, 429):
+            form = await web.form(request) if request.method == "POST" else {}
+            return web.page("login.html", request, None, "Sign in", exc.status_code,
+                            getattr(exc, "headers", None), message=exc.detail,
+                            name=form.get("user", "")[:64])
+        if html and exc.status_code == 401:
+            return RedirectResponse("/login", status_code=303)
+        return error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(_request: Request, exc: BodyTooLarge) -> Response:
+        return error(413, str(exc))
+
+    @app.exception_handler(BodyTimeout)
+    async def _too_slow(_request: Request, exc: BodyTimeout) -> Response:
+        return error(408, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return error(422, f"invalid request: {where} {first.get('msg', '')}".strip())
+
+    async def _unavailable(_request: Request, exc: Exception) -> Response:
+        # a full disk, a database that is down: the client may retry later; the details
+        # (paths, database messages) go to the server's log, not to the client
+        log.error("HTTP request failed on the store: %s", exc)
+        return error(503, "the gateway cannot read or write its store right now (full disk "
+                     "or database down); try again later", {"Retry-After": "30"})
+
+    for kind in (StoreError, AuditLogError, OSError):
+        app.add_exception_handler(kind, _unavailable)
+
+
+# -- login -----------------------------------------------------------------------------------------
+
+def _add_login_routes(app: FastAPI, web: _Web) -> None:
     @app.post("/auth/token")
     async def auth_token(request: Request) -> JSONResponse:
         try:
@@ -147,213 +413,201 @@ def create_app(gateway: Any, *, bulk_read_limit: int = 500) -> Any:  # noqa: ANN
             name, password = str(body["user"]), str(body["password"])
         except (ValueError, KeyError, TypeError) as exc:
             raise HTTPException(400, 'send {"user": ..., "password": ...}') from exc
-        return JSONResponse({"token": _login(name, password, request),
+        return JSONResponse({"token": await web.login(name, password, request),
                              "token_type": "bearer"})
 
     @app.get("/login", response_class=HTMLResponse)
-    def login_page() -> str:
-        return _page("Sign in", "<form method='post' action='/login' class='login'>"
-                     "<label>User <input name='user' autocomplete='username'></label>"
-                     "<label>Password <input name='password' type='password' "
-                     "autocomplete='current-password'></label><button>Sign in</button></form>")
+    def login_page(request: Request) -> HTMLResponse:
+        return web.page("login.html", request, None, "Sign in", message="", name="")
 
     @app.post("/login")
     async def login(request: Request) -> Response:
-        form = await _form(request)
-        token = _login(form.get("user", ""), form.get("password", ""), request)
+        form = await web.form(request)
+        token = await web.login(form.get("user", ""), form.get("password", ""), request)
         response = RedirectResponse("/", status_code=303)
-        response.set_cookie(COOKIE, token, httponly=True, samesite="strict",
+        response.set_cookie(COOKIE, token, httponly=True, samesite="strict", path="/",
                             secure=request.url.scheme == "https")
         return response
 
     @app.post("/logout")
-    def logout(request: Request, user: User = Depends(current_user)) -> Response:
-        token = request.cookies.get(COOKIE)
-        if token:
-            users.revoke(token)
+    async def logout(request: Request, user: User = Depends(web.current_user)) -> Response:
+        token, from_cookie = _credentials(request)
+        if token and from_cookie:
+            await run_in_threadpool(web.users.revoke, token)
         response = RedirectResponse("/login", status_code=303)
-        response.delete_cookie(COOKIE)
+        response.delete_cookie(COOKIE, path="/")
         return response
 
-    # -- DICOMweb -----------------------------------------------------------------------------
-    @app.post("/dicom-web/studies")
-    async def stow(request: Request, user: User = Depends(role("technologist"))) -> Response:
-        from radguard.dicom.web import DicomWebError, split_multipart
-
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > MAX_BODY:
-            raise HTTPException(413, f"request larger than {MAX_BODY} bytes")
-        body = bytearray()
-        async for chunk in request.stream():
-            body.extend(chunk)
-            if len(body) > MAX_BODY:
-                raise HTTPException(413, f"request larger than {MAX_BODY} bytes")
-        try:
-            parts = split_multipart(bytes(body), request.headers.get("content-type", ""))
-        except DicomWebError as exc:
-            raise HTTPException(400, str(exc)) from exc
-        if not parts:
-            raise HTTPException(400, "no instances in the request")
-        stored, failed = [], []
-        for headers, content in parts:
-            ctype = headers.get("content-type", "application/dicom").split(";")[0].strip()
-            if ctype.lower() != "application/dicom":
-                failed.append(("", f"unsupported part type {ctype}"))
-                continue
-            try:
-                header = header_of(content, "STOW part", decode_compressed=gateway.config
-                                   .validate_compressed_pixels)
-                store.ingest(content, header, source="stow", calling_ae=f"stow:{user.name}")
-            except (RadguardError, OSError) as exc:
-                failed.append(("", str(exc)[:200]))
-                continue
-            gateway._wake_up(0)
-            stored.append(header)
-        audit("stow", user.name, {"stored": len(stored), "failed": len(failed)}, user.name)
-        answer: dict[str, Any] = {}
-        if stored:
-            answer["00081199"] = {"vr": "SQ", "Value": [
-                {"00081150": {"vr": "UI", "Value": [h["sop_class"]]},
-                 "00081155": {"vr": "UI", "Value": [h["sop_uid"]]}} for h in stored]}
-        if failed:
-            answer["00081198"] = {"vr": "SQ", "Value": [
-                {"00081197": {"vr": "US", "Value": [0xC000]},
-                 "00081196": {"vr": "LO", "Value": [why]}} for _, why in failed]}
-        code = 200 if not failed else 202 if stored else 409
-        return Response(json.dumps(answer), status_code=code, media_type="application/dicom+json")
-
-    def _qido(rows: list[dict[str, Any]]) -> Response:
-        return Response(json.dumps(rows), media_type="application/dicom+json")
-
-    @app.get("/dicom-web/studies")
-    def qido_studies(user: User = Depends(role("radiologist"))) -> Response:
-        return _qido([_study_json(s) for s in _studies(store)])
-
-    @app.get("/dicom-web/studies/{study}/series")
-    def qido_series(study: str, user: User = Depends(role("radiologist"))) -> Response:
-        rows = store.instances(f"{CLINICAL} AND study_uid=?", (_uid(study),))
-        series = {r.series_uid: r for r in rows}
-        return _qido([{"0020000D": _ui(r.study_uid), "0020000E": _ui(r.series_uid),
-                       "00080060": {"vr": "CS", "Value": [r.modality]}}
-                      for r in series.values()])
-
-    @app.get("/dicom-web/studies/{study}/series/{series}/instances")
-    def qido_instances(study: str, series: str,
-                       user: User = Depends(role("radiologist"))) -> Response:
-        rows = store.instances(f"{CLINICAL} AND study_uid=? AND series_uid=?",
-                               (_uid(study), _uid(series)))
-        return _qido([_instance_json(r) for r in rows])
-
-    @app.get("/dicom-web/instances")
-    def qido_all_instances(limit: int = 1000, offset: int = 0,
-                           user: User = Depends(role("radiologist"))) -> Response:
-        limit, offset = max(1, min(limit, 5000)), max(0, offset)
-        rows = store.instances(CLINICAL, order=f"id LIMIT {limit} OFFSET {offset}")
-        return _qido([_instance_json(r) for r in rows])
-
-    def _wado(rows: list[Instance], user: User, target: str) -> Response:
-        if not rows:
-            raise HTTPException(404, "no such study or instance")
-        if bulk.add(user.name, len(rows)):
-            audit("alarm.bulk_read", user.name, {"limit_per_10_min": bulk.limit,
-                                                 "last": target}, "radguard-gateway")
-        boundary = "radguard-" + secrets.token_hex(12)
-        buf = io.BytesIO()
-        for r in rows:
-            buf.write(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode())
-            buf.write(store.file(r).read_bytes())
-            buf.write(b"\r\n")
-        buf.write(f"--{boundary}--\r\n".encode())
-        return Response(buf.getvalue(), media_type=f'multipart/related; '
-                        f'type="application/dicom"; boundary={boundary}')
-
-    @app.get("/dicom-web/studies/{study}")
-    def wado_study(study: str, user: User = Depends(role("radiologist"))) -> Response:
-        return _wado(store.instances(f"{CLINICAL} AND study_uid=?", (_uid(study),)), user,
-                     study)
-
-    @app.get("/dicom-web/studies/{study}/series/{series}/instances/{sop}")
-    def wado_instance(study: str, series: str, sop: str,
-                      user: User = Depends(role("radiologist"))) -> Response:
-        rows = store.instances(f"{CLINICAL} AND study_uid=? AND series_uid=? AND sop_uid=?",
-                               (_uid(study), _uid(series), _uid(sop)))
-        return _wado(rows[-1:], user, sop)
-
-    # -- UI -----------------------------------------------------------------------------------
-    @app.get("/", response_class=HTMLResponse)
-    def worklist(user: User = Depends(role("radiologist"))) -> str:
-        return _page("Worklist", _worklist_html(store, gateway), user)
-
-    @app.get("/studies/{study}", response_class=HTMLResponse)
-    def study_view(study: str, user: User = Depends(role("radiologist"))) -> str:
-        rows = store.instances("study_uid=?", (_uid(study),))
-        if not rows:
-            raise HTTPException(404, "no such study")
-        return _page(f"Study {rows[0].patient_name}", _study_html(rows), user)
-
-    @app.get("/instances/{instance_id}/image.png")
-    def image(instance_id: int, heat: bool = False,
-              user: User = Depends(role("radiologist"))) -> Response:
-        row = store.get(instance_id)
-        if row is None:
-            raise HTTPException(404, "no such instance")
-        try:
-            png = _render(store.file(row), heat)
-        except RadguardError as exc:
-            raise HTTPException(422, str(exc)) from exc
-        audit("image.view", row.sop_uid, {"heat": heat}, user.name)
-        return Response(png, media_type="image/png")
-
-    @app.get("/quarantine", response_class=HTMLResponse)
-    def quarantine(user: User = Depends(role("radiologist"))) -> str:
-        rows = store.instances("state IN ('quarantined','rejected')", order="id DESC")
-        return _page("Quarantine", _quarantine_html(rows, user), user)
-
-    @app.post("/quarantine/{instance_id}/{action}")
-    async def decide(instance_id: int, action: str, request: Request,
-                     user: User = Depends(role())) -> Response:
-        if action not in ("release", "reject"):
-            raise HTTPException(404, "unknown action")
-        form = await _form(request)
-        note = form.get("note", "").strip()[:500]
-        if not note:
-            raise HTTPException(400, "say why (a note is required)")
-        try:
-            row = store.decide(instance_id, "done" if action == "release" else "rejected",
-                               user.name, note)
-        except RadguardError as exc:
-            raise HTTPException(409, str(exc)) from exc
-        audit(f"quarantine.{action}", row.sop_uid, {"note": note}, user.name)
-        if action == "release":
-            try:
-                forwarded = gateway.pipeline.forward(row)
-                if forwarded:
-                    store.set_forwarded(row.id, forwarded)
-            except RadguardError as exc:
-                audit("forward.failed", row.sop_uid, {"error": str(exc)[:200]}, user.name)
-        return RedirectResponse("/quarantine", status_code=303)
-
-    @app.get("/audit", response_class=HTMLResponse)
-    def audit_view(user: User = Depends(role("auditor"))) -> str:
-        rows = gateway.audit_log.recent(200)[::-1]
-        body = "".join(f"<tr><td>{e.seq}</td><td>{html.escape(e.ts)}</td><td>"
-                       f"{html.escape(e.actor)}</td><td>{html.escape(e.action)}</td><td>"
-                       f"{html.escape(e.target)}</td></tr>" for e in rows)
-        report = gateway.audit_log.verify()
-        state = "intact" if report.intact else "TAMPERED: " + "; ".join(report.problems[:3])
-        return _page("Audit log", f"<p>Chain: {html.escape(state)}</p><table><tr><th>#</th>"
-                     f"<th>time</th><th>who</th><th>action</th><th>target</th></tr>{body}"
-                     "</table>", user)
-
-    return app
+    @app.get("/static/radguard.css")
+    def style() -> Response:
+        return Response((_TEMPLATES / "static" / "radguard.css").read_bytes(),
+                        media_type="text/css", headers={"Cache-Control": "max-age=3600"})
 
 
-def _client(request: Any) -> str:  # noqa: ANN401
-    return request.client.host if request.client else ""
-
+# -- DICOMweb --------------------------------------------------------------------------------------
 
 def _ui(value: str) -> dict[str, Any]:
     return {"vr": "UI", "Value": [value]}
+
+
+def _first_per_sop(rows: list[Instance]) -> list[Instance]:
+    """One row per SOP Instance UID, the first clinical copy (rows come ordered by id): a
+    later copy with the same UID must never shadow the one that was checked first."""
+    seen: set[str] = set()
+    return [r for r in rows if not (r.sop_uid in seen or seen.add(r.sop_uid))]
+
+
+def _add_dicomweb_routes(app: FastAPI, web: _Web) -> None:
+    store = web.store
+
+    @app.post("/dicom-web/studies")
+    async def stow(request: Request, user: User = Depends(web.role("technologist"))) -> Response:
+        folder = Path(await run_in_threadpool(tempfile.mkdtemp, "", "stow-", str(web.spool)))
+        try:
+            parts = await _spool_multipart(request, folder)
+            if not parts:
+                raise HTTPException(400, "no instances in the request")
+            stored, failed = await run_in_threadpool(_store_parts, web, parts, user)
+        finally:
+            await run_in_threadpool(shutil.rmtree, folder, True)
+        await run_in_threadpool(web.audit, "stow", user.name,
+                                {"stored": len(stored), "failed": len(failed)}, user.name)
+        answer: dict[str, Any] = {}
+        if stored:
+            answer["00081199"] = {"vr": "SQ", "Value": [
+                {"00081150": _ui(h["sop_class"]), "00081155": _ui(h["sop_uid"])}
+                for h in stored]}
+        if failed:
+            answer["00081198"] = {"vr": "SQ", "Value": [
+                {"00081197": {"vr": "US", "Value": [code]},
+                 "00081196": {"vr": "LO", "Value": [why]}} for code, why in failed]}
+        code = 200 if not failed else 202 if stored else 409
+        return Response(json.dumps(answer), status_code=code, media_type="application/dicom+json")
+
+    def qido(rows: list[dict[str, Any]]) -> Response:
+        return Response(json.dumps(rows), media_type="application/dicom+json")
+
+    @app.get("/dicom-web/studies")
+    def qido_studies(user: User = Depends(web.role("radiologist"))) -> Response:
+        return qido([_study_json(s) for s in _studies(store)])
+
+    @app.get("/dicom-web/studies/{study}/series")
+    def qido_series(study: str, user: User = Depends(web.role("radiologist"))) -> Response:
+        rows = store.instances(f"{CLINICAL} AND study_uid=?", (_uid(study),))
+        series = {r.series_uid: r for r in rows}
+        return qido([{"0020000D": _ui(r.study_uid), "0020000E": _ui(r.series_uid),
+                      "00080060": {"vr": "CS", "Value": [r.modality]}}
+                     for r in series.values()])
+
+    @app.get("/dicom-web/studies/{study}/series/{series}/instances")
+    def qido_instances(study: str, series: str,
+                       user: User = Depends(web.role("radiologist"))) -> Response:
+        rows = store.instances(f"{CLINICAL} AND study_uid=? AND series_uid=?",
+                               (_uid(study), _uid(series)))
+        return qido([_instance_json(r) for r in _first_per_sop(rows)])
+
+    @app.get("/dicom-web/instances")
+    def qido_all_instances(limit: int = 1000, offset: int = 0,
+                           user: User = Depends(web.role("radiologist"))) -> Response:
+        limit, offset = max(1, min(limit, 5000)), max(0, min(offset, MAX_ROW_ID))
+        rows = store.instances(CLINICAL, order=f"id LIMIT {limit} OFFSET {offset}")
+        return qido([_instance_json(r) for r in rows])
+
+    def wado(rows: list[Instance], user: User, target: str) -> Response:
+        rows = _first_per_sop(rows)
+        if not rows:
+            raise HTTPException(404, "no such study or instance")
+        if web.bulk.add(user.name, len(rows)):
+            web.audit("alarm.bulk_read", user.name, {"limit_per_10_min": web.bulk.limit,
+                                                     "last": target}, "radguard-gateway")
+        boundary = "radguard-" + secrets.token_hex(12)
+        files = [store.file(r) for r in rows]
+        for path in files:  # a missing file is a store failure (503), found before answering
+            if not path.is_file():
+                raise StoreError(f"{path}: instance file missing")
+        return StreamingResponse(_multipart_files(files, boundary), media_type=(
+            f'multipart/related; type="application/dicom"; boundary={boundary}'))
+
+    @app.get("/dicom-web/studies/{study}")
+    def wado_study(study: str, user: User = Depends(web.role("radiologist"))) -> Response:
+        return wado(store.instances(f"{CLINICAL} AND study_uid=?", (_uid(study),)), user, study)
+
+    @app.get("/dicom-web/studies/{study}/series/{series}/instances/{sop}")
+    def wado_instance(study: str, series: str, sop: str,
+                      user: User = Depends(web.role("radiologist"))) -> Response:
+        rows = store.instances(f"{CLINICAL} AND study_uid=? AND series_uid=? AND sop_uid=?",
+                               (_uid(study), _uid(series), _uid(sop)))
+        return wado(rows[:1], user, sop)
+
+
+async def _spool_multipart(request: Request, folder: Path) -> list[Part]:
+    """Parse a STOW-RS body as it arrives, each part into its own file in ``folder``; the
+    parser works on 1 MiB batches in a thread, so the event loop never waits for the disk."""
+    files: list[Any] = []
+
+    def open_part(_headers: dict[str, str]) -> Any:  # noqa: ANN401
+        files.append(open(folder / f"part-{len(files):05d}", "xb"))
+        return files[-1]
+
+    try:
+        parser = MultipartParser(request.headers.get("content-type", ""), open_part)
+        pending = bytearray()
+        async for chunk in request.stream():
+            pending += chunk
+            if len(pending) >= 1 << 20:
+                batch, pending = pending, bytearray()
+                await run_in_threadpool(parser.feed, batch)
+        await run_in_threadpool(parser.feed, pending)
+        return parser.finish()
+    except DicomWebError as exc:
+        raise HTTPException(400, str(exc)) from exc
+    finally:
+        for fh in files:
+            fh.close()
+
+
+def _store_parts(web: _Web, parts: list[Part], user: User
+                 ) -> tuple[list[dict[str, str]], list[tuple[int, str]]]:
+    """Check and store each spooled part: (headers of the stored, (status, why) of the
+    failed) - 0xC000 for what cannot be understood, 0xA700 when the store cannot take it.
+    A stored part's file is moved into the store (same filesystem: a rename)."""
+    stored: list[dict[str, str]] = []
+    failed: list[tuple[int, str]] = []
+    decode = web.gateway.config.validate_compressed_pixels
+    for part in parts:
+        ctype = part.headers.get("content-type", "application/dicom").split(";")[0].strip()
+        if ctype.lower() != "application/dicom":
+            failed.append((0xC000, f"unsupported part type {ctype[:60]}"))
+            continue
+        spooled = Path(part.sink.name)  # parsed and stored from the file, never read whole
+        try:
+            header = header_of(spooled, "STOW part", decode_compressed=decode)
+        except RadguardError as exc:
+            failed.append((0xC000, str(exc)[:200]))
+            continue
+        try:
+            web.store.ingest(spooled, header, source="stow", calling_ae=f"stow:{user.name}")
+        except (StoreError, OSError) as exc:
+            log.error("STOW part %s not stored: %s", header["sop_uid"], exc)
+            failed.append((0xA700, "out of resources: the gateway cannot store it now"))
+            continue
+        except RadguardError as exc:
+            failed.append((0xC000, str(exc)[:200]))
+            continue
+        web.gateway._wake_up(0)
+        stored.append(header)
+    return stored, failed
+
+
+def _multipart_files(files: list[Path], boundary: str) -> Iterator[bytes]:
+    """A WADO-RS answer streamed from the instance files, 1 MiB at a time."""
+    for path in files:
+        yield f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        with path.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                yield chunk
+        yield b"\r\n"
+    yield f"--{boundary}--\r\n".encode()
 
 
 def _studies(store: Any) -> list[dict[str, Any]]:  # noqa: ANN401
@@ -382,42 +636,80 @@ def _instance_json(r: Instance) -> dict[str, Any]:
             "00080060": {"vr": "CS", "Value": [r.modality]}}
 
 
-# -- HTML ------------------------------------------------------------------------------------------
+# -- UI --------------------------------------------------------------------------------------------
 
-_CSS = ("body{font-family:system-ui,sans-serif;margin:0}header{background:#123;color:#fff;"
-        "padding:.6em 1em;display:flex;gap:1.5em;align-items:center}header a{color:#cde}"
-        "main{padding:1em}table{border-collapse:collapse;width:100%}td,th{border-bottom:1px "
-        "solid #ddd;padding:.35em .5em;text-align:left}.badge{padding:.1em .5em;border-radius:"
-        ".6em;font-size:.85em}.signed,.watermarked{background:#cfc}.unsigned{background:#eee}"
-        ".bad{background:#fcc}.suspicious{background:#ffd9a0}form.login{display:grid;gap:.6em;"
-        "max-width:20em}img.view{max-width:48%;margin-right:1%}")
+def _add_ui_routes(app: FastAPI, web: _Web) -> None:
+    store = web.store
+
+    @app.get("/", response_class=HTMLResponse)
+    def worklist(request: Request, user: User = Depends(web.role("radiologist"))) -> Response:
+        alarms = web.gateway.audit_log.recent(5, ("monitoring.alarm", "alarm.bulk_read"))
+        return web.page("worklist.html", request, user, "Worklist", rows=_worklist_rows(store),
+                        counts=store.counts(), alarms=alarms)
+
+    @app.get("/studies/{study}", response_class=HTMLResponse)
+    def study_view(study: str, request: Request,
+                   user: User = Depends(web.role("radiologist"))) -> Response:
+        rows = store.instances("study_uid=?", (_uid(study),))
+        if not rows:
+            raise HTTPException(404, "no such study")
+        return web.page("study.html", request, user, f"Study {rows[0].patient_name}", rows=rows)
+
+    @app.get("/instances/{instance_id}/image.png")
+    def image(instance_id: int, heat: bool = False,
+              user: User = Depends(web.role("radiologist"))) -> Response:
+        row = store.get(_row_id(instance_id))
+        if row is None:
+            raise HTTPException(404, "no such instance")
+        try:
+            png = _render(store.file(row), heat)
+        except RadguardError as exc:
+            raise HTTPException(422, str(exc)) from exc
+        web.audit("image.view", row.sop_uid, {"heat": heat}, user.name)
+        return Response(png, media_type="image/png")
+
+    @app.get("/quarantine", response_class=HTMLResponse)
+    def quarantine(request: Request, user: User = Depends(web.role("radiologist"))) -> Response:
+        rows = store.instances("state IN ('quarantined','rejected')", order="id DESC")
+        return web.page("quarantine.html", request, user, "Quarantine", rows=rows,
+                        may_decide=user.role == "admin")
+
+    @app.post("/quarantine/{instance_id}/{action}")
+    async def decide(instance_id: int, action: str, request: Request,
+                     user: User = Depends(web.role())) -> Response:
+        if action not in ("release", "reject"):
+            raise HTTPException(404, "unknown action")
+        note = (await web.form(request)).get("note", "").strip()[:500]
+        if not note:
+            raise HTTPException(400, "say why (a note is required)")
+        await run_in_threadpool(_decide, web, _row_id(instance_id), action, note, user)
+        return RedirectResponse("/quarantine", status_code=303)
+
+    @app.get("/audit", response_class=HTMLResponse)
+    def audit_view(request: Request, user: User = Depends(web.role("auditor"))) -> Response:
+        report = web.gateway.audit_log.verify()
+        chain = "intact" if report.intact else "TAMPERED: " + "; ".join(report.problems[:3])
+        return web.page("audit.html", request, user, "Audit log", chain=chain,
+                        entries=web.gateway.audit_log.recent(200)[::-1])
 
 
-def _page(title: str, body: str, user: User | None = None) -> str:
-    nav = ""
-    if user is not None:
-        nav = ("<a href='/'>Worklist</a><a href='/quarantine'>Quarantine</a>"
-               "<a href='/audit'>Audit log</a>"
-               f"<span>{html.escape(user.name)} ({html.escape(user.role)})</span>"
-               "<form method='post' action='/logout'><button>Sign out</button></form>")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)} - "
-            f"radguard</title><style>{_CSS}</style></head><body><header><b>radguard</b>{nav}"
-            f"</header><main><h1>{html.escape(title)}</h1>{body}</main></body></html>")
-
-
-_BAD_TRUST = ("signature invalid", "signature untrusted", "watermark changed", "unknown")
-
-
-def _badge(trust: str | None, verdict: str | None) -> str:
-    trust = trust or "pending"
-    css = "bad" if trust in _BAD_TRUST else trust if trust in ("signed", "watermarked") \
-        else "unsigned"
-    extra = ""
-    if verdict and verdict not in ("authentic",):
-        extra = f" <span class='badge {'suspicious' if verdict == 'suspicious' else 'bad'}'>" \
-                f"{html.escape(verdict)}</span>"
-    return f"<span class='badge {css}' data-trust='{html.escape(trust)}'>" \
-           f"{html.escape(trust)}</span>{extra}"
+def _decide(web: _Web, instance_id: int, action: str, note: str, user: User) -> None:
+    """An admin's release or rejection, recorded with who and why; a release is forwarded."""
+    try:
+        row = web.store.decide(instance_id, "done" if action == "release" else "rejected",
+                               user.name, note)
+    except StoreError as exc:
+        if web.store.get(instance_id) is None:
+            raise HTTPException(404, "no such instance") from exc
+        raise HTTPException(409, str(exc)) from exc
+    web.audit(f"quarantine.{action}", row.sop_uid, {"note": note}, user.name)
+    if action == "release":
+        try:
+            forwarded = web.gateway.pipeline.forward(row)
+            if forwarded:
+                web.store.set_forwarded(row.id, forwarded)
+        except RadguardError as exc:
+            web.audit("forward.failed", row.sop_uid, {"error": str(exc)[:200]}, user.name)
 
 
 def _worklist_rows(store: Any) -> list[dict[str, Any]]:  # noqa: ANN401
@@ -441,71 +733,9 @@ def _worklist_rows(store: Any) -> list[dict[str, Any]]:  # noqa: ANN401
     return [{"study": s, **info[s.uid]} for s in ordered]
 
 
-def _worklist_html(store: Any, gateway: Any) -> str:  # noqa: ANN401
-    rows = []
-    for n, item in enumerate(_worklist_rows(store), 1):
-        s, first, worst = item["study"], item["rows"][0], item["worst"]
-        ai = (f"{s.suspicion}/10 ({s.probability:.2f})" if item["scored"]
-              else "<span class='unsigned badge'>not scored</span>")
-        rows.append(f"<tr class='study' data-study='{s.uid}' data-rank='{n}'><td>{n}</td>"
-                    f"<td><a href='/studies/{s.uid}'>{html.escape(first.patient_name)}</a></td>"
-                    f"<td>{html.escape(first.modality)}</td><td>{len(item['rows'])}</td>"
-                    f"<td>{_badge(worst.trust, worst.verdict)}</td><td>{ai}</td>"
-                    f"<td>{html.escape(first.received_at[:19])}</td></tr>")
-    counts = store.counts()
-    alarms = gateway.audit_log.recent(5, ("monitoring.alarm", "alarm.bulk_read"))
-    alarm_html = "".join(f"<li class='alarm'>{html.escape(e.ts[:19])} {html.escape(e.action)}"
-                         f" {html.escape(e.target)}</li>" for e in alarms)
-    return (f"<p>{counts.get('done', 0)} instances cleared, {counts.get('quarantined', 0)} in "
-            f"<a href='/quarantine'>quarantine</a>, {counts.get('rejected', 0)} rejected, "
-            f"{counts.get('queued', 0) + counts.get('processing', 0)} being checked.</p>"
-            + (f"<h2>Alarms</h2><ul>{alarm_html}</ul>" if alarm_html else "")
-            + "<table id='worklist'><tr><th>#</th><th>patient</th><th>modality</th>"
-            "<th>images</th><th>trust</th><th>AI suspicion</th><th>received</th></tr>"
-            + "".join(rows) + "</table>")
-
-
-def _study_html(rows: list[Instance]) -> str:
-    parts = []
-    for r in rows:
-        d = r.detail
-        scan = d.get("scan", {})
-        reasons = "".join(f"<li>{html.escape(str(x))}</li>" for x in d.get("reasons", []))
-        parts.append(
-            f"<section class='instance' data-sop='{r.sop_uid}'><h2>{html.escape(r.modality)} "
-            f"{_badge(r.trust, r.verdict)} <small>{html.escape(r.state)}</small></h2>"
-            f"<figure><img class='view' alt='image' src='/instances/{r.id}/image.png'>"
-            f"<img class='view' alt='heat map' src='/instances/{r.id}/image.png?heat=true'>"
-            "<figcaption>left: the image as windowed for display; right: where the "
-            "synthetic-image detector found its evidence (red)</figcaption></figure>"
-            f"<table><tr><th>signature</th><td>{html.escape(str(scan.get('signature')))}</td>"
-            f"</tr><tr><th>watermark</th><td>{html.escape(str(scan.get('watermark')))}</td></tr>"
-            f"<tr><th>forensics</th><td>{html.escape(str(r.verdict))}, synthetic score "
-            f"{html.escape(str(scan.get('synthetic_score')))}</td></tr><tr><th>AI</th><td>"
-            f"{html.escape(json.dumps(d.get('triage')))}</td></tr></table>"
-            f"<ul>{reasons}</ul></section>")
-    return "".join(parts)
-
-
-def _quarantine_html(rows: list[Instance], user: User) -> str:
-    out = []
-    for r in rows:
-        reasons = "; ".join(r.detail.get("reasons", [])[:2])
-        action = ""
-        if r.state == "quarantined" and user.role == "admin":
-            action = "".join(
-                f"<form method='post' action='/quarantine/{r.id}/{a}'><input name='note' "
-                f"placeholder='why' required><button>{a}</button></form>"
-                for a in ("release", "reject"))
-        decided = f"{html.escape(r.decided_by or '')} {html.escape(r.decision_note or '')}"
-        out.append(f"<tr data-id='{r.id}'><td>{html.escape(r.patient_name)}</td><td>"
-                   f"{html.escape(r.state)}</td><td>{_badge(r.trust, r.verdict)}</td><td>"
-                   f"{html.escape(reasons)}</td><td>{decided}</td><td>{action}</td></tr>")
-    return ("<table id='quarantine'><tr><th>patient</th><th>state</th><th>trust</th>"
-            "<th>why</th><th>decided</th><th></th></tr>" + "".join(out) + "</table>")
-
-
 def _render(path: Any, heat: bool) -> bytes:  # noqa: ANN401
+    import io
+
     from PIL import Image
 
     from radguard.dicom.io import read_dataset
@@ -514,11 +744,11 @@ def _render(path: Any, heat: bool) -> bytes:  # noqa: ANN401
     ds = read_dataset(path)
     grey = display_frame(ds)
     if heat:
+        import numpy as np
+
         from radguard.forensics.synthetic import load_detector
 
         result = load_detector().analyse(grey)
-        import numpy as np
-
         heatmap = np.asarray(Image.fromarray(result.heatmap.astype(np.float32), mode="F")
                              .resize((grey.shape[1], grey.shape[0])))
         picture = Image.fromarray(blend_heat(grey, heatmap))
@@ -528,3 +758,4 @@ def _render(path: Any, heat: bool) -> bytes:  # noqa: ANN401
     buf = io.BytesIO()
     picture.save(buf, format="PNG")
     return buf.getvalue()
+

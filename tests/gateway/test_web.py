@@ -131,7 +131,7 @@ def test_stow_qido_wado_and_the_worklist(gateway, tmp_path):
                                   gateway.tokens["rad"])
     assert status == 200 and len(split_multipart(data, headers["content-type"])) == 1
     status, page, _ = _call(gateway, "GET", "/", gateway.tokens["rad"])
-    assert status == 200 and b"id='worklist'" in page and refs[0].study.encode() in page
+    assert status == 200 and b'id="worklist"' in page and refs[0].study.encode() in page
     status, png, _ = _call(gateway, "GET", "/instances/1/image.png", gateway.tokens["rad"])
     assert status == 200 and png[:4] == b"\x89PNG"
     status, page, _ = _call(gateway, "GET", "/quarantine", gateway.tokens["boss"])

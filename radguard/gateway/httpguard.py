@@ -1,0 +1,343 @@
+"""Protections of the gateway's HTTP side that do not depend on any one route.
+
+* :class:`GuardMiddleware` (ASGI, outermost): request bodies are limited per route *while
+  they stream in* - a declared ``Content-Length`` over the limit is answered 413 before a
+  byte of the body is read, a chunked body is counted as it arrives, and a body that stalls
+  or trickles times out - so an unauthenticated client cannot make the server hold gigabytes.
+  A response that leaves part of a body unread carries ``Connection: close``, so the upload
+  ends with the answer instead of being read and discarded. Every response gets the browser
+  hardening headers (a strict Content-Security-Policy: no script at all, styles and images
+  from the gateway only; no framing; no MIME sniffing; no referrer to other sites).
+* :class:`LoginGuard`: failed logins per user name and per client address; after
+  ``max_failures`` each further failure doubles the wait (up to a maximum), and while a name
+  or address waits every attempt is refused with 429 *before* any password is checked, so
+  the right password does not get through either and a flood costs no scrypt work.
+* :class:`Throttle`: at most one audit entry per key a minute (plus a global budget), with
+  the number of events folded into the next entry - a flood of failed logins must not become
+  a flood of fsyncs in the audit log (the pattern of ``DicomServer._refuse``).
+* :func:`guarded_protocol`: uvicorn's h11 protocol with a deadline for each request's headers
+  (uvicorn has none: a connection that sends nothing, or a byte now and then, was held
+  forever, and 64 of them took every slot) and a cap on connections per client address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+__all__ = ["SECURITY_HEADERS", "BodyTimeout", "BodyTooLarge", "GuardMiddleware", "LockReason",
+           "Lockout", "LoginGuard", "Throttle", "guarded_protocol", "retry_after"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+CSP = ("default-src 'none'; img-src 'self'; style-src 'self'; form-action 'self'; "
+       "frame-ancestors 'none'; base-uri 'none'")
+SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+    (b"content-security-policy", CSP.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"same-origin"),
+    (b"cross-origin-opener-policy", b"same-origin"),
+)
+BODY_IDLE_SECONDS = 60.0  # no byte of a large body for this long: 408 (as DICOM's default)
+
+
+class BodyTooLarge(Exception):
+    """The request body passed its route's limit while it was being read."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body larger than {limit} bytes")
+        self.limit = limit
+
+
+class BodyTimeout(Exception):
+    """The request body stalled (or trickled in too slowly)."""
+
+
+class GuardMiddleware:
+    """Body limits and security headers for every request; ``limit_for(method, path)`` gives
+    the largest body a route accepts. Bodies of routes that accept at most ``small_limit``
+    bytes (forms, logins) must arrive whole within ``small_seconds``; larger ones may pause
+    for ``BODY_IDLE_SECONDS`` at most."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]],
+                 limit_for: Callable[[str, str], int], small_limit: int,
+                 small_seconds: float) -> None:
+        self.app = app
+        self.limit_for = limit_for
+        self.small_limit, self.small_seconds = small_limit, small_seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_for(scope["method"], scope["path"])
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length", b"").strip()
+        chunked = b"transfer-encoding" in headers
+        if declared and (not declared.isdigit() or int(declared) > limit):
+            await _answer(send, 413, f"request body larger than {limit} bytes")
+            return
+        state = _BodyState(done=not chunked and int(declared or 0) == 0)
+        deadline = time.monotonic() + self.small_seconds if limit <= self.small_limit else None
+
+        async def guarded_receive() -> Message:
+            if state.done:
+                return await receive()
+            timeout = BODY_IDLE_SECONDS
+            if deadline is not None:
+                timeout = min(timeout, deadline - time.monotonic())
+            try:
+                message = await asyncio.wait_for(receive(), max(timeout, 0.001))
+            except TimeoutError as exc:
+                raise BodyTimeout("the request body stalled") from exc
+            if message["type"] == "http.request":
+                state.received += len(message.get("body", b""))
+                if state.received > limit:
+                    raise BodyTooLarge(limit)
+                state.done = not message.get("more_body", False)
+            else:
+                state.done = True  # the client went away
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                extra = [h for h in SECURITY_HEADERS
+                         if h[0] not in {k.lower() for k, _ in message.get("headers", [])}]
+                if not state.done:  # do not read (and discard) the rest of the upload
+                    extra.append((b"connection", b"close"))
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        await self.app(scope, guarded_receive, guarded_send)
+
+
+@dataclass
+class _BodyState:
+    done: bool
+    received: int = 0
+
+
+async def _answer(send: Send, status: int, error: str) -> None:
+    body = json.dumps({"error": error}).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"), *SECURITY_HEADERS]})
+    await send({"type": "http.response.body", "body": body})
+
+
+# -- logins ------------------------------------------------------------------------------------
+
+class LockReason(Enum):
+    """What a login wait is counted against."""
+
+    USER = "user"
+    CLIENT = "client"
+
+
+@dataclass
+class _Strikes:
+    failures: int = 0
+    locked_until: float = 0.0
+    last: float = 0.0
+
+
+@dataclass(frozen=True)
+class Lockout:
+    """A wait that has just begun."""
+
+    reason: LockReason
+    who: str
+    failures: int
+    seconds: float
+
+
+class LoginGuard:
+    """Failed-login counters with exponential backoff, per user name and per client address.
+
+    Kept in memory (a restart forgets them; gateways sharing a PostgreSQL store count
+    separately) and bounded: at most ``capacity`` names and addresses, the least recently
+    failed forgotten first; a name or address with no failure for an hour starts afresh."""
+
+    FORGET_SECONDS = 3600.0
+
+    def __init__(self, max_failures: int, max_failures_per_client: int, backoff: float,
+                 backoff_max: float, *, capacity: int = 10_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.limits = {LockReason.USER: max_failures, LockReason.CLIENT: max_failures_per_client}
+        self.backoff, self.backoff_max = backoff, backoff_max
+        self.capacity = capacity
+        self.clock = clock
+        self._table: OrderedDict[tuple[LockReason, str], _Strikes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _keys(self, name: str, client: str) -> list[tuple[LockReason, str]]:
+        return [(LockReason.USER, name[:64]), (LockReason.CLIENT, client)]
+
+    def wait(self, name: str, client: str) -> tuple[float, LockReason | None]:
+        """Seconds until this name from this address may try again (0: now) and why."""
+        now = self.clock()
+        with self._lock:
+            waits = [(s.locked_until - now, key[0]) for key in self._keys(name, client)
+                     if (s := self._table.get(key)) is not None and s.locked_until > now]
+        return max(waits, key=lambda w: w[0]) if waits else (0.0, None)
+
+    def failed(self, name: str, client: str) -> list[Lockout]:
+        """Count a wrong password; returns the waits this failure starts."""
+        now = self.clock()
+        started = []
+        with self._lock:
+            for key in self._keys(name, client):
+                strikes = self._table.pop(key, None) or _Strikes()
+                if now - strikes.last > self.FORGET_SECONDS:
+                    strikes = _Strikes()
+                strikes.failures += 1
+                strikes.last = now
+                over = strikes.failures - self.limits[key[0]]
+                if over >= 0:
+                    seconds = min(self.backoff * 2.0 ** min(over, 60), self.backoff_max)
+                    strikes.locked_until = now + seconds
+                    started.append(Lockout(key[0], key[1], strikes.failures, seconds))
+                self._table[key] = strikes  # most recent last
+            while len(self._table) > self.capacity:
+                self._table.popitem(last=False)
+        return started
+
+    def succeeded(self, name: str, client: str) -> None:
+        """A right password (outside any wait): the counters start afresh."""
+        with self._lock:
+            for key in self._keys(name, client):
+                self._table.pop(key, None)
+
+
+def retry_after(seconds: float) -> str:
+    """A ``Retry-After`` value: whole seconds, at least 1."""
+    return str(max(1, math.ceil(seconds)))
+
+
+class Throttle:
+    """Decides which of many similar events get their own audit entry: the first per key,
+    then one a ``per_key_seconds``, and never more than ``global_per_minute`` in a minute;
+    ``allow`` returns how many events of that key were held back since its last entry."""
+
+    def __init__(self, per_key_seconds: float = 60.0, global_per_minute: int = 60, *,
+                 capacity: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_key_seconds, self.global_per_minute = per_key_seconds, global_per_minute
+        self.capacity = capacity
+        self.clock = clock
+        self._last: OrderedDict[str, float] = OrderedDict()
+        self._held: dict[str, int] = {}
+        self._minute, self._written = 0.0, 0
+        self._lock = threading.Lock()
+
+    def allow(self, key: str) -> tuple[bool, int]:
+        """(write an entry now?, events of this key held back before this one)."""
+        now = self.clock()
+        with self._lock:
+            if now - self._minute >= 60:
+                self._minute, self._written = now, 0
+            last = self._last.get(key)
+            if (last is not None and now - last < self.per_key_seconds) or \
+                    self._written >= self.global_per_minute:
+                self._held[key] = self._held.get(key, 0) + 1
+                return False, 0
+            self._written += 1
+            self._last.pop(key, None)
+            self._last[key] = now
+            while len(self._last) > self.capacity:
+                old, _ = self._last.popitem(last=False)
+                self._held.pop(old, None)
+            return True, self._held.pop(key, 0)
+
+
+# -- connections -------------------------------------------------------------------------------
+
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 37"
+         b"\r\nconnection: close\r\n\r\ntoo many connections from this address")
+
+
+def guarded_protocol(header_seconds: float, max_per_client: int,
+                     exempt: list[str] | None = None) -> type:
+    """A uvicorn HTTP protocol class (``uvicorn.Config(http=...)``): a connection must
+    deliver each request's headers within ``header_seconds`` of opening or of the previous
+    answer, else it is closed; a client address may hold ``max_per_client`` connections
+    (``exempt``: addresses or networks of trusted reverse proxies, which carry everyone's
+    connections)."""
+    import ipaddress
+
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    proxies = [ipaddress.ip_network(n, strict=False) for n in exempt or []]
+    open_per_client: dict[str, int] = {}
+
+    def limited(client: str) -> bool:
+        try:
+            address = ipaddress.ip_address(client)
+        except ValueError:
+            return True  # a Unix socket or an unknown peer: counted under its name
+        return not any(address in network for network in proxies)
+
+    class GuardedH11Protocol(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+        _counted: str | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            client = self.client[0] if self.client else ""
+            if limited(client):
+                if open_per_client.get(client, 0) >= max_per_client:
+                    transport.write(_BUSY)
+                    transport.close()
+                    return
+                open_per_client[client] = open_per_client.get(client, 0) + 1
+                self._counted = client
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            if self._counted is not None:
+                left = open_per_client.get(self._counted, 1) - 1
+                if left > 0:
+                    open_per_client[self._counted] = left
+                else:
+                    open_per_client.pop(self._counted, None)
+                self._counted = None
+            super().connection_lost(exc)
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.cycle is not None and not self.cycle.response_complete:
+                self._disarm()  # the headers are in: the body has its own limits
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and (
+                    self.cycle is None or self.cycle.response_complete):
+                self._arm()  # waiting for the next request's headers
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._deadline = self.loop.call_later(header_seconds, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _too_slow(self) -> None:
+            self._deadline = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    return GuardedH11Protocol
