@@ -26,7 +26,7 @@ Example ``radguard.toml``::
                                       # interpreter lock with receiving; "auto": one per core
                                       # (at most 4), none on a single core; 0: in-process
     # HTTP side (web UI, DICOMweb, logins)
-    stow_max_bytes = 536870912        # largest STOW-RS request (512 MiB); bigger: 413. The
+    stow_max_mb = 512                 # largest STOW-RS request (MiB); bigger: 413. The
                                       # body is spooled to data_dir, never held in memory
     login_max_failures = 5            # wrong passwords for one user name, then a wait...
     login_max_failures_per_client = 20  # ...or from one client address (NATs share one)
@@ -103,6 +103,7 @@ from typing import TYPE_CHECKING, Any
 from radguard.errors import RadguardError
 
 if TYPE_CHECKING:
+    from radguard.dicom.limits import DecodeLimits
     from radguard.provenance.policy import AlgorithmPolicy
 
 __all__ = ["ConfigError", "DimseTarget", "GatewayConfig", "load_config"]
@@ -174,7 +175,7 @@ class GatewayConfig:
     oidc_username_claim: str = "preferred_username"
     oidc_roles: dict[str, str] = field(default_factory=dict)
     # -- HTTP side: request bodies, logins, proxies (gateway/web.py, gateway/httpguard.py) --
-    stow_max_bytes: int = 512 << 20  # one STOW-RS request; spooled to disk, never held whole
+    stow_max_mb: int = 512  # one STOW-RS request, MiB; spooled to disk, never held whole
     login_max_failures: int = 5  # wrong passwords for one user name before it must wait
     login_max_failures_per_client: int = 20  # ...and from one address (a NAT shares one)
     login_backoff_seconds: float = 1.0  # the first wait; doubles with each further failure
@@ -207,7 +208,7 @@ class GatewayConfig:
     max_compression_ratio: int = 1000  # decoded / compressed bytes (above 64 MiB); 0: off
     decode_budget_mb: int = 1024  # MiB of inflates and decodes at once, per process
 
-    def decode_limits(self) -> Any:  # noqa: ANN401 - DecodeLimits (no import at load time)
+    def decode_limits(self) -> DecodeLimits:
         """The ingest block as :class:`radguard.dicom.limits.DecodeLimits`."""
         from radguard.dicom.limits import DecodeLimits
 
@@ -226,15 +227,6 @@ class GatewayConfig:
             if isinstance(value, bool) or not isinstance(value, int) or not \
                     low <= value <= 1 << 40:
                 raise ConfigError(f"{name} {value!r}: a whole number from {low} to {1 << 40}")
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """Unpickling happens in a check process, which receives the configuration when it
-        is spawned: the decode limits are put in force there too, so the checks refuse the
-        same oversized images as the door, before decoding them."""
-        self.__dict__.update(state)
-        from radguard.dicom.limits import set_decode_limits
-
-        set_decode_limits(self.decode_limits())
 
     def oidc(self) -> Any:  # noqa: ANN401
         """The OpenID Connect settings, or None when [oidc] is not configured."""
@@ -343,7 +335,7 @@ class GatewayConfig:
                 raise ConfigError(f"{name} {value!r}: {what} from {low} to {high}")
             return float(value)
 
-        number("stow_max_bytes", 1 << 20, 1 << 40)
+        number("stow_max_mb", 1, 1 << 20)
         number("login_max_failures", 1, 1000)
         number("login_max_failures_per_client", 1, 100_000)
         first = number("login_backoff_seconds", 0.01, 86400, whole=False)

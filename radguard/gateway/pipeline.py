@@ -358,6 +358,10 @@ def _serve_checks(conn: Any, config: GatewayConfig, parent: int) -> None:  # noq
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True,
                      name="radguard-parent-watch").start()
     torch.set_num_threads(1)  # one core per check process; parallelism comes from processes
+    from radguard.dicom.limits import set_decode_limits
+
+    # the checks refuse the same oversized images as the door, before decoding them
+    set_decode_limits(config.decode_limits())
     try:
         checker = Pipeline(config, None, checks_only=True)
     except Exception as exc:  # noqa: BLE001 - reported to the gateway, which refuses to start

@@ -17,7 +17,7 @@ hit goes back to the queue. Nothing acknowledged is lost and nothing needs a res
 A conflicting copy of a SOP Instance UID already held (different bytes, see
 :class:`~radguard.gateway.store.Store`) is checked like any instance but always ends in
 quarantine with the reason, never forwarded, so an admin decides; the first copy stays the
-one served.
+one served unless the admin releases the new copy, which then replaces it.
 """
 
 from __future__ import annotations
@@ -303,7 +303,7 @@ def _conflict(routing: Routing, instance: Instance, first: Instance | None) -> N
               else f"first copy's row {instance.duplicate_of}")
     routing.reasons.insert(0, f"conflicting duplicate of SOP Instance UID {instance.sop_uid}: "
                               f"different content than the copy {origin}; the first copy is "
-                              "kept and served, an admin decides about this one")
+                              "kept and served; releasing this one replaces it")
     routing.details["duplicate_of"] = instance.duplicate_of
     if routing.state == "done":
         routing.state = "quarantined"

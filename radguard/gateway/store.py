@@ -462,8 +462,8 @@ class Store:
 
     def served(self, sop_uid: str) -> Instance | None:
         """The copy of a SOP Instance UID that DICOMweb and the viewer serve: the first
-        one that passed the checks (or was released). A conflicting later copy, even
-        released, never shadows it."""
+        one that passed the checks (or was released). A conflicting later copy never
+        shadows it; only an admin's release of that copy replaces it (:meth:`decide`)."""
         rows = self.instances("sop_uid=? AND state='done'", (sop_uid,), order="id")
         return rows[0] if rows else None
 
@@ -521,13 +521,26 @@ class Store:
             self.execute("UPDATE instances SET forwarded=? WHERE id=?", (forwarded, instance_id))
 
     def decide(self, instance_id: int, state: str, who: str, note: str) -> Instance:
-        """A person's release (``done``) or rejection of a quarantined instance."""
+        """A person's release (``done``) or rejection of a quarantined instance.
+
+        Releasing a conflicting duplicate (``duplicate_of`` set) accepts it as the
+        replacement of the copy served so far: the other clinical copies of that SOP Instance
+        UID are rejected in the same transaction ("superseded"), so exactly one copy is
+        served and the one forwarded on release is the one the admin chose."""
         if state not in ("done", "rejected"):
             raise StoreError("a quarantine decision is release or reject")
         with self.transaction():
             changed = self.execute(
                 "UPDATE instances SET state=?, decided_by=?, decision_note=? "
                 "WHERE id=? AND state='quarantined'", (state, who, note, instance_id)).rowcount
+            row = self.execute("SELECT sop_uid, duplicate_of FROM instances WHERE id=?",
+                               (instance_id,)).fetchone()
+            if changed and state == "done" and row is not None and row[1] is not None:
+                self.execute(
+                    "UPDATE instances SET state='rejected', decided_by=?, decision_note=? "
+                    "WHERE sop_uid=? AND id<>? AND state='done'",
+                    (who, f"superseded by row {instance_id}, released by {who}: {note}"[:500],
+                     row[0], instance_id))
         if not changed:
             raise StoreError(f"instance {instance_id} is not in quarantine")
         found = self.get(instance_id)

@@ -22,7 +22,7 @@ Hardening (issue 21), with the pieces in :mod:`radguard.gateway.httpguard`:
   header ``X-CSRF-Token``); bearer-token calls (scripts, DICOMweb clients) send no cookie and
   are not subject to it.
 * Bodies are limited before they are read (forms and logins 8 KiB, STOW-RS
-  ``stow_max_bytes``); a STOW-RS body is parsed as it arrives and each part spooled to a file
+  ``stow_max_mb``); a STOW-RS body is parsed as it arrives and each part spooled to a file
   in the data folder, never held whole in memory.
 * Logins back off per user name and per client address (429 + Retry-After), and at most
   ``PASSWORD_CHECKS`` scrypt checks run at once, so a login flood can neither guess on nor
@@ -93,7 +93,8 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 CLINICAL = "state='done'"
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _TEMPLATES = Path(__file__).parent / "templates"
-_BAD_TRUST = ("signature invalid", "signature untrusted", "watermark changed", "unknown")
+_BAD_TRUST = ("signature invalid", "signature untrusted", "signature weak", "watermark changed",
+              "unknown")
 
 
 def _uid(value: str) -> str:
@@ -349,7 +350,7 @@ def create_app(gateway: Any, *, bulk_read_limit: int = 500) -> FastAPI:  # noqa:
     _add_login_routes(app, web)
     _add_dicomweb_routes(app, web)
     _add_ui_routes(app, web)
-    stow_max = int(gateway.config.stow_max_bytes)
+    stow_max = int(gateway.config.stow_max_mb) << 20
 
     def body_limit(method: str, path: str) -> int:
         return stow_max if method == "POST" and path.rstrip("/") == "/dicom-web/studies" \

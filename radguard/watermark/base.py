@@ -7,12 +7,13 @@ import hashlib
 import hmac
 import math
 import struct
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from radguard.errors import RadguardError
-from radguard.watermark.bits import bits_to_bytes
+from radguard.watermark.bits import bits_to_bytes, bytes_to_bits
 from radguard.watermark.fragile import TagLayout
 from radguard.watermark.keys import WatermarkKey
 
@@ -75,6 +76,21 @@ class Identity:
         acquired = take().decode("ascii", "replace")
         (frame,) = struct.unpack_from("<I", data, pos)
         return cls(signer, uid, acquired, frame), pos + 4
+
+
+def inflate_location_map(blob: bytes, n_bits: int) -> np.ndarray:
+    """The location map's first ``n_bits`` bits from its zlib stream, inflating no more than
+    they need: the stream is read before any MAC is checked, so an image crafted by whoever
+    holds one marked image must not become a decompression bomb."""
+    need = (n_bits + 7) // 8
+    try:
+        inflater = zlib.decompressobj()
+        data = inflater.decompress(blob, need)
+    except zlib.error as exc:
+        raise WatermarkError("watermark location map is corrupt") from exc
+    if len(data) < need:
+        raise WatermarkError("watermark location map is corrupt (too short)")
+    return bytes_to_bits(data)[:n_bits]
 
 
 def uid_digest(sop_instance_uid: str) -> str:

@@ -28,6 +28,7 @@ from radguard.watermark.base import (
     UnauthenticatedPayload,
     WatermarkError,
     header_probe,
+    inflate_location_map,
     key_check,
     lsbs,
     split,
@@ -168,10 +169,7 @@ def extract(frame: np.ndarray, key: WatermarkKey, lo: int, hi: int,
     head = blob[-HEAD.size:]
     if kc != key_check(key, head[:16]):
         raise WatermarkError("watermark key does not match this image")
-    try:
-        lm_bits = bytes_to_bits(zlib.decompress(blob[:lm_bytes]))[: lm0 + lm1]
-    except zlib.error as exc:
-        raise WatermarkError("watermark location map is corrupt") from exc
+    lm_bits = inflate_location_map(blob[:lm_bytes], lm0 + lm1)
     plans = [rhombus.PassPlan(lm_bits[:lm0].astype(bool)),
              rhombus.PassPlan(lm_bits[lm0 : lm0 + lm1].astype(bool))]
     compact = sp.compact

@@ -41,6 +41,7 @@ from radguard.watermark.base import (
     UnauthenticatedPayload,
     WatermarkError,
     header_probe,
+    inflate_location_map,
     key_check,
     lsbs,
 )
@@ -317,11 +318,8 @@ def extract(frame: np.ndarray, key: WatermarkKey, lo: int, hi: int
     if header.key_check != key_check(key, header.head_start):
         raise WatermarkError("watermark key does not match this image")
     identity, id_bytes = _identity(key, header)
-    try:
-        lm = bytes_to_bits(zlib.decompress(header.lm_blob))
-    except zlib.error as exc:
-        raise WatermarkError("watermark location map is corrupt") from exc
     lm0, lm1 = header.lm_bits
+    lm = inflate_location_map(header.lm_blob, lm0 + lm1)
     plans = [rhombus.PassPlan(lm[:lm0].astype(bool)),
              rhombus.PassPlan(lm[lm0 : lm0 + lm1].astype(bool))]
     geo = header.geo

@@ -471,9 +471,14 @@ def test_store_keeps_the_first_copy_of_a_sop_instance_uid(store, tmp_path):
                          calling_ae="ATTACKER")
     rows = store.instances("sop_uid=?", ("1.2.3.4.5",))
     assert [(r.id, r.duplicate_of) for r in rows] == [(first, None), (other, first)]
-    for row in rows:
-        store.execute("UPDATE instances SET state='done' WHERE id=?", (row.id,))
-    assert store.served("1.2.3.4.5").id == first  # even a released copy never shadows
+    store.execute("UPDATE instances SET state='done' WHERE id=?", (first,))
+    store.execute("UPDATE instances SET state='quarantined' WHERE id=?", (other,))
+    assert store.served("1.2.3.4.5").id == first  # the conflicting copy shadows nothing
+    # an admin's release accepts the conflicting copy as the replacement: one served copy
+    store.decide(other, "done", "admin", "corrected by the modality")
+    assert store.served("1.2.3.4.5").id == other
+    superseded = store.get(first)
+    assert superseded.state == "rejected" and "superseded by row" in superseded.decision_note
     # concurrent senders of one UID (two gateways on PostgreSQL): exactly one first copy
     stores = [store, Store(tmp_path / "other", store.backend.target)] \
         if store.backend.name == "postgresql" else [store, store]
