@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from radguard.gateway.ratelimit import Throttle
+
 __all__ = ["SECURITY_HEADERS", "BodyTimeout", "BodyTooLarge", "GuardMiddleware", "LockReason",
            "Lockout", "LoginGuard", "Throttle", "guarded_protocol", "retry_after"]
 
@@ -224,41 +226,6 @@ class LoginGuard:
 def retry_after(seconds: float) -> str:
     """A ``Retry-After`` value: whole seconds, at least 1."""
     return str(max(1, math.ceil(seconds)))
-
-
-class Throttle:
-    """Decides which of many similar events get their own audit entry: the first per key,
-    then one a ``per_key_seconds``, and never more than ``global_per_minute`` in a minute;
-    ``allow`` returns how many events of that key were held back since its last entry."""
-
-    def __init__(self, per_key_seconds: float = 60.0, global_per_minute: int = 60, *,
-                 capacity: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
-        self.per_key_seconds, self.global_per_minute = per_key_seconds, global_per_minute
-        self.capacity = capacity
-        self.clock = clock
-        self._last: OrderedDict[str, float] = OrderedDict()
-        self._held: dict[str, int] = {}
-        self._minute, self._written = 0.0, 0
-        self._lock = threading.Lock()
-
-    def allow(self, key: str) -> tuple[bool, int]:
-        """(write an entry now?, events of this key held back before this one)."""
-        now = self.clock()
-        with self._lock:
-            if now - self._minute >= 60:
-                self._minute, self._written = now, 0
-            last = self._last.get(key)
-            if (last is not None and now - last < self.per_key_seconds) or \
-                    self._written >= self.global_per_minute:
-                self._held[key] = self._held.get(key, 0) + 1
-                return False, 0
-            self._written += 1
-            self._last.pop(key, None)
-            self._last[key] = now
-            while len(self._last) > self.capacity:
-                old, _ = self._last.popitem(last=False)
-                self._held.pop(old, None)
-            return True, self._held.pop(key, 0)
 
 
 # -- connections -------------------------------------------------------------------------------

@@ -71,7 +71,7 @@ class Gateway:
                                                actor="radguard-gateway")
         self.pipeline = Pipeline(config, self.store, self.audit_log)
         self.checks: CheckPool | None = None
-        self.dicom = DicomServer(config, self.store, on_stored=self._wake_up,
+        self.dicom = DicomServer(config, self.store, on_stored=self.wake_up,
                                  audit=self._audit)
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -109,7 +109,8 @@ class Gateway:
                         {"failing_since": health.since, "failed_writes": health.failures})
             self._wake.set()
 
-    def _wake_up(self, _row: int) -> None:
+    def wake_up(self, _row: int = 0) -> None:
+        """A new instance is queued (row id): wake an idle worker now, not at its next poll."""
         self._wake.set()
 
     def start(self) -> None:

@@ -595,7 +595,7 @@ def _store_parts(web: _Web, parts: list[Part], user: User
         except RadguardError as exc:
             failed.append((0xC000, str(exc)[:200]))
             continue
-        web.gateway._wake_up(0)
+        web.gateway.wake_up()
         stored.append(header)
     return stored, failed
 
