@@ -33,6 +33,13 @@ from radguard.cli_common import (
 )
 from radguard.errors import KeyMaterialError, RadguardError
 from radguard.provenance.keys import describe_name
+from radguard.provenance.policy import (
+    DEFAULT_POLICY,
+    EC_BITS_RANGE,
+    RSA_BITS_RANGE,
+    AlgorithmPolicy,
+)
+from radguard.provenance.verify import VerificationReport, name_list
 
 
 def _err(message: str) -> None:
@@ -337,26 +344,25 @@ def sign(inputs: tuple[str, ...], out: str, key_path: str, cert_path: str, profi
 # -- verify -------------------------------------------------------------------------------
 
 def _policy_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """--allow-weak / --min-rsa-bits / --min-ec-bits: the signature algorithm policy."""
-    from radguard.provenance.policy import EC_BITS_RANGE, RSA_BITS_RANGE
-
+    """--allow-weak / --min-rsa-bits / --min-ec-bits: the signature algorithm policy, with
+    the defaults of :data:`~radguard.provenance.policy.DEFAULT_POLICY`."""
     options = [
-        click.option("--allow-weak", is_flag=True,
+        click.option("--allow-weak", is_flag=True, default=DEFAULT_POLICY.allow_weak,
                      help="Accept weak signatures (MD5 or SHA-1 MAC, short keys) as valid; "
                           "they are still labelled weak-allowed. Default: status weak."),
-        click.option("--min-rsa-bits", type=click.IntRange(*RSA_BITS_RANGE), default=2048,
-                     show_default=True, help="Shorter RSA signer keys are weak."),
-        click.option("--min-ec-bits", type=click.IntRange(*EC_BITS_RANGE), default=256,
-                     show_default=True, help="Smaller elliptic-curve signer keys are weak."),
+        click.option("--min-rsa-bits", type=click.IntRange(*RSA_BITS_RANGE),
+                     default=DEFAULT_POLICY.min_rsa_bits, show_default=True,
+                     help="Shorter RSA signer keys are weak."),
+        click.option("--min-ec-bits", type=click.IntRange(*EC_BITS_RANGE),
+                     default=DEFAULT_POLICY.min_ec_bits, show_default=True,
+                     help="Smaller elliptic-curve signer keys are weak."),
     ]
     for option in reversed(options):
         func = option(func)
     return func
 
 
-def _policy(allow_weak: bool, min_rsa_bits: int, min_ec_bits: int) -> Any:  # noqa: ANN401
-    from radguard.provenance.policy import AlgorithmPolicy
-
+def _policy(allow_weak: bool, min_rsa_bits: int, min_ec_bits: int) -> AlgorithmPolicy:
     return AlgorithmPolicy(allow_weak=allow_weak, min_rsa_bits=min_rsa_bits,
                            min_ec_bits=min_ec_bits)
 
@@ -376,7 +382,7 @@ def verify(paths: tuple[str, ...], trust_paths: tuple[str, ...], as_json: bool,
     reported but vouches for that item only."""
     from radguard.dicom.io import iter_dicom_paths
     from radguard.provenance.trust import TrustStore
-    from radguard.provenance.verify import VerificationReport, verify_paths
+    from radguard.provenance.verify import verify_paths
 
     trust = TrustStore.from_paths(trust_paths) if trust_paths else None
     policy = _policy(allow_weak, min_rsa_bits, min_ec_bits)
@@ -400,7 +406,7 @@ def verify(paths: tuple[str, ...], trust_paths: tuple[str, ...], as_json: bool,
     sys.exit(0 if all_ok else 1)
 
 
-def _print_report(report: Any, as_json: bool) -> None:  # noqa: ANN401
+def _print_report(report: VerificationReport, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report.to_dict()))
         return
@@ -422,12 +428,10 @@ def _print_report(report: Any, as_json: bool) -> None:  # noqa: ANN401
     if not any(sig.intact for sig in report.top_level):
         return
     if report.uncovered:
-        shown = ", ".join(report.uncovered[:12])
-        more = f" (+{len(report.uncovered) - 12} more)" if len(report.uncovered) > 12 else ""
-        click.echo(f"    NOT covered by any signature: {shown}{more}")
-    if report.pixels_uncovered:
-        click.echo("    pixel data NOT vouched for by a valid signature: "
-                   + ", ".join(report.pixels_uncovered))
+        click.echo(f"    NOT covered by any signature: {name_list(report.uncovered)}")
+    if report.status == "valid" and not report.pixels_covered:
+        click.echo("    image NOT vouched for (not covered but changes what it shows or "
+                   f"means): {name_list(report.pixels_uncovered) or 'no pixel data'}")
 
 
 # -- dicom --------------------------------------------------------------------------------

@@ -134,3 +134,18 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(dir_fd)
+
+
+#: a free-space reserve is at most this share of its filesystem (5%), so a small disk is
+#: not refused outright by a reserve sized for a large one
+MAX_RESERVE_SHARE = 20
+
+
+def room_above_reserve(folder: str | os.PathLike[str], reserve: int) -> int:
+    """Bytes that may still be written on ``folder``'s filesystem before less than
+    ``reserve`` (at most 1/MAX_RESERVE_SHARE of the filesystem) is left; negative below it.
+    The gateway keeps this reserve so a flood of data cannot take the disk to zero, where the
+    database, the audit log and the operating system fail too."""
+    fs = os.statvfs(folder)
+    return fs.f_bavail * fs.f_frsize - min(reserve, fs.f_blocks * fs.f_frsize
+                                           // MAX_RESERVE_SHARE)

@@ -238,7 +238,15 @@ def _first_number(value: object) -> float | None:
 def display_frame(ds: object, pixels: np.ndarray | None = None) -> np.ndarray:
     """First frame of a DICOM image as a reader sees it, in 8 bits: modality rescale, the
     stored VOI window (else the 0.5-99.5 percentile range), MONOCHROME1 inverted; colour
-    frames become grey luminance. ``pixels``: the already decoded pixel array, if any."""
+    frames become grey luminance. ``pixels``: the already decoded pixel array, if any (else
+    it is decoded here and counts against the decode budget until the frame is made)."""
+    from radguard.dicom.limits import decode_scope
+
+    with decode_scope():
+        return _display_frame(ds, pixels)
+
+
+def _display_frame(ds: object, pixels: np.ndarray | None) -> np.ndarray:
     from radguard.dicom.io import peek
     from radguard.dicom.pixels import pixel_array, pixel_info
 

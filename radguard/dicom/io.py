@@ -110,24 +110,25 @@ def _parse(buffer: bytes | mmap.mmap, name: str, *, stop_before_pixels: bool,
         raise DicomReadError(
             f"{name}: not a DICOM Part 10 file (no 'DICM' marker after the 128-byte preamble)"
         )
+    extent, inflated = _file_meta_extent(buffer), False
+    if extent is not None and extent[1] == DeflatedExplicitVRLittleEndian:
+        # pydicom would inflate without any bound: inflate here, bounded - before taking
+        # the parse lock, since the decode budget may make this wait for other parses
+        buffer, inflated = _inflate(buffer, extent[0], name), True
     fp = _StrictReader(buffer, path)
-    inflated = False
     # warning capture is process-global, so parses that rely on it take turns
     with _PARSE_LOCK, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            # ordinary Explicit VR Little Endian files: the lean parser (the same Dataset,
-            # about a third less time); anything else, or anything it declines: pydicom
-            ds = None if stop_before_pixels else fastread.parse(
-                fp, buffer, len(buffer), DEFER_SIZE if defer else None)
-            if ds is None:
-                meta = _file_meta_extent(buffer)
-                if meta is not None and meta[1] == DeflatedExplicitVRLittleEndian:
-                    # pydicom would inflate without any bound: inflate here, bounded
-                    buffer = _inflate(buffer, meta[0], name)
-                    fp, inflated = _StrictReader(buffer, path), True
-                    ds = _read_inflated(fp, stop_before_pixels)
-                else:
+            if inflated:
+                ds = _read_inflated(fp, stop_before_pixels)
+            else:
+                # ordinary Explicit VR Little Endian files: the lean parser (the same
+                # Dataset, about a third less time); anything else, or anything it
+                # declines: pydicom
+                ds = None if stop_before_pixels else fastread.parse(
+                    fp, buffer, len(buffer), DEFER_SIZE if defer else None)
+                if ds is None:
                     fp.seek(0)
                     fp.short_read = False
                     ds = pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels,
@@ -164,7 +165,9 @@ def _parse(buffer: bytes | mmap.mmap, name: str, *, stop_before_pixels: bool,
 
 # -- deflated data sets ---------------------------------------------------------------------
 
-_INFLATE_CHUNK = 1 << 20
+#: inflated bytes per step, and compressed bytes handed to zlib per step: zlib keeps a copy
+#: of the input it has not consumed yet, so a step never copies more than one input slice
+_INFLATE_CHUNK, _INFLATE_INPUT = 1 << 20, 64 << 10
 
 
 def _file_meta_extent(buffer: bytes | mmap.mmap) -> tuple[int, str] | None:
@@ -191,13 +194,24 @@ def _file_meta_extent(buffer: bytes | mmap.mmap) -> tuple[int, str] | None:
 
 
 def _inflate_chunks(data: memoryview, name: str) -> Iterator[bytes]:
-    """The raw deflate stream ``data`` (PS3.5 A.5) inflated, at most 1 MiB at a time."""
+    """The raw deflate stream ``data`` (PS3.5 A.5) inflated, at most 1 MiB at a time.
+
+    The input goes to zlib in fixed 64 KiB slices: given the whole stream, zlib would copy
+    the rest of it (``unconsumed_tail``) for every MiB of output - quadratic in the size of
+    the data set. Slices make the work linear."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    at, size = 0, len(data)
+    pending: bytes | memoryview = b""
     try:
-        chunk = inflater.decompress(data, _INFLATE_CHUNK)
-        while chunk:
-            yield chunk
-            chunk = inflater.decompress(inflater.unconsumed_tail, _INFLATE_CHUNK)
+        while not inflater.eof:
+            if not pending and at < size:
+                pending, at = data[at:at + _INFLATE_INPUT], at + _INFLATE_INPUT
+            chunk = inflater.decompress(pending, _INFLATE_CHUNK)
+            pending = inflater.unconsumed_tail
+            if chunk:
+                yield chunk
+            elif not pending and at >= size:
+                break  # all input consumed and nothing more comes out
     except zlib.error as exc:
         raise DicomReadError(f"{name}: malformed deflated data set ({exc})") from exc
     if not inflater.eof:
@@ -208,7 +222,9 @@ def _inflate_chunks(data: memoryview, name: str) -> Iterator[bytes]:
 def _inflate(buffer: bytes | mmap.mmap, start: int, name: str) -> mmap.mmap:
     """The file with its data set inflated, in an anonymous map (one copy, no joining of
     chunks). A first pass only counts, so a data set over the limit is refused without
-    ever being held; the second takes its size from the decode budget."""
+    ever being held; the map then takes its size from the decode budget, for as long as
+    the caller's :func:`~radguard.dicom.limits.decode_scope` lasts (the parsed data set
+    keeps the map)."""
     limit = decode_limits().max_inflated_bytes
     data = memoryview(buffer)[start:]
     total = 0
@@ -261,8 +277,12 @@ def _too_deep_error(name: str) -> DicomReadError:
                           "(refused: no real object nests so deep)")
 
 
-def _nests_deeper(data: Any, pos: int, end: int, *, sequence: bool, implicit: bool,  # noqa: ANN401
-                  little: bool, allowed: int) -> bool:
+#: one region being walked: what it holds, where it ends (None: at its delimiter), implicit VR
+_Frame = tuple[int, int | None, bool]
+
+
+def _nests_deeper(data: bytes | bytearray | memoryview | mmap.mmap, pos: int, end: int, *,
+                  sequence: bool, implicit: bool, little: bool, allowed: int) -> bool:
     """Whether the encoded elements in ``data[pos:end]`` - the items of one sequence value
     (``sequence``), or a data set - nest sequences more than ``allowed`` levels deep.
 
@@ -274,7 +294,7 @@ def _nests_deeper(data: Any, pos: int, end: int, *, sequence: bool, implicit: bo
     explicit_head = struct.Struct("<HH2sH" if little else ">HH2sH")
     long_length = struct.Struct("<L" if little else ">L")
     item = head.pack(0xFFFE, 0xE000, 0)[:4]
-    stack: list[list[Any]] = [[_SEQUENCE if sequence else _DATA_SET, end, implicit]]
+    stack: list[_Frame] = [(_SEQUENCE if sequence else _DATA_SET, end, implicit)]
     level = 1 if sequence else 0
     size = min(len(data), end)
     while stack:
@@ -286,7 +306,7 @@ def _nests_deeper(data: Any, pos: int, end: int, *, sequence: bool, implicit: bo
         if pos + 8 <= size:
             group, element, length = head.unpack_from(data, pos)
             tag = group << 16 | element
-        push: list[Any] | None = None
+        push: _Frame | None = None
         if tag < 0:
             pass  # runs past the end: malformed
         elif kind != _DATA_SET:  # the items of a sequence, or the fragments of pixel data
@@ -296,7 +316,7 @@ def _nests_deeper(data: Any, pos: int, end: int, *, sequence: bool, implicit: bo
                 continue
             if tag == _ITEM and kind == _SEQUENCE:
                 pos += 8
-                push = [_DATA_SET, None if length == _UNDEFINED else pos + length, imp]
+                push = (_DATA_SET, None if length == _UNDEFINED else pos + length, imp)
             elif tag == _ITEM and length != _UNDEFINED:
                 pos += 8 + length
                 continue
@@ -316,24 +336,25 @@ def _nests_deeper(data: Any, pos: int, end: int, *, sequence: bool, implicit: bo
             if length == _UNDEFINED:
                 pos = at
                 if tag in _PIXEL_TAGS or vr in (b"OB", b"OW"):
-                    push = [_FRAGMENTS, None, imp]
+                    push = (_FRAGMENTS, None, imp)
                 else:  # SQ, an implicit-VR sequence or UN (implicit VR inside)
-                    push = [_SEQUENCE, None, imp or vr == b"UN"]
+                    push = (_SEQUENCE, None, imp or vr == b"UN")
             elif length >= 0:
                 pos = at + length
                 if ((imp or vr in (b"SQ", b"UN")) and length >= 8
                         and bytes(data[at:at + 4]) == item
                         and level + 1 + length // 16 > allowed):
-                    push = [_SEQUENCE, at + length, imp or vr == b"UN"]
+                    push = (_SEQUENCE, at + length, imp or vr == b"UN")
                     pos = at
                 else:
                     continue
         if push is None:  # malformed: resume after the innermost region of known length
-            while stack and stack[-1][1] is None:
-                stack.pop()
-            if not stack:
+            resume = None
+            while stack and resume is None:
+                resume = stack.pop()[1]
+            if resume is None:
                 return False
-            pos = stack.pop()[1]
+            pos = resume
             level = sum(f[0] == _SEQUENCE for f in stack)
             continue
         stack.append(push)

@@ -6,7 +6,14 @@ or JPEG 2000 header declaring 16384 x 16384 makes its decoder allocate gigabytes
 finds the stream too short. Every inflate and decode path of :mod:`radguard.dicom` therefore
 checks the header's numbers against :class:`DecodeLimits` first (a few integer
 multiplications, no parse), and the large allocations that pass take their size from a
-per-process :class:`ByteBudget`, so many concurrent decodes cannot add up either.
+per-process :class:`ByteBudget`, so many concurrent decodes cannot add up either. A caller
+that keeps what was inflated or decoded (the parsed data set, the pixel array) beyond the
+call that made it opens a :func:`decode_scope`, and the budget counts it until the scope
+ends.
+
+Native (uncompressed) pixel data cannot expand: it is as large as what was received, so its
+total size is not a reason to refuse it at the door (``check_total=False``); decoding it
+later for the checks is bounded like any other decode ("too large to check").
 
 The defaults sit far above real images - a 4096 x 5120 16-bit mammogram is 21 megapixels
 and 42 MB, a large tomosynthesis or multi-frame CT about 1 GB - and far below what breaks a
@@ -28,6 +35,7 @@ __all__ = [
     "DecodeLimits",
     "check_ratio",
     "decode_budget",
+    "decode_scope",
     "decode_limits",
     "decoded_size",
     "set_decode_limits",
@@ -40,7 +48,8 @@ RATIO_FLOOR = 64 << 20
 
 @dataclass(frozen=True)
 class DecodeLimits:
-    """Upper bounds for one image (and for all decodes of one process at once)."""
+    """Upper bounds for one image (and for all decodes of one process at once). Positive
+    whole numbers (the ratio may be 0); the gateway's configuration validates them."""
 
     #: Rows x Columns of one frame (16384 x 16384 = 268 M is refused)
     max_frame_pixels: int = 100_000_000
@@ -56,44 +65,82 @@ class DecodeLimits:
     #: waits until it runs alone
     decode_budget_bytes: int = 1 << 30
 
-    def problems(self) -> list[str]:
-        """Why these limits are unusable (empty when they are fine)."""
-        out = [f"{name} must be a positive integer" for name in (
-            "max_frame_pixels", "max_decoded_bytes", "max_inflated_bytes",
-            "decode_budget_bytes")
-            if not _positive(getattr(self, name))]
-        if not _positive(self.max_compression_ratio) and self.max_compression_ratio != 0:
-            out.append("max_compression_ratio must be a positive integer (0: no check)")
-        return out
-
-
-def _positive(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
 
 class ByteBudget:
     """A semaphore counted in bytes: :meth:`reserve` waits until the bytes fit beside what
     other threads hold. A request larger than the whole budget waits until nothing else is
-    held, then runs alone (a real image larger than the budget is slow, never refused)."""
+    held, then runs alone (a real image larger than the budget is slow, never refused).
+
+    A thread that already holds part of the budget (in a :func:`decode_scope`) is never
+    made to wait: two such threads waiting for each other would deadlock, and what it adds
+    is one decode of data it already holds (a deflated data set's native pixels)."""
 
     def __init__(self, total: int) -> None:
         self.total = total
         self.used = 0
         self._cond = threading.Condition()
+        self._mine = threading.local()  # .bytes: what the current thread holds
+
+    def _held_here(self) -> int:
+        return int(getattr(self._mine, "bytes", 0))
+
+    def acquire(self, size: int) -> int:
+        """Take ``size`` bytes (capped at the whole budget); returns what was taken, for
+        :meth:`release`."""
+        size = max(0, min(size, self.total))
+        with self._cond:
+            if not self._held_here():
+                self._cond.wait_for(lambda: self.used + size <= self.total)
+            self.used += size
+        self._mine.bytes = self._held_here() + size
+        return size
+
+    def release(self, size: int) -> None:
+        """Give back what :meth:`acquire` returned (on the thread that acquired it)."""
+        self._mine.bytes = self._held_here() - size
+        with self._cond:
+            self.used -= size
+            self._cond.notify_all()
 
     @contextlib.contextmanager
     def reserve(self, size: int) -> Iterator[None]:
-        """Hold ``size`` bytes of the budget for the duration of the block."""
-        size = max(0, min(size, self.total))
-        with self._cond:
-            self._cond.wait_for(lambda: self.used + size <= self.total)
-            self.used += size
+        """Hold ``size`` bytes of the budget for the duration of the block - or, inside a
+        :func:`decode_scope`, until the scope ends (the caller keeps the result)."""
+        taken = self.acquire(size)
+        scope = getattr(_scopes, "held", None)
+        if scope is not None:
+            scope.append((self, taken))
+            yield
+            return
         try:
             yield
         finally:
-            with self._cond:
-                self.used -= size
-                self._cond.notify_all()
+            self.release(taken)
+
+
+_scopes = threading.local()  # .held: the reservations of this thread's open scope
+
+
+@contextlib.contextmanager
+def decode_scope() -> Iterator[None]:
+    """Keep every decode-budget reservation made in the block until the block ends.
+
+    For callers that hold a parsed deflated data set (its inflated copy) or a decoded pixel
+    array while they work on it - the door's header check, a pipeline scan, rendering: the
+    budget then bounds what concurrent callers hold, not only what they allocate at one
+    moment. Scopes nest; the outermost one releases. Outside a scope a reservation ends
+    with the call that made it (tools that handle one object at a time)."""
+    if getattr(_scopes, "held", None) is not None:
+        yield
+        return
+    held: list[tuple[ByteBudget, int]] = []
+    _scopes.held = held
+    try:
+        yield
+    finally:
+        _scopes.held = None
+        for budget, size in held:
+            budget.release(size)
 
 
 _limits = DecodeLimits()
@@ -114,9 +161,6 @@ def decode_budget() -> ByteBudget:
 def set_decode_limits(limits: DecodeLimits) -> None:
     """Put ``limits`` in force for every later inflate and decode in this process."""
     global _limits, _budget
-    problems = limits.problems()
-    if problems:
-        raise ValueError("; ".join(problems))
     with _lock:
         if limits.decode_budget_bytes != _budget.total:
             _budget = ByteBudget(limits.decode_budget_bytes)
@@ -124,10 +168,13 @@ def set_decode_limits(limits: DecodeLimits) -> None:
 
 
 def decoded_size(name: str, rows: int, columns: int, frames: int, samples: int,
-                 bits_allocated: int, limits: DecodeLimits | None = None) -> int:
+                 bits_allocated: int, limits: DecodeLimits | None = None, *,
+                 check_total: bool = True) -> int:
     """Bytes the decoded pixels of an image with this Image Pixel Module take (one to eight
     bytes per sample, as numpy holds them); a :class:`DicomReadError` when the numbers are
-    impossible or exceed ``limits`` (default: those in force)."""
+    impossible or exceed ``limits`` (default: those in force). ``check_total=False``: the
+    frame size is checked but not the total (native pixel data received whole, which
+    decoding cannot make larger)."""
     limits = limits or _limits
     if min(rows, columns, frames, samples) < 1 or not 1 <= bits_allocated <= 64:
         raise DicomReadError(
@@ -140,10 +187,11 @@ def decoded_size(name: str, rows: int, columns: int, frames: int, samples: int,
             f"({limits.max_frame_pixels:,} pixels per frame at most)")
     width = next(w for w in (1, 2, 4, 8) if bits_allocated <= 8 * w)
     total = pixels * frames * samples * width
-    if total > limits.max_decoded_bytes:
+    if check_total and total > limits.max_decoded_bytes:
         raise DicomReadError(
             f"{name}: {frames} frame(s) of {rows} x {columns} pixels decode to {total:,} "
-            f"bytes, more than this system decodes ({limits.max_decoded_bytes:,} at most)")
+            f"bytes, more than this system decodes ({limits.max_decoded_bytes:,} at most): "
+            "too large to check")
     return total
 
 

@@ -5,8 +5,10 @@ the pylibjpeg plugins and pyjpegls; a decoder failure becomes a :class:`DicomRea
 
 Nothing is decoded before the header's numbers pass :mod:`radguard.dicom.limits` (frame
 size, total decoded bytes) and, for compressed data, before the encapsulation is seen to
-fit them (at least one fragment per frame, a believable compression ratio): a decoder
-allocates what the header declares before it finds the stream too short.
+fit them (a believable compression ratio): a decoder allocates what the header declares
+before it finds the stream too short. The decoded array takes its size from the decode
+budget - until the caller's :func:`~radguard.dicom.limits.decode_scope` ends, when the
+caller keeps it.
 """
 
 from __future__ import annotations
@@ -82,26 +84,26 @@ def decoded_bytes(ds: Dataset, info: PixelInfo | None = None) -> int:
 def validate_pixel_data(ds: Dataset, *, decode_compressed: bool = True) -> PixelInfo:
     """Check that the pixel data can be displayed, as cheaply as that can be known.
 
-    The header's image size must be within the decode limits. Native pixel data must hold
-    exactly the bytes the Image Pixel Module implies (odd totals padded by one);
-    encapsulated (compressed) pixel data must hold a fragment per frame and a believable
-    amount of data, and is decoded, since only a decoder can tell that a JPEG stream is
-    corrupt (``decode_compressed=False`` skips the decoding, for a receiver that must
-    answer quickly and checks the image later).
+    The header's frame size must be within the decode limits. Native pixel data must hold
+    exactly the bytes the Image Pixel Module implies (odd totals padded by one), and may be
+    larger than ``max_decoded_bytes``: it is as large as what was received and cannot
+    expand (decoding it for the checks meets the limit: "too large to check").
+    Encapsulated (compressed) pixel data must decode within the limits and hold a
+    believable amount of data, and is decoded, since only a decoder can tell that a JPEG
+    stream is corrupt (``decode_compressed=False`` skips the decoding, for a receiver that
+    must answer quickly and checks the image later).
     """
     info = pixel_info(ds)
-    decoded = decoded_bytes(ds, info)
     name = getattr(ds, "filename", None) or "dataset"
     elem = stored_element(ds, 0x7FE00010) if 0x7FE00010 in ds else None
-    undefined = elem is not None and (
-        getattr(elem, "length", None) == 0xFFFFFFFF or getattr(elem, "is_undefined_length", False)
-    )
-    if elem is None or undefined:
+    if elem is None or _encapsulated(elem):
         if decode_compressed:
             pixel_array(ds)  # checks the encapsulation before decoding
         elif elem is not None:
-            _check_encapsulated(ds, elem, info, decoded, name)
+            _check_encapsulated(ds, elem, decoded_bytes(ds, info), name)
         return info
+    decoded_size(name, info.rows, info.columns, info.frames, info.samples_per_pixel,
+                 info.bits_allocated, check_total=False)
     bits = info.rows * info.columns * info.frames * info.samples_per_pixel * info.bits_allocated
     expected = (bits + 7) // 8
     actual = elem.length if getattr(elem, "is_raw", False) else len(elem.value or b"")
@@ -124,9 +126,8 @@ def pixel_array(ds: Dataset) -> np.ndarray:
     name = getattr(ds, "filename", None) or "dataset"
     elem = stored_element(ds, 0x7FE00010)
     encoded = 0
-    if elem is not None and (getattr(elem, "length", None) == 0xFFFFFFFF
-                             or getattr(elem, "is_undefined_length", False)):
-        encoded = _check_encapsulated(ds, elem, info, decoded, name)
+    if elem is not None and _encapsulated(elem):
+        encoded = _check_encapsulated(ds, elem, decoded, name)
     with decode_budget().reserve(decoded + encoded):
         native = _native_array(ds, info)
         if native is not None:
@@ -148,16 +149,21 @@ def pixel_array(ds: Dataset) -> np.ndarray:
 
 
 _ITEM_HEAD = struct.Struct("<HHL")
-#: MPEG-2, MPEG-4 and HEVC: one stream for all frames, not a fragment per frame
-_VIDEO_PREFIX = "1.2.840.10008.1.2.4.10"
 
 
-def _check_encapsulated(ds: Dataset, elem: object, info: PixelInfo, decoded: int,
-                        name: str) -> int:
-    """Walk the item headers of encapsulated pixel data (no pixel byte is read): a still-
-    image syntax needs at least one fragment per frame (PS3.5 A.4), and the fragments must
-    hold enough bytes for the decoded size (:func:`radguard.dicom.limits.check_ratio`).
-    Returns the encoded size; a :class:`DicomReadError` for data that cannot be walked."""
+def _encapsulated(elem: object) -> bool:
+    """Whether pixel data is encapsulated (undefined length: a sequence of fragments)."""
+    return getattr(elem, "length", None) == 0xFFFFFFFF or bool(
+        getattr(elem, "is_undefined_length", False))
+
+
+def _check_encapsulated(ds: Dataset, elem: object, decoded: int, name: str) -> int:
+    """Walk the item headers of encapsulated pixel data (no pixel byte is read): the
+    fragments must hold enough bytes for the decoded size
+    (:func:`radguard.dicom.limits.check_ratio`). How many fragments hold the frames is
+    left to the decoder (a file that does not follow PS3.5 A.4 to the letter is refused
+    only if it cannot be decoded; the decoded size is bounded anyway). Returns the encoded
+    size; a :class:`DicomReadError` for data that cannot be walked."""
     value = getattr(elem, "value", None)
     start, in_file = 0, value is None
     if in_file:  # deferred: the item headers are read where the file is mapped
@@ -166,7 +172,7 @@ def _check_encapsulated(ds: Dataset, elem: object, info: PixelInfo, decoded: int
             return 0  # not read by radguard: the decoder is the only check left
     if not isinstance(value, bytes | bytearray | memoryview):
         return 0
-    fragments, encoded, pos, size = -1, 0, start, len(value)
+    items, encoded, pos, size = 0, 0, start, len(value)
     while True:
         if pos == size and not in_file:
             break  # a value read into memory stops before the sequence delimiter
@@ -180,14 +186,9 @@ def _check_encapsulated(ds: Dataset, elem: object, info: PixelInfo, decoded: int
                 or pos + 8 + length > size:
             raise DicomReadError(f"{name}: malformed encapsulated pixel data (item "
                                  f"({group:04X},{element:04X}) at byte {pos - start})")
-        fragments += 1  # the first item is the Basic Offset Table
-        encoded += length if fragments else 0
+        encoded += length if items else 0  # the first item is the Basic Offset Table
+        items += 1
         pos += 8 + length
-    meta = getattr(ds, "file_meta", None)
-    syntax = str(getattr(meta, "TransferSyntaxUID", "") or "") if meta is not None else ""
-    if fragments < info.frames and not syntax.startswith(_VIDEO_PREFIX):
-        raise DicomReadError(f"{name}: {info.frames} frames declared but the encapsulated "
-                             f"pixel data holds {max(fragments, 0)} fragment(s)")
     check_ratio(name, decoded, encoded)
     return encoded
 

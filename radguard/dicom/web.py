@@ -175,11 +175,14 @@ class _State(Enum):
 class MultipartParser:
     """multipart/related (RFC 2046) parsed as it arrives: ``feed`` chunks in any sizes, each
     part's content is written to the sink ``open_part(headers)`` returns (a file in a spool
-    folder, or memory), and ``finish`` checks the body ended properly. A large STOW-RS body is
-    therefore never held whole; only a delimiter's length is kept back between chunks."""
+    folder, or memory), ``close_part(part)`` is called as soon as the part's boundary is
+    reached (so only one part file need be open), and ``finish`` checks the body ended
+    properly. A large STOW-RS body is therefore never held whole; only a delimiter's length
+    is kept back between chunks."""
 
     def __init__(self, content_type: str, open_part: Callable[[dict[str, str]], BinaryIO], *,
-                 max_parts: int = 10_000, max_header_bytes: int = 16_384) -> None:
+                 close_part: Callable[[Part], None] | None = None, max_parts: int = 10_000,
+                 max_header_bytes: int = 16_384) -> None:
         match = re.search(r'boundary="?([^";]+)"?', content_type, flags=re.IGNORECASE)
         if not content_type.lower().startswith("multipart/related") or not match:
             raise DicomWebError(f"not a multipart/related body ({content_type[:100] or 'no type'})")
@@ -189,7 +192,7 @@ class MultipartParser:
         self._delimiter = b"\r\n--" + boundary
         self._buf = bytearray(b"\r\n")  # the first delimiter needs no line break before it
         self._state = _State.PREAMBLE
-        self._open_part = open_part
+        self._open_part, self._close_part = open_part, close_part
         self.max_parts, self.max_header_bytes = max_parts, max_header_bytes
         self.parts: list[Part] = []
 
@@ -215,6 +218,8 @@ class MultipartParser:
                 return False
             if state is _State.BODY:
                 self._write(buf[:at])
+                if self._close_part is not None:
+                    self._close_part(self.parts[-1])
             del buf[:at + len(self._delimiter)]
             self._state = _State.BOUNDARY_LINE
             return True

@@ -1,7 +1,7 @@
 """One verdict per image from every layer that can speak about it.
 
-Layers, strongest first: the PS3.15 signature (DICOM; only a valid top-level signature over
-the pixel data and the attributes that say how to read it vouches for the image, see
+Layers, strongest first: the PS3.15 signature (DICOM; only valid top-level signatures that
+cover every present element that changes what the image shows or means vouch for it, see
 ``VerificationReport.pixels_covered``), the fragile watermark (when a key is configured),
 the declared Synthetic Data attribute, the local tamper detector, the
 synthetic-radiograph detector and the header checks. Verdicts:
@@ -66,8 +66,8 @@ class ScanResult:
     stored: np.ndarray | None = field(default=None, repr=False)
     modality: str = ""
     weak_evidence: list[str] = field(default_factory=list)  # makes the verdict suspicious
-    pixels_vouched: bool = False  # a valid trusted signature covers the pixels (and how to
-    # read them): VerificationReport.pixels_covered
+    pixels_vouched: bool = False  # valid trusted signatures vouch for the image (pixels, how
+    # they are read and shown, whose they are): VerificationReport.pixels_covered
 
     @property
     def synthetic_score(self) -> float | None:
@@ -99,12 +99,13 @@ def _signature_layer(report: VerificationReport, result: ScanResult, trust: obje
     """The signature's verdict, in words, from the top-level signatures; nested ones are
     reported but never vouch for the image."""
     from radguard.provenance.policy import AlgorithmVerdict
+    from radguard.provenance.verify import name_list
 
     result.signature = report.status
     top = report.top_level
-    if report.status == "invalid":
-        bad = next(s for s in top if s.status == "invalid")
-        result.reasons.append(f"signature does not match the data: {bad.reason}")
+    if report.status == "invalid":  # a signature that fails, or too many to check
+        why = next((s.reason for s in top if s.status == "invalid"), report.error)
+        result.reasons.append(f"signature does not hold: {why}")
     elif report.status == "weak":
         weak = next(s for s in top if s.status == "weak")
         result.reasons.append(f"signature too weak to count: {weak.reason}")
@@ -114,9 +115,9 @@ def _signature_layer(report: VerificationReport, result: ScanResult, trust: obje
             + ("" if trust else " (no --trust given)")
         )
     elif report.status == "valid" and not report.pixels_covered:
-        result.reasons.append("signature valid but does not vouch for the pixels: not covered "
-                              + (", ".join(report.pixels_uncovered) or "(no pixel data)"))
-    result.pixels_vouched = report.status == "valid" and report.pixels_covered
+        result.reasons.append("signature valid but does not vouch for the image: not covered "
+                              + (name_list(report.pixels_uncovered) or "(no pixel data)"))
+    result.pixels_vouched = report.pixels_covered
     result.reasons.extend(f"signature {s.mac_id}: {s.reason}" for s in top
                           if s.status == "valid" and s.algorithm is AlgorithmVerdict.WEAK_ALLOWED)
     for nested in report.nested:
@@ -176,8 +177,8 @@ def scan_file(
     """Scan one file; never raises for bad input (the verdict is then ``unverifiable``).
 
     ``trust_signed_pixels`` skips the content detectors (synthetic image, copy-move, fill /
-    splice) when a valid top-level signature that chains to ``trust`` covers the pixel data
-    and the attributes that say how to read it: the pixels are then provably the device's,
+    splice) when valid top-level signatures that chain to ``trust`` vouch for the image
+    (``VerificationReport.pixels_covered``): the pixels are then provably the device's,
     and a statistical detector could only add false alarms (about 5% of real radiographs at
     its threshold). Header checks and the watermark still run. ``policy``: which signature
     algorithms count (default: :data:`~radguard.provenance.policy.DEFAULT_POLICY`).
@@ -195,7 +196,7 @@ def scan_file(
         return result
     if trust_signed_pixels and result.pixels_vouched:
         result.reasons.append("content detectors skipped: a trusted signature covers the "
-                              "pixel data")
+                              "image and everything that changes what it shows")
         if keep_pixels:
             result.pixels = pixels
         _decide(result, det.threshold, det.suspicious_threshold)
@@ -229,8 +230,8 @@ def scan_file(
 
 def _decide(r: ScanResult, threshold: float, band: float) -> None:
     """Combine the layers into one verdict; strongest evidence first."""
-    # a signature vouches only when it covers the pixels: one over a few header elements
-    # says nothing about the image
+    # a signature vouches only when it covers the image and all that changes what it shows:
+    # one over a few header elements, or one that misses an added overlay, says nothing
     vouched = r.pixels_vouched or r.watermark == "intact"
     declared = any(f.code == "synthetic-data" for f in r.findings)
     score = r.synthetic_score

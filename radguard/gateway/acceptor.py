@@ -23,25 +23,35 @@ that offers C-STORE and C-ECHO (PS3.8 9.3, PS3.7 9.3.1 and 9.3.5):
   are dropped, nothing reaches the store.
 
 What one peer may cost is bounded (:class:`DimseLimits`, ``[dicom]`` in the gateway
-configuration), so that neither slow nor large senders starve the port or exhaust memory:
+configuration), so that neither slow nor large senders starve the port, exhaust memory or
+fill the disk:
 
-* connections: at most ``max_per_ip`` open connections from one address, counted from the
-  moment they are accepted (TLS handshake and negotiation included), and at most
-  ``max(64, 2 * max_associations)`` connections not yet associated; more are closed
-  unread. At most ``max_associations`` associations at once and ``max_per_ae`` with one
-  calling AE title; more get an A-ASSOCIATE-RJ (transient, local limit exceeded).
-  Refusals, rejects, aborts and drops are logged at most once a minute per address and
-  kind, with the number left out.
+* connections: a peer is an IPv4 address or an IPv6 /64 (:func:`ratelimit.peer_key`: a
+  host is usually given a whole /64). At most ``max_per_ip`` open connections from one peer,
+  counted from the moment they are accepted (TLS handshake and negotiation included), and at
+  most ``max(64, 2 * max_associations)`` connections not yet associated; more are closed
+  unread. At most ``max_per_ae`` associations with one calling AE title; more get an
+  A-ASSOCIATE-RJ (transient, local limit exceeded). ``peer_limits`` replaces both limits for
+  the addresses or networks it names (a PACS or a NAT with many parallel associations).
+* slots: at most ``max_associations`` associations at once. When all are taken, a new one
+  takes the slot of the idlest: the association with the least allowance left (below),
+  provided it has waited at least ``EVICT_AFTER`` seconds more than its bytes paid for; it
+  is aborted. A sender at ``min_rate`` or faster, one that only just associated, and one
+  whose handler or spool write is running are never evicted; when no association
+  qualifies, the newcomer gets the reject.
 * time: the TLS handshake and the whole A-ASSOCIATE-RQ must arrive within
   ``connect_timeout`` of the connection. From then on the association has an allowance of
   ``idle_timeout`` seconds: time spent waiting for the peer uses it up (our own work - the
-  handler, a spool write - does not), every byte received adds ``1 / min_rate`` seconds up
-  to ``idle_timeout``, and a C-STORE answered Success or Warning fills it again. When it is
-  used up the association is aborted. So a silent peer goes after ``idle_timeout``, a
-  trickle of small but complete PDUs slower than ``min_rate`` a little later, while a sender
-  at ``min_rate`` or faster never runs out and may pause up to ``idle_timeout`` between
-  bursts or images. No association lasts longer than ``max_association_time`` (checked
-  while waiting for the peer, so a handler at work is never cut off).
+  handler, a spool write - does not), and every byte received adds ``1 / min_rate`` seconds
+  up to ``idle_timeout``. Nothing else refills it: a C-STORE, accepted or a resend, earns
+  its bytes and no more. When it is used up the association is aborted. So a silent peer
+  goes after ``idle_timeout``, a trickle slower than ``min_rate`` - tiny PDUs or small
+  complete instances - a little later, while a sender at ``min_rate`` or faster never runs
+  out and may pause up to ``idle_timeout`` between bursts or images. No association lasts
+  longer than ``max_association_time``: it ends at the first moment after that between
+  messages; a message under way may finish until half as long again has passed
+  (``OVERTIME``), so a long migration is not cut mid-object. A handler at work is never cut
+  off.
 * memory: a PDU is never held whole; data set fragments are read in pieces of at most
   256 KiB. A data set stays in memory up to ``memory_per_message`` bytes and only while the
   data sets in memory of all associations together (those with their handler included)
@@ -49,9 +59,21 @@ configuration), so that neither slow nor large senders starve the port or exhaus
   store's filesystem, so the handler can rename it into place) and the handler gets its
   path. A data set larger than ``max_data_set`` aborts the association. A spool file is
   deleted as soon as its association ends unfinished, and after the handler returns unless
-  the handler moved it; leftovers of a crash are deleted at start. A spool file that cannot
-  be written (disk full) ends that message: the rest of it is read and dropped and the
-  C-STORE is answered 0xA700 (out of resources); the association and the server go on.
+  the handler moved it; leftovers of a crash are deleted at start.
+* disk: the spool files of all unanswered messages together hold at most ``spool_budget``
+  bytes, and nothing is taken while the spool folder's filesystem has less than
+  ``min_free`` bytes free (at most 5% of its size, so a small disk is not refused
+  outright) - checked (statvfs) when a data set begins and before every spool write, so
+  the database, the audit log and the workers keep room. A message that does not fit, or
+  whose spool file cannot be written, ends there: the rest of it is read and dropped and
+  the C-STORE is answered 0xA700 (out of resources); the association and the server go
+  on. A disk that is short or cannot be written is also reported to ``on_unwritable`` (the
+  store's health: the gateway's "disk full" banner), at most once a minute.
+
+Refusals, rejects, aborts, drops and 0xA700s are logged through one bounded
+:class:`ratelimit.Throttle`: the first per peer and kind, then one a minute with the
+number left out, at most 60 lines a minute in all, and once a minute a line with the
+number of events left out since the last one.
 """
 
 from __future__ import annotations
@@ -59,6 +81,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import errno
+import ipaddress
 import logging
 import os
 import shutil
@@ -73,7 +97,14 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
+
+from radguard.fileio import room_above_reserve
+from radguard.gateway.ratelimit import Throttle, peer_key
+
+if TYPE_CHECKING:
+    from pynetdicom.pdu_primitives import ServiceParameter
+    from pynetdicom.presentation import PresentationContext
 
 __all__ = ["Acceptor", "DimseLimits", "StoreRequest"]
 
@@ -96,6 +127,11 @@ READ_BUFFER = 256 << 10  # the stream reader pauses the socket at twice this
 HANG_UP_GRACE = 2.0  # seconds a closed connection may take to flush before it is cut
 ARTIM_TIMEOUT = 2.0  # seconds a rejected requestor has to close the connection itself
 SPOOL_PREFIX, SPOOL_SUFFIX = "dimse-", ".part"
+EVICT_AFTER = 5.0  # seconds an association must be behind its allowance before it may be
+                   # evicted for a newcomer (at most half of idle_timeout); a sender between
+                   # the images of a study waits milliseconds
+OVERTIME = 0.5  # a message under way at max_association_time may go on this much longer
+ROOM_SECONDS = 1.0  # how long a statvfs that found room is believed (NFS: one RPC each)
 
 
 @dataclass(frozen=True)
@@ -113,14 +149,20 @@ class DimseLimits:
     max_data_set: int = 4 << 30  # bytes
     memory_per_message: int = 32 << 20  # bytes of one data set held in memory
     memory_budget: int = 256 << 20  # bytes of data sets held in memory, all associations
+    spool_budget: int = 8 << 30  # bytes in spool files of unanswered messages, all of them
+    min_free: int = 1 << 30  # bytes kept free on the spool folder's filesystem (<= 5% of it)
+    # (address or network, the max_per_ip and max_per_ae that apply to it instead)
+    peer_limits: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         counts = (self.max_associations, self.max_per_ip, self.max_per_ae, self.min_rate,
-                  self.max_data_set)
+                  self.max_data_set, self.spool_budget, *(n for _, n in self.peer_limits))
         times = (self.connect_timeout, self.idle_timeout, self.max_association_time)
         if min(counts) < 1 or min(times) <= 0 or min(self.memory_per_message,
-                                                      self.memory_budget) < 0:
+                                                      self.memory_budget, self.min_free) < 0:
             raise ValueError(f"impossible DICOM limits: {self}")
+        for network, _ in self.peer_limits:
+            ipaddress.ip_network(network, strict=False)  # ValueError if it is not one
 
 
 @dataclass(frozen=True)
@@ -159,6 +201,7 @@ class _Expiry(enum.Enum):
     CONNECT = "no complete A-ASSOCIATE-RQ within the connect timeout"
     IDLE = "idle or slower than the minimum transfer rate"
     TOTAL = "longer than the maximum association time"
+    EVICTED = "the idlest association while all were taken: its slot went to a new one"
 
 
 class _Keep(enum.Enum):
@@ -185,6 +228,7 @@ class _Message:
         self.parts: list[bytes] = []  # Part 10 head and data set in memory, or not written yet
         self.pending = 0  # bytes in ``parts`` not yet written to the spool file
         self.held = 0  # bytes reserved from the memory budget
+        self.spooled = 0  # bytes counted against the spool budget
         self.file: BinaryIO | None = None
         self.path: Path | None = None
 
@@ -204,11 +248,6 @@ def _us(value: bytes) -> int | None:
 
 def _uid(value: bytes) -> str:
     return value.rstrip(b"\x00 ").decode("ascii", "replace")
-
-
-def _accepted(status: int) -> bool:
-    """A C-STORE status that means the instance was taken (Success or a Warning)."""
-    return status in (0x0000, 0x0001, 0x0107, 0x0116) or 0xB000 <= status <= 0xBFFF
 
 
 def parse_command(data: bytes) -> dict[int, bytes]:
@@ -307,39 +346,18 @@ def _p_data(context_id: int, command: bytes, peer_max: int) -> bytes:
     return out
 
 
-class _LogThrottle:
-    """At most one log line a minute per key (an address and a kind of event), with the
-    number left out: a peer reconnecting a thousand times a second must not fill the disk."""
-
-    def __init__(self, interval: float = 60.0) -> None:
-        self.interval = interval
-        self.seen: dict[tuple[str, str], list[float]] = {}  # key -> [last logged, left out]
-
-    def __call__(self, level: int, key: tuple[str, str], message: str, *args: object) -> None:
-        now = time.monotonic()
-        entry = self.seen.get(key)
-        if entry is not None and now - entry[0] < self.interval:
-            entry[1] += 1
-            return
-        if len(self.seen) > 4096:  # many addresses: forget the quiet ones
-            self.seen = {k: v for k, v in self.seen.items() if now - v[0] < self.interval}
-        left_out = int(entry[1]) if entry else 0
-        self.seen[key] = [now, 0]
-        if left_out:
-            message += " (%d more like it left out of the log)"
-            args = (*args, left_out)
-        log.log(level, message, *args)
-
-
 class _Connection:
     """One peer: its streams, what it counts against the limits, and its clock (the
     allowance of the module docstring, enforced by one timer that re-arms itself)."""
 
     def __init__(self, acceptor: Acceptor, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter, ip: str) -> None:
+                 writer: asyncio.StreamWriter, ip: str, limit: int | None) -> None:
         self.acceptor, self.limits = acceptor, acceptor.limits
         self.reader, self.writer, self.ip = reader, writer, ip
+        self.peer = peer_key(ip)  # what the per-peer limit counts
+        self.limit = limit  # peer_limits' number for this address, if it names it
         self.calling: str | None = None  # set once associated
+        self.slot = False  # counted against max_associations and max_per_ae
         self.handshaking = False  # TLS: asyncio bounds the handshake itself
         self.message: _Message | None = None
         self.expired: _Expiry | None = None
@@ -347,12 +365,13 @@ class _Connection:
         now = self.loop.time()
         self.deadline = now + self.limits.connect_timeout
         self.end = now + self.limits.max_association_time
+        self.last_end = now + self.limits.max_association_time * (1 + OVERTIME)
         self.paused_since: float | None = None
         self.timer: asyncio.TimerHandle | None = self.loop.call_at(self.deadline, self._check)
 
     # -- the clock --------------------------------------------------------------------------
     def associated(self, calling: str) -> None:
-        self.calling = calling
+        self.calling, self.slot = calling, True
         self.deadline = self.loop.time() + self.limits.idle_timeout
         self.rearm()
 
@@ -377,13 +396,20 @@ class _Connection:
             self.paused_since = None
             self.rearm()
 
-    def refill(self) -> None:
-        self.deadline = self.loop.time() + self.limits.idle_timeout
+    def behind(self, now: float) -> float:
+        """Seconds this association has waited beyond what its bytes paid for (about 0 for
+        a sender at ``min_rate`` or faster). Not meaningful while our work runs."""
+        return now + self.limits.idle_timeout - self.deadline
+
+    def due(self) -> float:
+        """When the clock must look next: the allowance's end, or the association's (later
+        while a message is under way)."""
+        return min(self.deadline, self.end if self.message is None else self.last_end)
 
     def rearm(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
-            self.timer = self.loop.call_at(min(self.deadline, self.end), self._check)
+            self.timer = self.loop.call_at(self.due(), self._check)
 
     def stop_clock(self) -> None:
         if self.timer is not None:
@@ -394,19 +420,26 @@ class _Connection:
         if self.timer is None or self.paused_since is not None or self.handshaking:
             return  # closed, our own work running, or TLS: re-armed when it ends
         now = self.loop.time()
-        if now + 0.001 < min(self.deadline, self.end):
-            self.timer = self.loop.call_at(min(self.deadline, self.end), self._check)
+        due = self.due()
+        if now + 0.001 < due:
+            self.timer = self.loop.call_at(due, self._check)
             return
-        self.timer = None
-        self.expired = (_Expiry.CONNECT if self.calling is None
-                        else _Expiry.TOTAL if now + 0.001 >= self.end else _Expiry.IDLE)
-        self.acceptor.throttle(logging.WARNING, (self.ip, "expired"),
-                               "DICOM connection from %s (%s) dropped: %s", self.ip,
-                               self.calling or "not associated", self.expired.value)
+        self.expire(_Expiry.CONNECT if self.calling is None
+                    else _Expiry.IDLE if now + 0.001 >= self.deadline else _Expiry.TOTAL)
+
+    def expire(self, why: _Expiry) -> None:
+        """End the connection: its slot freed at once, logged, an A-ABORT if associated, the
+        transport aborted (the pending read fails and the association unwinds)."""
+        self.stop_clock()
+        self.expired = why
+        self.acceptor.release(self)
+        self.acceptor.note(logging.WARNING, self.peer, "expired",
+                           "DICOM connection from %s (%s) dropped: %s", self.ip,
+                           self.calling or "not associated", why.value)
         transport = self.writer.transport
         if self.calling is not None and not transport.get_write_buffer_size():
             transport.write(_pdu(A_ABORT, bytes([0, 0, 2, 0])))
-        transport.abort()  # the pending read fails and the association unwinds
+        transport.abort()
 
     # -- reading; every byte counts as progress -------------------------------------------------
     async def exactly(self, size: int) -> bytes:
@@ -424,13 +457,17 @@ class _Connection:
 
 class Acceptor:
     """Listens on ``host:port`` in a background thread until :meth:`stop`. ``spool_dir``
-    receives data sets too large for memory (default: a private temporary folder)."""
+    receives data sets too large for memory (default: a private temporary folder).
+    ``on_unwritable`` hears, at most once a minute, why messages are refused because the
+    spool folder's filesystem is short of space or cannot be written (called on an I/O
+    thread, never on the loop)."""
 
-    def __init__(self, ae_title: str, contexts: list[Any], handler: StoreHandler, *,  # noqa: ANN401
-                 allowed_calling_aes: list[str] | None = None,
+    def __init__(self, ae_title: str, contexts: list[PresentationContext],
+                 handler: StoreHandler, *, allowed_calling_aes: list[str] | None = None,
                  ssl_context: ssl.SSLContext | None = None,
                  limits: DimseLimits | None = None, spool_dir: Path | None = None,
-                 max_pdu: int = 4 << 20) -> None:
+                 max_pdu: int = 4 << 20,
+                 on_unwritable: Callable[[OSError], None] | None = None) -> None:
         self.ae_title = ae_title
         self.syntaxes = {str(c.abstract_syntax): {str(t) for t in c.transfer_syntax}
                          for c in contexts}  # abstract syntax -> transfer syntaxes offered
@@ -442,18 +479,28 @@ class Acceptor:
         self.spool_dir = spool_dir
         self._own_spool = spool_dir is None
         self.port = 0
-        self.throttle = _LogThrottle()
+        self.on_unwritable = on_unwritable
+        self.throttle = Throttle()  # log lines about what peers can repeat at will
+        self.left_out = 0  # log lines the throttle held back since the last summary
+        self._tell_store = Throttle(global_per_minute=1, capacity=1)  # on_unwritable
+        self._summary: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
         self._thread: threading.Thread | None = None
         self._connections: set[_Connection] = set()
         self._lingering: set[asyncio.BaseTransport] = set()
-        self._per_ip: Counter[str] = Counter()
+        self._per_peer: Counter[str] = Counter()  # open connections per peer_key
         self._per_ae: Counter[str] = Counter()
         self._associations = 0
+        # most specific first: (network, max_per_ip and max_per_ae for addresses in it)
+        self._peer_limits = sorted(
+            ((ipaddress.ip_network(net, strict=False), n) for net, n in self.limits.peer_limits),
+            key=lambda item: -item[0].prefixlen)
         # connections not yet associated (each for connect_timeout at most), from all addresses
         self.negotiating_limit = max(64, 2 * self.limits.max_associations)
         self.memory_held = 0  # bytes of data sets in memory (unfinished or being handled)
+        self.spooled = 0  # bytes in spool files of unanswered messages
+        self._room_until = 0.0  # until when the last statvfs that found room is believed
         self._spools: dict[Path, BinaryIO] = {}  # spool files of unfinished messages
         self._pool = ThreadPoolExecutor(max_workers=min(32, self.limits.max_associations),
                                         thread_name_prefix="radguard-store")
@@ -494,7 +541,31 @@ class Acceptor:
         # TLS is started per connection, so a handshake already counts against the limits
         self._server = await asyncio.start_server(self._serve, host, port, reuse_address=True,
                                                   limit=READ_BUFFER)
+        self._summarise()
         return int(self._server.sockets[0].getsockname()[1])
+
+    def _summarise(self) -> None:
+        """Once a minute: how many log lines the throttle held back meanwhile (each kept
+        line says how many like it were left out, but a peer that stops gets no more)."""
+        if self.left_out:
+            log.warning("DICOM port: %d more refusals, rejects, aborts or drops in the last "
+                        "minute left out of the log", self.left_out)
+            self.left_out = 0
+        assert self._loop is not None
+        self._summary = self._loop.call_later(60, self._summarise)
+
+    def note(self, level: int, peer: str, kind: str, message: str, *args: object) -> None:
+        """Log an event a peer can repeat at will (``peer``: its :func:`peer_key`, "" for
+        the server as a whole): the first per peer and kind, then one a minute saying how
+        many were left out, at most 60 lines a minute in all."""
+        write, held = self.throttle.allow(f"{kind} {peer}")
+        if not write:
+            self.left_out += 1
+            return
+        if held:
+            message += " (%d more like it left out of the log)"
+            args = (*args, held)
+        log.log(level, message, *args)
 
     def stop(self) -> None:
         """Stop listening, drop open associations (a message not yet answered was not
@@ -520,6 +591,8 @@ class Acceptor:
             shutil.rmtree(self.spool_dir, ignore_errors=True)
 
     async def _close(self) -> None:
+        if self._summary is not None:
+            self._summary.cancel()
         if self._server is not None:
             self._server.close()
         for connection in list(self._connections):
@@ -532,26 +605,27 @@ class Acceptor:
 
     # -- one connection -----------------------------------------------------------------------
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
-        ip = str(peer[0]) if peer else "?"
-        refusal = self._admit(ip)
+        address = writer.get_extra_info("peername")
+        ip = str(address[0]) if address else "?"
+        peer, limit = peer_key(ip), self._peer_limit(ip)
+        refusal = self._admit(peer, limit)
         if refusal:
-            self.throttle(logging.WARNING, (ip, "refused"),
-                          "DICOM connection from %s closed unread: %s", ip, refusal)
+            self.note(logging.WARNING, peer, "refused",
+                      "DICOM connection from %s closed unread: %s", ip, refusal)
             writer.transport.abort()
             return
         no_delay(writer.get_extra_info("socket"))
-        connection = _Connection(self, reader, writer, ip)
+        connection = _Connection(self, reader, writer, ip, limit)
         self._connections.add(connection)
-        self._per_ip[ip] += 1
+        self._per_peer[peer] += 1
         try:
             if self.ssl_context is not None:
                 await self._start_tls(connection)
             await self._association(connection)
         except _Abort as exc:
-            self.throttle(logging.WARNING, (ip, "aborted"),
-                          "DICOM association from %s (%s) aborted: %s", ip,
-                          connection.calling or "not associated", exc)
+            self.note(logging.WARNING, peer, "aborted",
+                      "DICOM association from %s (%s) aborted: %s", ip,
+                      connection.calling or "not associated", exc)
             writer.write(_pdu(A_ABORT, bytes([0, 0, 2, exc.reason])))
         except (asyncio.IncompleteReadError, ConnectionError, TimeoutError, ssl.SSLError):
             pass  # the peer went away, or its time ran out (logged by the clock)
@@ -575,28 +649,59 @@ class Acceptor:
             raise ConnectionResetError("connection closed during the TLS handshake")
         connection.rearm()
 
-    def _admit(self, ip: str) -> str:
+    def _peer_limit(self, ip: str) -> int | None:
+        """What ``peer_limits`` says for this address (the most specific network that
+        holds it), or None."""
+        if not self._peer_limits:
+            return None
+        try:
+            address = ipaddress.ip_address(ip.split("%", 1)[0])
+        except ValueError:  # not an IP address (a test double): no limit of its own
+            return None
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return next((n for network, n in self._peer_limits if address in network), None)
+
+    def _admit(self, peer: str, limit: int | None) -> str:
         """Why a new connection is closed before a byte is read ("" to let it in)."""
-        if self._per_ip[ip] >= self.limits.max_per_ip:
-            return f"{self._per_ip[ip]} connections from this address already " \
-                   f"(max_per_ip {self.limits.max_per_ip})"
+        most = limit or self.limits.max_per_ip
+        if self._per_peer[peer] >= most:
+            return f"{self._per_peer[peer]} connections from {peer} already (at most {most})"
         if len(self._connections) - self._associations >= self.negotiating_limit:
             return f"{self.negotiating_limit} connections are negotiating already"
         return ""
+
+    def release(self, connection: _Connection) -> None:
+        """The association no longer counts against max_associations and max_per_ae."""
+        if connection.slot and connection.calling is not None:
+            connection.slot = False
+            self._associations -= 1
+            self._per_ae[connection.calling] -= 1
+            if self._per_ae[connection.calling] <= 0:
+                del self._per_ae[connection.calling]
+
+    def _evict(self) -> bool:
+        """Every slot is taken: abort the idlest association to make room for a new one
+        (rules in the module docstring); False if none may be evicted."""
+        assert self._loop is not None
+        now = self._loop.time()
+        candidates = [c for c in self._connections if c.slot and c.paused_since is None]
+        if not candidates:
+            return False
+        idlest = max(candidates, key=lambda c: c.behind(now))
+        if idlest.behind(now) < min(EVICT_AFTER, self.limits.idle_timeout / 2):
+            return False
+        idlest.expire(_Expiry.EVICTED)
+        return True
 
     async def _forget(self, connection: _Connection) -> None:
         """A connection ended: its counts go at once, its unfinished message with them."""
         connection.stop_clock()
         self._connections.discard(connection)
-        ip = connection.ip
-        self._per_ip[ip] -= 1
-        if self._per_ip[ip] <= 0:
-            del self._per_ip[ip]
-        if connection.calling is not None:
-            self._associations -= 1
-            self._per_ae[connection.calling] -= 1
-            if self._per_ae[connection.calling] <= 0:
-                del self._per_ae[connection.calling]
+        self._per_peer[connection.peer] -= 1
+        if self._per_peer[connection.peer] <= 0:
+            del self._per_peer[connection.peer]
+        self.release(connection)
         if connection.message is not None:
             message, connection.message = connection.message, None
             await self._drop(message)
@@ -667,7 +772,7 @@ class Acceptor:
                     pass
 
     async def _receive_p_data(self, connection: _Connection, length: int,
-                              accepted: dict[int, Any], peer_max: int) -> None:
+                              accepted: dict[int, PresentationContext], peer_max: int) -> None:
         """One P-DATA-TF PDU, read PDV by PDV (PS3.8 9.3.5); data set values in pieces."""
         left = length
         while left:
@@ -701,6 +806,8 @@ class Acceptor:
             if message.complete:
                 connection.message = None
                 await self._dispatch(connection, message, peer_max)
+                if connection.loop.time() >= connection.end:  # the one it waited for
+                    connection.rearm()
 
     @staticmethod
     def _fragment(message: _Message | None, context_id: int, control: int,
@@ -734,6 +841,8 @@ class Acceptor:
         """Take ``size`` bytes of data set off the socket and keep them where they go."""
         if message.keep is None:
             self._start_data_set(message)
+            if message.keep is _Keep.MEMORY and (short := self._short_of_room()) is not None:
+                await self._fail(connection, message, short)
         while size:
             chunk = await connection.some(min(size, READ_CHUNK))
             size -= len(chunk)
@@ -795,17 +904,54 @@ class Acceptor:
         await self._write(connection, message)
 
     async def _write(self, connection: _Connection, message: _Message) -> None:
-        """Write what is pending to the spool file (on the I/O threads)."""
+        """Write what is pending to the spool file (on the I/O threads), if the spool budget
+        and the disk's reserve leave room for it."""
         assert message.file is not None and self._loop is not None
-        parts, message.parts, message.pending = message.parts, [], 0
+        parts, size, message.parts, message.pending = message.parts, message.pending, [], 0
         try:
-            with connection.ours():
-                await self._loop.run_in_executor(self._io, message.file.writelines, parts)
-        except OSError as exc:
-            await self._fail(connection, message, exc)
+            if self.spooled + size > self.limits.spool_budget:
+                await self._fail(connection, message, f"the spool budget is taken (spool files "
+                                 f"of unanswered messages: {self.spooled >> 20} MiB)")
+                return
+            self.spooled += size
+            message.spooled += size
+            try:
+                with connection.ours():
+                    await self._loop.run_in_executor(self._io, self._write_spool, message.file,
+                                                     parts, size)
+            except OSError as exc:
+                await self._fail(connection, message, exc)
         finally:
             self.memory_held -= message.held  # parts moved from memory, if any, are gone
             message.held = 0
+
+    def _write_spool(self, file: BinaryIO, parts: list[bytes], size: int) -> None:
+        """Spooled bytes to their file, unless they would take the disk below its reserve
+        (on an I/O thread: statvfs may be a network round trip)."""
+        assert self.spool_dir is not None
+        if room_above_reserve(self.spool_dir, self.limits.min_free) < size:
+            raise self._no_room()
+        file.writelines(parts)
+
+    def _no_room(self) -> OSError:
+        return OSError(errno.ENOSPC, "less free space than the reserve (dicom.min_free_mb, "
+                                     "at most 5% of the filesystem)")
+
+    def _short_of_room(self) -> OSError | None:
+        """Why no data set may begin now (the spool folder's filesystem is below its reserve,
+        or statvfs fails), or None. A reading that found room is believed for
+        ROOM_SECONDS, one that did not is never reused."""
+        assert self.spool_dir is not None
+        now = time.monotonic()
+        if now < self._room_until:
+            return None
+        try:
+            if room_above_reserve(self.spool_dir, self.limits.min_free) < 0:
+                return self._no_room()
+        except OSError as exc:
+            return exc
+        self._room_until = now + ROOM_SECONDS
+        return None
 
     async def _data_done(self, connection: _Connection, message: _Message) -> None:
         """The last fragment arrived: a spool file gets its rest and is closed."""
@@ -822,20 +968,42 @@ class Acceptor:
             except OSError as exc:
                 await self._fail(connection, message, exc)
 
-    async def _fail(self, connection: _Connection, message: _Message, exc: OSError) -> None:
-        """A spool file could not be made or written: the rest of the message is dropped
-        and the C-STORE answered "out of resources"."""
-        self.throttle(logging.ERROR, ("", "spool"),
-                      "C-STORE from %s (%s) not received: cannot write to the spool folder "
-                      "%s (%s); answering 0xA700", connection.ip, connection.calling,
-                      self.spool_dir, exc.strerror or exc)
+    async def _fail(self, connection: _Connection, message: _Message,
+                    problem: OSError | str) -> None:
+        """The message cannot be kept: the disk is below its reserve or cannot be written
+        (``problem`` an OSError, also reported to ``on_unwritable``), or the spool budget
+        is taken. The rest of it is dropped and the C-STORE answered "out of resources"."""
+        if isinstance(problem, OSError):
+            self._room_until = 0.0  # the next data set asks statvfs again
+            kind, why = "unwritable", f"spool folder {self.spool_dir}: " \
+                                      f"{problem.strerror or problem}"
+            if self.on_unwritable is not None and self._tell_store.allow("store")[0]:
+                self._io.submit(self._report, self.on_unwritable, problem)
+        else:
+            kind, why = "spool budget", problem
+        self.note(logging.ERROR, "", kind, "C-STORE from %s (%s) not received: %s; answering "
+                  "0xA700", connection.ip, connection.calling, why)
         await self._drop(message)
         message.keep, message.status = _Keep.DISCARD, OUT_OF_RESOURCES
 
+    @staticmethod
+    def _report(listener: Callable[[OSError], None], problem: OSError) -> None:
+        """``on_unwritable`` on an I/O thread (it may log and write an audit entry)."""
+        try:
+            listener(problem)
+        except Exception as exc:  # noqa: BLE001 - a listener's failure must not stop us
+            log.error("reporting a disk problem failed: %s: %s", type(exc).__name__, exc)
+
+    def _settle(self, message: _Message) -> None:
+        """A message no longer counts against the memory and spool budgets."""
+        self.memory_held -= message.held
+        self.spooled -= message.spooled
+        message.held = message.spooled = 0
+
     async def _drop(self, message: _Message) -> None:
         """Forget a message's data set: memory released, spool file deleted."""
-        self.memory_held -= message.held
-        message.held, message.parts, message.pending = 0, [], 0
+        self._settle(message)
+        message.parts, message.pending = [], 0
         file, path, message.file, message.path = message.file, message.path, None, None
         if path is None:
             return
@@ -853,7 +1021,7 @@ class Acceptor:
 
     # -- negotiation ----------------------------------------------------------------------------
     def _negotiate(self, pdu: bytes, connection: _Connection
-                   ) -> tuple[dict[int, Any] | None, int]:
+                   ) -> tuple[dict[int, PresentationContext] | None, int]:
         """Answer the A-ASSOCIATE-RQ: ``({context id: accepted context}, the peer's maximum
         PDU length)``, or ``(None, ...)`` after a reject."""
         from pynetdicom.pdu import A_ASSOCIATE_AC as AcPdu
@@ -880,16 +1048,17 @@ class Acceptor:
             reject, why = (0x01, 0x01, 0x02), "application context name"
         elif self.allowed and calling not in self.allowed:
             reject, why = (0x01, 0x01, 0x03), "calling AE title not allowed"
-        elif self._associations >= self.limits.max_associations:
-            reject, why = LOCAL_LIMIT, f"{self._associations} associations open " \
-                                       f"(max_associations {self.limits.max_associations})"
-        elif self._per_ae[calling] >= self.limits.max_per_ae:
+        elif self._per_ae[calling] >= (most := connection.limit or self.limits.max_per_ae):
             reject, why = LOCAL_LIMIT, f"{self._per_ae[calling]} associations with this " \
-                                       f"calling AE title (max_per_ae {self.limits.max_per_ae})"
+                                       f"calling AE title (at most {most} from this peer)"
+        elif self._associations >= self.limits.max_associations and not self._evict():
+            reject, why = LOCAL_LIMIT, f"{self._associations} associations open " \
+                                       f"(max_associations {self.limits.max_associations}), " \
+                                       f"none idle for {EVICT_AFTER:g} s"
         if reject:
-            self.throttle(logging.WARNING, (connection.ip, "rejected"),
-                          "A-ASSOCIATE from %s (%r) rejected %s: %s", connection.ip, calling,
-                          reject, why)
+            self.note(logging.WARNING, connection.peer, "rejected",
+                      "A-ASSOCIATE from %s (%r) rejected %s: %s", connection.ip, calling,
+                      reject, why)
             connection.writer.write(_pdu(A_ASSOCIATE_RJ, bytes([0, *reject])))
             return None, peer_max
         try:
@@ -912,7 +1081,7 @@ class Acceptor:
         accepted = {int(cx.context_id): cx for cx in results if cx.result == 0x00}
         return accepted, peer_max
 
-    def _choose(self, requested: Any) -> Any:  # noqa: ANN401
+    def _choose(self, requested: PresentationContext) -> PresentationContext:
         """The answer to one proposed presentation context (PS3.8 9.3.3.2)."""
         from pynetdicom.presentation import PresentationContext
 
@@ -929,7 +1098,7 @@ class Acceptor:
         answer.transfer_syntax = [chosen or (proposed[0] if proposed else "1.2.840.10008.1.2")]
         return answer
 
-    def _user_information(self) -> list[Any]:
+    def _user_information(self) -> list[ServiceParameter]:
         import pynetdicom
         from pynetdicom.pdu_primitives import (
             ImplementationClassUIDNotification,
@@ -964,10 +1133,7 @@ class Acceptor:
                         status = await self._loop.run_in_executor(self._pool, self._handle,
                                                                   request)
                 finally:
-                    self.memory_held -= message.held
-                    message.held = 0
-                if _accepted(status):
-                    connection.refill()
+                    self._settle(message)  # no refill: the C-STORE's bytes were its credit
         elif field == C_STORE_RQ:
             status = CANNOT_UNDERSTAND  # a C-STORE without its data set
         else:

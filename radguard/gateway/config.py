@@ -18,9 +18,10 @@ Example ``radguard.toml``::
     bulk_read_limit = 500             # instances per user per 10 minutes before an alarm
     validate_compressed_pixels = true # decode compressed pixel data before acknowledging, so a
                                       # corrupt stream is refused at the door (costs time)
-    trust_signed_pixels = true        # a trusted signature over the pixel data makes the
-                                      # content detectors (synthetic image, copy-move, fill /
-                                      # splice) unnecessary
+    trust_signed_pixels = true        # a trusted signature over the pixels and everything
+                                      # that changes what they show (pixels_covered) makes
+                                      # the content detectors (synthetic image, copy-move,
+                                      # fill / splice) unnecessary
     check_processes = "auto"          # run the checks (signature, forensics, triage) in this
                                       # many separate processes, so they do not share one
                                       # interpreter lock with receiving; "auto": one per core
@@ -28,8 +29,12 @@ Example ``radguard.toml``::
     # HTTP side (web UI, DICOMweb, logins)
     stow_max_mb = 512                 # largest STOW-RS request (MiB); bigger: 413. The
                                       # body is spooled to data_dir, never held in memory
-    login_max_failures = 5            # wrong passwords for one user name, then a wait...
-    login_max_failures_per_client = 20  # ...or from one client address (NATs share one)
+    login_max_failures = 5            # wrong passwords for one user name from one address
+                                      # (an IPv6 /64), then that pair waits...
+    login_max_failures_all_clients = 100  # ...for one name from all addresses together
+                                      # (each adds at most login_max_failures), then the name
+                                      # waits everywhere...
+    login_max_failures_per_client = 20  # ...under any names from one address (NATs share one)
     login_backoff_seconds = 1.0       # first wait; doubles with every further failure; a
     login_backoff_max_seconds = 900.0 # locked name or address gets 429 + Retry-After
     trusted_proxies = []              # reverse proxies (IPs or networks) whose
@@ -45,11 +50,14 @@ Example ``radguard.toml``::
     max_frame_pixels = 100000000      # Rows x Columns of one frame (a 4096 x 5120
                                       # mammogram is 21 million; 16384 x 16384 is refused)
     max_decoded_mb = 2048             # all frames decoded (Rows x Columns x frames x
-                                      # samples x bytes): a large tomosynthesis is ~1 GB
+                                      # samples x bytes): a large tomosynthesis is ~1 GB.
+                                      # Native pixel data cannot expand: larger is taken
+                                      # in, then quarantined as too large to check
     max_inflated_mb = 512             # a deflated data set (1.2.840.10008.1.2.1.99) inflated
     max_compression_ratio = 1000      # decoded / compressed size above 64 MiB decoded (real
                                       # images: 2-50); 0: no check
-    decode_budget_mb = 1024           # inflates and decodes held at once by one process; a
+    decode_budget_mb = 1024           # inflated data sets and decoded pixels held at once by
+                                      # one process (while a check or a store holds them); a
                                       # larger image waits and then runs alone
 
     [forward]                         # the PACS; leave out to keep images here only
@@ -76,24 +84,34 @@ Example ``radguard.toml``::
     [dicom]                           # what one DICOM peer may cost (gateway/acceptor.py)
     max_associations = 32             # associations at once; more get A-ASSOCIATE-RJ
                                       # (transient, local limit exceeded)
-    max_per_ip = 16                   # open connections from one address, negotiating ones
-                                      # included; more are closed unread
+    max_per_ip = 16                   # open connections from one address (an IPv6 /64),
+                                      # negotiating ones included; more are closed unread
     max_per_ae = 16                   # associations per calling AE title; more: rejected
+    peer_limits = { "10.0.0.5" = 32 } # addresses or networks whose max_per_ip and
+                                      # max_per_ae are this instead (a PACS, a NAT)
     connect_timeout = 15              # seconds from connect to a whole A-ASSOCIATE-RQ (TLS
                                       # handshake included)
     idle_timeout = 60                 # seconds of allowance; waiting for the peer uses it up
     min_rate_kib = 16                 # each KiB received adds 1/16 s (up to idle_timeout),
-                                      # an accepted C-STORE refills it: silence or a trickle
-                                      # below 16 KiB/s is dropped, a steady sender never
-    max_association_time = 3600       # seconds, however busy the association
+                                      # nothing else does: silence or a trickle below 16
+                                      # KiB/s is dropped, a steady sender never. When every
+                                      # association is taken, a new one evicts the one
+                                      # furthest behind its allowance (at least 5 s behind)
+    max_association_time = 3600       # seconds, however busy; ends between messages (one
+                                      # under way may take half as long again)
     max_data_set_mb = 4096            # largest data set; bigger: A-ABORT
     memory_per_message_mb = 32        # a data set is received in memory up to this size
     memory_budget_mb = 256            # and while all of them together fit in this; else it
                                       # is spooled to data_dir/incoming
+    spool_budget_mb = 8192            # spool files of unanswered C-STOREs, all together;
+                                      # beyond it: 0xA700
+    min_free_mb = 1024                # C-STOREs get 0xA700 while less is free on data_dir's
+                                      # filesystem (at most 5% of its size is kept free)
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -162,8 +180,8 @@ class GatewayConfig:
     workers: int = 1
     bulk_read_limit: int = 500  # instances one user may retrieve in 10 minutes before an alarm
     validate_compressed_pixels: bool = True  # decode compressed pixels before acknowledging
-    trust_signed_pixels: bool = True  # skip content detectors when a trusted signature
-                                      # covers the pixel data (header checks still run)
+    trust_signed_pixels: bool = True  # skip content detectors when trusted signatures vouch
+                                      # for the image (pixels_covered; header checks still run)
     tls_cert: str = ""
     tls_key: str = ""
     check_processes: int | str = "auto"  # see check_process_count; 0: checks run on the
@@ -176,8 +194,9 @@ class GatewayConfig:
     oidc_roles: dict[str, str] = field(default_factory=dict)
     # -- HTTP side: request bodies, logins, proxies (gateway/web.py, gateway/httpguard.py) --
     stow_max_mb: int = 512  # one STOW-RS request, MiB; spooled to disk, never held whole
-    login_max_failures: int = 5  # wrong passwords for one user name before it must wait
-    login_max_failures_per_client: int = 20  # ...and from one address (a NAT shares one)
+    login_max_failures: int = 5  # wrong passwords for one user name from one address
+    login_max_failures_all_clients: int = 100  # ...from all addresses (distributed guessing)
+    login_max_failures_per_client: int = 20  # ...from one address under any names
     login_backoff_seconds: float = 1.0  # the first wait; doubles with each further failure
     login_backoff_max_seconds: float = 900.0  # the longest wait
     trusted_proxies: list[str] = field(default_factory=list)  # reverse proxies whose
@@ -201,6 +220,10 @@ class GatewayConfig:
     dicom_max_data_set_mb: int = 4096  # MiB in one data set (spooled to disk when large)
     dicom_memory_per_message_mb: int = 32  # MiB of one data set held in memory
     dicom_memory_budget_mb: int = 256  # MiB of data sets in memory, all associations
+    dicom_spool_budget_mb: int = 8192  # MiB in spool files of unanswered C-STOREs
+    dicom_min_free_mb: int = 1024  # MiB kept free on data_dir's filesystem (at most 5% of it)
+    dicom_peer_limits: dict[str, int] = field(default_factory=dict)  # address or network ->
+                                     # its max_per_ip and max_per_ae
     # -- ingest: decode and inflate limits (dicom/limits.py; gateway/dimse.py header_of) --
     max_frame_pixels: int = 100_000_000  # Rows x Columns of one frame
     max_decoded_mb: int = 2048  # all frames decoded, MiB
@@ -220,13 +243,23 @@ class GatewayConfig:
 
     def _validate_ingest(self) -> None:
         """The ingest block: positive whole numbers (the ratio may be 0, no check)."""
-        for name, low in (("max_frame_pixels", 1), ("max_decoded_mb", 1),
-                          ("max_inflated_mb", 1), ("max_compression_ratio", 0),
-                          ("decode_budget_mb", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not \
-                    low <= value <= 1 << 40:
-                raise ConfigError(f"{name} {value!r}: a whole number from {low} to {1 << 40}")
+        for name in ("max_frame_pixels", "max_decoded_mb", "max_inflated_mb",
+                     "decode_budget_mb"):
+            self._number(name, 1, 1 << 40)
+        self._number("max_compression_ratio", 0, 1 << 40)
+
+    def _number(self, name: str, low: float, high: float, *, whole: bool = True,
+                table: str = "") -> float:
+        """The numeric setting ``name`` (of ``[table]``) as a float if it lies in [low, high]
+        (a whole number unless ``whole`` is off); a ConfigError naming it as the TOML file
+        does otherwise. The one range check of every block."""
+        value = getattr(self, f"{table}_{name}" if table else name)
+        kinds = int if whole else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
+            what = "a whole number" if whole else "a number"
+            raise ConfigError(f"{f'{table}.' if table else ''}{name} {value!r}: {what} from "
+                              f"{low} to {high}")
+        return float(value)
 
     def oidc(self) -> Any:  # noqa: ANN401
         """The OpenID Connect settings, or None when [oidc] is not configured."""
@@ -289,15 +322,10 @@ class GatewayConfig:
         return self
 
     def _validate_dicom(self) -> None:
-        """The [dicom] block: connection, time and memory limits."""
+        """The [dicom] block: connection, time, memory and disk limits."""
+        import ipaddress
 
-        def number(name: str, low: float, high: float, *, whole: bool = True) -> float:
-            value = getattr(self, f"dicom_{name}")
-            kinds = int if whole else (int, float)
-            if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
-                what = "a whole number" if whole else "a number of seconds"
-                raise ConfigError(f"dicom.{name} {value!r}: {what} from {low} to {high}")
-            return float(value)
+        number = functools.partial(self._number, table="dicom")
 
         most = number("max_associations", 1, 1024)
         number("max_per_ip", 1, most)
@@ -307,9 +335,22 @@ class GatewayConfig:
         number("min_rate_kib", 1, 1 << 20)
         if number("max_association_time", 1, 7 * 86400, whole=False) < idle:
             raise ConfigError("dicom.max_association_time must not be below dicom.idle_timeout")
-        number("max_data_set_mb", 1, 1 << 20)
+        if number("spool_budget_mb", 1, 1 << 30) < number("max_data_set_mb", 1, 1 << 20):
+            raise ConfigError("dicom.spool_budget_mb must not be below dicom.max_data_set_mb")
         budget = number("memory_budget_mb", 0, 1 << 20)
         number("memory_per_message_mb", 0, budget)
+        number("min_free_mb", 0, 1 << 30)
+        if not isinstance(self.dicom_peer_limits, dict):
+            raise ConfigError("dicom.peer_limits: a table of address or network = connections")
+        for peer, limit in self.dicom_peer_limits.items():
+            try:
+                ipaddress.ip_network(peer, strict=False)
+            except ValueError as exc:
+                raise ConfigError(f"dicom.peer_limits {peer!r}: not an IP address or "
+                                  "network") from exc
+            if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= most:
+                raise ConfigError(f"dicom.peer_limits {peer!r} = {limit!r}: a whole number "
+                                  f"from 1 to max_associations ({most:g})")
 
     def signature_policy(self) -> AlgorithmPolicy:
         """The [signatures] settings as the verifier's algorithm policy (ConfigError if one
@@ -327,16 +368,13 @@ class GatewayConfig:
         """The HTTP block: body and login limits, trusted proxies."""
         import ipaddress
 
-        def number(name: str, low: float, high: float, *, whole: bool = True) -> float:
-            value = getattr(self, name)
-            kinds = int if whole else (int, float)
-            if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
-                what = "a whole number" if whole else "a number"
-                raise ConfigError(f"{name} {value!r}: {what} from {low} to {high}")
-            return float(value)
+        number = self._number
 
         number("stow_max_mb", 1, 1 << 20)
-        number("login_max_failures", 1, 1000)
+        if number("login_max_failures_all_clients", 1, 100_000) < \
+                number("login_max_failures", 1, 1000):
+            raise ConfigError("login_max_failures_all_clients must not be below "
+                              "login_max_failures")
         number("login_max_failures_per_client", 1, 100_000)
         first = number("login_backoff_seconds", 0.01, 86400, whole=False)
         if number("login_backoff_max_seconds", 0.01, 86400, whole=False) < first:

@@ -22,13 +22,14 @@ import logging
 import os
 import ssl
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
+from radguard.dicom.limits import decode_scope
 from radguard.errors import DicomReadError, RadguardError
 from radguard.gateway.acceptor import Acceptor, StoreRequest, no_delay
 from radguard.gateway.config import ConfigError, GatewayConfig
+from radguard.gateway.ratelimit import Throttle, peer_key
 from radguard.gateway.store import Store
 
 __all__ = ["DicomServer", "header_of", "open_association"]
@@ -78,9 +79,13 @@ def header_of(data: bytes | os.PathLike[str], name: str = "instance", *,
     included), a Study, Series or SOP Instance UID or SOP Class UID that is missing or not
     a UID (PS3.5 9.1: these end up in paths, URLs and web pages), an image larger than the
     decode limits, and - unless ``decode_compressed`` is off - compressed pixel data that
-    does not decode. Values over 1 MiB are checked where they lie, never copied."""
+    does not decode. Values over 1 MiB are checked where they lie, never copied. A deflated
+    data set's inflated copy, and decoded pixels, count against the decode budget until
+    the check is done (:func:`~radguard.dicom.limits.decode_scope`), so concurrent stores
+    take turns with large ones instead of each holding one."""
     try:
-        return _header(data, name, decode_compressed)
+        with decode_scope():
+            return _header(data, name, decode_compressed)
     except RadguardError:
         raise
     except Exception as exc:  # noqa: BLE001 - hostile input: any decoder failure is a refusal
@@ -140,8 +145,8 @@ class DicomServer:
         self.port = config.dicom_port
         self.refused = 0
         self._count_lock = threading.Lock()
-        self._last_audit: dict[str, float] = {}
-        self._pending: dict[str, int] = {}
+        self._throttle = Throttle()  # which refusals get a log line and an audit entry
+        self._held_back = 0  # refusals without either since the last summary
 
     def _handle_store(self, request: StoreRequest) -> int:
         """Status for one received C-STORE (runs on the acceptor's thread pool). A spooled
@@ -159,9 +164,9 @@ class DicomServer:
             header = header_of(source, f"C-STORE from {calling}",
                                decode_compressed=self.config.validate_compressed_pixels)
         except RadguardError as exc:
-            return self._refuse(calling, str(exc))
+            return self._refuse(request, str(exc))
         if request.sop_instance_uid and request.sop_instance_uid != header["sop_uid"]:
-            self._refuse(calling, "SOP Instance UID differs from the C-STORE request")
+            self._refuse(request, "SOP Instance UID differs from the C-STORE request")
             return _SOP_MISMATCH
         try:
             row = self.store.ingest(source, header, source="dimse", calling_ae=calling)
@@ -175,22 +180,40 @@ class DicomServer:
             self.on_stored(row)
         return SUCCESS
 
-    def _refuse(self, calling: str, why: str) -> int:
-        """Count and log a refusal; the audit log gets the first one from each calling AE
-        and then one summary a minute (a flood of junk must not become a flood of fsyncs)."""
-        now = time.monotonic()
+    def _refuse(self, request: StoreRequest, why: str) -> int:
+        """Count a refusal; log and audit it as the throttle allows per peer - its IPv4
+        address or IPv6 /64, not the calling AE title, which the sender chooses freely - so
+        a flood of junk becomes neither a flood of fsyncs nor of log lines. Each entry says
+        how many of that peer's refusals it stands for; :meth:`summarise` reports the rest."""
+        peer = peer_key(request.peer)
+        write, held = self._throttle.allow(peer)
         with self._count_lock:
             self.refused += 1
-            pending = self._pending.get(calling, 0) + 1
-            write = now - self._last_audit.get(calling, -1e9) >= 60
-            if write:
-                self._last_audit[calling], self._pending[calling] = now, 0
-            else:
-                self._pending[calling] = pending
-        log.warning("C-STORE from %s refused: %s", calling, why)
-        if self.audit and write:
-            self.audit("dimse.refused", calling, {"reason": why[:300], "refused": pending})
+            if not write:
+                self._held_back += 1
+        if not write:
+            log.debug("C-STORE from %s (%s) refused: %s", request.calling_ae, peer, why)
+            return CANNOT_UNDERSTAND
+        log.warning("C-STORE from %s (%s) refused: %s%s", request.calling_ae, peer or "?", why,
+                    f" ({held} earlier refusals of this peer not logged)" if held else "")
+        if self.audit:
+            self.audit("dimse.refused", request.calling_ae,
+                       {"reason": why[:300], "peer": peer, "held_back": held})
         return CANNOT_UNDERSTAND
+
+    def summarise(self) -> None:
+        """Log and audit how many refusals got no entry of their own since the last summary
+        (the gateway calls this once a minute and on stopping); nothing if none."""
+        with self._count_lock:
+            held, self._held_back = self._held_back, 0
+            total = self.refused
+        if not held:
+            return
+        log.warning("%d refused C-STOREs were not logged one by one since the last summary "
+                    "(%d refused since the start)", held, total)
+        if self.audit:
+            self.audit("dimse.refused_summary", self.config.ae_title,
+                       {"held_back": held, "refused_total": total})
 
     def start(self) -> int:
         """Listen; returns the port (useful with port 0)."""
@@ -218,7 +241,9 @@ class DicomServer:
             max_association_time=c.dicom_max_association_time,
             max_data_set=c.dicom_max_data_set_mb << 20,
             memory_per_message=c.dicom_memory_per_message_mb << 20,
-            memory_budget=c.dicom_memory_budget_mb << 20)
+            memory_budget=c.dicom_memory_budget_mb << 20,
+            spool_budget=c.dicom_spool_budget_mb << 20, min_free=c.dicom_min_free_mb << 20,
+            peer_limits=tuple(c.dicom_peer_limits.items()))
         # large data sets are spooled beside the store, so a rename moves them into place
         spool = Path(c.data_dir) / "incoming"
         try:
@@ -226,9 +251,12 @@ class DicomServer:
         except OSError as exc:
             raise ConfigError(f"{spool}: cannot create the DICOM spool folder "
                               f"({exc.strerror or exc})") from exc
+        # a disk below its reserve refuses C-STOREs at the door: the store's health says so
+        # (the "disk full" banner) until a worker's probe finds it writable again
         self._server = Acceptor(c.ae_title, contexts, self._handle_store,
                                 allowed_calling_aes=list(c.allowed_calling_aes),
-                                ssl_context=ssl_context, limits=limits, spool_dir=spool)
+                                ssl_context=ssl_context, limits=limits, spool_dir=spool,
+                                on_unwritable=self.store.health.failed)
         try:
             self.port = self._server.start(self.config.host, self.config.dicom_port)
         except OSError as exc:

@@ -8,16 +8,19 @@
   ends with the answer instead of being read and discarded. Every response gets the browser
   hardening headers (a strict Content-Security-Policy: no script at all, styles and images
   from the gateway only; no framing; no MIME sniffing; no referrer to other sites).
-* :class:`LoginGuard`: failed logins per user name and per client address; after
-  ``max_failures`` each further failure doubles the wait (up to a maximum), and while a name
-  or address waits every attempt is refused with 429 *before* any password is checked, so
-  the right password does not get through either and a flood costs no scrypt work.
-* :class:`Throttle`: at most one audit entry per key a minute (plus a global budget), with
-  the number of events folded into the next entry - a flood of failed logins must not become
-  a flood of fsyncs in the audit log (the pattern of ``DicomServer._refuse``).
+* :class:`LoginGuard`: failed logins counted per user name *from one address*, per user
+  name from all addresses together (a higher threshold: distributed guessing) and per
+  address under any names (spraying); addresses are grouped as
+  :func:`~radguard.gateway.ratelimit.peer_key` does (an IPv6 /64 is one address). Past a
+  threshold each further failure doubles the wait (up to a maximum), and while a count
+  waits every attempt it covers is refused with 429 *before* any password is checked, so a
+  flood costs no scrypt work - yet five wrong passwords from an attacker's address do not
+  lock the real user out of their own.
 * :func:`guarded_protocol`: uvicorn's h11 protocol with a deadline for each request's headers
   (uvicorn has none: a connection that sends nothing, or a byte now and then, was held
   forever, and 64 of them took every slot) and a cap on connections per client address.
+
+Failed-login audit entries are bounded by :class:`~radguard.gateway.ratelimit.Throttle`.
 """
 
 from __future__ import annotations
@@ -29,14 +32,14 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from radguard.gateway.ratelimit import Throttle
+from radguard.gateway.ratelimit import peer_key
 
 __all__ = ["SECURITY_HEADERS", "BodyTimeout", "BodyTooLarge", "GuardMiddleware", "LockReason",
-           "Lockout", "LoginGuard", "Throttle", "guarded_protocol", "retry_after"]
+           "Lockout", "LoginGuard", "guarded_protocol", "retry_after"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -144,8 +147,9 @@ async def _answer(send: Send, status: int, error: str) -> None:
 class LockReason(Enum):
     """What a login wait is counted against."""
 
-    USER = "user"
-    CLIENT = "client"
+    USER_CLIENT = "user from client"  # one user name from one address
+    USER = "user"  # one user name from all addresses together
+    CLIENT = "client"  # one address under any user names
 
 
 @dataclass
@@ -153,39 +157,75 @@ class _Strikes:
     failures: int = 0
     locked_until: float = 0.0
     last: float = 0.0
+    # a name's overall count: what each address added (at most max_failures each)
+    by_client: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Lockout:
-    """A wait that has just begun."""
+    """A wait that has just begun (``name`` or ``client`` is "" where the count has none)."""
 
     reason: LockReason
-    who: str
+    name: str
+    client: str
     failures: int
     seconds: float
 
+    @property
+    def who(self) -> str:
+        """What waits, for logs and audit targets."""
+        if self.reason is LockReason.USER_CLIENT:
+            return f"{self.name} from {self.client}"
+        return self.name or self.client
+
+
+_Key = tuple[LockReason, str, str]  # (reason, user name or "", peer or "")
+
 
 class LoginGuard:
-    """Failed-login counters with exponential backoff, per user name and per client address.
+    """Failed-login counters with exponential backoff.
+
+    Three counts, each with its own threshold: a user name from one address
+    (``max_failures``), from all addresses together (``max_failures_all_clients``, default
+    20 x ``max_failures``; one address adds at most ``max_failures`` to it while that count
+    lives, so locking a name out everywhere takes ``max_failures_all_clients /
+    max_failures`` addresses) and an address under any names (``max_failures_per_client``).
+    A right password clears only the count of that name from that address: the address's
+    spray count and the name's overall count go on.
 
     Kept in memory (a restart forgets them; gateways sharing a PostgreSQL store count
-    separately) and bounded: at most ``capacity`` names and addresses, the least recently
-    failed forgotten first; a name or address with no failure for an hour starts afresh."""
+    separately). A count with no failure for an hour starts afresh. At most ``capacity``
+    counts are kept, the least recently failed forgotten first - but never one that has
+    reached its threshold within the hour (locked or waiting to double), so a flood of
+    failures under random names cannot unlock a target. Those cost at least
+    ``max_failures`` password checks each, so their number is bounded by the password
+    checks the server can make in an hour."""
 
     FORGET_SECONDS = 3600.0
 
     def __init__(self, max_failures: int, max_failures_per_client: int, backoff: float,
-                 backoff_max: float, *, capacity: int = 10_000,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.limits = {LockReason.USER: max_failures, LockReason.CLIENT: max_failures_per_client}
+                 backoff_max: float, *, max_failures_all_clients: int | None = None,
+                 capacity: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
+        all_clients = max_failures_all_clients if max_failures_all_clients is not None \
+            else 20 * max_failures
+        self.limits = {LockReason.USER_CLIENT: max_failures, LockReason.USER: all_clients,
+                       LockReason.CLIENT: max_failures_per_client}
         self.backoff, self.backoff_max = backoff, backoff_max
         self.capacity = capacity
         self.clock = clock
-        self._table: OrderedDict[tuple[LockReason, str], _Strikes] = OrderedDict()
+        self._table: OrderedDict[_Key, _Strikes] = OrderedDict()
         self._lock = threading.Lock()
 
-    def _keys(self, name: str, client: str) -> list[tuple[LockReason, str]]:
-        return [(LockReason.USER, name[:64]), (LockReason.CLIENT, client)]
+    def __len__(self) -> int:
+        """Counts remembered."""
+        with self._lock:
+            return len(self._table)
+
+    @staticmethod
+    def _keys(name: str, client: str) -> tuple[_Key, _Key, _Key]:
+        name, peer = name[:64], peer_key(client)
+        return ((LockReason.USER_CLIENT, name, peer), (LockReason.USER, name, ""),
+                (LockReason.CLIENT, "", peer))
 
     def wait(self, name: str, client: str) -> tuple[float, LockReason | None]:
         """Seconds until this name from this address may try again (0: now) and why."""
@@ -200,27 +240,58 @@ class LoginGuard:
         now = self.clock()
         started = []
         with self._lock:
-            for key in self._keys(name, client):
-                strikes = self._table.pop(key, None) or _Strikes()
-                if now - strikes.last > self.FORGET_SECONDS:
+            keys = self._keys(name, client)
+            peer = keys[2][2]
+            for key in keys:
+                strikes = self._table.pop(key, None)
+                if strikes is None or now - strikes.last > self.FORGET_SECONDS:
                     strikes = _Strikes()
+                self._table[key] = strikes  # most recently failed last
+                if key[0] is LockReason.USER and not self._add_client(strikes, peer):
+                    continue
                 strikes.failures += 1
                 strikes.last = now
                 over = strikes.failures - self.limits[key[0]]
                 if over >= 0:
                     seconds = min(self.backoff * 2.0 ** min(over, 60), self.backoff_max)
                     strikes.locked_until = now + seconds
-                    started.append(Lockout(key[0], key[1], strikes.failures, seconds))
-                self._table[key] = strikes  # most recent last
-            while len(self._table) > self.capacity:
-                self._table.popitem(last=False)
+                    started.append(Lockout(key[0], key[1], key[2], strikes.failures, seconds))
+            self._forget_beyond_capacity(now)
         return started
 
+    def _add_client(self, overall: _Strikes, peer: str) -> bool:
+        """Whether a failure from ``peer`` counts towards a name's overall count: each
+        address adds at most ``max_failures`` for as long as the count lives, so locking a
+        name out everywhere takes many addresses, not one patient one."""
+        added = overall.by_client.get(peer, 0)
+        if added >= self.limits[LockReason.USER_CLIENT]:
+            return False
+        if added or len(overall.by_client) < self.limits[LockReason.USER]:
+            overall.by_client[peer] = added + 1  # (beyond that many addresses: locked anyway)
+        return True
+
+    def _count(self, key: _Key, now: float) -> int:
+        strikes = self._table.get(key)
+        return 0 if strikes is None or now - strikes.last > self.FORGET_SECONDS \
+            else strikes.failures
+
+    def _forget_beyond_capacity(self, now: float) -> None:
+        """Drop the least recently failed counts beyond ``capacity``, keeping (moved to the
+        back) every count that waits or has reached its threshold within the hour."""
+        kept = 0
+        while len(self._table) > self.capacity and kept < len(self._table):
+            key, strikes = next(iter(self._table.items()))
+            if strikes.locked_until > now or self._count(key, now) >= self.limits[key[0]]:
+                self._table.move_to_end(key)
+                kept += 1
+            else:
+                del self._table[key]
+
     def succeeded(self, name: str, client: str) -> None:
-        """A right password (outside any wait): the counters start afresh."""
+        """A right password (outside any wait): this name from this address starts afresh;
+        the address's count under other names and the name's overall count do not."""
         with self._lock:
-            for key in self._keys(name, client):
-                self._table.pop(key, None)
+            self._table.pop(self._keys(name, client)[0], None)
 
 
 def retry_after(seconds: float) -> str:

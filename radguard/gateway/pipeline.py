@@ -5,22 +5,24 @@ The policy, in order (the first rule that applies decides):
 1. Synthetic Data = YES: **rejected** - synthetic images never enter the clinical store.
 2. A signature that does not hold (invalid), one too weak to count (MD5 / SHA-1 MAC, short
    key; ``[signatures]`` in the configuration), or a signer not trusted: **quarantined**.
-3. From a calling AE title or modality listed in ``must_sign``, without a valid top-level
-   signature over the pixel data and the attributes that say how to read it: **quarantined**
-   (unsigned, signed only inside sequence items - such a signature covers its item, not the
-   image - or signed over a few header elements only).
+3. From a calling AE title or modality listed in ``must_sign``, without valid top-level
+   signatures that vouch for the image (``VerificationReport.pixels_covered``: they cover
+   every present element that changes what it shows or means - pixels, how they are read and
+   shown, overlays, whose image it is and where it belongs): **quarantined** (unsigned,
+   signed only inside sequence items - such a signature covers its item, not the image - or
+   signed over part of it only, or changed by elements added after signing).
 4. A watermark that no longer matches the pixels: **quarantined**.
 5. Forensics verdict ``tampered`` or ``synthetic``: **quarantined**.
 6. Pixel data that cannot be decoded (verdict ``unverifiable``): **quarantined**.
 7. Otherwise **done**: forwarded to the PACS when one is configured; ``suspicious`` images
    go through with their badge and reasons.
 
-When a valid top-level signature that chains to the trust store covers the pixel data and
-the attributes that say how to read it (``VerificationReport.pixels_covered``), the content
-detectors (synthetic image, copy-move, fill / splice) are skipped (``trust_signed_pixels``, on by
-default): the pixels are provably the device's, and a statistical detector could only add
-false alarms. Header checks, the watermark check (a forgery signed with a stolen device key
-still lacks the watermark), triage and monitoring still run.
+Only when valid top-level signatures that chain to the trust store vouch for the image
+(``pixels_covered``) is the badge ``signed``, and then the content detectors (synthetic
+image, copy-move, fill / splice) are skipped (``trust_signed_pixels``, on by default): the
+image is provably the device's, and a statistical detector could only add false alarms.
+Header checks, the watermark check (a forgery signed with a stolen device key still lacks
+the watermark), triage and monitoring still run.
 
 Every layer that is not configured says so in the instance's details ("not configured")
 instead of being silently skipped. Delivery to the PACS is at least once: a crash between
@@ -257,8 +259,9 @@ class Pipeline:
                                           or instance.modality.upper() in self.must_sign):
             r.state = "quarantined"
             who = instance.calling_ae or instance.modality
-            if scan.signature == "valid":  # over a few header elements, not the image
-                why = f"signed, but the signature does not cover the pixel data; {who} must sign"
+            if scan.signature == "valid":  # over part of the image, or added to since
+                why = (f"signed, but the signature does not vouch for the image (not all that "
+                       f"changes what it shows is covered); {who} must sign")
             else:  # no top-level signature (one in a sequence item covers that item only)
                 why = f"unsigned, but {who} must sign"
             r.reasons.insert(0, why)
@@ -339,7 +342,7 @@ def _badge(signature: str, watermark: str, pixels_vouched: bool) -> str:
     if watermark == "changed":
         return "watermark changed"
     if signature == "valid":
-        # "signed" only when the signature vouches for the image, not a few header elements
+        # "signed" only when the signatures vouch for the image, not part of it
         return "signed" if pixels_vouched else "pixels unsigned"
     if watermark == "intact":
         return "watermarked"

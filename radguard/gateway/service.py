@@ -8,25 +8,36 @@ in separate processes (:class:`~radguard.gateway.pipeline.CheckPool`), so on a m
 server they do not share the receiving process's interpreter lock; the store, the monitor
 and forwarding stay in the gateway process.
 
-The workers survive every store error. When the store cannot be written (a full disk, an
+The workers survive every error. When the store cannot be written (a full disk, an
 unreachable database) new objects are refused (C-STORE 0xA700), ``Gateway.problem`` says
 since when and why (the web UI shows it), the transition is logged and audited once, and
-the workers back off and probe until writes work again; an instance claimed when the error
-hit goes back to the queue. Nothing acknowledged is lost and nothing needs a restart.
+the workers back off and probe until writes work again. An instance whose result cannot be
+written - by the store, or by the pipeline itself (the drift monitor's SQLite on a full
+disk, any OSError) - goes back to the queue instead of being judged, and so does one that
+meets an unexpected error outside the checks (logged with its traceback). Nothing
+acknowledged is lost and nothing needs a restart.
 
 A conflicting copy of a SOP Instance UID already held (different bytes, see
 :class:`~radguard.gateway.store.Store`) is checked like any instance but always ends in
 quarantine with the reason, never forwarded, so an admin decides; the first copy stays the
-one served unless the admin releases the new copy, which then replaces it.
+one served unless the admin releases the new copy, which then replaces it. Whether it still
+conflicts is decided when it is checked: if every earlier copy has been rejected since it
+arrived, it is an ordinary instance.
+
+In-process checks run in a :func:`~radguard.dicom.limits.decode_scope`: the data set and
+pixels a scan holds count against the decode budget until it ends, so concurrent workers
+take turns with large ones instead of each holding one.
 """
 
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from typing import Any
 
+from radguard.dicom.limits import decode_scope
 from radguard.errors import RadguardError
 from radguard.gateway.config import ConfigError, GatewayConfig
 from radguard.gateway.dimse import DicomServer
@@ -36,6 +47,14 @@ from radguard.gateway.store import Instance, Store, StoreError
 __all__ = ["Gateway"]
 
 log = logging.getLogger("radguard.gateway")
+
+#: attempts at one instance before an error the working store cannot explain quarantines it
+MAX_ATTEMPTS = 5
+
+#: a write that failed, in the store or inside the pipeline (the drift monitor's SQLite, a
+#: file): the instance goes back to the queue, it is not judged
+_STORAGE_ERRORS: tuple[type[BaseException], ...] = (OSError, sqlite3.OperationalError,
+                                                    StoreError)
 
 
 def _oidc_verifier(config: GatewayConfig) -> Any:  # noqa: ANN401
@@ -65,7 +84,8 @@ class Gateway:
         self.config = config
         set_decode_limits(config.decode_limits())  # the door and in-process checks
         self.oidc = _oidc_verifier(config)
-        self.store = Store(config.data_dir, config.db_url or None)
+        self.store = Store(config.data_dir, config.db_url or None,
+                           min_free=config.dicom_min_free_mb << 20)
         self.store.health.listeners.append(self._store_health)
         self.audit_log = audit_log or AuditLog(Path(config.data_dir) / "audit.jsonl",
                                                actor="radguard-gateway")
@@ -140,6 +160,14 @@ class Gateway:
             t = threading.Thread(target=self._work, name=f"radguard-worker-{n}", daemon=True)
             t.start()
             self._threads.append(t)
+        t = threading.Thread(target=self._summarise, name="radguard-summaries", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _summarise(self) -> None:
+        """Once a minute: how many refused C-STOREs the throttled log held back."""
+        while not self._stop.wait(60):
+            self.dicom.summarise()
 
     def _start_http(self) -> None:
         import socket
@@ -188,10 +216,13 @@ class Gateway:
                     raise StoreError(self.store.health.problem)
                 self._requeue_held()
                 instance = self.store.claim()
-            except (OSError, StoreError) as exc:
+            except _STORAGE_ERRORS as exc:
                 log.debug("worker waits for the store: %s", exc)
-                self._stop.wait(store_wait)
-                store_wait = min(store_wait * 2, 30.0)
+                store_wait = self._back_off(store_wait, 30.0)
+                continue
+            except Exception:  # noqa: BLE001 - a worker outlives every error
+                log.exception("worker: unexpected error while taking work; trying again")
+                store_wait = self._back_off(store_wait, 30.0)
                 continue
             store_wait = 1.0
             if instance is None:
@@ -204,20 +235,56 @@ class Gateway:
             except ForwardError as exc:
                 log.warning("forwarding %s failed, will retry: %s", instance.sop_uid, exc)
                 self._hold(instance.id)
-                self._stop.wait(forward_wait)
-                forward_wait = min(forward_wait * 2, 60.0)
-            except (OSError, StoreError) as exc:  # the result could not be recorded
-                log.debug("instance %s back to the queue: %s", instance.sop_uid, exc)
+                forward_wait = self._back_off(forward_wait, 60.0)
+            except _STORAGE_ERRORS as exc:  # the result could not be written
+                if self._poison(instance, exc):
+                    continue
+                # during a store outage the outage itself is logged, once
+                log.log(logging.DEBUG if self.store.health.problem else logging.WARNING,
+                        "instance %s back to the queue (a write failed): %s",
+                        instance.sop_uid, exc)
                 self._hold(instance.id)
-                self._stop.wait(store_wait)
-                store_wait = min(store_wait * 2, 30.0)
+                store_wait = self._back_off(store_wait, 30.0)
+            except Exception as exc:  # noqa: BLE001 - outside the checks: a bug, not the image's
+                if self._poison(instance, exc):
+                    continue
+                log.exception("instance %s back to the queue after an unexpected error",
+                              instance.sop_uid)
+                self._hold(instance.id)
+                store_wait = self._back_off(store_wait, 30.0)
+
+    def _poison(self, instance: Instance, exc: BaseException) -> bool:
+        """Quarantine an instance that failed MAX_ATTEMPTS times while the store itself
+        works (a probe writes): the error is then the instance's (a file gone missing, a
+        decoder's OSError), and requeueing it for ever would stall the queue behind it."""
+        if instance.attempts < MAX_ATTEMPTS or not self.store.probe():
+            return False
+        log.error("instance %s failed %d times with the store working; quarantined: %s",
+                  instance.sop_uid, instance.attempts, exc)
+        try:
+            self.store.finish(instance.id, state="quarantined", verdict="unverifiable",
+                              trust="unknown",
+                              details={"error": f"{type(exc).__name__}: {exc}"[:500],
+                                       "reasons": [f"could not be processed in "
+                                                   f"{instance.attempts} attempts: "
+                                                   f"{type(exc).__name__}: {exc}"[:300]]})
+        except _STORAGE_ERRORS:
+            return False
+        self._audit("instance.quarantined", instance.sop_uid,
+                    {"study": instance.study_uid, "reasons": ["failed repeatedly"]})
+        return True
+
+    def _back_off(self, wait: float, longest: float) -> float:
+        """Wait ``wait`` seconds (less if the gateway stops); the next, doubled wait."""
+        self._stop.wait(wait)
+        return min(wait * 2, longest)
 
     def _hold(self, instance_id: int) -> None:
         """Put a claimed instance back in the queue, or keep it for later if the store
         cannot take even that now (it must not stay claimed until a restart)."""
         try:
             self.store.requeue(instance_id)
-        except (OSError, StoreError):
+        except _STORAGE_ERRORS:
             with self._held_lock:
                 self._held.add(instance_id)
 
@@ -227,23 +294,26 @@ class Gateway:
         for number, instance_id in enumerate(sorted(held)):
             try:
                 self.store.requeue(instance_id)
-            except (OSError, StoreError):
+            except _STORAGE_ERRORS:
                 with self._held_lock:
                     self._held.update(sorted(held)[number:])
                 raise
 
     def _process(self, instance: Instance) -> None:
-        first = self.store.get(instance.duplicate_of) if instance.duplicate_of else None
+        # the copy this one conflicts with as of now (None: none, or all rejected since)
+        first = self.store.recheck_original(instance) if instance.duplicate_of else None
         try:
-            if self.checks is not None:
-                routing, observation = self.checks.check(self.store.file(instance), instance)
-                if first is None:
-                    self.pipeline.observe(instance, observation, routing)
-            elif first is None:
-                routing = self.pipeline.route(instance)
-            else:  # a conflicting copy does not feed the drift monitor
-                routing = self.pipeline.check(self.store.file(instance), instance)[0]
-        except (ForwardError, StoreError):
+            with decode_scope():  # what the scan holds counts against the decode budget
+                if self.checks is not None:
+                    routing, observation = self.checks.check(self.store.file(instance),
+                                                             instance)
+                    if first is None:
+                        self.pipeline.observe(instance, observation, routing)
+                elif first is None:
+                    routing = self.pipeline.route(instance)
+                else:  # a conflicting copy does not feed the drift monitor
+                    routing = self.pipeline.check(self.store.file(instance), instance)[0]
+        except (ForwardError, *_STORAGE_ERRORS):
             raise
         except Exception as exc:  # noqa: BLE001 - one bad instance must not stop the queue
             log.exception("pipeline failed on %s", instance.sop_uid)
@@ -251,7 +321,7 @@ class Gateway:
                               trust="unknown", details={"error": f"{type(exc).__name__}: "
                                                                  f"{exc}"[:500]})
             return
-        if instance.duplicate_of:
+        if first is not None:
             _conflict(routing, instance, first)
         forwarded = self.pipeline.forward(instance) if routing.state == "done" else None
         self.store.finish(instance.id, state=routing.state, verdict=routing.verdict,
@@ -263,8 +333,8 @@ class Gateway:
         if routing.state != "done":
             details: dict[str, Any] = {"study": instance.study_uid,
                                        "reasons": routing.reasons[:3]}
-            if instance.duplicate_of:
-                details["duplicate_of"] = instance.duplicate_of
+            if first is not None:
+                details["duplicate_of"] = first.id
             self._audit(f"instance.{routing.state}", instance.sop_uid, details)
 
     def wait_idle(self, timeout: float = 60.0) -> bool:
@@ -284,6 +354,7 @@ class Gateway:
 
     def _shut_down(self) -> None:
         self.dicom.stop()
+        self.dicom.summarise()
         if self._http is not None:
             self._http.should_exit = True
             self._http_thread.join(15)
@@ -296,15 +367,14 @@ class Gateway:
         self.pipeline.close()
 
 
-def _conflict(routing: Routing, instance: Instance, first: Instance | None) -> None:
+def _conflict(routing: Routing, instance: Instance, first: Instance) -> None:
     """Route a conflicting copy of a SOP Instance UID to quarantine (a rejection stands):
     the first copy keeps being served, an admin decides about this one."""
-    origin = (f"first received {first.received_at[:19]}Z from "
-              f"{first.calling_ae or first.source} (row {first.id})" if first is not None
-              else f"first copy's row {instance.duplicate_of}")
     routing.reasons.insert(0, f"conflicting duplicate of SOP Instance UID {instance.sop_uid}: "
-                              f"different content than the copy {origin}; the first copy is "
-                              "kept and served; releasing this one replaces it")
-    routing.details["duplicate_of"] = instance.duplicate_of
+                              f"different content than the copy first received "
+                              f"{first.received_at[:19]}Z from {first.calling_ae or first.source} "
+                              f"(row {first.id}); the first copy is kept and served; releasing "
+                              "this one replaces it")
+    routing.details["duplicate_of"] = first.id
     if routing.state == "done":
         routing.state = "quarantined"

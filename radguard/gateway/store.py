@@ -11,9 +11,11 @@ acknowledged) are removed by ``recover``.
 
 One SOP Instance UID names one object. The same bytes again (same SHA-256) are a resend:
 acknowledged, no new row. Different bytes under a UID already held are stored - never
-instead of the first copy - with ``duplicate_of`` naming the first row, and the gateway
-quarantines them for an admin to decide; the first copy is what DICOMweb and the viewer
-serve (:meth:`Store.served`). So a peer cannot shadow an image by resending its UID.
+instead of the first copy - with ``duplicate_of`` naming the earliest copy that was not
+rejected (a rejected copy, e.g. an attacker's who guessed the UID, makes nothing a
+duplicate), and the gateway quarantines them for an admin to decide; the first copy that
+passed is what DICOMweb and the viewer serve (:meth:`Store.clinical_instances`). So a peer
+cannot shadow an image by resending its UID.
 
 Large objects arrive as files (the DICOM acceptor spools them to ``data_dir/incoming``, on
 the store's filesystem): :meth:`Store.ingest` hashes them while reading and renames them
@@ -48,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from radguard.errors import RadguardError
-from radguard.fileio import atomic_write_bytes, atomic_writer
+from radguard.fileio import atomic_write_bytes, atomic_writer, room_above_reserve
 
 __all__ = ["Instance", "Store", "StoreError", "WriteHealth"]
 
@@ -257,8 +259,13 @@ class Store:
     """Files under ``data_dir/objects``; index in ``data_dir/radguard.db`` (SQLite) or in
     the PostgreSQL database ``db_url`` names."""
 
-    def __init__(self, data_dir: str | os.PathLike[str], db_url: str | None = None) -> None:
+    def __init__(self, data_dir: str | os.PathLike[str], db_url: str | None = None, *,
+                 min_free: int = 0) -> None:
         self.root = Path(data_dir)
+        # bytes kept free on the data folder's filesystem (fileio.room_above_reserve): an
+        # instance that would go below is refused, and the store is not healthy until there
+        # is room again
+        self.min_free = min_free
         self.objects = self.root / "objects"
         self.incoming = self.root / "incoming"  # large objects spooled while they arrive
         self.health = WriteHealth()
@@ -393,17 +400,17 @@ class Store:
                 spooled.unlink(missing_ok=True)
             return int(known[0]), False
         path = self.objects / digest[:2] / f"{digest}.dcm"
+        self._check_room(0 if spooled is not None and self._same_device(spooled) else size)
         if spooled is not None:
             self._adopt(spooled, path)
         elif not path.exists():
             atomic_write_bytes(path, data, 0o640, durable=True)  # type: ignore[arg-type]
         with self.transaction():
             self.backend.lock_uid(self.execute, sop)
-            rows = self.execute("SELECT id, sha256 FROM instances WHERE sop_uid=? ORDER BY id",
-                                (sop,)).fetchall()
-            same = next((r[0] for r in rows if r[1] == digest), None)
+            same = self.execute("SELECT id FROM instances WHERE sop_uid=? AND sha256=? "
+                                "ORDER BY id LIMIT 1", (sop, digest)).fetchone()
             if same is not None:  # the same resend raced this one in
-                return int(same), False
+                return int(same[0]), False
             row = self.execute(
                 "INSERT INTO instances (sop_uid, study_uid, series_uid, sop_class, "
                 "patient_id, patient_name, modality, study_date, path, sha256, size, "
@@ -414,8 +421,28 @@ class Store:
                  header.get("patient_id", ""), header.get("patient_name", ""),
                  header.get("modality", ""), header.get("study_date", ""),
                  str(path.relative_to(self.root)), digest, size, _now(), source,
-                 calling_ae, rows[0][0] if rows else None)).fetchone()
+                 calling_ae, self._original_id(sop))).fetchone()
         return int(row[0]), True
+
+    def _original_id(self, sop_uid: str, before: int | None = None) -> int | None:
+        """The copy a new copy of ``sop_uid`` (or row ``before``) conflicts with: the
+        earliest one not rejected. None: no such copy, so it is no duplicate."""
+        bound, params = ("", (sop_uid,)) if before is None else (" AND id<?", (sop_uid, before))
+        row = self.execute("SELECT id FROM instances WHERE sop_uid=? AND state<>'rejected'"
+                           f"{bound} ORDER BY id LIMIT 1", params).fetchone()
+        return None if row is None else int(row[0])
+
+    def recheck_original(self, instance: Instance) -> Instance | None:
+        """The copy a conflicting duplicate conflicts with now - the earliest earlier copy
+        not rejected, which changes when that one was rejected after this one arrived -
+        recorded in ``duplicate_of`` (None: it is no longer a duplicate)."""
+        with self.transaction():
+            self.backend.lock_uid(self.execute, instance.sop_uid)
+            original = self._original_id(instance.sop_uid, instance.id)
+            if original != instance.duplicate_of:
+                self.execute("UPDATE instances SET duplicate_of=? WHERE id=?",
+                             (original, instance.id))
+        return None if original is None else self.get(original)
 
     @staticmethod
     def _adopt(spooled: Path, path: Path) -> None:
@@ -444,11 +471,26 @@ class Store:
         finally:
             os.close(fd)
 
+    def _check_room(self, size: int) -> None:
+        """OSError(ENOSPC) when writing ``size`` more bytes would leave less than the
+        reserve free (0: whether the disk is below the reserve already)."""
+        if self.min_free and room_above_reserve(self.objects, self.min_free) < size:
+            raise OSError(errno.ENOSPC, f"less than the reserve of {self.min_free >> 20} MiB "
+                                        "would be left free (at most 5% of the filesystem)")
+
+    def _same_device(self, spooled: Path) -> bool:
+        """A spooled file on the store's filesystem is renamed into place (no new bytes)."""
+        try:
+            return spooled.stat().st_dev == self.objects.stat().st_dev
+        except OSError:
+            return False
+
     def probe(self) -> bool:
         """Whether the store can be written now (a 1 MiB file written and fsync'd, then
         removed, and one durable database transaction); records the result in
         :attr:`health`. Used while writes fail, to notice when space returns."""
         try:
+            self._check_room(1 << 20)
             probe = self.incoming / "write-probe"  # removed by recover() after a crash
             atomic_write_bytes(probe, bytes(1 << 20), 0o600, durable=True)
             probe.unlink(missing_ok=True)  # several workers may probe at once
@@ -460,30 +502,23 @@ class Store:
         self.health.worked()
         return True
 
-    def served(self, sop_uid: str) -> Instance | None:
-        """The copy of a SOP Instance UID that DICOMweb and the viewer serve: the first
-        one that passed the checks (or was released). A conflicting later copy never
-        shadows it; only an admin's release of that copy replaces it (:meth:`decide`)."""
-        rows = self.instances("sop_uid=? AND state='done'", (sop_uid,), order="id")
-        return rows[0] if rows else None
-
     # -- queue -----------------------------------------------------------------------------------
     def claim(self) -> Instance | None:
         """The oldest queued instance, now marked ``processing`` (None if the queue is empty).
         Not a durable commit: a claim lost to a power cut leaves the instance queued, and
-        :meth:`recover` requeues claims that survive a crash anyway."""
+        :meth:`recover` requeues claims that survive a crash anyway.
+        One statement takes the row and returns it, so no later read can fail and leave it
+        claimed by nobody."""
         try:
             with self.transaction(durable=False):
-                row = self.execute("SELECT id FROM instances WHERE state='queued' ORDER BY "
-                                   "id LIMIT 1" + self.backend.skip_locked).fetchone()
-                if row is None:
-                    return None
-                self.execute("UPDATE instances SET state='processing', attempts=attempts+1 "
-                             "WHERE id=?", (row[0],))
+                rows = self.execute(
+                    "UPDATE instances SET state='processing', attempts=attempts+1 WHERE id=("
+                    "SELECT id FROM instances WHERE state='queued' ORDER BY id LIMIT 1"
+                    f"{self.backend.skip_locked}) RETURNING {', '.join(_COLUMNS)}").fetchall()
         except (OSError, StoreError) as exc:
             self.health.failed(exc)
             raise
-        return self.get(row[0])
+        return Instance(*rows[0]) if rows else None
 
     def finish(self, instance_id: int, *, state: str, verdict: str, trust: str,
                details: dict[str, Any], ai_probability: float | None = None,
@@ -524,9 +559,10 @@ class Store:
         """A person's release (``done``) or rejection of a quarantined instance.
 
         Releasing a conflicting duplicate (``duplicate_of`` set) accepts it as the
-        replacement of the copy served so far: the other clinical copies of that SOP Instance
-        UID are rejected in the same transaction ("superseded"), so exactly one copy is
-        served and the one forwarded on release is the one the admin chose."""
+        replacement of the copy served so far: every other copy of that SOP Instance UID that
+        is not rejected - served, queued, being checked or in quarantine - is rejected in the
+        same transaction ("superseded"), so exactly one copy is served, none can become
+        served later, and the one forwarded on release is the one the admin chose."""
         if state not in ("done", "rejected"):
             raise StoreError("a quarantine decision is release or reject")
         with self.transaction():
@@ -538,7 +574,7 @@ class Store:
             if changed and state == "done" and row is not None and row[1] is not None:
                 self.execute(
                     "UPDATE instances SET state='rejected', decided_by=?, decision_note=? "
-                    "WHERE sop_uid=? AND id<>? AND state='done'",
+                    "WHERE sop_uid=? AND id<>? AND state<>'rejected'",
                     (who, f"superseded by row {instance_id}, released by {who}: {note}"[:500],
                      row[0], instance_id))
         if not changed:
@@ -585,6 +621,18 @@ class Store:
             f"SELECT {', '.join(_COLUMNS)} FROM instances WHERE {where} ORDER BY {order}",
             params)
         return [Instance(*r) for r in cur.fetchall()]
+
+    def clinical_instances(self, where: str = "1=1", params: tuple[Any, ...] = (),
+                           order: str = "id") -> list[Instance]:
+        """What DICOMweb and the viewer serve, among rows matching ``where``: per SOP
+        Instance UID the first copy that passed the checks or was released (``done``). A
+        conflicting later copy never shadows it; only an admin's release of that copy
+        replaces it (:meth:`decide`). The first copy is chosen among all copies of the UID,
+        whatever ``where`` says of them (a copy claiming another study changes nothing)."""
+        return self.instances(
+            f"state='done' AND ({where}) AND NOT EXISTS (SELECT 1 FROM instances AS earlier "
+            "WHERE earlier.sop_uid=instances.sop_uid AND earlier.state='done' "
+            "AND earlier.id<instances.id)", params, order)
 
     def counts(self) -> dict[str, int]:
         """Instances per state."""

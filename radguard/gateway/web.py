@@ -3,7 +3,7 @@
 Every route needs a bearer token (``Authorization: Bearer ...``) or the session cookie the
 login page sets, except the login itself (``GET/POST /login``, ``POST /auth/token``) and the
 style sheet: without one the answer is 401, with the wrong role 403. Every request that
-reaches a route, and failed logins (bounded, see :class:`~radguard.gateway.httpguard.Throttle`),
+reaches a route, and failed logins (bounded, see :class:`~radguard.gateway.ratelimit.Throttle`),
 are written to the audit log; retrieving more than ``bulk_read_limit`` instances within ten
 minutes raises a bulk-read alarm there ("monitoring for unusual bulk downloads").
 
@@ -23,12 +23,16 @@ Hardening (issue 21), with the pieces in :mod:`radguard.gateway.httpguard`:
   are not subject to it.
 * Bodies are limited before they are read (forms and logins 8 KiB, STOW-RS
   ``stow_max_mb``); a STOW-RS body is parsed as it arrives and each part spooled to a file
-  in the data folder, never held whole in memory.
-* Logins back off per user name and per client address (429 + Retry-After), and at most
+  in the data folder, never held whole in memory, and closed when its boundary is reached
+  (one open part file per request, at most ``STOW_MAX_PARTS`` parts).
+* Logins back off per user name from one address, per user name overall and per address
+  (429 + Retry-After; :class:`~radguard.gateway.httpguard.LoginGuard`), and at most
   ``PASSWORD_CHECKS`` scrypt checks run at once, so a login flood can neither guess on nor
   take the CPU.
-* A store that cannot be read or written (full disk, database down) gives 503 with a short
-  message; ids beyond 64 bits give 404 - never a 500 with a traceback.
+* A store or audit log that cannot be read or written (full disk, database down) gives 503
+  with a short message - for a browser a page with the gateway's problem as its banner:
+  failing closed (no access goes unaudited) must not leave the UI blank; ids beyond 64 bits
+  give 404 - never a 500 with a traceback.
 """
 
 from __future__ import annotations
@@ -38,7 +42,6 @@ import hashlib
 import hmac
 import json
 import logging
-import re
 import secrets
 import shutil
 import tempfile
@@ -46,9 +49,9 @@ import threading
 import time
 import urllib.parse
 from collections import defaultdict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import anyio
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -63,6 +66,7 @@ from fastapi.responses import (
 )
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
+from radguard.dicom.uids import uid_problem
 from radguard.dicom.web import DicomWebError, MultipartParser, Part
 from radguard.errors import RadguardError
 from radguard.gateway.auth import AuthError, User, Users
@@ -73,14 +77,19 @@ from radguard.gateway.httpguard import (
     GuardMiddleware,
     Lockout,
     LoginGuard,
-    Throttle,
     retry_after,
 )
 from radguard.gateway.oidc import NoRole
-from radguard.gateway.store import Instance, StoreError
+from radguard.gateway.ratelimit import Throttle, peer_key
+from radguard.gateway.store import Instance, Store, StoreError
 from radguard.governance.auditlog import AuditLogError
 
-__all__ = ["FORM_MAX", "create_app"]
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+    from radguard.gateway.service import Gateway
+
+__all__ = ["FORM_MAX", "STOW_MAX_PARTS", "create_app"]
 
 log = logging.getLogger("radguard.gateway")
 
@@ -89,17 +98,22 @@ CSRF_FIELD = "csrf"
 FORM_MAX = 8 << 10  # a login, a token request, a quarantine decision: a few hundred bytes
 PASSWORD_CHECKS = 2  # scrypt checks at once (16 MB and ~0.1 s of a core each)
 MAX_ROW_ID = (1 << 63) - 1  # ids are 64-bit in SQLite and PostgreSQL
+# parts in one STOW-RS request: a large CT series fits (about 1,000 slices in the 512 MiB
+# body), and as only one part file is open at a time, the open-file limit is not what
+# bounds it
+STOW_MAX_PARTS = 5_000
+RETRY_SECONDS = 30  # Retry-After of a 503: the workers probe a failing store every 1-30 s
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-CLINICAL = "state='done'"
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _TEMPLATES = Path(__file__).parent / "templates"
 _BAD_TRUST = ("signature invalid", "signature untrusted", "signature weak", "watermark changed",
               "unknown")
 
 
 def _uid(value: str) -> str:
-    if len(value) > 64 or not _UID.match(value):
-        raise HTTPException(400, "not a DICOM UID")
+    """A UID from a path, admitted as at the door (:func:`radguard.dicom.uids.uid_problem`)."""
+    problem = uid_problem(value, "the UID in the path")
+    if problem is not None:
+        raise HTTPException(400, problem)
     return value
 
 
@@ -166,13 +180,15 @@ class _Web:
     """What the routes share: the gateway's store and users, auditing, authentication,
     login backoff, page rendering."""
 
-    def __init__(self, gateway: Any, bulk_read_limit: int) -> None:  # noqa: ANN401
+    def __init__(self, gateway: Gateway, bulk_read_limit: int) -> None:
         config = gateway.config
         self.gateway, self.store, self.oidc = gateway, gateway.store, gateway.oidc
         self.users = Users(gateway.store)
         self.bulk = _BulkReads(bulk_read_limit)
-        self.logins = LoginGuard(config.login_max_failures, config.login_max_failures_per_client,
-                                 config.login_backoff_seconds, config.login_backoff_max_seconds)
+        self.logins = LoginGuard(
+            config.login_max_failures, config.login_max_failures_per_client,
+            config.login_backoff_seconds, config.login_backoff_max_seconds,
+            max_failures_all_clients=config.login_max_failures_all_clients)
         self.password_checks = anyio.CapacityLimiter(PASSWORD_CHECKS)
         self.throttle = Throttle()
         self.spool = Path(gateway.store.root) / "http-spool"
@@ -221,7 +237,7 @@ class _Web:
             await self._check_csrf(request, token, user)
         return user
 
-    def role(self, *allowed: str) -> Any:  # noqa: ANN401
+    def role(self, *allowed: str) -> Callable[[User], User]:
         """FastAPI dependency: the caller, if admin or one of ``allowed`` (else 403)."""
         def check(user: User = Depends(self.current_user)) -> User:
             if user.role != "admin" and user.role not in allowed:
@@ -281,7 +297,7 @@ class _Web:
     def _refuse_if_locked(self, name: str, client: str) -> None:
         wait, reason = self.logins.wait(name, client)
         if wait > 0:
-            self.audit_bounded(f"locked:{client}", "auth.refused_locked", name[:64],
+            self.audit_bounded(f"locked:{peer_key(client)}", "auth.refused_locked", name[:64],
                                {"client": client, "locked": reason.value if reason else ""})
             raise HTTPException(429, f"too many failed logins: try again in "
                                 f"{retry_after(wait)} s", headers={"Retry-After":
@@ -301,25 +317,26 @@ class _Web:
         return user, []
 
     def _audit_failure(self, name: str, client: str, lockouts: list[Lockout]) -> None:
-        self.audit_bounded(f"failed:{client}", "auth.failed", name[:64], {"client": client})
+        self.audit_bounded(f"failed:{peer_key(client)}", "auth.failed", name[:64],
+                           {"client": client})
         for lock in lockouts:
             log.warning("logins for %s %s wait %.0f s after %d failures", lock.reason.value,
                         lock.who, lock.seconds, lock.failures)
-            self.audit_bounded(f"lockout:{lock.reason.value}:{lock.who}", "auth.lockout",
-                               f"{lock.reason.value}:{lock.who}",
+            target = f"{lock.reason.value}:{lock.who}"
+            self.audit_bounded(f"lockout:{target}", "auth.lockout", target,
                                {"failures": lock.failures, "seconds": round(lock.seconds, 1),
                                 "client": client})
 
     # -- pages --------------------------------------------------------------------------------
     def page(self, template: str, request: Request, user: User | None, title: str,
              status: int = 200, headers: dict[str, str] | None = None,
-             **context: Any) -> HTMLResponse:  # noqa: ANN401
+             problem: str | None = None, **context: Any) -> HTMLResponse:  # noqa: ANN401
         """A rendered template (autoescaped) with the CSRF token of the caller's session and
-        the gateway's current problem, if any, as a banner."""
+        the gateway's current problem (else ``problem``), if any, as a banner."""
         token, from_cookie = _credentials(request)
         html = _env.get_template(template).render(
             title=title, user=user, csrf=csrf_token(token) if token and from_cookie else "",
-            problem=getattr(self.gateway, "problem", None), **context)
+            problem=self.gateway.problem or problem, **context)
         return HTMLResponse(html, status_code=status,
                             headers={"Cache-Control": "no-store", **(headers or {})})
 
@@ -342,7 +359,7 @@ def _foreign_origin(request: Request) -> str | None:
     return None
 
 
-def create_app(gateway: Any, *, bulk_read_limit: int = 500) -> FastAPI:  # noqa: ANN401
+def create_app(gateway: Gateway, *, bulk_read_limit: int = 500) -> FastAPI:
     """The FastAPI application for one running :class:`~radguard.gateway.Gateway`."""
     app = FastAPI(title="radguard gateway", docs_url=None, redoc_url=None, openapi_url=None)
     web = _Web(gateway, bulk_read_limit)
@@ -363,13 +380,22 @@ def create_app(gateway: Any, *, bulk_read_limit: int = 500) -> FastAPI:  # noqa:
 
 # -- errors ----------------------------------------------------------------------------------------
 
+UNAVAILABLE = ("the gateway cannot read or write its store or audit log right now (full disk "
+               "or database down)")
+
+
+def _from_browser(request: Request) -> bool:
+    """A browser's page request (it asks for HTML), which gets pages rather than JSON."""
+    return "text/html" in request.headers.get("accept", "")
+
+
 def _add_error_handlers(app: FastAPI, web: _Web) -> None:
     def error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
         return JSONResponse({"error": message}, status_code=status, headers=headers)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> Response:
-        html = "text/html" in request.headers.get("accept", "")
+        html = _from_browser(request)
         if html and request.url.path == "/login" and exc.status_code in (401, 403, 429):
             form = await web.form(request) if request.method == "POST" else {}
             return web.page("login.html", request, None, "Sign in", exc.status_code,
@@ -393,12 +419,15 @@ def _add_error_handlers(app: FastAPI, web: _Web) -> None:
         where = ".".join(str(p) for p in first.get("loc", ()))
         return error(422, f"invalid request: {where} {first.get('msg', '')}".strip())
 
-    async def _unavailable(_request: Request, exc: Exception) -> Response:
+    async def _unavailable(request: Request, exc: Exception) -> Response:
         # a full disk, a database that is down: the client may retry later; the details
         # (paths, database messages) go to the server's log, not to the client
         log.error("HTTP request failed on the store: %s", exc)
-        return error(503, "the gateway cannot read or write its store right now (full disk "
-                     "or database down); try again later", {"Retry-After": "30"})
+        headers = {"Retry-After": str(RETRY_SECONDS)}
+        if _from_browser(request):  # fail closed, but say why on a page with the banner
+            return web.page("unavailable.html", request, None, "Gateway unavailable", 503,
+                            headers, problem=UNAVAILABLE, retry=RETRY_SECONDS)
+        return error(503, f"{UNAVAILABLE}; try again later", headers)
 
     for kind in (StoreError, AuditLogError, OSError):
         app.add_exception_handler(kind, _unavailable)
@@ -451,13 +480,6 @@ def _ui(value: str) -> dict[str, Any]:
     return {"vr": "UI", "Value": [value]}
 
 
-def _first_per_sop(rows: list[Instance]) -> list[Instance]:
-    """One row per SOP Instance UID, the first clinical copy (rows come ordered by id): a
-    later copy with the same UID must never shadow the one that was checked first."""
-    seen: set[str] = set()
-    return [r for r in rows if not (r.sop_uid in seen or seen.add(r.sop_uid))]
-
-
 def _add_dicomweb_routes(app: FastAPI, web: _Web) -> None:
     store = web.store
 
@@ -494,7 +516,7 @@ def _add_dicomweb_routes(app: FastAPI, web: _Web) -> None:
 
     @app.get("/dicom-web/studies/{study}/series")
     def qido_series(study: str, user: User = Depends(web.role("radiologist"))) -> Response:
-        rows = store.instances(f"{CLINICAL} AND study_uid=?", (_uid(study),))
+        rows = store.clinical_instances("study_uid=?", (_uid(study),))
         series = {r.series_uid: r for r in rows}
         return qido([{"0020000D": _ui(r.study_uid), "0020000E": _ui(r.series_uid),
                       "00080060": {"vr": "CS", "Value": [r.modality]}}
@@ -503,19 +525,18 @@ def _add_dicomweb_routes(app: FastAPI, web: _Web) -> None:
     @app.get("/dicom-web/studies/{study}/series/{series}/instances")
     def qido_instances(study: str, series: str,
                        user: User = Depends(web.role("radiologist"))) -> Response:
-        rows = store.instances(f"{CLINICAL} AND study_uid=? AND series_uid=?",
-                               (_uid(study), _uid(series)))
-        return qido([_instance_json(r) for r in _first_per_sop(rows)])
+        rows = store.clinical_instances("study_uid=? AND series_uid=?",
+                                        (_uid(study), _uid(series)))
+        return qido([_instance_json(r) for r in rows])
 
     @app.get("/dicom-web/instances")
     def qido_all_instances(limit: int = 1000, offset: int = 0,
                            user: User = Depends(web.role("radiologist"))) -> Response:
         limit, offset = max(1, min(limit, 5000)), max(0, min(offset, MAX_ROW_ID))
-        rows = store.instances(CLINICAL, order=f"id LIMIT {limit} OFFSET {offset}")
+        rows = store.clinical_instances(order=f"id LIMIT {limit} OFFSET {offset}")
         return qido([_instance_json(r) for r in rows])
 
     def wado(rows: list[Instance], user: User, target: str) -> Response:
-        rows = _first_per_sop(rows)
         if not rows:
             raise HTTPException(404, "no such study or instance")
         if web.bulk.add(user.name, len(rows)):
@@ -531,27 +552,31 @@ def _add_dicomweb_routes(app: FastAPI, web: _Web) -> None:
 
     @app.get("/dicom-web/studies/{study}")
     def wado_study(study: str, user: User = Depends(web.role("radiologist"))) -> Response:
-        return wado(store.instances(f"{CLINICAL} AND study_uid=?", (_uid(study),)), user, study)
+        return wado(store.clinical_instances("study_uid=?", (_uid(study),)), user, study)
 
     @app.get("/dicom-web/studies/{study}/series/{series}/instances/{sop}")
     def wado_instance(study: str, series: str, sop: str,
                       user: User = Depends(web.role("radiologist"))) -> Response:
-        rows = store.instances(f"{CLINICAL} AND study_uid=? AND series_uid=? AND sop_uid=?",
-                               (_uid(study), _uid(series), _uid(sop)))
-        return wado(rows[:1], user, sop)
+        rows = store.clinical_instances("study_uid=? AND series_uid=? AND sop_uid=?",
+                                        (_uid(study), _uid(series), _uid(sop)))
+        return wado(rows, user, sop)
 
 
 async def _spool_multipart(request: Request, folder: Path) -> list[Part]:
-    """Parse a STOW-RS body as it arrives, each part into its own file in ``folder``; the
-    parser works on 1 MiB batches in a thread, so the event loop never waits for the disk."""
-    files: list[Any] = []
+    """Parse a STOW-RS body as it arrives, each part into its own file in ``folder``, closed
+    when the part's boundary is reached (a 1,000-slice series must not hold 1,000 open
+    files); the parser works on 1 MiB batches in a thread, so the event loop never waits for
+    the disk."""
+    files: list[BinaryIO] = []
 
-    def open_part(_headers: dict[str, str]) -> Any:  # noqa: ANN401
+    def open_part(_headers: dict[str, str]) -> BinaryIO:
         files.append(open(folder / f"part-{len(files):05d}", "xb"))
         return files[-1]
 
     try:
-        parser = MultipartParser(request.headers.get("content-type", ""), open_part)
+        parser = MultipartParser(request.headers.get("content-type", ""), open_part,
+                                 close_part=lambda part: part.sink.close(),
+                                 max_parts=STOW_MAX_PARTS)
         pending = bytearray()
         async for chunk in request.stream():
             pending += chunk
@@ -563,8 +588,8 @@ async def _spool_multipart(request: Request, folder: Path) -> list[Part]:
     except DicomWebError as exc:
         raise HTTPException(400, str(exc)) from exc
     finally:
-        for fh in files:
-            fh.close()
+        if files:
+            files[-1].close()  # a body that ended inside a part (the others are closed)
 
 
 def _store_parts(web: _Web, parts: list[Part], user: User
@@ -611,9 +636,9 @@ def _multipart_files(files: list[Path], boundary: str) -> Iterator[bytes]:
     yield f"--{boundary}--\r\n".encode()
 
 
-def _studies(store: Any) -> list[dict[str, Any]]:  # noqa: ANN401
+def _studies(store: Store) -> list[dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
-    for r in store.instances(CLINICAL):
+    for r in store.clinical_instances():
         s = out.setdefault(r.study_uid, {"uid": r.study_uid, "patient_id": r.patient_id,
                                          "patient_name": r.patient_name, "date": r.study_date,
                                          "modalities": set(), "count": 0})
@@ -713,12 +738,12 @@ def _decide(web: _Web, instance_id: int, action: str, note: str, user: User) -> 
             web.audit("forward.failed", row.sop_uid, {"error": str(exc)[:200]}, user.name)
 
 
-def _worklist_rows(store: Any) -> list[dict[str, Any]]:  # noqa: ANN401
+def _worklist_rows(store: Store) -> list[dict[str, Any]]:
     """One row per study in reading order (radguard.triage.worklist rules)."""
     from radguard.triage.worklist import Study, order_worklist
 
     groups: dict[str, list[Instance]] = defaultdict(list)
-    for r in store.instances("state='done'"):
+    for r in store.clinical_instances():
         groups[r.study_uid].append(r)
     studies, info = [], {}
     for uid, rows in groups.items():
@@ -734,15 +759,22 @@ def _worklist_rows(store: Any) -> list[dict[str, Any]]:  # noqa: ANN401
     return [{"study": s, **info[s.uid]} for s in ordered]
 
 
-def _render(path: Any, heat: bool) -> bytes:  # noqa: ANN401
+def _render(path: Path, heat: bool) -> bytes:
+    """The PNG the study view shows (optionally with the synthetic-evidence heat map)."""
+    from radguard.dicom.io import read_dataset
+    from radguard.dicom.limits import decode_scope
+
+    with decode_scope():  # the decoded frame counts against the decode budget while held
+        return _render_scoped(read_dataset(path), heat)
+
+
+def _render_scoped(ds: Dataset, heat: bool) -> bytes:
     import io
 
     from PIL import Image
 
-    from radguard.dicom.io import read_dataset
     from radguard.images import blend_heat, display_frame
 
-    ds = read_dataset(path)
     grey = display_frame(ds)
     if heat:
         import numpy as np

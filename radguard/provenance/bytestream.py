@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Callable, Iterable
-from typing import Any
 
 import numpy as np
 from pydicom.datadict import dictionary_VR
@@ -39,10 +38,12 @@ from pydicom.tag import BaseTag, Tag
 from radguard.dicom.io import stored_element
 from radguard.dicom.splice import explicit_header, header_size
 from radguard.provenance import ripemd160
+from radguard.provenance.ripemd160 import HashObject
 
 __all__ = [
     "EXCLUDED_FROM_ITEM_STREAM",
     "MAC_TRANSFER_SYNTAX",
+    "HashObject",
     "MacStream",
     "element_vr",
     "is_signable_element",
@@ -166,7 +167,7 @@ class MacStream:
 
     def __init__(
         self,
-        hasher: Any,
+        hasher: HashObject,
         *,
         is_implicit: bool,
         is_little_endian: bool,
@@ -231,6 +232,14 @@ class MacStream:
         self._flush()
         self._release()
         return self._hash.digest()
+
+    def fork(self) -> MacStream:
+        """An independent stream that goes on from everything written so far: signatures
+        over the same elements hash them once and differ only in their own item."""
+        self._flush()
+        self._release()
+        return MacStream(self._hash.copy(), is_implicit=self._implicit,
+                         is_little_endian=self._little, source=self._source, tap=self._tap)
 
     # -- encoding ----------------------------------------------------------------------
     def add_elements(self, ds: Dataset, tags: Iterable[int]) -> None:
@@ -388,7 +397,7 @@ def _converted_bytes(ds: Dataset, tag: int) -> bytes:
     return bytes(value or b"")
 
 
-def new_hasher(mac_algorithm: str) -> Any:
+def new_hasher(mac_algorithm: str) -> HashObject:
     """A hashlib object for a DICOM MAC Algorithm (0400,0015) defined term (RIPEMD-160 from
     a pure-Python fallback where this OpenSSL build lacks it)."""
     name = _HASHLIB_NAMES.get(mac_algorithm.strip().upper())

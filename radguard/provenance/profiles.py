@@ -4,6 +4,10 @@ The DICOM data set records no profile name: a verifier infers which profiles a s
 satisfies from its key type, MAC algorithm and the elements it covers (dcmsign does the
 same). radguard signs every signable element by default, which satisfies all three; the
 lists below matter when a caller restricts the signed elements or an element is unsignable.
+
+The same lists, plus how the image is shown, measured and whose it is
+(:func:`defines_image`), decide whether a signature vouches for an image at all
+(``VerificationReport.pixels_covered``).
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ from collections.abc import Collection, Iterable
 from pydicom.datadict import tag_for_keyword
 
 __all__ = [
+    "IMAGE_DEFINING",
     "PROFILES",
     "SIGNING_MACS",
     "VERIFY_MACS",
+    "defines_image",
     "missing_for_profile",
     "satisfied_profiles",
 ]
@@ -80,15 +86,47 @@ _DISPLAYED = (
     "AccessionNumber", "StudyDescription", "SeriesDescription", "Modality",
     "BodyPartExamined", "ViewPosition", "Laterality",
 )
+# How stored values become what is shown and measured: Hounsfield units and SUVs come from
+# the rescale or Modality LUT, the window and VOI LUT pick what is visible, the presentation
+# LUT and the intensity relationship sign invert it, a segmented palette repaints it.
+_PRESENTATION = (
+    "RescaleIntercept", "RescaleSlope", "RescaleType", "ModalityLUTSequence", "WindowCenter",
+    "WindowWidth", "WindowCenterWidthExplanation", "VOILUTFunction", "VOILUTSequence",
+    "PresentationLUTSequence", "PixelIntensityRelationship", "PixelIntensityRelationshipSign",
+    "SegmentedRedPaletteColorLookupTableData", "SegmentedGreenPaletteColorLookupTableData",
+    "SegmentedBluePaletteColorLookupTableData",
+)
+# How big a pixel is and which way the image faces: measurements, left and right.
+_GEOMETRY = (
+    "PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpacing",
+    "PixelSpacingCalibrationType", "PixelSpacingCalibrationDescription",
+    "EstimatedRadiographicMagnificationFactor", "ImageOrientationPatient",
+    "ImagePositionPatient", "SliceThickness", "SpacingBetweenSlices", "SliceLocation",
+    "FrameOfReferenceUID", "PatientPosition", "ViewCodeSequence", "FieldOfViewRotation",
+    "FieldOfViewHorizontalFlip", "FrameIncrementPointer",
+)
+# What a PET standardised uptake value is computed from (units, dose, decay reference).
+_QUANTITATION = (
+    "Units", "DecayCorrection", "CorrectedImage", "RadiopharmaceuticalInformationSequence",
+    "PatientWeight", "PatientSize", "SeriesDate", "SeriesTime",
+)
+# Whose image it is (the character set decides how the name is read).
+_PATIENT = (
+    "SpecificCharacterSet", "PatientName", "PatientID", "IssuerOfPatientID",
+    "IssuerOfPatientIDQualifiersSequence", "OtherPatientIDsSequence", "PatientBirthDate",
+    "PatientSex", "PatientAge",
+)
 
 
 def _tags(*groups: Iterable[str]) -> frozenset[int]:
+    """Tags by keyword; an unknown keyword is a bug that would leave an element unprotected."""
     out = set()
     for group in groups:
         for kw in group:
             tag = tag_for_keyword(kw)
-            if tag is not None:
-                out.add(int(tag))
+            if tag is None:
+                raise ValueError(f"unknown DICOM keyword {kw!r}")
+            out.add(int(tag))
     return frozenset(out)
 
 
@@ -100,11 +138,24 @@ _AUTHORIZATION_IF_PRESENT = _tags(
     _ALWAYS, _GENERAL_IMAGE, _IMAGE_PIXEL, _ANNOTATION, _SR, _WAVEFORM, _MULTIFRAME, _DISPLAYED,
 )
 _ALWAYS_TAGS = _tags(_ALWAYS)
+#: Elements that say what an image is: everything the Creator RSA profile requires a
+#: signature to cover (pixels, how to read them, equipment, multi-frame functional groups,
+#: UIDs), what the Authorization profile adds as displayed next to the image, and how it is
+#: shown, measured, quantified and whose it is. Overlay groups (60xx) count too
+#: (:func:`defines_image`).
+IMAGE_DEFINING = _CREATOR_IF_PRESENT | _tags(_DISPLAYED, _PRESENTATION, _GEOMETRY,
+                                             _QUANTITATION, _PATIENT)
 
 
 def _is_overlay_or_curve(tag: int) -> bool:
     group = tag >> 16
     return (0x6000 <= group <= 0x601E or 0x5000 <= group <= 0x501E) and group % 2 == 0
+
+
+def defines_image(tag: int) -> bool:
+    """True for an element that changes what an image shows or means: if present, a
+    signature must cover it to vouch for the image (see :data:`IMAGE_DEFINING`)."""
+    return tag in IMAGE_DEFINING or _is_overlay_or_curve(tag)
 
 
 def _required_if_present(profile: str, tag: int) -> bool:

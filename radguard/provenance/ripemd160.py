@@ -15,9 +15,22 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from typing import Any
+from typing import Protocol
 
-__all__ = ["RIPEMD160", "new"]
+__all__ = ["RIPEMD160", "HashObject", "new"]
+
+
+class HashObject(Protocol):
+    """What radguard uses of a hashlib hash object; :class:`RIPEMD160` has it too."""
+
+    def update(self, data: bytes | bytearray | memoryview, /) -> None:
+        """Hash more bytes."""
+
+    def digest(self) -> bytes:
+        """The hash of everything passed so far."""
+
+    def copy(self) -> HashObject:
+        """An independent copy of the current state."""
 
 _MASK = 0xFFFFFFFF
 
@@ -154,7 +167,7 @@ class RIPEMD160:
         return other
 
 
-def new(data: bytes = b"", *, prefer_hashlib: bool = True) -> Any:  # noqa: ANN401
+def new(data: bytes = b"", *, prefer_hashlib: bool = True) -> HashObject:
     """A RIPEMD-160 hash object: OpenSSL's through hashlib if it has one, else this module's."""
     if prefer_hashlib:
         try:

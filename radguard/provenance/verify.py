@@ -19,10 +19,19 @@ image. A file whose only signatures are nested is ``unsigned``; a nested signatu
 not hold changes nothing at file level (the scan reports it as weak evidence).
 
 A valid signature does not mean the whole file is vouched for: PS3.15 lets anyone add
-elements without breaking a signature. ``covered`` / ``uncovered`` list the present elements
-that an intact top-level signature does / does not cover, and ``pixels_covered`` says whether
-valid top-level signatures vouch for the image itself: the pixel data and every present
-attribute that says how to read it (:data:`PIXEL_DESCRIPTION`).
+elements without breaking a signature, and a signature may list only some elements.
+``covered`` / ``uncovered`` list the present elements that an intact top-level signature does
+/ does not cover. ``pixels_covered`` says whether the signatures vouch for the image: the file
+is ``valid`` and they cover every element present *now* that changes what the image shows or
+means (:func:`~radguard.provenance.profiles.defines_image`); ``pixels_uncovered`` lists the
+present ones they leave out. Judging what is present now matters: an element added after
+signing (an inverting Presentation LUT Shape, a rescale, an overlay) is uncovered by every
+signature, whatever it lists.
+
+Cost is bounded before any hashing: at most :data:`MAX_SIGNATURES_PER_ITEM` signature items
+per data set or item and :data:`MAX_SIGNATURES_PER_FILE` per file (more: ``invalid``, none
+checked); every check that needs no hash (MAC parameters, certificate, key, timestamp, trust,
+policy) runs first, and signatures over the same elements share one hash of them.
 
 Time policy: with a trusted certified timestamp the signer certificate must have been valid
 at the timestamp's time; without one it must be valid both at the claimed signing time and
@@ -35,9 +44,8 @@ import datetime as dt
 import hmac
 import os
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -49,7 +57,7 @@ from pydicom.tag import Tag
 from pydicom.uid import UID
 from pydicom.valuerep import DT
 
-from radguard.concurrency import background_pool, map_ordered
+from radguard.concurrency import map_ordered
 from radguard.dicom.io import iter_dicom_paths, peek, read_dataset, source_view, stored_element
 from radguard.errors import RadguardError, SignatureError
 from radguard.provenance.bytestream import (
@@ -62,17 +70,19 @@ from radguard.provenance.bytestream import (
 )
 from radguard.provenance.keys import describe_name
 from radguard.provenance.policy import DEFAULT_POLICY, AlgorithmPolicy, AlgorithmVerdict
-from radguard.provenance.profiles import VERIFY_MACS, satisfied_profiles
+from radguard.provenance.profiles import VERIFY_MACS, defines_image, satisfied_profiles
 from radguard.provenance.sign import crypto_hash
 from radguard.provenance.timestamp import TimestampCheck, verify_timestamp_token
 from radguard.provenance.trust import TrustStore
 
 __all__ = [
+    "MAX_SIGNATURES_PER_FILE",
+    "MAX_SIGNATURES_PER_ITEM",
     "PIXEL_DATA",
-    "PIXEL_DESCRIPTION",
     "SignatureCheck",
     "Status",
     "VerificationReport",
+    "name_list",
     "verify_dataset",
     "verify_file",
     "verify_paths",
@@ -91,25 +101,6 @@ def _keyword_tags(*keywords: str) -> frozenset[int]:
 
 #: The image itself: Pixel Data, Float Pixel Data, Double Float Pixel Data.
 PIXEL_DATA = _keyword_tags("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-#: Attributes that say how the pixel bytes become an image: change one and the same signed
-#: bytes show another picture (Rows/Columns reshape it, BitsStored/HighBit/PixelRepresentation
-#: change every value, PhotometricInterpretation inverts or recolours it, NumberOfFrames and
-#: the Extended Offset Table cut it into other frames, palette tables repaint it). All are
-#: from the Image Pixel and Multi-frame modules, which the Creator and Authorization RSA
-#: profiles require a signature to cover when present, so a profile-conforming signature
-#: over the pixels covers them. Display settings (rescale, window, VOI/presentation LUTs) are
-#: not here: they change how an image is shown, not what the device recorded, and they show
-#: up in ``uncovered`` when unsigned.
-PIXEL_DESCRIPTION = _keyword_tags(
-    "SamplesPerPixel", "PhotometricInterpretation", "Rows", "Columns", "BitsAllocated",
-    "BitsStored", "HighBit", "PixelRepresentation", "PlanarConfiguration", "NumberOfFrames",
-    "ExtendedOffsetTable", "ExtendedOffsetTableLengths",
-    "RedPaletteColorLookupTableDescriptor", "GreenPaletteColorLookupTableDescriptor",
-    "BluePaletteColorLookupTableDescriptor", "RedPaletteColorLookupTableData",
-    "GreenPaletteColorLookupTableData", "BluePaletteColorLookupTableData",
-    "SegmentedRedPaletteColorLookupTableData", "SegmentedGreenPaletteColorLookupTableData",
-    "SegmentedBluePaletteColorLookupTableData",
-)
 
 
 @dataclass
@@ -160,10 +151,21 @@ class VerificationReport:
     status: Status
     signatures: list[SignatureCheck] = field(default_factory=list)
     uncovered: list[str] = field(default_factory=list)
-    error: str | None = None
+    error: str | None = None  # why the file could not be read, or was refused unverified
     covered: list[str] = field(default_factory=list)  # present, covered at the top level
-    pixels_covered: bool = False  # valid top-level signatures vouch for the image itself
-    pixels_uncovered: list[str] = field(default_factory=list)  # what they leave out of it
+    #: The signatures vouch for the image: the file is ``valid``, it has pixel data, and
+    #: valid top-level signatures cover every present element that changes what the image
+    #: shows or means - the pixels and how they are read (Image Pixel, Multi-frame and
+    #: functional groups, palettes, ICC profile), how they are shown and measured (rescale and
+    #: Modality LUT, window and VOI LUT, Presentation LUT, overlays 60xx, pixel spacing and
+    #: aspect, orientation, laterality, view), whose image it is and where it belongs
+    #: (patient identity, Study / Series / SOP Instance UIDs, SOP Class, Modality). Only then
+    #: does the gateway badge it ``signed``, skip the content detectors and count it for
+    #: ``must_sign``.
+    pixels_covered: bool = False
+    #: Present elements that change what the image shows or means and that no valid
+    #: top-level signature covers: why ``pixels_covered`` is false (beside the status).
+    pixels_uncovered: list[str] = field(default_factory=list)
 
     @property
     def top_level(self) -> list[SignatureCheck]:
@@ -206,6 +208,12 @@ def _name(tag: int) -> str:
     return keyword_for_tag(tag) or str(Tag(tag))
 
 
+def name_list(names: list[str], shown: int = 12) -> str:
+    """``names`` joined, the first ``shown`` only (a forged file may leave out hundreds)."""
+    more = f" (+{len(names) - shown} more)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
 def _explicit_little(uid: UID) -> bool:
     """PS3.3 C.12.1.1.3.1.1: the MAC is computed in an explicit-VR little-endian syntax."""
     if uid == MAC_TRANSFER_SYNTAX:
@@ -238,25 +246,59 @@ def _seq(ds: Dataset, tag: int) -> list[Dataset]:
     return list(peek(ds, tag) or [])
 
 
-def _check_one(
-    ds: Dataset,
+#: Signature items verified per data set or sequence item, and per file. A device signs
+#: once, a technologist or a gateway perhaps once more; every signature hashes all it
+#: covers (at the top level: the whole pixel data), so a file with more is ``invalid``
+#: without hashing anything.
+MAX_SIGNATURES_PER_ITEM = 8
+MAX_SIGNATURES_PER_FILE = 32
+
+
+@dataclass
+class _Inspected:
+    """A signature item that passed every check that needs no hashing."""
+
+    check: SignatureCheck
+    sig: Dataset
+    mac: str
+    tags: list[int]
+    key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+    signature: bytes
+    timestamp: TimestampCheck | str | None
+    trust_problem: str
+    verdict: AlgorithmVerdict
+    weaknesses: list[str]
+
+
+def _mac_parameters(site: Dataset) -> dict[int, Dataset]:
+    """MAC Parameters items by MAC ID Number (the first of each; malformed ones skipped)."""
+    found: dict[int, Dataset] = {}
+    for params in _seq(site, 0x4FFE0001):
+        try:
+            found.setdefault(int(params.get("MACIDNumber", -1)), params)
+        except (TypeError, ValueError):
+            continue
+    return found
+
+
+def _inspect(
+    site: Dataset,
     sig: Dataset,
-    mac_params: list[Dataset],
+    mac_params: dict[int, Dataset],
     trust: TrustStore | None,
     now: dt.datetime,
     is_implicit: bool,
-    is_little: bool,
     location: str,
-    source: memoryview | None,
     policy: AlgorithmPolicy,
-) -> SignatureCheck:
+) -> _Inspected | SignatureCheck:
+    """Every check of one signature item that needs no hash (MAC parameters, signed
+    elements, certificate, key, timestamp, trust, algorithm policy), so that hashing is
+    spent on signatures that can hold only. A failure is an ``invalid`` SignatureCheck."""
     check = SignatureCheck(status="invalid", reason="", location=location)
-    digest_future: Future[bytes] | None = None
     try:
         check.mac_id = int(sig.MACIDNumber)
         check.uid = str(sig.get("DigitalSignatureUID", "")) or None
-        params = next((p for p in mac_params if int(p.get("MACIDNumber", -1)) == check.mac_id),
-                      None)
+        params = mac_params.get(check.mac_id)
         if params is None:
             check.reason = f"no MAC Parameters item for MAC ID {check.mac_id}"
             return check
@@ -269,30 +311,25 @@ def _check_one(
         if mac not in VERIFY_MACS:
             check.reason = f"unknown MAC algorithm {mac!r}"
             return check
+        try:
+            new_hasher(mac)
+        except ValueError:
+            check.reason = f"MAC algorithm {mac} is not available on this system"
+            return check
         if "DataElementsSigned" in params:
             listed = params.DataElementsSigned
             tags = [int(listed)] if isinstance(listed, int) else [int(t) for t in listed]
         else:
-            tags = signable_tags(ds, is_implicit)
+            tags = signable_tags(site, is_implicit)
         check.covered = sorted(tags)
-        removed = [t for t in tags if t not in ds]
+        removed = [t for t in tags if t not in site]
         if removed:
             check.reason = "signed element(s) removed: " + ", ".join(_name(t) for t in removed)
             return check
-        try:
-            hasher = new_hasher(mac)
-        except ValueError:
-            check.reason = f"MAC algorithm {mac} is not available on this system"
-            return check
-        # a large hash (GIL-free, most of the time) runs while the checks below are made;
-        # a small one costs less inline than handing it to another thread
-        digest_args = (hasher, ds, sig, tags, is_implicit, is_little, source)
-        if _pixel_bytes(ds) >= OVERLAP_SIZE:
-            digest_future = background_pool().submit(_digest, *digest_args)
-        bad = [t for t in tags if not is_signable_element(ds, t, is_implicit)]
+        bad = [t for t in tags if not is_signable_element(site, t, is_implicit)]
         if bad:
             check.reason = "signature lists unsignable element(s): " + ", ".join(
-                f"{_name(t)} ({element_vr(ds, t, is_implicit)})" for t in bad)
+                f"{_name(t)} ({element_vr(site, t, is_implicit)})" for t in bad)
             return check
         if str(sig.get("CertificateType", "")).strip() != "X509_1993_SIG":
             check.reason = f"unsupported certificate type {sig.get('CertificateType')!r}"
@@ -305,15 +342,56 @@ def _check_one(
         if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
             check.reason = "signer key type is not RSA or ECDSA"
             return check
-        if isinstance(key, rsa.RSAPublicKey):
-            check.key_type, check.key_bits = "RSA", key.key_size
-        else:
-            check.key_type, check.key_bits = "ECDSA", key.curve.key_size
+        key_type, key_bits = (("RSA", key.key_size) if isinstance(key, rsa.RSAPublicKey)
+                               else ("ECDSA", key.curve.key_size))
+        check.key_type, check.key_bits = key_type, key_bits
         timestamp = _timestamp_check(sig, signature, trust)
         trust_problem = _trust_problem(cert, trust, timestamp, check.signed_at, now)
-        digest = (digest_future.result() if digest_future is not None
-                  else _digest(*digest_args))
-        _verify_signature(key, signature, digest, mac)
+    except (SignatureError, UnsupportedAlgorithm) as exc:
+        check.reason = str(exc)
+        return check
+    except (AttributeError, KeyError, ValueError, TypeError) as exc:
+        check.reason = _malformed(exc)
+        return check
+    verdict, weaknesses = policy.judge(mac, key_type, key_bits)
+    return _Inspected(check, sig, mac, tags, key, signature, timestamp, trust_problem,
+                      verdict, weaknesses)
+
+
+def _malformed(exc: Exception) -> str:
+    return f"malformed signature item ({' '.join(str(exc).split())[:120]})"
+
+
+class _Digests:
+    """MAC digests of one site's signatures. Signatures over the same elements with the same
+    algorithm share the hash of those elements (computed once, then copied), so extra
+    signature items cost their own few bytes, not another pass over the pixel data."""
+
+    def __init__(self, site: Dataset, is_implicit: bool, is_little: bool,
+                 source: memoryview | None) -> None:
+        self._site, self._source = site, source
+        self._implicit, self._little = is_implicit, is_little
+        self._prefixes: dict[tuple[str, tuple[int, ...]], MacStream] = {}
+
+    def of(self, item: _Inspected) -> bytes:
+        """The digest ``item``'s signature must sign."""
+        key = (item.mac, tuple(item.tags))
+        prefix = self._prefixes.get(key)
+        if prefix is None:
+            prefix = MacStream(new_hasher(item.mac), is_implicit=self._implicit,
+                               is_little_endian=self._little, source=self._source)
+            prefix.add_elements(self._site, item.tags)
+            self._prefixes[key] = prefix
+        stream = prefix.fork()
+        stream.add_signature_item(item.sig)
+        return stream.digest()
+
+
+def _conclude(item: _Inspected, digests: _Digests, site: Dataset) -> SignatureCheck:
+    """Hash, check the signature, and give the verdict on an inspected signature item."""
+    check = item.check
+    try:
+        _verify_signature(item.key, item.signature, digests.of(item), item.mac)
     except InvalidSignature:
         check.reason = "data changed after signing: signature does not match the content"
         return check
@@ -321,15 +399,13 @@ def _check_one(
         check.reason = str(exc)
         return check
     except (AttributeError, KeyError, ValueError, TypeError) as exc:
-        check.reason = f"malformed signature item ({' '.join(str(exc).split())[:120]})"
+        check.reason = _malformed(exc)
         return check
-    finally:
-        if digest_future is not None:
-            digest_future.cancel()
-            wait([digest_future])  # never leave a hash running over a closing file
 
     check.intact = True
-    check.profiles = satisfied_profiles(check.key_type or "", mac, list(ds.keys()), tags)
+    check.profiles = satisfied_profiles(check.key_type or "", item.mac, list(site.keys()),
+                                        item.tags)
+    timestamp = item.timestamp
     check.timestamp = timestamp if isinstance(timestamp, TimestampCheck) else None
     if isinstance(timestamp, str):
         check.reason = timestamp
@@ -337,7 +413,7 @@ def _check_one(
     if check.timestamp is not None and not check.timestamp.ok:
         check.reason = f"certified timestamp invalid: {check.timestamp.reason}"
         return check
-    check.algorithm, weaknesses = policy.judge(mac, check.key_type or "", check.key_bits or 0)
+    check.algorithm, weaknesses, trust_problem = item.verdict, item.weaknesses, item.trust_problem
     if check.algorithm is AlgorithmVerdict.WEAK:
         check.status = "weak"
         check.reason = ("signature matches the data but its algorithms are too weak to vouch "
@@ -354,6 +430,19 @@ def _check_one(
     if check.algorithm is AlgorithmVerdict.WEAK_ALLOWED:
         check.reason += " (weak algorithm accepted by policy: " + "; ".join(weaknesses) + ")"
     return check
+
+
+def _verify_site(site: Dataset, location: str, sigs: list[Dataset], trust: TrustStore | None,
+                 now: dt.datetime, is_implicit: bool, is_little: bool,
+                 source: memoryview | None, policy: AlgorithmPolicy) -> list[SignatureCheck]:
+    """The verdicts on the signature items of one data set or item, in their order: every
+    cheap check first, then one hash per distinct set of signed elements."""
+    mac_params = _mac_parameters(site)
+    inspected = [_inspect(site, sig, mac_params, trust, now, is_implicit, location, policy)
+                 for sig in sigs]
+    digests = _Digests(site, is_implicit, is_little, source)
+    return [item if isinstance(item, SignatureCheck) else _conclude(item, digests, site)
+            for item in inspected]
 
 
 #: PKCS #1 v1.5 DigestInfo header for RIPEMD-160 (OID 1.3.36.3.2.1, NULL parameters), as
@@ -383,30 +472,6 @@ def _verify_signature(key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey, signatu
         key.verify(signature, digest, padding.PKCS1v15(), prehashed)
     else:
         key.verify(_der_trim(signature), digest, ec.ECDSA(prehashed))
-
-
-#: pixel data from this size on is hashed in the background while the rest is checked
-OVERLAP_SIZE = 1 << 20
-
-
-def _pixel_bytes(ds: Dataset) -> int:
-    elem = stored_element(ds, 0x7FE00010) if 0x7FE00010 in ds else None
-    if elem is None:
-        return 0
-    length = getattr(elem, "length", None)
-    if isinstance(length, int) and length != 0xFFFFFFFF:
-        return length
-    value = getattr(elem, "value", None)
-    return len(value) if isinstance(value, bytes | bytearray) else OVERLAP_SIZE
-
-
-def _digest(hasher: Any, ds: Dataset, sig: Dataset, tags: list[int], is_implicit: bool,  # noqa: ANN401
-            is_little: bool, source: memoryview | None) -> bytes:
-    stream = MacStream(hasher, is_implicit=is_implicit, is_little_endian=is_little,
-                       source=source)
-    stream.add_elements(ds, tags)
-    stream.add_signature_item(sig)
-    return stream.digest()
 
 
 def _timestamp_check(sig: Dataset, signature: bytes, trust: TrustStore | None
@@ -481,46 +546,61 @@ def verify_dataset(
     is_little = True if is_little is None else bool(is_little)
     report = VerificationReport(path=path or str(getattr(ds, "filename", "") or ""),
                                 status="unsigned")
-    for site, location in _signature_sites(ds):
-        mac_params = _seq(site, 0x4FFE0001)
-        # the file's bytes serve top-level values only: an item's elements record offsets
-        # within their sequence's value, not within the file
-        source = source_view(ds) if site is ds else None
-        for sig in _seq(site, 0xFFFAFFFA):
-            report.signatures.append(
-                _check_one(site, sig, mac_params, trust, now, is_implicit, is_little,
-                           location.rstrip("."), source, policy)
-            )
-    top = report.top_level
+    sites = [(site, location.rstrip("."), _seq(site, 0xFFFAFFFA))
+             for site, location in _signature_sites(ds)]
+    too_many = _too_many(sites)
+    if too_many:
+        report.status, report.error = "invalid", too_many  # nothing verified or hashed
+    else:
+        for site, location, sigs in sites:
+            # the file's bytes serve top-level values only: an item's elements record
+            # offsets within their sequence's value, not within the file
+            source = source_view(ds) if site is ds else None
+            report.signatures += _verify_site(site, location, sigs, trust, now, is_implicit,
+                                              is_little, source, policy)
+        report.status = _file_status(report.top_level)
+    _add_coverage(report, ds)
+    return report
+
+
+def _too_many(sites: list[tuple[Dataset, str, list[Dataset]]]) -> str:
+    """Why a file holds more signature items than are verified ("" if it does not)."""
+    for _site, location, sigs in sites:
+        if len(sigs) > MAX_SIGNATURES_PER_ITEM:
+            return (f"{len(sigs)} signatures in {location or 'the top-level data set'}: more "
+                    f"than the {MAX_SIGNATURES_PER_ITEM} verified per data set or item, so "
+                    "none was checked")
+    total = sum(len(sigs) for *_, sigs in sites)
+    if total > MAX_SIGNATURES_PER_FILE:
+        return (f"{total} signatures in the file: more than the {MAX_SIGNATURES_PER_FILE} "
+                "verified per file, so none was checked")
+    return ""
+
+
+def _file_status(top: list[SignatureCheck]) -> Status:
+    """The file's status from its top-level signatures (the worst one decides)."""
+    statuses = {c.status for c in top}
+    worst_first: tuple[Status, ...] = ("invalid", "weak", "untrusted", "valid")
+    return next((s for s in worst_first if s in statuses), "unsigned")
+
+
+def _add_coverage(report: VerificationReport, ds: Dataset) -> None:
+    """Fill in what the top-level signatures cover (once the status is known)."""
     covered: set[int] = set()
     vouched: set[int] = set()  # covered by valid (policy-accepted, trusted) signatures
-    for check in top:
+    for check in report.top_level:
         if check.intact:
             covered.update(check.covered)
         if check.status == "valid":
             vouched.update(check.covered)
-    present = [int(t) for t in sorted(ds.keys())]
-    content = [t for t in present
+    content = [t for t in (int(t) for t in sorted(ds.keys()))
                if t not in _MACHINERY and (t & 0xFFFF) != 0 and (t >> 16) >= 0x0008]
     report.covered = [_name(t) for t in content if t in covered]
     report.uncovered = [_name(t) for t in content if t not in covered]
-    pixels = [t for t in present if t in PIXEL_DATA]
-    if pixels:
-        needed = pixels + [t for t in present if t in PIXEL_DESCRIPTION]
-        report.pixels_uncovered = [_name(t) for t in needed if t not in vouched]
-        report.pixels_covered = not report.pixels_uncovered
-    statuses = {c.status for c in top}
-    if not top:
-        report.status = "unsigned"
-    elif "invalid" in statuses:
-        report.status = "invalid"
-    elif "weak" in statuses:
-        report.status = "weak"
-    elif "untrusted" in statuses:
-        report.status = "untrusted"
-    else:
-        report.status = "valid"
-    return report
+    if any(t in PIXEL_DATA for t in content):
+        report.pixels_uncovered = [_name(t) for t in content
+                                   if defines_image(t) and t not in vouched]
+        report.pixels_covered = report.status == "valid" and not report.pixels_uncovered
 
 
 def verify_file(

@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from radguard.errors import RadguardError
+from radguard.watermark import rhombus
 from radguard.watermark.bits import bits_to_bytes, bytes_to_bits
 from radguard.watermark.fragile import TagLayout
 from radguard.watermark.keys import WatermarkKey
 
 __all__ = ["LAYOUTS", "FrameCheck", "Identity", "UnauthenticatedPayload", "WatermarkError",
-           "max_threshold", "uid_digest"]
+           "location_plans", "max_threshold", "uid_digest"]
 
 #: (block size, tag rows) in order of preference: strongest tags and finest blocks first.
 LAYOUTS = ((8, 2), (16, 1), (8, 1), (32, 1), (64, 1))
@@ -91,6 +92,23 @@ def inflate_location_map(blob: bytes, n_bits: int) -> np.ndarray:
     if len(data) < need:
         raise WatermarkError("watermark location map is corrupt (too short)")
     return bytes_to_bits(data)[:n_bits]
+
+
+def location_plans(blob: bytes, declared: tuple[int, int], zone: np.ndarray
+                   ) -> list[rhombus.PassPlan]:
+    """The two passes' location maps for the payload ``zone``, from their zlib stream.
+
+    Their lengths come from header fields that the key check does not cover, so anyone
+    holding one marked image can set them: each is bounded by the pixels its pass visits in
+    the zone (a location map lists some of them) before anything is inflated."""
+    limits = rhombus.pass_sizes(zone)
+    if any(n > limit for n, limit in zip(declared, limits, strict=True)):
+        raise WatermarkError(
+            f"watermark header declares location maps of {declared[0]} + {declared[1]} "
+            f"bits, more than the frame holds ({limits[0]} + {limits[1]}): forged or damaged")
+    bits = inflate_location_map(blob, declared[0] + declared[1])
+    return [rhombus.PassPlan(bits[: declared[0]].astype(bool)),
+            rhombus.PassPlan(bits[declared[0] :].astype(bool))]
 
 
 def uid_digest(sop_instance_uid: str) -> str:

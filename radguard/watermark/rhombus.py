@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["PassPlan", "capacity", "embed", "error_counts", "extract"]
+__all__ = ["PassPlan", "capacity", "embed", "error_counts", "extract", "pass_sizes"]
 
 
 def _predict(img: np.ndarray) -> np.ndarray:
@@ -43,6 +43,13 @@ def _slices(colour: int) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
     """The two strided sub-grids holding the pixels with (row + col) % 2 == colour."""
     return (slice(0, None, 2), slice(colour, None, 2)), (slice(1, None, 2),
                                                          slice(1 - colour, None, 2))
+
+
+def pass_sizes(img: np.ndarray) -> tuple[int, int]:
+    """Pixels each pass visits in ``img``: the most its location map can list."""
+    a0, b0 = _slices(0)
+    a1, b1 = _slices(1)
+    return img[a0].size + img[b0].size, img[a1].size + img[b1].size
 
 
 def _gather(arr: np.ndarray, colour: int) -> np.ndarray:

@@ -28,8 +28,8 @@ from radguard.watermark.base import (
     UnauthenticatedPayload,
     WatermarkError,
     header_probe,
-    inflate_location_map,
     key_check,
+    location_plans,
     lsbs,
     split,
 )
@@ -169,10 +169,8 @@ def extract(frame: np.ndarray, key: WatermarkKey, lo: int, hi: int,
     head = blob[-HEAD.size:]
     if kc != key_check(key, head[:16]):
         raise WatermarkError("watermark key does not match this image")
-    lm_bits = inflate_location_map(blob[:lm_bytes], lm0 + lm1)
-    plans = [rhombus.PassPlan(lm_bits[:lm0].astype(bool)),
-             rhombus.PassPlan(lm_bits[lm0 : lm0 + lm1].astype(bool))]
     compact = sp.compact
+    plans = location_plans(blob[:lm_bytes], (lm0, lm1), compact[reserved:-1])
     try:
         zone, carried = rhombus.extract(compact[reserved:-1], plans, threshold, lo, hi)
     except ValueError as exc:

@@ -41,8 +41,8 @@ from radguard.watermark.base import (
     UnauthenticatedPayload,
     WatermarkError,
     header_probe,
-    inflate_location_map,
     key_check,
+    location_plans,
     lsbs,
 )
 from radguard.watermark.bits import bits_to_bytes, bytes_to_bits, keystream
@@ -318,17 +318,14 @@ def extract(frame: np.ndarray, key: WatermarkKey, lo: int, hi: int
     if header.key_check != key_check(key, header.head_start):
         raise WatermarkError("watermark key does not match this image")
     identity, id_bytes = _identity(key, header)
-    lm0, lm1 = header.lm_bits
-    lm = inflate_location_map(header.lm_blob, lm0 + lm1)
-    plans = [rhombus.PassPlan(lm[:lm0].astype(bool)),
-             rhombus.PassPlan(lm[lm0 : lm0 + lm1].astype(bool))]
     geo = header.geo
     width = frame.shape[1]
     compact = frame[geo.compact_rows, :].astype(np.int32)
     n_compact = compact.shape[0]
+    payload_zone = compact[header.reserved : n_compact - geo.anchor_rows]
+    plans = location_plans(header.lm_blob, header.lm_bits, payload_zone)
     try:
-        zone, carried = rhombus.extract(compact[header.reserved : n_compact - geo.anchor_rows],
-                                        plans, header.threshold, lo, hi)
+        zone, carried = rhombus.extract(payload_zone, plans, header.threshold, lo, hi)
     except ValueError as exc:
         raise WatermarkError(f"watermark payload cannot be extracted ({exc})") from exc
     n_header = header.reserved * width

@@ -120,3 +120,43 @@ def test_native_pixels_of_a_deferred_value_are_read_from_the_mapped_file(tmp_pat
     arr = pixel_array(big)
     assert np.array_equal(arr, values & ((1 << int(big.BitsStored)) - 1))
     assert np.array_equal(arr, _pydicom_decode(big))
+
+
+def test_a_decode_scope_keeps_the_reservation_while_the_pixels_are_held():
+    """Review finding 3: the decode budget counted a decode only while it ran, not the array
+    the caller then held. Inside ``decode_scope`` the reservation lasts until the scope
+    ends, so another thread's decode waits for it; the holding thread itself never waits
+    (waiting for what it holds itself would never end)."""
+    import threading
+
+    from radguard.dicom.limits import (
+        DecodeLimits,
+        decode_budget,
+        decode_limits,
+        decode_scope,
+        set_decode_limits,
+    )
+    from radguard.dicom.pixels import decoded_bytes
+
+    saved = decode_limits()
+    ds = read_dataset(NIH_DX)
+    size = decoded_bytes(ds)
+    set_decode_limits(DecodeLimits(decode_budget_bytes=size * 3 // 2))
+    try:
+        budget, order = decode_budget(), []
+        pixel_array(ds)
+        assert budget.used == 0  # no scope: released when the decode returns
+        other = threading.Thread(target=lambda: order.append(pixel_array(ds).shape))
+        with decode_scope():
+            held = pixel_array(ds)
+            assert budget.used == size
+            again = pixel_array(ds)  # beyond the budget, but this thread holds the rest
+            assert budget.used == 2 * size and np.array_equal(held, again)
+            other.start()
+            other.join(2)  # it cannot finish while the scope holds the budget
+            assert other.is_alive() and not order
+            order.append("scope ended")
+        other.join(60)
+        assert order == ["scope ended", held.shape] and budget.used == 0
+    finally:
+        set_decode_limits(saved)

@@ -154,7 +154,7 @@ def test_too_many_associations_get_a_transient_reject_and_later_ones_work(server
         kind, body = _read_pdu(second)
     assert kind == 3 and tuple(body[1:4]) == (0x02, 0x03, 0x02)  # transient, local limit
     first.release()
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30
     while acceptor.active and time.monotonic() < deadline:
         time.sleep(0.02)
     assert _echo_ok(acceptor.port)
@@ -374,10 +374,10 @@ def test_random_byte_streams_never_reach_the_handler_or_stop_the_server(server):
 
 def test_a_silent_peer_is_dropped_after_the_connect_timeout(server):
     acceptor = server(limits=DimseLimits(connect_timeout=0.5))
-    sock = _raw(acceptor.port)
     start = time.monotonic()
+    sock = _raw(acceptor.port)  # reads time out after 10 s: the drop must come first
     assert _read_pdu(sock)[0] == 0  # closed without a word
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start >= 0.5 - 0.01
     sock.close()
 
 

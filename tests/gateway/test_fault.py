@@ -1,5 +1,6 @@
 """kill -9 while storescu sends 1,000 images: every acknowledged image survives the crash and
-is processed exactly once after the restart; nothing half-written remains."""
+is processed exactly once after the restart; nothing half-written remains. A bug's exception
+in a worker costs neither the worker nor the instance."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from radguard.gateway.store import Store
-from tests.conftest import _free_port, dcmtk_tool, process_alive
+from tests.conftest import NIH_DX, _free_port, dcmtk_tool, process_alive
+from tests.security.conftest import wait_until
 
 
 def _small_images(folder, n: int) -> dict[str, str]:
@@ -132,3 +134,78 @@ def test_kill_9_during_a_1000_image_transfer(tmp_path):
     assert not [p for p in (data / "objects").glob("*/.*.tmp")]
     processed = [r for r in rows if r.state != "queued" and r.processed_at]
     assert len(processed) == len(rows)  # each processed, and (one row each) exactly once
+
+
+def test_a_worker_survives_an_unexpected_error_and_requeues(tmp_path, monkeypatch, caplog):
+    """Finding 10: an exception of an unexpected type outside the checks - here forwarding
+    raises a bug's RuntimeError once; a real bug cannot be produced on demand - killed the
+    worker thread and left the instance claimed until a restart. Now it is logged with its
+    traceback, the instance goes back to the queue and the worker checks it again."""
+    from radguard.gateway import Gateway, GatewayConfig
+    from radguard.gateway.dimse import header_of
+    from radguard.gateway.pipeline import Pipeline
+
+    caplog.set_level("WARNING", logger="radguard.gateway")
+    forward, calls = Pipeline.forward, []
+
+    def forward_broken_once(self: Pipeline, instance: object) -> str | None:
+        calls.append(instance)
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+        return forward(self, instance)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Pipeline, "forward", forward_broken_once)
+    gateway = Gateway(GatewayConfig(data_dir=str(tmp_path / "data"), dicom_port=0,
+                                    http_port=0, check_processes=0, workers=1).validate())
+    payload = NIH_DX.read_bytes()  # a real radiograph: checked "done", so it is forwarded
+    row = gateway.store.ingest(payload, header_of(payload), source="dimse")
+    gateway.start()
+    try:
+        wait_until(lambda: gateway.store.get(row).state == "done", 120,
+                   "the instance to be checked again")
+        workers = [t for t in gateway._threads if t.name.startswith("radguard-worker")]
+        assert workers and all(t.is_alive() for t in workers)
+    finally:
+        gateway.stop()
+    assert gateway.store.get(row).attempts == 2 and len(calls) == 2
+    failed = [r for r in caplog.records if "unexpected error" in r.getMessage()]
+    assert failed and failed[0].exc_info and "a bug" in str(failed[0].exc_info[1])
+
+
+def test_an_instance_that_always_fails_is_quarantined_and_does_not_stall_the_queue(tmp_path,
+                                                                                  monkeypatch):
+    """An error the working store cannot explain (here: forwarding one instance always raises
+    an OSError, as a decoder or a vanished file would) must not requeue that instance for
+    ever: the oldest queued instance is claimed first, so it would stall everything behind
+    it. After MAX_ATTEMPTS it is quarantined with the error, and the next one is processed."""
+    from radguard.gateway import Gateway, GatewayConfig
+    from radguard.gateway.dimse import header_of
+    from radguard.gateway.pipeline import Pipeline
+    from radguard.gateway.service import MAX_ATTEMPTS
+
+    forward = Pipeline.forward
+    payload = NIH_DX.read_bytes()
+    other = _small_images(tmp_path, 1)
+    second = (tmp_path / next(iter(other))).read_bytes()
+
+    def forward_poisoned(self: Pipeline, instance: object) -> str | None:
+        if instance.sop_uid == poisoned_uid:  # type: ignore[attr-defined]
+            raise OSError(5, "Input/output error reading this instance")
+        return forward(self, instance)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Pipeline, "forward", forward_poisoned)
+    gateway = Gateway(GatewayConfig(data_dir=str(tmp_path / "data"), dicom_port=0,
+                                    http_port=0, check_processes=0, workers=1).validate())
+    poisoned_uid = header_of(payload)["sop_uid"]
+    bad = gateway.store.ingest(payload, header_of(payload), source="dimse")
+    good = gateway.store.ingest(second, header_of(second), source="dimse")
+    gateway.start()
+    try:
+        wait_until(lambda: gateway.store.get(good).state not in ("queued", "processing"), 180,
+                   "the instance behind the poisoned one to be processed")
+    finally:
+        gateway.stop()
+    row = gateway.store.get(bad)
+    assert row.state == "quarantined" and row.attempts == MAX_ATTEMPTS
+    assert "Input/output error" in row.detail["reasons"][0]
+    assert gateway.store.get(good).attempts == 1  # judged once, on its merits

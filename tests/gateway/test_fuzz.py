@@ -102,7 +102,8 @@ def _watermark_key(tmp_path):
     return tmp_path / "wm.key"
 
 
-def _monitor(tmp_path):
+def fitted_monitor(tmp_path):
+    """A drift monitor database fitted on 60 random images, in ``tmp_path``."""
     from radguard.monitoring import IMAGE_FEATURES, Monitor, image_features
 
     rng = np.random.default_rng(3)
@@ -122,7 +123,7 @@ def test_ten_thousand_malformed_objects(tmp_path):
     gateway = Gateway(GatewayConfig(data_dir=str(tmp_path / "data"), dicom_port=0,
                                     http_port=0, workers=1,
                                     watermark_key=str(_watermark_key(tmp_path)),
-                                    monitor_db=str(_monitor(tmp_path)),
+                                    monitor_db=str(fitted_monitor(tmp_path)),
                                     triage={"OT": "chest"}))
     Users(gateway.store).add("tech", "technologist", "fuzzing password")
     token = Users(gateway.store).issue_token("tech")

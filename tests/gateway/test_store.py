@@ -51,6 +51,26 @@ def test_ingest_claim_finish_recover(store):
     assert store.schema_version == 3
 
 
+class _ReadsFail(Store):
+    """A store whose row reads fail, as when a PostgreSQL connection drops after a commit."""
+
+    def get(self, instance_id: int) -> None:
+        raise StoreError("server closed the connection unexpectedly")
+
+
+def test_a_claim_is_not_stranded_by_a_failed_read(store):
+    """Finding 10: claiming committed ``processing`` and then read the row back; when that
+    read failed, the row stayed claimed by nobody until a restart. The claim is one
+    ``UPDATE ... RETURNING``: the row comes back with the commit."""
+    row = store.ingest(b"one", _header(1), source="dimse")
+    other = _ReadsFail(store.root, store.backend.target if store.backend.name == "postgresql"
+                       else None)
+    claimed = other.claim()
+    assert (claimed.id, claimed.state, claimed.attempts) == (row, "processing", 1)
+    assert claimed.sop_uid == "1.2.3.1" and claimed.modality == "DX"
+    assert store.get(row).state == "processing" and other.claim() is None
+
+
 def test_users_and_tokens(store):
     users = Users(store)
     users.add("alice", "radiologist", "long enough password")

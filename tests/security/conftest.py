@@ -1,19 +1,24 @@
 """Helpers for the attacker's-eye tests: a real ``radguard serve`` process to attack, and its
-memory as the kernel counts it (peak resident set of the gateway and its check processes)."""
+memory as the kernel counts it (peak resident set of the gateway and its check processes);
+the peak memory of work done in a subprocess; a small real filesystem to fill; waiting for
+a condition with a generous deadline."""
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import _free_port
+from tests.conftest import REPO, _free_port
 
 
 def _status_kb(pid: int, key: str) -> int:
@@ -134,3 +139,106 @@ def gateway_process(tmp_path):
     yield make
     for gw in started:
         gw.stop()
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 120.0,
+               what: str = "condition") -> None:
+    """Poll ``predicate`` every 0.2 s until it is true; an AssertionError naming ``what``
+    after ``timeout`` seconds (generous: a loaded 2-core CI machine is slow, never wrong)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.2)
+
+
+# -- peak memory of work done in a fresh process ----------------------------------------------
+
+class PeakMeter:
+    """This process's peak resident memory since :meth:`reset` (``clear_refs`` + VmHWM)."""
+
+    def __init__(self) -> None:
+        self.base_kb = 0
+
+    def reset(self) -> None:
+        """Start counting from now: what setup allocated before does not count."""
+        Path("/proc/self/clear_refs").write_text("5")
+        self.base_kb = _status_kb(os.getpid(), "VmRSS")
+
+    def growth_mb(self) -> float:
+        return max(0, _status_kb(os.getpid(), "VmHWM") - self.base_kb) / 1024
+
+
+_MEASURED = """
+import importlib, json, sys
+from tests.security.conftest import PeakMeter
+meter = PeakMeter()
+module, name = sys.argv[1].split(":")
+result = getattr(importlib.import_module(module), name)(meter.reset, *sys.argv[2:])
+print(json.dumps({"peak_mb": meter.growth_mb(), "result": result}))
+"""
+
+
+def peak_in_subprocess(function: str, *args: str, timeout: float = 600) -> tuple[float, object]:
+    """Run ``function`` ("module:name") in a fresh Python process as
+    ``function(reset_peak, *args)``: it prepares its input, calls ``reset_peak()``, does the
+    work and returns something JSON-serialisable. Returns (MB of peak resident memory the
+    work added, what it returned). The pytest process's own lifetime peak (``ru_maxrss``)
+    could not tell: an earlier test may have peaked higher."""
+    done = subprocess.run([sys.executable, "-c", _MEASURED, function, *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise AssertionError(f"{function} failed: {done.stderr[-3000:]}")
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    return float(answer["peak_mb"]), answer["result"]
+
+
+# -- a small real filesystem to fill -------------------------------------------------------------
+
+#: the source name of the test mounts (what ``mount`` shows for them)
+_DISK_NAME = "radguard-test-disk"
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 48 MB filesystem (tmpfs) to fill (:func:`fill_disk`). CI runs as root;
+    anywhere a mount is not allowed this fails loudly rather than skip. It is unmounted
+    after the test however it ends - and, should the test process be killed, by a guard
+    process that waits for it to go."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m,mode=0700", _DISK_NAME,
+                           str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.fail(f"cannot mount a small tmpfs to fill (run as root): {done.stderr.strip()}")
+    guard = subprocess.Popen(
+        ["sh", "-c", 'while kill -0 "$1" 2>/dev/null; do sleep 1; done; umount -l "$2"',
+         "guard", str(os.getpid()), str(mount)], start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+        guard.kill()
+        guard.wait(10)
+
+
+def fill_disk(folder: Path) -> Path:
+    """Write zeros into ``folder`` until its filesystem says ENOSPC; returns the filler file
+    (delete it to give the space back)."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (1 << 20, 1 << 12, 1):
+            chunk = bytes(size)
+            while True:
+                try:
+                    if os.write(fd, chunk) < size:
+                        break
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+                    break
+    finally:
+        os.close(fd)
+    return filler

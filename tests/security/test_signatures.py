@@ -1,11 +1,16 @@
-"""What a signature vouches for, as an attacker would test it (issue 21 items 1, 2 and 10).
+"""What a signature vouches for, as an attacker would test it (issue 21 items 1, 2 and 10;
+review findings 1 and 5).
 
 (a) A validly signed data set, signatures included, pasted into an item of a forged image's
 ReferencedImageSequence must not make the forgery valid: PS3.15 C.12.1.1.3, a signature in
 an item covers that item only. (b) A signature over SOPInstanceUID alone must not let
-blacked-out pixels through as "signed" with the content detectors skipped. (c) The algorithm
+blacked-out pixels through as "signed" with the content detectors skipped; nor may a real
+signature vouch for an image inverted, rescaled or overlaid after signing, or one signed over
+its pixels only and then relabelled to another patient, study or side. (c) The algorithm
 policy: dcmsign-made signatures with every MAC it offers, RSA-1024 and EC keys come out as
 the policy says, RIPEMD-160 (dcmtk's default) verifies, also without OpenSSL's RIPEMD-160.
+(d) The cost of verifying: signature items beyond the caps make a file invalid unhashed,
+cheap checks come before any hash, signatures over the same elements share one hash.
 
 The gateway is a real ``radguard serve`` process fed by dcmtk's storescu.
 """
@@ -19,11 +24,13 @@ import sqlite3
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
@@ -35,6 +42,7 @@ from radguard.forensics.scan import scan_file
 from radguard.gateway.config import ConfigError, load_config
 from radguard.provenance import TrustStore, verify_file
 from radguard.provenance.sign import sign_file
+from radguard.provenance.verify import MAX_SIGNATURES_PER_ITEM
 from tests.conftest import NIH_DX, dcmtk_tool
 
 DCMSIGN = "/usr/bin/dcmsign"
@@ -176,11 +184,107 @@ def test_scan_runs_the_detectors_when_the_signature_leaves_the_pixels_out(pki, t
     assert result.signature == "valid" and not result.pixels_vouched
     assert not any("detectors skipped" in r for r in result.reasons)
     assert result.synthetic is not None and result.tamper is not None
-    assert any("does not vouch for the pixels" in r for r in result.reasons)
+    assert any("does not vouch for the image" in r for r in result.reasons)
     control = scan_file(_signed(pki, tmp_path, "control"), trust=trust,
                         trust_signed_pixels=True)
     assert control.pixels_vouched and control.synthetic is None  # skipped when covered
     assert any("detectors skipped" in r for r in control.reasons)
+
+
+# -- (b) continued: changes after signing, and signatures over the pixels only ---------------
+
+#: What a signature over "the pixels and how to read them" lists
+PIXEL_ONLY = [int(tag_for_keyword(k)) for k in (  # type: ignore[arg-type]
+    "SamplesPerPixel", "PhotometricInterpretation", "Rows", "Columns", "BitsAllocated",
+    "BitsStored", "HighBit", "PixelRepresentation", "PixelData")]
+
+
+def _invert(ds: Dataset) -> None:
+    ds.PresentationLUTShape = "INVERSE"
+
+
+def _rescale(ds: Dataset) -> None:
+    ds.RescaleSlope, ds.RescaleIntercept = "4", "-1024"
+
+
+def _overlay(ds: Dataset) -> None:
+    """A graphic overlay (group 6000) drawing a filled box: a "finding" on the image."""
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    bits = np.zeros((rows, cols), np.uint8)
+    bits[rows // 3 : rows // 2, cols // 3 : cols // 2] = 1
+    ds.add_new(0x60000010, "US", rows)
+    ds.add_new(0x60000011, "US", cols)
+    ds.add_new(0x60000022, "LO", "annotation")
+    ds.add_new(0x60000040, "CS", "G")
+    ds.add_new(0x60000050, "SS", [1, 1])
+    ds.add_new(0x60000100, "US", 1)
+    ds.add_new(0x60000102, "US", 0)
+    ds.add_new(0x60003000, "OW", np.packbits(bits.ravel(), bitorder="little").tobytes())
+
+
+def _relabel_patient(ds: Dataset) -> None:
+    ds.PatientName, ds.PatientID = "Other^Patient", "OTHER-0001"
+
+
+def _move_study(ds: Dataset) -> None:
+    ds.StudyInstanceUID = generate_uid()
+
+
+def _set_laterality(ds: Dataset) -> None:
+    ds.ImageLaterality = "L"
+
+
+#: name: (signed elements (None: all), change after signing, elements it leaves uncovered)
+CHANGED_AFTER_SIGNING = {
+    "inverted": (None, _invert, {"PresentationLUTShape"}),
+    "rescaled": (None, _rescale, {"RescaleSlope", "RescaleIntercept"}),
+    "overlaid": (None, _overlay, {"OverlayData", "OverlayRows", "OverlayDescription"}),
+    "relabelled": (PIXEL_ONLY, _relabel_patient, {"PatientName", "PatientID"}),
+    "moved": (PIXEL_ONLY, _move_study, {"StudyInstanceUID", "SOPInstanceUID"}),
+    "lateral": (PIXEL_ONLY, _set_laterality, {"ImageLaterality"}),
+}
+
+
+def _changed(pki, tmp_path: Path, name: str) -> Path:
+    tags, change, _ = CHANGED_AFTER_SIGNING[name]
+    signed = _signed(pki, tmp_path, name, tags=tags)
+    ds = read_dataset(signed)
+    change(ds)
+    write_dataset(ds, signed)
+    return signed
+
+
+def test_a_signature_does_not_vouch_for_what_it_leaves_out_or_what_was_added(pki, tmp_path):
+    """Review finding 1: the signature still matches (status valid), but the image now
+    shows or means something else, so it vouches for nothing: pixels_covered is false and
+    pixels_uncovered names what changed."""
+    files = [_changed(pki, tmp_path, name) for name in CHANGED_AFTER_SIGNING]
+    genuine = _signed(pki, tmp_path, "genuine")  # radguard sign's default: every element
+    dcmsigned = _dcmsign(pki, _new_instance(NIH_DX, tmp_path / "d.raw.dcm"),
+                         tmp_path / "dcmsigned.dcm")  # dcmsign's default: every element
+    code, reports = _verify_json(*files, genuine, dcmsigned, "--trust", pki.ca_cert_path)
+    assert code == 0  # every signature holds: the data they list did not change
+    for name, (_, _, gaps) in CHANGED_AFTER_SIGNING.items():
+        report = reports[f"{name}.dcm"]
+        assert report["status"] == "valid", (name, report)
+        assert report["pixels_covered"] is False, (name, report)
+        assert gaps <= set(report["pixels_uncovered"]), (name, report["pixels_uncovered"])
+    for control in ("genuine.dcm", "dcmsigned.dcm"):
+        report = reports[control]
+        assert report["status"] == "valid" and report["pixels_covered"] is True, report
+        assert report["pixels_uncovered"] == [] and report["uncovered"] == [], report
+    text = CliRunner().invoke(main, ["verify", str(files[0]), "--trust", str(pki.ca_cert_path)])
+    assert "image NOT vouched for" in text.output and "PresentationLUTShape" in text.output
+
+
+def test_scan_runs_the_detectors_on_an_image_changed_after_signing(pki, tmp_path):
+    trust = TrustStore.from_paths([pki.ca_cert_path])
+    for name in ("overlaid", "relabelled"):
+        result = scan_file(_changed(pki, tmp_path, name), trust=trust, trust_signed_pixels=True)
+        assert result.signature == "valid" and not result.pixels_vouched, name
+        assert result.synthetic is not None and result.tamper is not None, name
+        assert not any("detectors skipped" in r for r in result.reasons), name
+        assert any("does not vouch for the image" in r for r in result.reasons), name
 
 
 # -- the gateway: real DIMSE in, routing read from its database ----------------------------
@@ -263,7 +367,7 @@ def test_gateway_quarantines_transplants_uncovered_pixels_and_weak_signatures(
     b = rows["blackout_must"]
     assert (b["state"], b["trust"]) == ("quarantined", "pixels unsigned"), b
     assert b["details"]["reasons"][0].startswith(
-        "signed, but the signature does not cover the pixel data")
+        "signed, but the signature does not vouch for the image")
     assert _detectors_ran(b)
     b = rows["blackout_other"]
     assert b["trust"] == "pixels unsigned" and _detectors_ran(b), b
@@ -288,6 +392,41 @@ def test_gateway_accepts_weak_signatures_only_when_configured(pki, tmp_path, gat
     row = _routed(gw, [sha1])["s"]
     assert (row["state"], row["trust"]) == ("done", "signed"), row
     assert any("weak algorithm accepted by policy" in r for r in row["details"]["reasons"])
+
+
+def test_gateway_does_not_vouch_for_images_changed_or_relabelled_after_signing(
+        pki, tmp_path, gateway_process):
+    """Review findings 1 and 5 at the gateway: a real signed X-ray inverted, rescaled,
+    overlaid, or signed over its pixels only and relabelled to another patient, study or
+    side is not `signed`, gets the content detectors and does not satisfy must_sign; a file
+    with more signature items than are verified is invalid."""
+    attacks = {name: _changed(pki, tmp_path, name) for name in CHANGED_AFTER_SIGNING}
+    (tmp_path / "other").mkdir()
+    other = _changed(pki, tmp_path / "other", "inverted")  # sent by an AE that need not sign
+    many = _copies(_signed(pki, tmp_path, "many"), MAX_SIGNATURES_PER_ITEM + 1)
+    genuine = _signed(pki, tmp_path, "genuine")
+    dcmsigned = _dcmsign(pki, _new_instance(NIH_DX, tmp_path / "d.raw.dcm"),
+                         tmp_path / "dcmsigned.dcm")
+    gw = gateway_process(f'trust = ["{pki.ca_cert_path}"]\nmust_sign = ["DX_ROOM3"]\n')
+    _storescu(gw.dicom_port, "DX_ROOM3", *attacks.values(), many, genuine, dcmsigned)
+    _storescu(gw.dicom_port, "CR_ROOM1", other)
+    rows = _routed(gw, [*attacks.values(), many, genuine, dcmsigned])
+    for name in attacks:
+        row = rows[name]
+        assert (row["state"], row["trust"]) == ("quarantined", "pixels unsigned"), (name, row)
+        assert row["details"]["reasons"][0].startswith(
+            "signed, but the signature does not vouch for the image"), (name, row)
+        assert _detectors_ran(row), (name, row)
+    row = _routed(gw, [other])["inverted"]  # no must_sign: judged on content, not "signed"
+    assert row["trust"] == "pixels unsigned" and _detectors_ran(row), row
+    row = rows["many"]
+    assert (row["state"], row["trust"]) == ("quarantined", "signature invalid"), row
+    assert any(f"{MAX_SIGNATURES_PER_ITEM + 1} signatures in the top-level data set" in r
+               for r in row["details"]["reasons"]), row
+    for control in ("genuine", "dcmsigned"):  # real device signatures still vouch
+        row = rows[control]
+        assert (row["state"], row["trust"]) == ("done", "signed"), row
+        assert not _detectors_ran(row), row
 
 
 def test_signature_settings_are_validated(tmp_path):
@@ -453,3 +592,124 @@ def test_pure_python_ripemd160_matches_the_published_vectors_and_hashlib():
             ours.update(data[start : start + 37])
         assert ours.digest() == hashlib.new("ripemd160", data).digest(), size
         assert ours.copy().hexdigest() == ours.hexdigest()
+
+
+# -- (d) what verifying may cost -------------------------------------------------------------
+
+def _copies(signed: Path, n: int, *, into: str = "") -> Path:
+    """``signed`` with its signature item repeated ``n`` times, at the top level or (with
+    ``into``) in a new item of that sequence that holds the whole signed data set."""
+    ds = read_dataset(signed)
+    target = ds
+    if into:
+        target = Dataset()
+        for element in read_dataset(signed):
+            target.add(element)
+        setattr(ds, into, Sequence([target]))
+    item = target.DigitalSignaturesSequence[0]
+    target.DigitalSignaturesSequence = Sequence([item] * n)
+    write_dataset(ds, signed)
+    return signed
+
+
+@pytest.fixture
+def hashed(monkeypatch) -> list[int]:
+    """One entry per pass over a data set's signed elements during verification (the real
+    MacStream, counted), so a test can tell how much was hashed without timing it."""
+    from radguard.provenance import verify as verify_module
+
+    passes: list[int] = []
+
+    class Counted(verify_module.MacStream):
+        def add_elements(self, ds: Dataset, tags) -> None:  # noqa: ANN001
+            tags = list(tags)
+            passes.append(len(tags))
+            super().add_elements(ds, tags)
+
+    monkeypatch.setattr(verify_module, "MacStream", Counted)
+    return passes
+
+
+def test_too_many_signature_items_make_a_file_invalid_unhashed(pki, tmp_path, hashed):
+    trust = TrustStore.from_paths([pki.ca_cert_path])
+    top = verify_file(_copies(_signed(pki, tmp_path, "top"), 1000), trust)
+    assert top.status == "invalid" and top.signatures == [] and not top.pixels_covered
+    assert top.error == ("1000 signatures in the top-level data set: more than the 8 "
+                         "verified per data set or item, so none was checked")
+    nested = verify_file(_copies(_signed(pki, tmp_path, "nested"), 9,
+                                 into="ReferencedImageSequence"), trust)
+    assert nested.status == "invalid" and nested.signatures == []
+    assert nested.error.startswith("9 signatures in ReferencedImageSequence[0]")
+    assert hashed == []  # nothing was hashed for any of them
+    spread = _signed(pki, tmp_path, "spread")  # 1 + 5 items x 7: 36 in the file
+    items = []
+    for _ in range(5):
+        item = Dataset()
+        for element in read_dataset(spread):
+            item.add(element)
+        item.DigitalSignaturesSequence = Sequence([item.DigitalSignaturesSequence[0]] * 7)
+        items.append(item)
+    ds = read_dataset(spread)
+    ds.ReferencedImageSequence = Sequence(items)
+    write_dataset(ds, spread)
+    report = verify_file(spread, trust)
+    assert report.status == "invalid" and report.error.startswith("36 signatures in the file")
+    assert hashed == []
+    code, reports = _verify_json(tmp_path / "top.dcm", "--trust", pki.ca_cert_path)
+    assert code == 1 and reports["top.dcm"]["status"] == "invalid"
+    assert reports["top.dcm"]["error"].startswith("1000 signatures")
+
+
+def test_signatures_over_the_same_elements_share_one_hash(pki, tmp_path, hashed):
+    at_cap = verify_file(_copies(_signed(pki, tmp_path, "eight"), MAX_SIGNATURES_PER_ITEM),
+                         TrustStore.from_paths([pki.ca_cert_path]))
+    assert at_cap.status == "valid" and at_cap.pixels_covered
+    assert [s.status for s in at_cap.signatures] == ["valid"] * MAX_SIGNATURES_PER_ITEM
+    assert len(hashed) == 1  # the pixel data was hashed once for all eight
+
+
+def _ed25519_certificate() -> bytes:
+    """A self-signed Ed25519 certificate (DER): a key type DICOM signatures do not use."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from cryptography.x509.oid import NameOID
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ed25519")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1).not_valid_before(now)
+            .not_valid_after(now + dt.timedelta(days=1)).sign(key, None))
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def test_cheap_checks_come_before_any_hash(pki, tmp_path, hashed):
+    """Review finding 5: a signature item that fails a check needing no hash costs no pass
+    over the pixel data (before: the hash had often started, and was waited for)."""
+    trust = TrustStore.from_paths([pki.ca_cert_path])
+    cases = [  # (what the reason says, how the signature item is spoilt)
+        ("certificate type", lambda sig: setattr(sig, "CertificateType", "X509_BOGUS")),
+        ("malformed signature item", lambda sig: setattr(sig, "CertificateOfSigner",
+                                                         b"\x30\x03not a certificate")),
+        ("not RSA or ECDSA", lambda sig: setattr(sig, "CertificateOfSigner",
+                                                 _ed25519_certificate())),
+        ("malformed signature item", lambda sig: setattr(sig, "DigitalSignatureDateTime",
+                                                         "20261301")),
+        ("no MAC Parameters item", lambda sig: setattr(sig, "MACIDNumber", 99)),
+    ]
+    for i, (reason, spoil) in enumerate(cases):
+        path = _signed(pki, tmp_path, f"spoilt{i}")
+        ds = read_dataset(path)
+        with warnings.catch_warnings():  # pydicom warns about the invalid values, rightly
+            warnings.simplefilter("ignore")
+            spoil(ds.DigitalSignaturesSequence[0])
+            write_dataset(ds, path)
+        report = verify_file(path, trust)
+        assert report.status == "invalid", report
+        assert reason in report.signatures[0].reason, report.signatures[0].reason
+    assert hashed == []  # none of them cost a pass over the pixel data
+    assert verify_file(_signed(pki, tmp_path, "untrusted"), None).status == "untrusted"
+    assert len(hashed) == 1  # an untrusted signer is hashed: invalid ranks above untrusted
