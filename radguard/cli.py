@@ -39,6 +39,7 @@ from radguard.provenance.policy import (
     RSA_BITS_RANGE,
     AlgorithmPolicy,
 )
+from radguard.provenance.profiles import Coverage
 from radguard.provenance.verify import VerificationReport, name_list
 
 
@@ -345,7 +346,8 @@ def sign(inputs: tuple[str, ...], out: str, key_path: str, cert_path: str, profi
 
 def _policy_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """--allow-weak / --min-rsa-bits / --min-ec-bits: the signature algorithm policy, with
-    the defaults of :data:`~radguard.provenance.policy.DEFAULT_POLICY`."""
+    the defaults of :data:`~radguard.provenance.policy.DEFAULT_POLICY`; --coverage: what
+    signatures must cover to vouch for an image (as ``[signatures] coverage``)."""
     options = [
         click.option("--allow-weak", is_flag=True, default=DEFAULT_POLICY.allow_weak,
                      help="Accept weak signatures (MD5 or SHA-1 MAC, short keys) as valid; "
@@ -356,6 +358,11 @@ def _policy_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--min-ec-bits", type=click.IntRange(*EC_BITS_RANGE),
                      default=DEFAULT_POLICY.min_ec_bits, show_default=True,
                      help="Smaller elliptic-curve signer keys are weak."),
+        click.option("--coverage", type=click.Choice([c.value for c in Coverage]),
+                     default=Coverage.IMAGE.value, show_default=True,
+                     help="What valid signatures must cover to vouch for an image "
+                          "(pixels_covered): image = what it shows and whose it is; pixels "
+                          "= what it shows only (the patient's identity may be unsigned)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -376,7 +383,8 @@ def _policy(allow_weak: bool, min_rsa_bits: int, min_ec_bits: int) -> AlgorithmP
 @_policy_options
 @_workers_option
 def verify(paths: tuple[str, ...], trust_paths: tuple[str, ...], as_json: bool,
-           allow_weak: bool, min_rsa_bits: int, min_ec_bits: int, workers: int) -> None:
+           allow_weak: bool, min_rsa_bits: int, min_ec_bits: int, coverage: str,
+           workers: int) -> None:
     """Verify DICOM signatures; exit 0 only if every file is validly signed by a trusted
     signer. Only signatures in the top-level data set count: one inside a sequence item is
     reported but vouches for that item only."""
@@ -397,7 +405,8 @@ def verify(paths: tuple[str, ...], trust_paths: tuple[str, ...], as_json: bool,
         raise RadguardError("no input files found")
     with _progress(total, "verifying") as progress:
         task = progress.add_task("verify", total=total)
-        for report in verify_paths(present, trust, workers=workers, policy=policy):
+        for report in verify_paths(present, trust, workers=workers, policy=policy,
+                                   coverage=Coverage(coverage)):
             all_ok &= report.ok
             _print_report(report, as_json)
             progress.advance(task)
@@ -946,7 +955,7 @@ _VERDICT_COLOUR = {"authentic": "green", "suspicious": "yellow", "unverifiable":
 @_policy_options
 def scan(paths: tuple[str, ...], trust_paths: tuple[str, ...], key_path: str | None,
          as_json: bool, heatmap_dir: str | None, allow_weak: bool, min_rsa_bits: int,
-         min_ec_bits: int) -> None:
+         min_ec_bits: int, coverage: str) -> None:
     """One forensic verdict per image (DICOM, PNG, JPEG; folders recursively): authentic,
     suspicious, synthetic, tampered or unverifiable, with reasons. Exit 0 if every image is
     authentic, 1 otherwise."""
@@ -977,7 +986,8 @@ def scan(paths: tuple[str, ...], trust_paths: tuple[str, ...], key_path: str | N
         task = progress.add_task("scan", total=len(files))
         for i, f in enumerate(files):
             result = scan_file(f, trust=trust, watermark_key=key, detector=detector,
-                               keep_pixels=out_dir is not None, policy=policy)
+                               keep_pixels=out_dir is not None, policy=policy,
+                               coverage=Coverage(coverage))
             if out_dir and result.synthetic is not None:
                 target = out_dir / f"{i:05d}-{f.stem}.heatmap.png"
                 write_heatmap(result, target)

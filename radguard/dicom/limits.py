@@ -61,8 +61,9 @@ class DecodeLimits:
     #: decoded / encoded bytes of compressed pixel data larger than :data:`RATIO_FLOOR`
     #: (real images: 2-50, lossy at most a few hundred); 0 switches the check off
     max_compression_ratio: int = 1000
-    #: bytes that inflates and decodes of one process may hold at once; one larger image
-    #: waits until it runs alone
+    #: bytes that inflates and decodes of one process may hold at once (one thread may
+    #: go over it by one image, see :class:`ByteBudget`); one larger image waits until it
+    #: runs alone
     decode_budget_bytes: int = 1 << 30
 
 
@@ -71,35 +72,54 @@ class ByteBudget:
     other threads hold. A request larger than the whole budget waits until nothing else is
     held, then runs alone (a real image larger than the budget is slow, never refused).
 
-    A thread that already holds part of the budget (in a :func:`decode_scope`) is never
-    made to wait: two such threads waiting for each other would deadlock, and what it adds
-    is one decode of data it already holds (a deflated data set's native pixels)."""
+    A thread that already holds part of the budget (in a :func:`decode_scope`) and needs
+    more than fits cannot simply wait for room: two such threads would wait for each other
+    for ever. It waits for the budget or for the one *overdraft* instead - a token that lets
+    its thread go over the budget and stays with it until it holds nothing. So at most one
+    thread is over budget at a time, and all together hold at most the budget plus what
+    that one thread adds (a deflated data set's decoded pixels: one image)."""
 
     def __init__(self, total: int) -> None:
         self.total = total
         self.used = 0
         self._cond = threading.Condition()
-        self._mine = threading.local()  # .bytes: what the current thread holds
-
-    def _held_here(self) -> int:
-        return int(getattr(self._mine, "bytes", 0))
+        self._held: dict[int, int] = {}  # thread id -> bytes that thread holds
+        self._overdraft: int | None = None  # the thread allowed over the budget
 
     def acquire(self, size: int) -> int:
         """Take ``size`` bytes (capped at the whole budget); returns what was taken, for
         :meth:`release`."""
         size = max(0, min(size, self.total))
+        if not size:
+            return 0
+        me = threading.get_ident()
         with self._cond:
-            if not self._held_here():
-                self._cond.wait_for(lambda: self.used + size <= self.total)
+            held = self._held.get(me, 0)
+
+            def fits() -> bool:
+                return self.used + size <= self.total
+
+            if not held:
+                self._cond.wait_for(fits)
+            elif not fits():
+                self._cond.wait_for(lambda: fits() or self._overdraft in (None, me))
+                if not fits():
+                    self._overdraft = me
             self.used += size
-        self._mine.bytes = self._held_here() + size
+            self._held[me] = held + size
         return size
 
     def release(self, size: int) -> None:
-        """Give back what :meth:`acquire` returned (on the thread that acquired it)."""
-        self._mine.bytes = self._held_here() - size
+        """Give back what :meth:`acquire` returned (on the thread that acquired it); a
+        thread that holds nothing any more gives back the overdraft too."""
+        me = threading.get_ident()
         with self._cond:
             self.used -= size
+            left = self._held.pop(me, 0) - size
+            if left > 0:
+                self._held[me] = left
+            elif self._overdraft == me:
+                self._overdraft = None
             self._cond.notify_all()
 
     @contextlib.contextmanager

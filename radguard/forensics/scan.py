@@ -39,6 +39,7 @@ from radguard.images import display_frame, is_dicom_path, read_for_analysis
 
 if TYPE_CHECKING:
     from radguard.provenance.policy import AlgorithmPolicy
+    from radguard.provenance.profiles import Coverage
     from radguard.provenance.verify import VerificationReport
 
 __all__ = ["VERDICTS", "ScanResult", "scan_file", "write_heatmap"]
@@ -67,7 +68,7 @@ class ScanResult:
     modality: str = ""
     weak_evidence: list[str] = field(default_factory=list)  # makes the verdict suspicious
     pixels_vouched: bool = False  # valid trusted signatures vouch for the image (pixels, how
-    # they are read and shown, whose they are): VerificationReport.pixels_covered
+    # they are read and shown, and by default whose they are): VerificationReport.pixels_covered
 
     @property
     def synthetic_score(self) -> float | None:
@@ -130,14 +131,17 @@ def _signature_layer(report: VerificationReport, result: ScanResult, trust: obje
 
 
 def _dicom_layers(path: Path, result: ScanResult, trust: object, key: object,
-                  keep: bool, policy: AlgorithmPolicy | None) -> np.ndarray:
+                  keep: bool, policy: AlgorithmPolicy | None,
+                  coverage: Coverage | None) -> np.ndarray:
     from radguard.dicom.io import read_dataset
     from radguard.dicom.pixels import pixel_array
     from radguard.provenance.policy import DEFAULT_POLICY
+    from radguard.provenance.profiles import Coverage
     from radguard.provenance.verify import verify_dataset
 
     ds = read_dataset(path, stop_before_pixels=False)
-    report = verify_dataset(ds, trust, policy=policy or DEFAULT_POLICY)  # type: ignore[arg-type]
+    report = verify_dataset(ds, trust, policy=policy or DEFAULT_POLICY,  # type: ignore[arg-type]
+                            coverage=coverage or Coverage.IMAGE)
     _signature_layer(report, result, trust)
     result.modality = str(getattr(ds, "Modality", "") or "").upper()
     try:
@@ -173,6 +177,7 @@ def scan_file(
     keep_pixels: bool = False,
     trust_signed_pixels: bool = False,
     policy: AlgorithmPolicy | None = None,
+    coverage: Coverage | None = None,
 ) -> ScanResult:
     """Scan one file; never raises for bad input (the verdict is then ``unverifiable``).
 
@@ -181,14 +186,16 @@ def scan_file(
     (``VerificationReport.pixels_covered``): the pixels are then provably the device's,
     and a statistical detector could only add false alarms (about 5% of real radiographs at
     its threshold). Header checks and the watermark still run. ``policy``: which signature
-    algorithms count (default: :data:`~radguard.provenance.policy.DEFAULT_POLICY`).
+    algorithms count (default: :data:`~radguard.provenance.policy.DEFAULT_POLICY`);
+    ``coverage``: what signatures must cover to vouch for the image (default ``image``).
     """
     p = Path(path)
     result = ScanResult(str(p))
     det = detector or load_detector()
     try:
         if is_dicom_path(p):
-            pixels = _dicom_layers(p, result, trust, watermark_key, keep_pixels, policy)
+            pixels = _dicom_layers(p, result, trust, watermark_key, keep_pixels, policy,
+                                   coverage)
         else:
             pixels = read_for_analysis(p)
     except RadguardError as exc:

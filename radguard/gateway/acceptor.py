@@ -26,32 +26,42 @@ What one peer may cost is bounded (:class:`DimseLimits`, ``[dicom]`` in the gate
 configuration), so that neither slow nor large senders starve the port, exhaust memory or
 fill the disk:
 
-* connections: a peer is an IPv4 address or an IPv6 /64 (:func:`ratelimit.peer_key`: a
-  host is usually given a whole /64). At most ``max_per_ip`` open connections from one peer,
-  counted from the moment they are accepted (TLS handshake and negotiation included), and at
-  most ``max(64, 2 * max_associations)`` connections not yet associated; more are closed
-  unread. At most ``max_per_ae`` associations with one calling AE title; more get an
-  A-ASSOCIATE-RJ (transient, local limit exceeded). ``peer_limits`` replaces both limits for
-  the addresses or networks it names (a PACS or a NAT with many parallel associations).
+* connections: a peer is a network named in ``peer_limits`` (all its addresses together),
+  else an IPv4 address or the IPv6 network of its first ``ipv6_prefix`` bits
+  (:func:`ratelimit.peer_key`; 64 by default: a host is usually given a whole /64). At most
+  ``max_per_ip`` open connections from one peer, counted from the moment they are accepted
+  (TLS handshake and negotiation included), and at most ``max(64, 2 * max_associations)``
+  connections not yet associated; more are closed unread. At most ``max_per_ae``
+  associations from one peer with one calling AE title (the title is the peer's choice, so
+  it is never counted across peers); more get an A-ASSOCIATE-RJ (transient, local limit
+  exceeded). ``peer_limits`` replaces both limits for the peers it names (a PACS or a NAT
+  with many parallel associations).
 * slots: at most ``max_associations`` associations at once. When all are taken, a new one
-  takes the slot of the idlest: the association with the least allowance left (below),
-  provided it has waited at least ``EVICT_AFTER`` seconds more than its bytes paid for; it
-  is aborted. A sender at ``min_rate`` or faster, one that only just associated, and one
-  whose handler or spool write is running are never evicted; when no association
+  takes a slot of the peer holding the most of them: the one of its associations (of all
+  such peers', if several hold as many) with the least allowance left (below), provided it
+  has waited at least ``EVICT_AFTER`` seconds more than its bytes paid for (the credit of
+  new instances, below, keeps an association from being dropped, not its slot from a
+  newcomer); it is aborted. A sender at ``min_rate`` or faster, one that has only just
+  associated, one whose handler or spool write is running, and every association of a
+  peer holding fewer slots than another are never evicted - so a lone modality that pauses
+  is safe from the newcomers of a peer that keeps many slots busy. When no association
   qualifies, the newcomer gets the reject.
 * time: the TLS handshake and the whole A-ASSOCIATE-RQ must arrive within
   ``connect_timeout`` of the connection. From then on the association has an allowance of
   ``idle_timeout`` seconds: time spent waiting for the peer uses it up (our own work - the
-  handler, a spool write - does not), and every byte received adds ``1 / min_rate`` seconds
-  up to ``idle_timeout``. Nothing else refills it: a C-STORE, accepted or a resend, earns
-  its bytes and no more. When it is used up the association is aborted. So a silent peer
-  goes after ``idle_timeout``, a trickle slower than ``min_rate`` - tiny PDUs or small
-  complete instances - a little later, while a sender at ``min_rate`` or faster never runs
-  out and may pause up to ``idle_timeout`` between bursts or images. No association lasts
-  longer than ``max_association_time``: it ends at the first moment after that between
-  messages; a message under way may finish until half as long again has passed
-  (``OVERTIME``), so a long migration is not cut mid-object. A handler at work is never cut
-  off.
+  handler, a spool write - does not), every byte received adds ``1 / min_rate`` seconds,
+  and a C-STORE answered Success for a SOP Instance UID the port has not acknowledged
+  lately (among the last ``RECENT_INSTANCES``) adds ``NEW_INSTANCE_CREDIT * idle_timeout``
+  seconds, all up to ``idle_timeout``; a resend earns its bytes only, and nothing else
+  refills it. When it is used up the association is aborted. So a silent peer goes after
+  ``idle_timeout``, a trickle slower than ``min_rate`` - tiny PDUs or the same small
+  instances again - a little later, while a sender at ``min_rate`` or faster never runs
+  out and may pause up to ``idle_timeout`` between bursts or images, and a modality that
+  stores each small image as it is taken (an ultrasound: 300 KB every 30 s) keeps its
+  association. No association lasts longer than ``max_association_time``: it ends at the
+  first moment after that between messages; a message under way may finish until half as
+  long again has passed (``OVERTIME``), so a long migration is not cut mid-object. A
+  handler at work is never cut off.
 * memory: a PDU is never held whole; data set fragments are read in pieces of at most
   256 KiB. A data set stays in memory up to ``memory_per_message`` bytes and only while the
   data sets in memory of all associations together (those with their handler included)
@@ -68,7 +78,8 @@ fill the disk:
   whose spool file cannot be written, ends there: the rest of it is read and dropped and
   the C-STORE is answered 0xA700 (out of resources); the association and the server go
   on. A disk that is short or cannot be written is also reported to ``on_unwritable`` (the
-  store's health: the gateway's "disk full" banner), at most once a minute.
+  store: below the reserve intake pauses, a failing disk is a store outage; either is the
+  gateway's banner), at most once a minute.
 
 Refusals, rejects, aborts, drops and 0xA700s are logged through one bounded
 :class:`ratelimit.Throttle`: the first per peer and kind, then one a minute with the
@@ -92,7 +103,7 @@ import struct
 import tempfile
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -100,7 +111,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from radguard.fileio import room_above_reserve
-from radguard.gateway.ratelimit import Throttle, peer_key
+from radguard.gateway.ratelimit import DEFAULT_IPV6_PREFIX, Throttle, ip_of, peer_key
 
 if TYPE_CHECKING:
     from pynetdicom.pdu_primitives import ServiceParameter
@@ -115,6 +126,7 @@ A_ASSOCIATE_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, P_DATA_TF = 1, 2, 3, 4
 A_RELEASE_RQ, A_RELEASE_RP, A_ABORT = 5, 6, 7
 C_STORE_RQ, C_ECHO_RQ, C_CANCEL_RQ = 0x0001, 0x0030, 0x0FFF
 NO_DATA_SET = 0x0101
+SUCCESS = 0x0000
 UNRECOGNISED_OPERATION, CANNOT_UNDERSTAND, OUT_OF_RESOURCES = 0x0211, 0xC000, 0xA700
 # A-ABORT reasons (source 2 = service provider)
 UNRECOGNISED_PDU, UNEXPECTED_PDU, INVALID_PARAMETER = 0x01, 0x02, 0x06
@@ -130,6 +142,10 @@ SPOOL_PREFIX, SPOOL_SUFFIX = "dimse-", ".part"
 EVICT_AFTER = 5.0  # seconds an association must be behind its allowance before it may be
                    # evicted for a newcomer (at most half of idle_timeout); a sender between
                    # the images of a study waits milliseconds
+NEW_INSTANCE_CREDIT = 0.5  # of idle_timeout: what a newly acknowledged instance adds to its
+                           # association's allowance (a small image every half minute)
+RECENT_INSTANCES = 1 << 15  # acknowledged SOP Instance UIDs remembered (hashed: ~4 MB), so a
+                            # resend earns no credit unless this many others came since
 OVERTIME = 0.5  # a message under way at max_association_time may go on this much longer
 ROOM_SECONDS = 1.0  # how long a statvfs that found room is believed (NFS: one RPC each)
 
@@ -151,15 +167,17 @@ class DimseLimits:
     memory_budget: int = 256 << 20  # bytes of data sets held in memory, all associations
     spool_budget: int = 8 << 30  # bytes in spool files of unanswered messages, all of them
     min_free: int = 1 << 30  # bytes kept free on the spool folder's filesystem (<= 5% of it)
-    # (address or network, the max_per_ip and max_per_ae that apply to it instead)
+    # (address or network, which counts as one peer, and its max_per_ip and max_per_ae)
     peer_limits: tuple[tuple[str, int], ...] = ()
+    ipv6_prefix: int = DEFAULT_IPV6_PREFIX  # IPv6 addresses in one network this long: one peer
 
     def __post_init__(self) -> None:
         counts = (self.max_associations, self.max_per_ip, self.max_per_ae, self.min_rate,
                   self.max_data_set, self.spool_budget, *(n for _, n in self.peer_limits))
         times = (self.connect_timeout, self.idle_timeout, self.max_association_time)
         if min(counts) < 1 or min(times) <= 0 or min(self.memory_per_message,
-                                                      self.memory_budget, self.min_free) < 0:
+                                                      self.memory_budget, self.min_free) < 0 \
+                or not 0 <= self.ipv6_prefix <= 128:
             raise ValueError(f"impossible DICOM limits: {self}")
         for network, _ in self.peer_limits:
             ipaddress.ip_network(network, strict=False)  # ValueError if it is not one
@@ -201,7 +219,8 @@ class _Expiry(enum.Enum):
     CONNECT = "no complete A-ASSOCIATE-RQ within the connect timeout"
     IDLE = "idle or slower than the minimum transfer rate"
     TOTAL = "longer than the maximum association time"
-    EVICTED = "the idlest association while all were taken: its slot went to a new one"
+    EVICTED = "the idlest association of the peer holding the most while all were taken: " \
+              "its slot went to a new one"
 
 
 class _Keep(enum.Enum):
@@ -351,11 +370,11 @@ class _Connection:
     allowance of the module docstring, enforced by one timer that re-arms itself)."""
 
     def __init__(self, acceptor: Acceptor, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter, ip: str, limit: int | None) -> None:
+                 writer: asyncio.StreamWriter, ip: str, peer: str, limit: int | None) -> None:
         self.acceptor, self.limits = acceptor, acceptor.limits
         self.reader, self.writer, self.ip = reader, writer, ip
-        self.peer = peer_key(ip)  # what the per-peer limit counts
-        self.limit = limit  # peer_limits' number for this address, if it names it
+        self.peer = peer  # what the per-peer limits count (Acceptor.peer_of)
+        self.limit = limit  # peer_limits' number for this peer, if it names it
         self.calling: str | None = None  # set once associated
         self.slot = False  # counted against max_associations and max_per_ae
         self.handshaking = False  # TLS: asyncio bounds the handshake itself
@@ -364,24 +383,36 @@ class _Connection:
         self.loop = asyncio.get_running_loop()
         now = self.loop.time()
         self.deadline = now + self.limits.connect_timeout
+        self.paid = self.deadline  # (both clocks are described below)
         self.end = now + self.limits.max_association_time
         self.last_end = now + self.limits.max_association_time * (1 + OVERTIME)
         self.paused_since: float | None = None
         self.timer: asyncio.TimerHandle | None = self.loop.call_at(self.deadline, self._check)
 
     # -- the clock --------------------------------------------------------------------------
+    # Two clocks: ``deadline`` ends the allowance (bytes and new instances refill it), and
+    # ``paid`` is what the bytes alone paid for, which ranks associations for eviction -
+    # new instances keep an association from being dropped, not its slot from a newcomer.
     def associated(self, calling: str) -> None:
         self.calling, self.slot = calling, True
-        self.deadline = self.loop.time() + self.limits.idle_timeout
+        self.deadline = self.paid = self.loop.time() + self.limits.idle_timeout
         self.rearm()
 
-    def credit(self, received: int) -> None:
-        """Bytes received buy time at ``min_rate`` (none before the association: the
-        A-ASSOCIATE-RQ has a fixed deadline)."""
+    def _added(self, until: float, seconds: float) -> float:
+        now = self.loop.time()
+        return min(now + self.limits.idle_timeout, max(until, now) + seconds)
+
+    def received(self, size: int) -> None:
+        """Bytes received buy time at ``min_rate`` on both clocks (nothing before the
+        association: the A-ASSOCIATE-RQ has a fixed deadline)."""
         if self.calling is not None:
-            now = self.loop.time()
-            self.deadline = min(now + self.limits.idle_timeout,
-                                max(self.deadline, now) + received / self.limits.min_rate)
+            seconds = size / self.limits.min_rate
+            self.deadline = self._added(self.deadline, seconds)
+            self.paid = self._added(self.paid, seconds)
+
+    def stored_new(self) -> None:
+        """A new instance was acknowledged: ``NEW_INSTANCE_CREDIT`` of the idle allowance."""
+        self.deadline = self._added(self.deadline, NEW_INSTANCE_CREDIT * self.limits.idle_timeout)
 
     @contextlib.contextmanager
     def ours(self) -> Iterator[None]:
@@ -391,15 +422,16 @@ class _Connection:
             yield
         finally:
             now = self.loop.time()
-            self.deadline = min(now + self.limits.idle_timeout,
-                                self.deadline + now - self.paused_since)
+            paused, most = now - self.paused_since, now + self.limits.idle_timeout
+            self.deadline = min(most, self.deadline + paused)
+            self.paid = min(most, self.paid + paused)
             self.paused_since = None
             self.rearm()
 
     def behind(self, now: float) -> float:
         """Seconds this association has waited beyond what its bytes paid for (about 0 for
         a sender at ``min_rate`` or faster). Not meaningful while our work runs."""
-        return now + self.limits.idle_timeout - self.deadline
+        return now + self.limits.idle_timeout - self.paid
 
     def due(self) -> float:
         """When the clock must look next: the allowance's end, or the association's (later
@@ -441,17 +473,17 @@ class _Connection:
             transport.write(_pdu(A_ABORT, bytes([0, 0, 2, 0])))
         transport.abort()
 
-    # -- reading; every byte counts as progress -------------------------------------------------
+    # -- reading; every byte buys time at min_rate ---------------------------------------------
     async def exactly(self, size: int) -> bytes:
         data = await self.reader.readexactly(size)
-        self.credit(size)
+        self.received(size)
         return data
 
     async def some(self, size: int) -> bytes:
         data = await self.reader.read(size)
         if not data:
             raise asyncio.IncompleteReadError(b"", size)
-        self.credit(len(data))
+        self.received(len(data))
         return data
 
 
@@ -489,13 +521,15 @@ class Acceptor:
         self._thread: threading.Thread | None = None
         self._connections: set[_Connection] = set()
         self._lingering: set[asyncio.BaseTransport] = set()
-        self._per_peer: Counter[str] = Counter()  # open connections per peer_key
-        self._per_ae: Counter[str] = Counter()
+        self._per_peer: Counter[str] = Counter()  # open connections per peer (peer_of)
+        self._per_ae: Counter[tuple[str, str]] = Counter()  # associations per (peer, AE title)
         self._associations = 0
-        # most specific first: (network, max_per_ip and max_per_ae for addresses in it)
+        # most specific first: (network, max_per_ip and max_per_ae of that peer)
         self._peer_limits = sorted(
             ((ipaddress.ip_network(net, strict=False), n) for net, n in self.limits.peer_limits),
             key=lambda item: -item[0].prefixlen)
+        # hashes of SOP Instance UIDs lately answered Success, least recently first
+        self._acknowledged: OrderedDict[int, None] = OrderedDict()
         # connections not yet associated (each for connect_timeout at most), from all addresses
         self.negotiating_limit = max(64, 2 * self.limits.max_associations)
         self.memory_held = 0  # bytes of data sets in memory (unfinished or being handled)
@@ -555,7 +589,7 @@ class Acceptor:
         self._summary = self._loop.call_later(60, self._summarise)
 
     def note(self, level: int, peer: str, kind: str, message: str, *args: object) -> None:
-        """Log an event a peer can repeat at will (``peer``: its :func:`peer_key`, "" for
+        """Log an event a peer can repeat at will (``peer``: :meth:`peer_of`, "" for
         the server as a whole): the first per peer and kind, then one a minute saying how
         many were left out, at most 60 lines a minute in all."""
         write, held = self.throttle.allow(f"{kind} {peer}")
@@ -607,7 +641,7 @@ class Acceptor:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         address = writer.get_extra_info("peername")
         ip = str(address[0]) if address else "?"
-        peer, limit = peer_key(ip), self._peer_limit(ip)
+        peer, limit = self.peer_of(ip)
         refusal = self._admit(peer, limit)
         if refusal:
             self.note(logging.WARNING, peer, "refused",
@@ -615,7 +649,7 @@ class Acceptor:
             writer.transport.abort()
             return
         no_delay(writer.get_extra_info("socket"))
-        connection = _Connection(self, reader, writer, ip, limit)
+        connection = _Connection(self, reader, writer, ip, peer, limit)
         self._connections.add(connection)
         self._per_peer[peer] += 1
         try:
@@ -649,18 +683,18 @@ class Acceptor:
             raise ConnectionResetError("connection closed during the TLS handshake")
         connection.rearm()
 
-    def _peer_limit(self, ip: str) -> int | None:
-        """What ``peer_limits`` says for this address (the most specific network that
-        holds it), or None."""
-        if not self._peer_limits:
-            return None
-        try:
-            address = ipaddress.ip_address(ip.split("%", 1)[0])
-        except ValueError:  # not an IP address (a test double): no limit of its own
-            return None
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return next((n for network, n in self._peer_limits if address in network), None)
+    def peer_of(self, ip: str) -> tuple[str, int | None]:
+        """The peer an address belongs to - the most specific ``peer_limits`` network that
+        holds it (all its addresses count together), else its :func:`ratelimit.peer_key`
+        - and the limit ``peer_limits`` gives that peer (None: ``max_per_ip`` and
+        ``max_per_ae``)."""
+        address = ip_of(ip) if self._peer_limits else None
+        if address is not None:
+            for network, limit in self._peer_limits:
+                if address in network:
+                    name = network.network_address if network.num_addresses == 1 else network
+                    return str(name), limit
+        return peer_key(ip, self.limits.ipv6_prefix), None
 
     def _admit(self, peer: str, limit: int | None) -> str:
         """Why a new connection is closed before a byte is read ("" to let it in)."""
@@ -676,22 +710,48 @@ class Acceptor:
         if connection.slot and connection.calling is not None:
             connection.slot = False
             self._associations -= 1
-            self._per_ae[connection.calling] -= 1
-            if self._per_ae[connection.calling] <= 0:
-                del self._per_ae[connection.calling]
+            key = (connection.peer, connection.calling)
+            self._per_ae[key] -= 1
+            if self._per_ae[key] <= 0:
+                del self._per_ae[key]
 
     def _evict(self) -> bool:
-        """Every slot is taken: abort the idlest association to make room for a new one
-        (rules in the module docstring); False if none may be evicted."""
+        """Every slot is taken: abort, to make room for a new association, the idlest
+        association of the peer holding the most slots (rules in the module docstring);
+        False if none of that peer's may be evicted. Never someone else's: the newcomers of
+        a peer that keeps many slots busy could otherwise take a lone modality's the moment
+        it pauses."""
         assert self._loop is not None
         now = self._loop.time()
-        candidates = [c for c in self._connections if c.slot and c.paused_since is None]
+        slots = Counter(c.peer for c in self._connections if c.slot)
+        most = max(slots.values(), default=0)
+        candidates = [c for c in self._connections
+                      if c.slot and slots[c.peer] == most and c.paused_since is None]
         if not candidates:
             return False
         idlest = max(candidates, key=lambda c: c.behind(now))
-        if idlest.behind(now) < min(EVICT_AFTER, self.limits.idle_timeout / 2):
+        if idlest.behind(now) < self.evict_after:
             return False
         idlest.expire(_Expiry.EVICTED)
+        return True
+
+    @property
+    def evict_after(self) -> float:
+        """Seconds behind its allowance that make an association evictable."""
+        return min(EVICT_AFTER, self.limits.idle_timeout / 2)
+
+    def _new_instance(self, sop_instance_uid: str) -> bool:
+        """Whether a SOP Instance UID just answered Success was not acknowledged lately (of
+        the last ``RECENT_INSTANCES`` distinct ones): only then does it earn its association
+        the ``NEW_INSTANCE_CREDIT``. On the loop's thread only. Only 64-bit hashes are kept,
+        to bound the memory: a collision costs one credit, nothing else."""
+        key = hash(sop_instance_uid)
+        if key in self._acknowledged:
+            self._acknowledged.move_to_end(key)  # a resend keeps it remembered
+            return False
+        self._acknowledged[key] = None
+        if len(self._acknowledged) > RECENT_INSTANCES:
+            self._acknowledged.popitem(last=False)
         return True
 
     async def _forget(self, connection: _Connection) -> None:
@@ -1048,13 +1108,15 @@ class Acceptor:
             reject, why = (0x01, 0x01, 0x02), "application context name"
         elif self.allowed and calling not in self.allowed:
             reject, why = (0x01, 0x01, 0x03), "calling AE title not allowed"
-        elif self._per_ae[calling] >= (most := connection.limit or self.limits.max_per_ae):
-            reject, why = LOCAL_LIMIT, f"{self._per_ae[calling]} associations with this " \
-                                       f"calling AE title (at most {most} from this peer)"
+        elif (held := self._per_ae[connection.peer, calling]) >= \
+                (most := connection.limit or self.limits.max_per_ae):
+            reject, why = LOCAL_LIMIT, f"{held} associations from this peer with this " \
+                                       f"calling AE title (at most {most})"
         elif self._associations >= self.limits.max_associations and not self._evict():
             reject, why = LOCAL_LIMIT, f"{self._associations} associations open " \
                                        f"(max_associations {self.limits.max_associations}), " \
-                                       f"none idle for {EVICT_AFTER:g} s"
+                                       f"none of the peer holding the most idle for " \
+                                       f"{self.evict_after:g} s"
         if reject:
             self.note(logging.WARNING, connection.peer, "rejected",
                       "A-ASSOCIATE from %s (%r) rejected %s: %s", connection.ip, calling,
@@ -1076,7 +1138,7 @@ class Acceptor:
         ac_pdu.from_primitive(ac)
         connection.writer.write(ac_pdu.encode())
         self._associations += 1
-        self._per_ae[calling] += 1
+        self._per_ae[connection.peer, calling] += 1
         connection.associated(calling)
         accepted = {int(cx.context_id): cx for cx in results if cx.result == 0x00}
         return accepted, peer_max
@@ -1133,7 +1195,9 @@ class Acceptor:
                         status = await self._loop.run_in_executor(self._pool, self._handle,
                                                                   request)
                 finally:
-                    self._settle(message)  # no refill: the C-STORE's bytes were its credit
+                    self._settle(message)
+                if status == SUCCESS and self._new_instance(request.sop_instance_uid):
+                    connection.stored_new()
         elif field == C_STORE_RQ:
             status = CANNOT_UNDERSTAND  # a C-STORE without its data set
         else:

@@ -26,6 +26,12 @@ Example ``radguard.toml``::
                                       # many separate processes, so they do not share one
                                       # interpreter lock with receiving; "auto": one per core
                                       # (at most 4), none on a single core; 0: in-process
+    ipv6_peer_prefix = 64             # IPv6 addresses that share this many leading bits
+                                      # count as one peer (DICOM per-peer limits and
+                                      # eviction, login counts): 64, as one host may use any
+                                      # address of its /64; 128 where a /64 is a VLAN of
+                                      # many hosts (then name an untrusted /64 in
+                                      # dicom.peer_limits to count it as one)
     # HTTP side (web UI, DICOMweb, logins)
     stow_max_mb = 512                 # largest STOW-RS request (MiB); bigger: 413. The
                                       # body is spooled to data_dir, never held in memory
@@ -57,8 +63,9 @@ Example ``radguard.toml``::
     max_compression_ratio = 1000      # decoded / compressed size above 64 MiB decoded (real
                                       # images: 2-50); 0: no check
     decode_budget_mb = 1024           # inflated data sets and decoded pixels held at once by
-                                      # one process (while a check or a store holds them); a
-                                      # larger image waits and then runs alone
+                                      # one process (while a check or a store holds them), at
+                                      # most one image more (one thread at a time may go
+                                      # over); a larger image waits and then runs alone
 
     [forward]                         # the PACS; leave out to keep images here only
     dimse = "ORTHANC@127.0.0.1:4242"  # C-STORE target, AE@host:port
@@ -80,23 +87,33 @@ Example ``radguard.toml``::
                                       # that cannot be upgraded); still labelled weak-allowed
     min_rsa_bits = 2048               # shorter RSA signer keys are weak (1024-16384)
     min_ec_bits = 256                 # smaller elliptic-curve signer keys are weak (160-521)
+    coverage = "image"                # what valid signatures must cover to vouch for an image
+                                      # (badge signed, detectors skipped, must_sign met):
+                                      # "image": what it shows and whose it is; "pixels":
+                                      # what it shows only (devices that leave the patient's
+                                      # identity unsigned; it can then be relabelled)
 
     [dicom]                           # what one DICOM peer may cost (gateway/acceptor.py)
     max_associations = 32             # associations at once; more get A-ASSOCIATE-RJ
                                       # (transient, local limit exceeded)
-    max_per_ip = 16                   # open connections from one address (an IPv6 /64),
+    max_per_ip = 16                   # open connections from one peer (an IPv4 address,
+                                      # an IPv6 network of ipv6_peer_prefix bits),
                                       # negotiating ones included; more are closed unread
-    max_per_ae = 16                   # associations per calling AE title; more: rejected
-    peer_limits = { "10.0.0.5" = 32 } # addresses or networks whose max_per_ip and
+    max_per_ae = 16                   # associations from one peer with one calling AE
+                                      # title; more: rejected
+    peer_limits = { "10.0.0.5" = 32 } # addresses or networks (each counts as one peer,
+                                      # all its addresses together) whose max_per_ip and
                                       # max_per_ae are this instead (a PACS, a NAT)
     connect_timeout = 15              # seconds from connect to a whole A-ASSOCIATE-RQ (TLS
                                       # handshake included)
     idle_timeout = 60                 # seconds of allowance; waiting for the peer uses it up
     min_rate_kib = 16                 # each KiB received adds 1/16 s (up to idle_timeout),
-                                      # nothing else does: silence or a trickle below 16
-                                      # KiB/s is dropped, a steady sender never. When every
-                                      # association is taken, a new one evicts the one
-                                      # furthest behind its allowance (at least 5 s behind)
+                                      # and each new instance stored idle_timeout / 2; a
+                                      # resend only its bytes: silence or a trickle below
+                                      # 16 KiB/s is dropped, a steady sender never. When
+                                      # every association is taken, a new one evicts the
+                                      # one of the peer holding the most that is furthest
+                                      # behind its allowance (at least 5 s behind)
     max_association_time = 3600       # seconds, however busy; ends between messages (one
                                       # under way may take half as long again)
     max_data_set_mb = 4096            # largest data set; bigger: A-ABORT
@@ -119,10 +136,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from radguard.errors import RadguardError
+from radguard.gateway.ratelimit import DEFAULT_IPV6_PREFIX
 
 if TYPE_CHECKING:
     from radguard.dicom.limits import DecodeLimits
     from radguard.provenance.policy import AlgorithmPolicy
+    from radguard.provenance.profiles import Coverage
 
 __all__ = ["ConfigError", "DimseTarget", "GatewayConfig", "load_config"]
 
@@ -186,6 +205,8 @@ class GatewayConfig:
     tls_key: str = ""
     check_processes: int | str = "auto"  # see check_process_count; 0: checks run on the
                                          # worker threads of the gateway process
+    ipv6_peer_prefix: int = DEFAULT_IPV6_PREFIX  # IPv6 addresses sharing this many leading
+                                                 # bits are one peer (DICOM limits, logins)
     oidc_issuer: str = ""  # [oidc]: accept the identity provider's access tokens too
     oidc_audience: str = ""
     oidc_jwks: str = ""
@@ -209,10 +230,11 @@ class GatewayConfig:
     signatures_allow_weak: bool = False  # weak (MD5/SHA-1, short keys) counts as valid
     signatures_min_rsa_bits: int = 2048  # shorter RSA signer keys are weak
     signatures_min_ec_bits: int = 256  # smaller elliptic-curve signer keys are weak
+    signatures_coverage: str = "image"  # what signatures must cover to vouch for an image
     # -- DICOM door: connections, time, memory per peer ([dicom]; gateway/acceptor.py) --
     dicom_max_associations: int = 32  # associations at once
-    dicom_max_per_ip: int = 16  # open connections from one address, negotiating ones included
-    dicom_max_per_ae: int = 16  # associations with one calling AE title
+    dicom_max_per_ip: int = 16  # open connections from one peer, negotiating ones included
+    dicom_max_per_ae: int = 16  # associations from one peer with one calling AE title
     dicom_connect_timeout: float = 15.0  # seconds from connect to a whole A-ASSOCIATE-RQ
     dicom_idle_timeout: float = 60.0  # seconds of allowance without progress
     dicom_min_rate_kib: int = 16  # KiB/s received that keep the allowance full
@@ -222,8 +244,8 @@ class GatewayConfig:
     dicom_memory_budget_mb: int = 256  # MiB of data sets in memory, all associations
     dicom_spool_budget_mb: int = 8192  # MiB in spool files of unanswered C-STOREs
     dicom_min_free_mb: int = 1024  # MiB kept free on data_dir's filesystem (at most 5% of it)
-    dicom_peer_limits: dict[str, int] = field(default_factory=dict)  # address or network ->
-                                     # its max_per_ip and max_per_ae
+    dicom_peer_limits: dict[str, int] = field(default_factory=dict)  # address or network
+                                     # (one peer) -> its max_per_ip and max_per_ae
     # -- ingest: decode and inflate limits (dicom/limits.py; gateway/dimse.py header_of) --
     max_frame_pixels: int = 100_000_000  # Rows x Columns of one frame
     max_decoded_mb: int = 2048  # all frames decoded, MiB
@@ -305,6 +327,7 @@ class GatewayConfig:
                 raise ConfigError(f"{path}: no such file")
         if not 1 <= self.workers <= 64:
             raise ConfigError("workers: 1-64")
+        self._number("ipv6_peer_prefix", 32, 128)  # shorter: a whole provider's addresses
         if self.check_processes != "auto" and (
                 not isinstance(self.check_processes, int) or isinstance(self.check_processes, bool)
                 or not 0 <= self.check_processes <= 32):
@@ -317,6 +340,7 @@ class GatewayConfig:
             raise ConfigError("; ".join(oidc.problems()))
         self._validate_http()
         self.signature_policy()
+        self.signature_coverage()
         self._validate_dicom()
         self._validate_ingest()
         return self
@@ -363,6 +387,17 @@ class GatewayConfig:
                                    min_ec_bits=self.signatures_min_ec_bits)
         except AlgorithmPolicyError as exc:
             raise ConfigError(f"signatures.{exc}") from exc
+
+    def signature_coverage(self) -> Coverage:
+        """[signatures] coverage as a :class:`~radguard.provenance.profiles.Coverage`
+        (ConfigError if it is not one)."""
+        from radguard.provenance.profiles import Coverage
+
+        try:
+            return Coverage(self.signatures_coverage)
+        except ValueError as exc:
+            raise ConfigError(f"signatures.coverage {self.signatures_coverage!r}: one of "
+                              + ", ".join(f'"{c.value}"' for c in Coverage)) from exc
 
     def _validate_http(self) -> None:
         """The HTTP block: body and login limits, trusted proxies."""

@@ -7,8 +7,8 @@ A C-STORE is answered Success (0x0000) only after the instance is parsed strictl
 and fsync'd, and its row committed (:meth:`Store.ingest`): an acknowledged image is never
 lost. Anything that is not a well-formed Part 10 data set - malformed UIDs and images above
 the decode limits included (:func:`header_of`) - gets 0xC000 (cannot understand) and nothing
-is stored; a full disk or a database failure gets 0xA700 (out of resources), and the store
-takes objects again as soon as it can be written. Calling
+is stored; a full disk, a disk below the free-space reserve or a database failure gets
+0xA700 (out of resources), and the store takes objects again as soon as it can. Calling
 AE titles can be restricted, and every socket gets TCP_NODELAY: without it a small instance
 waits 40-90 ms on Nagle's algorithm and delayed ACKs (about 20 instances/s instead of
 hundreds). Whatever sends with pynetdicom (the forwarder, the demo, the load benchmark) opens
@@ -30,7 +30,7 @@ from radguard.errors import DicomReadError, RadguardError
 from radguard.gateway.acceptor import Acceptor, StoreRequest, no_delay
 from radguard.gateway.config import ConfigError, GatewayConfig
 from radguard.gateway.ratelimit import Throttle, peer_key
-from radguard.gateway.store import Store
+from radguard.gateway.store import ReserveError, Store
 
 __all__ = ["DicomServer", "header_of", "open_association"]
 
@@ -171,9 +171,10 @@ class DicomServer:
         try:
             row = self.store.ingest(source, header, source="dimse", calling_ae=calling)
         except (OSError, RadguardError) as exc:
-            # the first failure of an outage is logged and audited by the gateway
-            # (Store.health); each refused instance after it only at debug level
-            log.log(logging.ERROR if self.store.health.failures <= 1 else logging.DEBUG,
+            # the first failure of an outage or a pause is logged and audited by the
+            # gateway (Store.health, Store.intake); each refusal after it only at debug level
+            state = self.store.intake if isinstance(exc, ReserveError) else self.store.health
+            log.log(logging.DEBUG if state.problem and state.failures > 1 else logging.ERROR,
                     "C-STORE from %s not stored (0xA700): %s", calling, exc)
             return OUT_OF_RESOURCES
         if self.on_stored:
@@ -192,9 +193,9 @@ class DicomServer:
             if not write:
                 self._held_back += 1
         if not write:
-            log.debug("C-STORE from %s (%s) refused: %s", request.calling_ae, peer, why)
+            log.debug("C-STORE from %r (%s) refused: %s", request.calling_ae, peer, why)
             return CANNOT_UNDERSTAND
-        log.warning("C-STORE from %s (%s) refused: %s%s", request.calling_ae, peer or "?", why,
+        log.warning("C-STORE from %r (%s) refused: %s%s", request.calling_ae, peer or "?", why,
                     f" ({held} earlier refusals of this peer not logged)" if held else "")
         if self.audit:
             self.audit("dimse.refused", request.calling_ae,
@@ -243,7 +244,7 @@ class DicomServer:
             memory_per_message=c.dicom_memory_per_message_mb << 20,
             memory_budget=c.dicom_memory_budget_mb << 20,
             spool_budget=c.dicom_spool_budget_mb << 20, min_free=c.dicom_min_free_mb << 20,
-            peer_limits=tuple(c.dicom_peer_limits.items()))
+            peer_limits=tuple(c.dicom_peer_limits.items()), ipv6_prefix=c.ipv6_peer_prefix)
         # large data sets are spooled beside the store, so a rename moves them into place
         spool = Path(c.data_dir) / "incoming"
         try:
@@ -251,12 +252,13 @@ class DicomServer:
         except OSError as exc:
             raise ConfigError(f"{spool}: cannot create the DICOM spool folder "
                               f"({exc.strerror or exc})") from exc
-        # a disk below its reserve refuses C-STOREs at the door: the store's health says so
-        # (the "disk full" banner) until a worker's probe finds it writable again
+        # a disk below its reserve refuses C-STOREs at the door: the store pauses intake
+        # (the "intake paused" banner) until a worker sees room again; other spool write
+        # failures are the store's health
         self._server = Acceptor(c.ae_title, contexts, self._handle_store,
                                 allowed_calling_aes=list(c.allowed_calling_aes),
                                 ssl_context=ssl_context, limits=limits, spool_dir=spool,
-                                on_unwritable=self.store.health.failed)
+                                on_unwritable=self.store.door_refused)
         try:
             self.port = self._server.start(self.config.host, self.config.dicom_port)
         except OSError as exc:

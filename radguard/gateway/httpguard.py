@@ -11,7 +11,7 @@
 * :class:`LoginGuard`: failed logins counted per user name *from one address*, per user
   name from all addresses together (a higher threshold: distributed guessing) and per
   address under any names (spraying); addresses are grouped as
-  :func:`~radguard.gateway.ratelimit.peer_key` does (an IPv6 /64 is one address). Past a
+  :func:`~radguard.gateway.ratelimit.peer_key` does (IPv6 by ``ipv6_peer_prefix``). Past a
   threshold each further failure doubles the wait (up to a maximum), and while a count
   waits every attempt it covers is refused with 429 *before* any password is checked, so a
   flood costs no scrypt work - yet five wrong passwords from an attacker's address do not
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from radguard.gateway.ratelimit import peer_key
+from radguard.gateway.ratelimit import DEFAULT_IPV6_PREFIX, peer_key
 
 __all__ = ["SECURITY_HEADERS", "BodyTimeout", "BodyTooLarge", "GuardMiddleware", "LockReason",
            "Lockout", "LoginGuard", "guarded_protocol", "retry_after"]
@@ -205,9 +205,11 @@ class LoginGuard:
 
     def __init__(self, max_failures: int, max_failures_per_client: int, backoff: float,
                  backoff_max: float, *, max_failures_all_clients: int | None = None,
-                 capacity: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
+                 capacity: int = 10_000, clock: Callable[[], float] = time.monotonic,
+                 ipv6_prefix: int = DEFAULT_IPV6_PREFIX) -> None:
         all_clients = max_failures_all_clients if max_failures_all_clients is not None \
             else 20 * max_failures
+        self.ipv6_prefix = ipv6_prefix  # IPv6 addresses counted as one (ratelimit.peer_key)
         self.limits = {LockReason.USER_CLIENT: max_failures, LockReason.USER: all_clients,
                        LockReason.CLIENT: max_failures_per_client}
         self.backoff, self.backoff_max = backoff, backoff_max
@@ -221,9 +223,8 @@ class LoginGuard:
         with self._lock:
             return len(self._table)
 
-    @staticmethod
-    def _keys(name: str, client: str) -> tuple[_Key, _Key, _Key]:
-        name, peer = name[:64], peer_key(client)
+    def _keys(self, name: str, client: str) -> tuple[_Key, _Key, _Key]:
+        name, peer = name[:64], peer_key(client, self.ipv6_prefix)
         return ((LockReason.USER_CLIENT, name, peer), (LockReason.USER, name, ""),
                 (LockReason.CLIENT, "", peer))
 

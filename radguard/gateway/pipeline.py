@@ -7,10 +7,11 @@ The policy, in order (the first rule that applies decides):
    key; ``[signatures]`` in the configuration), or a signer not trusted: **quarantined**.
 3. From a calling AE title or modality listed in ``must_sign``, without valid top-level
    signatures that vouch for the image (``VerificationReport.pixels_covered``: they cover
-   every present element that changes what it shows or means - pixels, how they are read and
-   shown, overlays, whose image it is and where it belongs): **quarantined** (unsigned,
-   signed only inside sequence items - such a signature covers its item, not the image - or
-   signed over part of it only, or changed by elements added after signing).
+   every present, non-empty element that changes what it shows - pixels, how they are read
+   and shown, overlays - and, at ``[signatures] coverage = "image"`` (the default), whose
+   image it is and where it belongs): **quarantined** (unsigned, signed only inside sequence
+   items - such a signature covers its item, not the image - or signed over part of it
+   only, or changed by elements added after signing).
 4. A watermark that no longer matches the pixels: **quarantined**.
 5. Forensics verdict ``tampered`` or ``synthetic``: **quarantined**.
 6. Pixel data that cannot be decoded (verdict ``unverifiable``): **quarantined**.
@@ -180,6 +181,7 @@ class Pipeline:
 
         self.config, self.store, self.audit_log = config, store, audit_log
         self.policy = config.signature_policy()
+        self.coverage = config.signature_coverage()
         self.trust = None
         if config.trust:
             from radguard.provenance.trust import TrustStore
@@ -242,7 +244,7 @@ class Pipeline:
         scan = scan_file(path, trust=self.trust, watermark_key=self.key, detector=self.detector,
                          keep_pixels=bool(self.models or self.wants_features),
                          trust_signed_pixels=self.config.trust_signed_pixels,
-                         policy=self.policy)
+                         policy=self.policy, coverage=self.coverage)
         codes = {f.code for f in scan.findings}
         trust = _badge(scan.signature, scan.watermark, scan.pixels_vouched)
         details: dict[str, Any] = {"scan": {k: v for k, v in scan.to_dict().items()

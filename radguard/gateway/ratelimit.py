@@ -4,8 +4,9 @@ peers are grouped.
 
 An unauthenticated peer chooses its calling AE title, user names and, with IPv6, any
 address in its /64. Keys therefore name what the peer cannot choose cheaply (the IPv4
-address, the IPv6 /64), every table is bounded, and a flood of distinct keys meets a global
-budget instead of becoming a flood of fsyncs.
+address, the IPv6 network of ``ipv6_prefix`` bits: the gateway's ``ipv6_peer_prefix``), every
+table is bounded, and a flood of distinct keys meets a global budget instead of becoming a
+flood of fsyncs.
 """
 
 from __future__ import annotations
@@ -16,21 +17,33 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-__all__ = ["Throttle", "peer_key"]
+__all__ = ["DEFAULT_IPV6_PREFIX", "Throttle", "ip_of", "peer_key"]
+
+DEFAULT_IPV6_PREFIX = 64  # one host is usually given a whole /64
 
 
-def peer_key(address: str) -> str:
-    """What one peer is counted as: an IPv4 address, or the /64 of an IPv6 address (one
-    host is usually given a whole /64, so its single addresses cost it nothing). Anything
-    that is not an IP address (a Unix socket, a test double) is its own key."""
+def ip_of(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP address a peer's address names (an IPv4-mapped IPv6 address as IPv4, an IPv6
+    zone left out), or None if it is none (a Unix socket, a test double)."""
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def peer_key(address: str, ipv6_prefix: int = DEFAULT_IPV6_PREFIX) -> str:
+    """What one peer is counted as: an IPv4 address, or the network of the first
+    ``ipv6_prefix`` bits of an IPv6 address (64: a host usually owns a whole /64, so its
+    single addresses cost it nothing; 128: every address on its own, where a /64 is a VLAN
+    of many hosts). Anything that is not an IP address is its own key."""
+    ip = ip_of(address)
+    if ip is None:
         return address
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+    if isinstance(ip, ipaddress.IPv6Address) and ipv6_prefix < 128:
+        return str(ipaddress.IPv6Network((ip, ipv6_prefix), strict=False))
     return str(ip)
 
 

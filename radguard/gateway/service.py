@@ -11,11 +11,22 @@ and forwarding stay in the gateway process.
 The workers survive every error. When the store cannot be written (a full disk, an
 unreachable database) new objects are refused (C-STORE 0xA700), ``Gateway.problem`` says
 since when and why (the web UI shows it), the transition is logged and audited once, and
-the workers back off and probe until writes work again. An instance whose result cannot be
-written - by the store, or by the pipeline itself (the drift monitor's SQLite on a full
-disk, any OSError) - goes back to the queue instead of being judged, and so does one that
-meets an unexpected error outside the checks (logged with its traceback). Nothing
-acknowledged is lost and nothing needs a restart.
+the workers back off and probe until writes work again. Below the free-space reserve only
+intake pauses (the door, STOW-RS): the workers go on checking and forwarding what was
+received - the reserve is their room - and ``Gateway.problem`` says "intake paused". An
+instance whose result cannot be written - by the store, or by the pipeline itself (the
+drift monitor's SQLite on a full disk, any OSError) - goes back to the queue instead of
+being judged, and so does one that meets an unexpected error outside the checks (logged
+with its traceback); the worker's back-off (1 s doubling to 30 s) lasts until an instance
+is processed. A storage error (no room, read-only, locked: :func:`storage_failure`) never
+condemns an instance; errors of its own, MAX_ATTEMPTS of them (counted apart from claims:
+forwarding retries do not count) with the store working, quarantine it, so it cannot stall
+the queue behind it. Nothing acknowledged is lost
+and nothing needs a restart.
+
+An instance routed ``done`` is marked ``forwarding`` before it is sent to the PACS, and not
+sent if an admin's release of another copy superseded it meanwhile
+(:meth:`~radguard.gateway.store.Store.start_forwarding`).
 
 A conflicting copy of a SOP Instance UID already held (different bytes, see
 :class:`~radguard.gateway.store.Store`) is checked like any instance but always ends in
@@ -42,13 +53,15 @@ from radguard.errors import RadguardError
 from radguard.gateway.config import ConfigError, GatewayConfig
 from radguard.gateway.dimse import DicomServer
 from radguard.gateway.pipeline import CheckPool, ForwardError, Pipeline, Routing
-from radguard.gateway.store import Instance, Store, StoreError
+from radguard.gateway.store import IN_PROGRESS, Instance, State, Store, StoreError, storage_failure
 
-__all__ = ["Gateway"]
+__all__ = ["MAX_ATTEMPTS", "Gateway"]
 
 log = logging.getLogger("radguard.gateway")
 
-#: attempts at one instance before an error the working store cannot explain quarantines it
+#: failures of one instance with errors of its own (not of the storage, not forwarding;
+#: counted in memory until it is processed), the store working, before it is quarantined
+#: "unverifiable" instead of requeued once more
 MAX_ATTEMPTS = 5
 
 #: a write that failed, in the store or inside the pipeline (the drift monitor's SQLite, a
@@ -87,6 +100,7 @@ class Gateway:
         self.store = Store(config.data_dir, config.db_url or None,
                            min_free=config.dicom_min_free_mb << 20)
         self.store.health.listeners.append(self._store_health)
+        self.store.intake.listeners.append(self._intake)
         self.audit_log = audit_log or AuditLog(Path(config.data_dir) / "audit.jsonl",
                                                actor="radguard-gateway")
         self.pipeline = Pipeline(config, self.store, self.audit_log)
@@ -100,13 +114,16 @@ class Gateway:
         self.http_port: int | None = None
         self._http: Any = None
         self._held: set[int] = set()  # claimed, then the store failed: requeue when it works
+        self._failures: dict[int, int] = {}  # instance id -> errors of its own so far
         self._held_lock = threading.Lock()
 
     @property
     def problem(self) -> str | None:
         """What keeps the gateway from working normally, for the web UI's banner (e.g.
-        "disk full since ...: new images refused"); None when all is well."""
-        return self.store.health.problem
+        "disk full since ...: new images refused", "intake paused since ..."); None when
+        all is well."""
+        problems = [p for p in (self.store.health.problem, self.store.intake.problem) if p]
+        return "; ".join(problems) or None
 
     def _audit(self, action: str, target: str, details: dict[str, Any]) -> None:
         """Append to the audit log; a log that cannot be written (the disk is full) is
@@ -128,6 +145,18 @@ class Gateway:
             self._audit("store.recovered", self.config.ae_title,
                         {"failing_since": health.since, "failed_writes": health.failures})
             self._wake.set()
+
+    def _intake(self, problem: str | None) -> None:
+        """Intake paused below the free-space reserve, or resumed (once per pause)."""
+        intake = self.store.intake
+        if problem is not None:
+            log.error("store: %s", problem)
+            self._audit("store.intake_paused", self.config.ae_title, {"problem": problem})
+        else:
+            log.warning("store: room above the free-space reserve again (paused since %s, "
+                        "%d refusals); taking new images", intake.since, intake.failures)
+            self._audit("store.intake_resumed", self.config.ae_title,
+                        {"paused_since": intake.since, "refused": intake.failures})
 
     def wake_up(self, _row: int = 0) -> None:
         """A new instance is queued (row id): wake an idle worker now, not at its next poll."""
@@ -212,6 +241,8 @@ class Gateway:
         store_wait, forward_wait = 1.0, 1.0  # back-offs, doubling while the trouble lasts
         while not self._stop.is_set():
             try:
+                if self.store.intake.problem is not None:
+                    self.store.check_intake()  # one statvfs: has space come back?
                 if self.store.health.problem is not None and not self.store.probe():
                     raise StoreError(self.store.health.problem)
                 self._requeue_held()
@@ -224,52 +255,66 @@ class Gateway:
                 log.exception("worker: unexpected error while taking work; trying again")
                 store_wait = self._back_off(store_wait, 30.0)
                 continue
-            store_wait = 1.0
             if instance is None:
+                store_wait = 1.0  # nothing failing: the next trouble starts afresh
                 self._wake.wait(0.5)
                 self._wake.clear()
                 continue
             try:
                 self._process(instance)
-                forward_wait = 1.0
             except ForwardError as exc:
                 log.warning("forwarding %s failed, will retry: %s", instance.sop_uid, exc)
                 self._hold(instance.id)
                 forward_wait = self._back_off(forward_wait, 60.0)
-            except _STORAGE_ERRORS as exc:  # the result could not be written
-                if self._poison(instance, exc):
-                    continue
-                # during a store outage the outage itself is logged, once
-                log.log(logging.DEBUG if self.store.health.problem else logging.WARNING,
-                        "instance %s back to the queue (a write failed): %s",
-                        instance.sop_uid, exc)
-                self._hold(instance.id)
-                store_wait = self._back_off(store_wait, 30.0)
-            except Exception as exc:  # noqa: BLE001 - outside the checks: a bug, not the image's
-                if self._poison(instance, exc):
-                    continue
-                log.exception("instance %s back to the queue after an unexpected error",
-                              instance.sop_uid)
-                self._hold(instance.id)
-                store_wait = self._back_off(store_wait, 30.0)
+                continue
+            except Exception as exc:  # noqa: BLE001 - a worker outlives every error
+                store_wait = self._failed(instance, exc, store_wait)
+                continue
+            with self._held_lock:
+                self._failures.pop(instance.id, None)
+            store_wait = forward_wait = 1.0
 
-    def _poison(self, instance: Instance, exc: BaseException) -> bool:
-        """Quarantine an instance that failed MAX_ATTEMPTS times while the store itself
-        works (a probe writes): the error is then the instance's (a file gone missing, a
-        decoder's OSError), and requeueing it for ever would stall the queue behind it."""
-        if instance.attempts < MAX_ATTEMPTS or not self.store.probe():
+    def _failed(self, instance: Instance, exc: Exception, wait: float) -> float:
+        """``instance`` failed outside the checks: back to the queue, then the next, longer
+        wait. A storage error (:func:`storage_failure`) waits for the storage however long
+        it lasts; an error of the instance's own (a file gone missing, a decoder's OSError,
+        a bug) is counted, and at MAX_ATTEMPTS with the store working (a probe writes) the
+        instance is quarantined instead (:meth:`_poison`)."""
+        if storage_failure(exc):
+            # during a store outage the outage itself is logged, once
+            log.log(logging.DEBUG if self.store.health.problem else logging.WARNING,
+                    "instance %s back to the queue (a write failed): %s", instance.sop_uid,
+                    exc)
+        else:
+            with self._held_lock:
+                failures = self._failures[instance.id] = self._failures.get(instance.id, 0) + 1
+            if failures >= MAX_ATTEMPTS and self._poison(instance, exc, failures):
+                return wait
+            log.error("instance %s back to the queue after an unexpected error (failure %d; "
+                      "quarantined at %d with the store working)", instance.sop_uid, failures,
+                      MAX_ATTEMPTS, exc_info=exc)
+        self._hold(instance.id)
+        return self._back_off(wait, 30.0)
+
+    def _poison(self, instance: Instance, exc: Exception, failures: int) -> bool:
+        """Quarantine an instance that failed ``failures`` times with errors of its own, if
+        the store works (a probe writes): requeueing it for ever would stall the queue
+        behind it. False (requeue) when the store does not work."""
+        if not self.store.probe():
             return False
+        error = f"{type(exc).__name__}: {exc}"
         log.error("instance %s failed %d times with the store working; quarantined: %s",
-                  instance.sop_uid, instance.attempts, exc)
+                  instance.sop_uid, failures, error)
         try:
-            self.store.finish(instance.id, state="quarantined", verdict="unverifiable",
+            self.store.finish(instance.id, state=State.QUARANTINED, verdict="unverifiable",
                               trust="unknown",
-                              details={"error": f"{type(exc).__name__}: {exc}"[:500],
-                                       "reasons": [f"could not be processed in "
-                                                   f"{instance.attempts} attempts: "
-                                                   f"{type(exc).__name__}: {exc}"[:300]]})
+                              details={"error": error[:500],
+                                       "reasons": [f"could not be processed in {failures} "
+                                                   f"attempts: {error}"[:300]]})
         except _STORAGE_ERRORS:
             return False
+        with self._held_lock:
+            self._failures.pop(instance.id, None)
         self._audit("instance.quarantined", instance.sop_uid,
                     {"study": instance.study_uid, "reasons": ["failed repeatedly"]})
         return True
@@ -323,12 +368,21 @@ class Gateway:
             return
         if first is not None:
             _conflict(routing, instance, first)
-        forwarded = self.pipeline.forward(instance) if routing.state == "done" else None
-        self.store.finish(instance.id, state=routing.state, verdict=routing.verdict,
-                          trust=routing.trust,
-                          details={**routing.details, "reasons": routing.reasons},
-                          ai_probability=routing.ai_probability,
-                          ai_suspicion=routing.ai_suspicion, forwarded=forwarded)
+        forwarded = None
+        if routing.state == State.DONE:
+            if self.pipeline.forwarders and not self.store.start_forwarding(instance):
+                log.warning("instance %s not forwarded: superseded by an admin's release of "
+                            "another copy while it was checked", instance.sop_uid)
+                return
+            forwarded = self.pipeline.forward(instance)
+        if not self.store.finish(instance.id, state=routing.state, verdict=routing.verdict,
+                                 trust=routing.trust,
+                                 details={**routing.details, "reasons": routing.reasons},
+                                 ai_probability=routing.ai_probability,
+                                 ai_suspicion=routing.ai_suspicion, forwarded=forwarded):
+            log.warning("instance %s superseded while it was checked; its result is not "
+                        "recorded", instance.sop_uid)
+            return
         self.processed += 1
         if routing.state != "done":
             details: dict[str, Any] = {"study": instance.study_uid,
@@ -338,11 +392,11 @@ class Gateway:
             self._audit(f"instance.{routing.state}", instance.sop_uid, details)
 
     def wait_idle(self, timeout: float = 60.0) -> bool:
-        """Block until nothing is queued or processing (tests, the demo)."""
+        """Block until nothing is queued, processing or forwarding (tests, the demo)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             counts = self.store.counts()
-            if not counts.get("queued") and not counts.get("processing"):
+            if not any(counts.get(state) for state in IN_PROGRESS):
                 return True
             time.sleep(0.05)
         return False

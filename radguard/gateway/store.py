@@ -3,11 +3,12 @@
 An instance is acknowledged only after :meth:`Store.ingest` returns, and that happens only
 after its file is fsync'd under a content-addressed name and its row is committed (SQLite in
 WAL mode with ``synchronous=FULL``). The same row is the instance's place in the work queue:
-``queued`` -> ``processing`` -> ``done``/``quarantined``/``rejected``. A crash leaves at most
-rows in ``processing``; :meth:`Store.recover` puts them back in the queue, and the pipeline
-writes its result and the final state in one transaction, so each received instance is
-processed exactly once. Files without a row (a crash between fsync and commit: never
-acknowledged) are removed by ``recover``.
+``queued`` -> ``processing`` (-> ``forwarding``) -> ``done``/``quarantined``/``rejected``
+(:class:`State`). A crash leaves at most rows in ``processing`` or ``forwarding``;
+:meth:`Store.recover` puts them back in the queue, and the pipeline writes its result and
+the final state in one transaction, so each received instance is processed exactly once
+(and sent to the PACS at least once). Files without a row (a crash between fsync and
+commit: never acknowledged) are removed by ``recover``.
 
 One SOP Instance UID names one object. The same bytes again (same SHA-256) are a resend:
 acknowledged, no new row. Different bytes under a UID already held are stored - never
@@ -24,7 +25,9 @@ into place, so no copy of a large object is ever held in memory.
 Write failures (a full disk, an unreachable database) are tracked in :attr:`Store.health`:
 the first failure and the first success after failures are the transitions the gateway
 logs, audits and shows; nothing is lost meanwhile (refused objects were not acknowledged,
-claimed ones go back to the queue).
+claimed ones go back to the queue). A filesystem below the free-space reserve
+(``min_free``) is not a failure: :attr:`Store.intake` pauses new objects only, and the
+workers use the reserve to go on.
 
 Schema changes are numbered migrations applied in order at open (``schema_version``).
 The embedded default is SQLite in the data folder; a larger site gives a PostgreSQL URL
@@ -46,13 +49,15 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from radguard.errors import RadguardError
 from radguard.fileio import atomic_write_bytes, atomic_writer, room_above_reserve
 
-__all__ = ["Instance", "Store", "StoreError", "WriteHealth"]
+__all__ = ["IN_PROGRESS", "Instance", "ReserveError", "State", "Store", "StoreError",
+           "WriteHealth", "storage_failure"]
 
 log = logging.getLogger("radguard.gateway")
 
@@ -88,6 +93,27 @@ MIGRATIONS = [
 
 class StoreError(RadguardError):
     """The store cannot be opened or written."""
+
+
+class ReserveError(OSError):
+    """Writing an object would leave less free space than the reserve (ENOSPC of radguard's
+    own making: nothing was written, the store still works)."""
+
+
+class State(StrEnum):
+    """Where an instance is: in the queue, being checked, being sent to the PACS (the
+    superseding of a copy is refused meanwhile: :meth:`Store.decide`), or decided."""
+
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    FORWARDING = "forwarding"
+    DONE = "done"
+    QUARANTINED = "quarantined"
+    REJECTED = "rejected"
+
+
+#: the states of work not finished: a crash or a failed write puts these back in the queue
+IN_PROGRESS = (State.QUEUED, State.PROCESSING, State.FORWARDING)
 
 
 @dataclass(frozen=True)
@@ -143,16 +169,38 @@ def _disk_full(exc: BaseException) -> bool:
     return "disk is full" in text or "no space left" in text or "file too large" in text
 
 
-class WriteHealth:
-    """Whether the store's last writes worked: ``problem`` is None while they do, else one
-    line saying since when and why they fail. Listeners hear each transition once
-    (``listener(problem)`` on failing, ``listener(None)`` on recovering), not every failed
-    write."""
+def storage_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is the state of the storage, not the fault of the data being written:
+    no room (ENOSPC, a quota, a file size limit), a read-only filesystem, any SQLite
+    operational error (full, locked, busy, read-only, I/O) or the store's own failure. Such
+    an error never condemns an instance; it waits until the storage works."""
+    if isinstance(exc, StoreError | sqlite3.OperationalError) or _disk_full(exc):
+        return True
+    return isinstance(exc, OSError) and exc.errno == errno.EROFS
 
-    def __init__(self) -> None:
+
+def _write_failure(exc: BaseException, since: str) -> str:
+    what = "disk full" if _disk_full(exc) else "the store cannot be written"
+    return f"{what} since {since}Z: new images refused"
+
+
+def _below_reserve(_exc: BaseException, since: str) -> str:
+    return (f"intake paused since {since}Z: less free space than the reserve; new images "
+            "refused, those received are still checked and forwarded")
+
+
+class WriteHealth:
+    """Whether writes work: ``problem`` is None while they do, else one line saying since
+    when and why they fail. Listeners hear each transition once (``listener(problem)`` on
+    failing, ``listener(None)`` on recovering), not every failed write. ``describe(exc,
+    since)`` words the start of that line for the failure that began the outage."""
+
+    def __init__(self, describe: Callable[[BaseException, str], str] = _write_failure
+                 ) -> None:
         self.problem: str | None = None
         self.since: str | None = None
         self.failures = 0  # failed writes of the current (or last) outage
+        self._describe = describe
         self._lock = threading.Lock()
         self.listeners: list[Callable[[str | None], None]] = []
 
@@ -164,8 +212,7 @@ class WriteHealth:
                 return
             self.since, self.failures = _now(), 1
             reason = " ".join(str(exc).split())[:200] or type(exc).__name__
-            what = "disk full" if _disk_full(exc) else "the store cannot be written"
-            self.problem = f"{what} since {self.since[:19]}Z: new images refused ({reason})"
+            self.problem = f"{self._describe(exc, self.since[:19])} ({reason})"
             problem = self.problem
         for listener in list(self.listeners):
             listener(problem)
@@ -268,7 +315,10 @@ class Store:
         self.min_free = min_free
         self.objects = self.root / "objects"
         self.incoming = self.root / "incoming"  # large objects spooled while they arrive
-        self.health = WriteHealth()
+        self.health = WriteHealth()  # whether writes work (the workers wait while they fail)
+        # whether there is room above the reserve: below it new objects are refused (the
+        # DICOM door, STOW-RS, ingest) while the workers go on - the reserve is their room
+        self.intake = WriteHealth(_below_reserve)
         try:
             self.objects.mkdir(parents=True, exist_ok=True)
             self.incoming.mkdir(exist_ok=True)
@@ -375,11 +425,14 @@ class Store:
         """
         try:
             row, wrote = self._ingest(data, header, source, calling_ae)
+        except ReserveError:
+            raise  # nothing was written: the store works (intake may pause, _check_room)
         except (OSError, StoreError) as exc:
             self.health.failed(exc)
             raise
         if wrote:
             self.health.worked()
+            self.intake.worked()
         return row
 
     def _ingest(self, data: bytes | os.PathLike[str], header: dict[str, str], source: str,
@@ -472,11 +525,40 @@ class Store:
             os.close(fd)
 
     def _check_room(self, size: int) -> None:
-        """OSError(ENOSPC) when writing ``size`` more bytes would leave less than the
-        reserve free (0: whether the disk is below the reserve already)."""
-        if self.min_free and room_above_reserve(self.objects, self.min_free) < size:
-            raise OSError(errno.ENOSPC, f"less than the reserve of {self.min_free >> 20} MiB "
-                                        "would be left free (at most 5% of the filesystem)")
+        """:class:`ReserveError` when writing ``size`` more bytes would leave less than the
+        reserve free (0: whether the disk is below the reserve already). Below it, intake
+        pauses (:attr:`intake`); an object too large for the room above it is only refused."""
+        if not self.min_free:
+            return
+        room = room_above_reserve(self.objects, self.min_free)
+        if room >= size:
+            return
+        exc = ReserveError(errno.ENOSPC, f"less than the reserve of {self.min_free >> 20} "
+                                         "MiB would be left free (at most 5% of the filesystem)")
+        if room < 0:
+            self.intake.failed(exc)
+        raise exc
+
+    def check_intake(self) -> bool:
+        """Whether new objects may come in now (the filesystem is above the reserve), with
+        :attr:`intake` paused or resumed to match. One statvfs: the workers ask while intake
+        is paused, to notice when space returns. Other OSErrors (statvfs failing) propagate."""
+        try:
+            self._check_room(0)
+        except ReserveError:
+            return False
+        self.intake.worked()
+        return True
+
+    def door_refused(self, problem: OSError) -> None:
+        """The DICOM door could not keep a data set (``Acceptor(on_unwritable=...)``, at
+        most once a minute): for want of room, intake pauses if the filesystem is below the
+        reserve (one data set too large for the room above it changes nothing); any other
+        failure - or running out of space with no reserve - is the store's :attr:`health`."""
+        if self.min_free and _disk_full(problem):
+            self.check_intake()
+        else:
+            self.health.failed(problem)
 
     def _same_device(self, spooled: Path) -> bool:
         """A spooled file on the store's filesystem is renamed into place (no new bytes)."""
@@ -488,9 +570,9 @@ class Store:
     def probe(self) -> bool:
         """Whether the store can be written now (a 1 MiB file written and fsync'd, then
         removed, and one durable database transaction); records the result in
-        :attr:`health`. Used while writes fail, to notice when space returns."""
+        :attr:`health`. Used while writes fail, to notice when they work again. Real
+        writability only, not the reserve: below it the workers go on (:attr:`intake`)."""
         try:
-            self._check_room(1 << 20)
             probe = self.incoming / "write-probe"  # removed by recover() after a crash
             atomic_write_bytes(probe, bytes(1 << 20), 0o600, durable=True)
             probe.unlink(missing_ok=True)  # several workers may probe at once
@@ -520,32 +602,52 @@ class Store:
             raise
         return Instance(*rows[0]) if rows else None
 
+    def start_forwarding(self, instance: Instance) -> bool:
+        """Mark a checked instance ``forwarding`` before it is sent to the PACS. False when
+        it is no longer ``processing`` - an admin released another copy of its SOP Instance
+        UID meanwhile, superseding this one - and it must not be sent. While it is
+        forwarding, such a release is refused (:meth:`decide`). Not a durable commit: a
+        power cut that undoes it leaves the claim, which :meth:`recover` requeues."""
+        try:
+            with self.transaction(durable=False):
+                self.backend.lock_uid(self.execute, instance.sop_uid)
+                changed = self.execute(
+                    "UPDATE instances SET state=? WHERE id=? AND state=?",
+                    (State.FORWARDING, instance.id, State.PROCESSING)).rowcount
+        except (OSError, StoreError) as exc:
+            self.health.failed(exc)
+            raise
+        return bool(changed)
+
     def finish(self, instance_id: int, *, state: str, verdict: str, trust: str,
                details: dict[str, Any], ai_probability: float | None = None,
-               ai_suspicion: int | None = None, forwarded: str | None = None) -> None:
-        """Record the pipeline's result and final state in one transaction."""
-        if state not in ("done", "quarantined", "rejected"):
+               ai_suspicion: int | None = None, forwarded: str | None = None) -> bool:
+        """Record the pipeline's result and final state in one transaction; False when the
+        instance was superseded while it was checked (it stays rejected)."""
+        if state not in (State.DONE, State.QUARANTINED, State.REJECTED):
             raise StoreError(f"unknown final state {state!r}")
         try:
             with self.transaction():
-                self.execute(
+                changed = self.execute(
                     "UPDATE instances SET state=?, verdict=?, trust=?, details=?, "
                     "ai_probability=?, ai_suspicion=?, forwarded=?, processed_at=? "
-                    "WHERE id=? AND state='processing'",
+                    "WHERE id=? AND state IN (?, ?)",
                     (state, verdict, trust, json.dumps(details, default=str), ai_probability,
-                     ai_suspicion, forwarded, _now(), instance_id))
+                     ai_suspicion, forwarded, _now(), instance_id, State.PROCESSING,
+                     State.FORWARDING)).rowcount
         except (OSError, StoreError) as exc:
             self.health.failed(exc)
             raise
         self.health.worked()
+        return bool(changed)
 
     def requeue(self, instance_id: int) -> None:
         """Put a claimed instance back (the PACS was unreachable, the store could not record
         the result; try again later)."""
         try:
             with self.transaction():
-                self.execute("UPDATE instances SET state='queued' WHERE id=? AND "
-                             "state='processing'", (instance_id,))
+                self.execute("UPDATE instances SET state=? WHERE id=? AND state IN (?, ?)",
+                             (State.QUEUED, instance_id, State.PROCESSING, State.FORWARDING))
         except (OSError, StoreError) as exc:
             self.health.failed(exc)
             raise
@@ -562,16 +664,28 @@ class Store:
         replacement of the copy served so far: every other copy of that SOP Instance UID that
         is not rejected - served, queued, being checked or in quarantine - is rejected in the
         same transaction ("superseded"), so exactly one copy is served, none can become
-        served later, and the one forwarded on release is the one the admin chose."""
-        if state not in ("done", "rejected"):
+        served later, and the one forwarded on release is the one the admin chose. A copy
+        being sent to the PACS at that moment cannot be called back: the release is then
+        refused (StoreError, "decide again in a moment") until it is sent, so the PACS gets
+        the admin's choice last."""
+        if state not in (State.DONE, State.REJECTED):
             raise StoreError("a quarantine decision is release or reject")
         with self.transaction():
+            row = self.execute("SELECT sop_uid, duplicate_of FROM instances WHERE id=?",
+                               (instance_id,)).fetchone()
+            if row is not None:  # no worker starts forwarding a copy of it meanwhile
+                self.backend.lock_uid(self.execute, row[0])
             changed = self.execute(
                 "UPDATE instances SET state=?, decided_by=?, decision_note=? "
                 "WHERE id=? AND state='quarantined'", (state, who, note, instance_id)).rowcount
-            row = self.execute("SELECT sop_uid, duplicate_of FROM instances WHERE id=?",
-                               (instance_id,)).fetchone()
             if changed and state == "done" and row is not None and row[1] is not None:
+                sending = self.execute("SELECT id FROM instances WHERE sop_uid=? AND id<>? "
+                                       "AND state=?", (row[0], instance_id,
+                                                       State.FORWARDING)).fetchone()
+                if sending is not None:
+                    raise StoreError(f"row {sending[0]}, another copy of this SOP Instance "
+                                     "UID, is being sent to the PACS now; decide again in a "
+                                     "moment")
                 self.execute(
                     "UPDATE instances SET state='rejected', decided_by=?, decision_note=? "
                     "WHERE sop_uid=? AND id<>? AND state<>'rejected'",
@@ -588,8 +702,9 @@ class Store:
         (half-written ones, files without a row, objects still arriving in ``incoming``).
         (With a shared PostgreSQL queue, run it only when no other gateway is processing.)"""
         with self.transaction():
-            requeued = self.execute("UPDATE instances SET state='queued' "
-                                    "WHERE state='processing'").rowcount
+            requeued = self.execute("UPDATE instances SET state=? WHERE state IN (?, ?)",
+                                    (State.QUEUED, State.PROCESSING,
+                                     State.FORWARDING)).rowcount
         known = {r[0] for r in self.execute("SELECT path FROM instances").fetchall()}
         orphans = 0
         for path in self.objects.glob("*/*"):

@@ -188,7 +188,8 @@ class _Web:
         self.logins = LoginGuard(
             config.login_max_failures, config.login_max_failures_per_client,
             config.login_backoff_seconds, config.login_backoff_max_seconds,
-            max_failures_all_clients=config.login_max_failures_all_clients)
+            max_failures_all_clients=config.login_max_failures_all_clients,
+            ipv6_prefix=config.ipv6_peer_prefix)
         self.password_checks = anyio.CapacityLimiter(PASSWORD_CHECKS)
         self.throttle = Throttle()
         self.spool = Path(gateway.store.root) / "http-spool"
@@ -320,7 +321,8 @@ class _Web:
         self.audit_bounded(f"failed:{peer_key(client)}", "auth.failed", name[:64],
                            {"client": client})
         for lock in lockouts:
-            log.warning("logins for %s %s wait %.0f s after %d failures", lock.reason.value,
+            # %r: the name is the client's choice; no control characters reach the log
+            log.warning("logins for %s %r wait %.0f s after %d failures", lock.reason.value,
                         lock.who, lock.seconds, lock.failures)
             target = f"{lock.reason.value}:{lock.who}"
             self.audit_bounded(f"lockout:{target}", "auth.lockout", target,
@@ -670,8 +672,10 @@ def _add_ui_routes(app: FastAPI, web: _Web) -> None:
     @app.get("/", response_class=HTMLResponse)
     def worklist(request: Request, user: User = Depends(web.role("radiologist"))) -> Response:
         alarms = web.gateway.audit_log.recent(5, ("monitoring.alarm", "alarm.bulk_read"))
+        counts = store.counts()  # "being checked": queued + processing, forwarding included
+        counts["processing"] = counts.get("processing", 0) + counts.pop("forwarding", 0)
         return web.page("worklist.html", request, user, "Worklist", rows=_worklist_rows(store),
-                        counts=store.counts(), alarms=alarms)
+                        counts=counts, alarms=alarms)
 
     @app.get("/studies/{study}", response_class=HTMLResponse)
     def study_view(study: str, request: Request,

@@ -22,8 +22,9 @@ A valid signature does not mean the whole file is vouched for: PS3.15 lets anyon
 elements without breaking a signature, and a signature may list only some elements.
 ``covered`` / ``uncovered`` list the present elements that an intact top-level signature does
 / does not cover. ``pixels_covered`` says whether the signatures vouch for the image: the file
-is ``valid`` and they cover every element present *now* that changes what the image shows or
-means (:func:`~radguard.provenance.profiles.defines_image`); ``pixels_uncovered`` lists the
+is ``valid`` and they cover every element present *now* that changes what the image shows
+and (at the default :class:`~radguard.provenance.profiles.Coverage` ``image``) whose it is
+(:func:`~radguard.provenance.profiles.uncovered_image`); ``pixels_uncovered`` lists the
 present ones they leave out. Judging what is present now matters: an element added after
 signing (an inverting Presentation LUT Shape, a rescale, an overlay) is uncovered by every
 signature, whatever it lists.
@@ -31,7 +32,9 @@ signature, whatever it lists.
 Cost is bounded before any hashing: at most :data:`MAX_SIGNATURES_PER_ITEM` signature items
 per data set or item and :data:`MAX_SIGNATURES_PER_FILE` per file (more: ``invalid``, none
 checked); every check that needs no hash (MAC parameters, certificate, key, timestamp, trust,
-policy) runs first, and signatures over the same elements share one hash of them.
+policy) runs first, signatures over the same elements with the same MAC share one hash of
+them, and at most :data:`MAX_HASH_PASSES_PER_FILE` different (MAC, elements) hashes are made
+per file (the signatures that would need another are ``invalid``, unhashed).
 
 Time policy: with a trusted certified timestamp the signer certificate must have been valid
 at the timestamp's time; without one it must be valid both at the claimed signing time and
@@ -51,7 +54,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
-from pydicom.datadict import keyword_for_tag, tag_for_keyword
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pydicom.uid import UID
@@ -70,12 +73,19 @@ from radguard.provenance.bytestream import (
 )
 from radguard.provenance.keys import describe_name
 from radguard.provenance.policy import DEFAULT_POLICY, AlgorithmPolicy, AlgorithmVerdict
-from radguard.provenance.profiles import VERIFY_MACS, defines_image, satisfied_profiles
+from radguard.provenance.profiles import (
+    PIXEL_DATA,
+    VERIFY_MACS,
+    Coverage,
+    satisfied_profiles,
+    uncovered_image,
+)
 from radguard.provenance.sign import crypto_hash
 from radguard.provenance.timestamp import TimestampCheck, verify_timestamp_token
 from radguard.provenance.trust import TrustStore
 
 __all__ = [
+    "MAX_HASH_PASSES_PER_FILE",
     "MAX_SIGNATURES_PER_FILE",
     "MAX_SIGNATURES_PER_ITEM",
     "PIXEL_DATA",
@@ -93,14 +103,6 @@ SignatureStatus = Literal["valid", "invalid", "weak", "untrusted"]
 
 #: Elements that are part of the signature machinery or encoding, never "uncovered content".
 _MACHINERY = {0x4FFE0001, 0xFFFAFFFA, 0xFFFCFFFC, 0x00080001}
-
-
-def _keyword_tags(*keywords: str) -> frozenset[int]:
-    return frozenset(int(tag_for_keyword(k)) for k in keywords)  # type: ignore[arg-type]
-
-
-#: The image itself: Pixel Data, Float Pixel Data, Double Float Pixel Data.
-PIXEL_DATA = _keyword_tags("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
 @dataclass
@@ -154,14 +156,15 @@ class VerificationReport:
     error: str | None = None  # why the file could not be read, or was refused unverified
     covered: list[str] = field(default_factory=list)  # present, covered at the top level
     #: The signatures vouch for the image: the file is ``valid``, it has pixel data, and
-    #: valid top-level signatures cover every present element that changes what the image
-    #: shows or means - the pixels and how they are read (Image Pixel, Multi-frame and
-    #: functional groups, palettes, ICC profile), how they are shown and measured (rescale and
-    #: Modality LUT, window and VOI LUT, Presentation LUT, overlays 60xx, pixel spacing and
-    #: aspect, orientation, laterality, view), whose image it is and where it belongs
-    #: (patient identity, Study / Series / SOP Instance UIDs, SOP Class, Modality). Only then
-    #: does the gateway badge it ``signed``, skip the content detectors and count it for
-    #: ``must_sign``.
+    #: valid top-level signatures cover every present, non-empty element that changes what
+    #: the image shows - the pixels and how they are read (Image Pixel, Multi-frame and
+    #: functional groups, palettes, ICC profile, frame timing), how they are shown and
+    #: measured (rescale and Modality LUT, window and VOI LUT, Presentation LUT, overlays
+    #: 60xx, pixel spacing and aspect, ultrasound regions, orientation, laterality, view) -
+    #: and, at coverage ``image`` (the default), whose image it is and where it belongs
+    #: (patient name / ID / birth date / sex, Study / Series / SOP Instance UIDs, Modality,
+    #: General Image). Only then does the gateway badge it ``signed``, skip the content
+    #: detectors and count it for ``must_sign``.
     pixels_covered: bool = False
     #: Present elements that change what the image shows or means and that no valid
     #: top-level signature covers: why ``pixels_covered`` is false (beside the status).
@@ -252,6 +255,13 @@ def _seq(ds: Dataset, tag: int) -> list[Dataset]:
 #: without hashing anything.
 MAX_SIGNATURES_PER_ITEM = 8
 MAX_SIGNATURES_PER_FILE = 32
+#: Different hashes (MAC algorithm, signed elements, data set or item) made per file: the
+#: device's signature, a technologist's and an authorization signature, and a gateway's
+#: re-signing after de-identification. Signatures that would
+#: need another are ``invalid`` unhashed, whoever signed them: a self-signed certificate
+#: costs nothing to make, and every hash may be a pass over the whole pixel data (the
+#: pure-Python RIPEMD-160 manages about 1 MB/s).
+MAX_HASH_PASSES_PER_FILE = 4
 
 
 @dataclass
@@ -363,24 +373,32 @@ def _malformed(exc: Exception) -> str:
 
 
 class _Digests:
-    """MAC digests of one site's signatures. Signatures over the same elements with the same
-    algorithm share the hash of those elements (computed once, then copied), so extra
-    signature items cost their own few bytes, not another pass over the pixel data."""
+    """MAC digests of one file's signatures. Signatures over the same elements of the same
+    data set or item with the same algorithm share the hash of those elements (computed
+    once, then copied), so extra signature items cost their own few bytes, not another pass
+    over the pixel data; at most :data:`MAX_HASH_PASSES_PER_FILE` such hashes are made."""
 
-    def __init__(self, site: Dataset, is_implicit: bool, is_little: bool,
-                 source: memoryview | None) -> None:
-        self._site, self._source = site, source
+    def __init__(self, ds: Dataset, is_implicit: bool, is_little: bool) -> None:
+        self._ds = ds
         self._implicit, self._little = is_implicit, is_little
-        self._prefixes: dict[tuple[str, tuple[int, ...]], MacStream] = {}
+        self._prefixes: dict[tuple[int, str, tuple[int, ...]], MacStream] = {}
+        self.refused = 0  # signatures left unhashed: the file had used up its passes
 
-    def of(self, item: _Inspected) -> bytes:
-        """The digest ``item``'s signature must sign."""
-        key = (item.mac, tuple(item.tags))
+    def of(self, site: Dataset, item: _Inspected) -> bytes | None:
+        """The digest ``item``'s signature (in ``site``) must sign; None if that needs one
+        hash more than a file may cost."""
+        key = (id(site), item.mac, tuple(item.tags))  # sites live as long as the file
         prefix = self._prefixes.get(key)
         if prefix is None:
+            if len(self._prefixes) >= MAX_HASH_PASSES_PER_FILE:
+                self.refused += 1
+                return None
+            # the file's bytes serve top-level values only: an item's elements record
+            # offsets within their sequence's value, not within the file
+            source = source_view(self._ds) if site is self._ds else None
             prefix = MacStream(new_hasher(item.mac), is_implicit=self._implicit,
-                               is_little_endian=self._little, source=self._source)
-            prefix.add_elements(self._site, item.tags)
+                               is_little_endian=self._little, source=source)
+            prefix.add_elements(site, item.tags)
             self._prefixes[key] = prefix
         stream = prefix.fork()
         stream.add_signature_item(item.sig)
@@ -391,7 +409,13 @@ def _conclude(item: _Inspected, digests: _Digests, site: Dataset) -> SignatureCh
     """Hash, check the signature, and give the verdict on an inspected signature item."""
     check = item.check
     try:
-        _verify_signature(item.key, item.signature, digests.of(item), item.mac)
+        digest = digests.of(site, item)
+        if digest is None:
+            check.reason = (f"not checked: a hash over other elements or with another MAC "
+                            f"than the {MAX_HASH_PASSES_PER_FILE} already made for this file "
+                            "(each may be a pass over all the pixel data)")
+            return check
+        _verify_signature(item.key, item.signature, digest, item.mac)
     except InvalidSignature:
         check.reason = "data changed after signing: signature does not match the content"
         return check
@@ -433,14 +457,13 @@ def _conclude(item: _Inspected, digests: _Digests, site: Dataset) -> SignatureCh
 
 
 def _verify_site(site: Dataset, location: str, sigs: list[Dataset], trust: TrustStore | None,
-                 now: dt.datetime, is_implicit: bool, is_little: bool,
-                 source: memoryview | None, policy: AlgorithmPolicy) -> list[SignatureCheck]:
+                 now: dt.datetime, is_implicit: bool, digests: _Digests,
+                 policy: AlgorithmPolicy) -> list[SignatureCheck]:
     """The verdicts on the signature items of one data set or item, in their order: every
     cheap check first, then one hash per distinct set of signed elements."""
     mac_params = _mac_parameters(site)
     inspected = [_inspect(site, sig, mac_params, trust, now, is_implicit, location, policy)
                  for sig in sigs]
-    digests = _Digests(site, is_implicit, is_little, source)
     return [item if isinstance(item, SignatureCheck) else _conclude(item, digests, site)
             for item in inspected]
 
@@ -537,9 +560,11 @@ def verify_dataset(
     now: dt.datetime | None = None,
     path: str = "",
     policy: AlgorithmPolicy = DEFAULT_POLICY,
+    coverage: Coverage = Coverage.IMAGE,
 ) -> VerificationReport:
     """Verify every signature in ``ds`` (top level and nested in sequence items); only the
-    top-level ones decide the file's status (see the module docstring)."""
+    top-level ones decide the file's status (see the module docstring). ``coverage``: what
+    they must cover to vouch for the image (``pixels_covered``)."""
     now = now or dt.datetime.now(dt.UTC)
     is_implicit, is_little = ds.original_encoding
     is_implicit = bool(is_implicit)
@@ -552,14 +577,16 @@ def verify_dataset(
     if too_many:
         report.status, report.error = "invalid", too_many  # nothing verified or hashed
     else:
-        for site, location, sigs in sites:
-            # the file's bytes serve top-level values only: an item's elements record
-            # offsets within their sequence's value, not within the file
-            source = source_view(ds) if site is ds else None
+        digests = _Digests(ds, is_implicit, is_little)
+        for site, location, sigs in sites:  # the top level first: it decides the status
             report.signatures += _verify_site(site, location, sigs, trust, now, is_implicit,
-                                              is_little, source, policy)
+                                              digests, policy)
         report.status = _file_status(report.top_level)
-    _add_coverage(report, ds)
+        if digests.refused:
+            report.status = "invalid"
+            report.error = (f"{digests.refused} signature(s) not checked: they need more than "
+                            f"the {MAX_HASH_PASSES_PER_FILE} different hashes made per file")
+    _add_coverage(report, ds, coverage)
     return report
 
 
@@ -584,7 +611,7 @@ def _file_status(top: list[SignatureCheck]) -> Status:
     return next((s for s in worst_first if s in statuses), "unsigned")
 
 
-def _add_coverage(report: VerificationReport, ds: Dataset) -> None:
+def _add_coverage(report: VerificationReport, ds: Dataset, coverage: Coverage) -> None:
     """Fill in what the top-level signatures cover (once the status is known)."""
     covered: set[int] = set()
     vouched: set[int] = set()  # covered by valid (policy-accepted, trusted) signatures
@@ -598,8 +625,7 @@ def _add_coverage(report: VerificationReport, ds: Dataset) -> None:
     report.covered = [_name(t) for t in content if t in covered]
     report.uncovered = [_name(t) for t in content if t not in covered]
     if any(t in PIXEL_DATA for t in content):
-        report.pixels_uncovered = [_name(t) for t in content
-                                   if defines_image(t) and t not in vouched]
+        report.pixels_uncovered = [_name(t) for t in uncovered_image(ds, vouched, coverage)]
         report.pixels_covered = report.status == "valid" and not report.pixels_uncovered
 
 
@@ -609,13 +635,14 @@ def verify_file(
     *,
     now: dt.datetime | None = None,
     policy: AlgorithmPolicy = DEFAULT_POLICY,
+    coverage: Coverage = Coverage.IMAGE,
 ) -> VerificationReport:
     """Verify a file; unreadable files give status ``error`` instead of raising."""
     try:
         ds = read_dataset(path)
     except RadguardError as exc:
         return VerificationReport(path=str(path), status="error", error=str(exc))
-    return verify_dataset(ds, trust, now=now, path=str(path), policy=policy)
+    return verify_dataset(ds, trust, now=now, path=str(path), policy=policy, coverage=coverage)
 
 
 def verify_paths(
@@ -625,8 +652,10 @@ def verify_paths(
     workers: int = 1,
     now: dt.datetime | None = None,
     policy: AlgorithmPolicy = DEFAULT_POLICY,
+    coverage: Coverage = Coverage.IMAGE,
 ) -> Iterator[VerificationReport]:
     """Verify many files (folders expanded), ``workers`` at a time, reports in order."""
     files = list(iter_dicom_paths(paths))
-    yield from map_ordered(lambda f: verify_file(f, trust, now=now, policy=policy), files,
-                           workers)
+    yield from map_ordered(
+        lambda f: verify_file(f, trust, now=now, policy=policy, coverage=coverage), files,
+        workers)

@@ -5,6 +5,7 @@ up), and the limits (associations, PDU size, silence)."""
 
 from __future__ import annotations
 
+import math
 import random
 import socket
 import struct
@@ -14,6 +15,7 @@ import time
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from radguard.gateway import acceptor as acceptor_module
 from radguard.gateway.acceptor import (
     Acceptor,
     DimseLimits,
@@ -139,10 +141,13 @@ def test_calling_ae_not_allowed_is_rejected(server):
     assert _echo_ok(acceptor.port, "CT1")
 
 
-def test_too_many_associations_get_a_transient_reject_and_later_ones_work(server):
+def test_too_many_associations_get_a_transient_reject_and_later_ones_work(server, monkeypatch):
     from pynetdicom import AE
 
-    acceptor = server(limits=DimseLimits(max_associations=1))
+    # nobody may become idle enough to be evicted, however slow the machine is
+    monkeypatch.setattr(acceptor_module, "EVICT_AFTER", math.inf)
+    acceptor = server(limits=DimseLimits(max_associations=1, idle_timeout=600))
+    assert acceptor.evict_after == 300
     ae = AE()
     ae.add_requested_context(VERIFICATION)
     first = ae.associate("127.0.0.1", acceptor.port, ae_title="RADGUARD")

@@ -209,3 +209,44 @@ def test_an_instance_that_always_fails_is_quarantined_and_does_not_stall_the_que
     assert row.state == "quarantined" and row.attempts == MAX_ATTEMPTS
     assert "Input/output error" in row.detail["reasons"][0]
     assert gateway.store.get(good).attempts == 1  # judged once, on its merits
+
+
+def test_forwarding_retries_do_not_count_as_failures(tmp_path, monkeypatch):
+    """Second review H3: the quarantine counted claims, and every forwarding retry is one,
+    so after a PACS outage of MAX_ATTEMPTS retries or more a single error of another kind
+    quarantined an instance at once. Failures of its own are counted apart from claims:
+    here the PACS is down for MAX_ATTEMPTS + 1 sends, then one send meets a read error,
+    then it works - the instance is forwarded and ``done``."""
+    import errno
+
+    from radguard.gateway import Gateway, GatewayConfig
+    from radguard.gateway.dimse import header_of
+    from radguard.gateway.pipeline import ForwardError, Pipeline
+    from radguard.gateway.service import MAX_ATTEMPTS
+    from tests.security.conftest import scale_back_off
+
+    scale_back_off(monkeypatch)  # the forwarding back-off doubles to 60 s: not in real time
+    forward, sends = Pipeline.forward, []
+
+    def forward_after_an_outage(self: Pipeline, instance: object) -> str | None:
+        sends.append(instance)
+        if len(sends) <= MAX_ATTEMPTS + 1:
+            raise ForwardError("PACS unreachable")
+        if len(sends) == MAX_ATTEMPTS + 2:
+            raise OSError(errno.EIO, "Input/output error reading the instance")
+        return forward(self, instance)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Pipeline, "forward", forward_after_an_outage)
+    gateway = Gateway(GatewayConfig(data_dir=str(tmp_path / "data"), dicom_port=0,
+                                    http_port=0, check_processes=0, workers=1).validate())
+    payload = NIH_DX.read_bytes()  # checked "done", so it is forwarded
+    row = gateway.store.ingest(payload, header_of(payload), source="dimse")
+    gateway.start()
+    try:
+        wait_until(lambda: gateway.store.get(row).state not in ("queued", "processing"), 300,
+                   "the instance to be forwarded after the outage")
+    finally:
+        gateway.stop()
+    instance = gateway.store.get(row)
+    assert instance.state == "done", instance.detail
+    assert instance.attempts == MAX_ATTEMPTS + 3 and len(sends) == MAX_ATTEMPTS + 3

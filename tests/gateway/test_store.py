@@ -162,3 +162,45 @@ def test_gateway_on_postgresql(tmp_path, postgres_url):
         assert row.state == "done" and row.processed_at
     finally:
         gateway.stop()
+
+
+def test_a_superseded_copy_is_never_forwarded(store):
+    """Second review M4: releasing a conflicting copy rejects the others, those being checked
+    included, but the worker forwarded before it recorded its result (which then matched no
+    row), so the copy the admin replaced still reached the PACS. A checked copy now becomes
+    ``forwarding`` only if it is still ``processing``; while it is being sent, a release
+    that would supersede it is refused (the PACS gets the admin's choice last); a crash or
+    a failed send puts a forwarding copy back in the queue."""
+    first = store.ingest(b"first copy", _header(7), source="dimse")
+    second = store.ingest(b"other bytes", _header(7), source="dimse")
+    assert store.get(second).duplicate_of == first
+    checked, duplicate = store.claim(), store.claim()
+    assert (checked.id, duplicate.id) == (first, second)
+    store.finish(second, state="quarantined", verdict="conflict", trust="unknown", details={})
+    # the admin releases the new copy while the first is being checked: not forwarded after
+    store.decide(second, "done", "boss", "the new copy is right")
+    assert store.get(first).state == "rejected"
+    assert store.start_forwarding(checked) is False
+    assert store.finish(first, state="done", verdict="clean", trust="unsigned",
+                        details={}) is False
+    assert store.get(first).state == "rejected"
+    # a copy being sent cannot be superseded; it can once it is sent
+    third = store.ingest(b"third bytes", _header(8), source="dimse")
+    fourth = store.ingest(b"fourth bytes", _header(8), source="dimse")
+    sending, conflicting = store.claim(), store.claim()
+    assert (sending.id, conflicting.id) == (third, fourth)
+    store.finish(fourth, state="quarantined", verdict="conflict", trust="unknown", details={})
+    assert store.start_forwarding(sending) is True
+    assert store.get(third).state == "forwarding"
+    assert store.counts() == {"done": 1, "rejected": 1, "forwarding": 1, "quarantined": 1}
+    with pytest.raises(StoreError, match="being sent to the PACS"):
+        store.decide(fourth, "done", "boss", "too early")
+    assert store.get(fourth).state == "quarantined"  # the refused release changed nothing
+    store.requeue(third)  # the PACS was unreachable
+    assert store.get(third).state == "queued"
+    assert store.claim().id == third and store.start_forwarding(store.get(third))
+    assert store.recover()["requeued"] == 1  # a crash while sending
+    assert store.claim().id == third and store.start_forwarding(store.get(third))
+    assert store.finish(third, state="done", verdict="clean", trust="unsigned", details={})
+    released = store.decide(fourth, "done", "boss", "after it was sent")
+    assert released.state == "done" and store.get(third).state == "rejected"

@@ -242,3 +242,78 @@ def fill_disk(folder: Path) -> Path:
     finally:
         os.close(fd)
     return filler
+
+
+def leave_free(folder: Path, free: int) -> Path:
+    """Fill ``folder``'s filesystem (:func:`fill_disk`), then give back about ``free``
+    bytes; returns the filler file (delete it to give the rest back)."""
+    filler = fill_disk(folder)
+    os.truncate(filler, filler.stat().st_size - free)
+    return filler
+
+
+def scale_back_off(monkeypatch: pytest.MonkeyPatch, factor: float = 0.01) -> list[float]:
+    """Make the gateway workers' back-off waits ``factor`` times as long in real time (a
+    test need not sit through 1 + 2 + 4 + ... s), keeping their logic; returns the list of
+    the waits the workers asked for (in their own seconds), in order."""
+    from radguard.gateway.service import Gateway
+
+    asked: list[float] = []
+    back_off = Gateway._back_off
+
+    def scaled(self: Gateway, wait: float, longest: float) -> float:
+        asked.append(wait)
+        return back_off(self, wait * factor, longest * factor) / factor
+
+    monkeypatch.setattr(Gateway, "_back_off", scaled)
+    return asked
+
+
+@dataclass
+class Pacs:
+    """dcmtk's ``storescp`` as the PACS a gateway forwards to: what it received lands in
+    ``folder``."""
+
+    port: int
+    folder: Path
+
+    @property
+    def target(self) -> str:
+        """The gateway's ``forward_dimse`` setting for it."""
+        return f"PACS@127.0.0.1:{self.port}"
+
+    def received(self) -> list[Path]:
+        return sorted(p for p in self.folder.iterdir() if p.is_file())
+
+
+@pytest.fixture
+def pacs(tmp_path: Path) -> Iterator[Pacs]:
+    """A real DICOM receiver (``storescp``, every transfer syntax it knows), stopped after
+    the test however it ends."""
+    from tests.conftest import dcmtk_tool
+
+    folder = tmp_path / "pacs"
+    folder.mkdir()
+    port = _free_port()
+    proc = subprocess.Popen([dcmtk_tool("storescp"), "+xa", "-aet", "PACS", "-od", str(folder),
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: proc.poll() is not None or _listening(port), 60,
+                   "storescp to listen")
+        assert proc.poll() is None, "storescp did not start"
+        yield Pacs(port, folder)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True

@@ -1,16 +1,20 @@
-"""The DICOM door under attack (issue 21, items 4 and 5; review findings 4, 6, 7 and 13):
-raw sockets against an Acceptor and against a real ``radguard serve`` process.
+"""The DICOM door under attack (issue 21, items 4 and 5; review findings 4, 6, 7 and 13;
+second review M5 and M6): raw sockets against an Acceptor and against a real ``radguard
+serve`` process.
 
-* time: a trickle of tiny but complete PDUs, small complete instances (resends included), a
+* time: a trickle of tiny but complete PDUs, the same small instance again and again, a
   peer that never finishes its A-ASSOCIATE-RQ, a TLS handshake that never starts, an
   association that never ends - each is dropped after its limit, while a slow but steady
-  sender is not, and a message under way at the total time limit may finish;
-* slots: when every association is taken, a newcomer evicts the idlest one - never a
-  productive sender or one whose handler is at work;
-* connections: per peer (an IPv4 address or an IPv6 /64, counted before negotiation, TLS
-  included), per calling AE title, per-peer overrides, and globally (associations, not
-  half-open connections) - a flood from one address leaves room for everyone else, which a
-  real dcmtk ``storescu`` proves;
+  sender and a modality storing each small image as it is taken are not, and a message
+  under way at the total time limit may finish;
+* slots: when every association is taken, a newcomer evicts the idlest one of the peer
+  holding the most - never a productive sender, one whose handler is at work, or a lone
+  modality while another peer holds more;
+* connections: per peer (an IPv4 address, an IPv6 network of ``ipv6_prefix`` bits or a
+  ``peer_limits`` network; counted before negotiation, TLS included), per calling AE title
+  from one peer, per-peer overrides, and globally (associations, not half-open
+  connections) - a flood from one address leaves room for everyone else, which a real
+  dcmtk ``storescu`` proves;
 * memory and disk: unfinished data sets beyond the per-message size or the global budget go
   to spool files, which disappear with their association; 32 unfinished 200 MB C-STOREs
   keep the gateway's peak RSS bounded while a large real image still arrives intact; spool
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import math
 import os
 import resource
 import select
@@ -35,12 +40,14 @@ import struct
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
+from radguard.gateway import acceptor as acceptor_module
 from radguard.gateway.acceptor import (
     EVICT_AFTER,
     OVERTIME,
@@ -100,6 +107,14 @@ def server(tmp_path):
     yield start
     for acceptor in started:
         acceptor.stop()
+
+
+@pytest.fixture
+def no_eviction(monkeypatch):
+    """No association becomes idle enough to be evicted before half its ``idle_timeout``
+    (pass a long one): a test that expects a reject with every slot taken must not see an
+    eviction because a step took ``EVICT_AFTER`` seconds on a loaded machine."""
+    monkeypatch.setattr(acceptor_module, "EVICT_AFTER", math.inf)
 
 
 def _connect(port: int, source: str = "127.0.0.1", timeout: float = 10) -> socket.socket:
@@ -182,6 +197,17 @@ def _store(sock: socket.socket, data: bytes, *, piece: int = 64 << 10,
         sock.sendall(_p_data_pdu(_pdv(1, 0x02 if last else 0x00, data[at:at + piece])))
 
 
+def _answer(sock: socket.socket, data: bytes, *, message_id: int, sop_instance: str
+            ) -> int | None:
+    """A whole C-STORE (:func:`_store`) and its status; None if the association ended."""
+    try:
+        _store(sock, data, message_id=message_id, sop_instance=sop_instance)
+        kind, body = _read_pdu(sock)
+    except OSError:
+        return None
+    return _status(body) if kind == 4 else None
+
+
 # -- time: trickles, half-finished requests, endless associations ---------------------------------
 
 def test_a_trickle_of_tiny_complete_pdus_does_not_hold_an_association(server):
@@ -203,8 +229,9 @@ def test_a_trickle_of_tiny_complete_pdus_does_not_hold_an_association(server):
 def test_small_complete_stores_and_resends_earn_only_their_bytes(server):
     """Finding 4: every accepted C-STORE - an identical resend included - used to refill
     the whole idle allowance, so one 1 KB instance a little more often than ``idle_timeout``
-    held a slot for ``max_association_time``. Now a store earns what its bytes earn at
-    ``min_rate`` (here 1 KiB: 1/16 s), so the association runs out like any trickle."""
+    held a slot for ``max_association_time``. Now a resend earns what its bytes earn at
+    ``min_rate`` (here 1 KiB: 1/16 s; only the first, new copy earned more), so the
+    association runs out like any trickle."""
     recorder = Recorder()
     acceptor = server(recorder, idle_timeout=2.0)
     instance = _p_data_pdu(_pdv(1, 0x03, _command(0x0001, 1, data=True))) + \
@@ -221,10 +248,12 @@ def test_small_complete_stores_and_resends_earn_only_their_bytes(server):
 
 def test_a_steady_slow_sender_gets_through_and_a_slower_one_is_dropped(server):
     """The allowance refills with data: a sender above ``min_rate`` may take many times the
-    idle limit for one data set (a real modality on a slow link); one below it may not."""
+    idle limit for one data set (a real modality on a slow link); one below it may not.
+    (The sender may stall up to ``idle_timeout``, 8 s, on a loaded machine.)"""
     keeper = Keeper()
-    acceptor = server(keeper, idle_timeout=3.0, min_rate=32 << 10)
-    data = bytes(range(256)) * (1 << 12)  # 1 MiB: 8 s at 128 KiB/s
+    idle = 8.0
+    acceptor = server(keeper, idle_timeout=idle, min_rate=32 << 10)
+    data = bytes(range(256)) * (10 << 10)  # 2.5 MiB: 20 s at 128 KiB/s
     sock, kind, _ = _associate(acceptor.port)
     assert kind == 2
     sock.sendall(STORE_COMMAND)
@@ -233,7 +262,7 @@ def test_a_steady_slow_sender_gets_through_and_a_slower_one_is_dropped(server):
     for i, piece in enumerate(pieces):  # 16 KiB every 1/8 s: four times the minimum rate
         sock.sendall(_p_data_pdu(_pdv(1, 0x02 if i == len(pieces) - 1 else 0x00, piece)))
         time.sleep(0.125)
-    assert time.monotonic() - start > 2 * 3.0
+    assert time.monotonic() - start > 2 * idle
     kind, body = _read_pdu(sock)
     assert kind == 4 and _status(body) == 0
     assert keeper.contents[0].endswith(data)
@@ -245,9 +274,9 @@ def test_a_steady_slow_sender_gets_through_and_a_slower_one_is_dropped(server):
     slow, kind, _ = _associate(acceptor.port)
     assert kind == 2
     slow.sendall(STORE_COMMAND)
-    dropped = _trickle(slow, _p_data_pdu(_pdv(1, 0x00, b"\x00" * 4096)), every=0.5, limit=30,
+    dropped = _trickle(slow, _p_data_pdu(_pdv(1, 0x00, b"\x00" * 4096)), every=0.5, limit=90,
                        since=start)
-    assert dropped is not None and dropped >= 3.0
+    assert dropped is not None and dropped >= idle
     assert len(keeper.requests) == 1
 
 
@@ -387,24 +416,31 @@ def test_one_address_cannot_take_every_connection(server):
         s.close()
 
 
-def test_one_calling_ae_title_cannot_take_every_association(server):
-    acceptor = server(max_per_ae=2, max_associations=8)
-    flood = [_associate(acceptor.port, f"127.0.0.{10 + i}", "FLOOD") for i in range(2)]
-    assert all(kind == 2 for _, kind, _ in flood)
-    sock, kind, body = _associate(acceptor.port, "127.0.0.20", "FLOOD")
+def test_a_calling_ae_title_is_counted_per_peer(server):
+    """Review 2, M6: ``max_per_ae`` counted a title across all peers, so an attacker holding
+    16 associations as "CT01" blocked the real CT01 everywhere. Now it counts one title
+    from one peer: the squatter's next CT01 is rejected, the real one from its own address
+    gets in."""
+    acceptor = server(max_per_ae=2, max_per_ip=8, max_associations=8)
+    squat = [_associate(acceptor.port, OTHER_HOST, "CT01") for _ in range(2)]
+    assert [kind for _, kind, _ in squat] == [2, 2]
+    third, kind, body = _associate(acceptor.port, OTHER_HOST, "CT01")
     assert kind == 3 and tuple(body[1:4]) == (0x02, 0x03, 0x02)  # transient, local limit
-    other, kind, _ = _associate(acceptor.port, "127.0.0.20", "CT1")
+    other, kind, _ = _associate(acceptor.port, OTHER_HOST, "CT02")  # its other titles: fine
     assert kind == 2
-    for s, _, _ in flood:
-        s.close()
-    for s in (sock, other):
-        s.close()
+    real, kind, _ = _associate(acceptor.port, "127.0.0.1", "CT01")
+    assert kind == 2, "a title squatted elsewhere blocked the real CT01"
+    real.sendall(ECHO)
+    assert _status(_read_pdu(real)[1]) == 0
+    for sock in (*(s for s, _, _ in squat), third, other, real):
+        sock.close()
 
 
-def test_the_association_limit_counts_associations_not_half_open_connections(server):
+def test_the_association_limit_counts_associations_not_half_open_connections(server,
+                                                                               no_eviction):
     """Connections that never negotiate used to count against ``max_associations``, so a
     few silent sockets turned real modalities away; the limit itself still holds."""
-    acceptor = server(max_associations=2, max_per_ip=4)
+    acceptor = server(max_associations=2, max_per_ip=4, idle_timeout=600)
     silent = [_connect(acceptor.port, OTHER_HOST) for _ in range(2)]
     wait_until(lambda: acceptor.active == 2)
     first, kind, _ = _associate(acceptor.port)
@@ -418,12 +454,19 @@ def test_the_association_limit_counts_associations_not_half_open_connections(ser
 
 
 @pytest.fixture
-def one_ipv6_64():
-    """Two addresses of one IPv6 /64, on the loopback interface for this test only (needs
-    root, like the tmpfs tests; fails loudly rather than skip). The prefix is private (ULA)
-    and derived from the process id, so parallel runs do not collide."""
-    prefix = f"fd72:6164:6775:{os.getpid() & 0xFFFF:x}"
-    addresses = [f"{prefix}::a", f"{prefix}::b"]
+def ipv6_hosts() -> Iterator[list[str]]:
+    """Three IPv6 addresses on the loopback interface for this test only: two in one /64,
+    the third in another /64 of the same /48 (needs root, like the tmpfs tests; fails loudly
+    rather than skip). The prefix is private (ULA) and derived from the process id, so
+    parallel runs do not collide. They are removed after the test however it ends - and,
+    should the test process be killed, by a guard process that waits for it to go."""
+    base = f"fd72:6164:{os.getpid() & 0xFFFF:x}"
+    addresses = [f"{base}:1::a", f"{base}:1::b", f"{base}:2::c"]
+    guard = subprocess.Popen(  # first: nothing is added that it would not remove
+        ["sh", "-c", 'while kill -0 "$1" 2>/dev/null; do sleep 1; done; shift; '
+                     'for a; do ip -6 addr del "$a/128" dev lo; done',
+         "guard", str(os.getpid()), *addresses], start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     added: list[str] = []
     try:
         for address in addresses:
@@ -437,6 +480,8 @@ def one_ipv6_64():
         for address in added:
             subprocess.run(["ip", "-6", "addr", "del", f"{address}/128", "dev", "lo"],
                            capture_output=True)
+        guard.kill()
+        guard.wait(10)
 
 
 def _connect6(port: int, source: str) -> socket.socket:
@@ -447,42 +492,109 @@ def _connect6(port: int, source: str) -> socket.socket:
     return sock
 
 
+def _let_in(sock: socket.socket) -> bool:
+    """The gateway reads this connection: an A-ASSOCIATE-RQ on it is accepted."""
+    sock.sendall(_associate_rq())
+    return _read_pdu(sock)[0] == 2
+
+
 def test_an_ipv6_host_counts_as_one_peer_whatever_address_of_its_64_it_uses(server,
-                                                                             one_ipv6_64):
+                                                                             ipv6_hosts):
     """Finding 4: with IPv6 one host owns a whole /64, so counting per address gave it
-    2^64 times ``max_per_ip``. Now every address of a /64 counts against one limit."""
+    2^64 times ``max_per_ip``. By default every address of a /64 counts against one
+    limit."""
     acceptor = server(host="::1", max_per_ip=1)
-    first = _connect6(acceptor.port, one_ipv6_64[0])
+    first = _connect6(acceptor.port, ipv6_hosts[0])
     wait_until(lambda: acceptor.active == 1)
-    neighbour = _connect6(acceptor.port, one_ipv6_64[1])  # same /64, another address
+    neighbour = _connect6(acceptor.port, ipv6_hosts[1])  # same /64, another address
     assert _closed_unread(neighbour)
-    other = _connect6(acceptor.port, "::1")  # another peer still gets in
-    other.sendall(_associate_rq())
-    assert _read_pdu(other)[0] == 2
+    other = _connect6(acceptor.port, ipv6_hosts[2])  # another /64 is another peer
+    assert _let_in(other)
     for sock in (first, neighbour, other):
         sock.close()
 
 
-def test_peer_limits_give_named_peers_their_own_connection_and_ae_limits(server):
+@pytest.mark.parametrize("prefix, together", [(128, ()), (48, (1, 2))])
+def test_the_ipv6_grouping_prefix_is_configurable(server, ipv6_hosts, prefix, together):
+    """Review 2, M5: on a hospital LAN a /64 is a whole VLAN, and every modality on it
+    shared one ``max_per_ip``. ``ipv6_prefix`` sets how many leading bits make one peer:
+    128 counts each address alone, 48 a whole site's /48. ``together``: which of the other
+    two addresses count with the first."""
+    acceptor = server(host="::1", max_per_ip=1, ipv6_prefix=prefix)
+    first = _connect6(acceptor.port, ipv6_hosts[0])
+    wait_until(lambda: acceptor.active == 1)
+    others = []
+    for i in (1, 2):
+        sock = _connect6(acceptor.port, ipv6_hosts[i])
+        others.append(sock)
+        if i in together:
+            assert _closed_unread(sock), f"/{prefix}: {ipv6_hosts[i]} counted alone"
+        else:
+            assert _let_in(sock), f"/{prefix}: {ipv6_hosts[i]} counted with the first"
+    for sock in (first, *others):
+        sock.close()
+
+
+def test_a_peer_limits_network_groups_ipv6_addresses_counted_alone(server, ipv6_hosts):
+    """With ``ipv6_prefix`` 128 (a LAN of many hosts per /64), a /64 that should still be
+    one peer - a guest VLAN, say - is named in ``peer_limits``: its addresses share that
+    limit, everyone else is counted alone."""
+    guests = ipv6_hosts[0].rsplit("::", 1)[0] + "::/64"
+    acceptor = server(host="::1", max_per_ip=1, ipv6_prefix=128, peer_limits=((guests, 1),))
+    first = _connect6(acceptor.port, ipv6_hosts[0])
+    wait_until(lambda: acceptor.active == 1)
+    neighbour = _connect6(acceptor.port, ipv6_hosts[1])
+    assert _closed_unread(neighbour)
+    other = _connect6(acceptor.port, ipv6_hosts[2])
+    assert _let_in(other)
+    for sock in (first, neighbour, other):
+        sock.close()
+
+
+def test_the_gateway_setting_reaches_the_dicom_port(tmp_path, ipv6_hosts):
+    """``ipv6_peer_prefix`` (top level: DICOM and logins) through the configuration file to
+    a real DICOM server: with 128, two addresses of one /64 each get ``max_per_ip``."""
+    from radguard.gateway.config import load_config
+    from radguard.gateway.dimse import DicomServer
+    from radguard.gateway.store import Store
+
+    path = tmp_path / "radguard.toml"
+    path.write_text(f'data_dir = "{tmp_path / "data"}"\nhost = "::1"\ndicom_port = 0\n'
+                    "ipv6_peer_prefix = 128\n[dicom]\nmax_per_ip = 1\n")
+    config = load_config(path)
+    store = Store(config.data_dir)
+    server = DicomServer(config, store)
+    port = server.start()
+    try:
+        first, second = (_connect6(port, address) for address in ipv6_hosts[:2])
+        assert _let_in(first) and _let_in(second)
+        for sock in (first, second):
+            sock.close()
+    finally:
+        server.stop()
+        store.close()
+
+
+def test_peer_limits_networks_count_as_one_peer_with_their_own_limits(server):
     """Finding 13: a PACS or a NAT with more parallel associations than ``max_per_ip`` /
-    ``max_per_ae`` had connections closed unread. ``peer_limits`` sets both for the
-    addresses or networks it names (the most specific entry wins); the same calling AE
-    title from anywhere else keeps the ordinary limit, so it cannot borrow the PACS's."""
-    acceptor = server(max_per_ip=2, max_per_ae=2, max_associations=8,
-                      peer_limits=((OTHER_HOST, 4), ("127.0.0.0/8", 1)))
+    ``max_per_ae`` had connections closed unread; ``peer_limits`` sets both for the peers it
+    names (the most specific entry wins). Review 2, M5: a network named there is one peer -
+    all its addresses share its limit (before, each address had a limit of its own)."""
+    acceptor = server(max_per_ip=2, max_per_ae=2, max_associations=16,
+                      peer_limits=((OTHER_HOST, 4), ("127.0.0.0/29", 3)))
     pacs = [_associate(acceptor.port, OTHER_HOST, "PACS") for _ in range(4)]
     assert [kind for _, kind, _ in pacs] == [2, 2, 2, 2]
     fifth = _connect(acceptor.port, OTHER_HOST)
     assert _closed_unread(fifth)
-    spoof, kind, body = _associate(acceptor.port, "127.0.0.1", "PACS")  # /8 entry: 1 each
-    assert kind == 3 and tuple(body[1:4]) == (0x02, 0x03, 0x02)
-    spoof.close()
-    wait_until(lambda: acceptor.active == 4)
-    mine, kind, _ = _associate(acceptor.port, "127.0.0.1", "CT1")
+    # 127.0.0.1, .3 and .4 are one peer, the /29: three connections in all, the same title
+    # three times (its own count: the PACS's four elsewhere do not matter)
+    lan = [_associate(acceptor.port, f"127.0.0.{n}", "PACS") for n in (1, 3, 4)]
+    assert [kind for _, kind, _ in lan] == [2, 2, 2]
+    neighbour = _connect(acceptor.port, "127.0.0.5")  # the /29's fourth
+    assert _closed_unread(neighbour), "an address of a peer_limits network counted alone"
+    outside, kind, _ = _associate(acceptor.port, "127.0.0.9", "PACS")  # no entry: defaults
     assert kind == 2
-    second = _connect(acceptor.port, "127.0.0.1")  # the /8 entry allows one connection
-    assert _closed_unread(second)
-    for sock in (*(s for s, _, _ in pacs), fifth, mine, second):
+    for sock in (*(s for s, _, _ in (*pacs, *lan)), fifth, neighbour, outside):
         sock.close()
 
 
@@ -500,7 +612,7 @@ class Blocking(Recorder):
         return super().__call__(request)
 
 
-def test_a_newcomer_evicts_the_idlest_association_never_a_productive_one(server):
+def test_a_newcomer_evicts_the_idlest_association_never_a_productive_one(server, monkeypatch):
     """Finding 4: with every slot taken the newcomer was turned away, so peers that merely
     held their slots starved real modalities. Now it takes the slot of the association
     furthest behind its allowance (silent here), once that is ``EVICT_AFTER`` seconds
@@ -529,7 +641,9 @@ def test_a_newcomer_evicts_the_idlest_association_never_a_productive_one(server)
     assert kind == 4 and _status(body) == 0, "the productive association lost its image"
     kind, body = _read_pdu(newcomer)
     assert kind == 4 and _status(body) == 0
-    late, kind, body = _associate(acceptor.port, calling="LATE")  # both slots productive
+    # both slots productive (EVICT_AFTER lifted: a slow step must not make them idle)
+    monkeypatch.setattr(acceptor_module, "EVICT_AFTER", math.inf)
+    late, kind, body = _associate(acceptor.port, calling="LATE")
     assert kind == 3 and tuple(body[1:4]) == (0x02, 0x03, 0x02)
     assert sorted(r.calling_ae for r in keeper.requests) == ["BUSY", "NEW"]
     for sock in (busy, idle, newcomer, late):
@@ -553,6 +667,92 @@ def test_an_association_whose_handler_is_at_work_is_never_evicted(server):
     assert kind == 4 and _status(body) == 0
     for s in (sock, newcomer):
         s.close()
+
+
+def _ended(sock: socket.socket) -> bool:
+    """Without waiting: the gateway has ended this connection (end of stream, a reset, or
+    an A-ABORT waiting to be read)."""
+    if not select.select([sock], [], [], 0)[0]:
+        return False
+    try:
+        data = sock.recv(65536, socket.MSG_PEEK)
+    except OSError:
+        return True
+    return not data or data[0] == 7
+
+
+def test_a_peer_that_keeps_many_slots_busy_cannot_evict_a_lone_modality(server):
+    """Review 2, M6: with every other slot held by senders at ``min_rate``, their peer's
+    reconnecting newcomers (or another address's) evicted a real modality the moment it had
+    paused ``EVICT_AFTER`` seconds: it was the idlest association. Now only the peer holding
+    the most slots gives one up, and only an idle one: the modality keeps its slot while the
+    flood sends, and once the flood falls idle a newcomer takes one of the flood's slots -
+    never the modality's, though it has waited longer."""
+    acceptor = server(max_associations=4, min_rate=1024)
+    modality, kind, _ = _associate(acceptor.port, "127.0.0.1", "US01")
+    assert kind == 2
+    flood = [_associate(acceptor.port, OTHER_HOST, f"FLOOD{i}")[0] for i in range(3)]
+    stop = threading.Event()
+
+    def send() -> None:  # 1 KiB every 1/4 s on each: four times min_rate
+        try:
+            for sock in flood:
+                sock.sendall(STORE_COMMAND)
+            while not stop.wait(0.25):
+                for sock in flood:
+                    sock.sendall(_p_data_pdu(_pdv(1, 0x00, b"\x01" * 1024)))
+        except OSError:
+            pass  # one was evicted after all (a stalled sender): the modality still counts
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    newcomers = []
+    try:
+        time.sleep(EVICT_AFTER + 1)  # the modality is far enough behind to be evicted
+        for source in (OTHER_HOST, "127.0.0.3"):  # the flood's peer, and a third one
+            newcomers.append(_attempt_associate(acceptor.port, source, "FLOOD")[0])
+        modality.sendall(ECHO)
+        kind, body = _read_pdu(modality)
+        assert kind == 4 and _status(body) == 0, "the lone modality was evicted"
+    finally:
+        stop.set()
+        sender.join(30)
+    time.sleep(EVICT_AFTER + 1)  # now the flood is idle too
+    newcomer, kind, _ = _associate(acceptor.port, "127.0.0.3", "NEW")
+    assert kind == 2, "the idle flood kept every slot"
+    wait_until(lambda: any(_ended(sock) for sock in flood), timeout=30,
+               what="one of the flood's associations to be evicted")
+    assert not _ended(modality)
+    modality.sendall(ECHO)
+    kind, body = _read_pdu(modality)
+    assert kind == 4 and _status(body) == 0, "the modality was evicted, not the flood"
+    for sock in (modality, *flood, *(s for s in newcomers if s is not None), newcomer):
+        sock.close()
+
+
+def test_new_instances_keep_an_association_alive_but_not_its_slot(server):
+    """Review 2, M6: small instances sent sparsely on one association (a modality storing
+    each image as it is taken) earned only their bytes and were dropped after a few. Now
+    each new instance adds half the idle allowance: two associations storing a new 1 KiB
+    instance every second outlive ``idle_timeout`` three times over. Slot pressure is left
+    to eviction, which goes by the bytes alone: a newcomer from another peer still takes
+    one of their slots."""
+    idle = 4.0
+    acceptor = server(max_associations=2, idle_timeout=idle)  # min_rate 16 KiB/s
+    senders = [_associate(acceptor.port, OTHER_HOST, "US01")[0] for _ in range(2)]
+    start, n = time.monotonic(), 0
+    while time.monotonic() - start < 3 * idle:
+        for sock in senders:
+            n += 1
+            status = _answer(sock, b"\x21" * 1024, message_id=n, sop_instance=f"1.2.3.{n}")
+            assert status == 0, f"dropped after {time.monotonic() - start:.1f} s, {n} instances"
+        time.sleep(1.0)
+    newcomer, kind, _ = _associate(acceptor.port, "127.0.0.1", "NEW")
+    assert kind == 2, "new instances kept a slot from a newcomer"
+    wait_until(lambda: any(_ended(sock) for sock in senders), timeout=30,
+               what="one of the senders to be evicted")
+    for sock in (*senders, newcomer):
+        sock.close()
 
 
 # -- memory: the per-message size, the global budget, spool files ---------------------------------
@@ -843,10 +1043,53 @@ def test_a_flood_from_one_address_leaves_room_for_a_modality_with_default_limits
     assert 1 <= len(refusal_lines) <= 3, refusal_lines
 
 
+def test_store_as_you_go_keeps_its_association_while_resends_run_out(gateway_process,
+                                                                      tmp_path):
+    """Review 2, M6, through a real gateway: an ultrasound stores each image as it is taken,
+    300 KB every 30 s, with ``idle_timeout`` 60 and 16 KiB/s - scaled here to 30 KB every
+    3 s with ``idle_timeout`` 6 (the same ratios). Its bytes pay for about 60% of the time
+    between images, so it used to be dropped at the fifth; now every new instance adds half
+    the allowance and it keeps its association for all ten. The same cadence of resends
+    (one instance again and again: a cheap way to hold a slot) still runs out."""
+    from pydicom import dcmread
+
+    idle, every, count = 6.0, 3.0, 10
+    gw = gateway_process(f"[dicom]\nidle_timeout = {idle}\n")
+    images, uids = [], []
+    for i in range(count + 1):  # the last one is the resend
+        images.append(_large_image(tmp_path / f"us{i}.dcm", rows=120, columns=128))
+        uids.append(dcmread(tmp_path / f"us{i}.dcm", stop_before_pixels=True).SOPInstanceUID)
+    assert all(30_000 < len(data) < 32_000 for data in images)
+    modality, kind, _ = _associate(gw.dicom_port, "127.0.0.1", "US01")
+    assert kind == 2
+    replay, kind, _ = _associate(gw.dicom_port, OTHER_HOST, "REPLAY")
+    assert kind == 2
+    replayed, replay_alive = 0, True
+    for i in range(count):
+        tick = time.monotonic()
+        status = _answer(modality, images[i], message_id=i + 1, sop_instance=uids[i])
+        assert status == 0, f"store-as-you-go dropped at image {i + 1}"
+        if replay_alive:
+            replay_alive = _answer(replay, images[count], message_id=i + 1,
+                                   sop_instance=uids[count]) == 0
+            replayed += replay_alive
+        time.sleep(max(0.0, tick + every - time.monotonic()))
+    modality.sendall(ECHO)
+    kind, body = _read_pdu(modality)
+    assert kind == 4 and _status(body) == 0
+    assert not replay_alive and replayed < count, "resends held their association"
+    print(f"store-as-you-go: {count} images in {count * every:.0f} s kept; resends dropped "
+          f"after {replayed} answers")
+    assert all(_stored_sha256(gw, uid) for uid in uids)
+    for sock in (modality, replay):
+        sock.close()
+
+
 def test_a_gateway_short_of_space_refuses_at_the_door_and_says_so(small_disk):
     """Finding 6 through a whole gateway: below the free-space reserve a real storescu gets
     0xA700 and nothing is stored or spooled; the gateway's problem (the web UI's banner)
-    says the disk is full, and both recover by themselves once space returns."""
+    says intake is paused - not that the store is unwritable (review 2, H2) - and both
+    recover by themselves once space returns."""
     from pydicom import dcmread
 
     from radguard.gateway import Gateway, GatewayConfig
@@ -859,8 +1102,8 @@ def test_a_gateway_short_of_space_refuses_at_the_door_and_says_so(small_disk):
         filler = _leave_free(small_disk, 512 << 10)
         refused = _storescu(gateway.dicom.port, NIH_DX, "-v")
         assert "OutOfResources" in refused.stdout + refused.stderr, refused.stdout
-        wait_until(lambda: gateway.problem is not None, what="the store's health to hear")
-        assert gateway.problem.startswith("disk full since "), gateway.problem
+        wait_until(lambda: gateway.problem is not None, what="the store to hear")
+        assert gateway.problem.startswith("intake paused since "), gateway.problem
         assert "reserve" in gateway.problem
         assert not gateway.store.instances() and not _spool_files(data / "incoming")
         filler.unlink()
@@ -872,7 +1115,8 @@ def test_a_gateway_short_of_space_refuses_at_the_door_and_says_so(small_disk):
         gateway.stop()
     assert stored == [dcmread(NIH_DX).SOPInstanceUID]
     actions = [e.action for e in gateway.audit_log.entries()]
-    assert actions.count("store.unavailable") == 1 and actions.count("store.recovered") == 1
+    assert actions.count("store.intake_paused") == 1, actions
+    assert actions.count("store.intake_resumed") == 1 and "store.unavailable" not in actions
 
 
 def _large_image(path: Path, rows: int = 4000, columns: int = 5000) -> bytes:
@@ -989,6 +1233,7 @@ def test_the_dicom_table_configures_the_limits_and_rejects_impossible_ones(tmp_p
     assert (config.dicom_spool_budget_mb, config.dicom_min_free_mb) == (4096, 0)
     defaults = load_config()
     assert (defaults.dicom_spool_budget_mb, defaults.dicom_min_free_mb) == (8192, 1024)
+    assert defaults.ipv6_peer_prefix == 64
     for bad, message in [("max_per_ip = 40", "dicom.max_per_ip 40"),
                          ("idle_timeout = 0", "dicom.idle_timeout 0"),
                          ("min_rate_kib = true", "dicom.min_rate_kib True"),

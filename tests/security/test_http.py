@@ -737,7 +737,7 @@ def test_a_full_disk_shows_browsers_the_problem_on_a_503_page(small_disk, tmp_pa
                                   capture_output=True, text=True, timeout=120)
             assert sent.returncode != 0
             wait_until(lambda: gw.problem is not None, 60, "the store to report the problem")
-            assert gw.problem.startswith("disk full since ")
+            assert gw.problem.startswith(("disk full since ", "intake paused since "))
             status, page, headers = request(port, "GET", "/quarantine", headers=HTML,
                                             cookie=cookie)
             assert status == 503 and html.escape(gw.problem).encode() in page

@@ -10,7 +10,11 @@ its pixels only and then relabelled to another patient, study or side. (c) The a
 policy: dcmsign-made signatures with every MAC it offers, RSA-1024 and EC keys come out as
 the policy says, RIPEMD-160 (dcmtk's default) verifies, also without OpenSSL's RIPEMD-160.
 (d) The cost of verifying: signature items beyond the caps make a file invalid unhashed,
-cheap checks come before any hash, signatures over the same elements share one hash.
+cheap checks come before any hash, signatures over the same elements share one hash, and a
+file costs at most two different hashes (review 2 M8). (e) What routers add or leave empty
+does not stop a device signature vouching, and the coverage levels: a signature over the
+Creator RSA profile's minimum vouches for what the image shows, not whose it is (review 2
+M7).
 
 The gateway is a real ``radguard serve`` process fed by dcmtk's storescu.
 """
@@ -25,6 +29,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +41,9 @@ from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
 from radguard.cli import main
-from radguard.dicom.io import read_dataset, write_dataset
+from radguard.dicom.io import read_dataset, stored_element, write_dataset
 from radguard.dicom.pixels import pixel_array
+from radguard.dicom.splice import explicit_header, header_size
 from radguard.forensics.scan import scan_file
 from radguard.gateway.config import ConfigError, load_config
 from radguard.provenance import TrustStore, verify_file
@@ -234,11 +240,37 @@ def _set_laterality(ds: Dataset) -> None:
     ds.ImageLaterality = "L"
 
 
+def _calibrate(ds: Dataset) -> None:
+    """An ultrasound region calibration: every distance measured in it is now 5 cm/pixel."""
+    region = Dataset()
+    region.RegionSpatialFormat, region.RegionDataType, region.RegionFlags = 1, 1, 0
+    region.RegionLocationMinX0 = region.RegionLocationMinY0 = 0
+    region.RegionLocationMaxX1, region.RegionLocationMaxY1 = int(ds.Columns) - 1, int(ds.Rows) - 1
+    region.PhysicalUnitsXDirection = region.PhysicalUnitsYDirection = 3  # cm
+    region.PhysicalDeltaX = region.PhysicalDeltaY = 5.0
+    ds.SequenceOfUltrasoundRegions = Sequence([region])
+
+
+def _subtract(ds: Dataset) -> None:
+    """XA: show every frame minus a mask frame (digital subtraction)."""
+    mask = Dataset()
+    mask.MaskOperation, mask.ApplicableFrameRange, mask.MaskFrameNumbers = "AVG_SUB", [1, 1], 1
+    ds.MaskSubtractionSequence = Sequence([mask])
+    ds.RecommendedViewingMode = "SUB"
+
+
+def _time(ds: Dataset) -> None:
+    ds.FrameTime = "33.3"  # ms per frame: what every cine time measurement is scaled by
+
+
 #: name: (signed elements (None: all), change after signing, elements it leaves uncovered)
 CHANGED_AFTER_SIGNING = {
     "inverted": (None, _invert, {"PresentationLUTShape"}),
     "rescaled": (None, _rescale, {"RescaleSlope", "RescaleIntercept"}),
     "overlaid": (None, _overlay, {"OverlayData", "OverlayRows", "OverlayDescription"}),
+    "calibrated": (None, _calibrate, {"SequenceOfUltrasoundRegions"}),
+    "subtracted": (None, _subtract, {"MaskSubtractionSequence", "RecommendedViewingMode"}),
+    "timed": (None, _time, {"FrameTime"}),
     "relabelled": (PIXEL_ONLY, _relabel_patient, {"PatientName", "PatientID"}),
     "moved": (PIXEL_ONLY, _move_study, {"StudyInstanceUID", "SOPInstanceUID"}),
     "lateral": (PIXEL_ONLY, _set_laterality, {"ImageLaterality"}),
@@ -285,6 +317,158 @@ def test_scan_runs_the_detectors_on_an_image_changed_after_signing(pki, tmp_path
         assert result.synthetic is not None and result.tamper is not None, name
         assert not any("detectors skipped" in r for r in result.reasons), name
         assert any("does not vouch for the image" in r for r in result.reasons), name
+
+
+# -- (b) continued: what routers add, and how much a signature must cover (review 2 M7) ----
+
+def _edit(path: Path, *changes: Callable[[Dataset], None]) -> Path:
+    ds = read_dataset(path)
+    for change in changes:
+        change(ds)
+    write_dataset(ds, path)
+    return path
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.write_bytes(src.read_bytes())
+    return dst
+
+
+def _through_routers(ds: Dataset) -> None:
+    """What routers, PACSs and a RIS commonly add on the way without changing what the
+    image shows or whose it is: empty type-2 elements (some of them ones that would matter
+    if they held a value), the issuer and other IDs of the patient (a master patient index),
+    the institution, a character set for the ASCII name, an accession number, a weight and a
+    body part from the order, a private block."""
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.InstitutionName = "General Hospital"
+    ds.IssuerOfPatientID = "HOSP-A"
+    other = Dataset()
+    other.PatientID, other.IssuerOfPatientID, other.TypeOfPatientID = "77", "REGION", "TEXT"
+    ds.OtherPatientIDsSequence = Sequence([other])
+    ds.AccessionNumber = "A-2026-0001"
+    ds.StudyDate = ds.StudyTime = ds.StudyID = ds.ReferringPhysicianName = ""
+    ds.PatientBirthDate = ds.Laterality = ds.ViewPosition = ""  # empty: say nothing
+    ds.ViewCodeSequence = Sequence([])
+    ds.PatientWeight, ds.BodyPartExamined = "80", "CHEST"
+    ds.add_new(0x00110010, "LO", "ROUTER X")
+    ds.add_new(0x00111001, "LO", "routed")
+
+
+def _born(ds: Dataset) -> None:
+    ds.PatientBirthDate = "19700101"
+
+
+def _weigh(ds: Dataset) -> None:
+    ds.PatientWeight = "80"
+
+
+def _add_cyrillic(path: Path) -> Path:
+    """Add Specific Character Set = ISO_IR 144 (Cyrillic) as a router that copies every
+    other byte would (pydicom would re-encode the name in the new character set)."""
+    ds = read_dataset(path)
+    raw = stored_element(ds, min(int(t) for t in ds.keys() if int(t) > 0x00080005))
+    at = raw.value_tell - header_size(raw.VR)
+    data = path.read_bytes()
+    path.write_bytes(data[:at] + explicit_header(0x00080005, "CS", 10) + b"ISO_IR 144"
+                     + data[at:])
+    return path
+
+
+def _pet(ds: Dataset) -> None:
+    ds.Modality = "PT"
+
+
+def _latin1_name(ds: Dataset) -> None:
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.PatientName = "M\u00fcller^J\u00f6rg"
+
+
+def _no_character_set(ds: Dataset) -> None:
+    """The name's Latin-1 bytes stay, unlabelled (as some modalities write them)."""
+    del ds.SpecificCharacterSet
+
+
+def _signed_after(pki, tmp_path: Path, name: str, *changes: Callable[[Dataset], None]
+                  ) -> Path:
+    """NIH_DX as a new instance, changed (each change saved before the next), then signed
+    by radguard's default (every element)."""
+    raw = _new_instance(NIH_DX, tmp_path / f"{name}.raw.dcm")
+    for change in changes:
+        _edit(raw, change)
+    sign_file(raw, tmp_path / f"{name}.dcm", pki.signer)
+    return tmp_path / f"{name}.dcm"
+
+
+def test_what_routers_add_or_leave_empty_does_not_stop_a_signature_vouching(pki, tmp_path):
+    """Review 2 M7 (c), (d): a device signature (radguard's default, dcmsign's with and
+    without the Creator profile: every element) still vouches after routers added empty type-2
+    elements, patient ID issuers, an institution, a character set... Values that do change
+    whose image it is still count: a birth date, a weight in a PET (its SUVs), a character
+    set that reads a signed non-ASCII name differently."""
+    routed = [_edit(_signed(pki, tmp_path, "genuine"), _through_routers)] + [
+        _edit(_dcmsign(pki, _new_instance(NIH_DX, tmp_path / f"d{i}.raw.dcm"),
+                       tmp_path / f"dcmsigned{i}.dcm", *flags), _through_routers)
+        for i, flags in enumerate([(), ("+pc",)])]
+    born = _edit(_signed(pki, tmp_path, "born"), _through_routers, _born)
+    pet = _edit(_signed_after(pki, tmp_path, "pet", _pet), _weigh)
+    latin = _add_cyrillic(_signed_after(pki, tmp_path, "latin", _latin1_name,
+                                        _no_character_set))
+    code, reports = _verify_json(*routed, born, pet, latin, "--trust", pki.ca_cert_path)
+    assert code == 0, reports  # every signature holds
+    for path in routed:
+        report = reports[path.name]
+        assert report["pixels_covered"] is True, report["pixels_uncovered"]
+        assert {"InstitutionName", "IssuerOfPatientID", "PatientBirthDate"} <= set(
+            report["uncovered"])  # uncovered, and reported, but changing nothing shown
+    for path, gap in ((born, "PatientBirthDate"), (pet, "PatientWeight"),
+                      (latin, "SpecificCharacterSet")):
+        report = reports[path.name]
+        assert report["status"] == "valid", report
+        assert report["pixels_covered"] is False and report["pixels_uncovered"] == [gap]
+
+
+#: dcmsign's Creator RSA profile over the elements it requires (+pc adds the Image Pixel
+#: module): what a device signs when it signs as little as the profile allows.
+CREATOR_MINIMUM = ("+pc", "-t", "SOPClassUID", "-t", "SOPInstanceUID", "-t",
+                   "StudyInstanceUID", "-t", "SeriesInstanceUID", "-t", "PixelData")
+
+
+def test_a_creator_profile_signature_vouches_for_the_pixels_not_whose_they_are(pki, tmp_path):
+    """Review 2 M7 (b): the Creator RSA profile does not ask for the Patient module, so a
+    signature over its minimum vouches for what the image shows (coverage "pixels") but
+    not whose it is (coverage "image", the default); at both levels an inverting LUT
+    shape, a rescale or an overlay added after signing still breaks the vouching."""
+    creator = _dcmsign(pki, _new_instance(NIH_DX, tmp_path / "c.raw.dcm"),
+                       tmp_path / "creator.dcm", *CREATOR_MINIMUM)
+    routed = _edit(_copy(creator, tmp_path / "routed.dcm"), _through_routers)
+    changed = {name: _edit(_copy(creator, tmp_path / f"{name}.dcm"), change)
+               for name, change in (("inverted", _invert), ("rescaled", _rescale),
+                                    ("overlaid", _overlay))}
+    trust = ("--trust", pki.ca_cert_path)
+    code, image = _verify_json(creator, *trust)
+    assert code == 0 and image["creator.dcm"]["status"] == "valid"
+    assert image["creator.dcm"]["signatures"][0]["profiles"] == ["base", "creator"]
+    assert image["creator.dcm"]["pixels_covered"] is False
+    assert image["creator.dcm"]["pixels_uncovered"] == ["Modality", "PatientName", "PatientID",
+                                                        "PatientSex"]
+    code, pixels = _verify_json(creator, routed, *changed.values(), *trust,
+                                "--coverage", "pixels")
+    assert code == 0, pixels
+    for path in (creator, routed):
+        assert pixels[path.name]["pixels_covered"] is True, pixels[path.name]
+    for name, path in changed.items():
+        assert pixels[path.name]["pixels_covered"] is False, name
+        assert set(CHANGED_AFTER_SIGNING[name][2]) <= set(pixels[path.name]["pixels_uncovered"])
+    scan = CliRunner().invoke(main, ["scan", "--json", str(creator), *map(str, trust),
+                                     "--coverage", "pixels"])
+    assert not any("does not vouch" in r
+                   for r in json.loads(scan.output.splitlines()[-1])["reasons"])
+    scan = CliRunner().invoke(main, ["scan", "--json", str(creator), *map(str, trust)])
+    assert any("does not vouch for the image: not covered Modality, PatientName" in r
+               for r in json.loads(scan.output.splitlines()[-1])["reasons"])
+    refused = CliRunner().invoke(main, ["verify", str(creator), "--coverage", "everything"])
+    assert refused.exit_code == 2 and "everything" in refused.output
 
 
 # -- the gateway: real DIMSE in, routing read from its database ----------------------------
@@ -399,7 +583,9 @@ def test_gateway_does_not_vouch_for_images_changed_or_relabelled_after_signing(
     """Review findings 1 and 5 at the gateway: a real signed X-ray inverted, rescaled,
     overlaid, or signed over its pixels only and relabelled to another patient, study or
     side is not `signed`, gets the content detectors and does not satisfy must_sign; a file
-    with more signature items than are verified is invalid."""
+    with more signature items than are verified is invalid. Review 2 M7: device signatures
+    still vouch after routers added elements; one over the Creator profile's minimum does
+    not vouch for whose the image is (the default coverage "image")."""
     attacks = {name: _changed(pki, tmp_path, name) for name in CHANGED_AFTER_SIGNING}
     (tmp_path / "other").mkdir()
     other = _changed(pki, tmp_path / "other", "inverted")  # sent by an AE that need not sign
@@ -407,10 +593,14 @@ def test_gateway_does_not_vouch_for_images_changed_or_relabelled_after_signing(
     genuine = _signed(pki, tmp_path, "genuine")
     dcmsigned = _dcmsign(pki, _new_instance(NIH_DX, tmp_path / "d.raw.dcm"),
                          tmp_path / "dcmsigned.dcm")
+    routed = _edit(_signed(pki, tmp_path, "routed"), _through_routers)
+    creator = _dcmsign(pki, _new_instance(NIH_DX, tmp_path / "c.raw.dcm"),
+                       tmp_path / "creator.dcm", *CREATOR_MINIMUM)
     gw = gateway_process(f'trust = ["{pki.ca_cert_path}"]\nmust_sign = ["DX_ROOM3"]\n')
-    _storescu(gw.dicom_port, "DX_ROOM3", *attacks.values(), many, genuine, dcmsigned)
+    sent = [*attacks.values(), many, genuine, dcmsigned, routed, creator]
+    _storescu(gw.dicom_port, "DX_ROOM3", *sent)
     _storescu(gw.dicom_port, "CR_ROOM1", other)
-    rows = _routed(gw, [*attacks.values(), many, genuine, dcmsigned])
+    rows = _routed(gw, sent)
     for name in attacks:
         row = rows[name]
         assert (row["state"], row["trust"]) == ("quarantined", "pixels unsigned"), (name, row)
@@ -423,19 +613,47 @@ def test_gateway_does_not_vouch_for_images_changed_or_relabelled_after_signing(
     assert (row["state"], row["trust"]) == ("quarantined", "signature invalid"), row
     assert any(f"{MAX_SIGNATURES_PER_ITEM + 1} signatures in the top-level data set" in r
                for r in row["details"]["reasons"]), row
-    for control in ("genuine", "dcmsigned"):  # real device signatures still vouch
+    for control in ("genuine", "dcmsigned", "routed"):  # real device signatures vouch
         row = rows[control]
         assert (row["state"], row["trust"]) == ("done", "signed"), row
         assert not _detectors_ran(row), row
+    row = rows["creator"]
+    assert (row["state"], row["trust"]) == ("quarantined", "pixels unsigned"), row
+    assert any("not covered Modality, PatientName, PatientID, PatientSex" in r
+               for r in row["details"]["reasons"]), row
+
+
+def test_gateway_coverage_pixels_takes_creator_profile_signatures(pki, tmp_path,
+                                                                   gateway_process):
+    """Review 2 M7: with [signatures] coverage = "pixels", a device signature over the
+    Creator profile's minimum satisfies must_sign (badge signed, detectors skipped); an
+    inverting LUT shape added after signing still does not."""
+    creator = _dcmsign(pki, _new_instance(NIH_DX, tmp_path / "c.raw.dcm"),
+                       tmp_path / "creator.dcm", *CREATOR_MINIMUM)
+    inverted = _edit(_dcmsign(pki, _new_instance(NIH_DX, tmp_path / "i.raw.dcm"),
+                              tmp_path / "inverted.dcm", *CREATOR_MINIMUM), _invert)
+    gw = gateway_process(f'trust = ["{pki.ca_cert_path}"]\nmust_sign = ["DX_ROOM3"]\n'
+                         '[signatures]\ncoverage = "pixels"\n')
+    _storescu(gw.dicom_port, "DX_ROOM3", creator, inverted)
+    rows = _routed(gw, [creator, inverted])
+    row = rows["creator"]
+    assert (row["state"], row["trust"]) == ("done", "signed"), row
+    assert not _detectors_ran(row), row
+    row = rows["inverted"]
+    assert (row["state"], row["trust"]) == ("quarantined", "pixels unsigned"), row
+    assert any("not covered PresentationLUTShape" in r for r in row["details"]["reasons"])
+    assert _detectors_ran(row), row
 
 
 def test_signature_settings_are_validated(tmp_path):
     from radguard.provenance.policy import AlgorithmPolicy, AlgorithmPolicyError
+    from radguard.provenance.profiles import Coverage
 
     config = tmp_path / "gw.toml"
     for text, message in (("min_rsa_bits = 512", "signatures.min_rsa_bits 512"),
                           ("min_ec_bits = 1000", "signatures.min_ec_bits 1000"),
                           ('allow_weak = "yes"', "signatures.allow_weak"),
+                          ('coverage = "everything"', "signatures.coverage 'everything'"),
                           ("strength = 3", "unknown setting(s) signatures_strength")):
         config.write_text(f"[signatures]\n{text}\n")
         with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -444,6 +662,9 @@ def test_signature_settings_are_validated(tmp_path):
     assert load_config(config).signature_policy() == AlgorithmPolicy(
         min_rsa_bits=3072, min_ec_bits=384)
     assert load_config(None).signature_policy() == AlgorithmPolicy()  # safe default
+    assert load_config(None).signature_coverage() is Coverage.IMAGE
+    config.write_text('[signatures]\ncoverage = "pixels"\n')
+    assert load_config(config).signature_coverage() is Coverage.PIXELS
     with pytest.raises(AlgorithmPolicyError):
         AlgorithmPolicy(min_rsa_bits=True)
 
@@ -666,6 +887,39 @@ def test_signatures_over_the_same_elements_share_one_hash(pki, tmp_path, hashed)
     assert at_cap.status == "valid" and at_cap.pixels_covered
     assert [s.status for s in at_cap.signatures] == ["valid"] * MAX_SIGNATURES_PER_ITEM
     assert len(hashed) == 1  # the pixel data was hashed once for all eight
+
+
+def test_a_file_costs_at_most_a_few_different_hashes(pki, tmp_path, hashed):
+    """Review 2 M8: eight signatures from a self-signed certificate over eight different
+    element lists were eight passes over the pixel data (an untrusted signer is hashed to
+    tell invalid from untrusted). Now MAX_HASH_PASSES_PER_FILE are hashed; the others are
+    invalid unhashed."""
+    from radguard.provenance.keys import Identity, Signer, create_signer
+    from radguard.provenance.verify import MAX_HASH_PASSES_PER_FILE as cap
+
+    key, cert = create_signer(Identity("Anyone"))  # self-signed: costs nothing to make
+    path = _new_instance(NIH_DX, tmp_path / "eight.dcm")
+    header = [int(t) for t in read_dataset(path).keys() if int(t) != 0x7FE00010]
+    for left_out in header[:8]:  # every list holds the pixel data
+        sign_file(path, path, Signer(key, cert),
+                  tags=[t for t in header if t != left_out] + [0x7FE00010])
+    trust = TrustStore.from_paths([pki.ca_cert_path])
+    hashed.clear()
+    report = verify_file(path, trust)
+    assert 2 <= cap < 8 and len(hashed) == cap
+    assert report.status == "invalid" and not report.pixels_covered
+    assert [s.status for s in report.signatures] == ["untrusted"] * cap + ["invalid"] * (8 - cap)
+    assert all(s.reason.startswith("not checked: a hash over other elements")
+               for s in report.signatures[cap:])
+    assert report.error == (f"{8 - cap} signature(s) not checked: they need more than the "
+                            f"{cap} different hashes made per file")
+    code, reports = _verify_json(path, "--trust", pki.ca_cert_path)
+    assert code == 1 and reports["eight.dcm"]["error"].startswith(
+        f"{8 - cap} signature(s) not checked")
+    two = _signed(pki, tmp_path, "two")  # a device's signature and a gateway's: both checked
+    sign_file(two, two, pki.signer, mac="sha512")
+    hashed.clear()
+    assert verify_file(two, trust).status == "valid" and len(hashed) == 2
 
 
 def _ed25519_certificate() -> bytes:
