@@ -31,6 +31,8 @@ from radguard.cli_common import (
     _read_passphrase,
     _workers_option,
 )
+from radguard.cli_forensics import calibration_options
+from radguard.cli_forensics import register as _register_forensics
 from radguard.errors import KeyMaterialError, RadguardError
 from radguard.provenance.keys import describe_name
 from radguard.provenance.policy import (
@@ -952,13 +954,19 @@ _VERDICT_COLOUR = {"authentic": "green", "suspicious": "yellow", "unverifiable":
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image.")
 @click.option("--heatmap-dir", type=click.Path(file_okay=False),
               help="Write <name>.heatmap.png per image: detector evidence and tamper regions.")
+@click.option("--source",
+              help="Judge the content detectors' scores against this source's calibration "
+                   "(radguard forensics calibrate) instead of the shipped thresholds.")
+@calibration_options
 @_policy_options
 def scan(paths: tuple[str, ...], trust_paths: tuple[str, ...], key_path: str | None,
-         as_json: bool, heatmap_dir: str | None, allow_weak: bool, min_rsa_bits: int,
+         as_json: bool, heatmap_dir: str | None, source: str | None, store: str | None,
+         target_rate: float, provisional_rate: float, allow_weak: bool, min_rsa_bits: int,
          min_ec_bits: int, coverage: str) -> None:
     """One forensic verdict per image (DICOM, PNG, JPEG; folders recursively): authentic,
     suspicious, synthetic, tampered or unverifiable, with reasons. Exit 0 if every image is
-    authentic, 1 otherwise."""
+    authentic, 1 otherwise. With --source, unsigned images of a source without enough
+    known-real images are unverifiable (not judged)."""
     from radguard.dicom.io import iter_dicom_paths
     from radguard.forensics.scan import ScanResult, scan_file, write_heatmap
     from radguard.forensics.synthetic import load_detector
@@ -972,6 +980,15 @@ def scan(paths: tuple[str, ...], trust_paths: tuple[str, ...], key_path: str | N
 
         key = load_key(key_path)
     detector = load_detector()
+    point = None
+    if source is None and store is not None:
+        raise click.BadParameter("--store is read only with --source", param_hint="--store")
+    if source is not None:
+        from radguard.cli_forensics import note_unknown_source, open_scores
+
+        scores = open_scores(store, target_rate, provisional_rate, create=False)
+        note_unknown_source(scores, source)
+        point = scores.point(source)
     files = list(iter_dicom_paths([p for p in paths if Path(p).exists()]))
     missing = [p for p in paths if not Path(p).exists()]
     if not files and not missing:
@@ -987,7 +1004,7 @@ def scan(paths: tuple[str, ...], trust_paths: tuple[str, ...], key_path: str | N
         for i, f in enumerate(files):
             result = scan_file(f, trust=trust, watermark_key=key, detector=detector,
                                keep_pixels=out_dir is not None, policy=policy,
-                               coverage=Coverage(coverage))
+                               coverage=Coverage(coverage), point=point)
             if out_dir and result.synthetic is not None:
                 target = out_dir / f"{i:05d}-{f.stem}.heatmap.png"
                 write_heatmap(result, target)
@@ -1246,6 +1263,7 @@ def demo(workdir: str, walkthrough: bool, input_path: str | None, wait: bool | N
 from radguard.cli_governance import register as _register_governance  # noqa: E402
 
 _register_governance(main)
+_register_forensics(main)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

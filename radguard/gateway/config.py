@@ -93,6 +93,29 @@ Example ``radguard.toml``::
                                       # what it shows only (devices that leave the patient's
                                       # identity unsigned; it can then be relabelled)
 
+    [forensics]                       # per-source calibration of the content detectors
+                                      # (forensics/calibration.py): images a signature or
+                                      # the watermark vouches for are known-real evidence
+                                      # about their source
+    source = "calling_ae+modality"    # what a source is: "calling_ae", optionally with
+                                      # "+station" (StationName) and/or "+modality" (a
+                                      # router that mixes rooms and modalities under one AE
+                                      # title pools unlike images: add +station)
+    false_alarm_rate = 0.001          # per source: share of its real images the content
+                                      # detectors may flag once it is calibrated (needs
+                                      # 2/rate - 1 known-real images: 1,999)
+    provisional_rate = 0.01           # with fewer, a source is judged at the best rate its
+                                      # images allow down to this (199 images), alarms
+                                      # 'suspicious' only; below, not judged at all
+    uncalibrated = "worklist"         # unsigned images from a source not calibrated yet are
+                                      # 'unverifiable': "worklist" (forwarded with the badge),
+                                      # "quarantine", or "global" (judged at the detectors'
+                                      # shipped thresholds instead)
+    sample_vouched = 20               # once calibrated, the detectors still run on 1 in N
+                                      # vouched images to keep it fresh (1: every one)
+    window = 10000                    # the most recent known-real scores that count, per
+                                      # source and detector
+
     [dicom]                           # what one DICOM peer may cost (gateway/acceptor.py)
     max_associations = 32             # associations at once; more get A-ASSOCIATE-RJ
                                       # (transient, local limit exceeded)
@@ -231,6 +254,13 @@ class GatewayConfig:
     signatures_min_rsa_bits: int = 2048  # shorter RSA signer keys are weak
     signatures_min_ec_bits: int = 256  # smaller elliptic-curve signer keys are weak
     signatures_coverage: str = "image"  # what signatures must cover to vouch for an image
+    # -- forensics: per-source calibration ([forensics]; forensics/calibration.py) --
+    forensics_source: str = "calling_ae+modality"  # calling_ae, optionally +station, +modality
+    forensics_false_alarm_rate: float = 0.001  # per source, once calibrated
+    forensics_provisional_rate: float = 0.01  # the loosest rate a source is judged at
+    forensics_uncalibrated: str = "worklist"  # worklist / quarantine / global
+    forensics_sample_vouched: int = 20  # 1 in N vouched images feeds a calibrated source
+    forensics_window: int = 10_000  # known-real scores that count per source and detector
     # -- DICOM door: connections, time, memory per peer ([dicom]; gateway/acceptor.py) --
     dicom_max_associations: int = 32  # associations at once
     dicom_max_per_ip: int = 16  # open connections from one peer, negotiating ones included
@@ -341,6 +371,7 @@ class GatewayConfig:
         self._validate_http()
         self.signature_policy()
         self.signature_coverage()
+        self.calibration_policy()
         self._validate_dicom()
         self._validate_ingest()
         return self
@@ -399,6 +430,39 @@ class GatewayConfig:
             raise ConfigError(f"signatures.coverage {self.signatures_coverage!r}: one of "
                               + ", ".join(f'"{c.value}"' for c in Coverage)) from exc
 
+    #: what a [forensics] source key may be made of
+    SOURCE_PARTS = ("calling_ae", "station", "modality")
+    UNCALIBRATED = ("worklist", "quarantine", "global")
+
+    def source_parts(self) -> tuple[str, ...]:
+        """[forensics] source as its parts, calling_ae first (ConfigError if malformed)."""
+        parts = tuple(p.strip() for p in str(self.forensics_source).split("+"))
+        if not parts or parts[0] != "calling_ae" or len(set(parts)) != len(parts) or \
+                not set(parts) <= set(self.SOURCE_PARTS):
+            raise ConfigError(f"forensics.source {self.forensics_source!r}: \"calling_ae\", "
+                              "optionally with +station and/or +modality")
+        return parts
+
+    def calibration_policy(self) -> Any:  # noqa: ANN401 (forensics.calibration, lazily)
+        """The [forensics] block as a CalibrationPolicy (ConfigError on a bad value)."""
+        from radguard.forensics.calibration import CalibrationError, CalibrationPolicy
+
+        number = functools.partial(self._number, table="forensics")
+        number("false_alarm_rate", 1e-6, 0.5, whole=False)
+        number("provisional_rate", 1e-6, 0.5, whole=False)
+        number("sample_vouched", 1, 1_000_000)
+        number("window", 1, 100_000)
+        self.source_parts()
+        if self.forensics_uncalibrated not in self.UNCALIBRATED:
+            raise ConfigError(f"forensics.uncalibrated {self.forensics_uncalibrated!r}: one of "
+                              + ", ".join(f'"{v}"' for v in self.UNCALIBRATED))
+        try:
+            return CalibrationPolicy(float(self.forensics_false_alarm_rate),
+                                     float(self.forensics_provisional_rate),
+                                     int(self.forensics_window))
+        except CalibrationError as exc:
+            raise ConfigError(f"forensics: {exc}") from exc
+
     def _validate_http(self) -> None:
         """The HTTP block: body and login limits, trusted proxies."""
         import ipaddress
@@ -438,7 +502,7 @@ def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) ->
             raise ConfigError(f"{p}: configuration file not found") from exc
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"{p}: not a valid TOML configuration ({exc})") from exc
-        for table in ("forward", "oidc", "signatures", "dicom"):
+        for table in ("forward", "oidc", "signatures", "dicom", "forensics"):
             section = raw.pop(table, {}) or {}
             if not isinstance(section, dict):
                 raise ConfigError(f"{p}: [{table}] must be a table")

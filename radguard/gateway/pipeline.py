@@ -14,16 +14,29 @@ The policy, in order (the first rule that applies decides):
    only, or changed by elements added after signing).
 4. A watermark that no longer matches the pixels: **quarantined**.
 5. Forensics verdict ``tampered`` or ``synthetic``: **quarantined**.
-6. Pixel data that cannot be decoded (verdict ``unverifiable``): **quarantined**.
-7. Otherwise **done**: forwarded to the PACS when one is configured; ``suspicious`` images
-   go through with their badge and reasons.
+6. Pixel data that cannot be decoded (verdict ``unverifiable``, not readable): **quarantined**.
+7. Otherwise **done**: forwarded to the PACS when one is configured; ``suspicious`` and
+   ``unverifiable`` images go through with their badge and reasons - a readable image
+   nothing could judge (a modality the content detectors do not cover, a source not
+   calibrated yet) is not quarantined for that; ``[forensics] uncalibrated = "quarantine"``
+   holds the unsigned images of sources not calibrated yet instead.
+
+The content detectors' scores are judged per source (``[forensics] source``: the calling AE
+title, optionally with station and modality), against thresholds set conformally on the
+source's known-real images (:mod:`radguard.forensics.calibration`): every instance a trusted
+signature or radguard's intact watermark vouches for feeds its source's calibration with its
+detector scores (of the restored original, for a watermarked one). A source without enough
+known-real images is not accused: its unsigned images are ``unverifiable``, "no provenance
+and no calibration for this source", with their scores in the details.
 
 Only when valid top-level signatures that chain to the trust store vouch for the image
-(``pixels_covered``) is the badge ``signed``, and then the content detectors (synthetic
-image, copy-move, fill / splice) are skipped (``trust_signed_pixels``, on by default): the
-image is provably the device's, and a statistical detector could only add false alarms.
-Header checks, the watermark check (a forgery signed with a stolen device key still lacks
-the watermark), triage and monitoring still run.
+(``pixels_covered``) is the badge ``signed``. The verdict of a vouched image never depends
+on the content detectors (synthetic image, copy-move, fill / splice): it is provably the
+device's, and a statistical detector could only add false alarms. With
+``trust_signed_pixels`` (on by default) they run on a signed image only while its source is
+not calibrated to the target, then on 1 in ``[forensics] sample_vouched`` to keep the
+calibration fresh. Header checks, the watermark check (a forgery signed with a stolen device
+key still lacks the watermark), triage and monitoring always run.
 
 Every layer that is not configured says so in the instance's details ("not configured")
 instead of being silently skipped. Delivery to the PACS is at least once: a crash between
@@ -34,6 +47,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +59,22 @@ from radguard.gateway.store import Instance, Store
 __all__ = ["CheckPool", "ForwardError", "Observation", "Pipeline", "Routing"]
 
 log = logging.getLogger("radguard.gateway")
+
+#: the gateway process's per-source calibration, by the database it lives in: the
+#: CheckPool of that gateway reads from it which sources are calibrated and sends that with
+#: each request, since a check process has no database
+_BOOKS: weakref.WeakValueDictionary[tuple[str, str], Any] = weakref.WeakValueDictionary()
+
+
+def _book_key(config: GatewayConfig) -> tuple[str, str]:
+    return (str(Path(config.data_dir).resolve()), config.db_url)
+
+
+def _key_part(value: str) -> str:
+    """One part of a source key: printable, at most 64 characters, ``/`` and ``%``
+    escaped (so "A/B" + "C" and "A" + "B/C" stay two sources)."""
+    text = "".join(c for c in str(value) if c.isprintable()).strip()[:64]
+    return text.replace("%", "%25").replace("/", "%2F") or "-"
 
 
 class ForwardError(RadguardError):
@@ -62,6 +92,9 @@ class Routing:
     details: dict[str, Any] = field(default_factory=dict)
     ai_probability: float | None = None
     ai_suspicion: int | None = None
+    source: str = ""  # the calibration source key ([forensics] source)
+    scan: Any = None  # the scan without its pixels (forensics.scan.ScanResult.portable), so
+    # the gateway process can judge it against its source's calibration; not stored
 
 
 @dataclass
@@ -213,13 +246,24 @@ class Pipeline:
         if config.forward_stow and not checks_only:
             self.forwarders.append(StowForwarder(config.forward_stow))
         self.must_sign = {v.upper() for v in config.must_sign}
+        # per-source calibration: the scores live in the store, so only the gateway process
+        # keeps them (and tells its check processes which sources are calibrated: CheckPool)
+        self.calibration_policy = config.calibration_policy()
+        self.source_parts = config.source_parts()
+        self.calibration: Any = None
+        if store is not None and not checks_only:
+            from radguard.forensics.calibration import SourceScores
+
+            self.calibration = SourceScores(store, self.calibration_policy)
+            _BOOKS[_book_key(config)] = self.calibration
 
     def layers(self) -> dict[str, str]:
         """Which layers are on, for the UI and the logs."""
         return {
             "signature": "trust store" if self.trust else "checked, no trust store configured",
             "watermark": "key configured" if self.key else "not configured",
-            "forensics": "on",
+            "forensics": (f"on, calibrated per source ({self.config.forensics_source}, 1 in "
+                          f"{1 / self.calibration_policy.target:,.0f} false alarms)"),
             "triage": ", ".join(f"{m}: {model.card.name}" for m, model in self.models.items())
                       or "not configured",
             "monitoring": "on" if self.monitor else "not configured",
@@ -235,21 +279,79 @@ class Pipeline:
         self.observe(instance, observation, routing)
         return routing
 
-    def check(self, path: Path, instance: Instance) -> tuple[Routing, Observation | None]:
+    def check(self, path: Path, instance: Instance, calibrated: frozenset[str] | None = None,
+              ) -> tuple[Routing, Observation | None]:
         """Every stateless layer (signature, watermark, forensics, triage) on the file at
         ``path``, and what the drift monitor should observe (None if it wants nothing).
-        Safe to run in another process: it touches no database."""
-        from radguard.forensics.scan import scan_file
+        Safe to run in another process: it touches no database. ``calibrated``: the sources
+        calibrated to the target (None: unknown, so the detectors run on every vouched image
+        of every source); in the gateway process it is read from the calibration itself."""
+        from radguard.forensics.scan import judge, scan_file
+
+        if calibrated is None and self.calibration is not None:
+            calibrated = self.calibration.calibrated_sources()
+        sample = self.config.forensics_sample_vouched
+
+        def run_on_vouched(result: Any) -> bool:  # noqa: ANN401
+            """A vouched image feeds its source's calibration: every one until the source
+            is calibrated, then 1 in ``sample_vouched``."""
+            return (calibrated is None or self.source_of(instance, result) not in calibrated
+                    or int(instance.sha256[:8] or "0", 16) % sample == 0)
 
         scan = scan_file(path, trust=self.trust, watermark_key=self.key, detector=self.detector,
                          keep_pixels=bool(self.models or self.wants_features),
                          trust_signed_pixels=self.config.trust_signed_pixels,
-                         policy=self.policy, coverage=self.coverage)
-        codes = {f.code for f in scan.findings}
+                         policy=self.policy, coverage=self.coverage,
+                         run_on_vouched=run_on_vouched)
+        source = self.source_of(instance, scan)
+        judge(scan, self.point(source))
         trust = _badge(scan.signature, scan.watermark, scan.pixels_vouched)
-        details: dict[str, Any] = {"scan": {k: v for k, v in scan.to_dict().items()
-                                            if k != "path"}, "layers": self.layers()}
-        r = Routing("done", scan.verdict, trust, list(scan.reasons), details)
+        r = Routing("done", scan.verdict, trust, source=source)
+        r.details["layers"] = self.layers()
+        self._route(instance, scan, r)
+        observation = None
+        if r.state != "rejected" and scan.pixels is not None:
+            self._triage(instance, scan.pixels, r)
+            if self.wants_features:
+                observation = _observation(scan, r)
+        r.scan = scan.portable()
+        return r, observation
+
+    def source_of(self, instance: Instance, scan: Any) -> str:  # noqa: ANN401
+        """The instance's calibration source key ([forensics] source): its calling AE title
+        (``stow:<user>`` for STOW-RS), then station and modality when configured."""
+        values = {"calling_ae": instance.calling_ae or instance.source or "unknown",
+                  "station": getattr(scan, "station", "") or "-",
+                  "modality": (getattr(scan, "modality", "") or instance.modality or "-")}
+        return "/".join(_key_part(values[p]) for p in self.source_parts)
+
+    def point(self, source: str) -> Any:  # noqa: ANN401 (forensics.calibration.OperatingPoint)
+        """The thresholds ``source``'s images are judged by: its calibration, or (where the
+        gateway process has not judged yet: a check process) none; ``[forensics]
+        uncalibrated = "global"``: the shipped thresholds for a source not calibrated."""
+        from radguard.forensics.calibration import OperatingPoint
+
+        if self.calibration is None:
+            point = OperatingPoint(None, source=source, status="not calibrated",
+                                   note="calibration pending")
+        else:
+            point = self.calibration.point(source)
+        if point.status == "not calibrated" and self.config.forensics_uncalibrated == "global":
+            return OperatingPoint.shipped(self.detector, source=source)
+        return point
+
+    def _route(self, instance: Instance, scan: Any, r: Routing) -> None:  # noqa: ANN401
+        """The routing policy (module docstring) for a judged scan; sets ``r``'s verdict,
+        reasons, state and scan details afresh."""
+        from radguard.forensics.scan import NO_CALIBRATION
+
+        codes = {f.code for f in scan.findings}
+        r.verdict, r.reasons, r.state = scan.verdict, list(scan.reasons), "done"
+        r.details["scan"] = {k: v for k, v in scan.to_dict().items()
+                             if k not in ("path", "operating_point")}
+        if scan.point is not None and scan.point.source is not None:
+            r.details["calibration"] = {**r.details.get("calibration", {}),
+                                        **scan.point.to_dict()}
         if "synthetic-data" in codes:
             r.state = "rejected"
             r.reasons.insert(0, "Synthetic Data = YES: synthetic images are refused into the "
@@ -273,15 +375,58 @@ class Pipeline:
         elif scan.verdict in ("tampered", "synthetic"):
             r.state = "quarantined"
             r.reasons.insert(0, f"forensics: {scan.verdict}")
-        elif scan.verdict == "unverifiable":
+        elif scan.verdict == "unverifiable" and not scan.readable:
             r.state = "quarantined"
             r.reasons.insert(0, "the image cannot be checked (unreadable pixel data)")
-        observation = None
-        if r.state != "rejected" and scan.pixels is not None:
-            self._triage(instance, scan.pixels, r)
-            if self.wants_features:
-                observation = _observation(scan, r)
-        return r, observation
+        elif scan.verdict == "unverifiable" and self.config.forensics_uncalibrated == \
+                "quarantine" and any(x.startswith(NO_CALIBRATION) for x in scan.reasons):
+            r.state = "quarantined"
+            r.reasons.insert(0, f"{NO_CALIBRATION} (forensics.uncalibrated = quarantine)")
+
+    def rejudge(self, instance: Instance, r: Routing) -> None:
+        """In the gateway process: judge a checked instance against its source's
+        calibration as it is now (a check process could not read it) and route it again."""
+        from radguard.forensics.scan import judge
+
+        scan = r.scan
+        if scan is None or self.calibration is None or r.state == "rejected":
+            return
+        judge(scan, self.point(r.source))
+        self._route(instance, scan, r)
+
+    def _calibrate(self, instance: Instance, r: Routing) -> None:
+        """In the gateway process: judge the instance (:meth:`rejudge`), then, if it is a
+        vouched, authentic instance that goes through, its scores join its source's
+        calibration - held for review instead when they raise an alarm at the thresholds of
+        a source calibrated to the target (one odd image must not blind a detector:
+        :mod:`radguard.forensics.calibration`)."""
+        from radguard.forensics.calibration import known_real_scores
+
+        self.rejudge(instance, r)
+        scan = r.scan
+        if scan is None or self.calibration is None or r.state != "done" or \
+                r.verdict != "authentic":
+            return
+        scores, origin = known_real_scores(scan)
+        if not scores:
+            return
+        point = self.point(r.source)
+        # only at a source calibrated to the target: there 1 in 1 / rate real images is held
+        # (a person's review restores the tail); before, the threshold is the highest score
+        # so far and holding would hold every new maximum
+        alarms = point.alarms(scores) if point.status == "calibrated" else []
+        added = self.calibration.record(r.source, scores, item=instance.sha256,
+                                        origin=str(origin), held=bool(alarms))
+        r.details["calibration"] = {**r.details.get("calibration", {}),
+                                    "recorded": bool(added), "as": origin,
+                                    "scores": {k: round(v, 4) for k, v in scores.items()}}
+        if alarms:
+            r.details["calibration"]["held"] = (
+                f"held for review, not counted: the {' and '.join(alarms)} score of this "
+                f"vouched image raises an alarm at its source's thresholds (radguard "
+                f"forensics held)")
+            log.warning("calibration: %s from source %r held for review (%s alarm on a "
+                        "vouched image)", instance.sop_uid, r.source, ", ".join(alarms))
 
     def _triage(self, instance: Instance, pixels: Any, r: Routing) -> None:  # noqa: ANN401
         model = self.models.get(instance.modality.upper())
@@ -297,7 +442,10 @@ class Pipeline:
         r.details["triage"] = prediction.to_dict()
 
     def observe(self, instance: Instance, observation: Observation | None, r: Routing) -> None:
-        """Feed the drift monitor (in the gateway process: it owns the monitor database)."""
+        """What the gateway process learns of a checked instance (it owns the databases):
+        per-source calibration (which may change the verdict and the routing, see
+        :meth:`_calibrate`), then the drift monitor."""
+        self._calibrate(instance, r)
         if self.monitor is None or observation is None:
             return
         try:
@@ -381,7 +529,8 @@ def _serve_checks(conn: Any, config: GatewayConfig, parent: int) -> None:  # noq
         if request is None:
             return
         try:
-            reply: tuple[str, Any] = ("ok", checker.check(Path(request[0]), request[1]))
+            reply: tuple[str, Any] = ("ok", checker.check(Path(request[0]), request[1],
+                                                          request[2]))
         except Exception as exc:  # noqa: BLE001 - the gateway decides what a failure means
             reply = ("error", exc)
         try:
@@ -473,9 +622,14 @@ class CheckPool:
             return [p.process.pid for p in self._all if p.process.pid is not None]
 
     def check(self, path: Path, instance: Instance) -> tuple[Routing, Observation | None]:
+        """Check one instance in an idle process, with the sources the gateway knows to be
+        calibrated (the gateway process judges against them afterwards:
+        :meth:`Pipeline.observe`)."""
+        book = _BOOKS.get(_book_key(self.config))
+        calibrated = book.calibrated_sources() if book is not None else None
         proc = self._idle.get()
         try:
-            proc.conn.send((str(path), instance))
+            proc.conn.send((str(path), instance, calibrated))
             kind, value = proc.conn.recv()
         except (EOFError, OSError) as exc:
             proc = self._replace(proc)

@@ -354,6 +354,8 @@ class Gateway:
                                                              instance)
                     if first is None:
                         self.pipeline.observe(instance, observation, routing)
+                    else:  # judged against its source, as in-process, but not recorded
+                        self.pipeline.rejudge(instance, routing)
                 elif first is None:
                     routing = self.pipeline.route(instance)
                 else:  # a conflicting copy does not feed the drift monitor

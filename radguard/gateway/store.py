@@ -29,7 +29,9 @@ claimed ones go back to the queue). A filesystem below the free-space reserve
 (``min_free``) is not a failure: :attr:`Store.intake` pauses new objects only, and the
 workers use the reserve to go on.
 
-Schema changes are numbered migrations applied in order at open (``schema_version``).
+Schema changes are numbered migrations applied in order at open (``schema_version``); the
+fourth holds the known-real detector scores of per-source calibration
+(:mod:`radguard.forensics.calibration`: the store is a ``ScoreStore``).
 The embedded default is SQLite in the data folder; a larger site gives a PostgreSQL URL
 (``db_url = "postgresql://user:pw@host/radguard"``) and several gateways can then share one
 queue (claims use ``FOR UPDATE SKIP LOCKED``). Files stay in the data folder either way.
@@ -55,6 +57,7 @@ from typing import Any
 
 from radguard.errors import RadguardError
 from radguard.fileio import atomic_write_bytes, atomic_writer, room_above_reserve
+from radguard.forensics.calibration import SCHEMA as CALIBRATION_SCHEMA
 
 __all__ = ["IN_PROGRESS", "Instance", "ReserveError", "State", "Store", "StoreError",
            "WriteHealth", "storage_failure"]
@@ -88,6 +91,9 @@ MIGRATIONS = [
     """
     ALTER TABLE instances ADD COLUMN duplicate_of {int}
     """,
+    # 4: known-real detector scores per source, for per-source calibration of the content
+    # detectors (radguard.forensics.calibration.SCHEMA, read and written by SourceScores)
+    CALIBRATION_SCHEMA,
 ]
 
 
@@ -233,7 +239,8 @@ class _Backend:
     """The few things that differ between SQLite and PostgreSQL."""
 
     name = "sqlite"
-    ddl = {"id": "INTEGER PRIMARY KEY AUTOINCREMENT", "blob": "BLOB", "int": "INTEGER"}
+    ddl = {"id": "INTEGER PRIMARY KEY AUTOINCREMENT", "blob": "BLOB", "int": "INTEGER",
+           "float": "REAL"}
     begin = "BEGIN IMMEDIATE"  # take the write lock now: no upgrade deadlocks
     skip_locked = ""
     errors: tuple[type[BaseException], ...] = (sqlite3.DatabaseError,)
@@ -267,7 +274,7 @@ class _Backend:
 class _Postgres(_Backend):
     name = "postgresql"
     ddl = {"id": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY", "blob": "BYTEA",
-           "int": "BIGINT"}
+           "int": "BIGINT", "float": "DOUBLE PRECISION"}
     begin = "BEGIN"
     skip_locked = " FOR UPDATE SKIP LOCKED"
 

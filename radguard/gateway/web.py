@@ -715,6 +715,17 @@ def _add_ui_routes(app: FastAPI, web: _Web) -> None:
         await run_in_threadpool(_decide, web, _row_id(instance_id), action, note, user)
         return RedirectResponse("/quarantine", status_code=303)
 
+    @app.get("/calibration", response_class=HTMLResponse)
+    def calibration_view(request: Request,
+                         user: User = Depends(web.role("radiologist"))) -> Response:
+        """Per-source calibration of the content detectors: which sources can be judged,
+        on how many known-real images, at what thresholds."""
+        book = web.gateway.pipeline.calibration
+        points = [book.point(s) for s in sorted(book.counts())] if book is not None else []
+        policy = web.gateway.pipeline.calibration_policy
+        return web.page("calibration.html", request, user, "Calibration", points=points,
+                        target=policy.target, full=policy.full, first=policy.first)
+
     @app.get("/audit", response_class=HTMLResponse)
     def audit_view(request: Request, user: User = Depends(web.role("auditor"))) -> Response:
         report = web.gateway.audit_log.verify()

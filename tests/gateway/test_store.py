@@ -21,6 +21,7 @@ def store(request, tmp_path):
     s.execute("DELETE FROM instances")
     s.execute("DELETE FROM tokens")
     s.execute("DELETE FROM users")
+    s.execute("DELETE FROM calibration_scores")
     yield s
 
 
@@ -48,7 +49,7 @@ def test_ingest_claim_finish_recover(store):
     with pytest.raises(StoreError):
         store.decide(first.id, "done", "boss", "again")
     assert store.file(first).read_bytes() == data + b"\x00"
-    assert store.schema_version == 3
+    assert store.schema_version == 4
 
 
 class _ReadsFail(Store):
@@ -204,3 +205,31 @@ def test_a_superseded_copy_is_never_forwarded(store):
     assert store.finish(third, state="done", verdict="clean", trust="unsigned", details={})
     released = store.decide(fourth, "done", "boss", "after it was sent")
     assert released.state == "done" and store.get(third).state == "rejected"
+
+
+def test_calibration_scores_on_both_backends(store):
+    """Migration 4: per-source known-real scores, each image once, read back exactly (double
+    precision on PostgreSQL too), the oldest beyond the window pruned."""
+    from radguard.forensics.calibration import CalibrationPolicy, SourceScores
+
+    book = SourceScores(store, CalibrationPolicy(target=0.2, provisional=0.4, window=10))
+    score = 0.123456789012345
+    for i in range(14):
+        assert book.record("DX_A", {"synthetic": score + i, "local_edit": 0.5}, item=f"h{i}",
+                           origin="signature") == 2
+    assert book.record("DX_A", {"synthetic": 9.0}, item="h0", origin="signature") == 0
+    assert book.scores("DX_A")["synthetic"][0] == score + 4  # the 10 most recent, exactly
+    assert book.point("DX_A").status == "calibrated"
+    assert book.prune("DX_A") == 8
+    assert book.counts() == {"DX_A": {"synthetic": 10, "local_edit": 10}}
+    # held for review: recorded, not counted, not pruned; accepted, it counts
+    assert book.record("DX_A", {"synthetic": 50.0}, item="odd", origin="signature",
+                       held=True) == 1
+    assert book.counts()["DX_A"]["synthetic"] == 10 and book.scores("DX_A")["synthetic"].max() < 50
+    assert book.prune("DX_A") == 0
+    assert [(h["item"], h["origin"], h["scores"]) for h in book.held()] == [
+        ("odd", "signature", {"synthetic": 50.0})]
+    assert book.accept("DX_A", "odd") == 1 and book.held() == []
+    assert book.scores("DX_A")["synthetic"][-1] == 50.0
+    assert book.record("DX_A", {"local_edit": 1.0}, item="x", origin="watermark", held=True)
+    assert book.discard("DX_A", "x") == 1 and book.held("DX_A") == []

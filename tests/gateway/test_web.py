@@ -79,7 +79,7 @@ ROUTES = [("GET", "/"), ("GET", "/quarantine"), ("GET", "/audit"),
           ("GET", "/dicom-web/studies/1.2/series/1.3/instances/1.4"),
           ("POST", "/dicom-web/studies"), ("GET", "/studies/1.2.3"),
           ("GET", "/instances/1/image.png"), ("POST", "/quarantine/1/release"),
-          ("POST", "/logout")]
+          ("GET", "/calibration"), ("POST", "/logout")]
 
 
 def test_every_route_needs_a_token_and_the_right_role(gateway):
@@ -90,7 +90,7 @@ def test_every_route_needs_a_token_and_the_right_role(gateway):
         status, _, _ = _call(gateway, method, path, token="not-a-token",
                              body=b"" if method == "POST" else None)
         assert status == 401, (method, path)
-    wrong = {"/": "tech", "/audit": "rad", "/dicom-web/studies": "aud",
+    wrong = {"/": "tech", "/audit": "rad", "/dicom-web/studies": "aud", "/calibration": "tech",
              "/quarantine/1/release": "rad"}
     for path, who in wrong.items():
         method = "POST" if "release" in path else "GET"
@@ -138,6 +138,8 @@ def test_stow_qido_wado_and_the_worklist(gateway, tmp_path):
     assert status == 200 and len(split_multipart(data, headers["content-type"])) == 1
     status, page, _ = _call(gateway, "GET", "/", gateway.tokens["rad"])
     assert status == 200 and b'id="worklist"' in page and refs[0].study.encode() in page
+    # unsigned, from a source nobody calibrated: on the worklist, not judged, not accused
+    assert b'class="badge unverified" data-verdict="unverifiable"' in page
     status, png, _ = _call(gateway, "GET", "/instances/1/image.png", gateway.tokens["rad"])
     assert status == 200 and png[:4] == b"\x89PNG"
     status, page, _ = _call(gateway, "GET", "/quarantine", gateway.tokens["boss"])
@@ -230,3 +232,21 @@ def test_bulk_reads_raise_an_alarm(tmp_path):
     alarms = [e for e in gw.audit_log.entries() if e.action == "alarm.bulk_read"]
     assert len(alarms) == 1 and alarms[0].target == "rad"  # once per window
     assert len([e for e in gw.audit_log.entries() if e.action == "http.access"]) >= 7
+
+
+def test_calibration_page_lists_each_source_and_its_known_real_images(gateway, tmp_path,
+                                                                     pki):
+    from radguard.provenance.sign import sign_file
+
+    (tmp_path / "plain.dcm").write_bytes(_instance(tmp_path, "plain.dcm"))
+    sign_file(tmp_path / "plain.dcm", tmp_path / "signed.dcm", pki.signer)
+    client = DicomWebClient(f"http://127.0.0.1:{gateway.http_port}/dicom-web/",
+                            token=gateway.tokens["tech"])
+    client.store([(tmp_path / "signed.dcm").read_bytes()])
+    assert gateway.wait_idle(60)
+    status, page, _ = _call(gateway, "GET", "/calibration", gateway.tokens["rad"])
+    assert status == 200 and b'id="calibration"' in page
+    rows = [line for line in page.decode().splitlines() if 'data-source="stow:tech/DX"' in line]
+    assert len(rows) == 2  # one per detector
+    assert "not calibrated" in rows[0] and "<td>1</td>" in rows[0]
+    assert "not judged" in rows[0]
