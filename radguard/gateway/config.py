@@ -21,7 +21,10 @@ Example ``radguard.toml``::
     trust_signed_pixels = true        # a trusted signature over the pixels and everything
                                       # that changes what they show (pixels_covered) makes
                                       # the content detectors (synthetic image, copy-move,
-                                      # fill / splice) unnecessary
+                                      # fill / splice) unnecessary: they then run only to
+                                      # calibrate the image's source ([forensics]); false:
+                                      # on every image (the verdict of a vouched image never
+                                      # depends on them)
     check_processes = "auto"          # run the checks (signature, forensics, triage) in this
                                       # many separate processes, so they do not share one
                                       # interpreter lock with receiving; "auto": one per core
