@@ -27,6 +27,15 @@ free - format, canvas size, bit depth, interpolation on resizing - separates the
 
 Splits are by patient (cxr-nih, cxr-kermany), by woman (mammo-mias pair_id) and by image
 (cxr-wild), hashed, so a patient's images and the fakes derived from them stay on one side.
+
+Outside generators and every real source (issue 22): :func:`real_sources` lists every real
+radiograph of ../shared/data (the four raster sets, the real crops of synthetic-stylegan2-cxr,
+the real rows of mammo-cbis-patches, the projection radiographs of dicom/) and
+:func:`generated_images` every outside generator's output (PGGAN-150k, PGGAN-160k, cGAN,
+StyleGAN2, CBIS-DCGAN, DCGAN64). A *population* is what a leave-one-source-out fold removes
+as a whole (cxr-wild and the StyleGAN2 real crops share one, and a generator belongs to the
+population it was trained on); :data:`GENERATOR_REALS` says which real images, delivered how
+(:func:`deliver`), a generator's fakes are compared with, so size never tells them apart.
 """
 
 from __future__ import annotations
@@ -87,8 +96,125 @@ def real_images() -> list[RealImage]:
 
 
 def load(path: Path) -> np.ndarray:
+    """8-bit grey pixels of a raster file, or a DICOM radiograph's display frame (what a
+    reader sees and what ``radguard scan`` analyses)."""
+    if path.suffix.lower() == ".dcm":
+        from radguard.dicom.io import read_dataset
+        from radguard.images import display_frame
+
+        return np.asarray(display_frame(read_dataset(path, stop_before_pixels=False)))
     with Image.open(path) as im:
         return np.asarray(im.convert("L"))
+
+
+# ------------------------------------------------------------- every real source and generator
+
+# Every real source of ../shared/data. A *population* is what a held-out fold removes as a
+# whole: the real crops of synthetic-stylegan2-cxr come from the covid-chestxray-dataset, as
+# cxr-wild does, so neither may be trained on when the other is held out.
+REAL_SOURCES = ("cxr-nih", "cxr-kermany", "mammo-mias", "cxr-wild", "stylegan2-real",
+                "cbis-real", "dicom")
+POPULATION = {"cxr-nih": "nih", "cxr-kermany": "kermany", "mammo-mias": "mias",
+              "cxr-wild": "covid-chestxray", "stylegan2-real": "covid-chestxray",
+              "cbis-real": "cbis", "dicom": "dicom"}
+# the outside generators of ../shared/data: which population each was trained on (so a fold
+# that holds a population out drops them too) and how its real counterpart is delivered
+GENERATOR_SETS = ("PGGAN-150k", "PGGAN-160k", "cGAN", "StyleGAN2", "CBIS-DCGAN", "DCGAN64")
+GENERATOR_POPULATION = {"PGGAN-150k": "kermany", "PGGAN-160k": "kermany", "cGAN": "kermany",
+                        "StyleGAN2": "covid-chestxray", "CBIS-DCGAN": "cbis",
+                        "DCGAN64": "kermany"}
+# the real images a generator's fakes are compared with: (source, variant) - the gan-cxr
+# fakes are 128 px squares from paediatric images, so they meet cxr-kermany brought to
+# 128 px squares by the same path (else a detector learns the size, not the generator)
+GENERATOR_REALS = {"PGGAN-150k": ("cxr-kermany", "deliver128"),
+                   "PGGAN-160k": ("cxr-kermany", "deliver128"),
+                   "cGAN": ("cxr-kermany", "deliver128"),
+                   "StyleGAN2": ("stylegan2-real", "none"),
+                   "CBIS-DCGAN": ("cbis-real", "none"),
+                   "DCGAN64": ("cxr-kermany", "deliver64")}
+RADIOGRAPH_MODALITIES = ("CR", "DX", "MG", "RF", "XA", "PX", "IO")
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    """One image of ../shared/data: a real radiograph (``family`` "real") or an outside
+    generator's output, with its source, population and split."""
+
+    path: Path
+    source: str  # real source, or the generator set's name
+    family: str  # "real" or the generator set
+    split: str  # train / val / test (DICOM radiographs: test only, never trained on)
+
+    @property
+    def population(self) -> str:
+        return POPULATION[self.source] if self.family == "real" else \
+            GENERATOR_POPULATION[self.family]
+
+    def load(self) -> np.ndarray:
+        return load(self.path)
+
+
+def real_sources() -> list[SourceImage]:
+    """Every real radiograph of ../shared/data: the four raster sets of :func:`real_images`
+    (same splits), the real crops of synthetic-stylegan2-cxr (split by image), the real rows
+    of mammo-cbis-patches (that set's patient-disjoint splits) and the readable projection
+    radiographs of dicom/ (test only)."""
+    out = [SourceImage(r.path, r.source, "real", r.split) for r in real_images()]
+    with open(SHARED / "synthetic-stylegan2-cxr" / "labels.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            if row["label"] == "real":
+                out.append(SourceImage(SHARED / "synthetic-stylegan2-cxr" / row["file"],
+                                       "stylegan2-real", "real",
+                                       split_of("stylegan2-real", row["file"])))
+    with open(SHARED / "mammo-cbis-patches" / "labels.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            if row["synthetic"].strip() == "0":
+                out.append(SourceImage(SHARED / "mammo-cbis-patches" / row["file"], "cbis-real",
+                                       "real", row["split"]))
+    from radguard.dicom.io import read_dataset
+    from radguard.errors import RadguardError
+
+    for path in sorted((SHARED / "dicom").rglob("*.dcm")):
+        try:
+            ds = read_dataset(path, stop_before_pixels=True)
+            if str(getattr(ds, "Modality", "")).upper() not in RADIOGRAPH_MODALITIES:
+                continue
+            load(path)  # pixels that cannot be decoded are no radiograph to judge
+        except RadguardError:
+            continue
+        out.append(SourceImage(path, "dicom", "real", "test"))
+    return out
+
+
+def generated_images() -> list[SourceImage]:
+    """Every outside generator's output in ../shared/data, split by file (hashed 70/15/15)."""
+    out: list[SourceImage] = []
+    with open(SHARED / "synthetic-gan-cxr" / "labels.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            fam = row["generator"]
+            out.append(SourceImage(SHARED / "synthetic-gan-cxr" / row["file"], fam, fam,
+                                   split_of(fam, row["file"])))
+    with open(SHARED / "synthetic-stylegan2-cxr" / "labels.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            if row["label"] == "synthetic":
+                out.append(SourceImage(SHARED / "synthetic-stylegan2-cxr" / row["file"],
+                                       "StyleGAN2", "StyleGAN2",
+                                       split_of("StyleGAN2", row["file"])))
+    with open(SHARED / "mammo-cbis-patches" / "labels.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            if row["synthetic"].strip() == "1":
+                out.append(SourceImage(SHARED / "mammo-cbis-patches" / row["file"],
+                                       "CBIS-DCGAN", "CBIS-DCGAN",
+                                       split_of("CBIS-DCGAN", row["file"])))
+    for path in sorted((SHARED / "synthetic-dcgan64").glob("*.png")):
+        out.append(SourceImage(path, "DCGAN64", "DCGAN64", split_of("DCGAN64", path.name)))
+    return out
+
+
+def deliver(img: np.ndarray, size: int) -> np.ndarray:
+    """A real image brought the way the outside generators' training images were: squashed
+    to a ``size`` x ``size`` square with an antialiasing kernel, kept lossless."""
+    return np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.LANCZOS))
 
 
 def launder(
@@ -177,7 +303,7 @@ def fake_grain(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def _torch() -> Any:  # noqa: ANN401
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # one core: the machine is shared
     return torch
 
 

@@ -10,7 +10,10 @@ real X-ray detector leaves behind and a generator tends not to:
 * texture: fine-to-coarse detail ratio (over-smooth bones and soft tissue), spectral falloff;
 * upsampling / decoder fingerprints: periodic peaks in the residual spectrum;
 * bilateral symmetry of the anatomy's edges;
-* residual co-occurrences (how neighbouring fine differences follow each other).
+* residual co-occurrences (how neighbouring fine differences follow each other);
+* physics cues (:func:`physics_cues`, issue 22): the slope and scatter of the noise level
+  against brightness, detail consistency from half to quarter scale, and residual-spectrum
+  peaks on the 2x / 4x / 8x grids that up-sampling decoders leave.
 
 Block cues (one row per 32 x 32 block) feed the heat map of where the evidence lies.
 """
@@ -25,8 +28,8 @@ from PIL import Image
 
 from radguard.errors import RadguardError
 
-__all__ = ["ANALYSIS_MAX", "BLOCK", "CUE_NAMES", "CueError", "Prepared", "block_cues", "image_cues",
-           "prepare"]
+__all__ = ["ANALYSIS_MAX", "BLOCK", "CUE_NAMES", "PHYSICS_CUE_NAMES", "CueError", "Prepared",
+           "block_cues", "image_cues", "physics_cues", "prepare"]
 
 ANALYSIS_MAX = 512  # short side of the analysed image, at most
 MIN_SIDE = 32
@@ -47,6 +50,15 @@ CUE_NAMES = {
     "upsampling_peaks": "periodic interpolation traces (resampling spectrum peak, log)",
     "bilateral_symmetry": "left-right mirror correlation of edges",
     "flat_pixels": "share of neighbouring pixels with identical values",
+}
+# display names of physics_cues(), in its order
+PHYSICS_CUE_NAMES = {
+    "noise_brightness_slope": "slope of the log noise level against brightness (photon noise)",
+    "noise_model_scatter": "scatter of the noise level around its brightness trend",
+    "scale_consistency": "detail ratio between half and quarter scale (log)",
+    "grid_peak_half": "residual spectrum peak at 1/2 of the sampling rate (decoder grid, log)",
+    "grid_peak_quarter": "residual spectrum peak at 1/4 of the sampling rate (log)",
+    "grid_peak_eighth": "residual spectrum peak at odd 1/8 frequencies (log)",
 }
 
 
@@ -258,6 +270,55 @@ def image_cues(a: np.ndarray, r: np.ndarray | None = None) -> tuple[dict[str, fl
         "flat_pixels": same,
     }
     return cues, _texture_statistics(a, r, half)
+
+
+def physics_cues(a: np.ndarray, r: np.ndarray | None = None) -> np.ndarray:
+    """What a physical detector leaves and a generator need not (PHYSICS_CUE_NAMES order):
+    how the noise level follows brightness (a straight trend with little scatter for photon
+    noise after the display curve, none for synthetic grain), whether detail falls off
+    consistently from half to quarter scale, and peaks of the residual spectrum on the
+    2x / 4x / 8x grid that up-sampling decoders leave (the 8 x 8 JPEG grid is left to
+    ``upsampling_peaks``; odd multiples of 1/8 are reported separately)."""
+    r = fine_residual(a) if r is None else r
+    rb = _blocks(r, _NOISE_BLOCK)
+    ab = _blocks(a, _NOISE_BLOCK)
+    sigma = rb.std(axis=(2, 3)).ravel() + 0.05
+    mean = ab.mean(axis=(2, 3)).ravel() / 255.0
+    usable = (ab.min(axis=(2, 3)).ravel() > 2) & (ab.max(axis=(2, 3)).ravel() < 253)
+    if usable.sum() < 8:
+        usable = np.ones_like(usable)
+    ls, m = np.log(sigma[usable]), mean[usable]
+    if np.ptp(m) > 1e-6:
+        slope, icpt = np.polyfit(m, ls, 1)
+        scatter = float(np.std(ls - (slope * m + icpt)))
+    else:
+        slope, scatter = 0.0, float(np.std(ls))
+    im = Image.fromarray(a)
+    half = np.asarray(im.resize((max(1, a.shape[1] // 2), max(1, a.shape[0] // 2)),
+                                Image.Resampling.BOX))
+    quarter = np.asarray(im.resize((max(1, a.shape[1] // 4), max(1, a.shape[0] // 4)),
+                                   Image.Resampling.BOX))
+    e2 = float(np.abs(fine_residual(half)).mean()) + 1e-3
+    e4 = float(np.abs(fine_residual(quarter)).mean()) + 1e-3 if min(quarter.shape) >= 3 else e2
+    tile = 64 if min(a.shape) >= 64 else 32
+    p = _tile_spectrum(r, tile)
+    f = np.fft.fftfreq(tile)
+    radius = np.hypot(f[:, None], f[None, :])
+    rings = np.minimum((radius * tile).astype(int), tile // 2)
+    med = np.array([np.median(p[rings == k]) if (rings == k).any() else 1.0
+                    for k in range(tile // 2 + 1)])
+    ratio = np.log(p / (med[rings] + 1e-9) + 1e-3)
+    k = np.arange(tile)
+
+    def at(on: np.ndarray) -> float:
+        sel = on[:, None] & on[None, :]
+        sel[0, 0] = False
+        return float(ratio[sel].mean()) if sel.any() else 0.0
+
+    m_quarter = k % (tile // 4) == 0
+    m_eighth_odd = (k % (tile // 8) == 0) & ~m_quarter | (k == 0)
+    return np.array([slope, scatter, np.log(e2 / e4), at(k % (tile // 2) == 0), at(m_quarter),
+                     at(m_eighth_odd)])
 
 
 BLOCK_CUES = ("log_noise", "log_detail", "log_kurtosis", "brightness", "flat_share", "small_steps")

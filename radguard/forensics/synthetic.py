@@ -5,12 +5,17 @@ and reproduced by ``scripts/train_synthetic_detector.py``:
 
 1. a **block model** (logistic regression on :data:`cues.BLOCK_CUES` of every 32 x 32 block)
    whose probabilities form the heat map of where the evidence lies;
-2. an **image model** on the named cues of :mod:`cues`, the residual co-occurrences, the
-   block model's mean and 90th-percentile logit, and the analysed size (a conditioning
-   input: both classes were trained at the same sizes, so size alone separates nothing): the
-   mean of five one-hidden-layer perceptrons (fitted from different seeds) averaged with
-   gradient-boosted trees' probability (the pair generalises better to a generator family
-   left out of training than either alone, the seed average is steadier).
+2. an **image model** on the named cues of :mod:`cues` (with the physics cues - noise that
+   follows brightness, detail consistent across scales, decoder-grid peaks - when the
+   weights were trained with them), the residual co-occurrences, the block model's mean and
+   90th-percentile logit, and the analysed size (a conditioning input: real images are
+   delivered at the generators' sizes too, so size alone separates nothing): perceptrons
+   averaged with gradient-boosted trees' probability.
+
+The shipped operating point (``threshold`` for 'synthetic', ``suspicious_threshold`` for
+'suspicious') is chosen leave-one-source-out: the worst held-out real source's upper
+quantiles, never a source's own scores. Per-source conformal calibration
+(:mod:`radguard.forensics.calibration`) replaces it where known-real images exist.
 
 Each named cue is reported with its value and its percentile among real training
 radiographs, so a reader sees e.g. "noise does not follow brightness: 1st percentile of real".
@@ -27,7 +32,15 @@ import numpy as np
 
 from radguard.errors import RadguardError
 from radguard.fileio import read_json_object
-from radguard.forensics.cues import BLOCK, CUE_NAMES, Prepared, block_cues, image_cues
+from radguard.forensics.cues import (
+    BLOCK,
+    CUE_NAMES,
+    PHYSICS_CUE_NAMES,
+    Prepared,
+    block_cues,
+    image_cues,
+    physics_cues,
+)
 
 __all__ = [
     "Cue",
@@ -95,15 +108,18 @@ class SyntheticResult:
 
 
 def feature_vector(
-    cues: dict[str, float], cooc: np.ndarray, block_logits: np.ndarray, short_side: int
+    cues: dict[str, float], cooc: np.ndarray, block_logits: np.ndarray, short_side: int,
+    physics: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The image model's input, in a fixed order shared with the training script."""
+    """The image model's input, in a fixed order shared with the training script
+    (``physics``: :func:`cues.physics_cues`, appended when the weights were trained with it)."""
     bl = block_logits if block_logits.size else np.zeros(1)
     vector = np.concatenate(
         [
             [cues[name] for name in CUE_NAMES],
             cooc,
             [float(bl.mean()), float(np.percentile(bl, 90)), float(np.log2(short_side))],
+            physics if physics is not None else [],
         ]
     )
     return np.nan_to_num(vector, nan=0.0, posinf=50.0, neginf=-50.0)
@@ -130,6 +146,8 @@ class SyntheticDetector:
                 for net in nets
             ]
             self._trees = _Trees(img["trees"]) if img.get("trees") else None
+            # weights trained with the physics cues take them as extra inputs
+            self.physics = bool(img.get("physics", False))
             self._quantiles = {k: np.asarray(v) for k, v in weights["real_quantiles"].items()}
             self.threshold = float(weights["threshold"])
             # scores from here up to the threshold make a 'suspicious' verdict
@@ -171,12 +189,17 @@ class SyntheticDetector:
         cues, cooc = image_cues(a, r)
         bfeat, grid = block_cues(a, r)
         logits = self.block_logits(bfeat) if bfeat.size else np.zeros(0)
-        x = feature_vector(cues, cooc, logits, min(a.shape))
+        physics = physics_cues(a, r) if self.physics else None
+        x = feature_vector(cues, cooc, logits, min(a.shape), physics)
         score = float(self.image_probability(x)[0])
         heat = (1.0 / (1.0 + np.exp(-logits))).reshape(grid) if logits.size else np.zeros((0, 0))
         named = [
             Cue(n, CUE_NAMES[n], float(cues[n]), self._percentile(n, cues[n])) for n in CUE_NAMES
         ]
+        if physics is not None:
+            named += [Cue(n, PHYSICS_CUE_NAMES[n], float(v), self._percentile(n, float(v)))
+                      for n, v in zip(PHYSICS_CUE_NAMES, physics, strict=True)
+                      if n in self._quantiles]
         scale = max(np.asarray(img).shape[:2]) / max(a.shape)
         return SyntheticResult(score, named, heat, BLOCK * scale)
 
