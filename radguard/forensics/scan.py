@@ -318,6 +318,9 @@ def scan_file(
 def _content_layers(result: ScanResult, pixels: np.ndarray, det: SyntheticDetector) -> None:
     """The synthetic-image detector and the tamper detectors, where they apply."""
     prepared = None  # the analysis form both content detectors read, made once
+    if pixels.size and float(np.ptp(pixels)) == 0:  # nothing in it a detector could read
+        result.reasons.append("image content cannot be judged: the image is one flat value")
+        return
     try:
         if result.modality in RADIOGRAPHIC:
             prepared = Prepared.of(pixels)

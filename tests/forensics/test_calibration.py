@@ -269,6 +269,13 @@ def test_unverifiable_only_when_no_layer_can_speak():
     assert broken.verdict == "unverifiable" and not broken.readable
 
 
+def test_a_blank_image_is_not_judged_authentic(tmp_path):
+    """A flat image carries nothing a detector could read: no content verdict."""
+    Image.fromarray(np.full((400, 300), 17, np.uint8)).save(tmp_path / "blank.png")
+    result = scan_file(tmp_path / "blank.png")
+    assert result.verdict == "unverifiable" and "one flat value" in result.reasons[0]
+
+
 # -- the command line ----------------------------------------------------------------------
 
 def _run(*args):
