@@ -14,17 +14,84 @@ flavours and the detector must not learn one tool's exact output:
 
 Every edited crop is rounded to 8 bit and, sometimes, JPEG round-tripped afterwards, as a
 saved forgery would be. Masks are float (1 = edited) at the crop's resolution.
+
+:func:`real_sources` lists every real radiograph of ``../shared/data`` by source, with its
+split, for training and for the leave-one-source-out false-alarm measurements.
 """
 
 from __future__ import annotations
 
+import csv
 import io
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
 FILLS = ("bilinear", "harmonic", "blur", "mean", "smudge")
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# every real source of ../shared/data; the last three are never trained on (held out whole)
+SOURCES = ("cxr-nih", "cxr-kermany", "mammo-mias", "cxr-wild", "stylegan2-real", "cbis-real",
+           "dicom")
+RADIOGRAPH_MODALITIES = ("CR", "DX", "MG", "RF", "XA", "PX", "IO")
+
+
+@dataclass(frozen=True)
+class RealItem:
+    """One real radiograph: file, data set, and train / val / test split (by patient, woman
+    or image; every DICOM radiograph is test-only)."""
+
+    path: Path
+    source: str
+    split: str
+
+    def load(self) -> np.ndarray:
+        """The image as a reader sees it, 8-bit grey (DICOM: its display frame)."""
+        if self.source == "dicom":
+            from radguard.dicom.io import read_dataset
+            from radguard.images import display_frame
+
+            return np.asarray(display_frame(read_dataset(self.path, stop_before_pixels=False)))
+        with Image.open(self.path) as im:
+            return np.asarray(im.convert("L"))
+
+
+def real_sources(shared: Path = SHARED) -> list[RealItem]:
+    """Every real radiograph of the shared sets: the four raster sets of
+    ``scripts/synthdata.py`` (same splits), the real crops of synthetic-stylegan2-cxr (split
+    by image), the real rows of mammo-cbis-patches (the set's patient-disjoint splits) and
+    the readable CR / DX / MG objects of dicom/."""
+    import synthdata as sd
+
+    from radguard.evaluation.splits import split_of
+
+    out = [RealItem(r.path, r.source, r.split) for r in sd.real_images()]
+    with open(shared / "synthetic-stylegan2-cxr" / "labels.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            if row["label"] == "real":
+                out.append(RealItem(shared / "synthetic-stylegan2-cxr" / row["file"],
+                                    "stylegan2-real", split_of("stylegan2-real", row["file"])))
+    with open(shared / "mammo-cbis-patches" / "labels.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            if row["synthetic"] == "0":
+                out.append(RealItem(shared / "mammo-cbis-patches" / row["file"], "cbis-real",
+                                    row["split"]))
+    from radguard.dicom.io import read_dataset
+    from radguard.errors import RadguardError
+
+    for path in sorted((shared / "dicom").rglob("*.dcm")):
+        try:
+            ds = read_dataset(path, stop_before_pixels=True)
+            if str(getattr(ds, "Modality", "")).upper() not in RADIOGRAPH_MODALITIES:
+                continue
+            item = RealItem(path, "dicom", "test")
+            item.load()  # a file whose pixels cannot be decoded is not a radiograph to judge
+        except RadguardError:
+            continue
+        out.append(item)
+    return out
 
 
 def region_mask(shape: tuple[int, int], rng: np.random.Generator, size: int) -> tuple[
@@ -157,13 +224,14 @@ def jpeg(img: np.ndarray, quality: int) -> np.ndarray:
         return np.asarray(im, dtype=np.float64)
 
 
-def edit(crop: np.ndarray, donor: np.ndarray, rng: np.random.Generator) -> tuple[
-    np.ndarray, np.ndarray
-]:
-    """One to two random edits of an 8-bit crop; returns (edited 8-bit crop, float mask)."""
+def edit(crop: np.ndarray, donor: np.ndarray, rng: np.random.Generator, *,
+         jpeg_p: float = 0.2, max_edits: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """One to ``max_edits`` random edits of an 8-bit crop or image (one in 70% of cases), then
+    a JPEG round trip with probability ``jpeg_p``; returns (edited 8-bit image, float mask)."""
     img = crop.astype(np.float64)
     mask = np.zeros(img.shape, dtype=bool)
-    for _ in range(1 if rng.random() < 0.7 else 2):
+    count = 1 if rng.random() < 0.7 else int(rng.integers(2, max_edits + 1))
+    for _ in range(count):
         size = int(rng.choice([12, 16, 24, 32, 40, 48, 64]))
         size = min(size, min(img.shape) // 2)
         m, box = region_mask(img.shape, rng, size)
@@ -175,6 +243,6 @@ def edit(crop: np.ndarray, donor: np.ndarray, rng: np.random.Generator) -> tuple
             img, changed = splice(img, m, box, donor, rng)
             mask |= changed
     img = np.clip(np.round(img), 0, 255)
-    if rng.random() < 0.2:
+    if rng.random() < jpeg_p:
         img = jpeg(img, int(rng.integers(80, 98)))
     return img, mask.astype(np.float32)

@@ -13,8 +13,11 @@ simulated edits of ``scripts/tamperdata.py``. The same network exported to ONNX
 (``local_edit_detector.onnx``, written by that script, stamped with the SHA-256 of the ``.pt``
 it came from) is what runs: onnxruntime computes the same map (to about 1e-5) in less than
 half of torch's time on one core. Weights without an export run in torch. The image-level
-score is the highest mean probability over 4 x 4 cells (16 px); its threshold is picked on
-validation images (1% of untouched ones reach it). Measured rates:
+score is the highest mean probability over 4 x 4 cells (16 px). Its threshold is picked
+leave-one-source-out on untouched validation images as stored and under ordinary processing
+(``scripts/realproc.py``: resizing, JPEG, sharpening, equalisation, window/level, denoising,
+text, markers, lines, electrodes, collimation): for each training source, the score 0.5% of
+the other sources' images reach; the worst fold ships. Measured rates:
 ``benchmarks/bench_forensics.py``.
 """
 

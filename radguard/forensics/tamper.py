@@ -3,12 +3,18 @@
 * **Copy-move** (a lesion copied from elsewhere in the same image, as CT-GAN-style injections
   and "clone stamp" removals do): every 8x8 block position is described by its sixteen 2x2
   cell means (from integral images), quantised and hashed; a shift vector shared by many
-  matching pairs (a whole copied patch moves as one) marks both the source and the copy.
-  Blocks touching the image's extreme values (padding, saturation, burned-in text) are ignored.
+  matching pairs (a whole copied patch moves as one) is a candidate. Blocks touching the
+  image's extreme values (padding, saturation, burned-in text) are ignored. A candidate marks
+  both the source and the copy only when the match is sharp (far better than at the shifts
+  1-2 px next to it) and the region carries noise or fine texture: JPEG's flat blocks,
+  smoothed or upsampled images and straight edges match along whole families of shifts and
+  were most of this layer's false alarms on processed real radiographs; a pasted patch of
+  tissue matches at one shift only.
 * **Fills and splices** (a lesion erased by interpolating or blurring its surroundings, or
   tissue pasted from another patient's image): the learned local-edit detector of
   :mod:`~radguard.forensics.localnet`, which needs no twin in the image; its cell map becomes
-  ``local_edit_map`` and the cells above its threshold become boxes.
+  ``local_edit_map`` and the cells above its threshold become boxes. An exactly flat patch
+  inside noisy tissue (a constant fill, :func:`_flat_fills`) sets its cells to 1 in that map.
 
 The output is boxes [x0, y0, x1, y1] (x1/y1 exclusive) in pixel coordinates of the input.
 Measured rates: ``benchmarks/bench_forensics.py`` (figures in ``benchmarks/RESULTS.md``).
@@ -23,7 +29,12 @@ from scipy import ndimage
 
 from radguard.errors import RadguardError
 from radguard.forensics.cues import Prepared
-from radguard.forensics.localnet import CELL, LocalEditDetector, load_local_detector
+from radguard.forensics.localnet import (
+    CELL,
+    LocalEditDetector,
+    _smoothed_max,
+    load_local_detector,
+)
 from radguard.regions import mask_boxes
 
 __all__ = ["TamperError", "TamperResult", "detect_tamper"]
@@ -38,6 +49,15 @@ STEP = 4  # copy-move regions are reported on this grid
 CM_BLOCK = 8  # copy-move blocks, at every position
 CM_MAX = 2048  # larger images are averaged down first
 CM_MIN_PAIRS = 20  # blocks that must move together before a shift counts as a copy
+CM_MAX_SHIFTS = 32  # candidate shifts verified per image, most pairs first
+CM_NEAR = 2  # a copy must match far better than at the shifts up to this many px next to it
+CM_SHARPNESS = 2.0  # ... by this factor
+CM_MARGIN = 0.75  # ... and by this many grey levels (of 255; a smooth DX chest's lung: ~1)
+CM_TEXTURE = 0.3  # median absolute fine residual (grey levels) a copied region must carry
+FLAT_SIDE = 12  # analysed px: the smallest exactly flat square counted as a constant fill
+FLAT_RING = 6  # analysed px around it that must be noisy tissue ...
+FLAT_NOISE = 3.0  # ... with this median 3 x 3 range (grey levels)
+FLAT_MAX_SHARE = 0.01  # images with more flat (non-extreme) pixels than this are not checked
 
 
 @dataclass
@@ -103,9 +123,11 @@ def _cell_blocks(cells: np.ndarray, c: int, n: int, ny: int, nx: int) -> np.ndar
     return sum(rows[i * c : i * c + ny] for i in range(n))
 
 
-def _copy_move(a: np.ndarray) -> tuple[list[list[int]], int]:
-    """Exact or near-exact copies: every 8x8 block position (no grid, so any shift is
-    found) described by its sixteen 2x2 cell means, hashed, and grouped by shift."""
+def _copy_candidates(a: np.ndarray) -> list[tuple[int, int, int, np.ndarray, np.ndarray]]:
+    """Shifts shared by many matching block pairs, most pairs first: (pairs, dy, dx, y, x)
+    with the source blocks' top-left corners (each copied to (y + dy, x + dx)). Every 8x8
+    block position (no grid, so any shift is found) is described by its sixteen 2x2 cell
+    sums, quantised and hashed."""
     h, w = a.shape
     b, c = CM_BLOCK, CM_BLOCK // 4
     a32 = a.astype(np.float32)
@@ -126,7 +148,7 @@ def _copy_move(a: np.ndarray) -> tuple[list[list[int]], int]:
     keep[:my] = keep[-my:] = False
     keep[:, :mx] = keep[:, -mx:] = False
     if keep.sum() < 2:
-        return [], 0
+        return []
     # sum of every c x c cell, quantised once; the 4 x 4 cells of a block hashed row by row
     q = np.round(cells / (c * c * 0.5)).astype(np.int64).astype(np.uint64)
     multipliers = np.random.default_rng(7).integers(1, 2**62, 8, dtype=np.uint64) | 1
@@ -142,33 +164,132 @@ def _copy_move(a: np.ndarray) -> tuple[list[list[int]], int]:
     ks, ys, xs = keys[order], ys[order], xs[order]
     same = np.nonzero(ks[1:] == ks[:-1])[0]
     if len(same) == 0:
-        return [], 0
+        return []
     dy = ys[same + 1].astype(np.int64) - ys[same]
     dx = xs[same + 1].astype(np.int64) - xs[same]
-    flip = (dy < 0) | ((dy == 0) & (dx < 0))
+    flip = (dy < 0) | ((dy == 0) & (dx < 0))  # one direction per shift: source + shift = copy
     dy, dx = np.where(flip, -dy, dy), np.where(flip, -dx, dx)
     far = np.maximum(np.abs(dy), np.abs(dx)) >= b
     if not far.any():
-        return [], 0
-    shift_ids = dy[far] * (2 * w + 1) + dx[far]
-    values, counts = np.unique(shift_ids, return_counts=True)
-    strong = values[counts >= CM_MIN_PAIRS]
-    if len(strong) == 0:
-        return [], 0
+        return []
+    src = np.where(flip, same + 1, same)[far]
+    dy, dx = dy[far], dx[far]
+    shift_ids = dy * (2 * w + 1) + dx
+    values, first, counts = np.unique(shift_ids, return_index=True, return_counts=True)
+    out = []
+    for k in np.argsort(-counts, kind="stable"):
+        if counts[k] < CM_MIN_PAIRS or len(out) >= CM_MAX_SHIFTS:
+            break
+        hits = src[shift_ids == values[k]]
+        out.append((int(counts[k]), int(dy[first[k]]), int(dx[first[k]]), ys[hits], xs[hits]))
+    return out
+
+
+def _copy_stats(a: np.ndarray, ys: np.ndarray, xs: np.ndarray, dy: int, dx: int
+                ) -> tuple[float, float, float]:
+    """How a candidate copy differs from its source (mean absolute difference over the
+    source blocks), how the best shift next to it (1-2 px off) differs, and the median
+    absolute fine residual of the source (its noise and fine texture)."""
+    from radguard.forensics.cues import fine_residual
+
+    b, p = CM_BLOCK, CM_NEAR
+    y0, x0 = int(ys.min()), int(xs.min())
+    y1, x1 = int(ys.max()) + b, int(xs.max()) + b
+    region = np.zeros((y1 - y0, x1 - x0), dtype=bool)
+    for y, x in zip(ys - y0, xs - x0, strict=True):
+        region[y : y + b, x : x + b] = True
+    h, w = a.shape
+    src = a[y0:y1, x0:x1]
+    # the copy and its neighbourhood, padded where it runs off the image
+    ty0, tx0 = y0 + dy - p, x0 + dx - p
+    pad = ((max(0, -ty0), max(0, ty0 + (y1 - y0) + 2 * p - h)),
+           (max(0, -tx0), max(0, tx0 + (x1 - x0) + 2 * p - w)))
+    tgt = np.pad(a[max(ty0, 0) : ty0 + (y1 - y0) + 2 * p, max(tx0, 0) : tx0 + (x1 - x0) + 2 * p],
+                 pad, mode="edge")
+    sv = src[region]
+    diffs = {}
+    for ey in range(-p, p + 1):
+        for ex in range(-p, p + 1):
+            t = tgt[p + ey : p + ey + (y1 - y0), p + ex : p + ex + (x1 - x0)]
+            diffs[ey, ex] = float(np.abs(sv - t[region]).mean())
+    exact = diffs.pop((0, 0))
+    texture = float(np.median(np.abs(fine_residual(src)[region])))
+    return exact, min(diffs.values()), texture
+
+
+def _copy_move(a: np.ndarray) -> tuple[list[list[int]], int]:
+    """Copies within the image: candidate shifts (:func:`_copy_candidates`) kept only when
+    the match is sharp - far better than at the shifts 1-2 px next to it - and the copied
+    region carries noise or fine texture. Straight edges, smooth gradients, JPEG's flat
+    blocks, upsampled pixels and glyphs on a flat label all match along whole families of
+    shifts or carry no noise; a pasted copy of tissue matches at one shift only."""
+    h, w = a.shape
+    b = CM_BLOCK
     mask = np.zeros((h, w), dtype=bool)
-    first = same[far]
-    for sid in strong:
-        hits = first[shift_ids == sid]
-        for y0, x0 in zip(
-            np.r_[ys[hits], ys[hits + 1]], np.r_[xs[hits], xs[hits + 1]], strict=True
-        ):
+    best = 0
+    for count, dy, dx, ys, xs in _copy_candidates(a):
+        exact, near, texture = _copy_stats(a, ys, xs, dy, dx)
+        if near < max(CM_SHARPNESS * exact, exact + CM_MARGIN) or texture < CM_TEXTURE:
+            continue
+        best = max(best, count)
+        for y0, x0 in zip(np.r_[ys, ys + dy], np.r_[xs, xs + dx], strict=True):
             mask[y0 : y0 + b, x0 : x0 + b] = True
+    if not best:
+        return [], 0
     grid = (
         mask[: h // STEP * STEP, : w // STEP * STEP]
         .reshape(h // STEP, STEP, w // STEP, STEP)
         .any(axis=(1, 3))
     )
-    return mask_boxes(grid, STEP), int(counts.max())
+    return mask_boxes(grid, STEP), best
+
+
+def _flat_fills(a: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Cells (of the local-edit map's ``grid``) of exactly flat patches of at least
+    FLAT_SIDE x FLAT_SIDE analysed pixels lying inside noisy tissue: a constant fill (a
+    lesion erased with one grey value). Only in images that carry noise almost everywhere
+    (at most FLAT_MAX_SHARE of their non-extreme pixels flat): enlarged, posterised or
+    smoothed images and published figures have flat plateaus of their own. Ignored as well:
+    the extreme values (collimator shadow, saturation, padding, as the network ignores them),
+    flat areas at the border (collimator bands, labels), and flat areas whose grey is not the
+    tissue's around them (drawn markers, label boxes: a fill takes the surroundings' grey)."""
+    h, w = grid[0] * CELL, grid[1] * CELL
+    a = a[:h, :w]
+    out = np.zeros(grid, dtype=bool)
+    lo, hi = float(a.min()), float(a.max())
+    rng3 = ndimage.maximum_filter(a, 3) - ndimage.minimum_filter(a, 3)
+    inner = (a > lo + 1) & (a < hi - 1)
+    flat = (rng3 < 0.5) & inner
+    if flat.sum() > FLAT_MAX_SHARE * max(int(inner.sum()), 1):
+        return out
+    # binary opening with a FLAT_SIDE square, as two separable (fast) min / max filters
+    fits = ndimage.minimum_filter(flat.view(np.uint8), FLAT_SIDE, mode="constant")
+    core = ndimage.maximum_filter(fits, FLAT_SIDE, mode="constant", origin=-1) > 0
+    if not core.any():
+        return out
+    labels, _ = ndimage.label(flat)  # whole flat areas: the ring is measured around them
+    slices = ndimage.find_objects(labels)
+    for k in np.unique(labels[core]):
+        sl = slices[k - 1]
+        pad = FLAT_RING + 1
+        y0, x0, y1, x1 = sl[0].start - pad, sl[1].start - pad, sl[0].stop + pad, sl[1].stop + pad
+        if y0 < 0 or x0 < 0 or y1 > h or x1 > w:  # at the border: a collimator band or label
+            continue
+        region = labels[y0:y1, x0:x1] == k
+        ring = ndimage.binary_dilation(region, iterations=FLAT_RING) & ~ndimage.binary_dilation(
+            region, iterations=1)
+        window = a[y0:y1, x0:x1]
+        value = float(np.median(window[region]))
+        if flat[y0:y1, x0:x1][ring].mean() > 0.1 or np.median(rng3[y0:y1, x0:x1][ring]) \
+                < FLAT_NOISE:
+            continue
+        q25, q75 = np.percentile(window[ring], [25, 75])
+        if not q25 <= value <= q75:
+            continue
+        cells = np.zeros((h, w), dtype=bool)
+        cells[y0:y1, x0:x1] = ndimage.binary_dilation(region)  # the rim lost to the 3x3 range
+        out |= cells.reshape(grid[0], CELL, grid[1], CELL).any(axis=(1, 3))
+    return out
 
 
 def _local_edits(img: np.ndarray, result: TamperResult, detector: LocalEditDetector,
@@ -182,6 +303,10 @@ def _local_edits(img: np.ndarray, result: TamperResult, detector: LocalEditDetec
         return
     a = prepared.image
     edit_map = detector.analyse(a, prepared.residual)
+    flat = _flat_fills(a, edit_map.probability.shape)
+    if flat.any():  # a dead-flat patch inside noisy tissue: a fill, whatever the network says
+        edit_map.probability = np.maximum(edit_map.probability, flat.astype(np.float64))
+        edit_map.score = _smoothed_max(edit_map.probability)
     cell = CELL * max(np.asarray(img).shape[:2]) / max(a.shape)
     result.local_edit_score = edit_map.score
     result.local_edit_threshold = edit_map.threshold

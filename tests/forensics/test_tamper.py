@@ -37,11 +37,44 @@ def test_copy_move_of_a_textured_patch_is_found_at_both_ends(chest):
     assert result.score > 0.5
 
 
+def _jpeg(img: np.ndarray, quality: int) -> np.ndarray:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8)).save(buf, "JPEG",
+                                                                         quality=quality)
+    return np.asarray(Image.open(buf), dtype=np.float64)
+
+
+@pytest.mark.parametrize("process", ["jpeg60", "smoothed"])
+def test_ordinary_processing_makes_no_copies(chest, process):
+    """A low-quality JPEG's flat blocks and a noise-reduced image's smooth gradients match
+    along whole families of shifts: no copy (the hash-and-shift count alone called both)."""
+    from scipy import ndimage
+
+    if process == "jpeg60":
+        img = _jpeg(chest, 60)
+    else:
+        img = np.rint(ndimage.gaussian_filter(chest, 8))
+    assert detect_tamper(img, local=False).copy_move == []
+
+
 def test_constant_fill_is_found(chest):
     t = chest.copy()
     t[512:542, 341:371] = np.median(chest[512:542, 341:371])  # a lesion erased by filling
     result = detect_tamper(t)
     assert _overlaps(result.local_edits, (341, 512, 371, 542))
+
+
+def test_a_flat_marker_drawn_on_the_tissue_is_not_a_fill(chest):
+    """A lead marker is as flat as a constant fill, but brighter than the tissue around it;
+    a fill takes the surroundings' grey."""
+    from PIL import ImageDraw
+
+    im = Image.fromarray(chest.astype(np.uint8))
+    ImageDraw.Draw(im).ellipse([341, 512, 381, 552], fill=245)
+    result = detect_tamper(np.asarray(im, dtype=np.float64))
+    assert not _overlaps(result.local_edits, (341, 512, 381, 552))
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (20, 400), (5, 5, 3)])
@@ -114,6 +147,21 @@ def test_tissue_spliced_from_another_image_is_found(chest, donor):
     result = detect_tamper(t)
     assert _overlaps(result.local_edits, (400, 600, 496, 696))
     assert result.local_edit_score > detect_tamper(chest).local_edit_score
+
+
+@pytest.mark.parametrize("process", ["jpeg60", "upsampled2x"])
+def test_ordinary_processing_of_a_real_chest_is_not_an_edit(chest, process):
+    """A low-quality JPEG and a PACS's 2x bicubic enlargement change the fine residual the
+    learned layer reads everywhere; neither is a local edit (the detector trained without
+    processed untouched images reported a region in both)."""
+    if process == "jpeg60":
+        img = _jpeg(chest, 60)
+    else:
+        img = np.asarray(Image.fromarray(chest.astype(np.uint8)).resize(
+            (2048, 2048), Image.Resampling.BICUBIC), dtype=np.float64)
+    result = detect_tamper(img)
+    assert result.regions == []
+    assert result.local_edit_score < result.local_edit_threshold
 
 
 def test_classical_layers_alone_do_not_see_the_fill(chest):
