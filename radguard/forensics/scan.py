@@ -227,6 +227,22 @@ def _dicom_layers(path: Path, result: ScanResult, trust: object, key: object,
     return display_frame(ds, analysed)
 
 
+def _trust_store(trust: object) -> object:
+    """``trust`` as a TrustStore: one as given, or certificate paths (a path or a list of
+    them) loaded; anything else is a programming error, said at once (not a signature
+    verdict)."""
+    from radguard.provenance.trust import TrustStore
+
+    if trust is None or isinstance(trust, TrustStore):
+        return trust
+    if isinstance(trust, (str, os.PathLike)):
+        return TrustStore.from_paths([trust])
+    if isinstance(trust, (list, tuple)) and all(isinstance(t, (str, os.PathLike))
+                                                for t in trust):
+        return TrustStore.from_paths(trust)
+    raise TypeError(f"trust: a TrustStore or certificate paths, not {type(trust).__name__}")
+
+
 def _has_watermark_block(ds: object) -> bool:
     """Whether the data set carries radguard's watermark private block."""
     from radguard.watermark.dicom import PRIVATE_CREATOR, PRIVATE_GROUP
@@ -265,7 +281,7 @@ def _restored(ds: object, key: object, pixels: np.ndarray, result: ScanResult) -
 def scan_file(
     path: str | os.PathLike[str],
     *,
-    trust: object = None,
+    trust: object = None,  # a TrustStore, or certificate path(s)
     watermark_key: object = None,
     detector: SyntheticDetector | None = None,
     keep_pixels: bool = False,
@@ -292,6 +308,7 @@ def scan_file(
     result = ScanResult(str(p))
     det = detector or load_detector()
     point = point or OperatingPoint.shipped(det)
+    trust = _trust_store(trust)
     try:
         if is_dicom_path(p):
             pixels = _dicom_layers(p, result, trust, watermark_key, keep_pixels, policy,

@@ -31,7 +31,7 @@ from radguard.forensics.metadata import Finding
 from radguard.forensics.scan import NO_CALIBRATION, ScanResult, judge, scan_file
 from radguard.forensics.synthetic import SyntheticResult, load_detector
 from radguard.forensics.tamper import TamperResult
-from tests.conftest import NIH_DX, SHARED
+from tests.conftest import DICOM_DIR, NIH_DX, SHARED
 
 NIH = sorted((SHARED / "cxr-nih" / "images").glob("*"))
 KERMANY = sorted((SHARED / "cxr-kermany" / "images").glob("*"))
@@ -371,3 +371,44 @@ def test_radguard_watermarked_real_radiographs_are_scanned_on_their_original(tmp
         assert result.tamper.local_edit_score == plain.tamper.local_edit_score
         scores, origin = known_real_scores(result)
         assert origin == "watermark" and scores["synthetic"] == plain.synthetic_score
+
+
+# -- acceptance: the real DICOM files of ../shared/data ---------------------------------------
+
+def test_no_real_dicom_image_is_flagged_as_received_signed_or_watermarked(tmp_path, pki):
+    """Every real image in ../shared/data/dicom: a radiograph is authentic at the shipped
+    global point; a CT, MR, NM or US (no content detector covers them) is unverifiable but
+    never 'unreadable'; only a file whose pixels really cannot be decoded says so. Signed
+    by radguard (pixels covered) or watermarked by radguard, each is authentic."""
+    from radguard.provenance.sign import sign_file
+    from radguard.watermark import WatermarkError, embed_dataset, generate_key_file, load_key
+
+    generate_key_file(tmp_path / "wm.key")
+    key = load_key(tmp_path / "wm.key")
+    det = load_detector()
+    files = sorted(DICOM_DIR.rglob("*.dcm"))
+    assert len(files) >= 15
+    marked_count = 0
+    for path in files:
+        plain = scan_file(path, detector=det)
+        if not plain.readable:  # RG2_JPLY: a malformed JPEG no decoder here reads
+            assert plain.verdict == "unverifiable" and "cannot decode" in plain.reasons[0]
+            continue
+        if plain.modality in ("CT", "MR", "NM", "US"):
+            assert plain.verdict == "unverifiable", (path.name, plain.reasons)
+            assert not any("unreadable" in r for r in plain.reasons)
+        else:
+            assert plain.verdict == "authentic", (path.name, plain.verdict, plain.reasons)
+        signed = tmp_path / f"{path.stem}.signed.dcm"
+        sign_file(path, signed, pki.signer)
+        vouched = scan_file(signed, trust=[pki.ca_cert_path], detector=det)
+        assert vouched.verdict == "authentic", (path.name, vouched.reasons)
+        try:
+            ds = embed_dataset(read_dataset(path), key)
+        except WatermarkError:  # compressed or colour: radguard does not mark it
+            continue
+        write_dataset(ds, tmp_path / f"{path.stem}.wm.dcm")
+        marked = scan_file(tmp_path / f"{path.stem}.wm.dcm", watermark_key=key, detector=det)
+        assert marked.verdict == "authentic" and marked.watermark == "intact", path.name
+        marked_count += 1
+    assert marked_count >= 3
