@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,23 +155,31 @@ class SourceImage:
         return load(self.path)
 
 
+def _labels(name: str) -> list[dict[str, str]]:
+    """The rows of a shared set's labels.csv."""
+    with open(SHARED / name / "labels.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _labelled(name: str, keep: Callable[[dict[str, str]], bool], source: str, family: str,
+              *, split_column: bool = False) -> list[SourceImage]:
+    """The images of a shared set whose labels.csv row passes ``keep``, split by the set's
+    own split column or (default) hashed by file."""
+    return [SourceImage(SHARED / name / row["file"], source, family,
+                        row["split"] if split_column else split_of(source, row["file"]))
+            for row in _labels(name) if keep(row)]
+
+
 def real_sources() -> list[SourceImage]:
     """Every real radiograph of ../shared/data: the four raster sets of :func:`real_images`
     (same splits), the real crops of synthetic-stylegan2-cxr (split by image), the real rows
     of mammo-cbis-patches (that set's patient-disjoint splits) and the readable projection
     radiographs of dicom/ (test only)."""
     out = [SourceImage(r.path, r.source, "real", r.split) for r in real_images()]
-    with open(SHARED / "synthetic-stylegan2-cxr" / "labels.csv", newline="") as f:
-        for row in csv.DictReader(f):
-            if row["label"] == "real":
-                out.append(SourceImage(SHARED / "synthetic-stylegan2-cxr" / row["file"],
-                                       "stylegan2-real", "real",
-                                       split_of("stylegan2-real", row["file"])))
-    with open(SHARED / "mammo-cbis-patches" / "labels.csv", newline="") as f:
-        for row in csv.DictReader(f):
-            if row["synthetic"].strip() == "0":
-                out.append(SourceImage(SHARED / "mammo-cbis-patches" / row["file"], "cbis-real",
-                                       "real", row["split"]))
+    out += _labelled("synthetic-stylegan2-cxr", lambda r: r["label"] == "real",
+                     "stylegan2-real", "real")
+    out += _labelled("mammo-cbis-patches", lambda r: r["synthetic"].strip() == "0",
+                     "cbis-real", "real", split_column=True)
     from radguard.dicom.io import read_dataset
     from radguard.errors import RadguardError
 
@@ -189,23 +198,14 @@ def real_sources() -> list[SourceImage]:
 def generated_images() -> list[SourceImage]:
     """Every outside generator's output in ../shared/data, split by file (hashed 70/15/15)."""
     out: list[SourceImage] = []
-    with open(SHARED / "synthetic-gan-cxr" / "labels.csv", newline="") as f:
-        for row in csv.DictReader(f):
-            fam = row["generator"]
-            out.append(SourceImage(SHARED / "synthetic-gan-cxr" / row["file"], fam, fam,
-                                   split_of(fam, row["file"])))
-    with open(SHARED / "synthetic-stylegan2-cxr" / "labels.csv", newline="") as f:
-        for row in csv.DictReader(f):
-            if row["label"] == "synthetic":
-                out.append(SourceImage(SHARED / "synthetic-stylegan2-cxr" / row["file"],
-                                       "StyleGAN2", "StyleGAN2",
-                                       split_of("StyleGAN2", row["file"])))
-    with open(SHARED / "mammo-cbis-patches" / "labels.csv", newline="") as f:
-        for row in csv.DictReader(f):
-            if row["synthetic"].strip() == "1":
-                out.append(SourceImage(SHARED / "mammo-cbis-patches" / row["file"],
-                                       "CBIS-DCGAN", "CBIS-DCGAN",
-                                       split_of("CBIS-DCGAN", row["file"])))
+    for row in _labels("synthetic-gan-cxr"):
+        fam = row["generator"]
+        out.append(SourceImage(SHARED / "synthetic-gan-cxr" / row["file"], fam, fam,
+                               split_of(fam, row["file"])))
+    out += _labelled("synthetic-stylegan2-cxr", lambda r: r["label"] == "synthetic",
+                     "StyleGAN2", "StyleGAN2")
+    out += _labelled("mammo-cbis-patches", lambda r: r["synthetic"].strip() == "1",
+                     "CBIS-DCGAN", "CBIS-DCGAN")
     for path in sorted((SHARED / "synthetic-dcgan64").glob("*.png")):
         out.append(SourceImage(path, "DCGAN64", "DCGAN64", split_of("DCGAN64", path.name)))
     return out

@@ -164,15 +164,7 @@ def build_part(name: str, items: list[sd.SourceImage], fams: sd.TorchFamilies | 
         if i % 100 == 0:
             print(f"  {name}: {i}/{len(items)} images, {len(rows)} rows "
                   f"({time.time() - t0:.0f} s)", flush=True)
-    TABLE.mkdir(parents=True, exist_ok=True)
-    counts = np.array([len(r["blocks"]) for r in rows])
-    np.savez_compressed(
-        path,
-        **{k: np.array([r[k] for r in rows]) for k in META},
-        cues=np.stack([r["cues"] for r in rows]), cooc=np.stack([r["cooc"] for r in rows]),
-        extra=np.stack([r["extra"] for r in rows]), crops=np.stack([r["crops"] for r in rows]),
-        offsets=np.concatenate([[0], np.cumsum(counts)]),
-        blocks=np.concatenate([r["blocks"] for r in rows]))
+    _save_rows(path, rows)
     print(f"wrote {path} ({len(rows)} rows, {time.time() - t0:.0f} s)", flush=True)
 
 

@@ -33,6 +33,8 @@ __all__ = ["ANALYSIS_MAX", "BLOCK", "CUE_NAMES", "PHYSICS_CUE_NAMES", "CueError"
 
 ANALYSIS_MAX = 512  # short side of the analysed image, at most
 MIN_SIDE = 32
+MAX_ASPECT = 8  # longer sides than this many times the short one are not judged
+MIN_CONTRAST = 16  # grey levels (of 255) an analysed image must span to be judged
 BLOCK = 32  # heat-map block
 _NOISE_BLOCK = 16
 _KB = np.array([[-1, 2, -1], [2, -4, 2], [-1, 2, -1]], dtype=np.float32) / 4.0
@@ -71,6 +73,8 @@ def prepare(img: np.ndarray) -> np.ndarray:
     a = np.asarray(img)
     if a.ndim == 3 and a.shape[-1] in (3, 4):  # colour or RGBA: luminance, alpha dropped
         a = a[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+        if np.asarray(img).dtype == np.uint8:  # as Pillow's convert("L"): what it was
+            a = np.round(a).astype(np.uint8)  # trained on, with no stretch
     if a.ndim != 2:
         raise CueError(f"expected a 2D grey image, got shape {a.shape}")
     if a.dtype.kind not in "uifb":
@@ -80,6 +84,9 @@ def prepare(img: np.ndarray) -> np.ndarray:
             f"image {a.shape[1]}x{a.shape[0]} is too small to judge "
             f"(needs at least {MIN_SIDE}x{MIN_SIDE})"
         )
+    if max(a.shape) > MAX_ASPECT * min(a.shape):  # a strip: no radiograph, unbounded cost
+        raise CueError(f"image {a.shape[1]}x{a.shape[0]} is too elongated to judge (sides "
+                       f"more than {MAX_ASPECT}:1)")
     # huge canvases: integer block means first, so memory and time stay bounded
     factor = min(a.shape) // (2 * ANALYSIS_MAX)
     if factor >= 2:
@@ -88,10 +95,25 @@ def prepare(img: np.ndarray) -> np.ndarray:
     a = a.astype(np.float64, copy=False)
     if not np.isfinite(a).all():
         raise CueError("image holds NaN or infinite values")
-    low, high = float(a.min()), float(a.max())
-    if a.dtype.kind == "f" or low < 0 or high > 255:  # any other depth: full range to 8 bit
-        a = (a - low) / max(high - low, 1e-12) * 255.0
+    # every image's range to 8 bit (as the detectors were trained), robustly: the darkest
+    # and brightest 1 in 100,000 pixels (at least one) are ignored, so a hot or dead pixel
+    # cannot squeeze the image into a few grey levels
+    flat = a.ravel()
+    k = min(max(1, flat.size // 100_000), (flat.size - 1) // 2)
+    low = float(np.partition(flat, k)[k])
+    high = float(np.partition(flat, flat.size - 1 - k)[flat.size - 1 - k])
+    if not high > low:
+        low, high = float(flat.min()), float(flat.max())
+    if not np.isfinite(high - low):
+        raise CueError("pixel values span more than a floating-point number holds")
+    a = np.clip((a - low) / max(high - low, 1e-300) * 255.0, 0, 255)
     a = np.round(a).astype(np.uint8)
+    levels = int(np.count_nonzero(np.bincount(a.ravel(), minlength=256)))
+    if levels == 1:
+        raise CueError("the image is one flat value: nothing to judge")
+    if int(a.max()) - int(a.min()) < MIN_CONTRAST or levels < 8:
+        raise CueError(f"too little contrast to judge ({levels} grey levels; a radiograph "
+                       "has far more)")
     short = min(a.shape)
     if short > ANALYSIS_MAX:
         scale = ANALYSIS_MAX / short

@@ -13,8 +13,9 @@ simulated edits of ``scripts/tamperdata.py``. The same network exported to ONNX
 (``local_edit_detector.onnx``, written by that script, stamped with the SHA-256 of the ``.pt``
 it came from) is what runs: onnxruntime computes the same map (to about 1e-5) in less than
 half of torch's time on one core. Weights without an export run in torch. The image-level
-score is the highest mean probability over 4 x 4 cells (16 px). Its threshold is picked
-leave-one-source-out on untouched validation images as stored and under ordinary processing
+score is the highest mean probability over 4 x 4 cells (16 px). Its threshold (not the
+network, which trained on all four training sources) is picked leave-one-source-out on
+untouched validation images as stored and under ordinary processing
 (``scripts/realproc.py``: resizing, JPEG, sharpening, equalisation, window/level, denoising,
 text, markers, lines, electrodes, collimation): for each training source, the score 0.5% of
 the other sources' images reach; the worst fold ships. Measured rates:
@@ -33,7 +34,7 @@ import numpy as np
 from radguard.errors import RadguardError
 
 __all__ = ["CELL", "LocalEditDetector", "LocalEditMap", "WEIGHTS_PATH", "build_network",
-           "export_onnx", "load_local_detector", "network_input"]
+           "export_onnx", "load_local_detector", "network_input", "smoothed_max"]
 
 WEIGHTS_PATH = Path(__file__).with_name("data") / "local_edit_detector.pt"
 CELL = 4  # output cell edge in analysed pixels
@@ -135,7 +136,7 @@ class LocalEditDetector:
         logits = self.logits(network_input(a[:h, :w], residual if whole else None)[None])
         p = 1.0 / (1.0 + np.exp(-logits))
         p[_extreme_cells(a[:h, :w], p.shape)] = 0.0
-        return LocalEditMap(p, float(_smoothed_max(p)), self.threshold)
+        return LocalEditMap(p, float(smoothed_max(p)), self.threshold)
 
 
 def _extreme_cells(a: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
@@ -160,7 +161,7 @@ def _pooled(p: np.ndarray) -> np.ndarray:
     return ndimage.uniform_filter(p, POOL, mode="constant")
 
 
-def _smoothed_max(p: np.ndarray) -> float:
+def smoothed_max(p: np.ndarray) -> float:
     return float(_pooled(p).max()) if p.size else 0.0
 
 

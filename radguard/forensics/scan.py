@@ -334,13 +334,14 @@ def scan_file(
 
 def _content_layers(result: ScanResult, pixels: np.ndarray, det: SyntheticDetector) -> None:
     """The synthetic-image detector and the tamper detectors, where they apply."""
-    prepared = None  # the analysis form both content detectors read, made once
-    if pixels.size and float(np.ptp(pixels)) == 0:  # nothing in it a detector could read
-        result.reasons.append("image content cannot be judged: the image is one flat value")
+    try:  # the analysis form both content detectors read, made once; what it refuses (a
+        # flat or near-flat image, a strip, too small) no content detector can judge
+        prepared = Prepared.of(pixels)
+    except RadguardError as exc:
+        result.reasons.append(f"image content cannot be judged: {exc}")
         return
     try:
         if result.modality in RADIOGRAPHIC:
-            prepared = Prepared.of(pixels)
             result.synthetic = det.analyse(pixels, prepared)
         else:
             result.reasons.append(
@@ -408,7 +409,10 @@ def judge(r: ScanResult, point: OperatingPoint) -> None:
         r.verdict = "authentic"
     elif judged == "clear":
         r.verdict = "authentic"
-        how = ("the shipped operating point" if point.is_global and point.source is None
+        how = ("the shipped operating point, set for few false alarms on any hospital's "
+               "images: it misses most fakes from generators it never saw (calibrate the "
+               "source: radguard forensics calibrate)"
+               if point.is_global and point.source is None
                else f"source {point.source}'s calibration")
         reasons.append(f"no signature or watermark vouches for it: judged on content only, "
                        f"against {how}")

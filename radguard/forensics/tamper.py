@@ -28,12 +28,12 @@ import numpy as np
 from scipy import ndimage
 
 from radguard.errors import RadguardError
-from radguard.forensics.cues import Prepared
+from radguard.forensics.cues import MAX_ASPECT, CueError, Prepared, fine_residual
 from radguard.forensics.localnet import (
     CELL,
     LocalEditDetector,
-    _smoothed_max,
     load_local_detector,
+    smoothed_max,
 )
 from radguard.regions import mask_boxes
 
@@ -53,6 +53,7 @@ CM_MAX_SHIFTS = 32  # candidate shifts verified per image, most pairs first
 CM_NEAR = 2  # a copy must match far better than at the shifts up to this many px next to it
 CM_SHARPNESS = 2.0  # ... by this factor
 CM_MARGIN = 0.75  # ... and by this many grey levels (of 255; a smooth DX chest's lung: ~1)
+CM_SAMPLE = 256  # source blocks a candidate copy is measured on
 CM_TEXTURE = 0.3  # median absolute fine residual (grey levels) a copied region must carry
 FLAT_SIDE = 12  # analysed px: the smallest exactly flat square counted as a constant fill
 FLAT_RING = 6  # analysed px around it that must be noisy tissue ...
@@ -98,6 +99,9 @@ def _normalise(img: np.ndarray) -> tuple[np.ndarray, float]:
         raise TamperError("tamper detection needs a 2-D grey image")
     if min(raw.shape) < MIN_SIDE:
         raise TamperError(f"image too small for tamper detection (min side {MIN_SIDE})")
+    if max(raw.shape) > MAX_ASPECT * min(raw.shape):  # a strip: no radiograph, unbounded cost
+        raise TamperError(f"image {raw.shape[1]}x{raw.shape[0]} is too elongated for tamper "
+                          f"detection (sides more than {MAX_ASPECT}:1)")
     a, _scale = _reduce(raw.astype(np.float32), CM_MAX)  # huge images: bounded time and memory
     a = a.astype(np.float64)
     if not np.isfinite(a).all():
@@ -185,35 +189,28 @@ def _copy_candidates(a: np.ndarray) -> list[tuple[int, int, int, np.ndarray, np.
     return out
 
 
-def _copy_stats(a: np.ndarray, ys: np.ndarray, xs: np.ndarray, dy: int, dx: int
-                ) -> tuple[float, float, float]:
+def _copy_stats(a: np.ndarray, residual: np.ndarray, ys: np.ndarray, xs: np.ndarray,
+                dy: int, dx: int) -> tuple[float, float, float]:
     """How a candidate copy differs from its source (mean absolute difference over the
     source blocks), how the best shift next to it (1-2 px off) differs, and the median
-    absolute fine residual of the source (its noise and fine texture)."""
-    from radguard.forensics.cues import fine_residual
-
+    absolute fine residual of the source (its noise and fine texture). Measured on at most
+    :data:`CM_SAMPLE` source blocks, spread evenly, so a periodic texture with thousands of
+    matching blocks costs no more than a small copy."""
     b, p = CM_BLOCK, CM_NEAR
-    y0, x0 = int(ys.min()), int(xs.min())
-    y1, x1 = int(ys.max()) + b, int(xs.max()) + b
-    region = np.zeros((y1 - y0, x1 - x0), dtype=bool)
-    for y, x in zip(ys - y0, xs - x0, strict=True):
-        region[y : y + b, x : x + b] = True
-    h, w = a.shape
-    src = a[y0:y1, x0:x1]
-    # the copy and its neighbourhood, padded where it runs off the image
-    ty0, tx0 = y0 + dy - p, x0 + dx - p
-    pad = ((max(0, -ty0), max(0, ty0 + (y1 - y0) + 2 * p - h)),
-           (max(0, -tx0), max(0, tx0 + (x1 - x0) + 2 * p - w)))
-    tgt = np.pad(a[max(ty0, 0) : ty0 + (y1 - y0) + 2 * p, max(tx0, 0) : tx0 + (x1 - x0) + 2 * p],
-                 pad, mode="edge")
-    sv = src[region]
+    pick = np.unique(np.linspace(0, len(ys) - 1, min(len(ys), CM_SAMPLE)).astype(int))
+    ys, xs = ys[pick].astype(np.intp), xs[pick].astype(np.intp)
+    off = np.arange(b, dtype=np.intp)
+    rows = (ys[:, None] + off)[:, :, None]  # (blocks, b, 1)
+    cols = (xs[:, None] + off)[:, None, :]  # (blocks, 1, b)
+    src = a[rows, cols]
+    padded = np.pad(a, p, mode="edge")  # the copy's neighbourhood may run off the image
     diffs = {}
     for ey in range(-p, p + 1):
         for ex in range(-p, p + 1):
-            t = tgt[p + ey : p + ey + (y1 - y0), p + ex : p + ex + (x1 - x0)]
-            diffs[ey, ex] = float(np.abs(sv - t[region]).mean())
+            tgt = padded[rows + dy + ey + p, cols + dx + ex + p]
+            diffs[ey, ex] = float(np.abs(src - tgt).mean())
     exact = diffs.pop((0, 0))
-    texture = float(np.median(np.abs(fine_residual(src)[region])))
+    texture = float(np.median(np.abs(residual[rows, cols])))
     return exact, min(diffs.values()), texture
 
 
@@ -227,8 +224,11 @@ def _copy_move(a: np.ndarray) -> tuple[list[list[int]], int]:
     b = CM_BLOCK
     mask = np.zeros((h, w), dtype=bool)
     best = 0
+    residual = None
     for count, dy, dx, ys, xs in _copy_candidates(a):
-        exact, near, texture = _copy_stats(a, ys, xs, dy, dx)
+        if residual is None:  # only images with a candidate pay for it
+            residual = fine_residual(a)
+        exact, near, texture = _copy_stats(a, residual, ys, xs, dy, dx)
         if near < max(CM_SHARPNESS * exact, exact + CM_MARGIN) or texture < CM_TEXTURE:
             continue
         best = max(best, count)
@@ -295,8 +295,6 @@ def _flat_fills(a: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
 def _local_edits(img: np.ndarray, result: TamperResult, detector: LocalEditDetector,
                  prepared: Prepared | None = None) -> None:
     """Run the learned fill / splice detector on the analysed copy of ``img``."""
-    from radguard.forensics.cues import CueError
-
     try:
         prepared = prepared or Prepared.of(img)
     except CueError:  # too small for the network: the classical layers still spoke
@@ -306,7 +304,7 @@ def _local_edits(img: np.ndarray, result: TamperResult, detector: LocalEditDetec
     flat = _flat_fills(a, edit_map.probability.shape)
     if flat.any():  # a dead-flat patch inside noisy tissue: a fill, whatever the network says
         edit_map.probability = np.maximum(edit_map.probability, flat.astype(np.float64))
-        edit_map.score = _smoothed_max(edit_map.probability)
+        edit_map.score = smoothed_max(edit_map.probability)
     cell = CELL * max(np.asarray(img).shape[:2]) / max(a.shape)
     result.local_edit_score = edit_map.score
     result.local_edit_threshold = edit_map.threshold
