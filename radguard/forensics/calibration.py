@@ -407,14 +407,30 @@ class SourceScores:
         if added:
             with self._lock:
                 self._points.pop(source, None)
-                self._calibrated = None
                 self._added[source] = self._added.get(source, 0) + added
                 due = self._added[source] >= max(100, self.policy.window // 4)
                 if due:
                     self._added[source] = 0
+            if not held:
+                self._note_calibrated(source)
             if due:  # the table stays bounded: scores beyond the window no longer count
                 self.prune(source)
         return added
+
+    def _note_calibrated(self, source: str) -> None:
+        """Add ``source`` to the cached calibrated set once it has the scores (counting its
+        own rows only, by index: no scan of the whole table per recorded image)."""
+        with self._lock:
+            cached = self._calibrated
+        if cached is None or source in cached[1]:
+            return
+        counts = {str(d): int(n) for d, n in self.store.execute(
+            "SELECT detector, COUNT(*) FROM calibration_scores WHERE source=? AND "
+            "origin NOT LIKE ? GROUP BY detector", (source, _HELD_LIKE)).fetchall()}
+        if all(counts.get(d, 0) >= self.policy.full for d in DETECTORS):
+            with self._lock:
+                if self._calibrated is cached:
+                    self._calibrated = (cached[0], cached[1] | {source})
 
     def scores(self, source: str) -> dict[str, np.ndarray]:
         """The most recent ``window`` known-real scores of ``source``, per detector, oldest
