@@ -156,16 +156,22 @@ def build_part(name: str, items: list[sd.SourceImage], fams: sd.TorchFamilies | 
     for i, item in enumerate(items):
         rng = np.random.default_rng(zlib.crc32(f"{item.source}:{item.path.name}".encode()))
         img = item.load()
-        for variant, family, im in variants(item, img, rng, fams, i in ops_for):
-            d = describe(im, rng)
-            d.update(variant=variant, family=family, source=item.source, split=item.split,
-                     image=f"{item.source}:{item.path.name}", population=item.population)
-            rows.append(d)
+        rows += [_row(im, rng, variant, family, item)
+                 for variant, family, im in variants(item, img, rng, fams, i in ops_for)]
         if i % 100 == 0:
             print(f"  {name}: {i}/{len(items)} images, {len(rows)} rows "
                   f"({time.time() - t0:.0f} s)", flush=True)
     _save_rows(path, rows)
     print(f"wrote {path} ({len(rows)} rows, {time.time() - t0:.0f} s)", flush=True)
+
+
+def _row(im: np.ndarray, rng: np.random.Generator, variant: str, family: str,
+         item: sd.SourceImage) -> dict:
+    """One table row: the image's description and where it came from."""
+    d = describe(im, rng)
+    d.update(variant=variant, family=family, source=item.source, split=item.split,
+             image=f"{item.source}:{item.path.name}", population=item.population)
+    return d
 
 
 def _native_patch(img: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
@@ -203,13 +209,8 @@ def build_patches(reals: list[sd.SourceImage], fams: sd.TorchFamilies | None) ->
                 fake = sd.deliver(fake, 2 * size)
             made.append(("patch", fam, rp.random_chain(_native_patch(fake, rng, min(
                 size, min(fake.shape))), rng, p_none=0.5)[0]))
-        for variant, family, im in made:
-            if min(im.shape) < 32:
-                continue
-            d = describe(im, rng)
-            d.update(variant=variant, family=family, source=item.source, split=item.split,
-                     image=f"{item.source}:{item.path.name}", population=item.population)
-            rows.append(d)
+        rows += [_row(im, rng, variant, family, item) for variant, family, im in made
+                 if min(im.shape) >= 32]
         if i % 500 == 0:
             print(f"  patches: {i}/{len(reals)} images, {len(rows)} rows "
                   f"({time.time() - t0:.0f} s)", flush=True)

@@ -357,15 +357,25 @@ def _inspect(
         check.key_type, check.key_bits = key_type, key_bits
         timestamp = _timestamp_check(sig, signature, trust)
         trust_problem = _trust_problem(cert, trust, timestamp, check.signed_at, now)
-    except (SignatureError, UnsupportedAlgorithm) as exc:
-        check.reason = str(exc)
-        return check
-    except (AttributeError, KeyError, ValueError, TypeError) as exc:
-        check.reason = _malformed(exc)
+    except _ITEM_ERRORS as exc:
+        check.reason = _item_error(exc)
         return check
     verdict, weaknesses = policy.judge(mac, key_type, key_bits)
     return _Inspected(check, sig, mac, tags, key, signature, timestamp, trust_problem,
                       verdict, weaknesses)
+
+
+#: what reading or checking one signature item may raise: its reason, not a crash
+_ITEM_ERRORS = (SignatureError, UnsupportedAlgorithm, AttributeError, KeyError, ValueError,
+                TypeError)
+
+
+def _item_error(exc: BaseException) -> str:
+    """The reason a signature item failed: our own and cryptography's messages as they are,
+    anything else as a malformed item."""
+    if isinstance(exc, SignatureError | UnsupportedAlgorithm):
+        return str(exc)
+    return _malformed(exc)
 
 
 def _malformed(exc: Exception) -> str:
@@ -419,11 +429,8 @@ def _conclude(item: _Inspected, digests: _Digests, site: Dataset) -> SignatureCh
     except InvalidSignature:
         check.reason = "data changed after signing: signature does not match the content"
         return check
-    except (SignatureError, UnsupportedAlgorithm) as exc:
-        check.reason = str(exc)
-        return check
-    except (AttributeError, KeyError, ValueError, TypeError) as exc:
-        check.reason = _malformed(exc)
+    except _ITEM_ERRORS as exc:
+        check.reason = _item_error(exc)
         return check
 
     check.intact = True

@@ -74,6 +74,17 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in out.split()]
 
 
+def _run_until_settled(gateway, row: int, timeout: float, what: str) -> None:
+    """Start ``gateway``, wait until instance ``row`` is neither queued nor being processed,
+    stop it."""
+    gateway.start()
+    try:
+        wait_until(lambda: gateway.store.get(row).state not in ("queued", "processing"),
+                   timeout, f"{what} to be processed")
+    finally:
+        gateway.stop()
+
+
 def test_kill_9_during_a_1000_image_transfer(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
@@ -199,12 +210,7 @@ def test_an_instance_that_always_fails_is_quarantined_and_does_not_stall_the_que
     poisoned_uid = header_of(payload)["sop_uid"]
     bad = gateway.store.ingest(payload, header_of(payload), source="dimse")
     good = gateway.store.ingest(second, header_of(second), source="dimse")
-    gateway.start()
-    try:
-        wait_until(lambda: gateway.store.get(good).state not in ("queued", "processing"), 180,
-                   "the instance behind the poisoned one to be processed")
-    finally:
-        gateway.stop()
+    _run_until_settled(gateway, good, 180, "the instance behind the poisoned one")
     row = gateway.store.get(bad)
     assert row.state == "quarantined" and row.attempts == MAX_ATTEMPTS
     assert "Input/output error" in row.detail["reasons"][0]
@@ -241,12 +247,7 @@ def test_forwarding_retries_do_not_count_as_failures(tmp_path, monkeypatch):
                                     http_port=0, check_processes=0, workers=1).validate())
     payload = NIH_DX.read_bytes()  # checked "done", so it is forwarded
     row = gateway.store.ingest(payload, header_of(payload), source="dimse")
-    gateway.start()
-    try:
-        wait_until(lambda: gateway.store.get(row).state not in ("queued", "processing"), 300,
-                   "the instance to be forwarded after the outage")
-    finally:
-        gateway.stop()
+    _run_until_settled(gateway, row, 300, "the instance to be forwarded after the outage")
     instance = gateway.store.get(row)
     assert instance.state == "done", instance.detail
     assert instance.attempts == MAX_ATTEMPTS + 3 and len(sends) == MAX_ATTEMPTS + 3

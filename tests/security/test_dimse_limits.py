@@ -134,6 +134,13 @@ def _associate(port: int, source: str = "127.0.0.1", calling: str = "RAW",
     return sock, kind, body
 
 
+def _accepted(port: int) -> socket.socket:
+    """An association the acceptor took (A-ASSOCIATE-AC)."""
+    sock, kind, _ = _associate(port)
+    assert kind == 2
+    return sock
+
+
 def _closed_within(sock: socket.socket, seconds: float) -> bool:
     """True if the peer ends the connection (EOF or reset, after an A-ABORT or not) within
     ``seconds``; whatever else arrives meanwhile is ignored."""
@@ -216,8 +223,7 @@ def test_a_trickle_of_tiny_complete_pdus_does_not_hold_an_association(server):
     recorder = Recorder()
     acceptor = server(recorder, idle_timeout=1.0)
     start = time.monotonic()
-    sock, kind, _ = _associate(acceptor.port)
-    assert kind == 2
+    sock = _accepted(acceptor.port)
     sock.sendall(STORE_COMMAND)
     dropped = _trickle(sock, TWO_BYTES, every=0.2, limit=30, since=start)
     assert dropped is not None, "the trickling association was never dropped"
@@ -237,8 +243,7 @@ def test_small_complete_stores_and_resends_earn_only_their_bytes(server):
     instance = _p_data_pdu(_pdv(1, 0x03, _command(0x0001, 1, data=True))) + \
         _p_data_pdu(_pdv(1, 0x02, b"\x11" * 1024))  # the same SOP Instance each time
     start = time.monotonic()
-    sock, kind, _ = _associate(acceptor.port)
-    assert kind == 2
+    sock = _accepted(acceptor.port)
     dropped = _trickle(sock, instance, every=1.0, limit=30, since=start)
     assert dropped is not None, "small accepted stores kept the association alive"
     assert dropped >= 2.0
@@ -254,8 +259,7 @@ def test_a_steady_slow_sender_gets_through_and_a_slower_one_is_dropped(server):
     idle = 8.0
     acceptor = server(keeper, idle_timeout=idle, min_rate=32 << 10)
     data = bytes(range(256)) * (10 << 10)  # 2.5 MiB: 20 s at 128 KiB/s
-    sock, kind, _ = _associate(acceptor.port)
-    assert kind == 2
+    sock = _accepted(acceptor.port)
     sock.sendall(STORE_COMMAND)
     pieces = [data[at:at + (16 << 10)] for at in range(0, len(data), 16 << 10)]
     start = time.monotonic()
@@ -285,8 +289,7 @@ def test_a_busy_association_ends_at_the_total_time_limit(server):
     moment between messages after ``max_association_time``."""
     acceptor = server(max_association_time=2.0)
     start = time.monotonic()
-    sock, kind, _ = _associate(acceptor.port)
-    assert kind == 2
+    sock = _accepted(acceptor.port)
     ended = None
     while time.monotonic() - start < 30:
         try:
@@ -309,8 +312,7 @@ def test_a_message_under_way_at_the_total_time_limit_may_finish(server):
     keeper = Keeper()
     acceptor = server(keeper, max_association_time=6.0)
     start = time.monotonic()
-    sock, kind, _ = _associate(acceptor.port)
-    assert kind == 2
+    sock = _accepted(acceptor.port)
     sock.sendall(STORE_COMMAND)
     piece = b"\x07" * 4096
     sent = 0
@@ -331,8 +333,7 @@ def test_a_message_that_never_ends_is_cut_when_half_as_long_again_has_passed(ser
     recorder = Recorder()
     acceptor = server(recorder, max_association_time=2.0)
     start = time.monotonic()
-    sock, kind, _ = _associate(acceptor.port)
-    assert kind == 2
+    sock = _accepted(acceptor.port)
     sock.sendall(STORE_COMMAND)
     dropped = _trickle(sock, _p_data_pdu(_pdv(1, 0x00, b"\x00" * 6554)), every=0.05,
                        limit=30, since=start)
@@ -655,8 +656,7 @@ def test_an_association_whose_handler_is_at_work_is_never_evicted(server):
     peer's: however long it takes, the association keeps its slot and its answer."""
     handler = Blocking()
     acceptor = server(handler, max_associations=1)
-    sock, kind, _ = _associate(acceptor.port)
-    assert kind == 2
+    sock = _accepted(acceptor.port)
     _store(sock, b"\x09" * 1000)
     assert handler.started.wait(30)
     time.sleep(EVICT_AFTER + 1)  # longer than any idle association would be allowed
@@ -762,8 +762,7 @@ def test_large_data_sets_are_spooled_and_arrive_whole(server, tmp_path):
     acceptor = server(keeper, memory_per_message=1 << 20)
     large = np.random.default_rng(1).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()
     small = large[:100_000]
-    sock, kind, _ = _associate(acceptor.port)
-    assert kind == 2
+    sock = _accepted(acceptor.port)
     _store(sock, large, message_id=1)
     kind, body = _read_pdu(sock)
     assert kind == 4 and _status(body) == 0
@@ -822,8 +821,7 @@ def test_a_spool_file_that_cannot_be_written_gets_out_of_resources(server, tmp_p
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, hard))
     try:
-        sock, kind, _ = _associate(acceptor.port)
-        assert kind == 2
+        sock = _accepted(acceptor.port)
         _store(sock, b"\x02" * (8 << 20))
         kind, body = _read_pdu(sock)
     finally:
@@ -889,8 +887,7 @@ def test_below_the_free_space_reserve_stores_get_out_of_resources(server, small_
     spool = small_disk / "incoming"
     acceptor = server(keeper, spool_dir=spool, memory_per_message=1 << 20, min_free=1 << 20,
                       on_unwritable=reported.append)
-    sock, kind, _ = _associate(acceptor.port)
-    assert kind == 2
+    sock = _accepted(acceptor.port)
     filler = _leave_free(small_disk, 6 << 20)
     _store(sock, b"\x0c" * (12 << 20))  # would take the disk below the reserve mid-message
     kind, body = _read_pdu(sock)

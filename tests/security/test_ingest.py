@@ -953,14 +953,19 @@ def test_a_copy_superseded_while_it_is_checked_never_reaches_the_pacs(tmp_path, 
 
 # -- a full disk -------------------------------------------------------------------------------
 
+def _nih_copy(path: Path) -> Path:
+    """The NIH radiograph under a new SOP Instance UID, written to ``path``."""
+    ds = read_dataset(NIH_DX)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    write_dataset(ds, path)
+    return path
+
+
 def _queue_copies(store: Store, folder: Path, count: int) -> list[int]:
     """``count`` copies of the NIH radiograph under new SOP Instance UIDs, ingested (queued)."""
     rows = []
     for n in range(count):
-        ds = read_dataset(NIH_DX)
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        write_dataset(ds, folder / f"q{n}.dcm")
-        payload = (folder / f"q{n}.dcm").read_bytes()
+        payload = _nih_copy(folder / f"q{n}.dcm").read_bytes()
         rows.append(store.ingest(payload, header_of(payload), source="dimse",
                                  calling_ae="DX1"))
     return rows
@@ -980,10 +985,7 @@ def test_full_disk_refuses_new_images_and_workers_resume(small_disk, tmp_path, c
     caplog.set_level("DEBUG", logger="radguard.gateway")
     data = small_disk / "data"
     queued = _queue_copies(Store(data), tmp_path, 24)
-    later = tmp_path / "later.dcm"
-    ds = read_dataset(NIH_DX)
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    write_dataset(ds, later)
+    later = _nih_copy(tmp_path / "later.dcm")
     gateway = Gateway(GatewayConfig(data_dir=str(data), dicom_port=0, http_port=0,
                                     check_processes=0, workers=1).validate())
     # the write-ahead log emptied, then every free byte taken - before the worker starts,
@@ -1065,10 +1067,7 @@ def test_below_the_reserve_intake_pauses_and_the_workers_go_on(small_disk, tmp_p
 
     data = small_disk / "data"
     queued = _queue_copies(Store(data), tmp_path, 3)
-    later = tmp_path / "later.dcm"
-    ds = read_dataset(NIH_DX)
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    write_dataset(ds, later)
+    later = _nih_copy(tmp_path / "later.dcm")
     gateway = Gateway(GatewayConfig(data_dir=str(data), dicom_port=0, http_port=0,
                                     check_processes=0, workers=1,
                                     dicom_min_free_mb=2).validate())
