@@ -531,6 +531,43 @@ def evaluate(predictions: str, labels_path: str | None, by: str, compare_path: s
         click.echo(f"report: {out_path}")
 
 
+# -- reader-study -------------------------------------------------------------------------
+
+@main.group("reader-study")
+def reader_study() -> None:
+    """Multi-reader multi-case (MRMC) ROC reader studies."""
+
+
+@reader_study.command("analyze")
+@click.argument("ratings", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON summary.")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False),
+              help="Write a self-contained HTML report (per-reader AUC plot) here.")
+@click.option("--reference", help="Modality every difference is taken against "
+                                  "(default: the first one in the CSV).")
+@click.option("--method", type=click.Choice(["jackknife", "delong"]), default="jackknife",
+              show_default=True, help="Covariance estimate of the reader AUCs (ORH).")
+@click.option("--analysis", type=click.Choice(["orh", "dbm"]), default="orh",
+              show_default=True, help="Obuchowski-Rockette-Hillis or Dorfman-Berbaum-Metz.")
+@click.option("--design", type=click.Choice(["rrrc", "frrc", "rrfc"]), default="rrrc",
+              show_default=True, help="Generalisation summarised in the JSON: random "
+                                      "readers and cases, fixed readers, or fixed cases.")
+def reader_study_analyze(ratings: str, as_json: bool, html_path: str | None,
+                         reference: str | None, method: str, analysis: str,
+                         design: str) -> None:
+    """Compare modalities in a fully crossed reader study (CSV columns reader, modality,
+    case, truth, rating): empirical AUC, ORH or DBM with Hillis ddf."""
+    from radguard.evaluation import mrmc
+
+    result = mrmc.analyze(mrmc.read_ratings(ratings), method=method, analysis=analysis,
+                          reference=reference, design=design)
+    if html_path:
+        mrmc.write_html(result, html_path)
+    click.echo(mrmc.to_json(result) if as_json else mrmc.format_table(result))
+    if html_path and not as_json:
+        click.echo(f"report: {html_path}")
+
+
 # -- monitor ------------------------------------------------------------------------------
 
 @main.group()
