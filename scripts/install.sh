@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install radguard and everything it needs on a fresh Debian machine (run as root or with sudo).
-#   bash scripts/install.sh          # runtime: dcmtk + the radguard package
+#   bash scripts/install.sh          # runtime: dcmtk + the radguard package + the OHIF Viewer
 #   bash scripts/install.sh --dev    # plus test and lint tools
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +25,8 @@ if [ "${1:-}" = "--dev" ]; then
   command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
   command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
   compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need_apt+=(postgresql)
+  # npm fetches the OHIF Viewer below, which the viewer's browser test needs
+  command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
@@ -37,3 +39,31 @@ python -m pip install --quiet --disable-pip-version-check -e ".${extras}"
 # pyenv installs console scripts behind shims that must be regenerated
 if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
 python -c "import radguard; print('radguard', radguard.__version__, 'installed')"
+
+# The OHIF Viewer the gateway serves under /viewer/ (radguard/gateway/viewer.py): its prebuilt
+# dist/ from the npm registry (~50 MB packed), fetched once into .cache/ (not committed), where
+# the gateway looks by default ([viewer] ohif_dist). OHIF_VERSION must match the one in
+# radguard/gateway/config.py. Without npm the gateway runs, and says "viewer not installed".
+OHIF_VERSION=3.13.2
+ohif_dir=".cache/ohif/${OHIF_VERSION}"
+if [ -f "${ohif_dir}/dist/index.html" ]; then
+  echo "OHIF Viewer ${OHIF_VERSION} already in ${ohif_dir}/dist"
+elif command -v npm >/dev/null 2>&1; then
+  mkdir -p "${ohif_dir}"
+  fetch="$(mktemp -d "${ohif_dir}/.fetch-XXXXXX")"  # same filesystem: the dist is renamed in
+  if (cd "${fetch}" && npm pack --silent "@ohif/app@${OHIF_VERSION}" >/dev/null) \
+      && tar -xzf "${fetch}"/ohif-app-*.tgz -C "${fetch}" package/dist \
+      && [ -f "${fetch}/package/dist/index.html" ]; then
+    rm -rf "${ohif_dir}/dist"
+    mv "${fetch}/package/dist" "${ohif_dir}/dist"
+    echo "OHIF Viewer ${OHIF_VERSION} installed in ${ohif_dir}/dist"
+  else
+    echo "WARNING: could not fetch the OHIF Viewer (npm pack @ohif/app@${OHIF_VERSION})" \
+         "- the gateway runs without it and says 'viewer not installed'" >&2
+  fi
+  rm -rf "${fetch}"
+else
+  echo "WARNING: npm not found, so the OHIF Viewer is not installed - the gateway runs" \
+       "without it and says 'viewer not installed' (apt-get install npm, then run this" \
+       "script again)" >&2
+fi

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import shutil
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,9 +122,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def orthanc(tmp_path_factory: pytest.TempPathFactory):
-    """Start Orthanc on free high ports (remote access off) and stop it after the session."""
+@contextlib.contextmanager
+def running_orthanc(folder: Path, name: str = "radguard-test", **settings: object
+                    ) -> Iterator[OrthancServer]:
+    """A real Orthanc (Debian package, DICOMweb plugin) on free high ports with remote
+    access off and a password, its files in ``folder``, stopped on leaving; ``settings``
+    are added to its JSON configuration."""
     import glob
     import json
     import time
@@ -133,15 +138,14 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory):
     plugins = glob.glob("/usr/lib/orthanc/libOrthancDicomWeb.so*")
     if binary is None or not plugins:
         pytest.fail("Orthanc or its DICOMweb plugin not found: run scripts/install.sh")
-    folder = tmp_path_factory.mktemp("orthanc")
     server = OrthancServer(_free_port(), _free_port(), "radguard", "test-" + folder.name[-6:])
     config = {
-        "Name": "radguard-test", "StorageDirectory": str(folder / "storage"),
+        "Name": name, "StorageDirectory": str(folder / "storage"),
         "IndexDirectory": str(folder / "index"), "HttpPort": server.http_port,
         "DicomPort": server.dicom_port, "DicomAet": server.aet, "RemoteAccessAllowed": False,
         "AuthenticationEnabled": True, "RegisteredUsers": {server.user: server.password},
         "Plugins": [sorted(plugins)[0]], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-        "HttpTimeout": 60, "StableAge": 1,
+        "HttpTimeout": 60, "StableAge": 1, **settings,
     }
     (folder / "orthanc.json").write_text(json.dumps(config))
     log = (folder / "orthanc.log").open("w")
@@ -160,13 +164,38 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory):
             time.sleep(0.1)
         else:
             break
-    yield server
-    proc.terminate()
     try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory: pytest.TempPathFactory):
+    """Orthanc for the whole session (tests that share it must not depend on its content)."""
+    with running_orthanc(tmp_path_factory.mktemp("orthanc")) as server:
+        yield server
+
+
+def copy_dicom(src: Path, dst: Path, **changes: object) -> Path:
+    """A copy of ``src`` as a new instance (new SOP Instance UID; the file meta follows the
+    SOP Class and Instance UIDs) with ``changes`` applied; returns ``dst``."""
+    from pydicom.uid import generate_uid
+
+    from radguard.dicom.io import read_dataset, write_dataset
+
+    ds = read_dataset(src)
+    for key, value in changes.items():
+        setattr(ds, key, value)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    write_dataset(ds, dst)
+    return dst
 
 
 def dcmtk_tool(name: str) -> str:

@@ -105,6 +105,8 @@ def validate_pixel_data(ds: Dataset, *, decode_compressed: bool = True) -> Pixel
     decoded_size(name, info.rows, info.columns, info.frames, info.samples_per_pixel,
                  info.bits_allocated, check_total=False)
     bits = info.rows * info.columns * info.frames * info.samples_per_pixel * info.bits_allocated
+    if info.photometric == "YBR_FULL_422" and info.samples_per_pixel == 3:
+        bits = bits * 2 // 3  # two luma samples share one Cb and one Cr (PS3.3 C.7.6.3.1.2)
     expected = (bits + 7) // 8
     actual = elem.length if getattr(elem, "is_raw", False) else len(elem.value or b"")
     if actual not in (expected, expected + (expected % 2)):

@@ -92,6 +92,8 @@ class ScanResult:
     # they are read and shown, and by default whose they are): VerificationReport.pixels_covered
     readable: bool = False  # the pixels were decoded: an unreadable file is the only
     # unverifiable image the gateway quarantines for being unverifiable
+    image: bool = True  # False: an object without pixel data (SR, KO, PR, ...): only its
+    # signature and header can be checked, and there are no pixels to be unreadable
     restored: bool = False  # the detectors read the watermark-restored original
     marked: bool = False  # carries radguard's watermark block (key or not): unless restored,
     # its pixels are not exactly the device's and its scores are no known-real evidence
@@ -198,6 +200,12 @@ def _dicom_layers(path: Path, result: ScanResult, trust: object, key: object,
     _signature_layer(report, result, trust)
     result.modality = str(getattr(ds, "Modality", "") or "").upper()
     result.station = str(getattr(ds, "StationName", "") or "").strip()
+    if not any(k in ds for k in _PIXEL_KEYWORDS):
+        result.image = False
+        result.findings = check_metadata(ds)
+        kind = result.modality or "no modality"
+        raise NotAnImage(f"no pixel data: a non-image object ({kind}); its signature and "
+                         "header were checked, no content detector applies")
     try:
         pixels = pixel_array(ds)  # decoded once: watermark, header checks and the display
     except RadguardError:
@@ -225,6 +233,13 @@ def _dicom_layers(path: Path, result: ScanResult, trust: object, key: object,
     if keep:
         result.dataset, result.stored = ds, pixels
     return display_frame(ds, analysed)
+
+
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+class NotAnImage(RadguardError):
+    """The object has no pixel data (an SR, KO, PR, ...): nothing for the content layers."""
 
 
 def _trust_store(trust: object) -> object:

@@ -5,12 +5,19 @@ idle associations they burn about half a core, and under load they fight the che
 interpreter lock. Here a socket wakes the loop only when bytes arrive. The protocol pieces
 are still pynetdicom's (A-ASSOCIATE-RQ/AC decoding and encoding, presentation context and
 role negotiation, file meta information); this module adds the state machine of an acceptor
-that offers C-STORE and C-ECHO (PS3.8 9.3, PS3.7 9.3.1 and 9.3.5):
+that offers C-STORE and C-ECHO (PS3.8 9.3, PS3.7 9.3.1 and 9.3.5), and hands the other
+requests (C-FIND, C-MOVE, C-GET, N-ACTION: :mod:`radguard.gateway.qr`) to ``service``:
 
 * each proposed presentation context gets the first of *its* transfer syntaxes that we
   offer: the requestor lists the syntax its data is in first, and a conversion would break
   a DICOM signature (8-bit pixel data is OB in Explicit VR and OW in Implicit VR);
-  SCP/SCU role selection is not answered, so the default roles apply (PS3.7 D.3.3.4);
+  SCP/SCU role selection items are accepted as proposed for the contexts accepted (PS3.7
+  D.3.3.4), so a C-GET requestor may take the SCP role of the storage classes;
+* a service operation (C-FIND, C-MOVE, C-GET, N-ACTION) runs as a task of the loop while
+  the connection goes on reading: its C-CANCEL, and the C-STORE-RSPs of the C-STORE
+  sub-operations of a C-GET, are read meanwhile. No asynchronous operations window is
+  negotiated, so a second request before the first one's final response aborts;
+* every status other than Success carries an Error Comment (0000,0902) saying why;
 * the first PDU must be an A-ASSOCIATE-RQ; a calling AE title not allowed, an unknown
   application context, a bad protocol version or too many associations get an
   A-ASSOCIATE-RJ with the matching reason;
@@ -104,7 +111,7 @@ import tempfile
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,7 +124,8 @@ if TYPE_CHECKING:
     from pynetdicom.pdu_primitives import ServiceParameter
     from pynetdicom.presentation import PresentationContext
 
-__all__ = ["Acceptor", "DimseLimits", "StoreRequest"]
+__all__ = ["Acceptor", "DimseLimits", "Link", "ServiceRequest", "Status", "StoreRequest",
+           "error_comment"]
 
 log = logging.getLogger("radguard.gateway")
 
@@ -125,8 +133,16 @@ APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 A_ASSOCIATE_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, P_DATA_TF = 1, 2, 3, 4
 A_RELEASE_RQ, A_RELEASE_RP, A_ABORT = 5, 6, 7
 C_STORE_RQ, C_ECHO_RQ, C_CANCEL_RQ = 0x0001, 0x0030, 0x0FFF
-NO_DATA_SET = 0x0101
-SUCCESS = 0x0000
+C_GET_RQ, C_FIND_RQ, C_MOVE_RQ = 0x0010, 0x0020, 0x0021
+N_EVENT_REPORT_RQ, N_ACTION_RQ = 0x0100, 0x0130
+RESPONSE = 0x8000  # the Command Field bit of every response
+NO_DATA_SET, DATA_SET = 0x0101, 0x0001
+SUCCESS, PENDING = 0x0000, 0xFF00
+# the data set of a service request (an identifier, action information) is held in memory
+# whole and must fit in this; a larger one is read and dropped and the request refused
+REQUEST_DATA_LIMITS = {C_FIND_RQ: 64 << 10, C_MOVE_RQ: 64 << 10, C_GET_RQ: 64 << 10,
+                       N_ACTION_RQ: 1 << 20}
+COMMENT_LENGTH = 64  # Error Comment is LO
 UNRECOGNISED_OPERATION, CANNOT_UNDERSTAND, OUT_OF_RESOURCES = 0x0211, 0xC000, 0xA700
 # A-ABORT reasons (source 2 = service provider)
 UNRECOGNISED_PDU, UNEXPECTED_PDU, INVALID_PARAMETER = 0x01, 0x02, 0x06
@@ -202,7 +218,44 @@ class StoreRequest:
     peer: str = ""  # the peer's IP address
 
 
+class Status(int):
+    """A DIMSE status with the reason for it: the Error Comment a non-success status is sent
+    with. Still an ``int``, so a handler may return either."""
+
+    comment: str
+
+    def __new__(cls, code: int, comment: str = "") -> Status:
+        status = super().__new__(cls, code)
+        status.comment = comment
+        return status
+
+
+def error_comment(text: str) -> str:
+    """``text`` as an Error Comment: printable ASCII, no backslash (LO), at most 64 chars."""
+    clean = "".join(c if " " <= c <= "~" and c != "\\" else "?" for c in " ".join(text.split()))
+    return clean[:COMMENT_LENGTH].rstrip()
+
+
 StoreHandler = Callable[[StoreRequest], int]
+
+
+@dataclass(frozen=True)
+class ServiceRequest:
+    """A complete request the acceptor does not answer itself (C-FIND, C-MOVE, C-GET,
+    N-ACTION): who asked, on which presentation context, the command and its data set
+    (``data``: as sent, in ``transfer_syntax``; empty if none)."""
+
+    calling_ae: str
+    peer: str
+    command_field: int
+    message_id: int
+    abstract_syntax: str
+    transfer_syntax: str
+    command: dict[int, bytes]
+    data: bytes
+
+
+ServiceHandler = Callable[[ServiceRequest, "Link"], Awaitable[None]]
 
 
 class _Abort(Exception):
@@ -244,6 +297,8 @@ class _Message:
         self.data_done = False
         self.keep: _Keep | None = None  # decided by the first data set fragment
         self.status: int | None = None  # the answer when the data set is discarded
+        self.comment = ""  # why, for that answer
+        self.limit = 0  # a service request's data set: held in memory up to this, unbudgeted
         self.parts: list[bytes] = []  # Part 10 head and data set in memory, or not written yet
         self.pending = 0  # bytes in ``parts`` not yet written to the spool file
         self.held = 0  # bytes reserved from the memory budget
@@ -289,26 +344,46 @@ def parse_command(data: bytes) -> dict[int, bytes]:
     return out
 
 
-def encode_response(request: dict[int, bytes], status: int) -> bytes:
-    """The response command set to ``request``: Implicit VR Little Endian, group length
-    first, elements in tag order."""
-
-    def element(number: int, value: bytes) -> bytes:
-        if len(value) % 2:
-            value += b"\x00"
-        return struct.pack("<HHI", 0, number, len(value)) + value
-
-    field = _us(request[0x0100]) or 0
+def encode_command(elements: dict[int, bytes | int | str]) -> bytes:
+    """A command set (Implicit VR Little Endian, group 0000): ``{element number: value}``,
+    an int as US, a str as text (UI padded with NUL, others with a space), bytes as they
+    are; group length first, elements in tag order."""
     body = b""
-    if 0x0002 in request:
-        body += element(0x0002, request[0x0002].rstrip(b"\x00 "))
-    body += element(0x0100, struct.pack("<H", field | 0x8000))
-    body += element(0x0120, request[0x0110])
-    body += element(0x0800, struct.pack("<H", NO_DATA_SET))
-    body += element(0x0900, struct.pack("<H", status))
-    if 0x1000 in request:
-        body += element(0x1000, request[0x1000].rstrip(b"\x00 "))
-    return element(0x0000, struct.pack("<I", len(body))) + body
+    for number in sorted(elements):
+        value = elements[number]
+        if isinstance(value, int):
+            value = struct.pack("<H", value)
+        elif isinstance(value, str):
+            value = value.encode("ascii", "replace")
+            if len(value) % 2:
+                value += b"\x00" if number in _UI_ELEMENTS else b" "
+        elif len(value) % 2:
+            value += b"\x00"
+        body += struct.pack("<HHI", 0, number, len(value)) + value
+    return struct.pack("<HHII", 0, 0, 4, len(body)) + body
+
+
+_UI_ELEMENTS = {0x0002, 0x0003, 0x1000, 0x1001}
+
+
+def encode_response(request: dict[int, bytes], status: int, comment: str = "", *,
+                    data_set: bool = False, extra: dict[int, int | str] | None = None) -> bytes:
+    """The response command set to ``request``: its SOP class and instance (the requested
+    ones of an N- service become the affected ones), ``status``, the Error Comment for a
+    status other than Success or Pending, and ``extra`` elements (sub-operation counts).
+    Without comment, data set and extras: exactly the C-STORE-RSP / C-ECHO-RSP as before."""
+    field = _us(request[0x0100]) or 0
+    elements: dict[int, bytes | int | str] = {
+        0x0100: field | RESPONSE, 0x0120: request[0x0110],
+        0x0800: DATA_SET if data_set else NO_DATA_SET, 0x0900: status}
+    for affected, requested in ((0x0002, 0x0003), (0x1000, 0x1001)):
+        value = request.get(affected, request.get(requested))
+        if value is not None:
+            elements[affected] = value.rstrip(b"\x00 ")
+    if comment and status not in (SUCCESS, PENDING, 0xFF01):
+        elements[0x0902] = error_comment(comment)
+    elements.update(extra or {})
+    return encode_command(elements)
 
 
 def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes | None:
@@ -354,15 +429,112 @@ def _pdu(kind: int, body: bytes) -> bytes:
     return struct.pack(">BBI", kind, 0, len(body)) + body
 
 
-def _p_data(context_id: int, command: bytes, peer_max: int) -> bytes:
-    """A command set as P-DATA-TF PDUs no longer than the peer accepts (0 = no limit)."""
-    room = len(command) if not peer_max else max(1, peer_max - 6)
+def _p_data(context_id: int, command: bytes, peer_max: int, *, is_command: bool = True,
+            last: bool = True) -> bytes:
+    """A command set, or a piece of a data set, as P-DATA-TF PDUs no longer than the peer
+    accepts (0 = no limit); ``last``: the message part ends with this piece."""
+    room = max(1, len(command) if not peer_max else peer_max - 6)
     out = b""
-    for at in range(0, len(command), room):
+    for at in range(0, max(1, len(command)), room):
         piece = command[at:at + room]
-        header = 0x01 | (0x02 if at + room >= len(command) else 0)
+        header = (0x01 if is_command else 0) | (0x02 if last and at + room >= len(command)
+                                                else 0)
         out += _pdu(P_DATA_TF, struct.pack(">IBB", len(piece) + 2, context_id, header) + piece)
     return out
+
+
+class Link:
+    """What a service operation may do on its association (on the loop): answer its
+    request, send C-STORE sub-operations (C-GET) or an N-EVENT-REPORT, and see whether the
+    peer cancelled (``cancelled``, a threading.Event so a worker thread can watch it) or
+    went away (``open``)."""
+
+    def __init__(self, acceptor: Acceptor, connection: _Connection, request: ServiceRequest,
+                 context_id: int) -> None:
+        self._acceptor, self._connection = acceptor, connection
+        self.request, self.context_id = request, context_id
+        self.cancelled = threading.Event()
+        self.finished = False  # its final response went out (or the association ended)
+
+    @property
+    def open(self) -> bool:
+        """Whether the association still carries messages."""
+        return not self._connection.closed
+
+    async def respond(self, status: int, comment: str = "", *, data: bytes | None = None,
+                      extra: dict[int, int | str] | None = None) -> None:
+        """Send a response to the request; any status but Pending is the final one, after
+        which the peer may send its next request."""
+        if status not in (PENDING, 0xFF01):
+            self.finished = True
+            if self._connection.operation is self:
+                self._connection.operation = None
+        if not self.open:
+            return
+        command = encode_response(self.request.command, status, comment,
+                                  data_set=data is not None, extra=extra)
+        await self._acceptor.send(self._connection, self.context_id, command, data)
+
+    def storage_contexts(self, sop_class: str) -> list[tuple[int, str]]:
+        """(context id, transfer syntax) of the accepted contexts of ``sop_class`` on which
+        the peer took the SCP role (a C-GET requestor's storage contexts)."""
+        if sop_class not in self._connection.scp_classes:
+            return []
+        return [(cid, str(cx.transfer_syntax[0]))
+                for cid, cx in self._connection.contexts.items()
+                if str(cx.abstract_syntax) == sop_class]
+
+    async def store(self, context_id: int, sop_class: str, sop_instance: str,
+                    data: bytes | tuple[Path, int], timeout: float) -> Status | None:
+        """A C-STORE sub-operation on this association: ``data`` is the data set in the
+        context's transfer syntax (bytes, or a file and the offset it starts at). Its
+        status, or None if the peer did not answer in ``timeout`` seconds or went away."""
+        command = {0x0002: sop_class, 0x0100: C_STORE_RQ, 0x0700: 0, 0x0800: DATA_SET,
+                   0x1000: sop_instance}
+        return await self._request(context_id, command, data, timeout)
+
+    async def event_report(self, event_type: int, sop_instance: str, data: bytes,
+                           timeout: float) -> Status | None:
+        """An N-EVENT-REPORT-RQ on the request's context (Storage Commitment's result);
+        its status, or None if unanswered or the association ended."""
+        command = {0x0002: self.request.abstract_syntax, 0x0100: N_EVENT_REPORT_RQ,
+                   0x0800: DATA_SET, 0x1000: sop_instance, 0x1002: event_type}
+        return await self._request(self.context_id, command, data, timeout)
+
+    async def _request(self, context_id: int, elements: dict[int, bytes | int | str],
+                       data: bytes | tuple[Path, int], timeout: float) -> Status | None:
+        connection = self._connection
+        if not self.open:
+            return None
+        message_id = connection.next_message_id()
+        elements[0x0110] = message_id
+        answer: asyncio.Future[dict[int, bytes]] = connection.loop.create_future()
+        connection.waiting[message_id] = answer
+        try:
+            await self._acceptor.send(connection, context_id, encode_command(elements), data)
+            async with asyncio.timeout(timeout):
+                response = await answer
+        except TimeoutError:  # a peer that does not answer our request is cut off: waiting
+            connection.closed = True  # on it again for every instance of a C-GET would
+            connection.writer.transport.abort()  # hold its association slot for hours
+            return None
+        except (ConnectionError, OSError):
+            return None
+        finally:
+            connection.waiting.pop(message_id, None)
+        comment = response.get(0x0902, b"").rstrip(b"\x00 ").decode("ascii", "replace")
+        code = _us(response.get(0x0900, b""))
+        return Status(CANNOT_UNDERSTAND if code is None else code, comment)
+
+    def background(self, work: Coroutine[object, object, None]) -> None:
+        """Run ``work`` on the loop beyond this operation and even this association (a
+        Storage Commitment report); it is cancelled when the acceptor stops."""
+        self._acceptor.background(work)
+
+    def ours(self) -> contextlib.AbstractContextManager[None]:
+        """While this runs the association's peer is waiting for us (a commitment's checks):
+        its idle allowance is not used up."""
+        return self._connection.ours()
 
 
 class _Connection:
@@ -387,7 +559,23 @@ class _Connection:
         self.end = now + self.limits.max_association_time
         self.last_end = now + self.limits.max_association_time * (1 + OVERTIME)
         self.paused_since: float | None = None
+        self.busy = 0  # our own pieces of work running (``ours``), nested or concurrent
         self.timer: asyncio.TimerHandle | None = self.loop.call_at(self.deadline, self._check)
+        # -- set once associated: what service operations need --
+        self.contexts: dict[int, PresentationContext] = {}  # accepted, by context id
+        self.scp_classes: set[str] = set()  # SOP classes the peer may be the SCP of (C-GET)
+        self.peer_max = 0  # the peer's maximum PDU length (0: none)
+        self.operation: Link | None = None  # the request not answered finally yet
+        self.waiting: dict[int, asyncio.Future[dict[int, bytes]]] = {}  # our requests
+        self.message_id = 0
+        self.closed = False  # released or gone: nothing more is sent
+        self.send_lock = asyncio.Lock()  # one message at a time on the wire
+        self.tasks: set[asyncio.Task[None]] = set()  # its operation, cancelled when it ends
+
+    def next_message_id(self) -> int:
+        """A Message ID for a request of ours (C-STORE sub-operation, N-EVENT-REPORT)."""
+        self.message_id = self.message_id % 0xFFFF + 1
+        return self.message_id
 
     # -- the clock --------------------------------------------------------------------------
     # Two clocks: ``deadline`` ends the allowance (bytes and new instances refill it), and
@@ -416,11 +604,21 @@ class _Connection:
 
     @contextlib.contextmanager
     def ours(self) -> Iterator[None]:
-        """Time spent on our side (a handler, a spool write) is not the peer's."""
-        self.paused_since = self.loop.time()
+        """Time spent on our side (a handler, a spool write, a service operation) is not the
+        peer's; several may overlap (an operation and a store), the first starts the pause,
+        the last ends it."""
+        self.busy += 1
+        if self.busy == 1:
+            self.paused_since = self.loop.time()
         try:
             yield
         finally:
+            self.busy -= 1
+            if self.busy == 0 and self.paused_since is not None:
+                self._resume()
+
+    def _resume(self) -> None:
+        if self.paused_since is not None:
             now = self.loop.time()
             paused, most = now - self.paused_since, now + self.limits.idle_timeout
             self.deadline = min(most, self.deadline + paused)
@@ -499,8 +697,11 @@ class Acceptor:
                  ssl_context: ssl.SSLContext | None = None,
                  limits: DimseLimits | None = None, spool_dir: Path | None = None,
                  max_pdu: int = 4 << 20,
-                 on_unwritable: Callable[[OSError], None] | None = None) -> None:
+                 on_unwritable: Callable[[OSError], None] | None = None,
+                 service: ServiceHandler | None = None) -> None:
         self.ae_title = ae_title
+        self.service = service  # C-FIND, C-MOVE, C-GET, N-ACTION (None: 0x0211)
+        self._tasks: set[asyncio.Task[None]] = set()  # operations and reports under way
         self.syntaxes = {str(c.abstract_syntax): {str(t) for t in c.transfer_syntax}
                          for c in contexts}  # abstract syntax -> transfer syntaxes offered
         self.handler = handler
@@ -629,7 +830,12 @@ class Acceptor:
             self._summary.cancel()
         if self._server is not None:
             self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
         for connection in list(self._connections):
+            connection.closed = True
+            if connection.operation is not None:  # a worker thread stops at its next step
+                connection.operation.cancelled.set()
             connection.stop_clock()
             if connection.writer.transport is not None:
                 connection.writer.transport.abort()
@@ -755,8 +961,18 @@ class Acceptor:
         return True
 
     async def _forget(self, connection: _Connection) -> None:
-        """A connection ended: its counts go at once, its unfinished message with them."""
+        """A connection ended: its counts go at once, its unfinished message with them, its
+        operation is cancelled and its unanswered requests fail."""
         connection.stop_clock()
+        connection.closed = True
+        if connection.operation is not None:
+            connection.operation.cancelled.set()  # a worker thread stops at its next step
+        for task in list(connection.tasks):
+            task.cancel()
+        for waiter in connection.waiting.values():
+            if not waiter.done():
+                waiter.set_exception(ConnectionResetError("the association ended"))
+        connection.waiting.clear()
         self._connections.discard(connection)
         self._per_peer[connection.peer] -= 1
         if self._per_peer[connection.peer] <= 0:
@@ -816,6 +1032,8 @@ class Acceptor:
             await connection.exactly(length)
             if kind == A_ABORT:
                 return
+            async with connection.send_lock:  # after a message being sent, if any
+                connection.closed = True
             connection.writer.write(_pdu(A_RELEASE_RP, b"\x00" * 4))
             await connection.writer.drain()
             return
@@ -893,7 +1111,12 @@ class Acceptor:
         except ValueError as exc:
             raise _Abort(INVALID_PARAMETER, str(exc)) from exc
         message.command_parts.clear()
-        if _us(message.command.get(0x0110, b"")) is None:
+        field = _us(message.command[0x0100]) or 0
+        if field & RESPONSE or field == C_CANCEL_RQ:
+            if _us(message.command.get(0x0120, b"")) is None:
+                raise _Abort(INVALID_PARAMETER, "response or C-CANCEL without the Message "
+                                                "ID Being Responded To")
+        elif _us(message.command.get(0x0110, b"")) is None:
             raise _Abort(INVALID_PARAMETER, "request without a Message ID")
 
     # -- data sets: memory, spool file or nowhere -------------------------------------------------
@@ -901,7 +1124,8 @@ class Acceptor:
         """Take ``size`` bytes of data set off the socket and keep them where they go."""
         if message.keep is None:
             self._start_data_set(message)
-            if message.keep is _Keep.MEMORY and (short := self._short_of_room()) is not None:
+            if message.keep is _Keep.MEMORY and not message.limit and \
+                    (short := self._short_of_room()) is not None:
                 await self._fail(connection, message, short)
         while size:
             chunk = await connection.some(min(size, READ_CHUNK))
@@ -910,6 +1134,14 @@ class Acceptor:
             if message.data_size > self.limits.max_data_set:
                 raise _Abort(INVALID_PARAMETER, f"data set larger than this gateway accepts "
                                                 f"({self.limits.max_data_set} bytes)")
+            if message.limit and message.keep is _Keep.MEMORY:
+                if message.data_size <= message.limit:
+                    message.parts.append(chunk)
+                    continue
+                message.parts = []  # never budgeted: the limit keeps it small
+                message.keep, message.status = _Keep.DISCARD, CANNOT_UNDERSTAND
+                message.comment = f"request data set larger than {message.limit >> 10} KiB"
+                continue
             if message.keep is _Keep.MEMORY:
                 n = len(chunk)
                 if (message.held + n <= self.limits.memory_per_message
@@ -931,11 +1163,15 @@ class Acceptor:
         command = message.command
         assert command is not None
         meta = None
+        if (limit := REQUEST_DATA_LIMITS.get(_us(command[0x0100]) or 0)) is not None:
+            message.keep, message.limit = _Keep.MEMORY, limit  # an identifier: kept as sent
+            return
         if _us(command[0x0100]) == C_STORE_RQ:
             meta = file_meta(_uid(command.get(0x0002, b"")), _uid(command.get(0x1000, b"")),
                              message.transfer_syntax)
         if meta is None:  # answered UNRECOGNISED_OPERATION or CANNOT_UNDERSTAND
             message.keep, message.status = _Keep.DISCARD, CANNOT_UNDERSTAND
+            message.comment = "no data set expected, or a bad SOP Class/Instance UID"
             return
         head = b"".join((b"\x00" * 128, b"DICM", meta))
         message.keep, message.parts, message.held = _Keep.MEMORY, [head], len(head)
@@ -1045,6 +1281,8 @@ class Acceptor:
                   "0xA700", connection.ip, connection.calling, why)
         await self._drop(message)
         message.keep, message.status = _Keep.DISCARD, OUT_OF_RESOURCES
+        message.comment = "gateway spool not writable (disk full or failing)" \
+            if kind == "unwritable" else "gateway spool budget taken, retry later"
 
     @staticmethod
     def _report(listener: Callable[[OSError], None], problem: OSError) -> None:
@@ -1133,15 +1371,34 @@ class Acceptor:
         ac.calling_ae_title, ac.called_ae_title = rq.calling_ae_title, rq.called_ae_title
         ac.result, ac.result_source = 0x00, 0x01
         ac.presentation_context_definition_results_list = results
-        ac.user_information = self._user_information()
+        accepted = {int(cx.context_id): cx for cx in results if cx.result == 0x00}
+        roles = self._roles(info, {str(cx.abstract_syntax) for cx in accepted.values()})
+        ac.user_information = self._user_information() + roles
         ac_pdu = AcPdu()
         ac_pdu.from_primitive(ac)
         connection.writer.write(ac_pdu.encode())
         self._associations += 1
         self._per_ae[connection.peer, calling] += 1
         connection.associated(calling)
-        accepted = {int(cx.context_id): cx for cx in results if cx.result == 0x00}
+        connection.contexts, connection.peer_max = accepted, peer_max
+        connection.scp_classes = {str(r.sop_class_uid) for r in roles if r.scp_role}
         return accepted, peer_max
+
+    @staticmethod
+    def _roles(info: list[ServiceParameter], accepted: set[str]) -> list[ServiceParameter]:
+        """The answer to the requestor's SCP/SCU role selection items: the roles it proposed,
+        for the abstract syntaxes accepted (a C-GET requestor is the SCP of storage)."""
+        from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation as Role
+
+        answers: list[ServiceParameter] = []
+        for item in info:
+            if isinstance(item, Role) and str(item.sop_class_uid) in accepted and \
+                    str(item.sop_class_uid) not in {str(a.sop_class_uid) for a in answers}:
+                answer = Role()
+                answer.sop_class_uid = item.sop_class_uid
+                answer.scu_role, answer.scp_role = bool(item.scu_role), bool(item.scp_role)
+                answers.append(answer)
+        return answers
 
     def _choose(self, requested: PresentationContext) -> PresentationContext:
         """The answer to one proposed presentation context (PS3.8 9.3.3.2)."""
@@ -1180,10 +1437,24 @@ class Acceptor:
     async def _dispatch(self, connection: _Connection, message: _Message, peer_max: int) -> None:
         command = message.command
         assert command is not None and self._loop is not None
-        field = _us(command[0x0100])
-        if field == C_CANCEL_RQ:
-            return  # nothing of ours can be cancelled: stores are answered one at a time
-        if field == C_ECHO_RQ:
+        field = _us(command[0x0100]) or 0
+        if field & RESPONSE:
+            self._answered(connection, command)
+            return
+        if field == C_CANCEL_RQ:  # of the running operation, if it names it
+            link = connection.operation
+            if link is not None and _us(command[0x0120]) == link.request.message_id:
+                link.cancelled.set()
+            return
+        if connection.operation is not None:
+            raise _Abort(UNEXPECTED_PDU, "a request before the previous one was answered")
+        comment = ""
+        if field in REQUEST_DATA_LIMITS and self.service is not None:
+            if message.status is None:
+                self._start_operation(connection, message)
+                return
+            status, comment = message.status, message.comment  # its data set was dropped
+        elif field == C_ECHO_RQ:
             status = 0x0000
         elif field == C_STORE_RQ and message.has_data_set:
             if message.status is not None:
@@ -1199,12 +1470,129 @@ class Acceptor:
                 if status == SUCCESS and self._new_instance(request.sop_instance_uid):
                     connection.stored_new()
         elif field == C_STORE_RQ:
-            status = CANNOT_UNDERSTAND  # a C-STORE without its data set
+            status, comment = CANNOT_UNDERSTAND, "C-STORE without a data set"
         else:
-            status = UNRECOGNISED_OPERATION
-        connection.writer.write(_p_data(message.context_id, encode_response(command, status),
-                                        peer_max))
-        await connection.writer.drain()
+            status, comment = UNRECOGNISED_OPERATION, "operation not supported on this port"
+        if message.status is not None and field == C_STORE_RQ:
+            comment = message.comment
+        comment = getattr(status, "comment", "") or comment or \
+            ("" if status == SUCCESS else f"refused (0x{status:04X})")
+        await self.send(connection, message.context_id, encode_response(command, status, comment))
+
+    def _answered(self, connection: _Connection, command: dict[int, bytes]) -> None:
+        """A response to a request of ours (a C-STORE sub-operation, an N-EVENT-REPORT)."""
+        waiter = connection.waiting.pop(_us(command[0x0120]) or 0, None)
+        if waiter is None or waiter.done():
+            self.note(logging.INFO, connection.peer, "stray response", "DICOM peer %s (%s) "
+                      "answered a request it was not asked (ignored)", connection.ip,
+                      connection.calling)
+            return
+        waiter.set_result(command)
+
+    def _start_operation(self, connection: _Connection, message: _Message) -> None:
+        """Run the service for a complete request as a task; the connection reads on."""
+        command = message.command
+        assert command is not None and connection.calling is not None
+        abstract = str(connection.contexts[message.context_id].abstract_syntax)
+        request = ServiceRequest(connection.calling, connection.ip, _us(command[0x0100]) or 0,
+                                 _us(command[0x0110]) or 0, abstract, message.transfer_syntax,
+                                 command, b"".join(message.parts))
+        message.parts = []
+        link = Link(self, connection, request, message.context_id)
+        connection.operation = link
+        self.background(self._operate(connection, link), connection=connection)
+
+    async def _operate(self, connection: _Connection, link: Link) -> None:
+        """The service on one request; a final failure response if it fails without one."""
+        assert self.service is not None
+        try:
+            with connection.ours():
+                await self.service(link.request, link)
+        except ConnectionError:
+            pass  # the peer went away, or stopped reading (logged by _drain)
+        except Exception:  # noqa: BLE001 - one failed request must not end the association
+            log.exception("DICOM %s from %s failed", hex(link.request.command_field),
+                          connection.ip)
+        finally:
+            if not link.finished:
+                with contextlib.suppress(Exception):
+                    await link.respond(CANNOT_UNDERSTAND, "internal error in the gateway")
+            link.finished = True
+            if connection.operation is link:
+                connection.operation = None
+
+    def background(self, work: Coroutine[object, object, None], *,
+                   connection: _Connection | None = None) -> None:
+        """Run ``work`` as a task of the loop, kept until it ends, cancelled on stop (and
+        when ``connection`` ends, if given)."""
+        assert self._loop is not None
+        task = self._loop.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        if connection is not None:
+            connection.tasks.add(task)
+            task.add_done_callback(connection.tasks.discard)
+
+    async def send(self, connection: _Connection, context_id: int, command: bytes,
+                   data: bytes | tuple[Path, int] | None = None) -> None:
+        """One whole message on the wire - command set, then the data set (bytes, or a file
+        from an offset, read in pieces) - with no other message's PDUs in between."""
+        if connection.closed:
+            return
+        async with connection.send_lock:
+            head = _p_data(context_id, command, connection.peer_max)
+            if isinstance(data, bytes) and len(data) <= READ_CHUNK:
+                # a small answer (a C-FIND match) in one write: one segment, not two
+                connection.writer.write(head + _p_data(context_id, data, connection.peer_max,
+                                                       is_command=False, last=True))
+                await self._drain(connection)
+                return
+            connection.writer.write(head)
+            if isinstance(data, bytes):
+                for at in range(0, max(1, len(data)), READ_CHUNK):
+                    await self._drain(connection)
+                    connection.writer.write(_p_data(
+                        context_id, data[at:at + READ_CHUNK], connection.peer_max,
+                        is_command=False, last=at + READ_CHUNK >= len(data)))
+            elif data is not None:
+                await self._send_file(connection, context_id, *data)
+            await self._drain(connection)
+
+    async def _drain(self, connection: _Connection) -> None:
+        """Wait until the peer has taken what we wrote; a peer that reads nothing for
+        ``idle_timeout`` (the clock is paused while our operations send) is cut off."""
+        try:
+            async with asyncio.timeout(self.limits.idle_timeout):
+                await connection.writer.drain()
+        except TimeoutError:
+            connection.closed = True
+            self.note(logging.WARNING, connection.peer, "not reading", "DICOM peer %s (%s) "
+                      "dropped: it read nothing of our messages for %g s", connection.ip,
+                      connection.calling, self.limits.idle_timeout)
+            connection.writer.transport.abort()
+            raise ConnectionResetError("the peer does not read") from None
+
+    async def _send_file(self, connection: _Connection, context_id: int, path: Path,
+                         offset: int) -> None:
+        """A data set from a file, from ``offset`` to its end, a piece at a time (a file
+        that ends early cuts the association off: the message cannot be completed)."""
+        assert self._loop is not None
+        size = path.stat().st_size - offset
+        with path.open("rb") as file:
+            file.seek(offset)
+            sent = 0
+            while sent < size or not sent:
+                piece = await self._loop.run_in_executor(self._io, file.read, READ_CHUNK)
+                if not piece and sent < size:
+                    connection.closed = True
+                    connection.writer.transport.abort()
+                    raise ConnectionResetError(f"{path} ended early")
+                sent += len(piece)
+                connection.writer.write(_p_data(context_id, piece, connection.peer_max,
+                                                is_command=False, last=sent >= size))
+                await self._drain(connection)
+                if not piece:
+                    break
 
     def _handle(self, request: StoreRequest) -> int:
         """The handler, on the store threads; its spool file does not outlive it."""

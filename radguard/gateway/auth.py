@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from radguard.errors import RadguardError
 from radguard.gateway.store import Store
 
-__all__ = ["ROLES", "AuthError", "Users", "User"]
+__all__ = ["ROLES", "AuthError", "User", "Users", "may_see_quarantine"]
 
 ROLES = ("technologist", "radiologist", "admin", "auditor")
 _SCRYPT = {"n": 1 << 14, "r": 8, "p": 1, "dklen": 32}
@@ -44,6 +44,12 @@ class User:
     name: str
     role: str
     via: str = "radguard"  # radguard's own token or login, or "oidc" (the provider's token)
+
+
+def may_see_quarantine(user: User) -> bool:
+    """Whether ``user``'s DICOMweb and DIMSE answers include quarantined instances: only
+    the role that decides about them (admin); everyone else sees clinical data only."""
+    return user.role == "admin"
 
 
 def _hash_password(password: str, salt: bytes) -> bytes:

@@ -74,6 +74,15 @@ Example ``radguard.toml``::
     dimse = "ORTHANC@127.0.0.1:4242"  # C-STORE target, AE@host:port
     stow = ""                         # or a DICOMweb root, e.g. http://user:pw@pacs/dicom-web/
 
+    [results]                         # the triage model's results into the PACS
+    write = false                     # true: for each image scored (triage) that goes
+                                      # through, store a TID 1500 SR, a secondary-capture
+                                      # saliency overlay and a fractional saliency SEG as
+                                      # new instances of its study (needs triage). Off by
+                                      # default: new series in clinical studies are a
+                                      # site's decision (viewers, reading workflow)
+    forward = true                    # send them to the PACS ([forward]) like the images
+
     [oidc]                            # also accept the identity provider's access tokens
     issuer = "https://sso.hospital.example/realms/radiology"   # 'iss' must be exactly this
     audience = "radguard"             # 'aud' must contain this
@@ -150,6 +159,26 @@ Example ``radguard.toml``::
                                       # beyond it: 0xA700
     min_free_mb = 1024                # C-STOREs get 0xA700 while less is free on data_dir's
                                       # filesystem (at most 5% of its size is kept free)
+    # query/retrieve and storage commitment on the same port (gateway/qr.py)
+    query_callers = []                # who may C-FIND/C-MOVE/C-GET: "AE" or "AE@address"
+                                      # (an IP or network such as "10.1.2.0/24": the AE
+                                      # title must come from there); empty: nobody - the
+                                      # port answers C-STORE, C-ECHO and commitment only
+    quarantine_viewers = []           # of those, who also finds and C-GETs quarantined
+                                      # instances (never C-MOVEs them: a release is an
+                                      # admin's decision); same form, e.g. "QA_WS@10.1.2.7"
+    commitment_timeout = 600          # seconds a Storage Commitment request waits for its
+                                      # instances' checks before reporting what is known
+
+    [dicom.destinations]              # C-MOVE destinations, and where a Storage Commitment
+    ORTHANC = "127.0.0.1:4242"        # result goes when its association has ended:
+                                      # AE title = "host:port"
+
+    [viewer]                          # the OHIF Viewer under /viewer/ (gateway/viewer.py)
+    ohif_dist = ""                    # its prebuilt dist/ folder; empty: where
+                                      # scripts/install.sh puts it (.cache/ohif/<version>/
+                                      # dist in the source tree). Missing: the pages say
+                                      # "viewer not installed" instead of linking to it
 """
 
 from __future__ import annotations
@@ -169,7 +198,11 @@ if TYPE_CHECKING:
     from radguard.provenance.policy import AlgorithmPolicy
     from radguard.provenance.profiles import Coverage
 
-__all__ = ["ConfigError", "DimseTarget", "GatewayConfig", "load_config"]
+__all__ = ["OHIF_VERSION", "ConfigError", "DimseTarget", "GatewayConfig", "load_config"]
+
+#: the OHIF Viewer release scripts/install.sh fetches (npm pack @ohif/app@OHIF_VERSION)
+OHIF_VERSION = "3.13.2"
+_DEFAULT_OHIF_DIST = Path(__file__).resolve().parents[2] / ".cache" / "ohif" / OHIF_VERSION / "dist"
 
 
 class ConfigError(RadguardError):
@@ -197,6 +230,22 @@ class DimseTarget:
         if not 0 < target.port < 65536:
             raise ConfigError(f"forward.dimse port {target.port} out of range")
         return target
+
+
+def _caller(entry: object, what: str) -> tuple[str, Any]:
+    """An "AE" or "AE@address" entry as (AE title, network or None); ConfigError if not."""
+    import ipaddress
+
+    text = entry if isinstance(entry, str) else ""
+    title, at, address = text.partition("@")
+    _check_ae(title, what)
+    if not at:
+        return title, None
+    try:
+        return title, ipaddress.ip_network(address.strip(), strict=False)
+    except ValueError as exc:
+        raise ConfigError(f"{what} {text!r}: {address!r} is not an IP address or "
+                          "network") from exc
 
 
 def _check_ae(title: str, what: str) -> None:
@@ -279,12 +328,25 @@ class GatewayConfig:
     dicom_min_free_mb: int = 1024  # MiB kept free on data_dir's filesystem (at most 5% of it)
     dicom_peer_limits: dict[str, int] = field(default_factory=dict)  # address or network
                                      # (one peer) -> its max_per_ip and max_per_ae
+    dicom_destinations: dict[str, str] = field(default_factory=dict)  # AE title -> host:port
+    dicom_query_callers: list[str] = field(default_factory=list)  # empty: nobody queries
+    dicom_quarantine_viewers: list[str] = field(default_factory=list)  # see quarantined too
+    dicom_commitment_timeout: float = 600.0  # seconds a commitment waits for the checks
     # -- ingest: decode and inflate limits (dicom/limits.py; gateway/dimse.py header_of) --
     max_frame_pixels: int = 100_000_000  # Rows x Columns of one frame
     max_decoded_mb: int = 2048  # all frames decoded, MiB
     max_inflated_mb: int = 512  # a deflated data set after inflating, MiB
     max_compression_ratio: int = 1000  # decoded / compressed bytes (above 64 MiB); 0: off
     decode_budget_mb: int = 1024  # MiB of inflates and decodes at once, per process
+    # -- AI results into the PACS ([results]; triage/results.py) --
+    results_write: bool = False  # store SR + SC + SEG per scored image that goes through
+    results_forward: bool = True  # and forward them like the images
+    # -- viewer: the OHIF Viewer's prebuilt files ([viewer]; gateway/viewer.py) --
+    viewer_ohif_dist: str = ""  # empty: where scripts/install.sh puts them
+
+    def viewer_dist(self) -> Path:
+        """The OHIF dist folder to serve under /viewer/ (it may be missing: not installed)."""
+        return Path(self.viewer_ohif_dist) if self.viewer_ohif_dist else _DEFAULT_OHIF_DIST
 
     def decode_limits(self) -> DecodeLimits:
         """The ingest block as :class:`radguard.dicom.limits.DecodeLimits`."""
@@ -372,12 +434,25 @@ class GatewayConfig:
         if oidc is not None and oidc.problems():
             raise ConfigError("; ".join(oidc.problems()))
         self._validate_http()
+        if not isinstance(self.viewer_ohif_dist, str):
+            raise ConfigError("viewer.ohif_dist: a folder path (a string)")
         self.signature_policy()
         self.signature_coverage()
         self.calibration_policy()
         self._validate_dicom()
         self._validate_ingest()
+        self._validate_results()
         return self
+
+    def _validate_results(self) -> None:
+        """The [results] block: two switches; writing results needs a triage model."""
+        for name in ("write", "forward"):
+            value = getattr(self, f"results_{name}")
+            if not isinstance(value, bool):
+                raise ConfigError(f"results.{name} {value!r}: true or false")
+        if self.results_write and not self.triage:
+            raise ConfigError('results.write = true needs a triage model (e.g. triage = '
+                              '{ DX = "chest" }): only scored images have results')
 
     def _validate_dicom(self) -> None:
         """The [dicom] block: connection, time, memory and disk limits."""
@@ -409,6 +484,58 @@ class GatewayConfig:
             if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= most:
                 raise ConfigError(f"dicom.peer_limits {peer!r} = {limit!r}: a whole number "
                                   f"from 1 to max_associations ({most:g})")
+        self._validate_qr()
+
+    def _validate_qr(self) -> None:
+        """Query/retrieve and commitment: AE title lists, destinations, the timeout."""
+        for name in ("query_callers", "quarantine_viewers"):
+            titles = getattr(self, f"dicom_{name}")
+            if not isinstance(titles, list):
+                raise ConfigError(f'dicom.{name}: a list of "AE" or "AE@address" entries')
+            for entry in titles:
+                _caller(entry, f"dicom.{name} entry")
+        if not isinstance(self.dicom_destinations, dict):
+            raise ConfigError('[dicom.destinations]: a table of AE title = "host:port"')
+        for title in self.dicom_destinations:
+            self.destination(title)
+        self._number("commitment_timeout", 0, 86400, whole=False, table="dicom")
+
+    def caller_in(self, name: str, ae_title: str, peer: str) -> bool:
+        """Whether a calling AE title from address ``peer`` is in the ``[dicom]`` list
+        ``name`` (query_callers, quarantine_viewers): its title listed, and - for an
+        "AE@address" entry - the association coming from that address or network (an AE
+        title is whatever the peer says; its address is harder to fake)."""
+        import ipaddress
+
+        for entry in getattr(self, f"dicom_{name}"):
+            title, network = _caller(entry, f"dicom.{name} entry")
+            if title != ae_title:
+                continue
+            if network is None:
+                return True
+            try:
+                if ipaddress.ip_address(peer.split("%")[0]) in network:
+                    return True
+            except ValueError:
+                continue
+        return False
+
+    def destination(self, ae_title: str) -> DimseTarget | None:
+        """The [dicom.destinations] entry of ``ae_title`` (exact title), or None; a
+        ConfigError if it is malformed."""
+        text = self.dicom_destinations.get(ae_title)
+        if text is None:
+            return None
+        what = f"dicom.destinations {ae_title!r}"
+        _check_ae(ae_title, what)
+        try:
+            host, port = str(text).rsplit(":", 1)
+            target = DimseTarget(ae_title, host.strip().strip("[]"), int(port))
+        except ValueError as exc:
+            raise ConfigError(f'{what} = {text!r}: expected "host:port"') from exc
+        if not target.host or not 0 < target.port < 65536:
+            raise ConfigError(f'{what} = {text!r}: expected "host:port", port 1-65535')
+        return target
 
     def signature_policy(self) -> AlgorithmPolicy:
         """The [signatures] settings as the verifier's algorithm policy (ConfigError if one
@@ -505,7 +632,8 @@ def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) ->
             raise ConfigError(f"{p}: configuration file not found") from exc
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"{p}: not a valid TOML configuration ({exc})") from exc
-        for table in ("forward", "oidc", "signatures", "dicom", "forensics"):
+        for table in ("forward", "oidc", "signatures", "dicom", "forensics", "viewer",
+                      "results"):
             section = raw.pop(table, {}) or {}
             if not isinstance(section, dict):
                 raise ConfigError(f"{p}: [{table}] must be a table")

@@ -1,4 +1,5 @@
-"""The DICOM front door: a C-STORE / C-ECHO SCP in front of the store.
+"""The DICOM front door: a C-STORE / C-ECHO SCP in front of the store, with query/retrieve
+and Storage Commitment (:mod:`radguard.gateway.qr`) on the same port.
 
 The protocol runs on :mod:`radguard.gateway.acceptor` (event-driven, pynetdicom's codecs and
 negotiation); this module decides what each C-STORE gets.
@@ -8,7 +9,8 @@ and fsync'd, and its row committed (:meth:`Store.ingest`): an acknowledged image
 lost. Anything that is not a well-formed Part 10 data set - malformed UIDs and images above
 the decode limits included (:func:`header_of`) - gets 0xC000 (cannot understand) and nothing
 is stored; a full disk, a disk below the free-space reserve or a database failure gets
-0xA700 (out of resources), and the store takes objects again as soon as it can. Calling
+0xA700 (out of resources), and the store takes objects again as soon as it can. Every
+refusal says why in its Error Comment (0000,0902). Calling
 AE titles can be restricted, and every socket gets TCP_NODELAY: without it a small instance
 waits 40-90 ms on Nagle's algorithm and delayed ACKs (about 20 instances/s instead of
 hundreds). Whatever sends with pynetdicom (the forwarder, the demo, the load benchmark) opens
@@ -27,7 +29,7 @@ from typing import Any
 
 from radguard.dicom.limits import decode_scope
 from radguard.errors import DicomReadError, RadguardError
-from radguard.gateway.acceptor import Acceptor, StoreRequest, no_delay
+from radguard.gateway.acceptor import Acceptor, Status, StoreRequest, no_delay
 from radguard.gateway.config import ConfigError, GatewayConfig
 from radguard.gateway.ratelimit import Throttle, peer_key
 from radguard.gateway.store import ReserveError, Store
@@ -45,9 +47,11 @@ def _set_nodelay(event: Any) -> None:  # noqa: ANN401
     no_delay(getattr(getattr(getattr(event.assoc, "dul", None), "socket", None), "socket", None))
 
 
-def open_association(ae: Any, host: str, port: int, ae_title: str) -> Any:  # noqa: ANN401
-    """``ae.associate`` for a sender of requests (C-STORE, C-ECHO): TCP_NODELAY on, and
-    pynetdicom's reactor thread kept off the DIMSE message queue.
+def open_association(ae: Any, host: str, port: int, ae_title: str,  # noqa: ANN401
+                     ext_neg: list[Any] | None = None) -> Any:  # noqa: ANN401
+    """``ae.associate`` for a sender of requests (C-STORE, C-ECHO, N-EVENT-REPORT):
+    TCP_NODELAY on, and pynetdicom's reactor thread kept off the DIMSE message queue.
+    ``ext_neg``: extended negotiation items (SCP/SCU role selection).
 
     pynetdicom's requestor pauses its reactor thread around ``send_c_store`` with a flag
     that can be stale, so the reactor sometimes takes the response off the queue first
@@ -57,7 +61,7 @@ def open_association(ae: Any, host: str, port: int, ae_title: str) -> Any:  # no
     every message stays for the thread that waits for it."""
     from pynetdicom import evt
 
-    assoc = ae.associate(host, port, ae_title=ae_title,
+    assoc = ae.associate(host, port, ae_title=ae_title, ext_neg=ext_neg,
                          evt_handlers=[(evt.EVT_CONN_OPEN, _set_nodelay)])
     dimse = getattr(assoc, "dimse", None)
     if dimse is not None:
@@ -129,7 +133,36 @@ def _header(data: bytes | os.PathLike[str], name: str, decode_compressed: bool
         "patient_name": str(ds.get("PatientName", "") or ""),
         "modality": str(ds.get("Modality", "") or ""),
         "study_date": str(ds.get("StudyDate", "") or ""),
+        **query_header(ds),
     }
+
+
+#: what QIDO-RS and C-FIND match and return, by the store's column (radguard.gateway.query)
+_QUERY_KEYWORDS = {
+    "accession": "AccessionNumber", "study_time": "StudyTime",
+    "study_description": "StudyDescription", "referring_physician": "ReferringPhysicianName",
+    "study_id": "StudyID", "patient_birth_date": "PatientBirthDate",
+    "patient_sex": "PatientSex", "series_number": "SeriesNumber",
+    "series_description": "SeriesDescription",
+    "pps_start_date": "PerformedProcedureStepStartDate",
+    "pps_start_time": "PerformedProcedureStepStartTime", "instance_number": "InstanceNumber",
+    "pixel_rows": "Rows", "pixel_columns": "Columns", "bits_allocated": "BitsAllocated",
+    "frames": "NumberOfFrames", "charset": "SpecificCharacterSet"}
+
+
+def query_header(ds: Any) -> dict[str, str]:  # noqa: ANN401 - a pydicom Dataset
+    """The query attributes of a data set as text, by store column; a value that cannot
+    be read (odd but legal, or not) is left empty rather than refusing the object."""
+    out: dict[str, str] = {}
+    for column, keyword in _QUERY_KEYWORDS.items():
+        try:
+            value = ds.get(keyword, "")
+            if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+                value = "\\".join(str(v) for v in value)
+            out[column] = str(value if value is not None else "").strip()[:256]
+        except Exception:  # noqa: BLE001 - a malformed optional value is no refusal
+            out[column] = ""
+    return out
 
 
 class DicomServer:
@@ -142,6 +175,7 @@ class DicomServer:
         self.on_stored = on_stored
         self.audit = audit
         self._server: Acceptor | None = None
+        self._qr: Any = None  # the query/retrieve and commitment service, while running
         self.port = config.dicom_port
         self.refused = 0
         self._count_lock = threading.Lock()
@@ -166,8 +200,9 @@ class DicomServer:
         except RadguardError as exc:
             return self._refuse(request, str(exc))
         if request.sop_instance_uid and request.sop_instance_uid != header["sop_uid"]:
-            self._refuse(request, "SOP Instance UID differs from the C-STORE request")
-            return _SOP_MISMATCH
+            why = "SOP Instance UID differs from the C-STORE request"
+            self._refuse(request, why)
+            return Status(_SOP_MISMATCH, why)
         try:
             row = self.store.ingest(source, header, source="dimse", calling_ae=calling)
         except (OSError, RadguardError) as exc:
@@ -176,12 +211,13 @@ class DicomServer:
             state = self.store.intake if isinstance(exc, ReserveError) else self.store.health
             log.log(logging.DEBUG if state.problem and state.failures > 1 else logging.ERROR,
                     "C-STORE from %s not stored (0xA700): %s", calling, exc)
-            return OUT_OF_RESOURCES
+            return Status(OUT_OF_RESOURCES, "gateway store paused (disk below its reserve)"
+                          if isinstance(exc, ReserveError) else "gateway store unavailable")
         if self.on_stored:
             self.on_stored(row)
         return SUCCESS
 
-    def _refuse(self, request: StoreRequest, why: str) -> int:
+    def _refuse(self, request: StoreRequest, why: str) -> Status:
         """Count a refusal; log and audit it as the throttle allows per peer - its IPv4
         address or IPv6 /64, not the calling AE title, which the sender chooses freely - so
         a flood of junk becomes neither a flood of fsyncs nor of log lines. Each entry says
@@ -192,15 +228,18 @@ class DicomServer:
             self.refused += 1
             if not write:
                 self._held_back += 1
+        # the Error Comment: the reason without the "C-STORE from <AE>: " it starts with
+        status = Status(CANNOT_UNDERSTAND, why.split(": ", 1)[-1]
+                        if why.startswith("C-STORE from ") else why)
         if not write:
             log.debug("C-STORE from %r (%s) refused: %s", request.calling_ae, peer, why)
-            return CANNOT_UNDERSTAND
+            return status
         log.warning("C-STORE from %r (%s) refused: %s%s", request.calling_ae, peer or "?", why,
                     f" ({held} earlier refusals of this peer not logged)" if held else "")
         if self.audit:
             self.audit("dimse.refused", request.calling_ae,
                        {"reason": why[:300], "peer": peer, "held_back": held})
-        return CANNOT_UNDERSTAND
+        return status
 
     def summarise(self) -> None:
         """Log and audit how many refusals got no entry of their own since the last summary
@@ -230,6 +269,10 @@ class DicomServer:
         contexts = [build_context(c.abstract_syntax, ALL_TRANSFER_SYNTAXES)
                     for c in AllStoragePresentationContexts]
         contexts.append(build_context(Verification))
+        from radguard.gateway.qr import QrService
+
+        self._qr = QrService(self.config, self.store, self.audit)
+        contexts += self._qr.contexts()
         ssl_context = None
         if self.config.tls_cert:
             ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -258,11 +301,13 @@ class DicomServer:
         self._server = Acceptor(c.ae_title, contexts, self._handle_store,
                                 allowed_calling_aes=list(c.allowed_calling_aes),
                                 ssl_context=ssl_context, limits=limits, spool_dir=spool,
-                                on_unwritable=self.store.door_refused)
+                                on_unwritable=self.store.door_refused, service=self._qr)
         try:
             self.port = self._server.start(self.config.host, self.config.dicom_port)
         except OSError as exc:
             self._server = None
+            self._qr.close()
+            self._qr = None
             raise ConfigError(f"cannot listen for DICOM on {self.config.host}:"
                               f"{self.config.dicom_port} ({exc.strerror or exc}); choose "
                               "another dicom_port") from exc
@@ -273,3 +318,6 @@ class DicomServer:
         if self._server is not None:
             self._server.stop()
             self._server = None
+        if self._qr is not None:
+            self._qr.close()
+            self._qr = None

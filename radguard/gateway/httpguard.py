@@ -7,7 +7,11 @@
   A response that leaves part of a body unread carries ``Connection: close``, so the upload
   ends with the answer instead of being read and discarded. Every response gets the browser
   hardening headers (a strict Content-Security-Policy: no script at all, styles and images
-  from the gateway only; no framing; no MIME sniffing; no referrer to other sites).
+  from the gateway only; no framing; no MIME sniffing; no referrer to other sites). Two
+  exceptions, by path (:func:`security_headers`): the OHIF Viewer under ``/viewer/`` (a
+  script application: :data:`VIEWER_CSP`, and :data:`VIEWER_WORKER_CSP` for its scripts when
+  they run as web workers; framed by the gateway's own pages only) and the
+  page that frames it, ``/studies/{uid}/viewer`` (the strict policy plus same-origin frames).
 * :class:`LoginGuard`: failed logins counted per user name *from one address*, per user
   name from all addresses together (a higher threshold: distributed guessing) and per
   address under any names (spraying); addresses are grouped as
@@ -28,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -38,8 +43,9 @@ from typing import Any
 
 from radguard.gateway.ratelimit import DEFAULT_IPV6_PREFIX, peer_key
 
-__all__ = ["SECURITY_HEADERS", "BodyTimeout", "BodyTooLarge", "GuardMiddleware", "LockReason",
-           "Lockout", "LoginGuard", "guarded_protocol", "retry_after"]
+__all__ = ["SECURITY_HEADERS", "VIEWER_CSP", "VIEWER_WORKER_CSP", "BodyTimeout",
+           "BodyTooLarge", "GuardMiddleware", "LockReason", "Lockout", "LoginGuard",
+           "guarded_protocol", "retry_after", "security_headers"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -48,13 +54,48 @@ Send = Callable[[Message], Awaitable[None]]
 
 CSP = ("default-src 'none'; img-src 'self'; style-src 'self'; form-action 'self'; "
        "frame-ancestors 'none'; base-uri 'none'")
-SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
-    (b"content-security-policy", CSP.encode()),
-    (b"x-content-type-options", b"nosniff"),
-    (b"x-frame-options", b"DENY"),
-    (b"referrer-policy", b"same-origin"),
-    (b"cross-origin-opener-policy", b"same-origin"),
-)
+#: the OHIF Viewer (``/viewer/``) runs scripts from the gateway, compiles its image codecs
+#: (WebAssembly), starts web workers from blob: URLs, sets inline styles and shows data:
+#: images; it talks to the gateway only, and only the gateway's own pages may frame it
+VIEWER_CSP = ("default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; "
+              "worker-src 'self' blob:; style-src 'self' 'unsafe-inline'; "
+              "img-src 'self' data: blob:; font-src 'self' data:; connect-src 'self' data: blob:; "
+              "media-src 'self' blob:; object-src 'none'; form-action 'self'; "
+              "frame-ancestors 'self'; base-uri 'self'")
+#: a script file's policy governs it only when it runs as a web worker; OHIF's image
+#: decoders do (WebAssembly codecs whose embind glue builds functions with ``new Function``),
+#: so its scripts may eval - in a worker, without the page's DOM - and the page may not
+VIEWER_WORKER_CSP = VIEWER_CSP.replace("'wasm-unsafe-eval'", "'wasm-unsafe-eval' 'unsafe-eval'")
+_FRAMES_VIEWER = re.compile(r"/studies/[^/]+/viewer")  # radguard's page around the viewer
+
+
+def _headers(csp: str, frame_options: bytes) -> tuple[tuple[bytes, bytes], ...]:
+    return ((b"content-security-policy", csp.encode()),
+            (b"x-content-type-options", b"nosniff"),
+            (b"x-frame-options", frame_options),
+            (b"referrer-policy", b"same-origin"),
+            (b"cross-origin-opener-policy", b"same-origin"),
+            # patient data is not kept by browsers or proxies (a route that serves
+            # something cacheable, the viewer's hashed bundles, says so itself)
+            (b"cache-control", b"no-store"))
+
+
+SECURITY_HEADERS = _headers(CSP, b"DENY")
+_VIEWER_HEADERS = _headers(VIEWER_CSP, b"SAMEORIGIN")
+_VIEWER_WORKER_HEADERS = _headers(VIEWER_WORKER_CSP, b"SAMEORIGIN")
+_FRAMING_HEADERS = _headers(CSP + "; frame-src 'self'", b"DENY")
+
+
+def security_headers(path: str) -> tuple[tuple[bytes, bytes], ...]:
+    """The hardening headers of a response to ``path``: the strict set everywhere but the
+    viewer (relaxed, same-origin framing) and the one page that frames it."""
+    if path == "/viewer" or path.startswith("/viewer/"):
+        return _VIEWER_WORKER_HEADERS if path.endswith(".js") else _VIEWER_HEADERS
+    if _FRAMES_VIEWER.fullmatch(path):
+        return _FRAMING_HEADERS
+    return SECURITY_HEADERS
+
+
 BODY_IDLE_SECONDS = 60.0  # no byte of a large body for this long: 408 (as DICOM's default)
 
 
@@ -118,7 +159,7 @@ class GuardMiddleware:
 
         async def guarded_send(message: Message) -> None:
             if message["type"] == "http.response.start":
-                extra = [h for h in SECURITY_HEADERS
+                extra = [h for h in security_headers(scope["path"])
                          if h[0] not in {k.lower() for k, _ in message.get("headers", [])}]
                 if not state.done:  # do not read (and discard) the rest of the upload
                     extra.append((b"connection", b"close"))

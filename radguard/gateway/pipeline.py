@@ -56,7 +56,13 @@ from radguard.errors import RadguardError
 from radguard.gateway.config import DimseTarget, GatewayConfig
 from radguard.gateway.store import Instance, Store
 
-__all__ = ["CheckPool", "ForwardError", "Observation", "Pipeline", "Routing"]
+__all__ = ["RESULTS_SOURCE", "CheckPool", "ForwardError", "Observation", "Pipeline",
+           "Routing"]
+
+#: the ``source`` of the rows radguard stores of its own AI results ([results]): the
+#: gateway forwards them without checking them (:meth:`Gateway._deliver_result`); no
+#: intake path (DICOM, STOW-RS) can give a row this source
+RESULTS_SOURCE = "radguard-results"
 
 log = logging.getLogger("radguard.gateway")
 
@@ -375,7 +381,7 @@ class Pipeline:
         elif scan.verdict in ("tampered", "synthetic"):
             r.state = "quarantined"
             r.reasons.insert(0, f"forensics: {scan.verdict}")
-        elif scan.verdict == "unverifiable" and not scan.readable:
+        elif scan.verdict == "unverifiable" and not scan.readable and scan.image:
             r.state = "quarantined"
             r.reasons.insert(0, "the image cannot be checked (unreadable pixel data)")
         elif scan.verdict == "unverifiable" and self.config.forensics_uncalibrated == \
@@ -464,6 +470,87 @@ class Pipeline:
             return None
         sent = [f.send(self.store.file(instance)) for f in self.forwarders]
         return ",".join(sent)
+
+    def results(self, instance: Instance, r: Routing) -> Any:  # noqa: ANN401
+        """The AI result set (SR + SC + SEG, triage.results.ResultSet) of a scored image
+        that goes through, built in memory from the triage result recorded in ``r``; None
+        when ``[results] write`` is off or the image was not scored. A RadguardError when
+        it cannot be built: then nothing of it is stored. The UIDs derive from the image's
+        bytes and the model, so a set built again (a retry) has the same ones."""
+        from radguard.images import read_pixels
+        from radguard.triage.model import Prediction
+        from radguard.triage.results import build_results
+
+        triage = r.details.get("triage")
+        model = self.models.get(instance.modality.upper())
+        if not self.config.results_write or model is None or not isinstance(triage, dict) \
+                or r.state != "done":
+            return None
+        if (triage.get("model"), triage.get("version")) != (model.card.name, model.card.version):
+            raise RadguardError(f"scored by {triage.get('model')} {triage.get('version')}, "
+                                f"not the loaded {model.card.name} {model.card.version}")
+        assert self.store is not None, "a checks-only pipeline has no store"
+        prediction = Prediction(instance.sop_uid, float(triage["score"]),
+                                float(triage["probability"]), int(triage["suspicion"]),
+                                bool(triage["positive"]), model.card.name, model.card.version)
+        image = read_pixels(self.store.file(instance))
+        return build_results(model, prediction, image.pixels, image.dataset,
+                             uid_seed=f"{instance.sha256}/{model.card.name}/"
+                                      f"{model.card.version}")
+
+    def store_results(self, instance: Instance, r: Routing) -> list[int]:
+        """Build the result set of an image routed ``done`` (:meth:`results`) and store it
+        as new instances of its study; the rows, queued for delivery (forwarded unchecked:
+        ``Gateway._deliver_result``). What happened goes into ``r.details["results"]``.
+
+        All or nothing: a set that cannot be built, or whose objects the store's own
+        header check refuses, stores nothing and costs the image nothing (it goes on, with
+        the reason). A storage error while storing raises (the image goes back to the queue;
+        the set built again has the same UIDs, and what was stored already stands)."""
+        from radguard.dicom.limits import decode_scope
+        from radguard.gateway.dimse import header_of
+
+        try:
+            with decode_scope():
+                results = self.results(instance, r)
+            if results is None:
+                return []
+            headers = {kind: header_of(data, f"radguard {kind}")
+                       for kind, data in results.encoded.items()}
+        except Exception as exc:  # noqa: BLE001 - results never cost the image its routing
+            if not isinstance(exc, RadguardError):
+                log.exception("building the AI results of %s failed", instance.sop_uid)
+            log.warning("no AI results for %s: %s", instance.sop_uid, exc)
+            r.details["results"] = f"not written: {exc}"[:500]
+            return []
+        assert self.store is not None, "a checks-only pipeline has no store"
+        from radguard.gateway.store import ReserveError
+
+        rows: list[int] = []
+        try:
+            for kind, header in headers.items():
+                rows.append(self.store.ingest(results.encoded[kind], header,
+                                              source=RESULTS_SOURCE,
+                                              calling_ae=self.config.ae_title))
+        except ReserveError as exc:
+            # below the free-space reserve (the workers' room): the image goes on without
+            # its results rather than waiting; what this set stored is withdrawn
+            self._withdraw(rows, "the rest of its result set was not stored (free-space "
+                                 "reserve)")
+            r.details["results"] = f"not written: {exc}"[:500]
+            return []
+        r.details["results"] = {**{kind: header["sop_uid"] for kind, header in headers.items()},
+                                "notes": results.notes}
+        return rows
+
+    def _withdraw(self, rows: list[int], why: str) -> None:
+        """Reject result rows not delivered yet (one claimed meanwhile is delivered)."""
+        assert self.store is not None
+        with self.store.transaction():
+            for row in rows:
+                self.store.execute("UPDATE instances SET state='rejected', decision_note=? "
+                                   "WHERE id=? AND state='queued' AND source=?",
+                                   (why, row, RESULTS_SOURCE))
 
     def close(self) -> None:
         """Release PACS associations."""

@@ -46,13 +46,20 @@ import logging
 import sqlite3
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from radguard.dicom.limits import decode_scope
 from radguard.errors import RadguardError
 from radguard.gateway.config import ConfigError, GatewayConfig
 from radguard.gateway.dimse import DicomServer
-from radguard.gateway.pipeline import CheckPool, ForwardError, Pipeline, Routing
+from radguard.gateway.pipeline import (
+    RESULTS_SOURCE,
+    CheckPool,
+    ForwardError,
+    Pipeline,
+    Routing,
+)
 from radguard.gateway.store import IN_PROGRESS, Instance, State, Store, StoreError, storage_failure
 
 __all__ = ["MAX_ATTEMPTS", "Gateway"]
@@ -167,6 +174,8 @@ class Gateway:
         recovered = self.store.recover()
         if any(recovered.values()):
             log.warning("recovered after a crash: %s", recovered)
+        if indexed := self.store.backfill_index(_index_header):
+            log.info("indexed %d instances stored before QIDO-RS / C-FIND matching", indexed)
         self._audit("gateway.start", self.config.ae_title,
                     {"recovered": recovered, "layers": self.pipeline.layers(),
                      "check_processes": self.config.check_process_count})
@@ -206,7 +215,10 @@ class Gateway:
         from radguard.gateway.httpguard import guarded_protocol
         from radguard.gateway.web import create_app
 
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only when the
+        # listening socket says it is TCP; without it every small answer on a kept-alive
+        # connection waits ~40 ms for the client's delayed ACK (Nagle)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((self.config.host, self.config.http_port))
@@ -345,6 +357,9 @@ class Gateway:
                 raise
 
     def _process(self, instance: Instance) -> None:
+        if instance.source == RESULTS_SOURCE:
+            self._deliver_result(instance)
+            return
         # the copy this one conflicts with as of now (None: none, or all rejected since)
         first = self.store.recheck_original(instance) if instance.duplicate_of else None
         try:
@@ -377,6 +392,10 @@ class Gateway:
                             "another copy while it was checked", instance.sop_uid)
                 return
             forwarded = self.pipeline.forward(instance)
+            # after the image reached the PACS, before its result is recorded: a failed
+            # store requeues the image, and its set is built again with the same UIDs
+            if self.pipeline.store_results(instance, routing):
+                self.wake_up()
         if not self.store.finish(instance.id, state=routing.state, verdict=routing.verdict,
                                  trust=routing.trust,
                                  details={**routing.details, "reasons": routing.reasons},
@@ -392,6 +411,30 @@ class Gateway:
             if first is not None:
                 details["duplicate_of"] = first.id
             self._audit(f"instance.{routing.state}", instance.sop_uid, details)
+
+    def _deliver_result(self, instance: Instance) -> None:
+        """One of radguard's own AI result objects (:meth:`Pipeline.store_results`): not
+        checked - radguard made it from an image that passed - but forwarded like an image
+        ([results] forward), a failure retried like an image's. A copy of a result already
+        held (a set built again after a failed attempt) is set aside; the first stands.
+        Verdict "authentic" (made here, no detector ran: the reason says so) with the badge
+        "radguard", so the study view shows no alarm for it."""
+        if instance.duplicate_of is not None and self.store.recheck_original(instance):
+            self.store.finish(instance.id, state=State.REJECTED, verdict="authentic",
+                              trust="radguard", details={"reasons": [
+                                  "the same AI result built again (a retried result set); "
+                                  "the copy stored first stands"]})
+            return
+        forwarded = None
+        if self.config.results_forward and self.pipeline.forwarders:
+            if not self.store.start_forwarding(instance):
+                return
+            forwarded = self.pipeline.forward(instance)
+        if self.store.finish(instance.id, state=State.DONE, verdict="authentic",
+                             trust="radguard", forwarded=forwarded,
+                             details={"reasons": ["radguard's own AI result, made from a "
+                                                  "checked image: not checked itself"]}):
+            self.processed += 1
 
     def wait_idle(self, timeout: float = 60.0) -> bool:
         """Block until nothing is queued, processing or forwarding (tests, the demo)."""
@@ -421,6 +464,21 @@ class Gateway:
         if self.checks is not None:
             self.checks.close()
         self.pipeline.close()
+
+
+def _index_header(path: Path) -> dict[str, str]:
+    """The query attributes of a stored file (rows stored before the query index)."""
+    from pydicom import dcmread
+
+    from radguard.gateway.dimse import query_header
+
+    try:
+        ds = dcmread(path, stop_before_pixels=True)
+        return {"patient_name": str(ds.get("PatientName", "") or ""), **query_header(ds)}
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any parser failure: the row stays unindexed
+        raise RadguardError(f"{path.name}: {type(exc).__name__}: {exc}"[:200]) from exc
 
 
 def _conflict(routing: Routing, instance: Instance, first: Instance) -> None:

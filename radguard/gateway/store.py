@@ -94,7 +94,62 @@ MIGRATIONS = [
     # 4: known-real detector scores per source, for per-source calibration of the content
     # detectors (radguard.forensics.calibration.SCHEMA, read and written by SourceScores)
     CALIBRATION_SCHEMA,
+    # 5: the attributes QIDO-RS and C-FIND match and return (radguard.gateway.query), with
+    # case-folded person names (PN matching is case-insensitive; SQLite's lower() folds ASCII
+    # only); index_version NULL marks rows stored before, indexed by Store.backfill_index
+    """
+    ALTER TABLE instances ADD COLUMN accession TEXT;
+    ALTER TABLE instances ADD COLUMN study_time TEXT;
+    ALTER TABLE instances ADD COLUMN study_description TEXT;
+    ALTER TABLE instances ADD COLUMN referring_physician TEXT;
+    ALTER TABLE instances ADD COLUMN study_id TEXT;
+    ALTER TABLE instances ADD COLUMN patient_birth_date TEXT;
+    ALTER TABLE instances ADD COLUMN patient_sex TEXT;
+    ALTER TABLE instances ADD COLUMN series_number TEXT;
+    ALTER TABLE instances ADD COLUMN series_description TEXT;
+    ALTER TABLE instances ADD COLUMN pps_start_date TEXT;
+    ALTER TABLE instances ADD COLUMN pps_start_time TEXT;
+    ALTER TABLE instances ADD COLUMN instance_number TEXT;
+    ALTER TABLE instances ADD COLUMN pixel_rows {int};
+    ALTER TABLE instances ADD COLUMN pixel_columns {int};
+    ALTER TABLE instances ADD COLUMN bits_allocated {int};
+    ALTER TABLE instances ADD COLUMN frames {int};
+    ALTER TABLE instances ADD COLUMN charset TEXT;
+    ALTER TABLE instances ADD COLUMN patient_name_fold TEXT;
+    ALTER TABLE instances ADD COLUMN referring_fold TEXT;
+    ALTER TABLE instances ADD COLUMN index_version {int};
+    CREATE INDEX instances_patient ON instances(patient_id);
+    CREATE INDEX instances_date ON instances(study_date);
+    CREATE INDEX instances_series ON instances(series_uid);
+    CREATE INDEX instances_accession ON instances(accession);
+    CREATE INDEX instances_name ON instances(patient_name_fold)
+    """,
 ]
+
+#: the columns migration 5 added, filled from the header at ingest (the ``header`` keys of
+#: :func:`radguard.gateway.dimse.header_of` of the same names; the folded names derived)
+INDEXED = ("accession", "study_time", "study_description", "referring_physician", "study_id",
+           "patient_birth_date", "patient_sex", "series_number", "series_description",
+           "pps_start_date", "pps_start_time", "instance_number", "pixel_rows",
+           "pixel_columns", "bits_allocated", "frames", "charset")
+INDEX_VERSION = 1
+
+
+def index_values(header: dict[str, str]) -> tuple[Any, ...]:
+    """The migration-5 column values of a header, in ``INDEXED`` order, then the folded
+    patient and referring physician names and the index version."""
+    values: list[Any] = []
+    for column in INDEXED:
+        value = header.get(column, "")
+        if column in ("pixel_rows", "pixel_columns", "bits_allocated", "frames"):
+            values.append(int(value) if str(value).isdigit() else None)
+        else:
+            values.append(value or "")
+    return (*values, header.get("patient_name", "").casefold(),
+            header.get("referring_physician", "").casefold(), INDEX_VERSION)
+
+
+_INDEX_COLUMNS = (*INDEXED, "patient_name_fold", "referring_fold", "index_version")
 
 
 class StoreError(RadguardError):
@@ -254,6 +309,9 @@ class _Backend:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         db.execute("PRAGMA busy_timeout=30000")
+        # LIKE as PostgreSQL's: case-sensitive (DICOM wildcard matching is, person names
+        # aside, which are matched on their case-folded column)
+        db.execute("PRAGMA case_sensitive_like=ON")
         return db
 
     def sql(self, text: str) -> str:
@@ -474,14 +532,15 @@ class Store:
             row = self.execute(
                 "INSERT INTO instances (sop_uid, study_uid, series_uid, sop_class, "
                 "patient_id, patient_name, modality, study_date, path, sha256, size, "
-                "received_at, source, calling_ae, duplicate_of) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
+                f"received_at, source, calling_ae, duplicate_of, {', '.join(_INDEX_COLUMNS)}) "
+                f"VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?{',?' * len(_INDEX_COLUMNS)}) "
+                "RETURNING id",
                 (sop, header.get("study_uid", ""),
                  header.get("series_uid", ""), header.get("sop_class", ""),
                  header.get("patient_id", ""), header.get("patient_name", ""),
                  header.get("modality", ""), header.get("study_date", ""),
                  str(path.relative_to(self.root)), digest, size, _now(), source,
-                 calling_ae, self._original_id(sop))).fetchone()
+                 calling_ae, self._original_id(sop), *index_values(header))).fetchone()
         return int(row[0]), True
 
     def _original_id(self, sop_uid: str, before: int | None = None) -> int | None:
@@ -751,10 +810,51 @@ class Store:
         conflicting later copy never shadows it; only an admin's release of that copy
         replaces it (:meth:`decide`). The first copy is chosen among all copies of the UID,
         whatever ``where`` says of them (a copy claiming another study changes nothing)."""
-        return self.instances(
-            f"state='done' AND ({where}) AND NOT EXISTS (SELECT 1 FROM instances AS earlier "
-            "WHERE earlier.sop_uid=instances.sop_uid AND earlier.state='done' "
-            "AND earlier.id<instances.id)", params, order)
+        return self.instances(f"{self.visible_where(False)} AND ({where})", params, order)
+
+    @staticmethod
+    def visible_where(quarantine: bool) -> str:
+        """The SQL condition on ``instances`` of :meth:`visible_instances` (for queries
+        that select their own columns, :mod:`radguard.gateway.query`)."""
+        clinical = ("(instances.state='done' AND NOT EXISTS (SELECT 1 FROM instances AS "
+                    "earlier WHERE earlier.sop_uid=instances.sop_uid AND earlier.state='done' "
+                    "AND earlier.id<instances.id))")
+        # a quarantined copy only where no copy is clinical, and the first of them: a
+        # viewer must never get two objects under one SOP Instance UID
+        held = ("(instances.state='quarantined' AND NOT EXISTS (SELECT 1 FROM instances AS "
+                "other WHERE other.sop_uid=instances.sop_uid AND (other.state='done' OR "
+                "(other.state='quarantined' AND other.id<instances.id))))")
+        return f"({clinical} OR {held})" if quarantine else clinical
+
+    def backfill_index(self, header: Callable[[Path], dict[str, str]],
+                       batch: int = 500) -> int:
+        """Fill the query columns of rows stored before migration 5 from their files (a
+        file that cannot be read keeps empty columns, marked indexed: it is said once in
+        the log, never retried at each start). Returns the rows indexed."""
+        done = 0
+        while True:
+            rows = self.execute("SELECT id, path FROM instances WHERE index_version IS NULL "
+                                f"ORDER BY id LIMIT {int(batch)}").fetchall()
+            if not rows:
+                return done
+            for row_id, rel in rows:
+                try:
+                    values = index_values(header(self.root / rel))
+                except (OSError, RadguardError) as exc:
+                    log.warning("row %s: query attributes not indexed: %s", row_id, exc)
+                    values = index_values({})
+                columns = ", ".join(f"{c}=?" for c in _INDEX_COLUMNS)
+                with self.transaction():
+                    self.execute(f"UPDATE instances SET {columns} WHERE id=?", (*values, row_id))
+                done += 1
+
+    def visible_instances(self, where: str = "1=1", params: tuple[Any, ...] = (), *,
+                          quarantine: bool = False, order: str = "id") -> list[Instance]:
+        """What a DICOMweb or DIMSE client may query and retrieve: the clinical copies
+        (:meth:`clinical_instances`), plus - for roles that decide about quarantine
+        (``quarantine``) - the quarantined copies, so they can be looked at before a
+        decision. Rejected objects are never served."""
+        return self.instances(f"{self.visible_where(quarantine)} AND ({where})", params, order)
 
     def counts(self) -> dict[str, int]:
         """Instances per state."""

@@ -9,7 +9,8 @@ minutes raises a bulk-read alarm there ("monitoring for unusual bulk downloads")
 
 DICOMweb: STOW-RS ``POST /dicom-web/studies``; QIDO-RS ``GET /dicom-web/studies``,
 ``.../studies/{study}/series``, ``.../series/{series}/instances``, ``/dicom-web/instances``;
-WADO-RS ``GET /dicom-web/studies/{study}`` and ``.../instances/{sop}``. Only instances that
+WADO-RS and WADO-URI (retrieve, metadata, frames, rendered, ``/wado``) are in
+:mod:`radguard.gateway.wado`. Only instances that
 passed the pipeline (state ``done``) are visible: quarantined ones are not clinical data.
 
 Hardening (issue 21), with the pieces in :mod:`radguard.gateway.httpguard`:
@@ -42,14 +43,15 @@ import hashlib
 import hmac
 import json
 import logging
-import secrets
+import re
 import shutil
 import tempfile
 import threading
 import time
 import urllib.parse
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -62,14 +64,13 @@ from fastapi.responses import (
     JSONResponse,
     RedirectResponse,
     Response,
-    StreamingResponse,
 )
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from radguard.dicom.uids import uid_problem
 from radguard.dicom.web import DicomWebError, MultipartParser, Part
 from radguard.errors import RadguardError
-from radguard.gateway.auth import AuthError, User, Users
+from radguard.gateway.auth import AuthError, User, Users, may_see_quarantine
 from radguard.gateway.dimse import header_of
 from radguard.gateway.httpguard import (
     BodyTimeout,
@@ -80,6 +81,7 @@ from radguard.gateway.httpguard import (
     retry_after,
 )
 from radguard.gateway.oidc import NoRole
+from radguard.gateway.query import Level, QueryError, from_qido, search, to_json
 from radguard.gateway.ratelimit import Throttle, peer_key
 from radguard.gateway.store import Instance, Store, StoreError
 from radguard.governance.auditlog import AuditLogError
@@ -95,6 +97,7 @@ log = logging.getLogger("radguard.gateway")
 
 COOKIE = "radguard_session"
 CSRF_FIELD = "csrf"
+_STOW_PATH = re.compile(r"/dicom-web/studies(/[0-9.]{1,64})?")
 FORM_MAX = 8 << 10  # a login, a token request, a quarantine decision: a few hundred bytes
 PASSWORD_CHECKS = 2  # scrypt checks at once (16 MB and ~0.1 s of a core each)
 MAX_ROW_ID = (1 << 63) - 1  # ids are 64-bit in SQLite and PostgreSQL
@@ -368,11 +371,17 @@ def create_app(gateway: Gateway, *, bulk_read_limit: int = 500) -> FastAPI:
     _add_error_handlers(app, web)
     _add_login_routes(app, web)
     _add_dicomweb_routes(app, web)
+    from radguard.gateway.wado import add_wado_routes  # imports nothing of this module
+
+    add_wado_routes(app, web)
     _add_ui_routes(app, web)
+    from radguard.gateway.viewer import add_viewer_routes  # imports this module
+    add_viewer_routes(app, web)
     stow_max = int(gateway.config.stow_max_mb) << 20
 
     def body_limit(method: str, path: str) -> int:
-        return stow_max if method == "POST" and path.rstrip("/") == "/dicom-web/studies" \
+        """STOW-RS (``/studies`` and ``/studies/{uid}``) may send big bodies; nothing else."""
+        return stow_max if method == "POST" and _STOW_PATH.fullmatch(path.rstrip("/")) \
             else FORM_MAX
 
     app.add_middleware(GuardMiddleware, limit_for=body_limit, small_limit=FORM_MAX,
@@ -485,83 +494,104 @@ def _ui(value: str) -> dict[str, Any]:
 def _add_dicomweb_routes(app: FastAPI, web: _Web) -> None:
     store = web.store
 
-    @app.post("/dicom-web/studies")
-    async def stow(request: Request, user: User = Depends(web.role("technologist"))) -> Response:
+    async def stow(request: Request, user: User, study: str | None) -> Response:
+        """STOW-RS (PS3.18 10.5): each part checked and stored on its own; the answer lists
+        what was stored (with its RetrieveURL) and what failed, with its SOP Instance UID
+        where it could be read and a Failure Reason code; the reasons in words go in a
+        299 Warning header (Failure / Warning Reason are US codes, no text)."""
         folder = Path(await run_in_threadpool(tempfile.mkdtemp, "", "stow-", str(web.spool)))
         try:
             parts = await _spool_multipart(request, folder)
             if not parts:
                 raise HTTPException(400, "no instances in the request")
-            stored, failed = await run_in_threadpool(_store_parts, web, parts, user)
+            stored, failed = await run_in_threadpool(_store_parts, web, parts, user, study)
         finally:
             await run_in_threadpool(shutil.rmtree, folder, True)
         await run_in_threadpool(web.audit, "stow", user.name,
                                 {"stored": len(stored), "failed": len(failed)}, user.name)
+        base = str(request.base_url).rstrip("/") + "/dicom-web"
         answer: dict[str, Any] = {}
+        if study:
+            answer["00081190"] = {"vr": "UR", "Value": [f"{base}/studies/{study}"]}
         if stored:
             answer["00081199"] = {"vr": "SQ", "Value": [
-                {"00081150": _ui(h["sop_class"]), "00081155": _ui(h["sop_uid"])}
-                for h in stored]}
+                {"00081150": _ui(h["sop_class"]), "00081155": _ui(h["sop_uid"]),
+                 "00081190": {"vr": "UR", "Value": [
+                     f"{base}/studies/{h['study_uid']}/series/{h['series_uid']}"
+                     f"/instances/{h['sop_uid']}"]}} for h in stored]}
         if failed:
             answer["00081198"] = {"vr": "SQ", "Value": [
-                {"00081197": {"vr": "US", "Value": [code]},
-                 "00081196": {"vr": "LO", "Value": [why]}} for code, why in failed]}
+                {**({"00081150": _ui(f.sop_class)} if f.sop_class else {}),
+                 **({"00081155": _ui(f.sop_uid)} if f.sop_uid else {}),
+                 "00081197": {"vr": "US", "Value": [f.code]}} for f in failed]}
         code = 200 if not failed else 202 if stored else 409
-        return Response(json.dumps(answer), status_code=code, media_type="application/dicom+json")
+        headers = {"Warning": "; ".join(
+            f'299 radguard "part {f.part}: {_header_text(f.why)}"' for f in failed[:20])
+        } if failed else None
+        return Response(json.dumps(answer), status_code=code, headers=headers,
+                        media_type="application/dicom+json")
 
-    def qido(rows: list[dict[str, Any]]) -> Response:
-        return Response(json.dumps(rows), media_type="application/dicom+json")
+    @app.post("/dicom-web/studies")
+    async def stow_any(request: Request,
+                       user: User = Depends(web.role("technologist"))) -> Response:
+        return await stow(request, user, None)
+
+    @app.post("/dicom-web/studies/{study}")
+    async def stow_study(study: str, request: Request,
+                         user: User = Depends(web.role("technologist"))) -> Response:
+        return await stow(request, user, _uid(study))
+
+    def qido(request: Request, user: User, level: Level, **scope: str) -> Response:
+        """QIDO-RS (PS3.18 10.6) at ``level``, within the path's UIDs: 400 for what
+        cannot be understood, a 299 Warning for what was accepted but not used, 406 for
+        a client that accepts no JSON (the XML answer is not offered)."""
+        accept = request.headers.get("accept", "").lower()
+        if accept and not any(t in accept for t in ("json", "*/*", "application/*")):
+            raise HTTPException(406, "QIDO-RS answers application/dicom+json only")
+        try:
+            query = from_qido(level, request.query_params.multi_items(),
+                              scope={k: v for k, v in scope.items() if v},
+                              quarantine=may_see_quarantine(user))
+        except QueryError as exc:
+            raise HTTPException(400, str(exc)) from exc
+        matches = search(store, query)
+        base = str(request.base_url).rstrip("/") + "/dicom-web"
+        body = json.dumps([to_json(m, query, base) for m in matches])
+        headers = {"Warning": "; ".join(f'299 radguard "{w}"' for w in query.warnings)
+                   } if query.warnings else None
+        # PS3.18: no match is 200 with an empty array (204 is allowed, and breaks clients)
+        return Response(body, media_type="application/dicom+json", headers=headers)
 
     @app.get("/dicom-web/studies")
-    def qido_studies(user: User = Depends(web.role("radiologist"))) -> Response:
-        return qido([_study_json(s) for s in _studies(store)])
+    def qido_studies(request: Request,
+                     user: User = Depends(web.role("radiologist"))) -> Response:
+        return qido(request, user, Level.STUDY)
+
+    @app.get("/dicom-web/series")
+    def qido_all_series(request: Request,
+                        user: User = Depends(web.role("radiologist"))) -> Response:
+        return qido(request, user, Level.SERIES)
 
     @app.get("/dicom-web/studies/{study}/series")
-    def qido_series(study: str, user: User = Depends(web.role("radiologist"))) -> Response:
-        rows = store.clinical_instances("study_uid=?", (_uid(study),))
-        series = {r.series_uid: r for r in rows}
-        return qido([{"0020000D": _ui(r.study_uid), "0020000E": _ui(r.series_uid),
-                      "00080060": {"vr": "CS", "Value": [r.modality]}}
-                     for r in series.values()])
-
-    @app.get("/dicom-web/studies/{study}/series/{series}/instances")
-    def qido_instances(study: str, series: str,
-                       user: User = Depends(web.role("radiologist"))) -> Response:
-        rows = store.clinical_instances("study_uid=? AND series_uid=?",
-                                        (_uid(study), _uid(series)))
-        return qido([_instance_json(r) for r in rows])
+    def qido_series(study: str, request: Request,
+                    user: User = Depends(web.role("radiologist"))) -> Response:
+        return qido(request, user, Level.SERIES, StudyInstanceUID=_uid(study))
 
     @app.get("/dicom-web/instances")
-    def qido_all_instances(limit: int = 1000, offset: int = 0,
+    def qido_all_instances(request: Request,
                            user: User = Depends(web.role("radiologist"))) -> Response:
-        limit, offset = max(1, min(limit, 5000)), max(0, min(offset, MAX_ROW_ID))
-        rows = store.clinical_instances(order=f"id LIMIT {limit} OFFSET {offset}")
-        return qido([_instance_json(r) for r in rows])
+        return qido(request, user, Level.IMAGE)
 
-    def wado(rows: list[Instance], user: User, target: str) -> Response:
-        if not rows:
-            raise HTTPException(404, "no such study or instance")
-        if web.bulk.add(user.name, len(rows)):
-            web.audit("alarm.bulk_read", user.name, {"limit_per_10_min": web.bulk.limit,
-                                                     "last": target}, "radguard-gateway")
-        boundary = "radguard-" + secrets.token_hex(12)
-        files = [store.file(r) for r in rows]
-        for path in files:  # a missing file is a store failure (503), found before answering
-            if not path.is_file():
-                raise StoreError(f"{path}: instance file missing")
-        return StreamingResponse(_multipart_files(files, boundary), media_type=(
-            f'multipart/related; type="application/dicom"; boundary={boundary}'))
+    @app.get("/dicom-web/studies/{study}/instances")
+    def qido_study_instances(study: str, request: Request,
+                             user: User = Depends(web.role("radiologist"))) -> Response:
+        return qido(request, user, Level.IMAGE, StudyInstanceUID=_uid(study))
 
-    @app.get("/dicom-web/studies/{study}")
-    def wado_study(study: str, user: User = Depends(web.role("radiologist"))) -> Response:
-        return wado(store.clinical_instances("study_uid=?", (_uid(study),)), user, study)
-
-    @app.get("/dicom-web/studies/{study}/series/{series}/instances/{sop}")
-    def wado_instance(study: str, series: str, sop: str,
-                      user: User = Depends(web.role("radiologist"))) -> Response:
-        rows = store.clinical_instances("study_uid=? AND series_uid=? AND sop_uid=?",
-                                        (_uid(study), _uid(series), _uid(sop)))
-        return wado(rows, user, sop)
+    @app.get("/dicom-web/studies/{study}/series/{series}/instances")
+    def qido_instances(study: str, series: str, request: Request,
+                       user: User = Depends(web.role("radiologist"))) -> Response:
+        return qido(request, user, Level.IMAGE, StudyInstanceUID=_uid(study),
+                    SeriesInstanceUID=_uid(series))
 
 
 async def _spool_multipart(request: Request, folder: Path) -> list[Part]:
@@ -594,74 +624,86 @@ async def _spool_multipart(request: Request, folder: Path) -> list[Part]:
             files[-1].close()  # a body that ended inside a part (the others are closed)
 
 
-def _store_parts(web: _Web, parts: list[Part], user: User
-                 ) -> tuple[list[dict[str, str]], list[tuple[int, str]]]:
-    """Check and store each spooled part: (headers of the stored, (status, why) of the
-    failed) - 0xC000 for what cannot be understood, 0xA700 when the store cannot take it.
-    A stored part's file is moved into the store (same filesystem: a rename)."""
+@dataclass(frozen=True)
+class _Failed:
+    """A STOW part that was not stored: its place, Failure Reason code and why."""
+
+    part: int
+    code: int
+    why: str
+    sop_class: str = ""
+    sop_uid: str = ""
+
+
+def _header_text(text: str) -> str:
+    """Text for a Warning header: ASCII, no quotes or control characters, bounded."""
+    return "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in text)[:200]
+
+
+def _peek_uids(path: Path) -> tuple[str, str]:
+    """The SOP Class and Instance UIDs of a part that was refused, where they can be read
+    at all (a failed item names its instance when it can); never raises."""
+    import io
+    import warnings
+
+    from pydicom import dcmread
+
+    from radguard.dicom.uids import uid_problem
+
+    try:  # the head only: a 10 MB part of garbage must not be parsed element by element
+        with path.open("rb") as fh:
+            head = fh.read(64 << 10)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = dcmread(io.BytesIO(head), force=True, stop_before_pixels=True)
+            meta = ds.get("file_meta") or {}
+            uids = (str(ds.get("SOPClassUID", "") or meta.get("MediaStorageSOPClassUID", "")
+                        or ""),
+                    str(ds.get("SOPInstanceUID", "")
+                        or meta.get("MediaStorageSOPInstanceUID", "") or ""))
+    except Exception:  # noqa: BLE001 - a part that cannot be read names nothing
+        return "", ""
+    return tuple(u if not uid_problem(u, "UID") else "" for u in uids)  # type: ignore[return-value]
+
+
+def _store_parts(web: _Web, parts: list[Part], user: User, study: str | None = None
+                 ) -> tuple[list[dict[str, str]], list[_Failed]]:
+    """Check and store each spooled part: (headers of the stored, the failed) - 0xC000
+    for what cannot be understood, 0xA900 for an instance of another study than the
+    request's ``POST /studies/{study}``, 0xA700 when the store cannot take it. A stored
+    part's file is moved into the store (same filesystem: a rename)."""
     stored: list[dict[str, str]] = []
-    failed: list[tuple[int, str]] = []
+    failed: list[_Failed] = []
     decode = web.gateway.config.validate_compressed_pixels
-    for part in parts:
+    for number, part in enumerate(parts, 1):
         ctype = part.headers.get("content-type", "application/dicom").split(";")[0].strip()
         if ctype.lower() != "application/dicom":
-            failed.append((0xC000, f"unsupported part type {ctype[:60]}"))
+            failed.append(_Failed(number, 0xC000, f"unsupported part type {ctype[:60]}"))
             continue
         spooled = Path(part.sink.name)  # parsed and stored from the file, never read whole
         try:
             header = header_of(spooled, "STOW part", decode_compressed=decode)
         except RadguardError as exc:
-            failed.append((0xC000, str(exc)[:200]))
+            failed.append(_Failed(number, 0xC000, str(exc), *_peek_uids(spooled)))
+            continue
+        uids = (header["sop_class"], header["sop_uid"])
+        if study is not None and header["study_uid"] != study:
+            failed.append(_Failed(number, 0xA900, f"instance of study {header['study_uid']}, "
+                                                  f"not of {study}", *uids))
             continue
         try:
             web.store.ingest(spooled, header, source="stow", calling_ae=f"stow:{user.name}")
         except (StoreError, OSError) as exc:
             log.error("STOW part %s not stored: %s", header["sop_uid"], exc)
-            failed.append((0xA700, "out of resources: the gateway cannot store it now"))
+            failed.append(_Failed(number, 0xA700, "out of resources: the gateway cannot "
+                                                  "store it now", *uids))
             continue
         except RadguardError as exc:
-            failed.append((0xC000, str(exc)[:200]))
+            failed.append(_Failed(number, 0xC000, str(exc), *uids))
             continue
         web.gateway.wake_up()
         stored.append(header)
     return stored, failed
-
-
-def _multipart_files(files: list[Path], boundary: str) -> Iterator[bytes]:
-    """A WADO-RS answer streamed from the instance files, 1 MiB at a time."""
-    for path in files:
-        yield f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-        with path.open("rb") as fh:
-            while chunk := fh.read(1 << 20):
-                yield chunk
-        yield b"\r\n"
-    yield f"--{boundary}--\r\n".encode()
-
-
-def _studies(store: Store) -> list[dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for r in store.clinical_instances():
-        s = out.setdefault(r.study_uid, {"uid": r.study_uid, "patient_id": r.patient_id,
-                                         "patient_name": r.patient_name, "date": r.study_date,
-                                         "modalities": set(), "count": 0})
-        s["modalities"].add(r.modality)
-        s["count"] += 1
-    return list(out.values())
-
-
-def _study_json(s: dict[str, Any]) -> dict[str, Any]:
-    return {"0020000D": _ui(s["uid"]),
-            "00100010": {"vr": "PN", "Value": [{"Alphabetic": s["patient_name"]}]},
-            "00100020": {"vr": "LO", "Value": [s["patient_id"]]},
-            "00080020": {"vr": "DA", "Value": [s["date"]]} if s["date"] else {"vr": "DA"},
-            "00080061": {"vr": "CS", "Value": sorted(m for m in s["modalities"] if m)},
-            "00201208": {"vr": "IS", "Value": [s["count"]]}}
-
-
-def _instance_json(r: Instance) -> dict[str, Any]:
-    return {"0020000D": _ui(r.study_uid), "0020000E": _ui(r.series_uid),
-            "00080018": _ui(r.sop_uid), "00080016": _ui(r.sop_class),
-            "00080060": {"vr": "CS", "Value": [r.modality]}}
 
 
 # -- UI --------------------------------------------------------------------------------------------
@@ -788,20 +830,20 @@ def _render_scoped(ds: Dataset, heat: bool) -> bytes:
 
     from PIL import Image
 
-    from radguard.images import blend_heat, display_frame
+    from radguard.gateway.wado import Render, render, render_pixels, tint
+    from radguard.images import display_frame
 
-    grey = display_frame(ds)
-    if heat:
-        import numpy as np
+    if not heat:  # true colour, the object's VOI: the same rendering as WADO-RS rendered
+        return render(ds, Render("image/png", viewport=(768, 768), shrink_only=True))
+    import numpy as np
 
-        from radguard.forensics.synthetic import load_detector
+    from radguard.forensics.synthetic import load_detector
 
-        result = load_detector().analyse(grey)
-        heatmap = np.asarray(Image.fromarray(result.heatmap.astype(np.float32), mode="F")
-                             .resize((grey.shape[1], grey.shape[0])))
-        picture = Image.fromarray(blend_heat(grey, heatmap))
-    else:
-        picture = Image.fromarray(grey)
+    grey = display_frame(ds)  # what the detector judges
+    result = load_detector().analyse(grey)
+    heatmap = np.asarray(Image.fromarray(result.heatmap.astype(np.float32), mode="F")
+                         .resize((grey.shape[1], grey.shape[0])))
+    picture = Image.fromarray(tint(render_pixels(ds), heatmap))
     picture.thumbnail((768, 768))
     buf = io.BytesIO()
     picture.save(buf, format="PNG")

@@ -6,7 +6,6 @@ back."""
 from __future__ import annotations
 
 import datetime as dt
-import shutil
 
 import pytest
 
@@ -14,27 +13,14 @@ from radguard.gateway import Gateway
 from radguard.gateway.auth import Users
 from radguard.gateway.demo import prepare_images, send_batch
 from radguard.gateway.web import _worklist_rows
+from tests.gateway.conftest import chromium
 
 PASSWORD = "a demo admin password"
 
 
 @pytest.fixture
 def browser(tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not chromium or not driver:
-        pytest.fail("chromium / chromedriver not found: run scripts/install.sh --dev")
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-                 f"--user-data-dir={tmp_path / 'chrome'}"):
-        options.add_argument(flag)
-    b = webdriver.Chrome(service=Service(driver), options=options)
-    b.set_page_load_timeout(60)
+    b = chromium(tmp_path / "chrome", "--disable-gpu")
     yield b
     b.quit()
 

@@ -9,16 +9,7 @@ from pydicom.uid import generate_uid
 
 from radguard.dicom.io import read_dataset, write_dataset
 from radguard.gateway import Gateway, GatewayConfig
-from tests.conftest import NIH_DX, RG2_JPLY, dcmtk_tool
-
-
-def _copy(src, dst, **changes):
-    ds = read_dataset(src)
-    for key, value in changes.items():
-        setattr(ds, key, value)
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    write_dataset(ds, dst)
-    return dst
+from tests.conftest import NIH_DX, RG2_JPLY, copy_dicom, dcmtk_tool
 
 
 @pytest.fixture
@@ -28,14 +19,14 @@ def files(tmp_path, pki):
     folder = tmp_path / "in"
     folder.mkdir()
     intact = folder / "intact.dcm"
-    sign_file(_copy(NIH_DX, tmp_path / "a.dcm"), intact, pki.signer)
+    sign_file(copy_dicom(NIH_DX, tmp_path / "a.dcm"), intact, pki.signer)
     tampered = folder / "tampered.dcm"
-    sign_file(_copy(NIH_DX, tmp_path / "b.dcm"), tampered, pki.signer)
+    sign_file(copy_dicom(NIH_DX, tmp_path / "b.dcm"), tampered, pki.signer)
     ds = read_dataset(tampered)
     ds.PatientName = "Someone^Else"
     write_dataset(ds, tampered)
-    synthetic = _copy(NIH_DX, folder / "synthetic.dcm", SyntheticData="YES")
-    unsigned = _copy(NIH_DX, folder / "unsigned.dcm")
+    synthetic = copy_dicom(NIH_DX, folder / "synthetic.dcm", SyntheticData="YES")
+    unsigned = copy_dicom(NIH_DX, folder / "unsigned.dcm")
     return {"intact": intact, "tampered": tampered, "synthetic": synthetic,
             "unsigned": unsigned}
 
@@ -257,7 +248,7 @@ def test_checks_in_separate_processes_route_the_same(tmp_path, files, pki):
         again = []
         for i in range(2):
             again.append(tmp_path / f"again{i}.dcm")
-            sign_file(_copy(NIH_DX, tmp_path / f"raw{i}.dcm"), again[-1], pki.signer)
+            sign_file(copy_dicom(NIH_DX, tmp_path / f"raw{i}.dcm"), again[-1], pki.signer)
         for path in again:  # one at a time: the first meets the dead pool
             assert _storescu(gateway.dicom.port, path, aet="CR1").returncode == 0
             assert gateway.wait_idle(120)

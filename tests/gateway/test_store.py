@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from radguard.gateway.auth import AuthError, Users
-from radguard.gateway.store import Store, StoreError
+from radguard.gateway.store import MIGRATIONS, Store, StoreError
 from tests.conftest import NIH_DX
 
 
@@ -49,7 +49,7 @@ def test_ingest_claim_finish_recover(store):
     with pytest.raises(StoreError):
         store.decide(first.id, "done", "boss", "again")
     assert store.file(first).read_bytes() == data + b"\x00"
-    assert store.schema_version == 4
+    assert store.schema_version == len(MIGRATIONS) == 5
 
 
 class _ReadsFail(Store):

@@ -15,24 +15,12 @@ from radguard.dicom.web import DicomWebClient, split_multipart
 from radguard.gateway import Gateway, GatewayConfig
 from radguard.gateway.auth import Users
 from tests.conftest import NIH_DX
-
-PASSWORD = "correct horse battery"
+from tests.gateway.conftest import PASSWORD, web_gateway
 
 
 @pytest.fixture
 def gateway(tmp_path, pki):
-    # the checks in-process: these tests are about HTTP, and spawning check processes for
-    # every one of them would cost seconds each (the default "auto" is exercised by the
-    # DIMSE, demo, browser and kill -9 tests)
-    config = GatewayConfig(data_dir=str(tmp_path / "data"), dicom_port=0, http_port=0,
-                           trust=[str(pki.ca_cert_path)], check_processes=0)
-    gw = Gateway(config)
-    users = Users(gw.store)
-    for name, role in (("tech", "technologist"), ("rad", "radiologist"), ("boss", "admin"),
-                       ("aud", "auditor")):
-        users.add(name, role, PASSWORD)
-    gw.tokens = {name: users.issue_token(name) for name in ("tech", "rad", "boss", "aud")}
-    gw.start()
+    gw = web_gateway(tmp_path / "data", trust=[str(pki.ca_cert_path)])
     yield gw
     gw.stop()
 

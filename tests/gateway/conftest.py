@@ -1,0 +1,54 @@
+"""What the gateway tests share: a gateway with one user per role, and headless Chromium."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from radguard.gateway import Gateway, GatewayConfig
+from radguard.gateway.auth import ROLES, Users
+
+PASSWORD = "correct horse battery"
+USERS = {"tech": "technologist", "rad": "radiologist", "boss": "admin", "aud": "auditor"}
+assert set(USERS.values()) == set(ROLES)
+
+
+def web_gateway(data_dir: Path, *, password: str = PASSWORD, start: bool = True,
+                **settings: object) -> Gateway:
+    """A gateway on free ports with one user per role (``gw.tokens[name]``): the checks on
+    its own threads unless ``settings`` say otherwise (spawning check processes for every
+    HTTP test would cost seconds each; the DIMSE, demo and kill -9 tests use them)."""
+    settings.setdefault("check_processes", 0)
+    gw = Gateway(GatewayConfig(data_dir=str(data_dir), dicom_port=0, http_port=0,
+                               **settings))  # type: ignore[arg-type]
+    users = Users(gw.store)
+    for name, role in USERS.items():
+        users.add(name, role, password)
+    gw.tokens = {name: users.issue_token(name) for name in USERS}  # type: ignore[attr-defined]
+    if start:
+        gw.start()
+    return gw
+
+
+def chromium(profile: Path, *flags: str, log_network: bool = False) -> object:
+    """Debian's headless Chromium driven by Selenium (``flags`` added to the defaults)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not binary or not driver:
+        pytest.fail("chromium / chromedriver not found: run scripts/install.sh --dev")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless", "--no-sandbox", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--disable-dev-shm-usage", *flags,
+                 f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    if log_network:
+        options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
+    browser = webdriver.Chrome(service=Service(driver), options=options)
+    browser.set_page_load_timeout(120)
+    return browser
