@@ -475,6 +475,20 @@ class Link:
                                   data_set=data is not None, extra=extra)
         await self._acceptor.send(self._connection, self.context_id, command, data)
 
+    async def pending(self, answers: list[bytes], extra: dict[int, int | str] | None = None
+                      ) -> None:
+        """Pending responses, one per data set in ``answers`` (C-FIND matches), written
+        together (one write of ~64 KiB, not one segment per match: a peer reading hundreds
+        of matches reads them in a few system calls)."""
+        if not self.open or not answers:
+            return
+        command = encode_response(self.request.command, PENDING, data_set=True, extra=extra)
+        peer_max = self._connection.peer_max
+        head = _p_data(self.context_id, command, peer_max)
+        await self._acceptor.send_raw(self._connection, b"".join(
+            head + _p_data(self.context_id, data, peer_max, is_command=False, last=True)
+            for data in answers))
+
     def storage_contexts(self, sop_class: str) -> list[tuple[int, str]]:
         """(context id, transfer syntax) of the accepted contexts of ``sop_class`` on which
         the peer took the SCP role (a C-GET requestor's storage contexts)."""
@@ -1556,6 +1570,14 @@ class Acceptor:
                         is_command=False, last=at + READ_CHUNK >= len(data)))
             elif data is not None:
                 await self._send_file(connection, context_id, *data)
+            await self._drain(connection)
+
+    async def send_raw(self, connection: _Connection, pdus: bytes) -> None:
+        """Whole messages already made into P-DATA-TF PDUs, on the wire as one write."""
+        if connection.closed:
+            return
+        async with connection.send_lock:
+            connection.writer.write(pdus)
             await self._drain(connection)
 
     async def _drain(self, connection: _Connection) -> None:

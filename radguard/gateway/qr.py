@@ -80,6 +80,7 @@ IDENTIFIER_MISMATCH, UNABLE_TO_PROCESS, OUT_OF_RESOURCES = 0xA900, 0xC000, 0xA70
 UNRECOGNISED_OPERATION, NO_SUCH_ACTION, NO_SUCH_INSTANCE = 0x0211, 0x0123, 0x0112
 INVALID_INSTANCE, MISSING_ATTRIBUTE, PROCESSING_FAILURE = 0x0117, 0x0120, 0x0110
 CLASS_INSTANCE_CONFLICT, OUT_OF_RESOURCES_N = 0x0119, 0x0213  # 0x0213: resource limitation
+FIND_BATCH = 32 << 10  # C-FIND matches written together (a C-CANCEL is seen between)
 MAX_COMMITMENTS = 16  # commitment requests waiting for their report, all peers together
 MAX_COMMITTED = 10_000  # instances one commitment request may name
 WARNINGS = (0x0001, 0xB000, 0xB006, 0xB007)  # a C-STORE kept, with a warning
@@ -306,11 +307,16 @@ class QrService:
         await self._audit("dimse.find", request.calling_ae,
                           {"level": str(identifier.get("QueryRetrieveLevel", "")),
                            "model": model, "matches": len(matches), "peer": request.peer})
-        for match in matches:
-            if link.cancelled.is_set() or not link.open:
+        batch: list[bytes] = []
+        for number, match in enumerate(matches, 1):
+            batch.append(match)
+            if sum(map(len, batch)) < FIND_BATCH and number < len(matches):
+                continue
+            if link.cancelled.is_set() or not link.open:  # C-CANCEL: seen between batches
                 await link.respond(CANCEL, "cancelled by the requestor")
                 return
-            await link.respond(PENDING, data=match)
+            await link.pending(batch)
+            batch = []
         await link.respond(SUCCESS)
 
     # -- C-MOVE and C-GET ---------------------------------------------------------------------

@@ -812,16 +812,22 @@ class Store:
         whatever ``where`` says of them (a copy claiming another study changes nothing)."""
         return self.instances(f"{self.visible_where(False)} AND ({where})", params, order)
 
-    @staticmethod
-    def visible_where(quarantine: bool) -> str:
+    def visible_where(self, quarantine: bool) -> str:
         """The SQL condition on ``instances`` of :meth:`visible_instances` (for queries
-        that select their own columns, :mod:`radguard.gateway.query`)."""
-        clinical = ("(instances.state='done' AND NOT EXISTS (SELECT 1 FROM instances AS "
+        that select their own columns, :mod:`radguard.gateway.query`).
+
+        On SQLite the state test is written ``+instances.state``, which keeps the planner
+        off the state index: without statistics it takes ``state='done'`` for selective,
+        when nearly every row is done, and walks the whole table (rows carrying their
+        check results, 4 KB each) instead of the index of a search's own key (a name or a
+        date): 38 ms instead of 2 for 110 matches among 10,000 studies."""
+        state = "+instances.state" if self.backend.name == "sqlite" else "instances.state"
+        clinical = (f"({state}='done' AND NOT EXISTS (SELECT 1 FROM instances AS "
                     "earlier WHERE earlier.sop_uid=instances.sop_uid AND earlier.state='done' "
                     "AND earlier.id<instances.id))")
         # a quarantined copy only where no copy is clinical, and the first of them: a
         # viewer must never get two objects under one SOP Instance UID
-        held = ("(instances.state='quarantined' AND NOT EXISTS (SELECT 1 FROM instances AS "
+        held = (f"({state}='quarantined' AND NOT EXISTS (SELECT 1 FROM instances AS "
                 "other WHERE other.sop_uid=instances.sop_uid AND (other.state='done' OR "
                 "(other.state='quarantined' AND other.id<instances.id))))")
         return f"({clinical} OR {held})" if quarantine else clinical
