@@ -39,7 +39,6 @@ Biometrics 1988;44:837-845.
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
 import json
@@ -51,7 +50,8 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from radguard.evaluation.metrics import EvaluationError
+from radguard.evaluation.metrics import EvaluationError, case_components
+from radguard.evaluation.report import read_csv_rows
 
 __all__ = [
     "COLUMNS",
@@ -226,26 +226,15 @@ def _check_design(modalities: tuple[str, ...], readers: tuple[str, ...],
 def read_ratings(path: str | os.PathLike[str]) -> ReaderStudy:
     """Read a ``reader, modality, case, truth, rating`` CSV (UTF-8, header first)."""
     p = Path(path)
+    if p.is_dir():
+        raise ReaderStudyError(f"{p}: is a directory, not a CSV file")
     try:
-        text = p.read_text(encoding="utf-8-sig")
-    except FileNotFoundError as exc:
-        raise ReaderStudyError(f"{p}: no such file") from exc
-    except IsADirectoryError as exc:
-        raise ReaderStudyError(f"{p}: is a directory, not a CSV file") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ReaderStudyError(f"{p}: cannot read as a UTF-8 CSV") from exc
-    if not text.strip():
-        raise ReaderStudyError(f"{p}: empty file")
-    try:
-        reader = csv.DictReader(io.StringIO(text))
-        fields = list(reader.fieldnames or [])
-        _check_columns(fields, str(p))
-        rows = [{(k.strip() if isinstance(k, str) else k): v for k, v in row.items()}
-                for row in reader]
-    except csv.Error as exc:
-        raise ReaderStudyError(f"{p}: not a valid CSV ({exc})") from exc
-    if not rows:
-        raise ReaderStudyError(f"{p}: header only, no ratings")
+        fields, rows = read_csv_rows(p)
+    except EvaluationError as exc:
+        raise ReaderStudyError(str(exc).replace("no cases", "no ratings")) from exc
+    _check_columns(fields, str(p))
+    rows = [{(k.strip() if isinstance(k, str) else k): v for k, v in row.items()}
+            for row in rows]
     return study_from_rows(rows, str(p))
 
 
@@ -260,23 +249,6 @@ def empirical_auc(negatives: np.ndarray, positives: np.ndarray) -> float:
     x = np.asarray(negatives, dtype=np.float64)
     y = np.asarray(positives, dtype=np.float64)
     return float(case_components(x, y)[1].mean())
-
-
-def case_components(negatives: np.ndarray, positives: np.ndarray
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """DeLong's structural components of one reader's AUC, in O(n log n).
-
-    Returns ``(v_neg, v_pos)``: for each non-diseased case the share of diseased cases rated
-    higher (ties one half), and for each diseased case the share of non-diseased cases rated
-    lower. Their means are both the AUC; deleting one case changes the AUC by an amount these
-    give exactly, which is what makes the jackknife cheap.
-    """
-    x = np.sort(negatives)
-    y = np.sort(positives)
-    below = (np.searchsorted(x, positives, "left") + np.searchsorted(x, positives, "right")) / 2
-    above = len(y) - (np.searchsorted(y, negatives, "left")
-                      + np.searchsorted(y, negatives, "right")) / 2
-    return above / len(y), below / len(x)
 
 
 def _components(study: ReaderStudy) -> tuple[np.ndarray, np.ndarray]:

@@ -49,7 +49,10 @@ def read_csv_rows(path: str | os.PathLike[str]) -> tuple[list[str], list[dict[st
     if not text.strip():
         raise EvaluationError(f"{p}: empty file")
     reader = csv.DictReader(io.StringIO(text))
-    rows = list(reader)
+    try:
+        rows = list(reader)
+    except csv.Error as exc:
+        raise EvaluationError(f"{p}: not a valid CSV ({exc})") from exc
     if not rows:
         raise EvaluationError(f"{p}: header only, no cases")
     return list(reader.fieldnames or []), rows
