@@ -586,6 +586,8 @@ def _read_table(path: str) -> tuple[list[str], list[dict[str, str]]]:
 
 
 def _existing_db(path: str) -> None:
+    if path.startswith(("postgresql://", "postgres://")):
+        return  # a database the monitor opens (and says so if it cannot)
     if not Path(path).is_file():
         raise RadguardError(f"{path}: no monitoring database (run 'radguard monitor init')")
 

@@ -224,6 +224,120 @@ def dataset_audit(folder: str, labels_path: str | None, label_key: str | None,
     sys.exit(1 if any(v for k, v in report.summary.items()) else 0)
 
 
+@dataset.group("adjudicate")
+def dataset_adjudicate() -> None:
+    """Label adjudication: worklist for the adjudicator, then final labels and agreement."""
+
+
+_rule_options = [
+    click.option("--rule", type=click.Choice(["disagreement", "all-positive", "all"]),
+                 default="disagreement", show_default=True,
+                 help="Cases sent to the adjudicator (ties always are)."),
+    click.option("--positive", help="The positive label, for --rule all-positive."),
+]
+
+
+def _with_rule(func):  # noqa: ANN001, ANN202
+    for option in reversed(_rule_options):
+        func = option(func)
+    return func
+
+
+@dataset_adjudicate.command("plan")
+@click.argument("readers", type=click.Path(dir_okay=False))
+@click.option("--out", "-o", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="Worklist CSV for the adjudicator (fills the label column).")
+@_with_rule
+@click.option("--blind", is_flag=True, help="Leave reader names out of the worklist.")
+def dataset_adjudicate_plan(readers: str, out_path: str, rule: str, positive: str | None,
+                            blind: bool) -> None:
+    """Write the adjudication worklist of READERS (CSV: case, reader, label)."""
+    from radguard.governance.adjudication import plan
+
+    work = plan(readers, rule, positive, blind=blind)
+    work.write(out_path)
+    click.echo(f"{len(work.rows)} case(s) for the adjudicator (rule {rule}"
+               f"{', blinded' if blind else ''}) -> {out_path}")
+
+
+@dataset_adjudicate.command("resolve")
+@click.argument("readers", type=click.Path(dir_okay=False))
+@click.argument("adjudicated", type=click.Path(dir_okay=False))
+@click.option("--out", "-o", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="Adjudicated labels CSV (file,label; the parent's layout with --parent).")
+@_with_rule
+@click.option("--allow-new-labels", is_flag=True,
+              help="Accept adjudicated labels no reader used.")
+@click.option("--label-column", default="label", show_default=True,
+              help="Column of the parent's labels that adjudication sets.")
+@click.option("--snapshot", "snapshot_folder", type=click.Path(file_okay=False),
+              help="Snapshot this folder with the adjudicated labels as a new version.")
+@click.option("--parent", "parent_path", type=click.Path(dir_okay=False),
+              help="Manifest of the unadjudicated version (required with --snapshot).")
+@click.option("--manifest", "manifest_path", type=click.Path(),
+              help="Where the new manifest goes (default ./NAME-VERSION.manifest.json).")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report.")
+@_workers_option
+@_audit_option
+def dataset_adjudicate_resolve(readers: str, adjudicated: str, out_path: str, rule: str,
+                               positive: str | None, allow_new_labels: bool,
+                               label_column: str, snapshot_folder: str | None,
+                               parent_path: str | None, manifest_path: str | None,
+                               as_json: bool, workers: int, audit_path: str | None) -> None:
+    """Final labels from READERS and the ADJUDICATED worklist: the adjudicator's where given,
+    the majority elsewhere; agreement report; optionally a new dataset version."""
+    from radguard.governance.adjudication import (
+        AdjudicationError,
+        adjudicated_snapshot,
+        resolve,
+    )
+    from radguard.governance.datasets import default_manifest_path, load_manifest
+
+    if snapshot_folder and not parent_path:
+        raise AdjudicationError("--snapshot needs --parent, the manifest of the "
+                                "unadjudicated version (the provenance of the new labels)")
+    parent = load_manifest(parent_path) if parent_path else None
+    res = resolve(readers, adjudicated, rule, positive, allow_new_labels=allow_new_labels)
+    log = _audit_log(audit_path)
+    details: dict[str, object] = {
+        "rule": rule, "cases": len(res.study.cases), "readers": res.study.readers,
+        "sent": len(res.sent), "adjudicated": len(res.adjudicated),
+        "changed": [c["case"] for c in res.changed], "labels": str(out_path)}
+    manifest = None
+    if snapshot_folder and parent is not None:
+        from radguard.governance.datasets import image_files
+
+        total = len(image_files(snapshot_folder))
+        with _progress(total, "hashing") as bar:
+            task = bar.add_task("hash", total=total)
+            manifest = adjudicated_snapshot(res, snapshot_folder, parent, out_path,
+                                            label_column=label_column, actor=log.actor,
+                                            workers=workers,
+                                            progress=lambda n: bar.advance(task, n))
+        out = Path(manifest_path) if manifest_path else default_manifest_path(manifest)
+        if out.is_dir():
+            out = default_manifest_path(manifest, out)
+        manifest.save(out)
+        details |= {"version": manifest.dataset_hash, "parent": parent.dataset_hash,
+                    "manifest": str(out)}
+    else:
+        res.write_labels(out_path, parent, label_column)
+    log.append("dataset.adjudicate", str(Path(readers).resolve()), details)
+    if as_json:
+        report = res.to_dict() | {"labels": str(out_path)}
+        if manifest is not None:
+            report |= {"version": manifest.version, "parent": parent.version,
+                       "manifest": details["manifest"]}
+        click.echo(json.dumps(report, indent=1))
+        return
+    click.echo("\n".join(res.summary()))
+    click.echo(f"adjudicated labels -> {out_path}")
+    if manifest is not None:
+        click.echo(f"version {manifest.version} (parent {parent.version}): "
+                   f"{len(manifest.images)} images, {len(manifest.labels)} label rows -> "
+                   f"{details['manifest']}")
+
+
 # -- de-identification -----------------------------------------------------------------------
 
 def _pseudonym_key(path: str | None) -> tuple[bytes | None, str]:
@@ -328,19 +442,38 @@ def audit() -> None:
     """The hash-chained audit log: verify it, show its head, list entries."""
 
 
+def _chain(log_path: str | None, db_url: str | None):  # noqa: ANN202
+    """The log file, or the chain in the database gateways sharing one keep."""
+    if not db_url:
+        return _audit_log(log_path)
+    if log_path:
+        raise click.UsageError("--log and --db-url name two different logs: give one")
+    from radguard.governance.auditlog import DatabaseAuditLog
+
+    return DatabaseAuditLog(db_url)
+
+
+_db_url_option = click.option(
+    "--db-url", envvar="RADGUARD_AUDIT_DB_URL", default=None, metavar="URL",
+    help="The audit chain in PostgreSQL that several gateways share (their db_url, "
+         "postgresql://...; or $RADGUARD_AUDIT_DB_URL, which keeps the password off the "
+         "command line), instead of a log file.")
+
+
 @audit.command("verify")
 @click.option("--log", "log_path", type=click.Path(dir_okay=False), default=None,
               help="Log file (default $RADGUARD_AUDIT_LOG or ~/.radguard/audit.jsonl).")
+@_db_url_option
 @click.option("--expect-head", help="Head hash kept elsewhere; the log must end there.")
 @click.option("--new", "new", is_flag=True,
               help="Nothing was ever logged here: a missing or empty log without a head file "
                    "is then not an error (by default it is: deleting both hides everything).")
 @click.option("--json", "as_json", is_flag=True)
-def audit_verify(log_path: str | None, expect_head: str | None, new: bool,
+def audit_verify(log_path: str | None, db_url: str | None, expect_head: str | None, new: bool,
                  as_json: bool) -> None:
     """Detect any edit, deletion, insertion, reordering or truncation, and a deleted log.
     Exits 1 if found."""
-    report = _audit_log(log_path).verify(expect_head, new=new)
+    report = _chain(log_path, db_url).verify(expect_head, new=new)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=1))
     else:
@@ -353,9 +486,10 @@ def audit_verify(log_path: str | None, expect_head: str | None, new: bool,
 
 @audit.command("head")
 @click.option("--log", "log_path", type=click.Path(dir_okay=False), default=None)
-def audit_head(log_path: str | None) -> None:
+@_db_url_option
+def audit_head(log_path: str | None, db_url: str | None) -> None:
     """Print the head hash, to keep somewhere an attacker on this machine cannot reach."""
-    head = _audit_log(log_path).head()
+    head = _chain(log_path, db_url).head()
     click.echo(f"{head['head']} ({head['entries']} entries)")
 
 
@@ -363,12 +497,15 @@ def audit_head(log_path: str | None) -> None:
 @click.option("--log", "log_path", type=click.Path(dir_okay=False), default=None)
 @click.option("--last", type=click.IntRange(1), default=20, show_default=True)
 @click.option("--action", help="Only entries whose action starts with this.")
-def audit_show(log_path: str | None, last: int, action: str | None) -> None:
-    """The latest entries."""
-    rows = [e for e in _audit_log(log_path).entries()
+@_db_url_option
+def audit_show(log_path: str | None, last: int, action: str | None,
+               db_url: str | None) -> None:
+    """The latest entries (with the gateway that wrote each, where one is named)."""
+    rows = [e for e in _chain(log_path, db_url).entries()
             if not action or e.action.startswith(action)][-last:]
     for e in rows:
-        click.echo(f"{e.seq:>6} {e.ts} {e.actor:<12} {e.action:<22} {e.target} "
+        by = f"{e.actor}@{e.gateway}" if e.gateway else e.actor
+        click.echo(f"{e.seq:>6} {e.ts} {by:<12} {e.action:<22} {e.target} "
                    f"{json.dumps(e.details, sort_keys=True)}")
 
 

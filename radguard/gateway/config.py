@@ -179,12 +179,36 @@ Example ``radguard.toml``::
                                       # scripts/install.sh puts it (.cache/ohif/<version>/
                                       # dist in the source tree). Missing: the pages say
                                       # "viewer not installed" instead of linking to it
+
+    [cluster]                         # several gateways on one PostgreSQL (db_url); see
+                                      # docs/gateway.md#deployment
+    gateway_id = ""                   # this gateway's name (claims, heartbeats, audit);
+                                      # empty: host:ae_title:dicom_port
+    objects = "folder"                # where instance files are: "folder" (objects_dir) or
+                                      # "database" (in PostgreSQL: one database is all a
+                                      # cluster needs)
+    objects_dir = ""                  # empty: data_dir/objects. Gateways sharing a database
+                                      # must share this folder (NFS...): a gateway whose
+                                      # objects the others cannot read is refused at start
+    lease_seconds = 30                # a claim's lease; the heartbeat (every third of it)
+                                      # extends it; expired, any gateway takes the work over
+    db_pool = 8                       # PostgreSQL connections of this gateway, at most
+    cache_mb = 2048                   # local copies of objects kept in the database
+
+    [readers]                         # reader studies and deepfake awareness in the browser
+                                      # (gateway/readers.py, docs/reader-studies.md)
+    image_root = ""                   # folders of case images must lie under it (resolved,
+                                      # links followed); empty: cases are held instances only
+    awareness_pool = ""               # folders cxr-*/real-* (real) and synthetic-* (one per
+                                      # generator), e.g. "../shared/data"; empty: mode off
+    awareness_items = 10              # images in one round (half synthetic)
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -343,6 +367,45 @@ class GatewayConfig:
     results_forward: bool = True  # and forward them like the images
     # -- viewer: the OHIF Viewer's prebuilt files ([viewer]; gateway/viewer.py) --
     viewer_ohif_dist: str = ""  # empty: where scripts/install.sh puts them
+    # -- several gateways on one PostgreSQL ([cluster]; docs/gateway.md#deployment) --
+    cluster_gateway_id: str = ""  # empty: host:ae_title:dicom_port (unique on a host)
+    cluster_objects: str = "folder"  # "folder" (objects_dir) or "database" (PostgreSQL)
+    cluster_objects_dir: str = ""  # empty: data_dir/objects; a cluster: the shared folder
+    cluster_lease_seconds: float = 30.0  # a claim's lease; a heartbeat every third of it
+    cluster_db_pool: int = 8  # PostgreSQL connections of this gateway, at most
+    cluster_cache_mb: int = 2048  # local copies of objects kept in the database
+    # -- reader studies in the browser ([readers]; gateway/readers.py) --
+    readers_image_root: str = ""  # folders of case images must lie under it; empty: none
+    readers_awareness_pool: str = ""  # cxr-*/real-* and synthetic-* folders; empty: off
+    readers_awareness_items: int = 10  # images in one awareness round
+
+    def gateway_id(self) -> str:
+        """This gateway's name in the cluster (claims, heartbeats, audit entries)."""
+        if self.cluster_gateway_id:
+            return self.cluster_gateway_id
+        import socket
+
+        name = f"{socket.gethostname()}:{self.ae_title}:{self.dicom_port}"
+        return name if self.dicom_port else f"{name}:{os.getpid()}"  # port 0: any free one
+
+    def _validate_cluster(self) -> None:
+        """The [cluster] block."""
+        number = functools.partial(self._number, table="cluster")
+        number("lease_seconds", 2, 3600, whole=False)
+        number("db_pool", 2, 1000)
+        number("cache_mb", 16, 1 << 30)
+        if not isinstance(self.cluster_gateway_id, str) or not re.fullmatch(
+                r"[A-Za-z0-9._:@-]{0,64}", self.cluster_gateway_id):
+            raise ConfigError(f"cluster.gateway_id {self.cluster_gateway_id!r}: up to 64 "
+                              "letters, digits and . _ : @ -")
+        if self.cluster_objects not in ("folder", "database"):
+            raise ConfigError(f'cluster.objects {self.cluster_objects!r}: "folder" or '
+                              '"database"')
+        if self.cluster_objects == "database" and not self.db_url:
+            raise ConfigError('cluster.objects = "database" keeps instance files in '
+                              "PostgreSQL: it needs db_url")
+        if self.cluster_objects == "database" and self.cluster_objects_dir:
+            raise ConfigError('cluster.objects_dir is for objects = "folder"')
 
     def viewer_dist(self) -> Path:
         """The OHIF dist folder to serve under /viewer/ (it may be missing: not installed)."""
@@ -442,6 +505,11 @@ class GatewayConfig:
         self._validate_dicom()
         self._validate_ingest()
         self._validate_results()
+        self._validate_cluster()
+        self._number("readers_awareness_items", 2, 200)
+        for name in ("readers_image_root", "readers_awareness_pool"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"readers.{name.removeprefix('readers_')}: a folder path")
         return self
 
     def _validate_results(self) -> None:
@@ -633,7 +701,7 @@ def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) ->
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"{p}: not a valid TOML configuration ({exc})") from exc
         for table in ("forward", "oidc", "signatures", "dicom", "forensics", "viewer",
-                      "results"):
+                      "results", "cluster", "readers"):
             section = raw.pop(table, {}) or {}
             if not isinstance(section, dict):
                 raise ConfigError(f"{p}: [{table}] must be a table")

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import re
 import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -133,7 +133,7 @@ _BY_KEYWORD = {a.keyword: a for a in ATTRIBUTES}
 _FOLDED = {"patient_name": "patient_name_fold", "referring_physician": "referring_fold"}
 _GROUP = {Level.PATIENT: "patient_id", Level.STUDY: "study_uid", Level.SERIES: "series_uid",
           Level.IMAGE: "id"}
-_COLUMNS = ["id", "path", "charset", *dict.fromkeys(
+_COLUMNS = ["id", "sha256", "path", "charset", *dict.fromkeys(
     a.column for a in ATTRIBUTES if a.column is not None)]
 # what each level returns by default (PS3.18 QIDO return attributes; C-FIND returns what
 # the identifier asks for)
@@ -455,7 +455,7 @@ def search(store: Store, query: Query) -> list[dict[str, Any]]:
         found = found[:MAX_RESULTS]
         query.warnings.append("there are additional results that can be requested (use "
                               "limit and offset)")
-    return [_entity(query, row, extra, store.root) for row, extra in found]
+    return [_entity(query, row, extra, store) for row, extra in found]
 
 
 def _page(rows: Iterable[Any], later: list[tuple[Attribute, str]], query: Query, cap: int,
@@ -516,9 +516,12 @@ def _add_modalities(store: Store, query: Query, found: list[tuple[dict[str, Any]
         extra["ModalitiesInStudy"] = sorted(modalities[row[column]])
 
 
-def _entity(query: Query, first: dict[str, Any], extra: dict[str, Any], root: Path
+def _entity(query: Query, first: dict[str, Any], extra: dict[str, Any], store: Store
             ) -> dict[str, Any]:
-    out: dict[str, Any] = {"_path": str(root / first["path"]), "_charset": first["charset"]}
+    # the file only when a return key must be read from it (objects in the database are
+    # fetched to the local cache then, not for every match)
+    out: dict[str, Any] = {"_file": partial(store.locate, first["sha256"], first["path"]),
+                           "_charset": first["charset"]}
     for keyword, column in _STORED[query.level]:
         out[keyword] = first[column]
     out.update(extra)
@@ -565,7 +568,7 @@ def to_json(match: dict[str, Any], query: Query, retrieve_base: str = "") -> dic
             values = [{"Alphabetic": v} for v in values]
         out[tag] = {"vr": vr, **({"Value": values} if values else {})}
     if query.from_file:
-        out.update(_from_file(match["_path"], query.from_file))
+        out.update(_from_file(match["_file"], query.from_file))
     if retrieve_base and query.level is not Level.PATIENT:
         url = f"{retrieve_base}/studies/{match['StudyInstanceUID']}"
         if query.level.rank >= Level.SERIES.rank:
@@ -576,13 +579,13 @@ def to_json(match: dict[str, Any], query: Query, retrieve_base: str = "") -> dic
     return dict(sorted(out.items()))
 
 
-def _from_file(path: str, keywords: Sequence[str]) -> dict[str, Any]:
+def _from_file(locate: Callable[[], Path], keywords: Sequence[str]) -> dict[str, Any]:
     """includefield attributes radguard does not index, read from one instance's header
     (a file that cannot be read adds nothing)."""
     from pydicom import dcmread
 
     try:
-        ds = dcmread(Path(path), stop_before_pixels=True,
+        ds = dcmread(locate(), stop_before_pixels=True,
                      specific_tags=[tag_for_keyword(k) for k in keywords])  # type: ignore[misc]
         return {k: v for k, v in ds.to_json_dict(bulk_data_threshold=1024,
                                                  bulk_data_element_handler=lambda _e: "")

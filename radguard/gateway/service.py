@@ -17,7 +17,7 @@ received - the reserve is their room - and ``Gateway.problem`` says "intake paus
 instance whose result cannot be written - by the store, or by the pipeline itself (the
 drift monitor's SQLite on a full disk, any OSError) - goes back to the queue instead of
 being judged, and so does one that meets an unexpected error outside the checks (logged
-with its traceback); the worker's back-off (1 s doubling to 30 s) lasts until an instance
+with its traceback); the worker's back-off (1 s doubling to 5 s) lasts until an instance
 is processed. A storage error (no room, read-only, locked: :func:`storage_failure`) never
 condemns an instance; errors of its own, MAX_ATTEMPTS of them (counted apart from claims:
 forwarding retries do not count) with the store working, quarantine it, so it cannot stall
@@ -71,6 +71,10 @@ log = logging.getLogger("radguard.gateway")
 #: "unverifiable" instead of requeued once more
 MAX_ATTEMPTS = 5
 
+#: the longest wait of a worker for the store (seconds): a worker probes at least this often
+#: during an outage, so work resumes within it once the database or disk is back
+STORE_WAIT = 5.0
+
 #: a write that failed, in the store or inside the pipeline (the drift monitor's SQLite, a
 #: file): the instance goes back to the queue, it is not judged
 _STORAGE_ERRORS: tuple[type[BaseException], ...] = (OSError, sqlite3.OperationalError,
@@ -99,17 +103,28 @@ class Gateway:
         from pathlib import Path
 
         from radguard.dicom.limits import set_decode_limits
-        from radguard.governance.auditlog import AuditLog
+        from radguard.governance.auditlog import AuditLog, DatabaseAuditLog
 
         self.config = config
         set_decode_limits(config.decode_limits())  # the door and in-process checks
         self.oidc = _oidc_verifier(config)
+        self.gateway_id = config.gateway_id()
         self.store = Store(config.data_dir, config.db_url or None,
-                           min_free=config.dicom_min_free_mb << 20)
+                           min_free=config.dicom_min_free_mb << 20, gateway_id=self.gateway_id,
+                           objects=config.cluster_objects,
+                           objects_dir=config.cluster_objects_dir or None,
+                           pool_size=config.cluster_db_pool,
+                           lease_seconds=config.cluster_lease_seconds,
+                           cache_mb=config.cluster_cache_mb)
         self.store.health.listeners.append(self._store_health)
         self.store.intake.listeners.append(self._intake)
-        self.audit_log = audit_log or AuditLog(Path(config.data_dir) / "audit.jsonl",
-                                               actor="radguard-gateway")
+        # every entry names the gateway; with a database, one chain for all the cluster's
+        # gateways (appends serialised in PostgreSQL), verified by `radguard audit verify
+        # --db-url`
+        self.audit_log = audit_log or (
+            DatabaseAuditLog(config.db_url, actor="radguard-gateway", gateway=self.gateway_id)
+            if config.db_url else AuditLog(Path(config.data_dir) / "audit.jsonl",
+                                           actor="radguard-gateway", gateway=self.gateway_id))
         self.pipeline = Pipeline(config, self.store, self.audit_log)
         self.checks: CheckPool | None = None
         self.dicom = DicomServer(config, self.store, on_stored=self.wake_up,
@@ -170,7 +185,14 @@ class Gateway:
         self._wake.set()
 
     def start(self) -> None:
-        """Recover from any crash, then listen and start the workers."""
+        """Join the cluster, recover from a crash of this gateway, then listen and start
+        the workers."""
+        import os
+        import socket
+
+        from radguard import __version__
+
+        self.store.register(host=socket.gethostname(), pid=os.getpid(), version=__version__)
         recovered = self.store.recover()
         if any(recovered.values()):
             log.warning("recovered after a crash: %s", recovered)
@@ -198,9 +220,34 @@ class Gateway:
             t = threading.Thread(target=self._work, name=f"radguard-worker-{n}", daemon=True)
             t.start()
             self._threads.append(t)
-        t = threading.Thread(target=self._summarise, name="radguard-summaries", daemon=True)
-        t.start()
-        self._threads.append(t)
+        for target, name in ((self._summarise, "radguard-summaries"),
+                             (self._heartbeat, "radguard-heartbeat")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _heartbeat(self) -> None:
+        """Every third of a lease: extend this gateway's claims, reclaim expired ones of
+        any gateway (one that died), and now and then sweep orphaned objects and the cache.
+        A database that is away is the store's health (the workers wait for it); this
+        thread keeps trying."""
+        every = self.store.lease_seconds / 3
+        beats = 0
+        while not self._stop.wait(every):
+            try:
+                result = self.store.heartbeat(self.problem)
+                if result["reclaimed"]:
+                    self._audit("cluster.reclaimed", self.gateway_id,
+                                {"instances": result["reclaimed"]})
+                    self._wake.set()
+                beats += 1
+                if beats % max(1, int(600 / every)) == 0:  # about every ten minutes
+                    self.store.sweep()
+            except _STORAGE_ERRORS as exc:
+                log.debug("heartbeat: %s", exc)
+                self.store.health.failed(exc)
+            except Exception:  # noqa: BLE001 - the heartbeat outlives every error
+                log.exception("heartbeat: unexpected error")
 
     def _summarise(self) -> None:
         """Once a minute: how many refused C-STOREs the throttled log held back."""
@@ -261,11 +308,11 @@ class Gateway:
                 instance = self.store.claim()
             except _STORAGE_ERRORS as exc:
                 log.debug("worker waits for the store: %s", exc)
-                store_wait = self._back_off(store_wait, 30.0)
+                store_wait = self._back_off(store_wait, STORE_WAIT)
                 continue
             except Exception:  # noqa: BLE001 - a worker outlives every error
                 log.exception("worker: unexpected error while taking work; trying again")
-                store_wait = self._back_off(store_wait, 30.0)
+                store_wait = self._back_off(store_wait, STORE_WAIT)
                 continue
             if instance is None:
                 store_wait = 1.0  # nothing failing: the next trouble starts afresh
@@ -306,7 +353,7 @@ class Gateway:
                       "quarantined at %d with the store working)", instance.sop_uid, failures,
                       MAX_ATTEMPTS, exc_info=exc)
         self._hold(instance.id)
-        return self._back_off(wait, 30.0)
+        return self._back_off(wait, STORE_WAIT)
 
     def _poison(self, instance: Instance, exc: Exception, failures: int) -> bool:
         """Quarantine an instance that failed ``failures`` times with errors of its own, if
@@ -447,9 +494,16 @@ class Gateway:
         return False
 
     def stop(self) -> None:
-        """Stop listening, let the workers finish their current instance, close."""
+        """Stop listening, let the workers finish their current instance, leave the
+        cluster's list of gateways, close."""
         self._shut_down()
+        try:
+            self.store.unregister()
+        except StoreError as exc:  # the database is away: the lease and heartbeat lapse
+            log.warning("could not leave the cluster's list of gateways: %s", exc)
         self._audit("gateway.stop", self.config.ae_title, {})
+        if hasattr(self.audit_log, "close"):
+            self.audit_log.close()
 
     def _shut_down(self) -> None:
         self.dicom.stop()

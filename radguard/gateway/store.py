@@ -4,11 +4,14 @@ An instance is acknowledged only after :meth:`Store.ingest` returns, and that ha
 after its file is fsync'd under a content-addressed name and its row is committed (SQLite in
 WAL mode with ``synchronous=FULL``). The same row is the instance's place in the work queue:
 ``queued`` -> ``processing`` (-> ``forwarding``) -> ``done``/``quarantined``/``rejected``
-(:class:`State`). A crash leaves at most rows in ``processing`` or ``forwarding``;
-:meth:`Store.recover` puts them back in the queue, and the pipeline writes its result and
-the final state in one transaction, so each received instance is processed exactly once
+(:class:`State`). A claim has an owner (the gateway's id) and a lease the gateway's
+heartbeat extends (:meth:`Store.heartbeat`); a crash leaves at most rows in ``processing``
+or ``forwarding``, which :meth:`Store.recover` puts back in the queue at the gateway's next
+start - its own claims only - and any gateway's heartbeat once their lease has expired. The
+pipeline writes its result and the final state in one transaction, and only while it owns
+the claim, so each received instance is processed once, again only after a lease lapsed
 (and sent to the PACS at least once). Files without a row (a crash between fsync and
-commit: never acknowledged) are removed by ``recover``.
+commit: never acknowledged) are swept once old (:meth:`Store.sweep`).
 
 One SOP Instance UID names one object. The same bytes again (same SHA-256) are a resend:
 acknowledged, no new row. Different bytes under a UID already held are stored - never
@@ -33,8 +36,11 @@ Schema changes are numbered migrations applied in order at open (``schema_versio
 fourth holds the known-real detector scores of per-source calibration
 (:mod:`radguard.forensics.calibration`: the store is a ``ScoreStore``).
 The embedded default is SQLite in the data folder; a larger site gives a PostgreSQL URL
-(``db_url = "postgresql://user:pw@host/radguard"``) and several gateways can then share one
-queue (claims use ``FOR UPDATE SKIP LOCKED``). Files stay in the data folder either way.
+(``db_url = "postgresql://user:pw@host/radguard"``, a bounded pool of connections that
+reconnects by itself) and several gateways can then share one queue (claims use ``FOR
+UPDATE SKIP LOCKED``) - provided they share the instance files too: a shared folder, or the
+database itself (:mod:`radguard.gateway.objects`; :meth:`Store.register` refuses a gateway
+that would not, docs/gateway.md#deployment).
 """
 
 from __future__ import annotations
@@ -46,7 +52,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -56,8 +61,9 @@ from pathlib import Path
 from typing import Any
 
 from radguard.errors import RadguardError
-from radguard.fileio import atomic_write_bytes, atomic_writer, room_above_reserve
+from radguard.fileio import atomic_write_bytes, room_above_reserve
 from radguard.forensics.calibration import SCHEMA as CALIBRATION_SCHEMA
+from radguard.gateway.objects import DatabaseObjects, FolderObjects, ObjectStorage
 
 __all__ = ["IN_PROGRESS", "Instance", "ReserveError", "State", "Store", "StoreError",
            "WriteHealth", "storage_failure"]
@@ -123,6 +129,57 @@ MIGRATIONS = [
     CREATE INDEX instances_series ON instances(series_uid);
     CREATE INDEX instances_accession ON instances(accession);
     CREATE INDEX instances_name ON instances(patient_name_fold)
+    """,
+    # 6: several gateways on one database (docs/gateway.md#deployment): a claim's owner and
+    # lease (epoch seconds on the database's clock), the live gateways, cluster-wide facts
+    # (which object storage the cluster uses), instance files kept in the database itself
+    # (objects = "database"), and the bulk-read counts every gateway adds to
+    """
+    ALTER TABLE instances ADD COLUMN owner TEXT;
+    ALTER TABLE instances ADD COLUMN lease_until {float};
+    CREATE INDEX instances_owner ON instances(owner);
+    CREATE TABLE gateways (id TEXT PRIMARY KEY, host TEXT NOT NULL, pid {int} NOT NULL,
+                           started TEXT NOT NULL, heartbeat {float} NOT NULL,
+                           problem TEXT, objects TEXT NOT NULL, version TEXT NOT NULL);
+    CREATE TABLE cluster (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE objects (sha256 TEXT NOT NULL, chunk {int} NOT NULL, data {blob} NOT NULL,
+                          PRIMARY KEY (sha256, chunk));
+    CREATE TABLE bulk_reads (name TEXT NOT NULL, at {float} NOT NULL, count {int} NOT NULL);
+    CREATE INDEX bulk_reads_name ON bulk_reads(name, at);
+    CREATE TABLE bulk_alarms (name TEXT PRIMARY KEY, at {float} NOT NULL)
+    """,
+    # 7: reader studies read in the browser and deepfake-awareness rounds
+    # (radguard.gateway.readers): studies, their cases with truth, each reader's sessions
+    # (arm, stored random order), each reading (rating, server times, window/level changes)
+    """
+    CREATE TABLE reader_studies (id {id}, name TEXT NOT NULL, created_by TEXT NOT NULL,
+                                 created_at TEXT NOT NULL, arms TEXT NOT NULL,
+                                 scale TEXT NOT NULL, washout_days {float} NOT NULL,
+                                 seed TEXT NOT NULL);
+    CREATE TABLE reader_cases (study_id {int} NOT NULL, num {int} NOT NULL,
+                               label TEXT NOT NULL, truth {int} NOT NULL, instance_id {int},
+                               path TEXT, PRIMARY KEY (study_id, num));
+    CREATE TABLE reader_sessions (study_id {int} NOT NULL, reader TEXT NOT NULL,
+                                  sess {int} NOT NULL, arm TEXT NOT NULL,
+                                  case_order TEXT NOT NULL, started_at {float},
+                                  finished_at {float}, PRIMARY KEY (study_id, reader, sess));
+    CREATE TABLE reader_readings (study_id {int} NOT NULL, reader TEXT NOT NULL,
+                                  sess {int} NOT NULL, pos {int} NOT NULL,
+                                  case_num {int} NOT NULL, arm TEXT NOT NULL,
+                                  served_at {float}, rated_at {float}, diseased {int},
+                                  confidence {float}, rating {float}, seconds {float},
+                                  wl_center {float} NOT NULL, wl_width {float} NOT NULL,
+                                  wl_changes TEXT NOT NULL,
+                                  PRIMARY KEY (study_id, reader, sess, pos));
+    CREATE TABLE awareness_rounds (id {id}, reader TEXT NOT NULL, generator TEXT NOT NULL,
+                                   started_at {float} NOT NULL, finished_at {float});
+    CREATE TABLE awareness_items (round_id {int} NOT NULL, pos {int} NOT NULL,
+                                  path TEXT NOT NULL, source TEXT NOT NULL,
+                                  synthetic {int} NOT NULL, answer {int}, confidence {int},
+                                  served_at {float}, answered_at {float}, feedback TEXT,
+                                  PRIMARY KEY (round_id, pos));
+    CREATE TABLE awareness_seen (reader TEXT NOT NULL, generator TEXT NOT NULL,
+                                 round_id {int} NOT NULL, PRIMARY KEY (reader, generator))
     """,
 ]
 
@@ -314,11 +371,18 @@ class _Backend:
         db.execute("PRAGMA case_sensitive_like=ON")
         return db
 
+    #: the database's clock in epoch seconds (leases and heartbeats are compared on one
+    #: clock, the database's, never on each gateway's own)
+    clock = "((julianday('now') - 2440587.5) * 86400.0)"
+
     def sql(self, text: str) -> str:
         return text
 
     def describe(self) -> str:
         return self.target
+
+    def close(self) -> None:
+        """Close what the backend holds for all threads (SQLite: nothing)."""
 
     def lock_uid(self, execute: Callable[..., Any], uid: str) -> None:  # noqa: B027
         """Serialise writers of one SOP Instance UID within a transaction (SQLite's write
@@ -329,25 +393,83 @@ class _Backend:
         return False
 
 
+class _Rows:
+    """A statement's result, read whole before its pooled connection goes back (the
+    cursor's interface the store's callers use)."""
+
+    def __init__(self, cursor: Any) -> None:  # noqa: ANN401
+        self.rowcount = cursor.rowcount
+        self._rows = cursor.fetchall() if cursor.description is not None else []
+        self._next = 0
+
+    def fetchone(self) -> Any:  # noqa: ANN401
+        if self._next >= len(self._rows):
+            return None
+        self._next += 1
+        return self._rows[self._next - 1]
+
+    def fetchall(self) -> list[Any]:
+        rows, self._next = self._rows[self._next:], len(self._rows)
+        return rows
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.fetchall())
+
+
 class _Postgres(_Backend):
+    """A bounded pool of connections (psycopg_pool), checked before each use: a server
+    restart costs the statements in flight, and the pool reconnects by itself."""
+
     name = "postgresql"
     ddl = {"id": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY", "blob": "BYTEA",
            "int": "BIGINT", "float": "DOUBLE PRECISION"}
     begin = "BEGIN"
     skip_locked = " FOR UPDATE SKIP LOCKED"
+    clock = "extract(epoch from clock_timestamp())::double precision"
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, *, pool_size: int = 8, name: str = "radguard",
+                 wait: float = 10.0) -> None:
         super().__init__(target)
         try:
             import psycopg
+            import psycopg_pool
         except ImportError as exc:
-            raise StoreError("a PostgreSQL store needs psycopg: pip install "
-                             "'psycopg[binary]'") from exc
+            raise StoreError("a PostgreSQL store needs psycopg and psycopg_pool: pip install "
+                             "'psycopg[binary]' psycopg-pool") from exc
         self.psycopg = psycopg
-        self.errors = (psycopg.Error,)
+        self.errors = (psycopg.Error, psycopg_pool.PoolTimeout)
+        self.wait = wait  # seconds a statement waits for a free connection
+        # the pool's own warnings repeat every reconnection attempt during an outage; the
+        # store's health says it once (WriteHealth)
+        logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
+        self.pool = psycopg_pool.ConnectionPool(
+            target, min_size=1, max_size=pool_size, open=False, timeout=wait,
+            name=f"radguard-{name}", check=psycopg_pool.ConnectionPool.check_connection,
+            # give a reconnection up after 3 s: the next statement starts a fresh one, so
+            # the pool is back within a second or two of the server, not after a backoff
+            # grown through a long outage (the store's health reports the outage)
+            reconnect_timeout=3.0,
+            kwargs={"autocommit": True, "connect_timeout": 5,
+                    "application_name": f"radguard {name}"[:63]})
 
-    def connect(self) -> Any:  # noqa: ANN401
-        return self.psycopg.connect(self.target, autocommit=True, connect_timeout=10)
+    def open(self) -> None:
+        """Connect once directly (a wrong URL, password or port is said at once, with the
+        server's words), then open the pool."""
+        try:
+            self.psycopg.connect(self.target, connect_timeout=5).close()
+            self.pool.open(wait=True, timeout=self.wait)
+        except self.errors as exc:
+            self.pool.close()
+            raise StoreError(f"{self.describe()}: not a usable database ({exc})") from exc
+
+    def connect(self, wait: float | None = None) -> Any:  # noqa: ANN401
+        return self.pool.getconn(timeout=wait)
+
+    def release(self, db: Any) -> None:  # noqa: ANN401
+        self.pool.putconn(db)
+
+    def close(self) -> None:
+        self.pool.close()
 
     def sql(self, text: str) -> str:
         return text.replace("?", "%s")  # no literal question marks in radguard's SQL
@@ -368,30 +490,48 @@ class _Postgres(_Backend):
 
 
 class Store:
-    """Files under ``data_dir/objects``; index in ``data_dir/radguard.db`` (SQLite) or in
-    the PostgreSQL database ``db_url`` names."""
+    """Files under ``data_dir/objects`` (or a shared ``objects_dir``, or in the database:
+    :mod:`radguard.gateway.objects`); index in ``data_dir/radguard.db`` (SQLite) or in the
+    PostgreSQL database ``db_url`` names.
+
+    ``gateway_id`` names this gateway in a cluster: it owns its claims, whose leases
+    (``lease_seconds``) :meth:`heartbeat` extends; ``pool_size`` bounds its PostgreSQL
+    connections."""
 
     def __init__(self, data_dir: str | os.PathLike[str], db_url: str | None = None, *,
-                 min_free: int = 0) -> None:
+                 min_free: int = 0, gateway_id: str = "radguard", objects: str = "folder",
+                 objects_dir: str | os.PathLike[str] | None = None, pool_size: int = 8,
+                 lease_seconds: float = 30.0, cache_mb: int = 2048) -> None:
         self.root = Path(data_dir)
+        self.gateway_id = gateway_id
+        self.lease_seconds = float(lease_seconds)
         # bytes kept free on the data folder's filesystem (fileio.room_above_reserve): an
         # instance that would go below is refused, and the store is not healthy until there
         # is room again
         self.min_free = min_free
-        self.objects = self.root / "objects"
         self.incoming = self.root / "incoming"  # large objects spooled while they arrive
+        if objects == "database":
+            if not (db_url or "").startswith(("postgresql://", "postgres://")):
+                raise StoreError('objects = "database" needs a PostgreSQL db_url')
+            self.storage: ObjectStorage = DatabaseObjects(self.root / "cache", cache_mb << 20)
+            self.objects = self.root  # the reserve is kept on the data folder's filesystem
+        elif objects == "folder":
+            self.objects = Path(objects_dir) if objects_dir else self.root / "objects"
+            self.storage = FolderObjects(self.objects, self.root)
+        else:
+            raise StoreError(f'objects {objects!r}: "folder" or "database"')
         self.health = WriteHealth()  # whether writes work (the workers wait while they fail)
         # whether there is room above the reserve: below it new objects are refused (the
         # DICOM door, STOW-RS, ingest) while the workers go on - the reserve is their room
         self.intake = WriteHealth(_below_reserve)
         try:
             self.objects.mkdir(parents=True, exist_ok=True)
-            self.incoming.mkdir(exist_ok=True)
+            self.incoming.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"{self.root}: cannot create the data folder ({exc.strerror})") \
                 from exc
         if db_url and db_url.startswith(("postgresql://", "postgres://")):
-            self.backend: _Backend = _Postgres(db_url)
+            self.backend: _Backend = _Postgres(db_url, pool_size=pool_size, name=gateway_id)
         elif db_url:
             raise StoreError(f"db_url: only postgresql://... URLs are supported "
                              f"(got {db_url.split(':', 1)[0]}:...)")
@@ -399,11 +539,21 @@ class Store:
             self.backend = _Backend(str(self.root / "radguard.db"))
         self.db_path = self.backend.describe()
         self._local = threading.local()
-        self._lock = threading.Lock()  # one writer at a time inside this process
-        self._migrate()
+        # SQLite: one writer at a time inside this process (its write lock is the file's);
+        # PostgreSQL: transactions run side by side, each on its own pooled connection
+        self._lock: contextlib.AbstractContextManager[Any] = (
+            threading.Lock() if self.backend.name == "sqlite" else contextlib.nullcontext())
+        if isinstance(self.backend, _Postgres):
+            self.backend.open()
+        try:
+            self._migrate()
+        except BaseException:
+            self.backend.close()
+            raise
 
     # -- connections and statements ----------------------------------------------------------
     def _db(self) -> Any:  # noqa: ANN401
+        """SQLite: this thread's connection (opened on first use)."""
         db = getattr(self._local, "db", None)
         if db is None:
             try:
@@ -414,16 +564,43 @@ class Store:
         return db
 
     def execute(self, sql: str, params: tuple[Any, ...] = ()) -> Any:  # noqa: ANN401
-        """Run one statement (``?`` placeholders) on this thread's connection."""
-        db = self._db()
+        """Run one statement (``?`` placeholders): in this thread's open transaction, else
+        on SQLite this thread's connection, on PostgreSQL a pooled connection borrowed for
+        the statement (its rows read before it goes back)."""
+        held = getattr(self._local, "tx", None)
+        if held is None and isinstance(self.backend, _Postgres):
+            with self._borrowed() as db:
+                return _Rows(self._run(db, sql, params))
+        return self._run(held if held is not None else self._db(), sql, params)
+
+    def _run(self, db: Any, sql: str, params: tuple[Any, ...]) -> Any:  # noqa: ANN401
         try:
             return db.execute(self.backend.sql(sql), params)
         except self.backend.errors as exc:
-            if self.backend.broken(db):  # the server went away: a new connection next time
+            if self.backend.name == "sqlite" and self.backend.broken(db):
                 self._local.db = None
                 with contextlib.suppress(Exception):
                     db.close()
             raise StoreError(f"{self.db_path}: database error ({exc})") from exc
+
+    @contextlib.contextmanager
+    def _borrowed(self, wait: float | None = None) -> Iterator[Any]:
+        """A pooled PostgreSQL connection for a while (StoreError when none comes within
+        ``wait`` seconds: the server is away or every connection is busy). While writes
+        are failing the wait is a second: a C-STORE is refused (0xA700) at once, not after
+        the pool's full wait."""
+        backend = self.backend
+        assert isinstance(backend, _Postgres)
+        if wait is None:
+            wait = 1.0 if self.health.problem else backend.wait
+        try:
+            db = backend.connect(wait)
+        except backend.errors as exc:
+            raise StoreError(f"{self.db_path}: no database connection ({exc})") from exc
+        try:
+            yield db
+        finally:
+            backend.release(db)  # a broken one is discarded, and replaced in the background
 
     @contextlib.contextmanager
     def transaction(self, *, durable: bool = True) -> Iterator[None]:
@@ -433,7 +610,10 @@ class Store:
         power cut may undo harmlessly; a later durable commit makes them durable too, since
         the write-ahead log is synced in order."""
         lazy = not durable and self.backend.name == "sqlite"
-        with self._lock:
+        with self._lock, contextlib.ExitStack() as stack:
+            if isinstance(self.backend, _Postgres):
+                self._local.tx = stack.enter_context(self._borrowed())
+                stack.callback(setattr, self._local, "tx", None)
             if lazy:
                 self.execute("PRAGMA synchronous=NORMAL")
             try:
@@ -466,6 +646,20 @@ class Store:
                     self.execute(statement)
                 self.execute("DELETE FROM schema_version")
                 self.execute("INSERT INTO schema_version VALUES (?)", (number,))
+
+    def ping(self, wait: float = 2.0) -> None:
+        """StoreError unless the database answers within about ``wait`` seconds (the
+        readiness a load balancer asks for)."""
+        if isinstance(self.backend, _Postgres):
+            with self._borrowed(wait) as db:
+                self._run(db, "SELECT 1", ())
+        else:
+            self.execute("SELECT 1")
+
+    def now(self) -> float:
+        """The database's clock, epoch seconds (what leases, heartbeats and the bulk-read
+        window are measured on, so gateways with skewed clocks agree)."""
+        return float(self.execute(f"SELECT {self.backend.clock}").fetchone()[0])
 
     @property
     def schema_version(self) -> int:
@@ -517,18 +711,24 @@ class Store:
             if spooled is not None:
                 spooled.unlink(missing_ok=True)
             return int(known[0]), False
-        path = self.objects / digest[:2] / f"{digest}.dcm"
         self._check_room(0 if spooled is not None and self._same_device(spooled) else size)
-        if spooled is not None:
-            self._adopt(spooled, path)
-        elif not path.exists():
-            atomic_write_bytes(path, data, 0o640, durable=True)  # type: ignore[arg-type]
+        payload: bytes | Path = spooled if spooled is not None else bytes(data)  # type: ignore[arg-type]
+        folder = isinstance(self.storage, FolderObjects)
+        if folder and not self.storage.exists(digest):  # type: ignore[attr-defined]
+            # written before the transaction (no database lock held while it lasts); an
+            # object already there is confirmed under its lock below, where a sweep that
+            # might remove it waits
+            self.storage.put(digest, payload, self.execute)
         with self.transaction():
             self.backend.lock_uid(self.execute, sop)
+            self.backend.lock_uid(self.execute, digest)  # against a sweep of this object
             same = self.execute("SELECT id FROM instances WHERE sop_uid=? AND sha256=? "
                                 "ORDER BY id LIMIT 1", (sop, digest)).fetchone()
             if same is not None:  # the same resend raced this one in
+                if spooled is not None:
+                    spooled.unlink(missing_ok=True)
                 return int(same[0]), False
+            self.storage.put(digest, payload, self.execute)
             row = self.execute(
                 "INSERT INTO instances (sop_uid, study_uid, series_uid, sop_class, "
                 "patient_id, patient_name, modality, study_date, path, sha256, size, "
@@ -539,7 +739,7 @@ class Store:
                  header.get("series_uid", ""), header.get("sop_class", ""),
                  header.get("patient_id", ""), header.get("patient_name", ""),
                  header.get("modality", ""), header.get("study_date", ""),
-                 str(path.relative_to(self.root)), digest, size, _now(), source,
+                 self.storage.location(digest), digest, size, _now(), source,
                  calling_ae, self._original_id(sop), *index_values(header))).fetchone()
         return int(row[0]), True
 
@@ -562,33 +762,6 @@ class Store:
                 self.execute("UPDATE instances SET duplicate_of=? WHERE id=?",
                              (original, instance.id))
         return None if original is None else self.get(original)
-
-    @staticmethod
-    def _adopt(spooled: Path, path: Path) -> None:
-        """Move a spooled object to its content-addressed place durably: fsync, rename (the
-        spool folder is on the store's filesystem), fsync the folder. From elsewhere (another
-        filesystem) it is copied through an atomic write instead."""
-        if path.exists():
-            spooled.unlink(missing_ok=True)
-            return
-        with open(spooled, "rb") as fh:
-            os.fsync(fh.fileno())
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(spooled, 0o640)
-        try:
-            os.replace(spooled, path)
-        except OSError as exc:
-            if exc.errno != errno.EXDEV:
-                raise
-            with open(spooled, "rb") as src, atomic_writer(path, 0o640) as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-            spooled.unlink(missing_ok=True)
-            return
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def _check_room(self, size: int) -> None:
         """:class:`ReserveError` when writing ``size`` more bytes would leave less than the
@@ -627,7 +800,10 @@ class Store:
             self.health.failed(problem)
 
     def _same_device(self, spooled: Path) -> bool:
-        """A spooled file on the store's filesystem is renamed into place (no new bytes)."""
+        """A spooled file on the store's filesystem is renamed into place (no new bytes).
+        Objects in the database: the spool becomes the cached copy, nothing new either."""
+        if isinstance(self.storage, DatabaseObjects):
+            return True
         try:
             return spooled.stat().st_dev == self.objects.stat().st_dev
         except OSError:
@@ -660,9 +836,11 @@ class Store:
         try:
             with self.transaction(durable=False):
                 rows = self.execute(
-                    "UPDATE instances SET state='processing', attempts=attempts+1 WHERE id=("
+                    "UPDATE instances SET state='processing', attempts=attempts+1, owner=?, "
+                    f"lease_until={self.backend.clock}+? WHERE id=("
                     "SELECT id FROM instances WHERE state='queued' ORDER BY id LIMIT 1"
-                    f"{self.backend.skip_locked}) RETURNING {', '.join(_COLUMNS)}").fetchall()
+                    f"{self.backend.skip_locked}) RETURNING {', '.join(_COLUMNS)}",
+                    (self.gateway_id, self.lease_seconds)).fetchall()
         except (OSError, StoreError) as exc:
             self.health.failed(exc)
             raise
@@ -678,8 +856,9 @@ class Store:
             with self.transaction(durable=False):
                 self.backend.lock_uid(self.execute, instance.sop_uid)
                 changed = self.execute(
-                    "UPDATE instances SET state=? WHERE id=? AND state=?",
-                    (State.FORWARDING, instance.id, State.PROCESSING)).rowcount
+                    "UPDATE instances SET state=? WHERE id=? AND state=? AND owner=?",
+                    (State.FORWARDING, instance.id, State.PROCESSING,
+                     self.gateway_id)).rowcount
         except (OSError, StoreError) as exc:
             self.health.failed(exc)
             raise
@@ -689,18 +868,19 @@ class Store:
                details: dict[str, Any], ai_probability: float | None = None,
                ai_suspicion: int | None = None, forwarded: str | None = None) -> bool:
         """Record the pipeline's result and final state in one transaction; False when the
-        instance was superseded while it was checked (it stays rejected)."""
+        instance was superseded while it was checked (it stays rejected), or when this
+        gateway's claim lapsed meanwhile (its lease expired and another gateway took it)."""
         if state not in (State.DONE, State.QUARANTINED, State.REJECTED):
             raise StoreError(f"unknown final state {state!r}")
         try:
             with self.transaction():
                 changed = self.execute(
                     "UPDATE instances SET state=?, verdict=?, trust=?, details=?, "
-                    "ai_probability=?, ai_suspicion=?, forwarded=?, processed_at=? "
-                    "WHERE id=? AND state IN (?, ?)",
+                    "ai_probability=?, ai_suspicion=?, forwarded=?, processed_at=?, "
+                    "lease_until=NULL WHERE id=? AND state IN (?, ?) AND owner=?",
                     (state, verdict, trust, json.dumps(details, default=str), ai_probability,
                      ai_suspicion, forwarded, _now(), instance_id, State.PROCESSING,
-                     State.FORWARDING)).rowcount
+                     State.FORWARDING, self.gateway_id)).rowcount
         except (OSError, StoreError) as exc:
             self.health.failed(exc)
             raise
@@ -712,8 +892,10 @@ class Store:
         the result; try again later)."""
         try:
             with self.transaction():
-                self.execute("UPDATE instances SET state=? WHERE id=? AND state IN (?, ?)",
-                             (State.QUEUED, instance_id, State.PROCESSING, State.FORWARDING))
+                self.execute("UPDATE instances SET state=?, owner=NULL, lease_until=NULL "
+                             "WHERE id=? AND state IN (?, ?) AND owner=?",
+                             (State.QUEUED, instance_id, State.PROCESSING, State.FORWARDING,
+                              self.gateway_id))
         except (OSError, StoreError) as exc:
             self.health.failed(exc)
             raise
@@ -764,29 +946,141 @@ class Store:
         return found
 
     def recover(self) -> dict[str, int]:
-        """After a crash: unfinished work back to the queue, unacknowledged files removed
-        (half-written ones, files without a row, objects still arriving in ``incoming``).
-        (With a shared PostgreSQL queue, run it only when no other gateway is processing.)"""
+        """At start, after a crash of this gateway: its own unfinished claims back to the
+        queue, its own spooled objects (never acknowledged) removed, and old unreferenced
+        objects swept (:meth:`sweep`). Other gateways' claims are theirs: a dead gateway's
+        come back when their lease expires (:meth:`heartbeat`). An embedded SQLite store has
+        no other gateway: every claim is this one's (and rows from before leases have no
+        owner)."""
+        mine = "1=1" if self.backend.name == "sqlite" else "owner=?"
         with self.transaction():
-            requeued = self.execute("UPDATE instances SET state=? WHERE state IN (?, ?)",
-                                    (State.QUEUED, State.PROCESSING,
-                                     State.FORWARDING)).rowcount
-        known = {r[0] for r in self.execute("SELECT path FROM instances").fetchall()}
-        orphans = 0
-        for path in self.objects.glob("*/*"):
-            rel = str(path.relative_to(self.root))
-            if path.name.startswith(".") and path.name.endswith(".tmp"):
-                path.unlink(missing_ok=True)  # a write the crash interrupted
-                orphans += 1
-            elif rel not in known:
-                path.unlink(missing_ok=True)
-                orphans += 1
+            requeued = self.execute(
+                "UPDATE instances SET state=?, owner=NULL, lease_until=NULL "
+                f"WHERE state IN (?, ?) AND {mine}",
+                (State.QUEUED, State.PROCESSING, State.FORWARDING,
+                 *(() if mine == "1=1" else (self.gateway_id,)))).rowcount
         spooled = 0
         for path in self.incoming.glob("*"):  # objects still arriving: never acknowledged
             if path.is_file():
                 path.unlink(missing_ok=True)
                 spooled += 1
-        return {"requeued": requeued, "orphans_removed": orphans, "spooled_removed": spooled}
+        return {"requeued": requeued, "orphans_removed": self.sweep(),
+                "spooled_removed": spooled}
+
+    def sweep(self) -> int:
+        """Objects no row references, old enough that no gateway can be about to commit one
+        (:data:`~radguard.gateway.objects.ORPHAN_GRACE`), and interrupted writes; for
+        objects in the database, the cache beyond its size."""
+        def referenced(digest: str) -> bool:
+            return self.execute("SELECT 1 FROM instances WHERE sha256=? LIMIT 1",
+                                (digest,)).fetchone() is not None
+
+        @contextlib.contextmanager
+        def locked(digest: str) -> Iterator[None]:
+            with self.transaction():
+                self.backend.lock_uid(self.execute, digest)
+                yield
+
+        return self.storage.sweep(referenced, locked)
+
+    def register(self, *, host: str, pid: int, version: str) -> None:
+        """Record this gateway among the cluster's (table ``gateways``) and check that it
+        shares the cluster's object storage: a gateway whose objects the others cannot read
+        would claim instances it cannot find, and serve none of theirs. StoreError if not, or
+        if a live gateway already has this id (its heartbeat is recent and, on this host, its
+        process runs): after two leases without a heartbeat - a gateway killed on another
+        host, or in a container that came back under a new name - the id is free again, so
+        a restart waits that long rather than failing. Nothing to do on embedded SQLite (a
+        start on a full disk must not fail here)."""
+        import time
+
+        if self.backend.name == "sqlite":  # a file of its own: no other gateway shares it
+            return
+        try:
+            identity = self.storage.identity()
+        except OSError as exc:
+            raise StoreError(f"{self.objects}: cannot mark the object folder "
+                             f"({exc.strerror or exc})") from exc
+        deadline = time.monotonic() + 2 * self.lease_seconds + 1
+        while (clash := self._id_in_use(host, pid)) is not None:
+            if time.monotonic() > deadline:
+                raise StoreError(f"gateway id {self.gateway_id!r} is in use by a running "
+                                 f"gateway (process {clash[1]} on {clash[0]}): give each "
+                                 "gateway its own [cluster] gateway_id")
+            time.sleep(0.5)
+        with self.transaction():
+            self.backend.lock_uid(self.execute, "radguard-cluster")
+            row = self.execute("SELECT value FROM cluster WHERE key='objects'").fetchone()
+            if row is None:
+                self.execute("INSERT INTO cluster (key, value) VALUES ('objects', ?)",
+                             (identity,))
+            elif row[0] != identity:
+                raise StoreError(
+                    f"the gateways on {self.db_path} keep instance files in "
+                    f"{_storage_name(row[0])}, this one in {_storage_name(identity)}: every "
+                    "gateway must read every other's objects. Set [cluster] objects = "
+                    '"database", or objects_dir to the folder they share (a folder of '
+                    "one's own is not shared: docs/gateway.md#deployment). If the objects "
+                    "were moved on purpose: DELETE FROM cluster WHERE key='objects'")
+            self.execute("DELETE FROM gateways WHERE id=?", (self.gateway_id,))
+            self.execute("INSERT INTO gateways (id, host, pid, started, heartbeat, problem, "
+                         f"objects, version) VALUES (?, ?, ?, ?, {self.backend.clock}, NULL, "
+                         "?, ?)", (self.gateway_id, host, pid, _now(), identity, version))
+
+    def unregister(self) -> None:
+        """A clean stop: this gateway leaves the cluster's list (its id is free at once) and
+        its unfinished claims, if any, go back to the queue for the others."""
+        with self.transaction():
+            self.execute("UPDATE instances SET state=?, owner=NULL, lease_until=NULL WHERE "
+                         "owner=? AND state IN (?, ?)", (State.QUEUED, self.gateway_id,
+                                                         State.PROCESSING, State.FORWARDING))
+            self.execute("DELETE FROM gateways WHERE id=?", (self.gateway_id,))
+
+    def _id_in_use(self, host: str, pid: int) -> tuple[str, int] | None:
+        """(host, process) of another live gateway registered under this id, or None."""
+        row = self.execute(f"SELECT host, pid FROM gateways WHERE id=? AND heartbeat>"
+                           f"{self.backend.clock}-?", (self.gateway_id, 2 * self.lease_seconds)
+                           ).fetchone()
+        if row is None or (row[0], row[1]) == (host, pid):
+            return None
+        if row[0] == host:  # on this host: whether that process still runs
+            try:
+                os.kill(int(row[1]), 0)
+            except ProcessLookupError:
+                return None
+            except PermissionError:
+                pass  # it runs, as another user
+        return str(row[0]), int(row[1])
+
+    def heartbeat(self, problem: str | None = None) -> dict[str, int]:
+        """Say this gateway lives (``gateways.heartbeat``), extend the leases of its claims,
+        and put back in the queue the claims whose lease expired - a gateway that died or
+        lost the database for longer than a lease. Run every third of a lease."""
+        clock = self.backend.clock
+        with self.transaction(durable=False):
+            self.execute(f"UPDATE gateways SET heartbeat={clock}, problem=? WHERE id=?",
+                         (problem, self.gateway_id))
+            extended = self.execute(
+                f"UPDATE instances SET lease_until={clock}+? WHERE owner=? AND state IN (?, ?)",
+                (self.lease_seconds, self.gateway_id, State.PROCESSING,
+                 State.FORWARDING)).rowcount
+        with self.transaction():
+            reclaimed = self.execute(
+                "UPDATE instances SET state=?, owner=NULL, lease_until=NULL WHERE state IN "
+                f"(?, ?) AND (lease_until IS NULL OR lease_until<{clock}) RETURNING id, owner",
+                (State.QUEUED, State.PROCESSING, State.FORWARDING)).fetchall()
+        for row_id, owner in reclaimed:
+            log.warning("row %s back in the queue: the lease of gateway %s expired", row_id,
+                        owner)
+        return {"extended": extended, "reclaimed": len(reclaimed)}
+
+    def gateways(self) -> list[dict[str, Any]]:
+        """The cluster's gateways with the age of their last heartbeat (seconds)."""
+        rows = self.execute(
+            f"SELECT id, host, pid, started, {self.backend.clock}-heartbeat, problem, objects, "
+            "version FROM gateways ORDER BY id").fetchall()
+        keys = ("id", "host", "pid", "started", "silent_for", "problem", "objects", "version")
+        return [dict(zip(keys, row, strict=True)) for row in rows]
 
     # -- reading ---------------------------------------------------------------------------------
     def get(self, instance_id: int) -> Instance | None:
@@ -839,13 +1133,13 @@ class Store:
         the log, never retried at each start). Returns the rows indexed."""
         done = 0
         while True:
-            rows = self.execute("SELECT id, path FROM instances WHERE index_version IS NULL "
-                                f"ORDER BY id LIMIT {int(batch)}").fetchall()
+            rows = self.execute("SELECT id, sha256, path FROM instances WHERE index_version IS "
+                                f"NULL ORDER BY id LIMIT {int(batch)}").fetchall()
             if not rows:
                 return done
-            for row_id, rel in rows:
+            for row_id, digest, rel in rows:
                 try:
-                    values = index_values(header(self.root / rel))
+                    values = index_values(header(self.locate(digest, rel)))
                 except (OSError, RadguardError) as exc:
                     log.warning("row %s: query attributes not indexed: %s", row_id, exc)
                     values = index_values({})
@@ -868,8 +1162,16 @@ class Store:
                     .fetchall())
 
     def file(self, instance: Instance) -> Path:
-        """The instance's file on disk."""
-        return self.root / instance.path
+        """The instance's file on disk (from the database: a cached copy)."""
+        return self.locate(instance.sha256, instance.path)
+
+    def locate(self, sha256: str, path: str) -> Path:
+        """The file of a row's ``sha256`` and ``path``: in a folder where ``path`` says
+        (relative to the data folder, or absolute in a shared folder), from the database
+        through the cache."""
+        if isinstance(self.storage, DatabaseObjects):
+            return self.storage.local(sha256, self.execute)
+        return self.root / path
 
     def iter_queue(self) -> Iterator[Instance]:
         """Claim instances until the queue is empty."""
@@ -877,8 +1179,14 @@ class Store:
             yield instance
 
     def close(self) -> None:
-        """Close this thread's connection."""
+        """Close this thread's connection (SQLite) or the pool (PostgreSQL: the store is
+        not used after)."""
         db = getattr(self._local, "db", None)
         if db is not None:
             db.close()
             self._local.db = None
+        self.backend.close()
+
+
+def _storage_name(identity: str) -> str:
+    return "the database" if identity == "database" else f"object folder {identity}"

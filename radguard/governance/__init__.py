@@ -7,6 +7,14 @@
     AuditLog().append("dataset.snapshot", "data/v2", {"version": m.dataset_hash})
 """
 
+from radguard.governance.adjudication import (
+    AdjudicationError,
+    Resolution,
+    Study,
+    plan,
+    read_study,
+    resolve,
+)
 from radguard.governance.auditlog import AuditEntry, AuditLog, AuditLogError, ChainReport
 from radguard.governance.datasets import (
     DatasetDiff,
@@ -18,6 +26,7 @@ from radguard.governance.datasets import (
 )
 
 __all__ = [
+    "AdjudicationError",
     "AuditEntry",
     "AuditLog",
     "AuditLogError",
@@ -25,7 +34,12 @@ __all__ = [
     "DatasetDiff",
     "DatasetError",
     "Manifest",
+    "Resolution",
+    "Study",
     "diff_manifests",
     "load_manifest",
+    "plan",
+    "read_study",
+    "resolve",
     "snapshot",
 ]

@@ -1,4 +1,5 @@
-"""The monitoring service: reference, per-study updates, alarms, all persisted in SQLite.
+"""The monitoring service: reference, per-study updates, alarms, all persisted in SQLite
+(or in PostgreSQL, shared by several gateways).
 
 ``Monitor.observe`` is what the gateway calls for every study: the study's features (image
 statistics, the model's score) become normal scores against the reference, two-sided CUSUMs
@@ -7,20 +8,27 @@ same transaction, so a restart resumes exactly where it stopped. ``Monitor.add_l
 the radiologist's late label: a one-sided CUSUM on the per-study Brier loss catches
 performance decay. ``Monitor.status`` adds window tests (KS, PSI), rolling metrics with CIs
 and label-free estimates from calibrated scores (CBPE-style) before labels arrive.
+
+Several gateways on one PostgreSQL database share one monitor: ``Monitor("postgresql://...")``
+keeps the same tables in the schema ``radguard_monitor`` of that database (apart from the
+store's tables), and every update - read the CUSUM state, write the study, write the state -
+holds one advisory lock to its commit, so gateways observing at once lose no study and no
+step of a CUSUM; study numbers come from the database, not from each process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import json
 import os
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -39,16 +47,17 @@ __all__ = ["Alarm", "Monitor", "MonitorError"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS reference (name TEXT PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS reference (name TEXT PRIMARY KEY, data {blob} NOT NULL);
 CREATE TABLE IF NOT EXISTS cusum (site TEXT, detector TEXT, upper TEXT, lower TEXT,
                                   PRIMARY KEY (site, detector));
-CREATE TABLE IF NOT EXISTS studies (id TEXT PRIMARY KEY, seq INTEGER NOT NULL, site TEXT,
-                                    ts TEXT, features TEXT, score REAL, label INTEGER);
-CREATE TABLE IF NOT EXISTS alarms (id INTEGER PRIMARY KEY AUTOINCREMENT, ts TEXT, seq INTEGER,
+CREATE TABLE IF NOT EXISTS studies (id TEXT PRIMARY KEY, seq {int} NOT NULL, site TEXT,
+                                    ts TEXT, features TEXT, score {real}, label {int});
+CREATE TABLE IF NOT EXISTS alarms (id {id}, ts TEXT, seq {int},
                                    site TEXT, detector TEXT, feature TEXT, direction TEXT,
                                    study_id TEXT);
 CREATE TABLE IF NOT EXISTS categories (site TEXT, field TEXT, value TEXT,
                                        PRIMARY KEY (site, field, value));
+CREATE INDEX IF NOT EXISTS studies_seq ON studies (seq)
 """
 _MIGRATIONS = [  # (table, column, declaration): columns added after the first release
     ("studies", "metadata", "TEXT"),
@@ -57,6 +66,170 @@ _MIGRATIONS = [  # (table, column, declaration): columns added after the first r
 
 class MonitorError(RadguardError):
     """Monitoring cannot proceed (no reference, unknown feature, bad values)."""
+
+
+class _SqliteDb:
+    """The monitor's SQLite file (the default): one connection, used under the Monitor's
+    lock by the threads of one process."""
+
+    ddl = {"blob": "BLOB", "int": "INTEGER", "real": "REAL",
+           "id": "INTEGER PRIMARY KEY AUTOINCREMENT"}
+    #: what starts a write transaction: the write lock now, so no update waits to upgrade
+    begin: tuple[str, ...] = ("BEGIN IMMEDIATE",)
+    in_transaction = False
+
+    def __init__(self, path: Path) -> None:
+        self.where = str(path)
+        try:
+            # shared by the threads that call it (under the Monitor's lock), not bound to
+            # the opener
+            self.conn: Any = sqlite3.connect(path, isolation_level=None,
+                                             check_same_thread=False)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=FULL")
+        except sqlite3.DatabaseError as exc:
+            raise MonitorError(f"{path}: not a usable monitoring database ({exc})") from exc
+
+    def sql(self, text: str) -> str:
+        return text
+
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> Any:  # noqa: ANN401
+        """Run one statement (``?`` placeholders). SQLite's errors are raised as they are:
+        the gateway tells a full disk (sqlite3.OperationalError) from bad data by them."""
+        return self.conn.execute(self.sql(sql), params)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One write transaction, excluding every other writer (another process or gateway
+        too) from its start to its commit: an update reads the state it then writes."""
+        self.in_transaction = True
+        try:
+            self._begin()
+            yield
+            self.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(MonitorError, sqlite3.DatabaseError):
+                self.execute("ROLLBACK")
+            raise
+        finally:
+            self.in_transaction = False
+
+    def _begin(self) -> None:
+        for statement in self.begin:
+            self.execute(statement)
+
+    def create(self, schema: str) -> None:
+        """Create the tables that are not there yet."""
+        for statement in filter(str.strip, schema.split(";")):
+            self.execute(statement)
+
+    def columns(self, table: str) -> set[str]:
+        return {r[1] for r in self.execute(f"PRAGMA table_info({table})")}
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class _PostgresDb(_SqliteDb):
+    """The monitor's tables in the schema ``radguard_monitor`` of a PostgreSQL database,
+    shared by the gateways using it: one connection per Monitor (made again when the server
+    dropped it), and an advisory lock around every write transaction."""
+
+    ddl = {"blob": "BYTEA", "int": "BIGINT", "real": "DOUBLE PRECISION",
+           "id": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"}
+    schema = "radguard_monitor"
+    #: every write (and the schema set-up) holds the monitor's advisory lock to its commit
+    begin = ("BEGIN", "SELECT pg_advisory_xact_lock(hashtextextended('radguard_monitor', 0))")
+
+    def __init__(self, url: str) -> None:  # (no super(): there is no SQLite file here)
+        from radguard.dicom.web import redact
+
+        try:
+            import psycopg
+        except ImportError as exc:
+            raise MonitorError("a monitor in PostgreSQL needs psycopg: pip install "
+                               "'psycopg[binary]'") from exc
+        self.psycopg = psycopg
+        self.url = url
+        self.where = redact(url)
+        self.conn = None
+        self._connection()
+
+    def _connection(self) -> Any:  # noqa: ANN401
+        """The open connection, or a new one when there is none or the server dropped it."""
+        if self.conn is not None and not self.conn.closed and \
+                self.conn.info.status != self.psycopg.pq.ConnStatus.BAD:
+            return self.conn
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                self.conn.close()
+            self.conn = None
+        try:
+            # the monitor's own schema (created with the tables), apart from the store's
+            conn = self.psycopg.connect(self.url, autocommit=True, connect_timeout=10,
+                                        options=f"-c search_path={self.schema}")
+        except self.psycopg.Error as exc:
+            raise MonitorError(f"{self.where}: cannot reach the monitoring database "
+                               f"({_first_line(exc)})") from exc
+        self.conn = conn
+        return conn
+
+    def sql(self, text: str) -> str:
+        return text.replace("?", "%s")  # no literal question marks in the monitor's SQL
+
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> Any:  # noqa: ANN401
+        conn = self._connection()
+        try:
+            return conn.execute(self.sql(sql), params)
+        except self.psycopg.Error as exc:
+            if self._dropped() and not self.in_transaction:
+                # the server dropped the idle connection (a restart, a failover): nothing
+                # was done, so once more on a new one
+                return self._retry(sql, params)
+            raise MonitorError(f"{self.where}: monitoring database error "
+                               f"({_first_line(exc)})") from exc
+
+    def _retry(self, sql: str, params: tuple[Any, ...]) -> Any:  # noqa: ANN401
+        try:
+            return self._connection().execute(self.sql(sql), params)
+        except self.psycopg.Error as exc:
+            raise MonitorError(f"{self.where}: monitoring database error "
+                               f"({_first_line(exc)})") from exc
+
+    def _begin(self) -> None:
+        try:
+            super()._begin()
+        except MonitorError:
+            if not self._dropped():
+                raise
+            super()._begin()  # as in execute: nothing was done yet, once more
+
+    def _dropped(self) -> bool:
+        return self.conn is not None and (
+            self.conn.closed or self.conn.info.status == self.psycopg.pq.ConnStatus.BAD)
+
+    def create(self, schema: str) -> None:
+        # apart from the store's tables, should the gateways' db_url be given
+        self.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
+        super().create(schema)
+
+    def columns(self, table: str) -> set[str]:
+        rows = self.execute("SELECT column_name FROM information_schema.columns WHERE "
+                            "table_schema = ? AND table_name = ?", (self.schema, table))
+        return {r[0] for r in rows}
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+
+def _first_line(exc: BaseException) -> str:
+    """A database error's first line (psycopg adds hints and context on further lines)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _is_url(target: str | os.PathLike[str]) -> bool:
+    return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
 
 
 @dataclass(frozen=True)
@@ -101,28 +274,31 @@ def _serialised(method: Callable[..., T]) -> Callable[..., T]:
 
 
 class Monitor:
-    """A persistent monitor over one SQLite file (created on first use). Safe to share
-    between threads: its methods take turns."""
+    """A persistent monitor over one SQLite file (created on first use) or one PostgreSQL
+    database (a ``postgresql://`` URL; the tables are created on first use). Safe to share
+    between threads, and on PostgreSQL between processes: updates take turns."""
 
     def __init__(self, db_path: str | os.PathLike[str], *,
                  audit_log: object | None = None) -> None:
-        """``audit_log`` (an object with ``append(action, target, details)``, such as
-        :class:`radguard.governance.AuditLog`) receives every alarm as it is raised."""
-        self.path = Path(db_path)
+        """``db_path``: a SQLite file, or a ``postgresql://user:pw@host/db`` URL (such as the
+        gateways' shared ``db_url``). ``audit_log`` (an object with ``append(action, target,
+        details)``, such as :class:`radguard.governance.AuditLog`) receives every alarm as
+        it is raised."""
+        #: the SQLite file (None for PostgreSQL); ``where`` names either in messages
+        self.path = None if _is_url(db_path) else Path(db_path)
         self.audit_log = audit_log
         self._lock = threading.RLock()
+        self.db = _PostgresDb(str(db_path)) if self.path is None else _SqliteDb(self.path)
+        self.where = self.db.where
         try:
-            # shared by the threads that call it (under self._lock), not bound to the opener
-            self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
-            self.db.executescript(_SCHEMA)
-            for table, column, decl in _MIGRATIONS:
-                have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
-                if column not in have:
-                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
-        except sqlite3.DatabaseError as exc:
-            raise MonitorError(f"{self.path}: not a usable monitoring database ({exc})") from exc
+            with self.db.transaction():  # gateways starting together create the tables once
+                self.db.create(_SCHEMA.format(**self.db.ddl))
+                for table, column, decl in _MIGRATIONS:
+                    if column not in self.db.columns(table):
+                        self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+        except (MonitorError, sqlite3.DatabaseError) as exc:
+            raise MonitorError(f"{self.where}: not a usable monitoring database "
+                               f"({_first_line(exc.__cause__ or exc)})") from exc
         self._load()
 
     # -- reference -------------------------------------------------------------------------
@@ -170,15 +346,15 @@ class Monitor:
             meta["h_performance"] = calibrate_threshold(folds, k=k,
                                                         false_alarms_per=2 * false_alarms_per)
             meta["reference_auc"] = delong_auc(y, scores).auc
-        with self.db:
-            self.db.execute("BEGIN")
+        with self.db.transaction():
             self.db.execute("DELETE FROM reference")
             self.db.execute("DELETE FROM cusum")
             self.db.execute("DELETE FROM categories")
             for j, name in enumerate(columns):
                 self.db.execute("INSERT INTO reference VALUES (?, ?)",
                                 (name, scorer.sorted_reference[:, j].tobytes()))
-            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('config', ?)", (json.dumps(meta),))
+            self.db.execute("INSERT INTO meta VALUES ('config', ?) ON CONFLICT (key) DO UPDATE "
+                            "SET value = excluded.value", (json.dumps(meta),))
         self._load()
         return {"h": h, "h_performance": float(meta.get("h_performance", float("nan")))}
 
@@ -190,12 +366,17 @@ class Monitor:
             names = self.meta["names"]
             data = dict(self.db.execute("SELECT name, data FROM reference").fetchall())
             self.scorer = NormalScorer(np.column_stack([np.frombuffer(data[n]) for n in names]))
+        self._count()
+
+    def _count(self) -> int:
+        """The latest study number, from the database: other gateways number studies too."""
         seq = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM studies").fetchone()[0]
         self.seq = int(seq)
+        return self.seq
 
     def _require(self) -> NormalScorer:
         if self.scorer is None:
-            raise MonitorError(f"{self.path}: no reference yet (run 'radguard monitor init')")
+            raise MonitorError(f"{self.where}: no reference yet (run 'radguard monitor init')")
         return self.scorer
 
     def _cusum(self, site: str, detector: str, h: float) -> Cusum:
@@ -207,7 +388,8 @@ class Monitor:
         return c
 
     def _save_cusum(self, site: str, detector: str, c: Cusum) -> None:
-        self.db.execute("INSERT OR REPLACE INTO cusum VALUES (?, ?, ?, ?)",
+        self.db.execute("INSERT INTO cusum VALUES (?, ?, ?, ?) ON CONFLICT (site, detector) "
+                        "DO UPDATE SET upper = excluded.upper, lower = excluded.lower",
                         (site, detector, json.dumps(c.upper.tolist()),
                          json.dumps(c.lower.tolist())))
 
@@ -239,11 +421,10 @@ class Monitor:
             raise MonitorError(f"study {study_id}: NaN or infinite feature value")
         z = scorer.transform(row)[0]
         alarms = []
-        with self.db:
-            self.db.execute("BEGIN")
+        with self.db.transaction():
             if self.db.execute("SELECT 1 FROM studies WHERE id=?", (study_id,)).fetchone():
                 raise MonitorError(f"study {study_id} was already observed")
-            self.seq += 1
+            self.seq = self._count() + 1
             self.db.execute("INSERT INTO studies (id, seq, site, ts, features, score, label, "
                             "metadata) VALUES (?, ?, ?, ?, ?, ?, NULL, ?)",
                             (study_id, self.seq, site, _now(), json.dumps(values), score,
@@ -280,8 +461,8 @@ class Monitor:
             raise MonitorError(f"study {study_id} was never observed")
         site, score = row
         alarms = []
-        with self.db:
-            self.db.execute("BEGIN")
+        with self.db.transaction():
+            self._count()  # alarms carry the latest study number, whoever observed it
             self.db.execute("UPDATE studies SET label=? WHERE id=?", (int(label), study_id))
             if "h_performance" in self.meta and score is not None:
                 loss = (float(score) - label) ** 2
@@ -321,7 +502,7 @@ class Monitor:
         names = list(self.meta["names"])
         rows = self.db.execute("SELECT features, score, label, metadata FROM studies ORDER BY "
                                "seq DESC LIMIT ?", (window,)).fetchall()
-        out: dict[str, object] = {"studies": self.seq, "alarms": self.alarms(20),
+        out: dict[str, object] = {"studies": self._count(), "alarms": self.alarms(20),
                                   "window": len(rows), "thresholds": {
                                       "drift_h": self.meta["h"],
                                       "performance_h": self.meta.get("h_performance")}}
@@ -367,9 +548,12 @@ class Monitor:
     @_serialised
     def copy(self, path: str | os.PathLike[str]) -> Monitor:
         """A consistent copy of this monitor's database (SQLite online backup)."""
+        if self.path is None:
+            raise MonitorError(f"{self.where}: copy a PostgreSQL monitor with pg_dump "
+                               "(schema radguard_monitor)")
         target = sqlite3.connect(Path(path))
         with target:
-            self.db.backup(target)
+            self.db.conn.backup(target)
         target.close()
         return Monitor(path)
 

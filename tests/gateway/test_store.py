@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from radguard.gateway.auth import AuthError, Users
 from radguard.gateway.store import MIGRATIONS, Store, StoreError
 from tests.conftest import NIH_DX
+from tests.governance.pgdb import fresh_database
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -16,13 +18,9 @@ def store(request, tmp_path):
     if request.param == "sqlite":
         yield Store(tmp_path / "data")
         return
-    url = request.getfixturevalue("postgres_url")
-    s = Store(tmp_path / "data", url)
-    s.execute("DELETE FROM instances")
-    s.execute("DELETE FROM tokens")
-    s.execute("DELETE FROM users")
-    s.execute("DELETE FROM calibration_scores")
+    s = Store(tmp_path / "data", fresh_database(request.getfixturevalue("postgres_url")))
     yield s
+    s.close()
 
 
 def _header(n: int) -> dict[str, str]:
@@ -49,7 +47,7 @@ def test_ingest_claim_finish_recover(store):
     with pytest.raises(StoreError):
         store.decide(first.id, "done", "boss", "again")
     assert store.file(first).read_bytes() == data + b"\x00"
-    assert store.schema_version == len(MIGRATIONS) == 5
+    assert store.schema_version == len(MIGRATIONS) >= 6
 
 
 class _ReadsFail(Store):
@@ -149,7 +147,8 @@ def test_gateway_on_postgresql(tmp_path, postgres_url):
     ds = read_dataset(NIH_DX)
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     write_dataset(ds, tmp_path / "a.dcm")
-    config = GatewayConfig(data_dir=str(tmp_path / "data"), db_url=postgres_url, dicom_port=0,
+    config = GatewayConfig(data_dir=str(tmp_path / "data"), db_url=fresh_database(postgres_url),
+                           dicom_port=0,
                            http_port=0).validate()
     gateway = Gateway(config)
     gateway.start()
@@ -233,3 +232,201 @@ def test_calibration_scores_on_both_backends(store):
     assert book.scores("DX_A")["synthetic"][-1] == 50.0
     assert book.record("DX_A", {"local_edit": 1.0}, item="x", origin="watermark", held=True)
     assert book.discard("DX_A", "x") == 1 and book.held("DX_A") == []
+
+
+# -- several gateways on one PostgreSQL (issue 29) ---------------------------------------------
+
+@pytest.fixture()
+def pg(postgres_url):
+    return fresh_database(postgres_url)
+
+
+def _wait_lease(store: Store, row: int) -> None:
+    """Until the database's clock has passed the row's lease."""
+    import time
+
+    until = store.execute("SELECT lease_until FROM instances WHERE id=?", (row,)).fetchone()[0]
+    while store.now() <= until:
+        time.sleep(0.05)
+
+
+def test_a_dead_gateways_claims_are_reclaimed_after_its_lease(tmp_path, pg):
+    """Gateway a claims and dies (no heartbeat). b's heartbeat extends only its own claims
+    and, once a's lease is over, puts a's back in the queue; b processes it; a's late
+    result (it was only slow) is refused, and a's forwarding is too."""
+    shared = tmp_path / "objects"
+    a = Store(tmp_path / "a", pg, gateway_id="a", objects_dir=shared, lease_seconds=2)
+    b = Store(tmp_path / "b", pg, gateway_id="b", objects_dir=shared, lease_seconds=2)
+    first = a.ingest(b"one", _header(1), source="dimse")
+    second = b.ingest(b"two", _header(2), source="dimse")
+    mine, theirs = a.claim(), b.claim()
+    assert (mine.id, theirs.id) == (first, second)
+    row = a.execute("SELECT owner, lease_until - ? FROM instances WHERE id=?",
+                    (a.now(), first)).fetchone()
+    assert row[0] == "a" and 1.0 < row[1] <= 2.0
+    assert b.heartbeat() == {"extended": 1, "reclaimed": 0}  # b's own claim only
+    _wait_lease(a, first)
+    assert b.heartbeat() == {"extended": 1, "reclaimed": 1}  # a's, not b's (just extended)
+    assert b.get(first).state == "queued" and b.get(second).state == "processing"
+    again = b.claim()
+    assert again.id == first and again.attempts == 2
+    assert a.start_forwarding(mine) is False  # a no longer owns it
+    assert a.finish(first, state="done", verdict="authentic", trust="unsigned",
+                    details={}) is False
+    a.requeue(first)  # a's requeue of a claim it lost changes nothing
+    assert b.get(first).state == "processing"
+    assert b.finish(first, state="done", verdict="authentic", trust="unsigned", details={})
+    assert b.get(first).state == "done"
+    a.close()
+    b.close()
+
+
+def test_recovery_touches_only_the_gateways_own_work(tmp_path, pg):
+    """Start-up recovery of gateway a requeues a's claims, not b's; it deletes neither b's
+    spooled objects (each gateway spools in its own data folder) nor any object a row
+    references, nor a fresh unreferenced one (b may be about to commit its row)."""
+    shared = tmp_path / "objects"
+    a = Store(tmp_path / "a", pg, gateway_id="a", objects_dir=shared)
+    b = Store(tmp_path / "b", pg, gateway_id="b", objects_dir=shared)
+    ids = [a.ingest(f"object {n}".encode(), _header(n), source="dimse") for n in range(4)]
+    claims = [a.claim(), b.claim(), b.claim()]
+    assert [c.id for c in claims] == ids[:3]
+    (b.incoming / "arriving.dcm").write_bytes(b"half")
+    fresh = shared / "ab" / ("ab" + "0" * 62 + ".dcm")
+    fresh.parent.mkdir(parents=True, exist_ok=True)
+    fresh.write_bytes(b"written by b, row not yet committed")
+    assert a.recover() == {"requeued": 1, "orphans_removed": 0, "spooled_removed": 0}
+    assert [a.get(i).state for i in ids] == ["queued", "processing", "processing", "queued"]
+    assert (b.incoming / "arriving.dcm").exists() and fresh.exists()
+    assert all(a.file(a.get(i)).exists() for i in ids)
+    # an hour later the orphan is swept, the referenced objects are not
+    import os
+
+    old = fresh.stat().st_mtime - 7200
+    for path in [fresh, *(a.file(a.get(i)) for i in ids)]:
+        os.utime(path, (old, old))
+    assert a.sweep() == 1 and not fresh.exists()
+    assert all(a.file(a.get(i)).read_bytes() == f"object {n}".encode()
+               for n, i in enumerate(ids))
+    a.close()
+    b.close()
+
+
+def test_objects_in_the_database(tmp_path, pg):
+    """objects = "database": the bytes go in with the row (one transaction), any gateway
+    reads them through its own cache, large ones in chunks, checked against their hash; a
+    spooled object becomes the cached copy; a cache beyond its size is trimmed, never a
+    copy just used."""
+    import os
+
+    from radguard.gateway.objects import CHUNK
+
+    a = Store(tmp_path / "a", pg, gateway_id="a", objects="database", cache_mb=1)
+    b = Store(tmp_path / "b", pg, gateway_id="b", objects="database", cache_mb=1)
+    big = os.urandom(2 * CHUNK + 5)
+    spool = a.incoming / "spooled"
+    spool.write_bytes(big)
+    first = a.ingest(spool, _header(1), source="dimse")
+    small = a.ingest(b"small", _header(2), source="stow")
+    assert not spool.exists() and a.file(a.get(first)).read_bytes() == big  # the cached spool
+    assert b.execute("SELECT COUNT(*) FROM objects").fetchone()[0] == 4  # 3 chunks + 1
+    assert not (tmp_path / "a" / "objects").exists() or not any(
+        (tmp_path / "a" / "objects").rglob("*.dcm"))
+    got = b.file(b.get(first))
+    assert got.is_relative_to(tmp_path / "b" / "cache") and got.read_bytes() == big
+    assert b.file(b.get(small)).read_bytes() == b"small"
+    # a corrupted row is found out, not served
+    b.execute("UPDATE objects SET data=? WHERE sha256=? AND chunk=1",
+              (b"x" * CHUNK, b.get(first).sha256))
+    got.unlink()
+    with pytest.raises(OSError, match="does not match its SHA-256"):
+        b.file(b.get(first))
+    # the cache: 2 MiB of copies in a 1 MiB cache; the old one goes, the fresh one stays
+    old = b.file(b.get(small))
+    past = old.stat().st_mtime - 3600
+    os.utime(old, (past, past))
+    (b.root / "cache" / "ff").mkdir(exist_ok=True)
+    recent = b.root / "cache" / "ff" / ("ff" * 32 + ".dcm")
+    recent.write_bytes(big)
+    assert b.sweep() == 1 and not old.exists() and recent.exists()
+    assert b.file(b.get(small)).read_bytes() == b"small"  # fetched again
+    with pytest.raises(StoreError, match="needs a PostgreSQL"):
+        Store(tmp_path / "c", objects="database")
+    a.close()
+    b.close()
+
+
+def test_a_gateway_that_cannot_read_the_others_objects_is_refused(tmp_path, pg):
+    """The documented mistake of issue 29: one data folder per gateway on a shared
+    database. The second gateway would claim instances whose files are on the other's disk;
+    it is refused at start with what to do. Two gateways cannot share one id either."""
+    a = Store(tmp_path / "a", pg, gateway_id="a")
+    a.register(host="h", pid=1, version="t")
+    b = Store(tmp_path / "b", pg, gateway_id="b")
+    with pytest.raises(StoreError, match="every gateway must read every other's objects"):
+        b.register(host="h", pid=2, version="t")
+    shared = Store(tmp_path / "c", pg, gateway_id="c", objects_dir=tmp_path / "a" / "objects")
+    shared.register(host="h", pid=3, version="t")  # the same folder: fine
+    twin = Store(tmp_path / "d", pg, gateway_id="a", objects_dir=tmp_path / "a" / "objects",
+                 lease_seconds=2)
+    stop = threading.Event()
+
+    def beat() -> None:  # a lives on (another host: its process cannot be looked at)
+        while not stop.wait(0.3):
+            a.heartbeat()
+
+    beating = threading.Thread(target=beat)
+    beating.start()
+    try:
+        with pytest.raises(StoreError, match="in use by a running gateway"):
+            twin.register(host="h2", pid=4, version="t")  # waited two leases in vain
+        a.register(host="h", pid=1, version="t")  # the same process again: fine
+    finally:
+        stop.set()
+        beating.join()
+    # a gateway killed on this host (its process is gone) restarts under its id at once
+    import socket
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    here = socket.gethostname()
+    a.register(host=here, pid=dead.pid, version="t")
+    twin.register(host=here, pid=os.getpid(), version="t")
+    assert [(g["id"], g["pid"]) for g in a.gateways()] == [("a", os.getpid()), ("c", 3)]
+    db = Store(tmp_path / "e", pg, gateway_id="e", objects="database")
+    with pytest.raises(StoreError, match="keep instance files in object folder"):
+        db.register(host="h", pid=5, version="t")
+    for s in (a, b, shared, twin, db):
+        s.close()
+
+
+def test_the_pool_bounds_connections_and_survives_a_lost_connection(tmp_path, pg):
+    """Sixteen threads share a pool of three connections (PostgreSQL sees three, not
+    sixteen); a connection the server kills is replaced, and the statement after works."""
+    import psycopg
+
+    store = Store(tmp_path / "a", pg, gateway_id="pooled", pool_size=3)
+    for n in range(40):
+        store.ingest(f"o{n}".encode(), _header(n), source="dimse")
+    seen: list[int] = []
+
+    def work() -> None:
+        while (inst := store.claim()) is not None:
+            store.finish(inst.id, state="done", verdict="authentic", trust="unsigned",
+                         details={})
+            seen.append(int(store.execute(
+                "SELECT COUNT(*) FROM pg_stat_activity WHERE application_name=?",
+                ("radguard pooled",)).fetchone()[0]))
+
+    threads = [threading.Thread(target=work) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert store.counts() == {"done": 40} and max(seen) <= 3
+    with psycopg.connect(pg, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                      "application_name='radguard pooled'")
+    assert store.counts() == {"done": 40}  # checked on checkout: a fresh connection
+    store.close()
