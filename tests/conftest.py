@@ -207,40 +207,101 @@ def dcmtk_tool(name: str) -> str:
     pytest.fail(f"dcmtk's {name} not found: run scripts/install.sh (apt-get install dcmtk)")
 
 
+class PostgresServer:
+    """A real PostgreSQL server (Debian package) in a temporary folder, on a free port, that
+    a test may stop, start and restart (``pg_ctl -m fast``: connections are cut, as when a
+    database server fails over). Runs as user postgres when the tests run as root."""
+
+    def __init__(self, **settings: object) -> None:
+        import glob
+        import os
+        import tempfile
+
+        bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+        if not bins:
+            pytest.fail("PostgreSQL not found: run scripts/install.sh --dev (apt-get install "
+                        "postgresql)")
+        self.bindir = Path(bins[-1]).parent
+        # not under pytest's tmp folder: that is private to root, and the server runs as
+        # postgres
+        self.folder = Path(tempfile.mkdtemp(prefix="radguard-pg-"))
+        self.data = self.folder / "data"
+        self.log_path = self.folder / "log"
+        self.run_as: list[str] = []
+        if os.geteuid() == 0:  # the server refuses to run as root
+            shutil.chown(self.folder, "postgres")
+            self.run_as = ["runuser", "-u", "postgres", "--"]
+        self.port = _free_port()
+        #: extra server settings (-c name=value), e.g. max_connections=100
+        self.settings = settings
+        self._pg("initdb", "-D", str(self.data), "-A", "trust", "-U", "radguard", "--no-sync")
+
+    def _pg(self, tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run([*self.run_as, str(self.bindir / tool), *args],
+                              capture_output=True, text=True, timeout=120)
+        if check and done.returncode:
+            pytest.fail(f"PostgreSQL {tool} {' '.join(args[-1:])} failed: "
+                        f"{(done.stderr or done.stdout)[-800:]} {self.log()[-800:]}")
+        return done
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://radguard@127.0.0.1:{self.port}/{database}"
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1"
+        options += "".join(f" -c {k}={v}" for k, v in self.settings.items())
+        self._pg("pg_ctl", "-D", str(self.data), "-l", str(self.log_path), "-w", "-t", "60",
+                 "-o", options, "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        self._pg("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop")
+
+    def restart(self, mode: str = "fast") -> None:
+        """``pg_ctl restart``: every connection is cut, the server is back when it returns."""
+        # -l again: without it the new server writes to pg_ctl's stdout (our pipe)
+        self._pg("pg_ctl", "-D", str(self.data), "-l", str(self.log_path), "-m", mode, "-w",
+                 "-t", "60", "restart")
+
+    def running(self) -> bool:
+        return self._pg("pg_ctl", "-D", str(self.data), "status", check=False).returncode == 0
+
+    def create_database(self, name: str) -> str:
+        """A new empty database; its URL."""
+        self._pg("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "radguard", name)
+        return self.url(name)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def remove(self) -> None:
+        """Stop (if running) and delete everything."""
+        if self.data.exists():
+            self._pg("pg_ctl", "-D", str(self.data), "-m", "immediate", "stop", check=False)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running_postgres(**settings: object) -> Iterator[PostgresServer]:
+    """A started :class:`PostgresServer`, removed on leaving."""
+    import time
+
+    server = PostgresServer(**settings)
+    try:
+        server.start()
+        time.sleep(0.2)
+        yield server
+    finally:
+        server.remove()
+
+
 @pytest.fixture(scope="session")
 def postgres_url():
     """A real PostgreSQL server (Debian package) in a temporary folder, on a free port."""
-    import glob
-    import os
-    import time
-
-    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    if not bins:
-        pytest.fail("PostgreSQL not found: run scripts/install.sh --dev (apt-get install "
-                    "postgresql)")
-    import tempfile
-
-    bindir = Path(bins[-1]).parent
-    # not under pytest's tmp folder: that is private to root, and the server runs as postgres
-    folder = Path(tempfile.mkdtemp(prefix="radguard-pg-"))
-    data = folder / "data"
-    run_as: list[str] = []
-    if os.geteuid() == 0:  # the server refuses to run as root
-        shutil.chown(folder, "postgres")
-        run_as = ["runuser", "-u", "postgres", "--"]
-    port = _free_port()
-    subprocess.run([*run_as, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U",
-                    "radguard", "--no-sync"], check=True, capture_output=True, timeout=120)
-    subprocess.run([*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-l",
-                    str(folder / "log"), "-w", "-t", "60", "-o",
-                    f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start"],
-                   check=True, capture_output=True, timeout=120)
-    url = f"postgresql://radguard@127.0.0.1:{port}/postgres"
-    time.sleep(0.2)
-    yield url
-    subprocess.run([*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"],
-                   capture_output=True, timeout=120)
-    shutil.rmtree(folder, ignore_errors=True)
+    with running_postgres() as server:
+        yield server.url()
 
 
 def process_alive(pid: int) -> bool:

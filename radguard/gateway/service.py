@@ -122,7 +122,8 @@ class Gateway:
         # gateways (appends serialised in PostgreSQL), verified by `radguard audit verify
         # --db-url`
         self.audit_log = audit_log or (
-            DatabaseAuditLog(config.db_url, actor="radguard-gateway", gateway=self.gateway_id)
+            DatabaseAuditLog(config.db_url, actor="radguard-gateway", gateway=self.gateway_id,
+                             connections=self.store.connection)
             if config.db_url else AuditLog(Path(config.data_dir) / "audit.jsonl",
                                            actor="radguard-gateway", gateway=self.gateway_id))
         self.pipeline = Pipeline(config, self.store, self.audit_log)
@@ -138,6 +139,8 @@ class Gateway:
         self._held: set[int] = set()  # claimed, then the store failed: requeue when it works
         self._failures: dict[int, int] = {}  # instance id -> errors of its own so far
         self._held_lock = threading.Lock()
+        self._working: set[int] = set()  # claimed and in a worker's hands (the heartbeat
+        # extends these leases only: a claim nobody holds lapses and is taken over)
 
     @property
     def problem(self) -> str | None:
@@ -235,7 +238,9 @@ class Gateway:
         beats = 0
         while not self._stop.wait(every):
             try:
-                result = self.store.heartbeat(self.problem)
+                with self._held_lock:
+                    working = set(self._working)
+                result = self.store.heartbeat(self.problem, working)
                 if result["reclaimed"]:
                     self._audit("cluster.reclaimed", self.gateway_id,
                                 {"instances": result["reclaimed"]})
@@ -319,6 +324,8 @@ class Gateway:
                 self._wake.wait(0.5)
                 self._wake.clear()
                 continue
+            with self._held_lock:
+                self._working.add(instance.id)
             try:
                 self._process(instance)
             except ForwardError as exc:
@@ -329,6 +336,9 @@ class Gateway:
             except Exception as exc:  # noqa: BLE001 - a worker outlives every error
                 store_wait = self._failed(instance, exc, store_wait)
                 continue
+            finally:
+                with self._held_lock:
+                    self._working.discard(instance.id)
             with self._held_lock:
                 self._failures.pop(instance.id, None)
             store_wait = forward_wait = 1.0

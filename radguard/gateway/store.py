@@ -54,7 +54,7 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -442,13 +442,30 @@ class _Postgres(_Backend):
         # the pool's own warnings repeat every reconnection attempt during an outage; the
         # store's health says it once (WriteHealth)
         logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
+        # whether the latest connection attempt (the pool's, in the background) failed: a
+        # statement that finds no free connection then fails at once instead of waiting
+        # out the pool's timeout - the server is away, not merely busy
+        self.unreachable = False
+        backend = self
+
+        class _Connection(psycopg.Connection):  # type: ignore[type-arg]
+            @classmethod
+            def connect(cls, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
+                try:
+                    conn = super().connect(*args, **kwargs)
+                except psycopg.OperationalError:
+                    backend.unreachable = True
+                    raise
+                backend.unreachable = False
+                return conn
+
         self.pool = psycopg_pool.ConnectionPool(
             target, min_size=1, max_size=pool_size, open=False, timeout=wait,
             name=f"radguard-{name}", check=psycopg_pool.ConnectionPool.check_connection,
             # give a reconnection up after 3 s: the next statement starts a fresh one, so
             # the pool is back within a second or two of the server, not after a backoff
             # grown through a long outage (the store's health reports the outage)
-            reconnect_timeout=3.0,
+            reconnect_timeout=3.0, connection_class=_Connection,
             kwargs={"autocommit": True, "connect_timeout": 5,
                     "application_name": f"radguard {name}"[:63]})
 
@@ -463,7 +480,19 @@ class _Postgres(_Backend):
             raise StoreError(f"{self.describe()}: not a usable database ({exc})") from exc
 
     def connect(self, wait: float | None = None) -> Any:  # noqa: ANN401
-        return self.pool.getconn(timeout=wait)
+        """A pooled connection within ``wait`` seconds (the pool's wait by default), asked
+        for a second at a time: once the pool's latest attempt to connect has failed, the
+        server is away and the PoolTimeout comes after that second, not the full wait."""
+        import time
+
+        deadline = time.monotonic() + (self.wait if wait is None else wait)
+        while True:
+            slice_ = max(0.05, min(1.0, deadline - time.monotonic()))
+            try:
+                return self.pool.getconn(timeout=slice_)
+            except self.errors[1]:
+                if self.unreachable or time.monotonic() >= deadline:
+                    raise
 
     def release(self, db: Any) -> None:  # noqa: ANN401
         self.pool.putconn(db)
@@ -583,16 +612,23 @@ class Store:
                     db.close()
             raise StoreError(f"{self.db_path}: database error ({exc})") from exc
 
+    def connection(self) -> contextlib.AbstractContextManager[Any]:
+        """A PostgreSQL connection of the store's pool, for a while (another part of the
+        gateway - the audit log - writing to the same database within ``db_pool``)."""
+        if not isinstance(self.backend, _Postgres):
+            raise StoreError("only a PostgreSQL store lends connections")
+        return self._borrowed()
+
     @contextlib.contextmanager
     def _borrowed(self, wait: float | None = None) -> Iterator[Any]:
         """A pooled PostgreSQL connection for a while (StoreError when none comes within
         ``wait`` seconds: the server is away or every connection is busy). While writes
-        are failing the wait is a second: a C-STORE is refused (0xA700) at once, not after
-        the pool's full wait."""
+        are failing, or once the pool cannot connect, the wait is a second: a C-STORE is
+        refused (0xA700) at once, not after the pool's full wait."""
         backend = self.backend
         assert isinstance(backend, _Postgres)
-        if wait is None:
-            wait = 1.0 if self.health.problem else backend.wait
+        if wait is None and self.health.problem:
+            wait = 1.0
         try:
             db = backend.connect(wait)
         except backend.errors as exc:
@@ -1052,18 +1088,23 @@ class Store:
                 pass  # it runs, as another user
         return str(row[0]), int(row[1])
 
-    def heartbeat(self, problem: str | None = None) -> dict[str, int]:
-        """Say this gateway lives (``gateways.heartbeat``), extend the leases of its claims,
-        and put back in the queue the claims whose lease expired - a gateway that died or
-        lost the database for longer than a lease. Run every third of a lease."""
+    def heartbeat(self, problem: str | None = None,
+                  held: Collection[int] | None = None) -> dict[str, int]:
+        """Say this gateway lives (``gateways.heartbeat``), extend the leases of the claims
+        its workers hold (``held``; None: every claim in its name), and put back in the
+        queue the claims whose lease expired - a gateway that died or lost the database
+        for longer than a lease, or a claim no worker holds (its commit reached the server,
+        the answer did not). Run every third of a lease."""
         clock = self.backend.clock
+        ids = sorted(held) if held is not None else None
         with self.transaction(durable=False):
             self.execute(f"UPDATE gateways SET heartbeat={clock}, problem=? WHERE id=?",
                          (problem, self.gateway_id))
+            mine = "" if ids is None else f" AND id IN ({','.join('?' * len(ids)) or 'NULL'})"
             extended = self.execute(
-                f"UPDATE instances SET lease_until={clock}+? WHERE owner=? AND state IN (?, ?)",
-                (self.lease_seconds, self.gateway_id, State.PROCESSING,
-                 State.FORWARDING)).rowcount
+                f"UPDATE instances SET lease_until={clock}+? WHERE owner=? AND state IN (?, ?)"
+                f"{mine}", (self.lease_seconds, self.gateway_id, State.PROCESSING,
+                            State.FORWARDING, *(ids or ()))).rowcount
         with self.transaction():
             reclaimed = self.execute(
                 "UPDATE instances SET state=?, owner=NULL, lease_until=NULL WHERE state IN "

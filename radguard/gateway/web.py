@@ -1,8 +1,9 @@
 """The gateway's HTTP side (FastAPI): DICOMweb (PS3.18) and the web UI, all behind tokens.
 
 Every route needs a bearer token (``Authorization: Bearer ...``) or the session cookie the
-login page sets, except the login itself (``GET/POST /login``, ``POST /auth/token``) and the
-style sheet: without one the answer is 401, with the wrong role 403. Every request that
+login page sets, except the login itself (``GET/POST /login``, ``POST /auth/token``), the
+style sheet and ``GET /health`` (readiness: status, gateway id, what is wrong): without one
+the answer is 401, with the wrong role 403. Every request that
 reaches a route, and failed logins (bounded, see :class:`~radguard.gateway.ratelimit.Throttle`),
 are written to the audit log; retrieving more than ``bulk_read_limit`` instances within ten
 minutes raises a bulk-read alarm there ("monitoring for unusual bulk downloads").

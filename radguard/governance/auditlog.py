@@ -33,7 +33,7 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -427,8 +427,13 @@ class DatabaseAuditLog(_Chain):
     head_name = "head record"
 
     def __init__(self, db_url: str, actor: str | None = None, *, gateway: str | None = None,
-                 max_connections: int = 4, connect_timeout: int = 10) -> None:
-        """``gateway`` names the writing gateway in every entry (default: this host)."""
+                 max_connections: int = 4, connect_timeout: int = 10,
+                 connections: Callable[[], contextlib.AbstractContextManager[Any]] | None = None
+                 ) -> None:
+        """``gateway`` names the writing gateway in every entry (default: this host).
+        ``connections``: borrow connections from someone else's pool (the gateway's store:
+        its ``db_pool`` then bounds the audit log's connections too) instead of opening
+        up to ``max_connections`` of its own."""
         super().__init__(actor, gateway or _host())
         if not db_url.startswith(("postgresql://", "postgres://")):
             raise AuditLogError("an audit database is a postgresql://... URL (got "
@@ -446,6 +451,7 @@ class DatabaseAuditLog(_Chain):
         self._idle_pid = os.getpid()
         self._idle_lock = threading.Lock()
         self._ready = False  # the tables exist
+        self._borrow = connections
 
     @property
     def where(self) -> str:
@@ -458,6 +464,19 @@ class DatabaseAuditLog(_Chain):
     @contextlib.contextmanager
     def _connection(self) -> Iterator[Any]:
         """A connection for one call; database errors become AuditLogError."""
+        if self._borrow is not None:
+            try:
+                with self._borrow() as conn:
+                    self._create(conn)
+                    yield conn
+            except self._psycopg.Error as exc:
+                raise AuditLogError(f"{self.where}: audit database error: "
+                                    f"{_reason(exc)}") from exc
+            except AuditLogError:
+                raise
+            except RadguardError as exc:  # the lender's own error (no connection)
+                raise AuditLogError(f"{self.where}: {exc}") from exc
+            return
         if not self._slots.acquire(timeout=60):
             raise AuditLogError(f"{self.where}: every audit database connection is busy")
         conn = None
@@ -482,16 +501,20 @@ class DatabaseAuditLog(_Chain):
         except self._psycopg.Error as exc:
             raise AuditLogError(f"{self.where}: cannot reach the audit database "
                                 f"({_reason(exc)})") from exc
-        if not self._ready:
-            try:
-                with conn.transaction():
-                    for statement in _AUDIT_SCHEMA:
-                        conn.execute(statement)
-            except BaseException:
-                conn.close()
-                raise
-            self._ready = True
+        try:
+            self._create(conn)
+        except BaseException:
+            conn.close()
+            raise
         return conn
+
+    def _create(self, conn: Any) -> None:  # noqa: ANN401
+        """The tables, once per log object."""
+        if not self._ready:
+            with conn.transaction():
+                for statement in _AUDIT_SCHEMA:
+                    conn.execute(statement)
+            self._ready = True
 
     def _reuse(self) -> Any:  # noqa: ANN401
         """An idle connection that still works, or None (the server may have restarted)."""

@@ -5,7 +5,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from radguard.gateway import Gateway, GatewayConfig
 from radguard.gateway.auth import ROLES, Users
@@ -52,3 +55,33 @@ def chromium(profile: Path, *flags: str, log_network: bool = False) -> object:
     browser = webdriver.Chrome(service=Service(driver), options=options)
     browser.set_page_load_timeout(120)
     return browser
+
+
+def small_images(folder: Path, n: int, *, studies: int = 25, seed: int = 0) -> dict[Path, str]:
+    """``n`` small secondary-capture images with their own UIDs in ``studies`` studies:
+    path -> SOP Instance UID."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    study_uids = [generate_uid() for _ in range(studies)]
+    series_uids = [generate_uid() for _ in range(studies)]
+    out = {}
+    for i in range(n):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.SOPClassUID = SecondaryCaptureImageStorage
+        ds.StudyInstanceUID = study_uids[i % studies]
+        ds.SeriesInstanceUID = series_uids[i % studies]
+        ds.PatientID, ds.PatientName, ds.Modality = f"P{i % studies}", f"Test^{i % studies}", "OT"
+        ds.StudyDate, ds.InstanceNumber = "20260101", i + 1
+        ds.Rows = ds.Columns = 32
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated = ds.BitsStored = 8
+        ds.HighBit, ds.PixelRepresentation = 7, 0
+        ds.PixelData = rng.integers(0, 255, (32, 32), dtype=np.uint8).tobytes()
+        path = folder / f"img{i:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        out[path] = str(ds.SOPInstanceUID)
+    return out

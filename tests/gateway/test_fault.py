@@ -12,39 +12,17 @@ import socket
 import subprocess
 import sys
 import time
-
-import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pathlib import Path
 
 from radguard.gateway.store import Store
 from tests.conftest import NIH_DX, _free_port, dcmtk_tool, process_alive
+from tests.gateway.conftest import small_images
 from tests.security.conftest import wait_until
 
 
 def _small_images(folder, n: int) -> dict[str, str]:
-    """n small secondary-capture images with their own UIDs: file name -> SOP UID."""
-    rng = np.random.default_rng(0)
-    study = generate_uid()
-    out = {}
-    for i in range(n):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.SOPClassUID = SecondaryCaptureImageStorage
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, generate_uid()
-        ds.PatientID, ds.PatientName, ds.Modality = f"P{i % 50}", f"Test^{i}", "OT"
-        ds.Rows = ds.Columns = 32
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated = ds.BitsStored = 8
-        ds.HighBit, ds.PixelRepresentation = 7, 0
-        ds.PixelData = rng.integers(0, 255, (32, 32), dtype=np.uint8).tobytes()
-        path = folder / f"img{i:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        out[path.name] = str(ds.SOPInstanceUID)
-    return out
+    """n small secondary-capture images in one study: file name -> SOP UID."""
+    return {path.name: sop for path, sop in small_images(Path(folder), n, studies=1).items()}
 
 
 def _serve(data_dir, port: int) -> subprocess.Popen:

@@ -277,6 +277,15 @@ def test_a_dead_gateways_claims_are_reclaimed_after_its_lease(tmp_path, pg):
     assert b.get(first).state == "processing"
     assert b.finish(first, state="done", verdict="authentic", trust="unsigned", details={})
     assert b.get(first).state == "done"
+    # a claim no worker holds (its commit reached the server, the answer was lost): the
+    # heartbeat extends only what the workers hold, so it lapses and is taken over
+    third = b.ingest(b"three", _header(3), source="dimse")
+    lost = b.claim()
+    assert lost.id == third
+    assert b.heartbeat(held={second}) == {"extended": 1, "reclaimed": 0}
+    _wait_lease(b, third)
+    assert b.heartbeat(held={second}) == {"extended": 1, "reclaimed": 1}
+    assert b.get(third).state == "queued"
     a.close()
     b.close()
 
@@ -419,12 +428,22 @@ def test_the_pool_bounds_connections_and_survives_a_lost_connection(tmp_path, pg
                 "SELECT COUNT(*) FROM pg_stat_activity WHERE application_name=?",
                 ("radguard pooled",)).fetchone()[0]))
 
-    threads = [threading.Thread(target=work) for _ in range(16)]
+    from radguard.governance.auditlog import DatabaseAuditLog
+
+    audit = DatabaseAuditLog(pg, gateway="pooled", connections=store.connection)
+
+    def audited() -> None:  # the audit log borrows from the same pool: still three
+        for n in range(10):
+            audit.append("study.read", f"1.2.{n}")
+
+    threads = [threading.Thread(target=work) for _ in range(16)] + \
+        [threading.Thread(target=audited) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
     assert store.counts() == {"done": 40} and max(seen) <= 3
+    assert audit.verify().intact and audit.head()["entries"] == 40
     with psycopg.connect(pg, autocommit=True) as admin:
         admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
                       "application_name='radguard pooled'")

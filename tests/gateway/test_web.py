@@ -238,3 +238,18 @@ def test_calibration_page_lists_each_source_and_its_known_real_images(gateway, t
     assert len(rows) == 2  # one per detector
     assert "not calibrated" in rows[0] and "<td>1</td>" in rows[0]
     assert "not judged" in rows[0]
+
+
+def test_health_answers_a_load_balancer_without_a_login(gateway):
+    """GET /health (issue 29): no token needed, 200 while the gateway takes images, 503 with
+    the reason while it cannot (here: the store cannot be written), nothing cached."""
+    status, body, headers = _call(gateway, "GET", "/health")
+    assert status == 200 and headers["cache-control"] == "no-store"
+    assert json.loads(body) == {"status": "ready", "gateway": gateway.gateway_id}
+    gateway.store.health.failed(OSError(28, "No space left on device"))
+    status, body, _ = _call(gateway, "GET", "/health")
+    answer = json.loads(body)
+    assert status == 503 and answer["status"] == "unavailable"
+    assert "No space left" in answer["problem"]
+    gateway.store.health.worked()
+    assert _call(gateway, "GET", "/health")[0] == 200
