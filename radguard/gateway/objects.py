@@ -178,6 +178,8 @@ class FolderObjects:
                 removed += 1
                 continue
             digest = path.name.removesuffix(".dcm")
+            if referenced(digest):  # the common case, without a lock (an indexed lookup)
+                continue
             with lock(digest):
                 if not referenced(digest):
                     path.unlink(missing_ok=True)

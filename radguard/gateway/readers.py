@@ -10,8 +10,7 @@ Admin (role ``admin``):
   /reader-studies/new`` the design form; ``POST /reader-studies`` creates one from
   instances held in the gateway (a truth per listed instance, or ``case,truth`` lines naming
   SOP Instance or Study UIDs) and/or a folder of images under the configured image root
-  (``RADGUARD_READER_ROOT``; a ``reader_image_root`` attribute of the gateway's
-  configuration, should it get one, takes precedence).
+  (``[readers] image_root``).
 * ``GET /reader-studies/{id}`` progress per reader and, once every reading is in, the MRMC
   analysis (:func:`radguard.evaluation.mrmc.analyze`); ``.../ratings.csv`` the ratings as
   the MRMC CSV (arms as modalities); ``.../analysis.json`` the analysis as JSON.
@@ -27,7 +26,7 @@ Readers (role ``radiologist``, assigned to the study):
 
 Awareness (radiologists): ``GET /awareness``, ``POST /awareness/rounds``, ``GET
 /awareness/{round}``, ``.../{n}/image.png``, ``POST .../{n}/answer``, ``GET
-.../{n}/feedback`` and ``.../{n}/heat.png``. The pool's root is ``RADGUARD_AWARENESS_POOL``
+.../{n}/feedback`` and ``.../{n}/heat.png``. The pool's root is ``[readers] awareness_pool``
 (or an ``awareness_pool`` attribute of the configuration): folders named ``synthetic-*`` are
 generators, folders named ``cxr-*`` or ``real-*`` real radiographs.
 
@@ -586,7 +585,9 @@ def _add_reading_routes(app: FastAPI, web: _Web, studies: _Studies) -> None:
                 row = store.get(case["instance_id"])
                 if row is not None and row.ai_probability is not None:
                     ai = round(row.ai_probability, 3)
-                heat = row is not None
+                # the triage model's saliency, where the gateway has a model for it
+                heat = row is not None and str(row.modality).upper() in \
+                    web.gateway.pipeline.models
         changes = json.loads(reading["wl_changes"])
         return web.page("reader_case.html", request, user,
                         f"Case {pos} of {study['cases']}", study=study, sess=sess, pos=pos,
@@ -603,7 +604,7 @@ def _add_reading_routes(app: FastAPI, web: _Web, studies: _Studies) -> None:
         case = studies.case(study["id"], reading["case_num"])
         arm = next(a for a in study["arms"] if a["name"] == reading["arm"])
         if heat and not (arm["aided"] and case["instance_id"] is not None):
-            raise HTTPException(404, "no heat map in this arm")
+            raise HTTPException(404, "no saliency map in this arm")
         try:
             png = _case_png(web, case, reading["wl_center"], reading["wl_width"], heat)
         except RadguardError as exc:
@@ -699,6 +700,39 @@ def _rate(web: _Web, studies: _Studies, current: Any, fields: dict[str, list[str
             "session_done": where["session"]["done"] + 1}
 
 
+def _saliency_png(web: _Web, row: Any) -> bytes:  # noqa: ANN401
+    """The aided arm's overlay: where the gateway's triage model for the instance's
+    modality finds its evidence (its saliency map) on the image it scored - not the
+    forensic evidence map, which answers another question. 404 without such a model."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from radguard.dicom.io import read_dataset
+    from radguard.dicom.limits import decode_scope
+    from radguard.gateway.wado import render_pixels, tint
+    from radguard.images import display_frame
+
+    model = web.gateway.pipeline.models.get(str(row.modality).upper())
+    if model is None:
+        raise HTTPException(404, "no triage model for this modality: no saliency map")
+    with decode_scope():
+        ds = read_dataset(web.store.file(row))
+        grey = display_frame(ds)  # what the model scored (radguard.forensics.scan)
+        try:
+            saliency = np.asarray(model.saliency(grey), dtype=np.float32)
+        except RadguardError as exc:
+            raise HTTPException(404, f"no saliency map: {exc}") from exc
+        heat = np.asarray(Image.fromarray(saliency, mode="F")
+                          .resize((grey.shape[1], grey.shape[0])))
+        picture = Image.fromarray(tint(render_pixels(ds), heat))
+    picture.thumbnail((VIEW, VIEW))
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def _case_png(web: _Web, case: dict[str, Any], centre: float, width: float,
               heat: bool) -> bytes:
     store = web.store
@@ -707,9 +741,7 @@ def _case_png(web: _Web, case: dict[str, Any], centre: float, width: float,
         if row is None:
             raise RadguardError("instance gone")
         if heat:
-            from radguard.gateway.web import _render
-
-            return _render(store.file(row), True)
+            return _saliency_png(web, row)
         from radguard.dicom.io import read_dataset
         from radguard.dicom.limits import decode_scope
         from radguard.gateway.wado import Render, render_pixels

@@ -136,9 +136,11 @@ class Gateway:
         self.processed = 0
         self.http_port: int | None = None
         self._http: Any = None
-        self._held: set[int] = set()  # claimed, then the store failed: requeue when it works
+        # claimed (id, attempt), then the store failed: requeue when it works
+        self._held: set[tuple[int, int]] = set()
         self._failures: dict[int, int] = {}  # instance id -> errors of its own so far
         self._held_lock = threading.Lock()
+        self._sweeping = threading.Lock()  # one sweep at a time
         self._working: set[int] = set()  # claimed and in a worker's hands (the heartbeat
         # extends these leases only: a claim nobody holds lapses and is taken over)
 
@@ -196,7 +198,7 @@ class Gateway:
         from radguard import __version__
 
         self.store.register(host=socket.gethostname(), pid=os.getpid(), version=__version__)
-        recovered = self.store.recover()
+        recovered = self.store.recover(sweep=False)  # the sweep: in the background
         if any(recovered.values()):
             log.warning("recovered after a crash: %s", recovered)
         if indexed := self.store.backfill_index(_index_header):
@@ -236,6 +238,7 @@ class Gateway:
         thread keeps trying."""
         every = self.store.lease_seconds / 3
         beats = 0
+        self._sweep_soon()  # after a crash: orphaned objects, without delaying the start
         while not self._stop.wait(every):
             try:
                 with self._held_lock:
@@ -247,12 +250,28 @@ class Gateway:
                     self._wake.set()
                 beats += 1
                 if beats % max(1, int(600 / every)) == 0:  # about every ten minutes
-                    self.store.sweep()
+                    self._sweep_soon()
             except _STORAGE_ERRORS as exc:
                 log.debug("heartbeat: %s", exc)
                 self.store.health.failed(exc)
             except Exception:  # noqa: BLE001 - the heartbeat outlives every error
                 log.exception("heartbeat: unexpected error")
+
+    def _sweep_soon(self) -> None:
+        """Sweep orphaned objects (and the cache) on a thread of its own: a large store
+        takes a while, and leases must go on being extended meanwhile."""
+        if self._sweeping.locked():
+            return
+
+        def sweep() -> None:
+            with self._sweeping:
+                try:
+                    if removed := self.store.sweep():
+                        log.info("swept %d orphaned objects or cached copies", removed)
+                except (*_STORAGE_ERRORS, RadguardError) as exc:
+                    log.warning("sweep of orphaned objects not done: %s", exc)
+
+        threading.Thread(target=sweep, name="radguard-sweep", daemon=True).start()
 
     def _summarise(self) -> None:
         """Once a minute: how many refused C-STOREs the throttled log held back."""
@@ -330,7 +349,7 @@ class Gateway:
                 self._process(instance)
             except ForwardError as exc:
                 log.warning("forwarding %s failed, will retry: %s", instance.sop_uid, exc)
-                self._hold(instance.id)
+                self._hold(instance)
                 forward_wait = self._back_off(forward_wait, 60.0)
                 continue
             except Exception as exc:  # noqa: BLE001 - a worker outlives every error
@@ -362,7 +381,7 @@ class Gateway:
             log.error("instance %s back to the queue after an unexpected error (failure %d; "
                       "quarantined at %d with the store working)", instance.sop_uid, failures,
                       MAX_ATTEMPTS, exc_info=exc)
-        self._hold(instance.id)
+        self._hold(instance)
         return self._back_off(wait, STORE_WAIT)
 
     def _poison(self, instance: Instance, exc: Exception, failures: int) -> bool:
@@ -375,11 +394,11 @@ class Gateway:
         log.error("instance %s failed %d times with the store working; quarantined: %s",
                   instance.sop_uid, failures, error)
         try:
-            self.store.finish(instance.id, state=State.QUARANTINED, verdict="unverifiable",
-                              trust="unknown",
-                              details={"error": error[:500],
-                                       "reasons": [f"could not be processed in {failures} "
-                                                   f"attempts: {error}"[:300]]})
+            self._finish(instance, state=State.QUARANTINED, verdict="unverifiable",
+                      trust="unknown",
+                      details={"error": error[:500],
+                               "reasons": [f"could not be processed in {failures} "
+                                           f"attempts: {error}"[:300]]})
         except _STORAGE_ERRORS:
             return False
         with self._held_lock:
@@ -393,21 +412,25 @@ class Gateway:
         self._stop.wait(wait)
         return min(wait * 2, longest)
 
-    def _hold(self, instance_id: int) -> None:
+    def _finish(self, instance: Instance, **result: Any) -> bool:  # noqa: ANN401
+        """Record a claimed instance's result, fenced by its claim (Store.finish)."""
+        return self.store.finish(instance.id, attempt=instance.attempts, **result)
+
+    def _hold(self, instance: Instance) -> None:
         """Put a claimed instance back in the queue, or keep it for later if the store
         cannot take even that now (it must not stay claimed until a restart)."""
         try:
-            self.store.requeue(instance_id)
+            self.store.requeue(instance.id, instance.attempts)
         except _STORAGE_ERRORS:
             with self._held_lock:
-                self._held.add(instance_id)
+                self._held.add((instance.id, instance.attempts))
 
     def _requeue_held(self) -> None:
         with self._held_lock:
             held, self._held = self._held, set()
-        for number, instance_id in enumerate(sorted(held)):
+        for number, (instance_id, attempt) in enumerate(sorted(held)):
             try:
-                self.store.requeue(instance_id)
+                self.store.requeue(instance_id, attempt)
             except _STORAGE_ERRORS:
                 with self._held_lock:
                     self._held.update(sorted(held)[number:])
@@ -436,9 +459,9 @@ class Gateway:
             raise
         except Exception as exc:  # noqa: BLE001 - one bad instance must not stop the queue
             log.exception("pipeline failed on %s", instance.sop_uid)
-            self.store.finish(instance.id, state="quarantined", verdict="unverifiable",
-                              trust="unknown", details={"error": f"{type(exc).__name__}: "
-                                                                 f"{exc}"[:500]})
+            self._finish(instance, state="quarantined", verdict="unverifiable",
+                      trust="unknown", details={"error": f"{type(exc).__name__}: "
+                                                         f"{exc}"[:500]})
             return
         if first is not None:
             _conflict(routing, instance, first)
@@ -453,11 +476,11 @@ class Gateway:
             # store requeues the image, and its set is built again with the same UIDs
             if self.pipeline.store_results(instance, routing):
                 self.wake_up()
-        if not self.store.finish(instance.id, state=routing.state, verdict=routing.verdict,
-                                 trust=routing.trust,
-                                 details={**routing.details, "reasons": routing.reasons},
-                                 ai_probability=routing.ai_probability,
-                                 ai_suspicion=routing.ai_suspicion, forwarded=forwarded):
+        if not self._finish(instance, state=routing.state, verdict=routing.verdict,
+                         trust=routing.trust,
+                         details={**routing.details, "reasons": routing.reasons},
+                         ai_probability=routing.ai_probability,
+                         ai_suspicion=routing.ai_suspicion, forwarded=forwarded):
             log.warning("instance %s superseded while it was checked; its result is not "
                         "recorded", instance.sop_uid)
             return
@@ -477,20 +500,20 @@ class Gateway:
         Verdict "authentic" (made here, no detector ran: the reason says so) with the badge
         "radguard", so the study view shows no alarm for it."""
         if instance.duplicate_of is not None and self.store.recheck_original(instance):
-            self.store.finish(instance.id, state=State.REJECTED, verdict="authentic",
-                              trust="radguard", details={"reasons": [
-                                  "the same AI result built again (a retried result set); "
-                                  "the copy stored first stands"]})
+            self._finish(instance, state=State.REJECTED, verdict="authentic",
+                      trust="radguard", details={"reasons": [
+                          "the same AI result built again (a retried result set); "
+                          "the copy stored first stands"]})
             return
         forwarded = None
         if self.config.results_forward and self.pipeline.forwarders:
             if not self.store.start_forwarding(instance):
                 return
             forwarded = self.pipeline.forward(instance)
-        if self.store.finish(instance.id, state=State.DONE, verdict="authentic",
-                             trust="radguard", forwarded=forwarded,
-                             details={"reasons": ["radguard's own AI result, made from a "
-                                                  "checked image: not checked itself"]}):
+        if self._finish(instance, state=State.DONE, verdict="authentic",
+                     trust="radguard", forwarded=forwarded,
+                     details={"reasons": ["radguard's own AI result, made from a "
+                                          "checked image: not checked itself"]}):
             self.processed += 1
 
     def wait_idle(self, timeout: float = 60.0) -> bool:

@@ -52,6 +52,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sqlite3
 import threading
 from collections.abc import Callable, Collection, Iterator
@@ -65,7 +66,7 @@ from radguard.fileio import atomic_write_bytes, room_above_reserve
 from radguard.forensics.calibration import SCHEMA as CALIBRATION_SCHEMA
 from radguard.gateway.objects import DatabaseObjects, FolderObjects, ObjectStorage
 
-__all__ = ["IN_PROGRESS", "Instance", "ReserveError", "State", "Store", "StoreError",
+__all__ = ["IN_PROGRESS", "Instance", "PoolBusy", "ReserveError", "State", "Store", "StoreError",
            "WriteHealth", "storage_failure"]
 
 log = logging.getLogger("radguard.gateway")
@@ -181,6 +182,10 @@ MIGRATIONS = [
     CREATE TABLE awareness_seen (reader TEXT NOT NULL, generator TEXT NOT NULL,
                                  round_id {int} NOT NULL, PRIMARY KEY (reader, generator))
     """,
+    # 8: objects looked up by content (the sweep asks, per old file, whether a row holds it)
+    """
+    CREATE INDEX instances_sha256 ON instances(sha256)
+    """,
 ]
 
 #: the columns migration 5 added, filled from the header at ingest (the ``header`` keys of
@@ -211,6 +216,11 @@ _INDEX_COLUMNS = (*INDEXED, "patient_name_fold", "referring_fold", "index_versio
 
 class StoreError(RadguardError):
     """The store cannot be opened or written."""
+
+
+class PoolBusy(StoreError):
+    """Every pooled connection stayed busy for the pool's wait while the server answers:
+    load, not an outage (the store's health is not failed for it)."""
 
 
 class ReserveError(OSError):
@@ -323,7 +333,9 @@ class WriteHealth:
         self.listeners: list[Callable[[str | None], None]] = []
 
     def failed(self, exc: BaseException) -> None:
-        """A write failed with ``exc``."""
+        """A write failed with ``exc`` (a busy connection pool is load, not a failure)."""
+        if isinstance(exc, PoolBusy):
+            return
         with self._lock:
             if self.problem is not None:
                 self.failures += 1
@@ -467,7 +479,15 @@ class _Postgres(_Backend):
             # grown through a long outage (the store's health reports the outage)
             reconnect_timeout=3.0, connection_class=_Connection,
             kwargs={"autocommit": True, "connect_timeout": 5,
-                    "application_name": f"radguard {name}"[:63]})
+                    "application_name": f"radguard {name}"[:63],
+                    # a gateway frozen or cut off inside a transaction must not hold its
+                    # locks (the audit chain's, a UID's) for the cluster: the server ends
+                    # such a session after a minute; a lock is waited for at most 30 s; a
+                    # dead peer is noticed by keepalives within about half a minute
+                    "options": "-c idle_in_transaction_session_timeout=60000 "
+                               "-c lock_timeout=30000 -c statement_timeout=300000",
+                    "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+                    "keepalives_count": 3, "tcp_user_timeout": 30000})
 
     def open(self) -> None:
         """Connect once directly (a wrong URL, password or port is said at once, with the
@@ -632,6 +652,9 @@ class Store:
         try:
             db = backend.connect(wait)
         except backend.errors as exc:
+            if not backend.unreachable:
+                raise PoolBusy(f"{self.db_path}: every database connection is busy "
+                               f"({exc})") from exc
             raise StoreError(f"{self.db_path}: no database connection ({exc})") from exc
         try:
             yield db
@@ -669,10 +692,11 @@ class Store:
                         self.execute("PRAGMA synchronous=FULL")
 
     def _migrate(self) -> None:
-        self.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
         with self.transaction():
-            if self.backend.name == "postgresql":  # one migrating gateway at a time
-                self.execute("LOCK TABLE schema_version IN EXCLUSIVE MODE")
+            # one migrating gateway at a time, from the very first statement (two creating
+            # the table at once on an empty PostgreSQL collide in its catalogue)
+            self.backend.lock_uid(self.execute, "radguard-migrate")
+            self.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             row = self.execute("SELECT version FROM schema_version").fetchone()
             version = row[0] if row else 0
             if version > len(MIGRATIONS):
@@ -720,8 +744,8 @@ class Store:
         """
         try:
             row, wrote = self._ingest(data, header, source, calling_ae)
-        except ReserveError:
-            raise  # nothing was written: the store works (intake may pause, _check_room)
+        except (ReserveError, PoolBusy):
+            raise  # nothing was written, the store works (intake may pause, _check_room)
         except (OSError, StoreError) as exc:
             self.health.failed(exc)
             raise
@@ -740,6 +764,9 @@ class Store:
             with open(spooled, "rb") as fh:
                 digest = hashlib.file_digest(fh, "sha256").hexdigest()
                 size = os.fstat(fh.fileno()).st_size
+        # PostgreSQL's text holds no NUL (a sender's data may): never a store failure
+        header = {k: v.replace("\x00", "\ufffd") if isinstance(v, str) else v
+                  for k, v in header.items()}
         sop = header["sop_uid"]
         known = self.execute("SELECT id FROM instances WHERE sop_uid=? AND sha256=? "
                              "ORDER BY id LIMIT 1", (sop, digest)).fetchone()
@@ -892,9 +919,9 @@ class Store:
             with self.transaction(durable=False):
                 self.backend.lock_uid(self.execute, instance.sop_uid)
                 changed = self.execute(
-                    "UPDATE instances SET state=? WHERE id=? AND state=? AND owner=?",
-                    (State.FORWARDING, instance.id, State.PROCESSING,
-                     self.gateway_id)).rowcount
+                    "UPDATE instances SET state=? WHERE id=? AND state=? AND owner=? "
+                    "AND attempts=?", (State.FORWARDING, instance.id, State.PROCESSING,
+                                       self.gateway_id, instance.attempts)).rowcount
         except (OSError, StoreError) as exc:
             self.health.failed(exc)
             raise
@@ -902,10 +929,13 @@ class Store:
 
     def finish(self, instance_id: int, *, state: str, verdict: str, trust: str,
                details: dict[str, Any], ai_probability: float | None = None,
-               ai_suspicion: int | None = None, forwarded: str | None = None) -> bool:
+               ai_suspicion: int | None = None, forwarded: str | None = None,
+               attempt: int | None = None) -> bool:
         """Record the pipeline's result and final state in one transaction; False when the
         instance was superseded while it was checked (it stays rejected), or when this
-        gateway's claim lapsed meanwhile (its lease expired and another gateway took it)."""
+        gateway's claim lapsed meanwhile (its lease expired and another gateway took it).
+        ``attempt`` (the claim's ``attempts``) fences the claim itself: a worker whose claim
+        lapsed and was claimed again - even by a worker of this gateway - changes nothing."""
         if state not in (State.DONE, State.QUARANTINED, State.REJECTED):
             raise StoreError(f"unknown final state {state!r}")
         try:
@@ -913,25 +943,28 @@ class Store:
                 changed = self.execute(
                     "UPDATE instances SET state=?, verdict=?, trust=?, details=?, "
                     "ai_probability=?, ai_suspicion=?, forwarded=?, processed_at=?, "
-                    "lease_until=NULL WHERE id=? AND state IN (?, ?) AND owner=?",
+                    "lease_until=NULL WHERE id=? AND state IN (?, ?) AND owner=?"
+                    f"{'' if attempt is None else ' AND attempts=?'}",
                     (state, verdict, trust, json.dumps(details, default=str), ai_probability,
                      ai_suspicion, forwarded, _now(), instance_id, State.PROCESSING,
-                     State.FORWARDING, self.gateway_id)).rowcount
+                     State.FORWARDING, self.gateway_id,
+                     *(() if attempt is None else (attempt,)))).rowcount
         except (OSError, StoreError) as exc:
             self.health.failed(exc)
             raise
         self.health.worked()
         return bool(changed)
 
-    def requeue(self, instance_id: int) -> None:
+    def requeue(self, instance_id: int, attempt: int | None = None) -> None:
         """Put a claimed instance back (the PACS was unreachable, the store could not record
-        the result; try again later)."""
+        the result; try again later); ``attempt`` fences the claim as in :meth:`finish`."""
         try:
             with self.transaction():
                 self.execute("UPDATE instances SET state=?, owner=NULL, lease_until=NULL "
-                             "WHERE id=? AND state IN (?, ?) AND owner=?",
+                             "WHERE id=? AND state IN (?, ?) AND owner=?"
+                             f"{'' if attempt is None else ' AND attempts=?'}",
                              (State.QUEUED, instance_id, State.PROCESSING, State.FORWARDING,
-                              self.gateway_id))
+                              self.gateway_id, *(() if attempt is None else (attempt,))))
         except (OSError, StoreError) as exc:
             self.health.failed(exc)
             raise
@@ -981,7 +1014,7 @@ class Store:
         assert found is not None
         return found
 
-    def recover(self) -> dict[str, int]:
+    def recover(self, *, sweep: bool = True) -> dict[str, int]:
         """At start, after a crash of this gateway: its own unfinished claims back to the
         queue, its own spooled objects (never acknowledged) removed, and old unreferenced
         objects swept (:meth:`sweep`). Other gateways' claims are theirs: a dead gateway's
@@ -1000,7 +1033,11 @@ class Store:
             if path.is_file():
                 path.unlink(missing_ok=True)
                 spooled += 1
-        return {"requeued": requeued, "orphans_removed": self.sweep(),
+        if isinstance(self.storage, DatabaseObjects):
+            # a cached copy written before a crash may be torn (the cache is not fsync'd):
+            # fetched again when needed
+            shutil.rmtree(self.storage.cache, ignore_errors=True)
+        return {"requeued": requeued, "orphans_removed": self.sweep() if sweep else 0,
                 "spooled_removed": spooled}
 
     def sweep(self) -> int:
@@ -1038,14 +1075,21 @@ class Store:
             raise StoreError(f"{self.objects}: cannot mark the object folder "
                              f"({exc.strerror or exc})") from exc
         deadline = time.monotonic() + 2 * self.lease_seconds + 1
-        while (clash := self._id_in_use(host, pid)) is not None:
+        while not self._join(identity, host, pid, version):
             if time.monotonic() > deadline:
+                clash = self._id_in_use(host, pid) or ("?", 0)
                 raise StoreError(f"gateway id {self.gateway_id!r} is in use by a running "
                                  f"gateway (process {clash[1]} on {clash[0]}): give each "
                                  "gateway its own [cluster] gateway_id")
             time.sleep(0.5)
+
+    def _join(self, identity: str, host: str, pid: int, version: str) -> bool:
+        """One attempt of :meth:`register`, under the cluster's lock (two gateways starting
+        together under one id cannot both pass): False while the id is in use."""
         with self.transaction():
             self.backend.lock_uid(self.execute, "radguard-cluster")
+            if self._id_in_use(host, pid) is not None:
+                return False
             row = self.execute("SELECT value FROM cluster WHERE key='objects'").fetchone()
             if row is None:
                 self.execute("INSERT INTO cluster (key, value) VALUES ('objects', ?)",
@@ -1062,6 +1106,7 @@ class Store:
             self.execute("INSERT INTO gateways (id, host, pid, started, heartbeat, problem, "
                          f"objects, version) VALUES (?, ?, ?, ?, {self.backend.clock}, NULL, "
                          "?, ?)", (self.gateway_id, host, pid, _now(), identity, version))
+        return True
 
     def unregister(self) -> None:
         """A clean stop: this gateway leaves the cluster's list (its id is free at once) and
@@ -1105,11 +1150,15 @@ class Store:
                 f"UPDATE instances SET lease_until={clock}+? WHERE owner=? AND state IN (?, ?)"
                 f"{mine}", (self.lease_seconds, self.gateway_id, State.PROCESSING,
                             State.FORWARDING, *(ids or ()))).rowcount
+        lapsed = f"state IN (?, ?) AND (lease_until IS NULL OR lease_until<{clock})"
         with self.transaction():
-            reclaimed = self.execute(
-                "UPDATE instances SET state=?, owner=NULL, lease_until=NULL WHERE state IN "
-                f"(?, ?) AND (lease_until IS NULL OR lease_until<{clock}) RETURNING id, owner",
-                (State.QUEUED, State.PROCESSING, State.FORWARDING)).fetchall()
+            reclaimed = self.execute(f"SELECT id, owner FROM instances WHERE {lapsed}"
+                                     f"{self.backend.skip_locked}",
+                                     (State.PROCESSING, State.FORWARDING)).fetchall()
+            for row_id, _owner in reclaimed:
+                self.execute("UPDATE instances SET state=?, owner=NULL, lease_until=NULL "
+                             f"WHERE id=? AND {lapsed}",
+                             (State.QUEUED, row_id, State.PROCESSING, State.FORWARDING))
         for row_id, owner in reclaimed:
             log.warning("row %s back in the queue: the lease of gateway %s expired", row_id,
                         owner)
@@ -1212,7 +1261,8 @@ class Store:
         through the cache."""
         if isinstance(self.storage, DatabaseObjects):
             return self.storage.local(sha256, self.execute)
-        return self.root / path
+        here = self.storage.path(sha256)  # by content: a shared folder may be mounted
+        return here if here.exists() else self.root / path  # elsewhere by another gateway
 
     def iter_queue(self) -> Iterator[Instance]:
         """Claim instances until the queue is empty."""

@@ -84,7 +84,7 @@ from radguard.gateway.httpguard import (
 from radguard.gateway.oidc import NoRole
 from radguard.gateway.query import Level, QueryError, from_qido, search, to_json
 from radguard.gateway.ratelimit import Throttle, peer_key
-from radguard.gateway.store import Instance, Store, StoreError
+from radguard.gateway.store import Instance, PoolBusy, Store, StoreError
 from radguard.governance.auditlog import AuditLogError
 
 if TYPE_CHECKING:
@@ -522,12 +522,17 @@ def _add_login_routes(app: FastAPI, web: _Web) -> None:
         takes new images - its database answers now, its store writes, intake is open -
         else 503 with what is wrong."""
         gateway = web.gateway
-        problem = gateway.problem
+        store = gateway.store
+        # what is wrong, in general words: no server names or addresses without a login
+        problem = ("the store cannot be written" if store.health.problem else
+                   "intake paused (disk below its reserve)" if store.intake.problem else None)
         if problem is None:
             try:
-                gateway.store.ping()
-            except StoreError as exc:
-                problem = str(exc)
+                store.ping()
+            except PoolBusy:
+                pass  # busy, not down: a load balancer should keep sending
+            except StoreError:
+                problem = "the database does not answer"
         body: dict[str, Any] = {"status": "ready" if problem is None else "unavailable",
                                 "gateway": gateway.gateway_id}
         if problem is not None:

@@ -112,6 +112,10 @@ def read_cases(gw, sid: int, reader: str, count: int, pages: list[str], *, skill
             assert re.search(rf"Case {pos} of 6", page.text)
             image = c.get(where + "/image.png?v=0")
             assert image.status_code == 200 and image.content[:4] == b"\x89PNG"
+            if 'alt="AI saliency map"' in page.text:  # the overlay differs from the image
+                overlay = c.get(where + "/image.png?heat=true")
+                assert overlay.status_code == 200 and overlay.content[:4] == b"\x89PNG"
+                assert overlay.content != image.content
             if n == 0:  # one window/level change, recorded with the reading
                 assert c.post(where + "/window", **form({"preset": "lung"})).status_code == 303
                 lung = c.get(where + "/image.png?v=1").content
@@ -318,13 +322,15 @@ def test_a_study_needs_sound_design(tmp_path, monkeypatch):
 
 def test_wash_out_keeps_the_second_session_closed(tmp_path, monkeypatch):
     images, files = image_folder(tmp_path)
-    gw = start(tmp_path / "data", monkeypatch, images)
+    gw = start(tmp_path / "data", monkeypatch, images, triage={"DX": "chest"})
     try:
         rows = held_instances(gw, tmp_path, 3)
         sid = create_study(gw, rows, files, washout="2")
         pages: list[str] = []
         read_cases(gw, sid, "rad2", 6, pages, skill=0)  # rad2 starts with arm B (aided)
-        assert any('alt="AI heat map"' in p and "AI score:" in p for p in pages)
+        # the aided arm: the triage model's score and its saliency map over the image
+        aided = [p for p in pages if 'alt="AI saliency map"' in p]
+        assert aided and all(re.search(r"AI score: 0\.\d+", p) for p in aided)
         with client(gw, gw.tokens["rad2"]) as c:
             resp = c.get(f"/reading/{sid}")
             assert resp.status_code == 200 and 'id="washout"' in resp.text

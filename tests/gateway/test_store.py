@@ -449,3 +449,49 @@ def test_the_pool_bounds_connections_and_survives_a_lost_connection(tmp_path, pg
                       "application_name='radguard pooled'")
     assert store.counts() == {"done": 40}  # checked on checkout: a fresh connection
     store.close()
+
+
+def test_a_claim_is_fenced_by_its_attempt(tmp_path, pg):
+    """Review of issue 29: a worker whose claim lapsed and was claimed again by another
+    worker of the same gateway must not finish, forward or requeue the new claim."""
+    store = Store(tmp_path / "a", pg, gateway_id="a", lease_seconds=2)
+    row = store.ingest(b"one", _header(1), source="dimse")
+    old = store.claim()
+    store.heartbeat(held=set())  # the worker's claim is not extended...
+    _wait_lease(store, row)
+    assert store.heartbeat(held=set())["reclaimed"] == 1  # ...and lapses
+    new = store.claim()
+    assert (new.id, new.attempts) == (row, old.attempts + 1)
+    assert store.start_forwarding(old) is False
+    store.requeue(row, old.attempts)
+    assert store.finish(row, state="done", verdict="authentic", trust="unsigned", details={},
+                        attempt=old.attempts) is False
+    assert store.get(row).state == "processing"
+    assert store.finish(row, state="done", verdict="authentic", trust="unsigned", details={},
+                        attempt=new.attempts) is True
+    store.close()
+
+
+def test_text_with_nul_and_a_busy_pool_are_no_store_failure(tmp_path, pg):
+    """Review of issue 29: a NUL in a sender's text (PostgreSQL's text holds none) is
+    stored, not a store outage; every connection busy is load: the statement fails
+    (PoolBusy), the store's health stays good and /health's ping says busy, not down."""
+    from radguard.gateway.store import PoolBusy
+
+    store = Store(tmp_path / "a", pg, gateway_id="a", pool_size=2)
+    row = store.ingest(b"nul", {**_header(1), "patient_name": "Doe\x00^Jane"}, source="dimse")
+    assert store.get(row).patient_name == "Doe\ufffd^Jane"
+    held = [store.connection() for _ in range(2)]
+    for lent in held:
+        lent.__enter__()
+    try:
+        with pytest.raises(PoolBusy):
+            store.ping(wait=0.5)
+        with pytest.raises(PoolBusy):
+            store.ingest(b"more", _header(2), source="dimse")
+        assert store.health.problem is None
+    finally:
+        for lent in held:
+            lent.__exit__(None, None, None)
+    assert store.ingest(b"more", _header(2), source="dimse") > row
+    store.close()
