@@ -34,6 +34,7 @@ from radguard.cli_common import (
 from radguard.cli_forensics import calibration_options
 from radguard.cli_forensics import register as _register_forensics
 from radguard.errors import KeyMaterialError, RadguardError
+from radguard.postgres import is_postgres_url
 from radguard.provenance.keys import describe_name
 from radguard.provenance.policy import (
     DEFAULT_POLICY,
@@ -586,7 +587,7 @@ def _read_table(path: str) -> tuple[list[str], list[dict[str, str]]]:
 
 
 def _existing_db(path: str) -> None:
-    if path.startswith(("postgresql://", "postgres://")):
+    if is_postgres_url(path):
         return  # a database the monitor opens (and says so if it cannot)
     if not Path(path).is_file():
         raise RadguardError(f"{path}: no monitoring database (run 'radguard monitor init')")

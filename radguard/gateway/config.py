@@ -216,6 +216,7 @@ from typing import TYPE_CHECKING, Any
 
 from radguard.errors import RadguardError
 from radguard.gateway.ratelimit import DEFAULT_IPV6_PREFIX
+from radguard.postgres import is_postgres_url
 
 if TYPE_CHECKING:
     from radguard.dicom.limits import DecodeLimits
@@ -474,7 +475,7 @@ class GatewayConfig:
                 raise ConfigError(f"{name} {value!r}: a port number 0-65535 (0 picks a free one)")
         if self.forward_dimse:
             DimseTarget.parse(self.forward_dimse)
-        if self.db_url and not self.db_url.startswith(("postgresql://", "postgres://")):
+        if self.db_url and not is_postgres_url(self.db_url):
             raise ConfigError("db_url must be a postgresql:// URL (or empty for SQLite)")
         if self.forward_stow and not self.forward_stow.startswith(("http://", "https://")):
             raise ConfigError("forward.stow must be an http(s) DICOMweb root")

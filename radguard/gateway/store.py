@@ -65,6 +65,7 @@ from radguard.errors import RadguardError
 from radguard.fileio import atomic_write_bytes, room_above_reserve
 from radguard.forensics.calibration import SCHEMA as CALIBRATION_SCHEMA
 from radguard.gateway.objects import DatabaseObjects, FolderObjects, ObjectStorage
+from radguard.postgres import import_psycopg, is_postgres_url
 
 __all__ = ["IN_PROGRESS", "Instance", "PoolBusy", "ReserveError", "State", "Store", "StoreError",
            "WriteHealth", "storage_failure"]
@@ -442,12 +443,12 @@ class _Postgres(_Backend):
     def __init__(self, target: str, *, pool_size: int = 8, name: str = "radguard",
                  wait: float = 10.0) -> None:
         super().__init__(target)
+        psycopg = import_psycopg(StoreError, "a PostgreSQL store")
         try:
-            import psycopg
             import psycopg_pool
         except ImportError as exc:
-            raise StoreError("a PostgreSQL store needs psycopg and psycopg_pool: pip install "
-                             "'psycopg[binary]' psycopg-pool") from exc
+            raise StoreError("a PostgreSQL store needs psycopg_pool: pip install "
+                             "psycopg-pool") from exc
         self.psycopg = psycopg
         self.errors = (psycopg.Error, psycopg_pool.PoolTimeout)
         self.wait = wait  # seconds a statement waits for a free connection
@@ -534,8 +535,7 @@ class _Postgres(_Backend):
     def describe(self) -> str:
         from radguard.dicom.web import redact
 
-        return redact(self.target.replace("postgresql://", "http://")).replace(
-            "http://", "postgresql://")
+        return redact(self.target)  # no user name or password in messages
 
 
 class Store:
@@ -560,7 +560,7 @@ class Store:
         self.min_free = min_free
         self.incoming = self.root / "incoming"  # large objects spooled while they arrive
         if objects == "database":
-            if not (db_url or "").startswith(("postgresql://", "postgres://")):
+            if not is_postgres_url(db_url):
                 raise StoreError('objects = "database" needs a PostgreSQL db_url')
             self.storage: ObjectStorage = DatabaseObjects(self.root / "cache", cache_mb << 20)
             self.objects = self.root  # the reserve is kept on the data folder's filesystem
@@ -579,7 +579,7 @@ class Store:
         except OSError as exc:
             raise StoreError(f"{self.root}: cannot create the data folder ({exc.strerror})") \
                 from exc
-        if db_url and db_url.startswith(("postgresql://", "postgres://")):
+        if is_postgres_url(db_url):
             self.backend: _Backend = _Postgres(db_url, pool_size=pool_size, name=gateway_id)
         elif db_url:
             raise StoreError(f"db_url: only postgresql://... URLs are supported "

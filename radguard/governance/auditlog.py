@@ -40,6 +40,7 @@ from typing import Any
 
 from radguard.errors import RadguardError
 from radguard.fileio import atomic_write_bytes
+from radguard.postgres import import_psycopg, is_postgres_url
 
 __all__ = ["AuditEntry", "AuditLog", "AuditLogError", "ChainReport", "DatabaseAuditLog",
            "default_audit_log"]
@@ -435,15 +436,10 @@ class DatabaseAuditLog(_Chain):
         its ``db_pool`` then bounds the audit log's connections too) instead of opening
         up to ``max_connections`` of its own."""
         super().__init__(actor, gateway or _host())
-        if not db_url.startswith(("postgresql://", "postgres://")):
+        if not is_postgres_url(db_url):
             raise AuditLogError("an audit database is a postgresql://... URL (got "
                                 f"{db_url.split(':', 1)[0] or 'nothing'}:...)")
-        try:
-            import psycopg
-        except ImportError as exc:
-            raise AuditLogError("an audit log in PostgreSQL needs psycopg: pip install "
-                                "'psycopg[binary]'") from exc
-        self._psycopg = psycopg
+        self._psycopg = import_psycopg(AuditLogError, "an audit log in PostgreSQL")
         self.url = db_url
         self.connect_timeout = connect_timeout
         self._slots = threading.BoundedSemaphore(max_connections)

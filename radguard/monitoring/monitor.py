@@ -42,6 +42,7 @@ from radguard.monitoring.drift import (
     ks_test,
     psi,
 )
+from radguard.postgres import import_psycopg, is_postgres_url
 
 __all__ = ["Alarm", "Monitor", "MonitorError"]
 
@@ -144,12 +145,7 @@ class _PostgresDb(_SqliteDb):
     def __init__(self, url: str) -> None:  # (no super(): there is no SQLite file here)
         from radguard.dicom.web import redact
 
-        try:
-            import psycopg
-        except ImportError as exc:
-            raise MonitorError("a monitor in PostgreSQL needs psycopg: pip install "
-                               "'psycopg[binary]'") from exc
-        self.psycopg = psycopg
+        self.psycopg = import_psycopg(MonitorError, "a monitor in PostgreSQL")
         self.url = url
         self.where = redact(url)
         self.conn = None
@@ -228,10 +224,6 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def _is_url(target: str | os.PathLike[str]) -> bool:
-    return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
-
-
 @dataclass(frozen=True)
 class Alarm:
     """A sequential detector crossed its threshold."""
@@ -285,7 +277,7 @@ class Monitor:
         details)``, such as :class:`radguard.governance.AuditLog`) receives every alarm as
         it is raised."""
         #: the SQLite file (None for PostgreSQL); ``where`` names either in messages
-        self.path = None if _is_url(db_path) else Path(db_path)
+        self.path = None if is_postgres_url(db_path) else Path(db_path)
         self.audit_log = audit_log
         self._lock = threading.RLock()
         self.db = _PostgresDb(str(db_path)) if self.path is None else _SqliteDb(self.path)

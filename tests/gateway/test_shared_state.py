@@ -11,11 +11,9 @@ import threading
 import pytest
 
 from radguard.dicom.web import DicomWebClient
-from radguard.gateway import Gateway, GatewayConfig
-from radguard.gateway.auth import Users
 from radguard.gateway.store import Store
 from radguard.gateway.web import _BulkReads
-from tests.gateway.conftest import PASSWORD
+from tests.gateway.conftest import web_gateway
 from tests.gateway.test_web import _instance
 from tests.governance.pgdb import fresh_database
 
@@ -104,19 +102,13 @@ def test_a_store_that_cannot_count_lets_the_read_through(backend, tmp_path, requ
 
 
 def test_a_retrieval_is_not_a_server_error_when_counting_fails(tmp_path, caplog):
-    gw = Gateway(GatewayConfig(data_dir=str(tmp_path / "data"), dicom_port=0, http_port=0,
-                               bulk_read_limit=1, check_processes=0))
-    users = Users(gw.store)
-    users.add("tech", "technologist", PASSWORD)
-    users.add("rad", "radiologist", PASSWORD)
-    gw.start()
+    gw = web_gateway(tmp_path / "data", bulk_read_limit=1)
     try:
         root = f"http://127.0.0.1:{gw.http_port}/dicom-web/"
-        DicomWebClient(root, token=users.issue_token("tech")).store(
-            [_instance(tmp_path, "a.dcm")])
+        DicomWebClient(root, token=gw.tokens["tech"]).store([_instance(tmp_path, "a.dcm")])
         assert gw.wait_idle(60)
         gw.store.execute("DROP TABLE bulk_reads")
-        reader = DicomWebClient(root, token=users.issue_token("rad"))
+        reader = DicomWebClient(root, token=gw.tokens["rad"])
         ref = next(iter(reader.search_instances()))
         with caplog.at_level(logging.ERROR, logger="radguard.gateway"):
             for _ in range(3):
