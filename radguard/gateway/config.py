@@ -190,8 +190,8 @@ Example ``radguard.toml``::
     objects_dir = ""                  # empty: data_dir/objects. Gateways sharing a database
                                       # must share this folder (NFS...): a gateway whose
                                       # objects the others cannot read is refused at start
-    lease_seconds = 30                # a claim's lease; the heartbeat (every third of it)
-                                      # extends it; expired, any gateway takes the work over
+    lease_seconds = 30                # the longest a dead gateway's claims wait: then any
+                                      # gateway takes the work over (heartbeat: a quarter)
     db_pool = 8                       # PostgreSQL connections of this gateway, at most
     cache_mb = 2048                   # local copies of objects kept in the database
 
@@ -372,7 +372,7 @@ class GatewayConfig:
     cluster_gateway_id: str = ""  # empty: host:ae_title:dicom_port (unique on a host)
     cluster_objects: str = "folder"  # "folder" (objects_dir) or "database" (PostgreSQL)
     cluster_objects_dir: str = ""  # empty: data_dir/objects; a cluster: the shared folder
-    cluster_lease_seconds: float = 30.0  # a claim's lease; a heartbeat every third of it
+    cluster_lease_seconds: float = 30.0  # a dead gateway's claims taken over within it
     cluster_db_pool: int = 8  # PostgreSQL connections of this gateway, at most
     cluster_cache_mb: int = 2048  # local copies of objects kept in the database
     # -- reader studies in the browser ([readers]; gateway/readers.py) --

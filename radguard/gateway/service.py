@@ -232,11 +232,11 @@ class Gateway:
             self._threads.append(t)
 
     def _heartbeat(self) -> None:
-        """Every third of a lease: extend this gateway's claims, reclaim expired ones of
+        """Every quarter of a lease: extend this gateway's claims, reclaim expired ones of
         any gateway (one that died), and now and then sweep orphaned objects and the cache.
         A database that is away is the store's health (the workers wait for it); this
         thread keeps trying."""
-        every = self.store.lease_seconds / 3
+        every = self.store.heartbeat_seconds
         beats = 0
         self._sweep_soon()  # after a crash: orphaned objects, without delaying the start
         while not self._stop.wait(every):

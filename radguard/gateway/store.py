@@ -553,7 +553,12 @@ class Store:
                  lease_seconds: float = 30.0, cache_mb: int = 2048) -> None:
         self.root = Path(data_dir)
         self.gateway_id = gateway_id
+        # lease_seconds is the longest a dead gateway's claims wait for another gateway: a
+        # claim's lease runs three quarters of it from each extension, and the heartbeats
+        # that extend leases (two may be missed) and reclaim lapsed ones come every quarter
         self.lease_seconds = float(lease_seconds)
+        self._lease = self.lease_seconds * 3 / 4
+        self.heartbeat_seconds = self.lease_seconds / 4
         # bytes kept free on the data folder's filesystem (fileio.room_above_reserve): an
         # instance that would go below is refused, and the store is not healthy until there
         # is room again
@@ -903,7 +908,7 @@ class Store:
                     f"lease_until={self.backend.clock}+? WHERE id=("
                     "SELECT id FROM instances WHERE state='queued' ORDER BY id LIMIT 1"
                     f"{self.backend.skip_locked}) RETURNING {', '.join(_COLUMNS)}",
-                    (self.gateway_id, self.lease_seconds)).fetchall()
+                    (self.gateway_id, self._lease)).fetchall()
         except (OSError, StoreError) as exc:
             self.health.failed(exc)
             raise
@@ -1139,7 +1144,8 @@ class Store:
         its workers hold (``held``; None: every claim in its name), and put back in the
         queue the claims whose lease expired - a gateway that died or lost the database
         for longer than a lease, or a claim no worker holds (its commit reached the server,
-        the answer did not). Run every third of a lease."""
+        the answer did not). Run every quarter of a lease (``heartbeat_seconds``): a dead
+        gateway's claims are back in the queue within ``lease_seconds`` of its death."""
         clock = self.backend.clock
         ids = sorted(held) if held is not None else None
         with self.transaction(durable=False):
@@ -1148,7 +1154,7 @@ class Store:
             mine = "" if ids is None else f" AND id IN ({','.join('?' * len(ids)) or 'NULL'})"
             extended = self.execute(
                 f"UPDATE instances SET lease_until={clock}+? WHERE owner=? AND state IN (?, ?)"
-                f"{mine}", (self.lease_seconds, self.gateway_id, State.PROCESSING,
+                f"{mine}", (self._lease, self.gateway_id, State.PROCESSING,
                             State.FORWARDING, *(ids or ()))).rowcount
         lapsed = f"state IN (?, ?) AND (lease_until IS NULL OR lease_until<{clock})"
         with self.transaction():

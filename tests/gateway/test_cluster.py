@@ -605,10 +605,6 @@ def test_kill_9_of_one_gateway_mid_ingest(cluster_factory, pacs, tmp_path):
     killed_at = time.monotonic()
     victim.kill()
     held = _claims_snapshot(cluster, victim)
-    for s in senders:
-        s.join()
-    acked = [sop for s in senders for sop in s.acked]
-    acked_by_victim = len(senders[0].acked)
     # every row claimed when it died is taken over: out of gw1's claim (reclaimed by
     # another gateway, or finished by one) within the lease, plus polling slack
     def reclaimed() -> bool:
@@ -619,13 +615,18 @@ def test_kill_9_of_one_gateway_mid_ingest(cluster_factory, pacs, tmp_path):
             "SELECT count(*) FROM instances WHERE id = ANY(%s) AND state IN "
             "('processing', 'forwarding')", (list(held),))
         return still[0][0] == 0
-    # a claim's lease was extended at most a heartbeat (a third of a lease) before the kill,
-    # and the heartbeat that finds it expired comes at most a third of a lease after
-    bound = LEASE + 2 * LEASE / 3 + 2
+    # lease_seconds is the bound (a lease of 3/4 of it from the last extension, at most a
+    # heartbeat - 1/4 - before the kill, is reclaimed by the next heartbeat of another
+    # gateway, at most 1/4 after it lapses), plus a second of polling slack
+    bound = LEASE + 1
     try:
         wait_for(reclaimed, 30, f"the {len(held)} claims of the killed gateway taken over")
     finally:
         reclaim = time.monotonic() - killed_at
+    for s in senders:
+        s.join()
+    acked = [sop for s in senders for sop in s.acked]
+    acked_by_victim = len(senders[0].acked)
     cluster.wait_settled(240)
     rows = assert_all_final(cluster, acked)
     forwards = pacs.counts()
