@@ -50,7 +50,11 @@ _passphrase_option = click.option(
 
 
 def _progress(total: int, label: str):  # noqa: ANN202
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+    # on stderr, which it checks: on stdout it would add a blank line to piped output and
+    # turn a closed pipe (``| head``) into rich's own exit 1 instead of our quiet 141
     return Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(),
-                    transient=True, disable=not sys.stderr.isatty() or total < 2)
+                    console=Console(stderr=True), transient=True,
+                    disable=not sys.stderr.isatty() or total < 2)

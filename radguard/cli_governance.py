@@ -120,12 +120,17 @@ def dataset_diff(old: str, new: str, as_json: bool, audit_path: str | None) -> N
                                                   "(default: the folder it was made from).")
 @click.option("--trust", "trust_paths", multiple=True, type=click.Path(),
               help="CA or signer certificates the manifest's signer must chain to.")
+@click.option("--labels", "labels_path", type=click.Path(dir_okay=False),
+              help="Re-read this label CSV against the manifest (default: the file it was "
+                   "made from).")
 @click.option("--no-rehash", is_flag=True, help="Only check the manifest itself.")
 @_workers_option
 @_audit_option
 def dataset_verify(manifest_path: str, folder: str | None, trust_paths: tuple[str, ...],
-                   no_rehash: bool, workers: int, audit_path: str | None) -> None:
-    """Check a manifest (hash, signature, trust) and that the data still matches it."""
+                   labels_path: str | None, no_rehash: bool, workers: int,
+                   audit_path: str | None) -> None:
+    """Check a manifest (hash, signature, trust) and that the data still matches it: the
+    images and the label rows (each changed row is listed). Exits 1 when they differ."""
     import os
 
     from radguard.governance.datasets import diff_manifests, load_manifest, snapshot
@@ -140,8 +145,16 @@ def dataset_verify(manifest_path: str, folder: str | None, trust_paths: tuple[st
         click.echo(f"signed by {who}" + (" (trusted)" if trust else " (trust not checked)"))
     ok = True
     if not no_rehash:
-        labels = None
-        if m.labels:
+        labels = labels_path or m.labels_file or None
+        unchecked = None
+        if labels and not labels_path and not Path(labels).is_file():
+            from radguard.governance.datasets import DatasetError
+
+            raise DatasetError(f"{labels}: the label file the manifest was made from is gone "
+                               "(give --labels FILE)")
+        if m.labels and labels is None:
+            unchecked = ("label rows not re-read: the manifest predates recording its label "
+                         "file (give --labels FILE)")
             import tempfile
 
             from radguard.fileio import write_csv
@@ -153,11 +166,20 @@ def dataset_verify(manifest_path: str, folder: str | None, trust_paths: tuple[st
         try:
             now = snapshot(folder or m.root, labels, label_key=m.label_key, workers=workers)
         finally:
-            if labels:
+            if unchecked and labels:
                 Path(labels).unlink(missing_ok=True)
         d = diff_manifests(m, now)
         ok = d.identical
-        click.echo("data matches the manifest" if ok else "\n".join(d.summary()[1:]))
+        where = f"images under {now.root}" + (f", labels from {labels}" if labels and
+                                               not unchecked else "")
+        if ok:
+            click.echo(f"{'images match' if unchecked else 'data matches'} the manifest "
+                       f"({where})")
+        else:
+            click.echo(f"DATA DIFFERS from the manifest ({where}):")
+            click.echo("\n".join(d.summary()[1:]))
+        if unchecked:
+            click.echo(f"note: {unchecked}")
     _audit_log(audit_path).append("dataset.verify", m.dataset_hash, {"ok": ok})
     sys.exit(0 if ok else 1)
 
@@ -394,9 +416,11 @@ def deid(inputs: tuple[str, ...], out: str, options_text: str, pseudonym_key: st
          regions: tuple[str, ...], key: str | None, cert: str | None,
          passphrase_file: str | None, as_json: bool, audit_path: str | None) -> None:
     """De-identify DICOM files (PS3.15 Annex E Basic Profile with options), optionally
-    re-signing them. Exits 1 if any input failed or needs a look for burned-in text."""
+    re-signing them. Compressed images with --blank are re-encoded losslessly in their own
+    transfer syntax where possible, else written uncompressed (said per file). A bad file is
+    reported and skipped; exits 1 if any input failed or needs a look for burned-in text, 2
+    if none could be de-identified."""
     from radguard.dicom.io import iter_dicom_paths
-    from radguard.errors import RadguardError
     from radguard.governance.deid import Deidentifier, DeidOptions, deidentify_file
 
     options = DeidOptions.parse(options_text)
@@ -407,32 +431,59 @@ def deid(inputs: tuple[str, ...], out: str, options_text: str, pseudonym_key: st
     if not paths:
         raise click.UsageError("no DICOM files among the inputs")
     failed = flagged = 0
+    written: dict[Path, Path] = {}  # output -> the input that made it
     with _progress(len(paths), "de-identifying") as bar:
         task = bar.add_task("deid", total=len(paths))
         for path in paths:
             try:
                 dst, report = deidentify_file(path, out, tool, signer=signer)
-            except RadguardError as exc:
+            except Exception as exc:  # one bad file must not stop the batch
+                if isinstance(exc, KeyboardInterrupt | MemoryError):
+                    raise
                 failed += 1
-                row = {"input": str(path), "error": str(exc)}
+                row = {"input": str(path), "error": _deid_error(path, exc)}
             else:
                 flagged += bool(report.warnings)
+                if written.setdefault(dst, path) != path:
+                    report.notes.append(f"same SOP Instance as {written[dst]}: one output")
                 row = {"input": str(path), "output": str(dst), **report.to_dict()}
             bar.advance(task)
             if as_json:
                 click.echo(json.dumps(row))
             elif "error" in row:
-                click.echo(f"FAILED {path}: {row['error']}")
+                click.echo(f"FAILED {row['error']}")  # the reason starts with the path
             else:
                 click.echo(f"{path} -> {row['output']}")
                 for warning in row["warnings"]:
                     click.echo(f"  warning: {warning}")
+                for remark in row["notes"]:
+                    click.echo(f"  note: {remark}")
     _audit_log(audit_path).append("deid", out, {
         "inputs": len(paths), "failed": failed, "burned_in_warnings": flagged,
         "options": options.enabled(), "signed": bool(signer), "regions": list(regions)})
     if not as_json:
         click.echo(f"{len(paths) - failed} of {len(paths)} de-identified; {note}")
-    sys.exit(1 if failed or flagged else 0)
+    # like sign: 2 when nothing could be done, 1 when some files failed or need a look
+    sys.exit(2 if failed == len(paths) else 1 if failed or flagged else 0)
+
+
+def _deid_error(path: Path, exc: Exception) -> str:
+    """One line for a file that could not be de-identified (nothing was written for it)."""
+    import os
+
+    from radguard.errors import RadguardError
+
+    if os.environ.get("RADGUARD_DEBUG") and not isinstance(exc, RadguardError | OSError):
+        raise exc
+    if isinstance(exc, RadguardError):
+        text = str(exc)
+    elif isinstance(exc, OSError):
+        text = exc.strerror or str(exc)
+        name = exc.filename2 if exc.filename2 is not None else exc.filename
+        text = f"{name}: {text}" if name is not None else text
+    else:
+        text = f"internal error ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+    return text if text.startswith(str(path)) else f"{path}: {text}"
 
 
 # -- audit log ------------------------------------------------------------------------------------

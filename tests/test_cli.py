@@ -177,3 +177,94 @@ def test_installed_entry_point_never_shows_a_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("radguard: error:")
+
+
+@pytest.mark.parametrize("tty_stderr", [False, True], ids=["stderr-pipe", "stderr-terminal"])
+def test_closed_output_pipe_is_a_quiet_exit(tty_stderr):
+    """`radguard verify ... | head -1` (issue 27): like git, a quiet exit 141 (128 + SIGPIPE)
+    without 'internal error' or a traceback; also when stderr is a terminal, where the
+    progress bar is drawn (on stderr: it used to go to stdout, and rich turned the closed
+    pipe into its own exit 1)."""
+    import os
+    import pty
+    import select
+
+    master = slave = None
+    if tty_stderr:
+        master, slave = pty.openpty()
+    # 200 reports of ~800 bytes: well past a pipe's 64 KiB, so the pipe closes mid-output
+    producer = subprocess.Popen(
+        [sys.executable, "-m", "radguard.cli", "verify", "--json", *[str(NIH_DX)] * 200],
+        stdout=subprocess.PIPE, stderr=slave if tty_stderr else subprocess.PIPE)
+    head = subprocess.Popen(["head", "-1"], stdin=producer.stdout, stdout=subprocess.PIPE)
+    producer.stdout.close()  # only head reads it now
+    first, _ = head.communicate(timeout=120)
+    assert json.loads(first)["path"] == str(NIH_DX)
+    if tty_stderr:
+        os.close(slave)
+        assert producer.wait(timeout=120) == 141
+        chunks = []
+        while select.select([master], [], [], 5)[0]:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the terminal's other end is closed
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(master)
+        err = b"".join(chunks).decode(errors="replace")
+    else:
+        err = producer.stderr.read().decode()
+        assert producer.wait(timeout=120) == 141
+        producer.stderr.close()
+    assert "error" not in err and "Traceback" not in err and "Broken" not in err, err
+
+
+def test_triage_card_is_text_and_json_on_request():
+    """Issue 27: a readable card; --json keeps the raw JSON."""
+    text = run("triage", "card")
+    assert text.exit_code == 0, text.output
+    lines = text.output.splitlines()
+    assert lines[0] == "chest 1.0-cxr-nih"
+    assert not text.output.lstrip().startswith("{")
+    for needle in ("intended use:", "Triage of adult frontal chest radiographs",
+                   "modalities:       CR, DX", "training data:    cxr-nih training split",
+                   "measured (by scripts/train_triage_chest.py):",
+                   "operating point:  threshold 0.319 (chosen for sensitivity): sensitivity "
+                   "0.909, specificity 0.316", "limitations:"):
+        assert needle in text.output, needle
+    internal = next(x for x in lines if x.strip().startswith("internal test AUC:"))
+    assert "0.851 (95% CI 0.792-0.910); 73 positive, 79 negative" in internal
+    external = next(x for x in lines if "cxr-kermany" in x and "AUC" in x)
+    assert "0.502 (95% CI 0.462-0.542)" in external
+    assert any("cxr-kermany" in x and "no better than chance" in x for x in lines)
+    assert max(len(x) for x in lines) <= 100
+    raw = run("triage", "card", "--model", "mammo", "--json")
+    card = json.loads(raw.output)
+    assert card["name"] == "mammo" and card["operating_threshold"] > 0
+    assert "test_auc" in card["metrics"]
+    bad = run("triage", "card", "--model", "nope")
+    assert bad.exit_code == 2 and "unknown model 'nope'" in bad.stderr
+
+
+def test_card_text_renders_subgroups_and_plug_in_fields():
+    from radguard.triage.model import card_text
+
+    auc = {"auc": 0.9, "low": 0.85, "high": 0.95, "positives": 10, "negatives": 20}
+    text = card_text({
+        "name": "knee", "version": "2", "intended_use": "Knee effusion triage.",
+        "training_data": "site A", "modalities": ["DX"],
+        "metrics": {"test_auc": auc,
+                    "by_site": {"site_b": {**auc, "low": 0.45}, "site_c": auc},
+                    "calibration_slope": 1.02},
+        "operating_threshold": 0.4, "limitations": ["Not for paediatric knees."],
+        "contact": "ai-team@example.org"})
+    lines = text.splitlines()
+    assert "  test AUC:" in text and "  by site:" in lines
+    assert any(x.startswith("    site b:") and "AUC 0.900" in x for x in lines)
+    assert any("calibration slope:" in x and "1.020" in x for x in lines)
+    assert "threshold in use: 0.400" in text and "contact:" in text
+    tail = lines[lines.index("limitations:") + 1:]
+    assert tail[0] == "  - Not for paediatric knees."
+    assert any("by site site b" in x and "no better than chance" in x for x in tail)

@@ -1,7 +1,8 @@
 """One-command evaluation: predictions CSV in, JSON summary and self-contained HTML report out.
 
-Predictions CSV: one row per case with a ``score`` column and a ``label`` column (0/1), or the
-labels in a second CSV joined on ``id``. Any other column can be used for subgroups (``--by``).
+Predictions CSV: one row per case with a ``score`` column and a ``label`` column (0/1, or text
+with the positive class named), or the labels in a second CSV joined on ``id`` (or ``file``).
+Any other column can be used for subgroups (``--by``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from radguard.evaluation import analysis, metrics
 from radguard.evaluation.metrics import EvaluationError
 from radguard.fileio import atomic_write_bytes
 
-__all__ = ["Predictions", "evaluate", "read_csv_rows", "read_predictions", "render_html"]
+__all__ = ["Predictions", "binary_labels", "evaluate", "format_p", "read_csv_rows",
+           "read_predictions", "render_html"]
 
 
 @dataclass
@@ -58,24 +60,68 @@ def read_csv_rows(path: str | os.PathLike[str]) -> tuple[list[str], list[dict[st
     return list(reader.fieldnames or []), rows
 
 
+def _id_column(path: str | os.PathLike[str], fields: list[str], id_column: str | None) -> str:
+    """The column naming each case: the one asked for, else ``id``, else ``file``."""
+    if id_column is not None:
+        if id_column not in fields:
+            raise EvaluationError(f"{path}: no '{id_column}' column to join on (columns: "
+                                  f"{', '.join(fields)}); choose one with --id-column")
+        return id_column
+    for name in ("id", "file"):
+        if name in fields:
+            return name
+    raise EvaluationError(f"{path}: no 'id' or 'file' column to join on (columns: "
+                          f"{', '.join(fields)}); choose one with --id-column")
+
+
+def binary_labels(raw: list[str], positive: str | None, where: str = "labels") -> np.ndarray:
+    """0/1 labels from 0/1 text, or from any text with ``positive`` naming the positive
+    class (matched ignoring case and surrounding spaces; every other value is negative)."""
+    values = [str(v).strip() for v in raw]
+    distinct = sorted(set(values))
+    shown = ", ".join(repr(v) for v in distinct[:10]) + (" ..." if len(distinct) > 10 else "")
+    if positive is None:
+        try:
+            return np.array([float(v) for v in values])
+        except ValueError:
+            raise EvaluationError(f"{where} are text ({len(distinct)} distinct values: "
+                                  f"{shown}): say which one is positive with --positive VALUE"
+                                  ) from None
+    wanted = positive.strip().casefold()
+    if wanted not in {v.casefold() for v in distinct}:
+        raise EvaluationError(f"--positive {positive!r} is not among the {where}' values "
+                              f"({shown})")
+    return np.array([float(v.casefold() == wanted) for v in values])
+
+
 def read_predictions(path: str | os.PathLike[str], labels_path: str | None = None,
-                     *, score_column: str = "score", label_column: str = "label"
+                     *, score_column: str = "score", label_column: str = "label",
+                     id_column: str | None = None, positive: str | None = None
                      ) -> Predictions:
-    """Read and validate a predictions CSV (and optionally a separate labels CSV)."""
+    """Read and validate a predictions CSV (and optionally a separate labels CSV joined on
+    ``id_column``: by default ``id``, or ``file`` in a file without an ``id`` column).
+    Labels are 0/1, or text with ``positive`` naming the positive class."""
     fields, rows = read_csv_rows(path)
     if score_column not in fields:
         raise EvaluationError(f"{path}: no '{score_column}' column (columns: {', '.join(fields)})")
-    ids = [r.get("id") or str(i) for i, r in enumerate(rows)]
+    key = _id_column(path, fields, id_column) if labels_path else (
+        id_column or next((c for c in ("id", "file") if c in fields), None))
+    if key is not None and key not in fields:
+        raise EvaluationError(f"{path}: no '{key}' column (columns: {', '.join(fields)})")
+    ids = [(r.get(key) or "").strip() or str(i) if key else str(i) for i, r in enumerate(rows)]
     if labels_path:
         lfields, lrows = read_csv_rows(labels_path)
-        if "id" not in lfields or label_column not in lfields or "id" not in fields:
-            raise EvaluationError("joining labels needs an 'id' column in both files and a "
-                                  f"'{label_column}' column in {labels_path}")
-        truth = {r["id"]: r[label_column] for r in lrows}
-        extra = {r["id"]: r for r in lrows}  # the labels' other columns serve subgroups too
+        lkey = _id_column(labels_path, lfields, id_column)
+        if label_column not in lfields:
+            raise EvaluationError(f"{labels_path}: no '{label_column}' column (columns: "
+                                  f"{', '.join(lfields)})")
+        truth = {(r.get(lkey) or "").strip(): r[label_column] for r in lrows}
+        extra = {(r.get(lkey) or "").strip(): r for r in lrows}  # other columns: subgroups
         missing = [i for i in ids if i not in truth]
         if missing:
-            raise EvaluationError(f"{len(missing)} predictions have no label (e.g. {missing[0]})")
+            raise EvaluationError(
+                f"{len(missing)} of {len(ids)} predictions have no label in {labels_path} "
+                f"(e.g. {key} {missing[0]!r}; joined on {key!r} = {lkey!r})")
         raw_labels = [truth[i] for i in ids]
     elif label_column in fields:
         raw_labels = [r[label_column] for r in rows]
@@ -85,18 +131,24 @@ def read_predictions(path: str | os.PathLike[str], labels_path: str | None = Non
         scores = np.array([float(r[score_column]) for r in rows])
     except ValueError as exc:
         raise EvaluationError(f"{path}: a score is not a number ({exc})") from exc
-    try:
-        labels = np.array([float(v) for v in raw_labels])
-    except ValueError as exc:
-        raise EvaluationError(f"labels must be 0 or 1 ({exc})") from exc
+    labels = binary_labels(raw_labels, positive)
     labels, scores = metrics.check_inputs(labels, scores)
     columns = {f: [r.get(f, "") for r in rows] for f in fields
                if f not in (score_column, label_column)}
     if labels_path:
         for f in lfields:
-            if f not in columns and f not in ("id", label_column):
+            if f not in columns and f not in (lkey, label_column):
                 columns[f] = [extra[i].get(f, "") for i in ids]
     return Predictions(ids, scores, labels, columns, str(path))
+
+
+def format_p(p: float) -> str:
+    """A p-value for people: ``p<0.001`` or two significant digits, never ``p=0``."""
+    if p is None or math.isnan(p):
+        return "p=n/a"
+    if p < 0.001:
+        return "p<0.001"
+    return f"p={p:.2g}"
 
 
 def _choose_threshold(p: Predictions, threshold: float | None) -> float:
@@ -264,7 +316,7 @@ def render_html(result: dict[str, object]) -> str:
                      f"<tr><th></th><th>internal</th><th>external</th><th>change</th></tr>"
                      f"<tr><td>AUC</td><td>{ext['internal_auc']['auc']:.3f}</td><td>"
                      f"{ext['external_auc']['auc']:.3f}</td><td>{-d['difference']:+.3f} "
-                     f"({-d['high']:+.3f} to {-d['low']:+.3f}), p={d['p_value']:.3g}</td></tr>")
+                     f"({-d['high']:+.3f} to {-d['low']:+.3f}), {format_p(d['p_value'])}</td></tr>")
         for name in ("sensitivity", "specificity"):
             parts.append(f"<tr><td>{name}</td><td>{_fmt(ext[name]['internal'])}</td><td>"
                          f"{_fmt(ext[name]['external'])}</td><td>{ext[name]['change']:+.3f}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import secrets
+import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,9 +30,10 @@ from pydicom.uid import ExplicitVRLittleEndian
 from radguard.dicom.io import read_dataset, write_dataset
 from radguard.dicom.uids import new_uid
 from radguard.errors import RadguardError
+from radguard.gateway.studyview import brief
 
-__all__ = ["ADULT", "PAEDIATRIC", "DemoHospital", "prepare_images", "run_gateway_demo",
-           "send_batch"]
+__all__ = ["ADULT", "MARKER", "PAEDIATRIC", "DemoHospital", "fresh_workdir", "prepare_images",
+           "run_gateway_demo", "send_batch"]
 
 def _shared() -> Path:
     """``$RADGUARD_SHARED_DATA``, else ``../shared/data`` from here or from the repository."""
@@ -306,13 +308,66 @@ def send_batch(gateway: object, hospital: DemoHospital, say: Callable[[str], Non
         "STOW-RS")
 
 
+# -- the demo's folder ------------------------------------------------------------------------
+
+MARKER = ".radguard-demo"  # in a folder the demo made: what a reset may wipe
+# what the demo writes there (the monitor's SQLite files included); a reset deletes these
+# and nothing else
+OWN = ("data", "images", "pki", "monitor.db", "monitor.db-wal", "monitor.db-shm",
+       "monitor.db-journal")
+
+
+def _made_by_demo(workdir: Path) -> bool:
+    """The demo's own folder: it carries the marker, or (made before there was one) holds
+    nothing but what the demo writes and the walkthrough's DICOM files."""
+    if (workdir / MARKER).is_file():
+        return True
+    names = {p.name for p in workdir.iterdir()}
+    return (workdir / "pki" / "ca.cert.pem").is_file() and all(
+        n in OWN or n.endswith(".dcm") for n in names)
+
+
+def fresh_workdir(workdir: Path, say: Callable[[str], None],
+                  confirm: Callable[[str], bool] | None = None) -> None:
+    """Start the demo afresh in ``workdir``: delete what an earlier demo run left there
+    (its store, audit log, drift monitor, images and keys - :data:`OWN`, nothing else) and
+    mark the folder as the demo's. A folder the demo did not make is touched only if
+    ``confirm(question)`` says yes; without ``confirm`` it is refused (RadguardError)."""
+    if workdir.is_symlink() or (workdir.exists() and not workdir.is_dir()):
+        raise RadguardError(f"{workdir} is not a folder the demo made: choose another "
+                            "--workdir")
+    present = [workdir / n for n in OWN if (workdir / n).exists() or (workdir / n).is_symlink()]
+    if present and not _made_by_demo(workdir):
+        question = (f"{workdir} was not made by the demo; delete "
+                    f"{', '.join(p.name for p in present)} in it and start afresh?")
+        if confirm is None or not confirm(question):
+            raise RadguardError(f"{workdir} was not made by the demo: not wiped. Use --keep "
+                                "to add to it, or choose another --workdir")
+    for path in present:
+        if path.is_symlink() or not path.is_dir():
+            path.unlink()  # a link is removed, never followed
+        else:
+            shutil.rmtree(path)
+    if present:
+        say(f"started afresh: removed the earlier demo run's {', '.join(p.name for p in present)}"
+            f" in {workdir} (--keep adds to it instead)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / MARKER).write_text("radguard demo folder: `radguard demo` wipes what it made "
+                                  "here on every run unless given --keep\n")
+
+
 def run_gateway_demo(workdir: Path, say: Callable[[str], None], *, wait: bool = True,
-                     dicom_port: int = 11112, http_port: int = 8080) -> bool:
+                     dicom_port: int = 11112, http_port: int = 8080, reset: bool = True,
+                     confirm: Callable[[str], bool] | None = None) -> bool:
     """Run the demo; with ``wait`` keep serving until Ctrl-C. True if every image landed
-    where the policy says."""
+    where the policy says. ``reset``: a fresh store each run (:func:`fresh_workdir`, with
+    ``confirm`` asked before a folder the demo did not make is touched); else the batch is
+    added to what earlier runs stored."""
     from radguard.gateway import Gateway
     from radguard.gateway.auth import Users
 
+    if reset:
+        fresh_workdir(workdir, say, confirm)
     hospital = prepare_images(workdir, say)
     dicom_port, http_port = _free_or_any(dicom_port), _free_or_any(http_port)
     config = hospital.config(workdir / "data", dicom_port=dicom_port, http_port=http_port)
@@ -378,7 +433,7 @@ def _report(gateway: object, files: dict[str, Path], say: Callable[[str], None])
         expected = _EXPECTED[name.split()[0]]
         ok &= row.state == expected
         ai = f"{row.ai_suspicion}/10" if row.ai_suspicion else "-"
-        why = (row.detail.get("reasons") or [""])[0][:60]
+        why = brief((row.detail.get("reasons") or [""])[0], 60, "...")  # cut at a word
         say(f"{name:<34}{row.state:<13}{str(row.trust):<22}{ai:<14}{why}")
     say("every image landed where the policy says" if ok else "UNEXPECTED routing above")
     alarms = gateway.audit_log.recent(50, actions=("monitoring.alarm",))  # type: ignore[attr-defined]

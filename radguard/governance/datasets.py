@@ -156,6 +156,7 @@ class Manifest:
     parent: str | None = None
     root: str = ""
     signature: dict[str, str] | None = None
+    labels_file: str = ""  # the label CSV it was made from (absolute), for ``verify``
 
     @property
     def dataset_hash(self) -> str:
@@ -178,6 +179,8 @@ class Manifest:
                 "dataset_hash": self.dataset_hash, **self._content(),
                 "unlabelled": self.unlabelled,
                 "labels_without_image": self.labels_without_image}
+        if self.labels_file:  # only when known: older manifests' signatures still hold
+            body["labels_file"] = self.labels_file
         if self.signature:
             body["signature"] = self.signature
         return body
@@ -268,7 +271,7 @@ def load_manifest(path: str | os.PathLike[str]) -> Manifest:
             labels_without_image=list(raw.get("labels_without_image", [])),
             created=str(raw.get("created", "")), actor=str(raw.get("actor", "")),
             parent=raw.get("parent"), root=str(raw.get("root", "")),
-            signature=raw.get("signature"))
+            signature=raw.get("signature"), labels_file=str(raw.get("labels_file") or ""))
     except (KeyError, TypeError, ValueError) as exc:
         raise DatasetError(f"{p}: manifest is missing or has malformed fields ({exc})") from exc
     if m.dataset_hash != raw.get("dataset_hash"):
@@ -326,7 +329,8 @@ def snapshot(root: str | os.PathLike[str], labels: str | os.PathLike[str] | None
         unlabelled=sorted(p for p in images if p not in matched) if rows else [],
         labels_without_image=sorted(set(rows) - set(matched.values())),
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), actor=actor,
-        parent=parent.dataset_hash if parent else None, root=str(base.resolve()))
+        parent=parent.dataset_hash if parent else None, root=str(base.resolve()),
+        labels_file=str(Path(labels).resolve()) if labels is not None else "")
 
 
 def _match_labels(images: Iterable[str], rows: dict[str, Any]) -> dict[str, str]:

@@ -21,6 +21,7 @@ hold); the caller may re-sign with a radguard key.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import hashlib
 import hmac
@@ -38,7 +39,14 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
 
 from radguard import __version__
 from radguard.errors import RadguardError
@@ -64,6 +72,12 @@ OPTION_CODES = {
 # kinds of image that usually carry burned-in text even when the header does not say so
 _BURNED_IN_MODALITIES = {"US", "SC", "OT", "XC", "ES", "DOC"}
 _SIGNATURE_TAGS = (0xFFFAFFFA, 0x4FFE0001)
+# compressed transfer syntaxes pydicom can re-encode losslessly after blanking (with the
+# encoder options that make it lossless); the others are written as Explicit VR Little Endian
+_LOSSLESS_REENCODE: dict[str, dict[str, Any]] = {
+    RLELossless: {}, JPEGLSLossless: {}, JPEGLSNearLossless: {"jls_error": 0},
+    JPEG2000Lossless: {},
+}
 
 
 class DeidError(RadguardError):
@@ -122,6 +136,7 @@ class DeidReport:
     uids: int = 0
     warnings: list[str] = field(default_factory=list)
     pixels_cleaned: bool = False
+    notes: list[str] = field(default_factory=list)  # informational, e.g. a new transfer syntax
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -262,15 +277,59 @@ class Deidentifier:
         dtype = {8: np.uint8, 16: np.uint16, 32: np.uint32}[bits]
         if int(ds.get("PixelRepresentation", 0)) == 1:
             dtype = {8: np.int8, 16: np.int16, 32: np.int32}[bits]
-        ds.PixelData = np.ascontiguousarray(data.astype(dtype)).tobytes()
-        if ds.file_meta.TransferSyntaxUID.is_compressed:
-            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            if int(ds.get("SamplesPerPixel", 1)) == 3:
-                ds.PhotometricInterpretation = "RGB"
-                ds.PlanarConfiguration = 0
-        ds["PixelData"].VR = "OW" if bits > 8 else "OB"
+        data = np.ascontiguousarray(data.astype(dtype))
+        meta = getattr(ds, "file_meta", None)
+        syntax = UID(str(meta.get("TransferSyntaxUID", ExplicitVRLittleEndian))) \
+            if meta is not None else ExplicitVRLittleEndian
+        if not (syntax.is_compressed and _reencode(ds, data, syntax, report)):
+            ds.PixelData = data.tobytes()
+            ds["PixelData"].VR = "OW" if bits > 8 else "OB"
+            ds["PixelData"].is_undefined_length = False  # no longer encapsulated
+            if syntax.is_compressed:
+                ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+                if int(ds.get("SamplesPerPixel", 1)) == 3:
+                    ds.PhotometricInterpretation = "RGB"
+                    ds.PlanarConfiguration = 0
         ds.BurnedInAnnotation = "NO"
         report.pixels_cleaned = True
+
+
+def _reencode(ds: Dataset, data: np.ndarray, syntax: UID, report: DeidReport) -> bool:
+    """Re-encode blanked pixels losslessly in the file's own compressed transfer syntax.
+
+    True when done (and checked by decoding it again); False, with a note, when pydicom
+    cannot: the caller then writes them uncompressed (Explicit VR Little Endian).
+    """
+    from radguard.dicom.pixels import pixel_array
+
+    params = _LOSSLESS_REENCODE.get(str(syntax))
+    reason = "no lossless encoder for it"
+    if params is not None:
+        trial = Dataset()
+        trial.update(ds)  # shallow: a failed encoding leaves ``ds`` as it was
+        trial.file_meta = copy.copy(ds.file_meta)
+        trial.set_original_encoding(*ds.original_encoding)
+        if int(ds.get("SamplesPerPixel", 1)) == 3:  # decoded to RGB
+            trial.PhotometricInterpretation = "RGB"
+            trial.PlanarConfiguration = 0
+        try:
+            trial.compress(syntax, data, generate_instance_uid=False, **params)
+            same = np.array_equal(pixel_array(trial), data)
+        except Exception as exc:  # encoder missing or refusing this image
+            reason = " ".join(str(exc).split())[:120]
+        else:
+            if same:
+                for keyword in ("PixelData", "PhotometricInterpretation",
+                                "PlanarConfiguration"):
+                    if keyword in trial:
+                        ds[keyword] = trial[keyword]
+                ds.file_meta.TransferSyntaxUID = syntax
+                report.notes.append(f"blanked pixels re-encoded losslessly as {syntax.name}")
+                return True
+            reason = "the re-encoded pixels did not decode to the blanked ones"
+    report.notes.append(f"blanked pixels written uncompressed (Explicit VR Little Endian): "
+                        f"{syntax.name} - {reason}")
+    return False
 
 
 class _Context:

@@ -26,8 +26,8 @@ from radguard.triage.scores import Calibrator, SuspicionScale, TriageError
 
 __all__ = ["BundleTriageModel", "ModelCard", "OnnxTriageModel", "OutOfScope",
            "PatchTriageModel", "Prediction", "RegionTriageModel", "TorchTriageModel",
-           "TriageModel", "available_models", "bundle_stem", "load_bundle", "load_model",
-           "register_model"]
+           "TriageModel", "available_models", "bundle_stem", "card_text", "load_bundle",
+           "load_model", "register_model"]
 
 
 class OutOfScope(TriageError):
@@ -48,6 +48,99 @@ class ModelCard:
     def to_dict(self) -> dict[str, object]:
         """JSON-ready form."""
         return asdict(self)
+
+
+def card_text(card: dict[str, Any], width: int = 100) -> str:
+    """A model card (:meth:`ModelCard.to_dict`, plus ``operating_threshold``) as text for
+    people: what it is for, what it learnt from, what was measured (AUCs with their CIs,
+    per source or subgroup where the card has them), its operating point and limitations."""
+    import textwrap
+
+    info = dict(card)
+    lines = [f"{info.pop('name', '?')} {info.pop('version', '')}".rstrip(), ""]
+
+    def field_(label: str, value: object, indent: int = 0) -> None:
+        text = ", ".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+        lines.extend(textwrap.wrap(text, width, initial_indent=" " * indent +
+                                   f"{label + ':':<17} ", subsequent_indent=" " * (indent + 18))
+                     or [" " * indent + label + ":"])
+
+    for key, label in (("intended_use", "intended use"), ("modalities", "modalities"),
+                       ("training_data", "training data")):
+        if key in info:
+            field_(label, info.pop(key))
+    metrics = dict(info.pop("metrics", None) or {})
+    threshold = info.pop("operating_threshold", None)
+    point = metrics.pop("operating_point", None)
+    measured_by = metrics.pop("measured_by", None)
+    limits: list[str] = []
+    limits += [str(v) for v in _as_list(info.pop("limitations", None))]
+    if metrics:
+        lines += ["", "measured" + (f" (by {measured_by})" if measured_by else "") + ":"]
+        _metric_lines(metrics, lines, limits, "", 2)
+    if isinstance(point, dict) or threshold is not None:
+        lines.append("")
+        if isinstance(point, dict):
+            parts = [f"{k} {_num(point[k])}" for k in ("sensitivity", "specificity")
+                     if point.get(k) is not None]
+            if point.get("expected_cost") is not None:
+                parts.append(f"expected cost {_num(point['expected_cost'])} per study")
+            method = f" (chosen for {point['method']})" if point.get("method") else ""
+            field_("operating point", f"threshold {_num(point.get('threshold'))}{method}: "
+                   + ", ".join(parts))
+            if threshold is not None and point.get("threshold") is not None and \
+                    abs(float(threshold) - float(point["threshold"])) > 1e-12:
+                field_("threshold in use", _num(threshold))
+        else:
+            field_("threshold in use", _num(threshold))
+    for key, value in info.items():  # anything else a plug-in's card carries
+        field_(key.replace("_", " "), json.dumps(value) if isinstance(value, dict) else value)
+    if limits:
+        lines += ["", "limitations:"]
+        for text in limits:
+            lines.extend(textwrap.wrap(text, width, initial_indent="  - ",
+                                       subsequent_indent="    "))
+    return "\n".join(x for i, x in enumerate(lines) if x or (i and lines[i - 1]))
+
+
+def _as_list(value: object) -> list[object]:
+    if value is None or value == "":
+        return []
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def _num(value: object) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return str(value)
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _metric_name(key: str) -> str:
+    return " ".join("AUC" if w.lower() == "auc" else w for w in str(key).split("_"))
+
+
+def _metric_lines(metrics: dict[str, Any], lines: list[str], limits: list[str], where: str,
+                  indent: int) -> None:
+    """One line per measured figure; nested dicts (per source, per subgroup) indented."""
+    pad = " " * indent
+    for key, value in metrics.items():
+        name = _metric_name(key)
+        if isinstance(value, dict) and "auc" in value:
+            ci = (f" (95% CI {_num(value['low'])}-{_num(value['high'])})"
+                  if "low" in value and "high" in value else "")
+            counts = (f"; {value['positives']} positive, {value['negatives']} negative"
+                      if "positives" in value and "negatives" in value else "")
+            what = "" if "AUC" in name else "AUC "
+            lines.append(f"{pad + name + ':':<35} {what}{_num(value['auc'])}{ci}{counts}")
+            low = value.get("low")
+            if isinstance(low, int | float) and low <= 0.5:
+                limits.append(f"{(where + ' ' + name).strip()}: the AUC's 95% CI reaches 0.5 "
+                              "- no better than chance shown there")
+        elif isinstance(value, dict):
+            lines.append(f"{pad}{name}:")
+            _metric_lines(value, lines, limits, f"{where} {name}".strip(), indent + 2)
+        else:
+            lines.append(f"{pad + name + ':':<35} {_num(value)}")
 
 
 @dataclass

@@ -134,3 +134,85 @@ def test_report_on_the_triage_models_own_predictions(tmp_path):
     summary = json.loads(CliRunner().invoke(main, ["evaluate", str(preds), "--labels",
                                                    str(labels), "--json"]).output)
     assert 0.7 < summary["auc"]["auc"] < 1.0  # the model card says 0.85 [0.79, 0.91]
+
+
+# -- issue 27: text labels, a `file` id column, --compare with labels, p-values ----------------
+
+def _scores_for(labels_csv, n, shift, seed):
+    """Predictions keyed by file name (as `triage predict --csv` writes them) for the first
+    n normal and n pneumonia rows of a shared labels file; no label column."""
+    rng = np.random.default_rng(seed)
+    with open(labels_csv) as fh:
+        rows = list(csv.DictReader(fh))
+    picked = [r for r in rows if r["label"] == "normal"][:n] + \
+        [r for r in rows if r["label"] == "pneumonia"][:n]
+    out = []
+    for r in picked:
+        sign = 1 if r["label"] == "pneumonia" else -1
+        out.append({"id": r["file"],
+                    "score": f"{1 / (1 + np.exp(-(rng.normal() + shift * sign))):.6f}"})
+    return out
+
+
+def test_shared_labels_files_with_text_labels_and_compare(tmp_path):
+    from tests.conftest import SHARED
+
+    nih, kermany = SHARED / "cxr-nih" / "labels.csv", SHARED / "cxr-kermany" / "labels.csv"
+    internal, external = tmp_path / "preds.csv", tmp_path / "ext.csv"
+    _write(internal, _scores_for(nih, 150, 2.5, 0), ["id", "score"])
+    _write(external, _scores_for(kermany, 150, 0.3, 1), ["id", "score"])
+    runner = CliRunner()
+    # text labels without --positive: a one-line error naming the values
+    bare = runner.invoke(main, ["evaluate", str(internal), "--labels", str(nih)])
+    assert bare.exit_code == 2
+    assert "'normal', 'pneumonia'" in bare.stderr and "--positive" in bare.stderr
+    wrong = runner.invoke(main, ["evaluate", str(internal), "--labels", str(nih),
+                                 "--positive", "covid"])
+    assert wrong.exit_code == 2 and "'covid' is not among" in wrong.stderr
+    # ids joined on the labels' `file` column (no `id` there); the predictions keep `id`
+    args = ["evaluate", str(internal), "--labels", str(nih), "--positive", "Pneumonia",
+            "--by", "sex,view", "--compare", str(external), "--compare-labels", str(kermany)]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "300 cases, 150 positive" in result.output
+    line = next(x for x in result.output.splitlines() if x.startswith("external AUC change"))
+    assert "p<0.001" in line and "p=0" not in result.output
+    data = json.loads(runner.invoke(main, [*args, "--json"]).output)
+    assert data["external"]["auc_difference"]["p_value"] < 0.001
+    assert set(data["subgroups"]) == {"sex", "view"}
+    # --compare without its labels, and --compare-labels alone, are clear errors
+    alone = runner.invoke(main, args[:-2])
+    assert alone.exit_code == 2 and "no 'label' column and no --labels" in alone.stderr
+    stray = runner.invoke(main, [*args[:6], "--compare-labels", str(kermany)])
+    assert stray.exit_code == 2 and "--compare-labels goes with --compare" in stray.stderr
+
+
+def test_id_column_option_and_zero_one_labels_still_work(tmp_path):
+    rows = [{"case": f"c{i}", "score": f"{(i % 10) / 10 + 0.05 * (i % 2):.3f}",
+             "label": i % 2} for i in range(40)]
+    _write(tmp_path / "scores.csv", [{k: r[k] for k in ("case", "score")} for r in rows],
+           ["case", "score"])
+    _write(tmp_path / "labels.csv", [{k: r[k] for k in ("case", "label")} for r in rows],
+           ["case", "label"])
+    runner = CliRunner()
+    base = ["evaluate", str(tmp_path / "scores.csv"), "--labels", str(tmp_path / "labels.csv")]
+    none = runner.invoke(main, base)
+    assert none.exit_code == 2 and "no 'id' or 'file' column" in none.stderr
+    assert "--id-column" in none.stderr
+    ok = runner.invoke(main, [*base, "--id-column", "case", "--json"])
+    assert ok.exit_code == 0, ok.stderr
+    assert json.loads(ok.output)["positives"] == 20
+    flipped = runner.invoke(main, [*base, "--id-column", "case", "--positive", "0", "--json"])
+    assert json.loads(flipped.output)["auc"]["auc"] < 0.5  # 0 named positive: reversed
+    missing = runner.invoke(main, [*base, "--id-column", "nope"])
+    assert missing.exit_code == 2 and "no 'nope' column" in missing.stderr
+
+
+@pytest.mark.parametrize(("p", "text"), [(0.0, "p<0.001"), (1e-12, "p<0.001"),
+                                         (0.00099, "p<0.001"), (0.001, "p=0.001"),
+                                         (0.01234, "p=0.012"), (0.5, "p=0.5"),
+                                         (1.0, "p=1"), (float("nan"), "p=n/a")])
+def test_p_values_never_print_as_zero(p, text):
+    from radguard.evaluation.report import format_p
+
+    assert format_p(p) == text

@@ -69,11 +69,18 @@ def test_worklist_in_a_real_browser(tmp_path, browser):
         WebDriverWait(browser, 30).until(
             ec.presence_of_element_located((By.CSS_SELECTOR, "img.view")))
         images = browser.find_elements(By.CSS_SELECTOR, "img.view")
-        assert len(images) == 2
+        # a signed, authentic image: itself and, beside it, the triage model's saliency
+        # map (no forensic evidence map: nothing to show there)
+        assert [i.get_attribute("alt") for i in images] == ["image", "AI saliency map"]
         browser.execute_script("return Promise.all(Array.from(document.images).map("
                                "i => i.complete ? 1 : new Promise(r => i.onload = i.onerror = r)))")
         widths = [browser.execute_script("return arguments[0].naturalWidth", i) for i in images]
-        assert all(w > 100 for w in widths), widths  # image and heat map rendered
+        assert all(w > 100 for w in widths), widths  # image and saliency map rendered
+        body = browser.find_element(By.TAG_NAME, "main").text
+        assert "None" not in body and "suspicion " in body and "operating point" in body
+        assert images[1].is_displayed()
+        browser.find_element(By.CSS_SELECTOR, "details.saliency summary").click()
+        assert not images[1].is_displayed()  # the overlay folds away (no script needed)
 
         browser.get(base + "/quarantine")
         states = [r.find_elements(By.TAG_NAME, "td")[1].text
@@ -84,4 +91,5 @@ def test_worklist_in_a_real_browser(tmp_path, browser):
         gateway.stop()
     views = [e for e in gateway.audit_log.entries() if e.action == "image.view"]
     assert len(views) == 2 and views[0].actor == "admin"
+    assert sorted(bool(v.details.get("saliency")) for v in views) == [False, True]
     assert dt.datetime.fromisoformat(views[0].ts)

@@ -253,3 +253,146 @@ def test_health_answers_a_load_balancer_without_a_login(gateway):
     assert answer["problem"] == "the store cannot be written"  # no details without a login
     gateway.store.health.worked()
     assert _call(gateway, "GET", "/health")[0] == 200
+
+
+# -- issue 27: pages for browsers, JSON for programs; the study page as a radiologist reads it
+
+BROWSER = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
+
+
+def _main(page: bytes) -> str:
+    """The page's <main> (what a person reads)."""
+    text = page.decode()
+    return text[text.index("<main>"):text.index("</main>")]
+
+
+def test_a_wrong_password_shows_the_login_page_again(gateway):
+    form = {**BROWSER, "Content-Type": "application/x-www-form-urlencoded"}
+    status, page, headers = _call(gateway, "POST", "/login", headers=form,
+                                  body=b"user=%3Cscript%3Erad&password=wrong")
+    assert status == 401 and headers["content-type"].startswith("text/html")
+    main = _main(page)
+    assert 'role="alert">wrong user name or password</p>' in main
+    assert 'value="&lt;script&gt;rad"' in main and "<script>" not in page.decode()
+    assert '"error"' not in main and 'type="password"' in main
+    # a form that is not UTF-8: the login page with the reason, not JSON
+    status, page, _ = _call(gateway, "POST", "/login", headers=form,
+                            body=b"user=rad&password=\xff")
+    assert status == 400 and "form is not UTF-8" in _main(page)
+    # a program asking for a token keeps its JSON
+    status, data, _ = _call(gateway, "POST", "/auth/token",
+                            headers={"Accept": "application/json"},
+                            body=json.dumps({"user": "rad", "password": "x"}).encode())
+    assert status == 401 and json.loads(data) == {"error": "wrong user name or password"}
+
+
+def test_errors_are_pages_for_browsers_and_json_for_programs(gateway):
+    rad = {"Authorization": f"Bearer {gateway.tokens['rad']}"}
+    cases = [("/studies/1.2.3", 404, "no such study", {"error": "no such study"}),
+             ("/audit", 403, "role radiologist may not do this",
+              {"error": "role radiologist may not do this"}),
+             ("/no-such-page", 404, "there is no such page", {"detail": "Not Found"}),
+             ("/instances/abc/image.png", 422, "invalid request: path.instance_id", None),
+             ("/instances/99/saliency.png", 404, "no such instance",
+              {"error": "no such instance"})]
+    for path, code, words, answer in cases:
+        status, page, headers = _call(gateway, "GET", path, headers={**BROWSER, **rad})
+        assert status == code and headers["content-type"].startswith("text/html"), path
+        main = _main(page)
+        assert f'data-status="{code}"' in main and words in main, path
+        assert "{" not in main and "Traceback" not in main
+        for accept in ({}, {"Accept": "application/json"}, {"Accept": "*/*"}):
+            status, data, headers = _call(gateway, "GET", path, headers={**accept, **rad})
+            assert status == code and headers["content-type"] == "application/json", path
+            if answer is not None:
+                assert json.loads(data) == answer
+    # DICOMweb and WADO-URI answer JSON even to a browser, exactly as before
+    for path in ("/dicom-web/studies/1.2.3", "/dicom-web/no-such", "/wado?requestType=x"):
+        status, data, headers = _call(gateway, "GET", path, headers={**BROWSER, **rad})
+        assert headers["content-type"] == "application/json", path
+        json.loads(data)
+    # not signed in: a browser is still sent to the login page
+    status, _, headers = _call(gateway, "GET", "/studies/1.2.3", headers=BROWSER)
+    assert status == 303 and headers["location"] == "/login"
+
+
+def test_study_page_reads_like_a_report(tmp_path, pki):
+    """The AI result as probability, suspicion, operating point, model and version; the
+    triage model's saliency map beside the image (the reader studies' overlay); the
+    forensic evidence map only for an image not judged authentic; "not scored" with the
+    reason; no None anywhere."""
+    from radguard.provenance.sign import sign_file
+
+    gw = web_gateway(tmp_path / "data", trust=[str(pki.ca_cert_path)],
+                     triage={"DX": "chest"})
+    try:
+        study = generate_uid()
+        plain = _instance(tmp_path, "plain.dcm", StudyInstanceUID=study)
+        synthetic = _instance(tmp_path, "synthetic.dcm", StudyInstanceUID=study,
+                              SyntheticData="YES")
+        sign_file(tmp_path / "plain.dcm", tmp_path / "signed.dcm", pki.signer)
+        ds = read_dataset(tmp_path / "signed.dcm")
+        ds.PatientName = "Someone^Else"
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        write_dataset(ds, tmp_path / "tampered.dcm")
+        DicomWebClient(f"http://127.0.0.1:{gw.http_port}/dicom-web/",
+                       token=gw.tokens["tech"]).store(
+            [plain, synthetic, (tmp_path / "tampered.dcm").read_bytes()])
+        assert gw.wait_idle(120)
+        rows = {r.sop_uid: r for r in gw.store.instances()}
+        status, page, _ = _call(gw, "GET", f"/studies/{study}", gw.tokens["rad"])
+        assert status == 200
+        text = page.decode()
+        assert "None" not in text and "synthetic score None" not in text
+        assert '"probability"' not in text and "{&#34;" not in text  # no JSON blob
+        sections = {s.split('data-sop="')[1].split('"')[0]: s
+                    for s in text.split('<section class="instance"')[1:]}
+        scored = next(r for r in rows.values() if r.ai_probability is not None
+                      and r.verdict != "tampered")
+        section = sections[scored.sop_uid]
+        assert f"suspicion {scored.ai_suspicion}/10" in section
+        assert f"probability {scored.ai_probability:.2f}" in section
+        assert "high-sensitivity operating point: probability \u2265 0.32" in section
+        assert "chest 1.0-cxr-nih" in section  # model and version
+        assert f'src="/instances/{scored.id}/saliency.png"' in section
+        assert '<details class="saliency" open>' in section  # beside the image, folds away
+        assert "forensic evidence map" not in section  # authentic or not judged
+        tampered = next(r for r in rows.values() if r.verdict == "tampered")
+        assert f'src="/instances/{tampered.id}/image.png?heat=true"' in \
+            sections[tampered.sop_uid]
+        assert "judged tampered" in sections[tampered.sop_uid]
+        rejected = next(r for r in rows.values() if r.state == "rejected")
+        assert "not scored</span> the image was rejected before the AI read it" in \
+            sections[rejected.sop_uid]
+        assert "saliency.png" not in sections[rejected.sop_uid]
+        # the overlay is the triage model's saliency map, drawn by the reader studies' code
+        status, png, headers = _call(gw, "GET", f"/instances/{scored.id}/saliency.png",
+                                     gw.tokens["rad"])
+        assert status == 200 and png[:4] == b"\x89PNG"
+        status, _, _ = _call(gw, "GET", f"/instances/{rejected.id}/saliency.png",
+                             gw.tokens["rad"])
+        assert status == 404
+        views = [e for e in gw.audit_log.entries() if e.action == "image.view"]
+        assert any(e.details.get("saliency") for e in views)
+    finally:
+        gw.stop()
+
+
+def test_quarantine_why_is_cut_at_a_word_with_the_whole_reason_in_a_tooltip(gateway,
+                                                                            tmp_path):
+    reason = ("the image cannot be checked (unreadable pixel data) because the "
+              "transfer syntax says JPEG 2000 and the stream ends early")
+    client = DicomWebClient(f"http://127.0.0.1:{gateway.http_port}/dicom-web/",
+                            token=gateway.tokens["tech"])
+    client.store([_instance(tmp_path, "q.dcm", SyntheticData="YES")])
+    assert gateway.wait_idle(60)
+    row = gateway.store.instances("state='rejected'")[0]
+    with gateway.store.transaction():
+        gateway.store.execute("UPDATE instances SET details=? WHERE id=?",
+                              (json.dumps({**row.detail, "reasons": [reason]}), row.id))
+    status, page, _ = _call(gateway, "GET", "/quarantine", gateway.tokens["boss"])
+    cell = page.decode().split('<td class="why"')[1].split("</td>")[0]
+    assert f'title="{reason}"' in cell
+    shown = cell.split(">", 1)[1]
+    assert shown.endswith("\u2026") and len(shown) <= 100
+    assert reason.startswith(shown[:-1]) and reason[len(shown) - 1] == " "  # a whole word

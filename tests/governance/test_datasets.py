@@ -176,3 +176,45 @@ def test_cli_snapshot_diff_verify_and_audit_trail(folder, tmp_path):
     actions = [e.action for e in AuditLog(log).entries()]
     assert actions == ["dataset.snapshot", "dataset.verify", "dataset.snapshot", "dataset.diff"]
     assert AuditLog(log).verify().intact
+
+
+def test_cli_verify_rereads_the_labels(folder, tmp_path):
+    """Issue 27: a label flipped in the CSV after the snapshot is found, row by row, exit 1;
+    a manifest from before the label file was recorded says what it did not check."""
+    runner = CliRunner()
+    log = ["--audit-log", str(tmp_path / "audit.jsonl")]
+    m1 = tmp_path / "m1.json"
+    labels = folder / "labels.csv"
+    r = runner.invoke(main, ["dataset", "snapshot", str(folder), "--labels", str(labels),
+                             "-o", str(m1), *log])
+    assert r.exit_code == 0, r.output
+    assert load_manifest(m1).labels_file == str(labels.resolve())
+    key = next(k for k in load_manifest(m1).labels if k != "dx.dcm")
+    _relabel(labels, key, "label", "flipped")
+    bad = runner.invoke(main, ["dataset", "verify", str(m1), *log])
+    assert bad.exit_code == 1, bad.output
+    assert "DATA DIFFERS" in bad.output and "relabelled: 1" in bad.output
+    assert f"{key}: label: " in bad.output and "-> 'flipped'" in bad.output
+    # the images alone still match
+    assert "pixels changed" not in bad.output and "added" not in bad.output
+    # --labels checks another copy
+    other = tmp_path / "copy.csv"
+    shutil.copy(labels, other)
+    _relabel(other, key, "label", load_manifest(m1).labels[key]["row"]["label"])
+    good = runner.invoke(main, ["dataset", "verify", str(m1), "--labels", str(other), *log])
+    assert good.exit_code == 0 and "data matches" in good.output, good.output
+    # the recorded file is gone: a clear error, not "matches"
+    labels.unlink()
+    gone = runner.invoke(main, ["dataset", "verify", str(m1), *log])
+    assert gone.exit_code == 2 and "label file the manifest was made from is gone" in gone.output
+    # an older manifest (no labels_file): images checked, and it says labels were not
+    raw = json.loads(m1.read_text())
+    del raw["labels_file"]
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(raw))
+    note = runner.invoke(main, ["dataset", "verify", str(old), *log])
+    assert note.exit_code == 0 and "label rows not re-read" in note.output, note.output
+    assert "data matches" not in note.output
+    flipped = runner.invoke(main, ["dataset", "verify", str(old), "--labels", str(other),
+                                   *log])
+    assert flipped.exit_code == 0, flipped.output

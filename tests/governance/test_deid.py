@@ -26,7 +26,7 @@ from radguard.governance.deid import (
     profile_table,
 )
 from radguard.provenance.verify import verify_file
-from tests.conftest import NIH_DX, RG1_J2K, run_dcmsign
+from tests.conftest import DICOM_DIR, NIH_DX, RG1_J2K, run_dcmsign
 
 UID_ROOT = "1.2.826.0.1.3680043.9.9999."
 VALUE_BY_VR = {"DA": "20010203", "TM": "101112", "DT": "20010203101112", "AS": "042Y",
@@ -256,3 +256,105 @@ def test_cli_deid_pseudonym_key_and_bad_input(tmp_path, pki):
                                "--options", "retain-everything"])
     assert bad.exit_code == 2 and "unknown de-identification option" in bad.output
     assert not (tmp_path / "o3").exists()
+
+
+# -- issue 27: blanking compressed images, and one bad file in a batch -----------------------
+
+PYLIBJPEG = RG1_J2K.parent
+
+
+def _rle_copy(src: Path, dst: Path) -> Path:
+    from pydicom.uid import RLELossless
+
+    ds = read_dataset(src)
+    ds.compress(RLELossless, ds.pixel_array, generate_instance_uid=False)
+    ds.save_as(dst, enforce_file_format=True)
+    return dst
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("RG2_JLSL.dcm", "1.2.840.10008.1.2.4.80"),   # JPEG-LS lossless: re-encoded as it was
+    ("RG1_JLSN.dcm", "1.2.840.10008.1.2.4.81"),   # JPEG-LS near-lossless, NEAR=0 this time
+    ("RG3_J2KR.dcm", "1.2.840.10008.1.2.4.90"),   # JPEG 2000 lossless
+    ("RG1_J2KI.dcm", "1.2.840.10008.1.2.1"),      # JPEG 2000 (lossy): no lossless encoder
+    ("RG2_JPLL.dcm", "1.2.840.10008.1.2.1"),      # JPEG lossless: no encoder in pydicom
+    ("rle-mono", "1.2.840.10008.1.2.5"),          # RLE, made from an uncompressed MR
+    ("rle-rgb", "1.2.840.10008.1.2.5"),           # RLE, 16-bit RGB
+])
+def test_blank_and_resign_compressed(name, expected, pki, tmp_path):
+    from radguard.provenance.trust import TrustStore
+    from tests.conftest import MR_NATIVE
+
+    if name == "rle-mono":
+        src = _rle_copy(MR_NATIVE, tmp_path / "mr-rle.dcm")
+    elif name == "rle-rgb":
+        src = _rle_copy(DICOM_DIR / "pydicom-data-SC_rgb_16bit.dcm", tmp_path / "rgb-rle.dcm")
+    else:
+        src = PYLIBJPEG / name
+    before = read_dataset(src).pixel_array
+    region = (5, 7, 60, 20)
+    out, report = deidentify_file(src, tmp_path / "out", Deidentifier(
+        b"k" * 32, blank_regions=[region]), signer=pki.signer)
+    assert report.pixels_cleaned and len(report.notes) == 1
+    assert ("losslessly" in report.notes[0]) == (expected != "1.2.840.10008.1.2.1")
+    ds = read_dataset(out)
+    assert ds.file_meta.TransferSyntaxUID == expected
+    after = ds.pixel_array
+    x, y, w, h = region
+    assert (after[y:y + h, x:x + w] == before.min()).all()
+    mask = np.ones(before.shape[:2], bool)
+    mask[y:y + h, x:x + w] = False
+    assert (after[mask] == before[mask]).all()  # nothing else changed: lossless
+    assert verify_file(out, TrustStore.from_paths([pki.ca_cert_path])).ok
+    assert list((tmp_path / "out").iterdir()) == [out]  # no temporary files left
+
+
+def test_cli_deid_batch_goes_on_after_bad_files(tmp_path, pki, monkeypatch):
+    """Good files are all written, each bad one gets one line, exit 1 at the end; a
+    batch where every file fails exits 2. Nothing half-written is left."""
+    import radguard.governance.deid as deid_module
+
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"not dicom at all")
+    runner = CliRunner()
+    out = tmp_path / "out"
+    common = ["-o", str(out), "--blank", "0,0,64,16", "--key", str(pki.key_path),
+              "--cert", str(pki.cert_path), "--audit-log", str(tmp_path / "audit.jsonl")]
+    good = [PYLIBJPEG / "RG2_JLSL.dcm", PYLIBJPEG / "RG2_JPLL.dcm", NIH_DX]
+    corrupt = PYLIBJPEG / "RG2_JPLY.dcm"  # a known-corrupt lossy JPEG
+    result = runner.invoke(main, ["deid", str(good[0]), str(corrupt), str(junk),
+                                  *map(str, good[1:]), *common])
+    assert result.exit_code == 1, result.output
+    assert "internal error" not in result.output
+    failed = [line for line in result.output.splitlines() if line.startswith("FAILED")]
+    assert len(failed) == 2
+    assert failed[0].startswith(f"FAILED {corrupt}: cannot decode pixel data")
+    assert failed[1].startswith(f"FAILED {junk}: not a DICOM")
+    assert "note: blanked pixels written uncompressed" in result.output
+    assert "3 of 5 de-identified" in result.output
+    assert len(sorted(out.glob("*.dcm"))) == 3 and len(list(out.iterdir())) == 3
+    # the same instance twice (a copy under another name): one output, and it says so
+    copy_ = tmp_path / "copy.dcm"
+    shutil.copy(good[0], copy_)
+    twice = runner.invoke(main, ["deid", str(good[0]), str(copy_), *common[:1],
+                                 str(tmp_path / "out3"), *common[2:]])
+    assert twice.exit_code == 0, twice.output
+    assert f"note: same SOP Instance as {good[0]}: one output" in twice.output
+
+    # an unexpected error in one file (not bad input) is reported for that file only
+    real = deid_module.Deidentifier.deidentify
+
+    def flaky(self, ds):  # noqa: ANN001, ANN202
+        if ds.get("Modality") == "DX":
+            raise ValueError("boom")
+        return real(self, ds)
+
+    monkeypatch.setattr(deid_module.Deidentifier, "deidentify", flaky)
+    second = runner.invoke(main, ["deid", str(NIH_DX), str(good[0]), *common[:1],
+                                  str(tmp_path / "out2"), *common[2:]])
+    assert second.exit_code == 1, second.output
+    assert f"FAILED {NIH_DX}: internal error (ValueError: boom)" in second.output
+    assert len(list((tmp_path / "out2").iterdir())) == 1
+
+    every = runner.invoke(main, ["deid", str(junk), str(corrupt), *common])
+    assert every.exit_code == 2 and every.output.count("FAILED") == 2
