@@ -492,23 +492,33 @@ def dicom_info(paths: tuple[str, ...], no_pixels: bool) -> None:
 @click.argument("predictions", type=click.Path(dir_okay=False))
 @click.option("--labels", "labels_path", type=click.Path(dir_okay=False),
               help="Labels CSV (id, label) when the predictions carry no label column.")
+@click.option("--id-column", help="Column naming each case in the predictions and labels "
+                                  "[default: id, or file where there is no id column].")
+@click.option("--positive", help="The label value that is positive (e.g. pneumonia) when "
+                                 "labels are text; 0/1 labels need none.")
 @click.option("--by", default="", help="Comma-separated columns for subgroup analysis.")
 @click.option("--compare", "compare_path", type=click.Path(dir_okay=False),
               help="Predictions of an external site, compared at the same threshold.")
+@click.option("--compare-labels", "compare_labels_path", type=click.Path(dir_okay=False),
+              help="Labels CSV for the --compare predictions (same --id-column, --positive).")
 @click.option("--threshold", type=float, help="Operating threshold (default: Youden's J).")
 @click.option("--bootstrap", is_flag=True, help="Also give a stratified bootstrap AUC CI.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False),
               help="Write the self-contained HTML report here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON summary.")
-def evaluate(predictions: str, labels_path: str | None, by: str, compare_path: str | None,
-             threshold: float | None, bootstrap: bool, out_path: str | None,
-             as_json: bool) -> None:
+def evaluate(predictions: str, labels_path: str | None, id_column: str | None,
+             positive: str | None, by: str, compare_path: str | None,
+             compare_labels_path: str | None, threshold: float | None, bootstrap: bool,
+             out_path: str | None, as_json: bool) -> None:
     """AUC with DeLong CIs, metrics at a threshold, calibration, subgroups, external sites."""
     from radguard.evaluation.report import evaluate as run
-    from radguard.evaluation.report import read_predictions, to_json, write_report
+    from radguard.evaluation.report import format_p, read_predictions, to_json, write_report
 
-    preds = read_predictions(predictions, labels_path)
-    other = read_predictions(compare_path) if compare_path else None
+    if compare_labels_path and not compare_path:
+        raise click.UsageError("--compare-labels goes with --compare")
+    preds = read_predictions(predictions, labels_path, id_column=id_column, positive=positive)
+    other = read_predictions(compare_path, compare_labels_path, id_column=id_column,
+                             positive=positive) if compare_path else None
     columns = [c.strip() for c in by.split(",") if c.strip()]
     result = run(preds, threshold=threshold, by=columns, compare=other, bootstrap=bootstrap)
     if out_path:
@@ -527,7 +537,7 @@ def evaluate(predictions: str, labels_path: str | None, by: str, compare_path: s
     if other is not None:
         d = result["external"]["auc_difference"]
         click.echo(f"external AUC change {-d['difference']:+.3f} "
-                   f"({-d['high']:+.3f} to {-d['low']:+.3f}), p={d['p_value']:.3g}")
+                   f"({-d['high']:+.3f} to {-d['low']:+.3f}), {format_p(d['p_value'])}")
     if out_path:
         click.echo(f"report: {out_path}")
 
@@ -638,7 +648,15 @@ def monitor_features(paths: tuple[str, ...], out: str) -> None:
 @_db_option
 @click.option("--budget", type=float, default=10_000, show_default=True,
               help="At most one false alarm per this many studies.")
-def monitor_init(reference: str, db_path: str, budget: float) -> None:
+@click.option("--threshold", type=float, default=None,
+              help="The model's operating point (default 0.5): sensitivity and specificity "
+                   "are watched there.")
+@click.option("--drop", type=float, default=0.10, show_default=True,
+              help="The smallest fall of sensitivity or specificity worth an alarm.")
+@click.option("--model-version", default="", help="The model version these scores are of "
+              "(default: the reference every version falls back on).")
+def monitor_init(reference: str, db_path: str, budget: float, threshold: float | None,
+                 drop: float, model_version: str) -> None:
     """Learn the reference (feature columns, optional score and label) and calibrate alarms."""
     import numpy as np
 
@@ -666,12 +684,21 @@ def monitor_init(reference: str, db_path: str, budget: float) -> None:
     except ValueError as exc:
         raise RadguardError(f"{reference}: non-numeric value ({exc})") from exc
     metadata = [{c: r[c] for c in categorical} for r in rows] if categorical else None
-    thresholds = Monitor(db_path).fit_reference(x, names, scores=scores, labels=labels,
-                                                metadata=metadata, false_alarms_per=budget)
+    mon = Monitor(db_path)
+    thresholds = mon.fit_reference(x, names, scores=scores, labels=labels, metadata=metadata,
+                                   false_alarms_per=budget, threshold=threshold, drop=drop,
+                                   model_version=model_version)
     click.echo(f"reference: {len(rows)} studies, features {', '.join(names)}"
                f"{' + score' if scores is not None else ''}"
                f"{'; metadata ' + ', '.join(categorical) if categorical else ''}; "
                f"CUSUM h = {thresholds['h']}")
+    meta = mon.references[model_version].meta
+    if "h_sensitivity" in thresholds:
+        click.echo(f"decay at operating point {meta['threshold']:g}: a {drop:.0%} drop of "
+                   f"sensitivity (h = {thresholds['h_sensitivity']}) or specificity "
+                   f"(h = {thresholds['h_specificity']})")
+    elif "decay_off" in meta:
+        click.echo(f"decay detection off: {meta['decay_off']}")
 
 
 @monitor.command("ingest")
@@ -698,13 +725,77 @@ def monitor_ingest(stream: str, db_path: str, audit_path: str | None) -> None:
         score = float(r["score"]) if r.get("score") not in (None, "") else None
         for alarm in mon.observe(r.get("id") or f"{stream}:{count}", features, score=score,
                                  site=r.get("site") or "default", metadata=metadata):
-            click.echo(f"ALARM study {alarm.seq} ({alarm.study_id}) site {alarm.site}: "
-                       f"{alarm.detector} of {alarm.feature} ({alarm.direction})")
+            _print_alarm(alarm)
         if r.get("label") not in (None, ""):
             for alarm in mon.add_label(r.get("id") or f"{stream}:{count}", int(r["label"])):
-                click.echo(f"ALARM study {alarm.seq} ({alarm.study_id}): performance decay")
+                _print_alarm(alarm)
         count += 1
     click.echo(f"{count} studies ingested; {mon.seq} in total")
+
+
+def _print_alarm(alarm: Any) -> None:  # noqa: ANN401 - a monitoring.Alarm
+    """One line per alarm: an episode opened."""
+    click.echo(f"ALARM study {alarm.seq} ({alarm.study_id}) site {alarm.site}: "
+               f"{alarm.detector} of {alarm.feature} ({alarm.direction}), episode "
+               f"{alarm.episode}")
+
+
+@monitor.command("labels")
+@click.argument("labels", type=click.Path(dir_okay=False))
+@_db_option
+@click.option("--id-column", default="id", show_default=True,
+              help="The column naming the study (as the gateway or `monitor ingest` did).")
+@click.option("--label-column", default="label", show_default=True)
+@click.option("--positive", default=None,
+              help="The label value that means positive (e.g. pneumonia); default: 0/1.")
+@click.option("--audit-log", "audit_path", type=click.Path(dir_okay=False),
+              help="Audit log that receives every episode (default $RADGUARD_AUDIT_LOG or "
+                   "~/.radguard/audit.jsonl).")
+def monitor_labels(labels: str, db_path: str, id_column: str, label_column: str,
+                   positive: str | None, audit_path: str | None) -> None:
+    """Feed radiologists' labels as they arrive, late and for some studies only: each
+    steps the sensitivity or specificity detector of its study's site and model version; a
+    label for a study not observed yet waits for it. Bad rows are reported and skipped."""
+    from radguard.governance.auditlog import AuditLog
+    from radguard.monitoring import Monitor, MonitorError
+
+    _existing_db(db_path)
+    fields, rows = _read_table(labels)
+    for column in (id_column, label_column):
+        if column not in fields:
+            raise RadguardError(f"{labels}: no column {column!r} (columns: "
+                                f"{', '.join(fields)})")
+    mon = Monitor(db_path, audit_log=AuditLog(audit_path))
+    waiting = mon.status()["labels_waiting_for_their_study"]
+    applied, refused = 0, 0
+    for line, r in enumerate(rows, start=2):
+        value = (r.get(label_column) or "").strip()
+        if positive is not None:
+            label = 1 if value == positive else 0
+        elif value in ("0", "1"):
+            label = int(value)
+        else:
+            refused += 1
+            _err(f"{labels}:{line}: label {value!r} is not 0 or 1 (say which value is "
+                 "positive with --positive)")
+            continue
+        study = (r.get(id_column) or "").strip()
+        if not study:
+            refused += 1
+            _err(f"{labels}:{line}: no study id")
+            continue
+        try:
+            for alarm in mon.add_label(study, label):
+                _print_alarm(alarm)
+            applied += 1
+        except MonitorError as exc:
+            refused += 1
+            _err(f"{labels}:{line}: {exc}")
+    now_waiting = mon.status()["labels_waiting_for_their_study"]
+    click.echo(f"{applied} labels taken ({int(now_waiting) - int(waiting)} wait for their "
+               f"study), {refused} refused")
+    if refused:
+        sys.exit(1)
 
 
 @monitor.command("status")
@@ -720,10 +811,15 @@ def monitor_status(db_path: str, as_json: bool) -> None:
     if as_json:
         click.echo(to_json(status))
         return
-    click.echo(f"{status['studies']} studies; {len(status['alarms'])} recent alarms")
-    for alarm in status["alarms"][:10]:
-        click.echo(f"  {alarm['ts']} study {alarm['seq']} {alarm['site']}: {alarm['detector']} "
-                   f"of {alarm['feature']} ({alarm['direction']})")
+    episodes = status["episodes"]
+    open_ = [e for e in episodes if e["state"] == "open"]
+    click.echo(f"{status['studies']} studies; {len(open_)} open episode(s), "
+               f"{len(episodes) - len(open_)} recent closed; "
+               f"{status['labels_waiting_for_their_study']} label(s) waiting for their study")
+    for episode in episodes[:10]:
+        click.echo(f"  [{episode['state']}] #{episode['id']} {episode['summary']}")
+    if status.get("decay_detection"):
+        click.echo(f"  decay detection {status['decay_detection']}")
     for name, test in (status.get("drift_tests") or {}).items():
         click.echo(f"  {name:<10} KS {test['statistic']:.3f} (p={test['p_value']:.2g}) "
                    f"PSI {test['psi']:.3f}")
@@ -1212,19 +1308,24 @@ def triage_export_onnx(model_name: str, out: str) -> None:
 
 @triage.command("card")
 @click.option("--model", "model_name", default="chest", show_default=True)
-def triage_card(model_name: str) -> None:
-    """Print a model's card: intended use, training data, version, measured figures."""
-    from radguard.triage.model import load_model
+@click.option("--json", "as_json", is_flag=True, help="Print the card as JSON.")
+def triage_card(model_name: str, as_json: bool) -> None:
+    """Print a model's card: intended use, training data, version, measured figures,
+    operating point, limitations."""
+    from radguard.triage.model import card_text, load_model
 
     model = load_model(model_name)
-    click.echo(json.dumps({**model.card.to_dict(), "operating_threshold": model.threshold},
-                          indent=1))
+    card = {**model.card.to_dict(), "operating_threshold": model.threshold}
+    click.echo(json.dumps(card, indent=1) if as_json else card_text(card))
 
 
 @triage.command("threshold")
 @click.argument("predictions", type=click.Path(dir_okay=False))
 @click.option("--labels", "labels_path", type=click.Path(dir_okay=False),
               help="Separate labels CSV joined on 'id' (else a 'label' column).")
+@click.option("--id-column", help="Column naming each case [default: id, or file where there "
+                                  "is no id column].")
+@click.option("--positive", help="The label value that is positive when labels are text.")
 @click.option("--score-column", default="score", show_default=True)
 @click.option("--sensitivity", type=float, help="Target sensitivity, e.g. 0.95.")
 @click.option("--specificity", type=float, help="Target specificity, e.g. 0.90.")
@@ -1235,7 +1336,8 @@ def triage_card(model_name: str) -> None:
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Write the workload-reduction plot (PNG).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def triage_threshold(predictions: str, labels_path: str | None, score_column: str,
+def triage_threshold(predictions: str, labels_path: str | None, id_column: str | None,
+                     positive: str | None, score_column: str,
                      sensitivity: float | None, specificity: float | None,
                      cost_ratio: float | None, prevalence: float | None,
                      plot_path: str | None, as_json: bool) -> None:
@@ -1245,7 +1347,8 @@ def triage_threshold(predictions: str, labels_path: str | None, score_column: st
     from radguard.evaluation.report import read_predictions
     from radguard.triage import SuspicionScale, choose_threshold, plot_workload, workload_table
 
-    preds = read_predictions(predictions, labels_path, score_column=score_column)
+    preds = read_predictions(predictions, labels_path, score_column=score_column,
+                             id_column=id_column, positive=positive)
     point = choose_threshold(preds.labels, preds.scores, sensitivity=sensitivity,
                              specificity=specificity, cost_ratio=cost_ratio,
                              prevalence=prevalence)
@@ -1282,8 +1385,12 @@ def triage_threshold(predictions: str, labels_path: str | None, score_column: st
                    "terminal, so scripts and CI finish).")
 @click.option("--dicom-port", type=click.IntRange(0, 65535), default=11112, show_default=True)
 @click.option("--http-port", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@click.option("--reset/--keep", default=True, show_default=True,
+              help="--reset: a fresh demo store every run (what an earlier run left in "
+                   "--workdir is deleted; a folder the demo did not make only after you "
+                   "confirm); --keep: add this run's images to it.")
 def demo(workdir: str, walkthrough: bool, input_path: str | None, wait: bool | None,
-         dicom_port: int, http_port: int) -> None:
+         dicom_port: int, http_port: int, reset: bool) -> None:
     """Start the gateway on the embedded default, send it real radiographs (signed,
     tampered, synthetic-labelled, unsigned) and print where to open the worklist."""
     if walkthrough:
@@ -1295,8 +1402,10 @@ def demo(workdir: str, walkthrough: bool, input_path: str | None, wait: bool | N
 
     if wait is None:
         wait = sys.stdin.isatty() and sys.stdout.isatty()
+    # a folder the demo did not make is wiped only on a person's yes at a terminal
+    confirm = (lambda q: click.confirm(q, default=False)) if sys.stdin.isatty() else None
     ok = run_gateway_demo(Path(workdir), click.echo, wait=wait, dicom_port=dicom_port,
-                          http_port=http_port)
+                          http_port=http_port, reset=reset, confirm=confirm)
     sys.exit(0 if ok else 1)
 
 

@@ -202,6 +202,17 @@ Example ``radguard.toml``::
     awareness_pool = ""               # folders cxr-*/real-* (real) and synthetic-* (one per
                                       # generator), e.g. "../shared/data"; empty: mode off
     awareness_items = 10              # images in one round (half synthetic)
+
+    [notify]                          # when a monitoring episode opens or closes
+                                      # (monitor_db; docs/monitoring.md): a webhook and/or
+                                      # e-mail, sent in the background with retries
+    webhook = ""                      # https://... receives the episode as JSON (POST)
+    webhook_secret = ""               # adds X-Radguard-Signature: sha256=HMAC of the body
+    email_to = []                     # recipients; needs email_from and smtp_host
+    email_from = ""
+    smtp_host = ""
+    smtp_port = 25
+    smtp_starttls = false             # required with smtp_user / smtp_password
 """
 
 from __future__ import annotations
@@ -379,6 +390,34 @@ class GatewayConfig:
     readers_image_root: str = ""  # folders of case images must lie under it; empty: none
     readers_awareness_pool: str = ""  # cxr-*/real-* and synthetic-* folders; empty: off
     readers_awareness_items: int = 10  # images in one awareness round
+    # -- notices of monitoring episodes ([notify]; monitoring/notify.py) --
+    notify_webhook: str = ""
+    notify_webhook_secret: str = ""
+    notify_email_to: list[str] = field(default_factory=list)
+    notify_email_from: str = ""
+    notify_smtp_host: str = ""
+    notify_smtp_port: int = 25
+    notify_smtp_starttls: bool = False
+    notify_smtp_user: str = ""
+    notify_smtp_password: str = ""
+
+    def notify_section(self) -> dict[str, object]:
+        """The [notify] settings that are set, as monitoring.notify reads them."""
+        defaults = {f.name: f.default for f in fields(GatewayConfig)
+                    if f.name.startswith("notify_")}
+        defaults["notify_email_to"] = []
+        return {name.removeprefix("notify_"): getattr(self, name) for name in defaults
+                if getattr(self, name) != defaults[name]}
+
+    def notifiers(self) -> list[Any]:
+        """The configured notifiers (none by default); a ConfigError when [notify] is
+        wrong."""
+        from radguard.monitoring.notify import NotifyError, notifiers_from_config
+
+        try:
+            return notifiers_from_config(self.notify_section())
+        except NotifyError as exc:
+            raise ConfigError(f"[notify]: {exc}") from exc
 
     def gateway_id(self) -> str:
         """This gateway's name in the cluster (claims, heartbeats, audit entries)."""
@@ -511,6 +550,7 @@ class GatewayConfig:
         for name in ("readers_image_root", "readers_awareness_pool"):
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(f"readers.{name.removeprefix('readers_')}: a folder path")
+        self.notifiers()
         return self
 
     def _validate_results(self) -> None:
@@ -702,7 +742,7 @@ def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) ->
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"{p}: not a valid TOML configuration ({exc})") from exc
         for table in ("forward", "oidc", "signatures", "dicom", "forensics", "viewer",
-                      "results", "cluster", "readers"):
+                      "results", "cluster", "readers", "notify"):
             section = raw.pop(table, {}) or {}
             if not isinstance(section, dict):
                 raise ConfigError(f"{p}: [{table}] must be a table")

@@ -239,10 +239,15 @@ class Pipeline:
             self.models = {m.upper(): load_model(name) for m, name in config.triage.items()}
         self.monitor = None
         self.wants_features = bool(config.monitor_db)
+        self.notices: Any = None
         if config.monitor_db and not checks_only:
-            from radguard.monitoring import Monitor
+            from radguard.monitoring import Dispatcher, Monitor
 
-            self.monitor = Monitor(config.monitor_db, audit_log=audit_log)
+            notifiers = config.notifiers()
+            if notifiers:  # episodes are mailed / posted by a thread of their own
+                self.notices = Dispatcher(notifiers, audit_log=audit_log)
+            self.monitor = Monitor(config.monitor_db, audit_log=audit_log,
+                                   notify=self.notices)
         self.forwarders: list[Any] = []
         if checks_only:
             pass
@@ -454,11 +459,15 @@ class Pipeline:
         self._calibrate(instance, r)
         if self.monitor is None or observation is None:
             return
+        triage = r.details.get("triage")
+        version = (f"{triage.get('model')} {triage.get('version')}"
+                   if isinstance(triage, dict) and triage.get("version") else None)
         try:
             alarms = self.monitor.observe(instance.sop_uid, observation.features,
                                           score=r.ai_probability,
                                           site=instance.calling_ae or "default",
-                                          metadata=observation.metadata)
+                                          metadata=observation.metadata,
+                                          model_version=version)
         except RadguardError as exc:
             r.details["monitoring"] = f"not updated: {exc}"
             return
@@ -553,9 +562,13 @@ class Pipeline:
                                    (why, row, RESULTS_SOURCE))
 
     def close(self) -> None:
-        """Release PACS associations."""
+        """Release PACS associations; send the notices still queued (a few seconds at
+        most)."""
         for f in self.forwarders:
             f.close()
+        if self.notices is not None:
+            self.notices.flush(5.0)
+            self.notices.close()
 
 
 def _observation(scan: Any, r: Routing) -> Observation | None:  # noqa: ANN401

@@ -35,6 +35,9 @@ Hardening (issue 21), with the pieces in :mod:`radguard.gateway.httpguard`:
   with a short message - for a browser a page with the gateway's problem as its banner:
   failing closed (no access goes unaudited) must not leave the UI blank; ids beyond 64 bits
   give 404 - never a 500 with a traceback.
+* Errors are pages (``error.html``, autoescaped; a failed sign-in is the login page again
+  with the reason) for a browser on the UI, and JSON for programs: DICOMweb, WADO-URI,
+  ``/auth/token`` and ``/health`` answer as they always did (issue 27).
 """
 
 from __future__ import annotations
@@ -59,14 +62,17 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import anyio
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import (
     HTMLResponse,
     JSONResponse,
+    PlainTextResponse,
     RedirectResponse,
     Response,
 )
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from radguard.dicom.uids import uid_problem
 from radguard.dicom.web import DicomWebError, MultipartParser, Part
@@ -85,6 +91,7 @@ from radguard.gateway.oidc import NoRole
 from radguard.gateway.query import Level, QueryError, from_qido, search, to_json
 from radguard.gateway.ratelimit import Throttle, peer_key
 from radguard.gateway.store import Instance, PoolBusy, Store, StoreError
+from radguard.gateway.studyview import ai_result, brief, checks, forensic_map_matters
 from radguard.governance.auditlog import AuditLogError
 
 if TYPE_CHECKING:
@@ -137,6 +144,7 @@ def _trust_css(trust: str | None) -> str:
 _env = Environment(loader=FileSystemLoader(_TEMPLATES), autoescape=True,
                    undefined=StrictUndefined)
 _env.globals["trust_css"] = _trust_css
+_env.filters["brief"] = brief  # a long reason cut at a word, for a table cell
 
 
 class _BulkReads:
@@ -437,35 +445,106 @@ def _from_browser(request: Request) -> bool:
     return "text/html" in request.headers.get("accept", "")
 
 
+# machine interfaces: their errors stay JSON (DICOMweb clients, scripts, load balancers)
+_MACHINE_PATHS = ("/dicom-web", "/wado", "/auth/", "/health")
+_ERROR_TITLES = {400: "Request not understood", 403: "Not allowed", 404: "Not found",
+                 405: "Not possible here", 406: "Not available in that form",
+                 408: "Request too slow", 409: "Not possible now", 413: "Request too large",
+                 422: "Cannot be shown", 429: "Too many attempts",
+                 500: "Something went wrong"}
+
+
+def _wants_page(request: Request) -> bool:
+    """Whether an error answers with an HTML page: a browser (it accepts text/html before
+    any JSON) asking for a UI page; DICOMweb, WADO-URI, the token endpoint and /health keep
+    their JSON."""
+    accept = request.headers.get("accept", "").lower()
+    html = accept.find("text/html")
+    if html < 0 or request.url.path.startswith(_MACHINE_PATHS):
+        return False
+    json_at = accept.find("json")
+    return json_at < 0 or html < json_at
+
+
 def _add_error_handlers(app: FastAPI, web: _Web) -> None:
     def error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
         return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+    async def page(request: Request, status: int, message: str,
+                   headers: dict[str, str] | None = None, *, read_form: bool = True
+                   ) -> Response:
+        """An error as a page (autoescaped): the login page again, with the message, for a
+        sign-in that failed; else an error page saying what went wrong."""
+        if request.url.path == "/login":
+            form: dict[str, str] = {}
+            if read_form and request.method == "POST":
+                try:
+                    form = await web.form(request)
+                except Exception:  # noqa: BLE001 - an unreadable form: an empty name
+                    form = {}
+            return web.page("login.html", request, None, "Sign in", status, headers,
+                            message=message, name=form.get("user", "")[:64])
+        title = _ERROR_TITLES.get(status) or (
+            "Something went wrong" if status >= 500 else "Not possible")
+        return web.page("error.html", request, None, title, status, headers,
+                        message=message, code=status)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> Response:
         html = _from_browser(request)
         if html and request.url.path == "/login" and exc.status_code in (401, 403, 429):
-            form = await web.form(request) if request.method == "POST" else {}
-            return web.page("login.html", request, None, "Sign in", exc.status_code,
-                            getattr(exc, "headers", None), message=exc.detail,
-                            name=form.get("user", "")[:64])
+            return await page(request, exc.status_code, str(exc.detail),
+                              getattr(exc, "headers", None))
         if html and exc.status_code == 401:
             return RedirectResponse("/login", status_code=303)
+        if _wants_page(request):
+            return await page(request, exc.status_code, str(exc.detail),
+                              getattr(exc, "headers", None))
         return error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _routing_error(request: Request, exc: StarletteHTTPException) -> Response:
+        """No such route or method (raised by the router, not by radguard): a page for a
+        browser, else FastAPI's own answer as before."""
+        if _wants_page(request):
+            message = {404: "there is no such page", 405: "this page does not take that "
+                       "request"}.get(exc.status_code, str(exc.detail))
+            return await page(request, exc.status_code, message, getattr(exc, "headers", None),
+                              read_form=False)
+        return await http_exception_handler(request, exc)
+
     @app.exception_handler(BodyTooLarge)
-    async def _too_large(_request: Request, exc: BodyTooLarge) -> Response:
+    async def _too_large(request: Request, exc: BodyTooLarge) -> Response:
+        if _wants_page(request):
+            return await page(request, 413, str(exc), read_form=False)
         return error(413, str(exc))
 
     @app.exception_handler(BodyTimeout)
-    async def _too_slow(_request: Request, exc: BodyTimeout) -> Response:
+    async def _too_slow(request: Request, exc: BodyTimeout) -> Response:
+        if _wants_page(request):
+            return await page(request, 408, str(exc), read_form=False)
         return error(408, str(exc))
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_request: Request, exc: RequestValidationError) -> Response:
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()))
-        return error(422, f"invalid request: {where} {first.get('msg', '')}".strip())
+        message = f"invalid request: {where} {first.get('msg', '')}".strip()
+        if _wants_page(request):
+            return await page(request, 422, message)
+        return error(422, message)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> Response:
+        """A failure nobody foresaw: logged with its traceback by the server; the client
+        gets no details - for a browser a page saying so."""
+        if _wants_page(request):
+            try:
+                return await page(request, 500, "the gateway could not answer this request; "
+                                  "the details are in its log", read_form=False)
+            except Exception:  # noqa: BLE001 - the page itself failed: the plain answer
+                log.exception("the error page could not be rendered")
+        return PlainTextResponse("Internal Server Error", status_code=500)
 
     async def _unavailable(request: Request, exc: Exception) -> Response:
         # a full disk, a database that is down: the client may retry later; the details
@@ -769,16 +848,30 @@ def _store_parts(web: _Web, parts: list[Part], user: User, study: str | None = N
 
 # -- UI --------------------------------------------------------------------------------------------
 
+def _open_episodes(web: _Web) -> list[dict[str, object]]:
+    """The drift monitor's open episodes (what the worklist shows above the studies); none
+    when there is no monitor or its database cannot be read just now."""
+    monitor = getattr(getattr(web.gateway, "pipeline", None), "monitor", None)
+    if monitor is None:
+        return []
+    try:
+        return monitor.episodes(10, open_only=True)
+    except RadguardError:
+        return []
+
+
 def _add_ui_routes(app: FastAPI, web: _Web) -> None:
     store = web.store
 
     @app.get("/", response_class=HTMLResponse)
     def worklist(request: Request, user: User = Depends(web.role("radiologist"))) -> Response:
-        alarms = web.gateway.audit_log.recent(5, ("monitoring.alarm", "alarm.bulk_read"))
+        alarms = web.gateway.audit_log.recent(5, ("monitoring.alarm",
+                                                  "monitoring.episode_closed",
+                                                  "alarm.bulk_read"))
         counts = store.counts()  # "being checked": queued + processing, forwarding included
         counts["processing"] = counts.get("processing", 0) + counts.pop("forwarding", 0)
         return web.page("worklist.html", request, user, "Worklist", rows=_worklist_rows(store),
-                        counts=counts, alarms=alarms)
+                        counts=counts, alarms=alarms, episodes=_open_episodes(web))
 
     @app.get("/studies/{study}", response_class=HTMLResponse)
     def study_view(study: str, request: Request,
@@ -786,7 +879,31 @@ def _add_ui_routes(app: FastAPI, web: _Web) -> None:
         rows = store.instances("study_uid=?", (_uid(study),))
         if not rows:
             raise HTTPException(404, "no such study")
-        return web.page("study.html", request, user, f"Study {rows[0].patient_name}", rows=rows)
+        models = web.gateway.pipeline.models
+        items = [{"row": r, "ai": ai_result(r, models), "checks": checks(r),
+                  "forensic_map": forensic_map_matters(r)} for r in rows]
+        return web.page("study.html", request, user, f"Study {rows[0].patient_name}", rows=rows,
+                        items=items)
+
+    @app.get("/instances/{instance_id}/saliency.png")
+    def saliency(instance_id: int,
+                 user: User = Depends(web.role("radiologist"))) -> Response:
+        """The triage model's saliency map over the image it scored (the aided reading
+        arm's overlay, :func:`radguard.gateway.readers._saliency_png`); 404 unless the
+        model that scored the image is the one loaded now and draws such maps."""
+        from radguard.gateway.readers import _saliency_png
+
+        row = store.get(_row_id(instance_id))
+        if row is None:
+            raise HTTPException(404, "no such instance")
+        if not ai_result(row, web.gateway.pipeline.models).saliency:
+            raise HTTPException(404, "no saliency map for this image")
+        try:
+            png = _saliency_png(web, row)
+        except RadguardError as exc:
+            raise HTTPException(422, "this image cannot be shown") from exc
+        web.audit("image.view", row.sop_uid, {"saliency": True}, user.name)
+        return Response(png, media_type="image/png")
 
     @app.get("/instances/{instance_id}/image.png")
     def image(instance_id: int, heat: bool = False,

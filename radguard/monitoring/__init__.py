@@ -1,5 +1,7 @@
-"""Monitoring: input and output drift, performance decay, sequential alarms, persisted state."""
+"""Monitoring: input and output drift, performance decay at the operating point from late
+and partial labels, alarm episodes with notices, persisted state."""
 
+from radguard.monitoring.decay import DecayError, DecayModel, calibrate_decay
 from radguard.monitoring.drift import (
     Cusum,
     NormalScorer,
@@ -9,27 +11,49 @@ from radguard.monitoring.drift import (
     mmd_test,
     psi,
 )
+from radguard.monitoring.episodes import Episode, EpisodeState, Signal
 from radguard.monitoring.features import (
     IMAGE_FEATURES,
     METADATA_FIELDS,
     image_features,
     metadata_features,
 )
-from radguard.monitoring.monitor import Alarm, Monitor, MonitorError
+from radguard.monitoring.monitor import Alarm, Monitor, MonitorError, estimate_performance
+from radguard.monitoring.notify import (
+    Dispatcher,
+    EmailNotifier,
+    Notifier,
+    NotifyError,
+    WebhookNotifier,
+    notifiers_from_config,
+)
 
 __all__ = [
     "IMAGE_FEATURES",
     "METADATA_FIELDS",
     "Alarm",
     "Cusum",
+    "DecayError",
+    "DecayModel",
+    "Dispatcher",
+    "EmailNotifier",
+    "Episode",
+    "EpisodeState",
     "Monitor",
     "MonitorError",
     "NormalScorer",
+    "Notifier",
+    "NotifyError",
+    "Signal",
+    "WebhookNotifier",
+    "calibrate_decay",
     "calibrate_threshold",
     "chi2_test",
+    "estimate_performance",
     "image_features",
     "ks_test",
     "metadata_features",
     "mmd_test",
+    "notifiers_from_config",
     "psi",
 ]
