@@ -301,7 +301,8 @@ def _arrivals(rng: np.random.Generator, n: int, fraction: float) -> list[tuple[i
 def _radguard_run(base: Monitor, x: np.ndarray, y: np.ndarray, s: np.ndarray,
                   arrivals: list[tuple[int, int]], signal: str) -> tuple[int, int] | None:
     """(studies, labelled studies since the onset) when ``signal`` first opens an episode
-    after the onset; None if never. Labels are applied as they arrive."""
+    (studies <= 0: before the onset, a false alarm); None if never. Labels are applied as
+    they arrive."""
     monitor = base.copy(":memory:")
     k, seen = 0, 0
     try:
@@ -313,8 +314,8 @@ def _radguard_run(base: Monitor, x: np.ndarray, y: np.ndarray, s: np.ndarray,
                 seen += study >= ONSET
                 k += 1
                 alarms = monitor.add_label(f"s{study}", int(y[study]))
-                if i >= ONSET and any(a.detector == signal for a in alarms):
-                    return i - ONSET + 1, seen
+                if any(a.detector == signal for a in alarms):
+                    return i - ONSET + 1, seen  # <= 0: a false alarm before the onset
     finally:
         monitor.close()
     return None
@@ -335,6 +336,7 @@ def decay_table(args: argparse.Namespace, population: Population,
     fractions = (1.0, 0.3, 0.1)
     print(f"{'decay':<32}" + "".join(f"{f'{f:.0%} labelled':>25}" for f in fractions))
     anchor_rows: dict[str, list[str]] = {}
+    early = 0
     separation = population.sensitivity - population.fpr
     for name, kind, drop, signal in cells:
         eps = drop / separation
@@ -352,7 +354,8 @@ def decay_table(args: argparse.Namespace, population: Population,
                 s = _decayed(rng, y, population.s[pick], population, eps, kind, shift)
                 arrivals = _arrivals(rng, length, fraction)
                 hit = _radguard_run(ref.monitor, x, y, s, arrivals, signal)
-                if hit is not None:
+                early += hit is not None and hit[0] <= 0
+                if hit is not None and hit[0] > 0:
                     studies.append(hit[0])
                     labelled.append(hit[1])
                 for anchor, delay in _anchor_delays(ref.anchors, y, s, arrivals, signal):
@@ -362,16 +365,21 @@ def decay_table(args: argparse.Namespace, population: Population,
                     else f"{'not found':>15}   0/{args.runs}") + "  "
             for anchor, delays in anchor_delays.items():
                 got = [d for d in delays if d is not None]
-                text = (f"{statistics.median(got):.0f} ({len(got)}/{len(delays)})" if got
-                        else f"- (0/{len(delays)})")
+                if anchor.endswith("]"):  # a count of runs, not a delay
+                    text = f"{len(got)}/{len(delays)} runs"
+                else:
+                    text = (f"{statistics.median(got):.0f} ({len(got)}/{len(delays)})" if got
+                            else f"- (0/{len(delays)})")
                 anchor_rows.setdefault(f"{name}: {anchor}", []).append(text)
         print(row)
+    print(f"radguard episodes before the onset (false alarms) in these runs: {early} of "
+          f"{len(cells) * len(fractions) * args.runs}")
     print(f"\nanchors on the same streams: median studies after the onset to the first alert "
           f"(runs that alerted), at {', '.join(f'{f:.0%}' for f in fractions)} labelled; "
           f"label delays included; chunks of {ANCHOR_CHUNK} (realized metrics: of "
           f"{ANCHOR_CHUNK} labels, in arrival order)")
     for key, values in anchor_rows.items():
-        print(f"  {key:<64} " + "   ".join(f"{v:>14}" for v in values))
+        print(f"  {key:<72} " + "   ".join(f"{v:>14}" for v in values))
 
 
 def _slide_for(positives: np.ndarray, point: float, drop: float) -> float:
@@ -456,12 +464,19 @@ def _anchor_delays(anchors: dict[str, Any], y: np.ndarray, s: np.ndarray,
     evidently = ma.evidently_classification(ref_s, ref_y, s[order], y[order].astype(float),
                                             threshold=anchors["point"],
                                             chunk_size=ANCHOR_CHUNK)
-    for name, alerts in (("nannyml realized", realized), ("evidently", evidently)):
-        ends = [when[a.end - 1] for a in alerts if a.metric.endswith(metric)]
-        out.append((f"{name} {metric}", _first_after(ends, ONSET)))
     cbpe = anchors["nannyml CBPE"].alerts(s)
-    out.append((f"nannyml CBPE {metric} (no labels)",
-                _first_after([a.end for a in cbpe if a.metric.endswith(metric)], ONSET)))
+    for name, ends in (
+            (f"nannyml realized {metric}",
+             [when[a.end - 1] for a in realized if a.metric.endswith(metric)]),
+            (f"evidently {metric}",
+             [when[a.end - 1] for a in evidently if a.metric.endswith(metric)]),
+            (f"nannyml CBPE {metric} (no labels)",
+             [a.end for a in cbpe if a.metric.endswith(metric)])):
+        out.append((name, _first_after(ends, ONSET)))
+        # an alert before the onset is a false alarm: where there are many, the "delay"
+        # after it is partly chance
+        out.append((name + " [alerted before the onset]",
+                    1 if any(e <= ONSET for e in ends) else None))
     return out
 
 
