@@ -372,12 +372,12 @@ class Monitor:
         x = np.asarray(features, float)
         if x.ndim != 2 or x.shape[1] != len(names) or len(x) < 50:
             raise MonitorError("the reference needs at least 50 studies with every feature")
-        if not np.isfinite(x).all():
-            raise MonitorError("the reference holds NaN or infinite feature values")
         columns = list(names)
         if scores is not None:
             x = np.column_stack([x, np.asarray(scores, float)])
             columns.append("score")
+        if not np.isfinite(x).all():
+            raise MonitorError("the reference holds NaN or infinite feature values or scores")
         scorer = NormalScorer.fit(x)
         # Cross-fitted calibration: new studies are scored against a finite reference, so
         # simulate exactly that - score each half of the reference against the other half
@@ -414,15 +414,25 @@ class Monitor:
             for j, name in enumerate(columns):
                 self.db.execute("INSERT INTO refs VALUES (?, ?, ?)",
                                 (model_version, name, scorer.sorted_reference[:, j].tobytes()))
+            own = {v for (v,) in self.db.execute("SELECT DISTINCT version FROM refs")}
+
+            def judged_here(version: str) -> bool:
+                """Its state was judged against this reference: the version itself, or (a
+                new default) a version without a reference of its own."""
+                return version == model_version or (not model_version and version not in own)
+
             for site, detector in self.db.execute("SELECT site, detector FROM cusum").fetchall():
-                if detector.rpartition("|")[2] == model_version:
+                if judged_here(detector.partition("|")[2]):  # signals hold no "|"
                     self.db.execute("DELETE FROM cusum WHERE site=? AND detector=?",
                                     (site, detector))
             if not model_version:
                 self.db.execute("DELETE FROM categories")
-            self.db.execute("UPDATE episodes SET state='closed', end_seq=?, end_ts=? WHERE "
-                            "state='open' AND version=?", (self._count(), _now(),
-                                                           model_version))
+            for episode_id, version in self.db.execute(
+                    "SELECT id, version FROM episodes WHERE state='open'").fetchall():
+                if judged_here(version or ""):
+                    self.db.execute("UPDATE episodes SET state='closed', end_seq=?, end_ts=?, "
+                                    "active='[]' WHERE id=?",
+                                    (self._count(), _now(), episode_id))
             self.db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE "
                             "SET value = excluded.value",
                             (_config_key(model_version), json.dumps(meta)))
@@ -499,6 +509,11 @@ class Monitor:
         ref = self._reference(version)
         names = list(ref.meta["names"])
         values = dict(features)
+        if score is not None:
+            try:
+                score = float(score)
+            except (TypeError, ValueError) as exc:
+                raise MonitorError(f"study {study_id}: the score is not a number") from exc
         if "score" in names:
             if score is None:
                 raise MonitorError("the reference includes model scores: give the study's score")
@@ -599,7 +614,9 @@ class Monitor:
         if episode is None and crossed:
             episode = Episode(site, version, signal, self.seq, _now(), study_id,
                               min(onset.get(n, self.seq) for n in crossed),
-                              changes=[change(n) for n in crossed], active=sorted(crossed))
+                              peak=min(max(statistic[n] for n in crossed) / h, CAP),
+                              peak_seq=self.seq, changes=[change(n) for n in crossed],
+                              active=sorted(crossed))
             directions = {str(c["direction"]) for c in episode.changes}
             alarms.append(self._open(episode, ", ".join(str(c["feature"])
                                                         for c in episode.changes),
@@ -665,24 +682,27 @@ class Monitor:
         self._event("monitoring.episode_closed", episode)
 
     def _event(self, action: str, episode: Episode) -> None:
-        """Audit now (in the update's order); notify once the update is committed."""
-        event = {**episode.to_dict(), "event": action}
-        if self.audit_log is not None:
-            self.audit_log.append(action, f"{episode.site}/{episode.signal}",  # type: ignore[attr-defined]
-                                  {**event, "detector": str(episode.signal)},
-                                  actor="radguard-monitor")
-        self._events.append(event)
+        """Audited and notified once the update is committed (an update rolled back - a
+        full disk, a dropped connection - leaves no entry for an episode that never was)."""
+        self._events.append({**episode.to_dict(), "event": action})
 
     @contextlib.contextmanager
     def _committed(self) -> Iterator[None]:
-        """One write transaction; the notices of the episodes it opened or closed go out
-        after its commit (never for an update that was rolled back)."""
+        """One write transaction; the audit entries and notices of the episodes it opened
+        or closed follow its commit, in order (never for an update that was rolled back)."""
         self._events = []
-        with self.db.transaction():
-            yield
-        events, self._events = self._events, []
-        if self.notify is not None:
-            for event in events:
+        try:
+            with self.db.transaction():
+                yield
+        finally:  # rolled back: the exception goes on, and so do no entries
+            events, self._events = self._events, []
+        for event in events:
+            if self.audit_log is not None:
+                self.audit_log.append(str(event["event"]),  # type: ignore[attr-defined]
+                                      f"{event['site']}/{event['signal']}",
+                                      {**event, "detector": event["signal"]},
+                                      actor="radguard-monitor")
+            if self.notify is not None:
                 self.notify.notify(event)  # type: ignore[attr-defined]
 
     # -- labels ------------------------------------------------------------------------------
@@ -772,14 +792,27 @@ class Monitor:
         return [_episode(r).to_dict() for r in rows]
 
     @_serialised
-    def status(self, window: int = 200, threshold: float | None = None) -> dict[str, object]:
+    def status(self, window: int = 200, threshold: float | None = None, *,
+               model_version: str | None = None) -> dict[str, object]:
         """Counts, episodes, window drift tests, rolling and label-free performance at the
-        operating point (the reference's, unless ``threshold`` is given)."""
-        ref = self._reference("")
+        operating point (the reference's, unless ``threshold`` is given), over the studies
+        judged against one reference: ``model_version``'s own, or (None) the default one -
+        the studies of every version without a reference of its own."""
+        ref = self._reference(model_version or "")
         scorer, names = ref.scorer, list(ref.meta["names"])
         point = float(threshold if threshold is not None else ref.meta.get("threshold", 0.5))
-        rows = self.db.execute("SELECT features, score, label, metadata FROM studies ORDER BY "
-                               "seq DESC LIMIT ?", (window,)).fetchall()
+        if model_version:
+            rows = self.db.execute("SELECT features, score, label, metadata FROM studies "
+                                   "WHERE version=? ORDER BY seq DESC LIMIT ?",
+                                   (model_version, window)).fetchall()
+        else:
+            own = sorted(v for v in self.references if v)
+            marks = ", ".join("?" * len(own))
+            rows = self.db.execute(
+                "SELECT features, score, label, metadata FROM studies WHERE "
+                + (f"COALESCE(version, '') NOT IN ({marks}) " if own else "1=1 ")
+                + "ORDER BY seq DESC LIMIT ?", (*own, window)).fetchall()
+        rows = [r for r in rows if set(names) <= set(json.loads(r[0]))]
         waiting = self.db.execute("SELECT COUNT(*) FROM pending_labels").fetchone()[0]
         out: dict[str, object] = {
             "studies": self._count(), "alarms": self.alarms(20),
@@ -789,6 +822,10 @@ class Monitor:
                                              (ref.meta.get("h_decay") or {}).items()}}}
         if "decay_off" in ref.meta:
             out["decay_detection"] = f"off: {ref.meta['decay_off']}"
+        elif ref.decay is None and "loss_mean" in ref.meta:
+            out["decay_detection"] = ("off: the reference was fitted before sensitivity and "
+                                      "specificity were watched (refit it with 'radguard "
+                                      "monitor init')")
         elif ref.decay is None:
             out["decay_detection"] = ("off: the reference has no labels and scores (refit it "
                                       "with 'radguard monitor init' on a labelled reference)")

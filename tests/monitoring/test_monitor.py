@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sqlite3
 
 import numpy as np
 import pytest
@@ -446,3 +447,63 @@ def test_cli_labels_arrive_late_with_bad_rows(decay_reference, tmp_path):
     assert wrong.exit_code == 2 and "no column 'id'" in wrong.stderr
     status = runner.invoke(main, ["monitor", "status", "--db", str(tmp_path / "m.db")])
     assert status.exit_code == 0 and "1 label(s) waiting for their study" in status.output
+
+
+def test_review_findings_versions_status_and_bad_scores(tmp_path):
+    """A version whose reference has other features does not break status; a version
+    named with "|" keeps its own state when another is refitted; refitting the default
+    resets the versions judged against it; bad scores are clear errors."""
+    rng = np.random.default_rng(21)
+    monitor = Monitor(tmp_path / "m.db")
+    monitor.fit_reference(rng.normal(0, 1, (100, 3)), NAMES, scores=rng.uniform(size=100))
+    monitor.fit_reference(rng.normal(0, 1, (100, 2)), ["a", "x"], model_version="v1")
+    monitor.fit_reference(rng.normal(0, 1, (100, 3)), NAMES, model_version="b")
+    for i in range(25):
+        monitor.observe(f"v{i}", {"a": 0.0, "x": 0.0}, model_version="v1")
+        monitor.observe(f"d{i}", _row(rng.normal(0, 1, 3)), score=0.5)
+        monitor.observe(f"p{i}", _row(rng.normal(6, 1, 3)), score=0.5, model_version="a|b")
+        monitor.observe(f"f{i}", _row(rng.normal(0, 1, 3)), score=0.5, model_version="fb")
+    assert monitor.status()["window"] == 75  # the default's, and "a|b" and "fb" fall back
+    assert monitor.status(model_version="v1")["window"] == 25
+    keys = {r[0] for r in monitor.db.execute("SELECT detector FROM cusum")}
+    assert {"drift|a|b", "drift|fb"} <= keys
+    monitor.fit_reference(rng.normal(0, 1, (100, 3)), NAMES, model_version="b")
+    keys = {r[0] for r in monitor.db.execute("SELECT detector FROM cusum")}
+    assert "drift|a|b" in keys  # not taken for version "b"
+    monitor.fit_reference(rng.normal(0, 1, (100, 3)), NAMES, scores=rng.uniform(size=100))
+    keys = {r[0] for r in monitor.db.execute("SELECT detector FROM cusum")}
+    assert "drift|fb" not in keys and "drift|" not in keys and "drift|v1" in keys
+    assert all(e["version"] in ("v1", "b") for e in monitor.episodes(open_only=True))
+    with pytest.raises(MonitorError, match="score is not a number"):
+        monitor.observe("bad", _row([0, 0, 0]), score="abc")  # type: ignore[arg-type]
+    with pytest.raises(MonitorError, match="NaN or infinite"):
+        Monitor(tmp_path / "n.db").fit_reference(rng.normal(0, 1, (60, 3)), NAMES,
+                                                 scores=np.r_[np.nan, rng.uniform(size=59)])
+
+
+def test_a_rolled_back_update_leaves_no_audit_entry_and_alarms_carry_their_peak(tmp_path):
+    from radguard.governance.auditlog import AuditLog
+
+    rng = np.random.default_rng(22)
+    log = AuditLog(tmp_path / "audit.jsonl")
+    monitor = Monitor(tmp_path / "m.db", audit_log=log)
+    monitor.fit_reference(rng.normal(0, 1, (100, 3)), NAMES,
+                          metadata=[{"Manufacturer": "GE"}] * 100)
+    real_transaction = monitor.db.transaction
+
+    @__import__("contextlib").contextmanager
+    def failing():
+        with real_transaction():
+            yield
+            raise sqlite3.OperationalError("database or disk is full")
+
+    monitor.db.transaction = failing
+    with pytest.raises(sqlite3.OperationalError):
+        monitor.observe("x", _row([0, 0, 0]), metadata={"Manufacturer": "Acme"})
+    monitor.db.transaction = real_transaction
+    assert [e for e in log.entries() if e.action.startswith("monitoring.")] == []
+    assert monitor.episodes() == []
+    for i in range(30):
+        monitor.observe(f"s{i}", _row([6.0, 6.0, 6.0]))
+    opened = [e for e in log.entries() if e.action == "monitoring.alarm"]
+    assert len(opened) == 1 and opened[0].details["peak"] >= 1.0
