@@ -252,6 +252,41 @@ def test_readme_parsed():
     assert set(PREREQUISITES) | set(FIXTURES) <= set(BY_HEADING)
 
 
+def test_command_splitting():
+    lines = [
+        "# a full-line comment",
+        'RADGUARD_DEBUG=1 radguard keys ca --name "A # B" -o pki/ca  # trailing',
+        "radguard verify x.dcm \\",
+        "    --trust ca.pem      # INVALID, exit 1",
+        "",
+        "python - <<'PY'",
+        "print(1)  # kept: inside the heredoc",
+        "PY",
+        "radguard scan PATH... [--json]",
+    ]
+    commands = _commands(lines, 10)
+    assert [c.text for c in commands] == [
+        'RADGUARD_DEBUG=1 radguard keys ca --name "A # B" -o pki/ca',
+        "radguard verify x.dcm --trust ca.pem",
+        "python - <<'PY'\nprint(1)  # kept: inside the heredoc\nPY",
+        "radguard scan PATH... [--json]",
+    ]
+    assert [c.line for c in commands] == [11, 12, 15, 18]
+    assert [c.expected_exit for c in commands] == [0, 1, 0, 0]
+    assert [is_synopsis(c) for c in commands] == [False, False, False, True]
+    assert skip_reason(Command("radguard serve --config gw.toml", 1)) is not None
+    assert skip_reason(Command("radguard triage card --model chest", 1)) is None
+
+
+def test_synopsis_flags_are_checked(tmp_path: Path) -> None:
+    env = _environment(tmp_path)
+    _check_synopsis(Command("radguard triage predict PATH... [--json] [--sr-dir D]", 1),
+                    tmp_path, env)
+    with pytest.raises(AssertionError, match="--no-such-flag is not an option"):
+        _check_synopsis(Command("radguard triage predict PATH... [--no-such-flag]", 1),
+                        tmp_path, env)
+
+
 @pytest.mark.parametrize("block", BLOCKS, ids=[f"L{b.line}" for b in BLOCKS])
 def test_readme_block(block: Block, tmp_path: Path) -> None:
     if not any(skip_reason(c) is None for c in block.commands):
