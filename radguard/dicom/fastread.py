@@ -45,7 +45,7 @@ _DELIMITERS = frozenset({0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD})
 _ENCAPSULATED_VRS = frozenset({b"OB", b"OW"})
 
 
-def parse(fp: Any, buffer: Any, size: int, defer_size: int | None) -> FileDataset | None:  # noqa: ANN401
+def parse(fp: Any, buffer: Any, size: int, defer_size: int | None) -> FileDataset | None:
     """The data set of the Part 10 file in ``buffer`` (bytes or mmap, ``size`` long), read
     through ``fp`` (its seekable reader, kept as ``ds.buffer`` like pydicom does), or None
     when the file is not one this parser handles exactly like pydicom."""
@@ -86,7 +86,7 @@ def parse(fp: Any, buffer: Any, size: int, defer_size: int | None) -> FileDatase
 
 
 def _elements(
-    view: memoryview, pos: int, size: int, fp: Any,  # noqa: ANN401
+    view: memoryview, pos: int, size: int, fp: Any,
     *, group: int | None, defer_size: int | None = None,
 ) -> tuple[dict[BaseTag, RawDataElement | DataElement] | None, int]:
     """Top-level elements from ``pos`` on (only those of ``group`` if given): the dict and

@@ -555,7 +555,7 @@ def _keyword_tag(keyword: str) -> int | None:
     return tag_for_keyword(keyword)
 
 
-def peek(ds: Dataset, keyword: str | int, default: Any = None) -> Any:  # noqa: ANN401
+def peek(ds: Dataset, keyword: str | int, default: Any = None) -> Any:
     """An element's value without converting it in place.
 
     ``ds.Keyword`` makes pydicom replace the raw element by a decoded one, and a decoded

@@ -313,7 +313,7 @@ class ScoreStore(Protocol):
     """What :class:`SourceScores` needs of a database: the gateway's
     :class:`~radguard.gateway.store.Store` and :class:`CalibrationFile` both have it."""
 
-    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> Any:  # noqa: ANN401
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
         """One statement with ``?`` placeholders."""
 
     def transaction(self) -> contextlib.AbstractContextManager[None]:
@@ -347,7 +347,7 @@ class CalibrationFile:
                         id="INTEGER PRIMARY KEY AUTOINCREMENT", float="REAL").split(";")):
                     self.execute(statement)
 
-    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> Any:  # noqa: ANN401
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
         """One statement."""
         try:
             return self._db.execute(sql, params)

@@ -52,7 +52,7 @@ def network_input(a: np.ndarray, residual: np.ndarray | None = None) -> np.ndarr
     return np.stack([(a - 128.0) / 64.0, np.clip(r, -8.0, 8.0) / 4.0]).astype(np.float32)
 
 
-def build_network() -> Any:  # noqa: ANN401 (torch is imported lazily)
+def build_network() -> Any:  # torch is imported lazily
     """The fully convolutional detector: two stride-2 stages, then dilated context at 1/4."""
     import torch.nn as nn
 
@@ -100,7 +100,7 @@ class LocalEditDetector:
     """Inference with one set of trained weights (see module docstring): in torch, or in the
     onnxruntime ``session`` of their export when one is given."""
 
-    def __init__(self, state: dict, session: Any = None) -> None:  # noqa: ANN401
+    def __init__(self, state: dict, session: Any = None) -> None:
         import torch
 
         try:
@@ -186,7 +186,7 @@ def _read_state(p: Path) -> dict:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
         raise RadguardError(f"local-edit detector weights not found: {p}") from exc
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad weights file
+    except Exception as exc:  # any unpickling failure is a bad weights file
         raise RadguardError(f"local-edit detector weights unreadable: {p} ({exc})") from exc
     if not isinstance(state, dict):
         raise RadguardError(f"local-edit detector weights are malformed: {p}")

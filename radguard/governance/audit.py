@@ -82,8 +82,8 @@ def _unit8(grey: np.ndarray) -> np.ndarray:
     return (np.clip((a - lo) / max(hi - lo, 1e-9), 0, 1) * 255).astype(np.uint8)
 
 
-def examine_image(path: str | os.PathLike[str], *, model: Any = None,  # noqa: ANN401
-                  detector: Any = None, trust: Any = None) -> ImageFacts:  # noqa: ANN401
+def examine_image(path: str | os.PathLike[str], *, model: Any = None,
+                  detector: Any = None, trust: Any = None) -> ImageFacts:
     """Read one image and gather its facts; bad input becomes ``error``, never an exception."""
     from radguard.governance.datasets import load_image, pixel_digest
     from radguard.monitoring.features import image_features
@@ -119,7 +119,7 @@ def examine_image(path: str | os.PathLike[str], *, model: Any = None,  # noqa: A
     return facts
 
 
-def _signature_status(ds: Any, trust: Any) -> str:  # noqa: ANN401
+def _signature_status(ds: Any, trust: Any) -> str:
     from radguard.provenance.verify import verify_dataset
 
     if 0xFFFAFFFA not in ds:
@@ -349,10 +349,10 @@ def audit_dataset(
     patient_col: str | None = None,
     split_col: str | None = None,
     label_key: str | None = None,
-    model: Any = None,  # noqa: ANN401 - a triage model with ``embed``
+    model: Any = None,  # a triage model with ``embed``
     synthetic: bool = True,
     synthetic_threshold: float | None = None,
-    trust: Any = None,  # noqa: ANN401
+    trust: Any = None,
     against: str | os.PathLike[str] | None = None,
     flip_threshold: float = 0.5,
     workers: int = 1,
@@ -508,7 +508,7 @@ def _near_pairs(ok: dict[str, ImageFacts], by_pixels: dict[str, list[str]]
     return out
 
 
-def _shift(current: list[ImageFacts], against: str | os.PathLike[str], model: Any,  # noqa: ANN401
+def _shift(current: list[ImageFacts], against: str | os.PathLike[str], model: Any,
            workers: int) -> list[dict[str, Any]]:
     from radguard.concurrency import map_ordered
     from radguard.governance.datasets import image_files

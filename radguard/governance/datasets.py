@@ -191,7 +191,7 @@ class Manifest:
         body.pop("signature", None)
         return _canonical(body)
 
-    def sign(self, signer: Any) -> None:  # noqa: ANN401 - a provenance.Signer
+    def sign(self, signer: Any) -> None:  # a provenance.Signer
         """Sign with a radguard key; the certificate chain travels with the manifest."""
         data = self.signed_bytes()
         if isinstance(signer.key, rsa.RSAPrivateKey):
@@ -215,7 +215,7 @@ class Manifest:
             return None
         return x509.load_pem_x509_certificates(self.signature["certificates"].encode())[0]
 
-    def check_signature(self, trust: Any = None) -> str:  # noqa: ANN401 - a TrustStore
+    def check_signature(self, trust: Any = None) -> str:  # a TrustStore
         """Raise DatasetError unless the signature holds (and chains to ``trust`` if given);
         returns the signer's description."""
         from radguard.provenance.keys import describe_subject

@@ -32,7 +32,7 @@ from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_eleme
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import correct_ambiguous_vr_element, write_data_element
-from pydicom.hooks import _private_vr_for_tag  # noqa: PLC2701 - the rule pydicom itself applies
+from pydicom.hooks import _private_vr_for_tag  # the rule pydicom itself applies
 from pydicom.tag import BaseTag, Tag
 
 from radguard.dicom.io import stored_element

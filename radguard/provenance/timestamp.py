@@ -85,7 +85,7 @@ def http_timestamper(url: str, *, hash_name: str = "sha256", timeout: float = 15
                      "Accept": "application/timestamp-reply"},
         )
         try:
-            with urllib.request.urlopen(http_req, timeout=timeout) as answer:  # noqa: S310
+            with urllib.request.urlopen(http_req, timeout=timeout) as answer:
                 body = answer.read(1 << 20)
         except urllib.error.HTTPError as exc:
             raise TimestampError(f"TSA {url} answered HTTP {exc.code}") from exc
