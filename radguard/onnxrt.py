@@ -35,7 +35,9 @@ def export_onnx(network: Any, example: Any, *, input_name: str, output_name: str
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         try:
             with torch.no_grad():
-                torch.onnx.export(network, (example,), buf, input_names=[input_name],
+                # the TorchScript exporter writes to a file object too; torch types a path
+                torch.onnx.export(network, (example,), buf,  # type: ignore[arg-type]
+                                  input_names=[input_name],
                                   output_names=[output_name], dynamo=False,
                                   dynamic_axes=dynamic_axes)
         except torch.onnx.OnnxExporterError as exc:

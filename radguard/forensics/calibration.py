@@ -264,7 +264,7 @@ def operating_point(source: str, scores: Mapping[str, Sequence[float] | np.ndarr
         else:
             thresholds[d] = None
     present = [d for d in DETECTORS if counts[d]]
-    if present and all(thresholds[d] is not None and thresholds[d].strong for d in present):
+    if present and all(t is not None and t.strong for t in (thresholds[d] for d in present)):
         status, note = "calibrated", ""
     elif any(thresholds[d] is not None for d in present):
         status = "provisional"

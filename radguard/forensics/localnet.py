@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -56,7 +56,8 @@ def build_network() -> Any:  # torch is imported lazily
     """The fully convolutional detector: two stride-2 stages, then dilated context at 1/4."""
     import torch.nn as nn
 
-    def block(cin: int, cout: int, k: int = 3, stride: int = 1, dilation: int = 1) -> list:
+    def block(cin: int, cout: int, k: int = 3, stride: int = 1,
+              dilation: int = 1) -> list[nn.Module]:
         pad = dilation * (k - 1) // 2 if stride == 1 else 1
         return [
             nn.Conv2d(cin, cout, k, stride, pad, dilation=dilation, bias=False),
@@ -100,7 +101,7 @@ class LocalEditDetector:
     """Inference with one set of trained weights (see module docstring): in torch, or in the
     onnxruntime ``session`` of their export when one is given."""
 
-    def __init__(self, state: dict, session: Any = None) -> None:
+    def __init__(self, state: dict[str, Any], session: Any = None) -> None:
         import torch
 
         try:
@@ -147,7 +148,8 @@ def _extreme_cells(a: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     if hi - lo < 8:
         return np.zeros(grid, dtype=bool)
     extreme = (a <= lo + 1) | (a >= hi - 1)
-    cells = extreme.reshape(grid[0], CELL, grid[1], CELL).any(axis=(1, 3))
+    # numpy types any(axis=...) as maybe a scalar
+    cells = cast(np.ndarray, extreme.reshape(grid[0], CELL, grid[1], CELL).any(axis=(1, 3)))
     from scipy import ndimage
 
     return ndimage.binary_dilation(cells, iterations=2)
@@ -179,7 +181,7 @@ def export_onnx(weights: str | Path = WEIGHTS_PATH) -> Path:
         output_name="logits", dynamic_axes={"x": {2: "h", 3: "w"}, "logits": {2: "h4", 3: "w4"}})
 
 
-def _read_state(p: Path) -> dict:
+def _read_state(p: Path) -> dict[str, Any]:
     import torch
 
     try:

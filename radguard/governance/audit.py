@@ -27,7 +27,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from PIL import Image
@@ -422,7 +422,7 @@ def audit_dataset(
 
     # label flips -----------------------------------------------------------------------------
     labelled = [k for k in ok if label_of(k) not in (None, "")]
-    counts = defaultdict(int)
+    counts: defaultdict[str | None, int] = defaultdict(int)
     for k in labelled:
         counts[label_of(k)] += 1
     if label_c is None:
@@ -431,9 +431,10 @@ def audit_dataset(
         report.not_checked.append("label flips: need at least 20 labelled images and 5 per "
                                   "class")
     else:
-        emb = np.stack([ok[k].embedding for k in labelled])
+        # images read without error all have an embedding (and a thumbnail)
+        emb = np.stack([cast(np.ndarray, ok[k].embedding) for k in labelled])
         groups_of = [patient_of(k) or k for k in labelled]
-        result = flip_suspects(emb, [label_of(k) for k in labelled], groups_of)
+        result = flip_suspects(emb, cast(list[str], [label_of(k) for k in labelled]), groups_of)
         order = np.argsort(-result["suspicion"])
         report.findings["label_flip_suspects"] = [
             {"image": labelled[i], "label": label_of(labelled[i]),
@@ -491,7 +492,7 @@ def _near_pairs(ok: dict[str, ImageFacts], by_pixels: dict[str, list[str]]
     if len(keys) < 2:
         return []
     hashes = np.array([ok[k].phash for k in keys], dtype=np.uint64)
-    thumbs = np.stack([ok[k].thumb.astype(np.float64).ravel() for k in keys])
+    thumbs = np.stack([cast(np.ndarray, ok[k].thumb).astype(np.float64).ravel() for k in keys])
     thumbs = (thumbs - thumbs.mean(1, keepdims=True)) / (thumbs.std(1, keepdims=True) + 1e-9)
     out = []
     for i in range(len(keys) - 1):
@@ -529,8 +530,8 @@ def _shift(current: list[ImageFacts], against: str | os.PathLike[str], model: An
             found.append({"test": "KS", "feature": name, "statistic": test["statistic"],
                           "p_value": test["p_value"]})
     rng = np.random.default_rng(0)
-    a = np.stack([f.embedding for f in old])
-    b = np.stack([f.embedding for f in current])
+    a = np.stack([cast(np.ndarray, f.embedding) for f in old])
+    b = np.stack([cast(np.ndarray, f.embedding) for f in current])
     a = a[rng.permutation(len(a))[:300]]
     b = b[rng.permutation(len(b))[:300]]
     mmd = mmd_test(a, b, permutations=200)

@@ -445,7 +445,7 @@ def _values(value: object) -> list[object]:
     if value is None or value == "":
         return []
     if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        return list(value)  # type: ignore[arg-type]
+        return list(value)  # type: ignore[call-overload]  # a MultiValue is iterable
     return [value]
 
 
@@ -473,7 +473,7 @@ def _shift(value: object, vr: str, delta: dt.timedelta) -> object:
         return one(value) if value else value
     if value is None:
         return value
-    return [one(v) for v in value]  # type: ignore[union-attr]
+    return [one(v) for v in value]  # type: ignore[attr-defined]  # a MultiValue
 
 
 def deidentify_file(src: str | os.PathLike[str], out_dir: str | os.PathLike[str],
