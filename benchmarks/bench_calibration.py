@@ -105,7 +105,7 @@ class Scorer:
         self.cache: dict[str, Score] = {}
         if self.path.exists():
             with open(self.path, "rb") as f:
-                self.cache = pickle.load(f)  # noqa: S301 - our own cache file
+                self.cache = pickle.load(f)  # our own cache file
         self.new = 0
 
     def __call__(self, key: str, make: Callable[[], np.ndarray]) -> Score:
@@ -242,7 +242,7 @@ def _rate(flags: np.ndarray) -> str:
     return f"{100 * ci.value:.1f}% [{100 * ci.low:.1f}, {100 * ci.high:.1f}] ({k}/{n})"
 
 
-def main() -> None:  # noqa: C901, PLR0912, PLR0915 - one table after another
+def main() -> None:  # one table after another
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--calibrate", type=int, default=200, help="known-real images per source")
     ap.add_argument("--target", type=float, default=0.01, help="false-alarm target per source")
@@ -279,7 +279,7 @@ def main() -> None:  # noqa: C901, PLR0912, PLR0915 - one table after another
     torch_families = None
     try:
         torch_families = sd.TorchFamilies()
-    except Exception as exc:  # noqa: BLE001 - the learned families are optional here
+    except Exception as exc:  # the learned families are optional here
         print(f"(learned generator families unavailable: {exc})")
     families = [f for f in sd.FAMILIES if torch_families is not None or f not in sd.LEARNED]
     rows_far, rows_det = [], []

@@ -398,7 +398,7 @@ def _slide_for(positives: np.ndarray, point: float, drop: float) -> float:
     return (lo + hi) / 2
 
 
-def _anchor_module() -> Any:  # noqa: ANN401 - benchmarks/monitoring_anchors.py
+def _anchor_module() -> Any:  # benchmarks/monitoring_anchors.py
     sys.path.insert(0, str(Path(__file__).parent))
     import monitoring_anchors
 
@@ -424,7 +424,7 @@ def _anchors(ref_x: np.ndarray, ref_y: np.ndarray, ref_s: np.ndarray,
         return {}
 
 
-def _drift_anchors(ref_x: np.ndarray) -> Any:  # noqa: ANN401 - stream -> {name: ends}
+def _drift_anchors(ref_x: np.ndarray) -> Any:  # stream -> {name: ends}
     """NannyML's univariate drift and Evidently's dataset drift, fitted on ``ref_x``."""
     ma = _anchor_module()
     try:

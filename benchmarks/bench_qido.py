@@ -274,7 +274,7 @@ def time_qido(servers: dict[str, tuple[str, object]], path: str, repeats: int,
     return {k: (statistics.median(v), counts[k]) for k, v in times.items()}
 
 
-def find_identifier(keys: dict[str, str]):  # noqa: ANN201
+def find_identifier(keys: dict[str, str]):
     from pydicom.dataset import Dataset
 
     ds = Dataset()
@@ -285,7 +285,7 @@ def find_identifier(keys: dict[str, str]):  # noqa: ANN201
     return ds
 
 
-def open_find(port: int, called: str):  # noqa: ANN201
+def open_find(port: int, called: str):
     from pynetdicom import AE
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
@@ -301,7 +301,7 @@ def open_find(port: int, called: str):  # noqa: ANN201
     return assoc
 
 
-def one_find(assoc, keys: dict[str, str]) -> tuple[float, int, int]:  # noqa: ANN001
+def one_find(assoc, keys: dict[str, str]) -> tuple[float, int, int]:
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
     start = time.perf_counter()

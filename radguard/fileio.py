@@ -15,7 +15,7 @@ import os
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 
 @contextlib.contextmanager
@@ -81,7 +81,7 @@ def read_bytes(path: str | os.PathLike[str], what: str,
 
 
 def read_json_object(path: str | os.PathLike[str], what: str,
-                     error: type[Exception]) -> dict:
+                     error: type[Exception]) -> dict[str, Any]:
     """A JSON file holding one object (a manifest, a model card, weights), or ``error`` with
     a one-line message: missing, unreadable, not JSON, or not an object."""
     raw = read_bytes(path, what, error)

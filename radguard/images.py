@@ -228,7 +228,7 @@ def _first_number(value: object) -> float | None:
     if isinstance(value, list | tuple) or (
         hasattr(value, "__len__") and not isinstance(value, str | bytes)
     ):
-        value = value[0] if len(value) else None  # type: ignore[index,arg-type]
+        value = value[0] if len(value) else None  # type: ignore[index]
     try:
         return None if value in (None, "") else float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):

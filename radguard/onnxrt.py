@@ -19,7 +19,7 @@ __all__ = ["WEIGHTS_SHA256", "export_onnx", "file_sha256", "open_session", "open
            "session_metadata", "write_stamped_export"]
 
 
-def export_onnx(network: Any, example: Any, *, input_name: str, output_name: str,  # noqa: ANN401
+def export_onnx(network: Any, example: Any, *, input_name: str, output_name: str,
                 dynamic_axes: dict[str, dict[int, str]],
                 metadata: dict[str, str] | None = None) -> bytes:
     """A torch network as ONNX bytes (TorchScript exporter: it needs no onnxscript, and torch
@@ -35,7 +35,9 @@ def export_onnx(network: Any, example: Any, *, input_name: str, output_name: str
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         try:
             with torch.no_grad():
-                torch.onnx.export(network, (example,), buf, input_names=[input_name],
+                # the TorchScript exporter writes to a file object too; torch types a path
+                torch.onnx.export(network, (example,), buf,  # type: ignore[arg-type]
+                                  input_names=[input_name],
                                   output_names=[output_name], dynamo=False,
                                   dynamic_axes=dynamic_axes)
         except torch.onnx.OnnxExporterError as exc:
@@ -53,7 +55,7 @@ def export_onnx(network: Any, example: Any, *, input_name: str, output_name: str
     return data
 
 
-def open_session(model: str | Path | bytes, *, threads: int = 1) -> Any:  # noqa: ANN401
+def open_session(model: str | Path | bytes, *, threads: int = 1) -> Any:
     """An onnxruntime CPU session. ``threads`` > 1 spreads one run over cores (for a command
     line scan of a few images); the gateway's check processes use one each, so they do not
     compete. Idle pool threads do not spin: the gateway's cores have other work."""
@@ -70,11 +72,11 @@ def open_session(model: str | Path | bytes, *, threads: int = 1) -> Any:  # noqa
     try:
         return onnxruntime.InferenceSession(model if isinstance(model, bytes) else str(model),
                                             options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 (onnxruntime raises its own zoo of errors)
+    except Exception as exc:  # onnxruntime raises its own zoo of errors
         raise RadguardError(f"{where}: not a loadable ONNX model ({exc})") from exc
 
 
-def session_metadata(session: Any) -> dict[str, str]:  # noqa: ANN401
+def session_metadata(session: Any) -> dict[str, str]:
     """The ``metadata_props`` an ONNX model was exported with."""
     return dict(session.get_modelmeta().custom_metadata_map)
 
@@ -90,8 +92,8 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def write_stamped_export(network: Any, example: Any, weights: Path, out: Path,  # noqa: ANN401
-                         **export_args: Any) -> Path:  # noqa: ANN401
+def write_stamped_export(network: Any, example: Any, weights: Path, out: Path,
+                         **export_args: Any) -> Path:
     """Export ``network`` (loaded from the ``weights`` file) to ``out``, stamped with the
     weights' SHA-256, so a later load can tell a stale export from a fresh one."""
     from radguard.fileio import atomic_write_bytes
@@ -103,7 +105,7 @@ def write_stamped_export(network: Any, example: Any, weights: Path, out: Path,  
 
 
 def open_stamped_export(weights: Path, exported: Path, *, threads: int, remedy: str
-                        ) -> Any | None:  # noqa: ANN401
+                        ) -> Any | None:
     """A session of the ONNX export of ``weights``, or None when there is none; an export
     made from other weights (they changed since) is refused, with ``remedy`` in the error."""
     if not exported.is_file():

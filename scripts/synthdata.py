@@ -300,14 +300,14 @@ def fake_grain(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 # --------------------------------------------------------------------------- torch families
 
 
-def _torch() -> Any:  # noqa: ANN401
+def _torch() -> Any:
     import torch
 
     torch.set_num_threads(1)  # one core: the machine is shared
     return torch
 
 
-def autoencoder_net() -> Any:  # noqa: ANN401 (torch is imported lazily)
+def autoencoder_net() -> Any:  # torch is imported lazily
     torch = _torch()
     nn = torch.nn
     return nn.Sequential(
@@ -324,7 +324,7 @@ def autoencoder_net() -> Any:  # noqa: ANN401 (torch is imported lazily)
     )
 
 
-def nn_decoder_net() -> Any:  # noqa: ANN401
+def nn_decoder_net() -> Any:
     """Autoencoder whose decoder upsamples by nearest neighbour + convolution (the decoder
     shape of Stable Diffusion's VAE), latent 4 x 1/8 as in latent diffusion."""
     torch = _torch()
@@ -344,7 +344,7 @@ def nn_decoder_net() -> Any:  # noqa: ANN401
     )
 
 
-def super_resolution_net() -> Any:  # noqa: ANN401
+def super_resolution_net() -> Any:
     """ESPCN-style 4x super-resolution (sub-pixel convolution), the upscaler of generators
     that synthesise small and deliver large."""
     torch = _torch()
@@ -357,7 +357,7 @@ def super_resolution_net() -> Any:  # noqa: ANN401
     )
 
 
-def dcgan_generator(nz: int = 64, ngf: int = 16) -> Any:  # noqa: ANN401
+def dcgan_generator(nz: int = 64, ngf: int = 16) -> Any:
     torch = _torch()
     nn = torch.nn
     return nn.Sequential(
@@ -378,7 +378,7 @@ def dcgan_generator(nz: int = 64, ngf: int = 16) -> Any:  # noqa: ANN401
     )
 
 
-def dcgan_discriminator(ndf: int = 16) -> Any:  # noqa: ANN401
+def dcgan_discriminator(ndf: int = 16) -> Any:
     torch = _torch()
     nn = torch.nn
     return nn.Sequential(
@@ -397,7 +397,7 @@ def dcgan_discriminator(ndf: int = 16) -> Any:  # noqa: ANN401
     )
 
 
-def _descend(optimiser: Any, loss: Any) -> None:  # noqa: ANN401
+def _descend(optimiser: Any, loss: Any) -> None:
     """One gradient step."""
     optimiser.zero_grad()
     loss.backward()
@@ -493,7 +493,7 @@ class TorchFamilies:
         torch = _torch()
         self.torch = torch
 
-        def load(net: Any, name: str) -> Any:  # noqa: ANN401
+        def load(net: Any, name: str) -> Any:
             net.load_state_dict(
                 {k: v.float() for k, v in torch.load(GENERATOR_DIR / name).items()}
             )
@@ -511,7 +511,7 @@ class TorchFamilies:
         )
         self.g.eval()
 
-    def _run(self, net: Any, img: np.ndarray) -> np.ndarray:  # noqa: ANN401
+    def _run(self, net: Any, img: np.ndarray) -> np.ndarray:
         h, w = (img.shape[0] // 8) * 8, (img.shape[1] // 8) * 8
         t = self.torch.from_numpy(img[:h, :w].astype(np.float32)[None, None] / 127.5 - 1)
         with self.torch.no_grad():

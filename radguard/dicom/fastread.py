@@ -18,7 +18,7 @@ return None, and the caller falls back to pydicom, whose errors it already trans
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any, cast
 
 from pydicom.charset import convert_encodings, default_encoding
 from pydicom.dataelem import DataElement, RawDataElement, empty_value_for_VR
@@ -45,7 +45,7 @@ _DELIMITERS = frozenset({0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD})
 _ENCAPSULATED_VRS = frozenset({b"OB", b"OW"})
 
 
-def parse(fp: Any, buffer: Any, size: int, defer_size: int | None) -> FileDataset | None:  # noqa: ANN401
+def parse(fp: Any, buffer: Any, size: int, defer_size: int | None) -> FileDataset | None:
     """The data set of the Part 10 file in ``buffer`` (bytes or mmap, ``size`` long), read
     through ``fp`` (its seekable reader, kept as ``ds.buffer`` like pydicom does), or None
     when the file is not one this parser handles exactly like pydicom."""
@@ -53,7 +53,7 @@ def parse(fp: Any, buffer: Any, size: int, defer_size: int | None) -> FileDatase
     meta_elements, pos = _elements(view, 132, size, None, group=2)
     if meta_elements is None or not meta_elements:
         return None
-    syntax_elem = meta_elements.get(0x00020010)
+    syntax_elem = meta_elements.get(BaseTag(0x00020010))
     if syntax_elem is None or not syntax_elem.value:
         return None
     syntax = UID(syntax_elem.value.decode("ascii", "replace").rstrip("\0 "))
@@ -73,7 +73,7 @@ def parse(fp: Any, buffer: Any, size: int, defer_size: int | None) -> FileDatase
     if elements is None or end != size:
         return None
     encoding: str | list[str] = default_encoding
-    charset = elements.get(0x00080005)
+    charset = elements.get(BaseTag(0x00080005))
     if charset is not None:
         encoding = convert_encodings(convert_string(charset.value or b"", True))
     dataset = Dataset(elements, parent_encoding=default_encoding)
@@ -86,7 +86,7 @@ def parse(fp: Any, buffer: Any, size: int, defer_size: int | None) -> FileDatase
 
 
 def _elements(
-    view: memoryview, pos: int, size: int, fp: Any,  # noqa: ANN401
+    view: memoryview, pos: int, size: int, fp: Any,
     *, group: int | None, defer_size: int | None = None,
 ) -> tuple[dict[BaseTag, RawDataElement | DataElement] | None, int]:
     """Top-level elements from ``pos`` on (only those of ``group`` if given): the dict and
@@ -138,7 +138,7 @@ def _elements(
         elif length:
             value = bytes(view[value_tell:end])
         else:
-            value = empty_value_for_VR(vr, raw=True)
+            value = cast(bytes | None, empty_value_for_VR(vr, raw=True))  # raw: b"" or None
         if tag == 0x00080005:
             encoding = convert_encodings(convert_string(value or b"", True))
         out[key] = RawDataElement(key, vr, length, value, value_tell, False, True)

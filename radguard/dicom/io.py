@@ -23,7 +23,7 @@ import warnings
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import pydicom
 from pydicom.datadict import tag_for_keyword
@@ -116,6 +116,7 @@ def _parse(buffer: bytes | mmap.mmap, name: str, *, stop_before_pixels: bool,
         # the parse lock, since the decode budget may make this wait for other parses
         buffer, inflated = _inflate(buffer, extent[0], name), True
     fp = _StrictReader(buffer, path)
+    ds: Dataset | None
     # warning capture is process-global, so parses that rely on it take turns
     with _PARSE_LOCK, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -251,10 +252,11 @@ def _read_inflated(fp: _StrictReader, stop_before_pixels: bool) -> Dataset:
     from pydicom.filereader import read_dataset as read_elements
 
     fp.seek(0)
-    preamble = read_preamble(fp, False)
-    file_meta = _read_file_meta_info(fp)
+    binary = cast(BinaryIO, fp)  # pydicom says BinaryIO, and calls only read, seek and tell
+    preamble = read_preamble(binary, False)
+    file_meta = _read_file_meta_info(binary)
     stop = (lambda tag, vr, length: tag in _PIXEL_TAGS) if stop_before_pixels else None
-    dataset = read_elements(fp, False, True, stop_when=stop, defer_size=DEFER_SIZE)
+    dataset = read_elements(binary, False, True, stop_when=stop, defer_size=DEFER_SIZE)
     ds = FileDataset(fp, dataset, preamble, file_meta, False, True)
     ds.set_original_encoding(False, True, dataset._character_set)
     return ds
@@ -384,7 +386,7 @@ def _check_nesting(ds: Dataset, name: str) -> None:
                 length = elem.length
                 if length == _UNDEFINED or level + 1 + length // 16 <= MAX_NESTING:
                     continue
-                value = elem.value
+                value: bytes | memoryview | None = elem.value
                 if value is None and source is not None and current is ds:
                     value = source[elem.value_tell:elem.value_tell + length]
                 if value is None or bytes(value[:4]) not in (b"\xfe\xff\x00\xe0",
@@ -432,7 +434,8 @@ def stored_element(ds: Dataset, tag: int) -> DataElement | RawDataElement | None
     ``ds.get_item(tag, keep_deferred=True)`` but without pydicom converting the int to a Tag
     on every call: signing and verifying walk every element of every file several times,
     and that conversion was about 2 ms of a 7 MB file's 18 ms of CPU."""
-    return ds._dict.get(tag)
+    # pydicom types the keys BaseTag, an int with int's hash: a plain int finds the same entry
+    return ds._dict.get(tag)  # type: ignore[call-overload]
 
 
 def source_view(ds: Dataset) -> memoryview | None:
@@ -447,7 +450,7 @@ def _check_complete(ds: Dataset, name: str, size: int) -> None:
     (deferred values are not read, so their extent is checked against the file size)."""
     for tag in ds.keys():
         raw = stored_element(ds, tag)
-        if raw is None or not getattr(raw, "is_raw", False):
+        if not isinstance(raw, RawDataElement):
             continue
         length = raw.length
         if length == 0xFFFFFFFF:
@@ -535,9 +538,10 @@ def detached_view(ds: Dataset) -> Dataset:
     pydicom converts raw elements in place whenever something reads them (the writer and
     the pixel decoder included); working on a view keeps the caller's raw bytes intact.
     """
-    view = Dataset({tag: stored_element(ds, tag) for tag in ds.keys()})
+    view = Dataset({tag: ds._dict[tag] for tag in ds.keys()})
     view.file_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
-    view.set_original_encoding(*ds.original_encoding, ds.original_character_set)
+    implicit, little = ds.original_encoding
+    view.set_original_encoding(implicit, little, ds.original_character_set)
     view.preamble = getattr(ds, "preamble", None)
     # where deferred values live, so the view can read them too
     for attr in ("filename", "buffer", "fileobj_type", "timestamp"):
@@ -555,7 +559,7 @@ def _keyword_tag(keyword: str) -> int | None:
     return tag_for_keyword(keyword)
 
 
-def peek(ds: Dataset, keyword: str | int, default: Any = None) -> Any:  # noqa: ANN401
+def peek(ds: Dataset, keyword: str | int, default: Any = None) -> Any:
     """An element's value without converting it in place.
 
     ``ds.Keyword`` makes pydicom replace the raw element by a decoded one, and a decoded
@@ -565,7 +569,8 @@ def peek(ds: Dataset, keyword: str | int, default: Any = None) -> Any:  # noqa: 
     tag = keyword if isinstance(keyword, int) else _keyword_tag(keyword)
     if tag is None:
         return default
-    elem = ds._dict.get(tag)  # one lookup; ``in`` + ``get_item`` made two Tag objects
+    # one lookup (``in`` + ``get_item`` made two Tag objects); an int finds a BaseTag key
+    elem = ds._dict.get(tag)  # type: ignore[call-overload]
     if elem is None:
         return default
     if isinstance(elem, RawDataElement) and elem.value is None and elem.length:

@@ -17,6 +17,7 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 
 from radguard.dicom.io import detached_view, peek, source_view, stored_element
@@ -108,7 +109,7 @@ def validate_pixel_data(ds: Dataset, *, decode_compressed: bool = True) -> Pixel
     if info.photometric == "YBR_FULL_422" and info.samples_per_pixel == 3:
         bits = bits * 2 // 3  # two luma samples share one Cb and one Cr (PS3.3 C.7.6.3.1.2)
     expected = (bits + 7) // 8
-    actual = elem.length if getattr(elem, "is_raw", False) else len(elem.value or b"")
+    actual = elem.length if isinstance(elem, RawDataElement) else len(elem.value or b"")
     if actual not in (expected, expected + (expected % 2)):
         raise DicomReadError(
             f"{name}: pixel data holds {actual} bytes, the header implies {expected}"
@@ -167,6 +168,7 @@ def _check_encapsulated(ds: Dataset, elem: object, decoded: int, name: str) -> i
     only if it cannot be decoded; the decoded size is bounded anyway). Returns the encoded
     size; a :class:`DicomReadError` for data that cannot be walked."""
     value = getattr(elem, "value", None)
+    start: int | None
     start, in_file = 0, value is None
     if in_file:  # deferred: the item headers are read where the file is mapped
         value, start = source_view(ds), getattr(elem, "value_tell", None)

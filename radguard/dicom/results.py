@@ -20,13 +20,17 @@ import functools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.codedict import codes
 
 from radguard.dicom.uids import new_uid
 from radguard.errors import RadguardError
+
+if TYPE_CHECKING:
+    from highdicom.sr import CodedConcept
 
 __all__ = ["TriageFinding", "frame_count", "overlay_capture", "patient_orientation",
            "saliency_segmentation", "triage_report"]
@@ -49,7 +53,7 @@ class TriageFinding:
     version: str
 
 
-def _code(value: str, scheme: str, meaning: str) -> object:
+def _code(value: str, scheme: str, meaning: str) -> CodedConcept:
     import highdicom as hd
 
     return hd.sr.CodedConcept(value=value, scheme_designator=scheme, meaning=meaning)
@@ -234,7 +238,8 @@ def overlay_capture(source: Dataset, rgb: np.ndarray, *, description: str,
         )
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         raise RadguardError(f"cannot build the overlay capture ({exc})") from exc
-    sc.PatientOrientation = list(orientation) if orientation else ""
+    # highdicom types it a list; "" is DICOM's empty (unknown) value
+    sc.PatientOrientation = list(orientation) if orientation else ""  # type: ignore[assignment]
     sc.SeriesDescription = description[:64]
     ref = Dataset()
     ref.ReferencedSOPClassUID = source.SOPClassUID
@@ -272,7 +277,7 @@ def saliency_segmentation(source: Dataset, heat: np.ndarray, *, model: str, vers
         raise RadguardError("saliency map values must lie in [0, 1]")
     orientation = patient_orientation(source)
     ref = _header(source)
-    ref.file_meta = getattr(source, "file_meta", Dataset())
+    ref.file_meta = getattr(source, "file_meta", FileMetaDataset())
     try:
         algorithm = hd.AlgorithmIdentificationSequence(
             name=model, version=version, family=codes.cid7162.ArtificialIntelligence)

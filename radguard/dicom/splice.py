@@ -99,7 +99,7 @@ def source_layout(ds: Dataset, path: str | os.PathLike[str], size: int,
         tell = getattr(elem, "value_tell", None)
         if tell is None:
             tell = getattr(elem, "file_tell", None)
-        vr = elem.VR
+        vr = elem.VR if elem is not None else None
         if tell is None or vr is None:
             return None
         starts[int(tag)] = tell - header_size(vr)

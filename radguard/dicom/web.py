@@ -18,7 +18,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
-from typing import BinaryIO, cast
+from typing import Any, BinaryIO, cast
 
 from radguard.errors import RadguardError
 
@@ -142,7 +142,7 @@ class DicomWebClient:
         return data
 
 
-def _value(item: dict, tag: str) -> str:
+def _value(item: dict[str, Any], tag: str) -> str:
     return str(item[tag]["Value"][0])
 
 

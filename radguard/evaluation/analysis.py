@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from radguard.evaluation.metrics import (
     EvaluationError,
@@ -49,7 +51,7 @@ def subgroups(labels: np.ndarray, scores: np.ndarray, groups: Sequence[object],
     g = np.asarray([str(v) for v in groups])
     if len(g) != len(y):
         raise EvaluationError("the group column does not match the predictions")
-    rows = {}
+    rows: dict[str, dict[str, Any]] = {}  # JSON-shaped
     for name in sorted(set(g)):
         mask = g == name
         yy, ss = y[mask], s[mask]
@@ -68,7 +70,7 @@ def subgroups(labels: np.ndarray, scores: np.ndarray, groups: Sequence[object],
         scored = {k: v for k, v in scored.items() if not math.isnan(v)}
         if len(scored) < 2:
             continue
-        best, worst = max(scored, key=scored.get), min(scored, key=scored.get)
+        best, worst = max(scored, key=scored.__getitem__), min(scored, key=scored.__getitem__)
         gap = scored[best] - scored[worst]
         if metric == "auc":
             mb, mw = g == best, g == worst
@@ -81,13 +83,13 @@ def subgroups(labels: np.ndarray, scores: np.ndarray, groups: Sequence[object],
     return {"threshold": threshold, "groups": rows, "largest_gaps": gaps}
 
 
-def _value(row: dict, metric: str) -> float:
+def _value(row: dict[str, Any], metric: str) -> float:
     if metric not in row:
         return math.nan
     return float(row[metric]["auc"] if metric == "auc" else row[metric]["value"])
 
 
-def _proportion_gap_ci(a: dict, b: dict) -> tuple[float, float]:
+def _proportion_gap_ci(a: dict[str, float], b: dict[str, float]) -> tuple[float, float]:
     """Newcombe's hybrid-score interval for a difference of two proportions (from their
     Wilson intervals)."""
     pa, pb = a["value"], b["value"]
@@ -119,7 +121,7 @@ def compare_sites(internal: tuple[np.ndarray, np.ndarray],
     return out
 
 
-def froc(detections: Sequence[dict], lesions: Sequence[dict], n_images: int,
+def froc(detections: Sequence[dict[str, Any]], lesions: Sequence[dict[str, Any]], n_images: int,
          fp_rates: Sequence[float] = (0.5, 1, 2, 4)) -> dict[str, object]:
     """Free-response ROC.
 
@@ -132,7 +134,7 @@ def froc(detections: Sequence[dict], lesions: Sequence[dict], n_images: int,
     n_lesions = len(lesions)
     if n_lesions == 0:
         raise EvaluationError("FROC needs at least one lesion")
-    by_image: dict[object, list[dict]] = {}
+    by_image: dict[object, list[dict[str, Any]]] = {}
     for lesion in lesions:
         by_image.setdefault(lesion["image"], []).append(lesion)
     ordered = sorted(detections, key=lambda d: -float(d["score"]))
@@ -171,7 +173,7 @@ def majority_vote(reads: np.ndarray) -> np.ndarray:
     return (r.mean(axis=1) >= 0.5).astype(np.int64)
 
 
-def cohen_kappa(a: Sequence[int], b: Sequence[int]) -> float:
+def cohen_kappa(a: npt.ArrayLike, b: npt.ArrayLike) -> float:
     """Cohen's kappa of two raters on the same cases (any number of categories)."""
     x, y = np.asarray(a), np.asarray(b)
     if len(x) != len(y) or len(x) == 0:

@@ -190,8 +190,8 @@ def study_from_rows(rows: list[dict[str, str]], source: str = "ratings") -> Read
     modalities, readers, cases = (tuple(order[c]) for c in ("modality", "reader", "case"))
     _check_design(modalities, readers, cases, cells, truth, source)
     ratings = np.empty((len(modalities), len(readers), len(cases)))
-    for (m, r, c), value in cells.items():
-        ratings[order["modality"][m], order["reader"][r], order["case"][c]] = value
+    for (m, r, c), score in cells.items():
+        ratings[order["modality"][m], order["reader"][r], order["case"][c]] = score
     return ReaderStudy(modalities, readers, cases, np.array([truth[c] for c in cases]),
                        ratings, source)
 

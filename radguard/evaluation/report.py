@@ -16,6 +16,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -199,7 +200,7 @@ def _png(fig: object) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _plots(result: dict[str, object]) -> dict[str, str]:
+def _plots(result: dict[str, Any]) -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -261,7 +262,7 @@ def _fmt(ci: dict[str, float]) -> str:
     return f"{ci['value']:.3f} ({ci['low']:.3f}-{ci['high']:.3f})"
 
 
-def render_html(result: dict[str, object]) -> str:
+def render_html(result: dict[str, Any]) -> str:
     """A self-contained HTML page (plots embedded as PNG data URIs)."""
     figs = _plots(result)
     e = html.escape

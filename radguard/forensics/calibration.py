@@ -264,7 +264,7 @@ def operating_point(source: str, scores: Mapping[str, Sequence[float] | np.ndarr
         else:
             thresholds[d] = None
     present = [d for d in DETECTORS if counts[d]]
-    if present and all(thresholds[d] is not None and thresholds[d].strong for d in present):
+    if present and all(t is not None and t.strong for t in (thresholds[d] for d in present)):
         status, note = "calibrated", ""
     elif any(thresholds[d] is not None for d in present):
         status = "provisional"
@@ -313,7 +313,7 @@ class ScoreStore(Protocol):
     """What :class:`SourceScores` needs of a database: the gateway's
     :class:`~radguard.gateway.store.Store` and :class:`CalibrationFile` both have it."""
 
-    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> Any:  # noqa: ANN401
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
         """One statement with ``?`` placeholders."""
 
     def transaction(self) -> contextlib.AbstractContextManager[None]:
@@ -347,7 +347,7 @@ class CalibrationFile:
                         id="INTEGER PRIMARY KEY AUTOINCREMENT", float="REAL").split(";")):
                     self.execute(statement)
 
-    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> Any:  # noqa: ANN401
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
         """One statement."""
         try:
             return self._db.execute(sql, params)

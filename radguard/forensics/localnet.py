@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -52,11 +52,12 @@ def network_input(a: np.ndarray, residual: np.ndarray | None = None) -> np.ndarr
     return np.stack([(a - 128.0) / 64.0, np.clip(r, -8.0, 8.0) / 4.0]).astype(np.float32)
 
 
-def build_network() -> Any:  # noqa: ANN401 (torch is imported lazily)
+def build_network() -> Any:  # torch is imported lazily
     """The fully convolutional detector: two stride-2 stages, then dilated context at 1/4."""
     import torch.nn as nn
 
-    def block(cin: int, cout: int, k: int = 3, stride: int = 1, dilation: int = 1) -> list:
+    def block(cin: int, cout: int, k: int = 3, stride: int = 1,
+              dilation: int = 1) -> list[nn.Module]:
         pad = dilation * (k - 1) // 2 if stride == 1 else 1
         return [
             nn.Conv2d(cin, cout, k, stride, pad, dilation=dilation, bias=False),
@@ -100,7 +101,7 @@ class LocalEditDetector:
     """Inference with one set of trained weights (see module docstring): in torch, or in the
     onnxruntime ``session`` of their export when one is given."""
 
-    def __init__(self, state: dict, session: Any = None) -> None:  # noqa: ANN401
+    def __init__(self, state: dict[str, Any], session: Any = None) -> None:
         import torch
 
         try:
@@ -147,7 +148,8 @@ def _extreme_cells(a: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     if hi - lo < 8:
         return np.zeros(grid, dtype=bool)
     extreme = (a <= lo + 1) | (a >= hi - 1)
-    cells = extreme.reshape(grid[0], CELL, grid[1], CELL).any(axis=(1, 3))
+    # numpy types any(axis=...) as maybe a scalar
+    cells = cast(np.ndarray, extreme.reshape(grid[0], CELL, grid[1], CELL).any(axis=(1, 3)))
     from scipy import ndimage
 
     return ndimage.binary_dilation(cells, iterations=2)
@@ -179,14 +181,14 @@ def export_onnx(weights: str | Path = WEIGHTS_PATH) -> Path:
         output_name="logits", dynamic_axes={"x": {2: "h", 3: "w"}, "logits": {2: "h4", 3: "w4"}})
 
 
-def _read_state(p: Path) -> dict:
+def _read_state(p: Path) -> dict[str, Any]:
     import torch
 
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
         raise RadguardError(f"local-edit detector weights not found: {p}") from exc
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad weights file
+    except Exception as exc:  # any unpickling failure is a bad weights file
         raise RadguardError(f"local-edit detector weights unreadable: {p} ({exc})") from exc
     if not isinstance(state, dict):
         raise RadguardError(f"local-edit detector weights are malformed: {p}")

@@ -21,8 +21,10 @@ import hashlib
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from typing import cast
 
 import numpy as np
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 
 from radguard.dicom.io import peek, source_view
@@ -169,7 +171,9 @@ def _pixel_findings(ds: Dataset, modality: str, pixels: np.ndarray | None) -> li
 
 def _raw_unsigned_max(ds: Dataset, info: object) -> int | None:
     """Largest raw stored word of native unsigned pixel data, before any masking."""
-    raw = ds.get_item(0x7FE00010, keep_deferred=True) if 0x7FE00010 in ds else None
+    # pydicom types get_item as DataElement; keep_deferred=True may give the raw element
+    raw = cast(DataElement | RawDataElement | None,
+               ds.get_item(0x7FE00010, keep_deferred=True) if 0x7FE00010 in ds else None)
     allocated = getattr(info, "bits_allocated", 0)
     if raw is None or getattr(info, "signed", True) or allocated not in (8, 16, 32) or \
             getattr(raw, "length", None) == 0xFFFFFFFF or getattr(raw, "is_undefined_length",
@@ -178,7 +182,7 @@ def _raw_unsigned_max(ds: Dataset, info: object) -> int | None:
     value = raw.value
     if value is None:  # deferred: read it in place from the mapped file, without converting
         view = source_view(ds)
-        if view is None:
+        if view is None or not isinstance(raw, RawDataElement):
             return None
         value = view[raw.value_tell : raw.value_tell + raw.length]
     size = allocated // 8

@@ -490,14 +490,14 @@ def _content_evidence(r: ScanResult, point: OperatingPoint, reasons: list[str],
     if syn is not None and point.synthetic is not None:
         judged = True
         if point.synthetic.fires(syn):
-            text = [f"synthetic score {syn:.2f} {point.synthetic.describe()}"]
-            text += r.synthetic.reasons() if r.synthetic else []
+            texts = [f"synthetic score {syn:.2f} {point.synthetic.describe()}"]
+            texts += r.synthetic.reasons() if r.synthetic else []
             if point.synthetic.strong:
                 found = "synthetic" if found == "clear" else found
-                reasons.extend(text)
+                reasons.extend(texts)
             else:
-                weak.append(text[0] + qualifier)
-                weak.extend(text[1:])
+                weak.append(texts[0] + qualifier)
+                weak.extend(texts[1:])
         elif point.synthetic_band is not None and syn >= point.synthetic_band:
             weak.append(f"synthetic score {syn:.2f} in the doubtful band "
                         f"[{point.synthetic_band:.2f}, {point.synthetic.value:.2f})")

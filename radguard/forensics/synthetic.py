@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -128,7 +129,7 @@ def feature_vector(
 class SyntheticDetector:
     """Inference with one set of trained weights (see module docstring)."""
 
-    def __init__(self, weights: dict) -> None:
+    def __init__(self, weights: dict[str, Any]) -> None:
         try:
             blk = weights["block"]
             self._b_mean = np.asarray(blk["mean"])
@@ -209,7 +210,7 @@ class _Trees:
     HistGradientBoostingClassifier by the training script) evaluated with numpy: every tree
     of every row walked at once, one level per step."""
 
-    def __init__(self, t: dict) -> None:
+    def __init__(self, t: dict[str, Any]) -> None:
         self.feature = np.asarray(t["feature"], dtype=np.intp)
         self.threshold = np.asarray(t["threshold"], dtype=np.float64)
         self.left = np.asarray(t["left"], dtype=np.intp)

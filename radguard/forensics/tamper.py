@@ -23,6 +23,7 @@ Measured rates: ``benchmarks/bench_forensics.py`` (figures in ``benchmarks/RESUL
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 from scipy import ndimage
@@ -123,8 +124,9 @@ def _reduce(a: np.ndarray, limit: int = 1024) -> tuple[np.ndarray, float]:
 
 def _cell_blocks(cells: np.ndarray, c: int, n: int, ny: int, nx: int) -> np.ndarray:
     """Sum of n x n cells (each c x c pixels, one per pixel position) for every block."""
-    rows = sum(cells[:, j * c : j * c + nx] for j in range(n))
-    return sum(rows[i * c : i * c + ny] for i in range(n))
+    # n >= 1: the sums are arrays, never sum()'s start value 0
+    rows = cast(np.ndarray, sum(cells[:, j * c : j * c + nx] for j in range(n)))
+    return cast(np.ndarray, sum(rows[i * c : i * c + ny] for i in range(n)))
 
 
 def _copy_candidates(a: np.ndarray) -> list[tuple[int, int, int, np.ndarray, np.ndarray]]:
@@ -180,7 +182,7 @@ def _copy_candidates(a: np.ndarray) -> list[tuple[int, int, int, np.ndarray, np.
     dy, dx = dy[far], dx[far]
     shift_ids = dy * (2 * w + 1) + dx
     values, first, counts = np.unique(shift_ids, return_index=True, return_counts=True)
-    out = []
+    out: list[tuple[int, int, int, np.ndarray, np.ndarray]] = []
     for k in np.argsort(-counts, kind="stable"):
         if counts[k] < CM_MIN_PAIRS or len(out) >= CM_MAX_SHIFTS:
             break
@@ -236,11 +238,11 @@ def _copy_move(a: np.ndarray) -> tuple[list[list[int]], int]:
             mask[y0 : y0 + b, x0 : x0 + b] = True
     if not best:
         return [], 0
-    grid = (
+    grid = cast(np.ndarray, (  # numpy types any(axis=...) as maybe a scalar
         mask[: h // STEP * STEP, : w // STEP * STEP]
         .reshape(h // STEP, STEP, w // STEP, STEP)
         .any(axis=(1, 3))
-    )
+    ))
     return mask_boxes(grid, STEP), best
 
 

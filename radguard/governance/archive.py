@@ -108,7 +108,7 @@ def _failed(path: str, why: str, start: float) -> dict[str, Any]:
             "reasons": [why], "findings": [], "seconds": time.perf_counter() - start}
 
 
-def _row(path: str, size: int, mtime: float, result: Any, start: float  # noqa: ANN401
+def _row(path: str, size: int, mtime: float, result: Any, start: float
          ) -> dict[str, Any]:
     return {"path": path, "size": size, "mtime": mtime, "verdict": result.verdict,
             "signature": result.signature, "watermark": result.watermark,
@@ -120,7 +120,7 @@ def _row(path: str, size: int, mtime: float, result: Any, start: float  # noqa: 
 _TRUST_CACHE: dict[tuple[str, ...], Any] = {}
 
 
-def _trust(paths: tuple[str, ...]) -> Any:  # noqa: ANN401
+def _trust(paths: tuple[str, ...]) -> Any:
     if not paths:
         return None
     if paths not in _TRUST_CACHE:
@@ -130,7 +130,7 @@ def _trust(paths: tuple[str, ...]) -> Any:  # noqa: ANN401
     return _TRUST_CACHE[paths]
 
 
-def _key(path: str | None) -> Any:  # noqa: ANN401
+def _key(path: str | None) -> Any:
     if not path:
         return None
     from radguard.watermark import load_key
@@ -214,7 +214,7 @@ class ArchiveAudit:
                            durable=False)
 
 
-def _client(scheduler: str | None, workers: int) -> tuple[Any, Any]:  # noqa: ANN401
+def _client(scheduler: str | None, workers: int) -> tuple[Any, Any]:
     import logging
 
     from dask.distributed import Client, LocalCluster

@@ -27,7 +27,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from PIL import Image
@@ -82,8 +82,8 @@ def _unit8(grey: np.ndarray) -> np.ndarray:
     return (np.clip((a - lo) / max(hi - lo, 1e-9), 0, 1) * 255).astype(np.uint8)
 
 
-def examine_image(path: str | os.PathLike[str], *, model: Any = None,  # noqa: ANN401
-                  detector: Any = None, trust: Any = None) -> ImageFacts:  # noqa: ANN401
+def examine_image(path: str | os.PathLike[str], *, model: Any = None,
+                  detector: Any = None, trust: Any = None) -> ImageFacts:
     """Read one image and gather its facts; bad input becomes ``error``, never an exception."""
     from radguard.governance.datasets import load_image, pixel_digest
     from radguard.monitoring.features import image_features
@@ -119,7 +119,7 @@ def examine_image(path: str | os.PathLike[str], *, model: Any = None,  # noqa: A
     return facts
 
 
-def _signature_status(ds: Any, trust: Any) -> str:  # noqa: ANN401
+def _signature_status(ds: Any, trust: Any) -> str:
     from radguard.provenance.verify import verify_dataset
 
     if 0xFFFAFFFA not in ds:
@@ -349,10 +349,10 @@ def audit_dataset(
     patient_col: str | None = None,
     split_col: str | None = None,
     label_key: str | None = None,
-    model: Any = None,  # noqa: ANN401 - a triage model with ``embed``
+    model: Any = None,  # a triage model with ``embed``
     synthetic: bool = True,
     synthetic_threshold: float | None = None,
-    trust: Any = None,  # noqa: ANN401
+    trust: Any = None,
     against: str | os.PathLike[str] | None = None,
     flip_threshold: float = 0.5,
     workers: int = 1,
@@ -422,7 +422,7 @@ def audit_dataset(
 
     # label flips -----------------------------------------------------------------------------
     labelled = [k for k in ok if label_of(k) not in (None, "")]
-    counts = defaultdict(int)
+    counts: defaultdict[str | None, int] = defaultdict(int)
     for k in labelled:
         counts[label_of(k)] += 1
     if label_c is None:
@@ -431,9 +431,10 @@ def audit_dataset(
         report.not_checked.append("label flips: need at least 20 labelled images and 5 per "
                                   "class")
     else:
-        emb = np.stack([ok[k].embedding for k in labelled])
+        # images read without error all have an embedding (and a thumbnail)
+        emb = np.stack([cast(np.ndarray, ok[k].embedding) for k in labelled])
         groups_of = [patient_of(k) or k for k in labelled]
-        result = flip_suspects(emb, [label_of(k) for k in labelled], groups_of)
+        result = flip_suspects(emb, cast(list[str], [label_of(k) for k in labelled]), groups_of)
         order = np.argsort(-result["suspicion"])
         report.findings["label_flip_suspects"] = [
             {"image": labelled[i], "label": label_of(labelled[i]),
@@ -491,7 +492,7 @@ def _near_pairs(ok: dict[str, ImageFacts], by_pixels: dict[str, list[str]]
     if len(keys) < 2:
         return []
     hashes = np.array([ok[k].phash for k in keys], dtype=np.uint64)
-    thumbs = np.stack([ok[k].thumb.astype(np.float64).ravel() for k in keys])
+    thumbs = np.stack([cast(np.ndarray, ok[k].thumb).astype(np.float64).ravel() for k in keys])
     thumbs = (thumbs - thumbs.mean(1, keepdims=True)) / (thumbs.std(1, keepdims=True) + 1e-9)
     out = []
     for i in range(len(keys) - 1):
@@ -508,7 +509,7 @@ def _near_pairs(ok: dict[str, ImageFacts], by_pixels: dict[str, list[str]]
     return out
 
 
-def _shift(current: list[ImageFacts], against: str | os.PathLike[str], model: Any,  # noqa: ANN401
+def _shift(current: list[ImageFacts], against: str | os.PathLike[str], model: Any,
            workers: int) -> list[dict[str, Any]]:
     from radguard.concurrency import map_ordered
     from radguard.governance.datasets import image_files
@@ -529,8 +530,8 @@ def _shift(current: list[ImageFacts], against: str | os.PathLike[str], model: An
             found.append({"test": "KS", "feature": name, "statistic": test["statistic"],
                           "p_value": test["p_value"]})
     rng = np.random.default_rng(0)
-    a = np.stack([f.embedding for f in old])
-    b = np.stack([f.embedding for f in current])
+    a = np.stack([cast(np.ndarray, f.embedding) for f in old])
+    b = np.stack([cast(np.ndarray, f.embedding) for f in current])
     a = a[rng.permutation(len(a))[:300]]
     b = b[rng.permutation(len(b))[:300]]
     mmd = mmd_test(a, b, permutations=200)

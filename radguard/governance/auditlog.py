@@ -360,7 +360,7 @@ def _valid(record: object) -> bool:
     return isinstance(record, dict) and _FIELDS <= record.keys() <= _FIELDS | _OPTIONAL
 
 
-def _last_record(fh: Any, path: Path) -> dict[str, Any] | None:  # noqa: ANN401
+def _last_record(fh: Any, path: Path) -> dict[str, Any] | None:
     """The last line of an open log, read backwards from the end (logs grow large)."""
     fh.seek(0, os.SEEK_END)
     end = fh.tell()
@@ -490,7 +490,7 @@ class DatabaseAuditLog(_Chain):
                     conn.close()
             self._slots.release()
 
-    def _connect(self) -> Any:  # noqa: ANN401
+    def _connect(self) -> Any:
         try:
             conn = self._psycopg.connect(self.url, autocommit=True,
                                          connect_timeout=self.connect_timeout)
@@ -504,7 +504,7 @@ class DatabaseAuditLog(_Chain):
             raise
         return conn
 
-    def _create(self, conn: Any) -> None:  # noqa: ANN401
+    def _create(self, conn: Any) -> None:
         """The tables, once per log object."""
         if not self._ready:
             with conn.transaction():
@@ -512,7 +512,7 @@ class DatabaseAuditLog(_Chain):
                     conn.execute(statement)
             self._ready = True
 
-    def _reuse(self) -> Any:  # noqa: ANN401
+    def _reuse(self) -> Any:
         """An idle connection that still works, or None (the server may have restarted)."""
         with self._idle_lock:
             if self._idle_pid != os.getpid():  # forked: the parent's sockets are not ours
@@ -527,7 +527,7 @@ class DatabaseAuditLog(_Chain):
                 return None
         return conn
 
-    def _keep(self, conn: Any) -> None:  # noqa: ANN401
+    def _keep(self, conn: Any) -> None:
         with self._idle_lock:
             if self._idle_pid == os.getpid() and len(self._idle) < 2 and not conn.closed:
                 self._idle.append(conn)

@@ -19,7 +19,7 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from cryptography import x509
@@ -30,6 +30,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from radguard.concurrency import map_ordered
 from radguard.errors import RadguardError
 from radguard.fileio import atomic_write_bytes, read_json_object
+
+if TYPE_CHECKING:
+    from radguard.provenance.keys import Signer
+    from radguard.provenance.trust import TrustStore
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -191,7 +195,7 @@ class Manifest:
         body.pop("signature", None)
         return _canonical(body)
 
-    def sign(self, signer: Any) -> None:  # noqa: ANN401 - a provenance.Signer
+    def sign(self, signer: Signer) -> None:
         """Sign with a radguard key; the certificate chain travels with the manifest."""
         data = self.signed_bytes()
         if isinstance(signer.key, rsa.RSAPrivateKey):
@@ -215,7 +219,7 @@ class Manifest:
             return None
         return x509.load_pem_x509_certificates(self.signature["certificates"].encode())[0]
 
-    def check_signature(self, trust: Any = None) -> str:  # noqa: ANN401 - a TrustStore
+    def check_signature(self, trust: TrustStore | None = None) -> str:
         """Raise DatasetError unless the signature holds (and chains to ``trust`` if given);
         returns the signer's description."""
         from radguard.provenance.keys import describe_subject
@@ -318,6 +322,9 @@ def snapshot(root: str | os.PathLike[str], labels: str | os.PathLike[str] | None
         images[rel] = entry
         if progress:
             progress(1)
+    key: str | None
+    columns: list[str]
+    rows: dict[str, dict[str, str]]
     key, columns, rows = (None, [], {})
     if labels is not None:
         key, columns, rows = load_labels(labels, label_key)

@@ -371,16 +371,16 @@ class _Context:
             else:  # D, Z/D, X/D, X/Z/D, X/Z/U*: keep the attribute, drop its content
                 self._dummy(elem)
 
-    def _recurse(self, elem: Any) -> None:  # noqa: ANN401
+    def _recurse(self, elem: Any) -> None:
         if elem.VR == "SQ" and elem.value:
             for item in elem.value:
                 self.walk(item)
 
-    def _empty(self, elem: Any) -> None:  # noqa: ANN401
+    def _empty(self, elem: Any) -> None:
         elem.value = DicomSequence() if elem.VR == "SQ" else None
         self.report.emptied += 1
 
-    def _replace_uid(self, elem: Any) -> None:  # noqa: ANN401
+    def _replace_uid(self, elem: Any) -> None:
         if elem.VR == "SQ":
             self._recurse(elem)
             return
@@ -390,7 +390,7 @@ class _Context:
             elem.value = self.owner.uid(str(elem.value))
         self.report.uids += 1
 
-    def _dummy(self, elem: Any) -> None:  # noqa: ANN401
+    def _dummy(self, elem: Any) -> None:
         if elem.VR == "SQ":  # keep the structure; the profile applies inside
             self._recurse(elem)
             return
@@ -404,7 +404,7 @@ class _Context:
             elem.value = dummy
         self.report.replaced += 1
 
-    def _clean(self, elem: Any) -> None:  # noqa: ANN401
+    def _clean(self, elem: Any) -> None:
         if elem.VR == "SQ":
             self._recurse(elem)
             self.report.cleaned += 1
@@ -445,7 +445,7 @@ def _values(value: object) -> list[object]:
     if value is None or value == "":
         return []
     if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        return list(value)  # type: ignore[arg-type]
+        return list(value)  # type: ignore[call-overload]  # a MultiValue is iterable
     return [value]
 
 
@@ -473,11 +473,11 @@ def _shift(value: object, vr: str, delta: dt.timedelta) -> object:
         return one(value) if value else value
     if value is None:
         return value
-    return [one(v) for v in value]  # type: ignore[union-attr]
+    return [one(v) for v in value]  # type: ignore[attr-defined]  # a MultiValue
 
 
 def deidentify_file(src: str | os.PathLike[str], out_dir: str | os.PathLike[str],
-                    deidentifier: Deidentifier, *, signer: Any = None,  # noqa: ANN401
+                    deidentifier: Deidentifier, *, signer: Any = None,
                     ) -> tuple[Path, DeidReport]:
     """De-identify one file into ``out_dir/<new SOP Instance UID>.dcm`` (the original name
     may itself identify the patient), optionally re-signed; written atomically."""

@@ -109,7 +109,7 @@ class _SqliteDb:
     def sql(self, text: str) -> str:
         return text
 
-    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> Any:  # noqa: ANN401
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
         """Run one statement (``?`` placeholders). SQLite's errors are raised as they are:
         the gateway tells a full disk (sqlite3.OperationalError) from bad data by them."""
         return self.conn.execute(self.sql(sql), params)
@@ -166,7 +166,7 @@ class _PostgresDb(_SqliteDb):
         self.conn = None
         self._connection()
 
-    def _connection(self) -> Any:  # noqa: ANN401
+    def _connection(self) -> Any:
         """The open connection, or a new one when there is none or the server dropped it."""
         if self.conn is not None and not self.conn.closed and \
                 self.conn.info.status != self.psycopg.pq.ConnStatus.BAD:
@@ -188,7 +188,7 @@ class _PostgresDb(_SqliteDb):
     def sql(self, text: str) -> str:
         return text.replace("?", "%s")  # no literal question marks in the monitor's SQL
 
-    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> Any:  # noqa: ANN401
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
         conn = self._connection()
         try:
             return conn.execute(self.sql(sql), params)
@@ -200,7 +200,7 @@ class _PostgresDb(_SqliteDb):
             raise MonitorError(f"{self.where}: monitoring database error "
                                f"({_first_line(exc)})") from exc
 
-    def _retry(self, sql: str, params: tuple[Any, ...]) -> Any:  # noqa: ANN401
+    def _retry(self, sql: str, params: tuple[Any, ...]) -> Any:
         try:
             return self._connection().execute(self.sql(sql), params)
         except self.psycopg.Error as exc:

@@ -82,8 +82,8 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
     """Redirects are failures: urllib would turn the POST into a bodiless GET (a 2xx for an
     event never delivered) and carry our signature to wherever the answer points."""
 
-    def redirect_request(self, req: Any, fp: Any, code: int, msg: str,  # noqa: ANN401
-                         headers: Any, newurl: str) -> None:  # noqa: ANN401
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str,
+                         headers: Any, newurl: str) -> None:
         return None
 
 
@@ -430,7 +430,7 @@ class Dispatcher:
         while True:
             try:
                 notifier.send(event)
-            except Exception as exc:  # noqa: BLE001 - whatever a notifier raises is a failure
+            except Exception as exc:  # whatever a notifier raises is a failure
                 error = str(exc) or type(exc).__name__
                 if attempt < self.retries and getattr(exc, "retry", True) \
                         and not self._stop.wait(self.backoff * 2 ** attempt):
@@ -455,7 +455,7 @@ class Dispatcher:
             self.audit_log.append("monitoring.notify_failed", target,  # type: ignore[attr-defined]
                                   {"error": error, "episode": event.get("id")},
                                   actor="radguard-monitor")
-        except Exception as exc:  # noqa: BLE001 - the thread must go on delivering
+        except Exception as exc:  # the thread must go on delivering
             log.error("cannot record the failed notification in the audit log: %s", exc)
 
 

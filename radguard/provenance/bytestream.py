@@ -32,7 +32,7 @@ from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_eleme
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import correct_ambiguous_vr_element, write_data_element
-from pydicom.hooks import _private_vr_for_tag  # noqa: PLC2701 - the rule pydicom itself applies
+from pydicom.hooks import _private_vr_for_tag  # the rule pydicom itself applies
 from pydicom.tag import BaseTag, Tag
 
 from radguard.dicom.io import stored_element
@@ -87,6 +87,8 @@ def element_vr(
     ambiguous dictionary VRs the same way pydicom (and dcmtk) write them."""
     if elem is None:
         elem = stored_element(ds, tag)
+        if elem is None:
+            raise KeyError(tag)
     vr = elem.VR
     if vr is not None and " or " not in vr:
         return str(vr)
@@ -279,7 +281,7 @@ class MacStream:
         start = tell - head
         if start < 0 or tell + length > len(self._source):
             return None
-        if head == 12 and self._source[tell - 6 : tell - 4] != b"\0\0":
+        if head == 12 and bytes(self._source[tell - 6 : tell - 4]) != b"\0\0":
             return None  # non-zero reserved bytes: not the canonical encoding
         return start, tell + length
 
@@ -311,8 +313,9 @@ class MacStream:
             return
         if isinstance(elem, RawDataElement) and elem.value is None and elem.length:
             if self._source is not None and elem.length != _UNDEFINED:
-                elem = elem._replace(
-                    value=self._source[elem.value_tell : elem.value_tell + elem.length])
+                # a view where pydicom says bytes: only _raw_value reads it, as a buffer
+                elem = elem._replace(value=self._source[  # type: ignore[arg-type]
+                    elem.value_tell : elem.value_tell + elem.length])
             else:
                 elem = ds.get_item(tag)  # let pydicom read the deferred value
         raw_value = self._raw_value(elem, vr)
@@ -334,7 +337,7 @@ class MacStream:
         self._header(tag, vr, len(raw_value))
         self._write(memoryview(raw_value))
 
-    def _raw_value(self, elem: DataElement | RawDataElement, vr: str) -> bytes | None:
+    def _raw_value(self, elem: DataElement | RawDataElement | None, vr: str) -> bytes | None:
         """Original value bytes in little-endian order, if pydicom still holds them raw.
 
         Big-endian OB/UN/text values need no swap and OW/OF/OL/OD/OV values are swapped

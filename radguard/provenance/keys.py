@@ -316,7 +316,7 @@ def describe_name(name: x509.Name) -> str:
     parts = []
     for attr in name:
         label = _SHORT_NAMES.get(attr.oid, attr.oid.dotted_string)
-        parts.append(f"{label}={attr.value}")
+        parts.append(f"{label}={attr.value!s}")
     return ", ".join(parts)
 
 

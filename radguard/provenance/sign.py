@@ -391,7 +391,8 @@ def sign_file(
         done.append(pending.finish(stream))
         return encode_element(ds, 0xFFFAFFFA)
 
-    edits = {0x4FFE0001: encode_element(ds, 0x4FFE0001), 0xFFFAFFFA: signatures}
+    edits: dict[int, bytes | Callable[[], bytes]] = {
+        0x4FFE0001: encode_element(ds, 0x4FFE0001), 0xFFFAFFFA: signatures}
     tap = (held[0], held[1], stream.feed) if held is not None else None
     try:
         spliced = write_spliced(layout, edits, dst, durable=durable, tap=tap)

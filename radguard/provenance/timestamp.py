@@ -17,6 +17,7 @@ import hashlib
 import secrets
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from asn1crypto import algos, cms, core, tsp
@@ -32,8 +33,8 @@ from radguard.provenance.trust import TrustStore
 
 __all__ = ["TimestampCheck", "http_timestamper", "verify_timestamp_token"]
 
-_HASHES = {"sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512,
-           "sha1": hashes.SHA1}
+_HASHES: dict[str, Callable[[], hashes.HashAlgorithm]] = {
+    "sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512, "sha1": hashes.SHA1}
 
 
 def build_request(data: bytes, hash_name: str = "sha256") -> tuple[bytes, int]:
@@ -72,7 +73,9 @@ def token_from_response(response: bytes, data: bytes, nonce: int | None) -> byte
     return token.dump()
 
 
-def http_timestamper(url: str, *, hash_name: str = "sha256", timeout: float = 15.0):  # noqa: ANN201
+def http_timestamper(
+    url: str, *, hash_name: str = "sha256", timeout: float = 15.0
+) -> Callable[[bytes], bytes]:
     """A :data:`~radguard.provenance.sign.Timestamper` that asks the TSA at ``url``."""
     if not url.startswith(("http://", "https://")):
         raise TimestampError(f"TSA address must be an http(s) URL, not {url!r}")
@@ -85,7 +88,7 @@ def http_timestamper(url: str, *, hash_name: str = "sha256", timeout: float = 15
                      "Accept": "application/timestamp-reply"},
         )
         try:
-            with urllib.request.urlopen(http_req, timeout=timeout) as answer:  # noqa: S310
+            with urllib.request.urlopen(http_req, timeout=timeout) as answer:
                 body = answer.read(1 << 20)
         except urllib.error.HTTPError as exc:
             raise TimestampError(f"TSA {url} answered HTTP {exc.code}") from exc

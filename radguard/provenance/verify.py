@@ -378,7 +378,7 @@ def _item_error(exc: BaseException) -> str:
     return _malformed(exc)
 
 
-def _malformed(exc: Exception) -> str:
+def _malformed(exc: BaseException) -> str:
     return f"malformed signature item ({' '.join(str(exc).split())[:120]})"
 
 
@@ -545,6 +545,8 @@ def _signature_sites(ds: Dataset, location: str = "") -> list[tuple[Dataset, str
             continue
         try:
             raw = stored_element(ds, t)
+            if raw is None:
+                continue
             if raw.VR not in ("SQ", None) and " or " not in raw.VR:
                 continue  # explicit VR says it is not a sequence
             if element_vr(ds, t, bool(ds.original_encoding[0]), raw) != "SQ":

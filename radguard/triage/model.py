@@ -509,7 +509,7 @@ class OnnxTriageModel(BundleTriageModel):
         name = session.get_inputs()[0].name  # type: ignore[attr-defined]
         try:
             out = session.run(None, {name: np.ascontiguousarray(batch, np.float32)})[0]  # type: ignore[attr-defined]
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise TriageError(f"{self.card.name}: the ONNX model failed on this input "
                               f"({exc})") from exc
         out = np.asarray(out)

@@ -18,7 +18,7 @@ DEFAULT = {"input_size": 128, "channels": [16, 32, 64, 128], "strides": [2, 2, 2
            "num_res_units": 1}
 
 
-def build_network(config: dict[str, Any]) -> Any:  # noqa: ANN401 (torch imported lazily)
+def build_network(config: dict[str, Any]) -> Any:  # torch imported lazily
     """A MONAI residual classifier with one logit output."""
     from monai.networks.nets import Classifier
 

@@ -116,7 +116,7 @@ def load_site(folder: str | Path, size: int, *, positive: str = "pneumonia",
                           [r["patient_id"] for r in rows])
 
 
-def scores_of(net: Any, x: np.ndarray) -> np.ndarray:  # noqa: ANN401 (torch module)
+def scores_of(net: Any, x: np.ndarray) -> np.ndarray:  # torch module
     """Raw network outputs for a stack of inputs, in batches of 64."""
     import torch
 
@@ -145,7 +145,7 @@ def train_network(x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray, 
                   vertical_flip: bool = False, rotate: bool = False,
                   intensity_jitter: bool = True,
                   validate: Callable[[Any], np.ndarray] | None = None,
-                  log: Log = _quiet) -> Any:  # noqa: ANN401 (torch module)
+                  log: Log = _quiet) -> Any:  # torch module
     """AdamW + class-balanced BCE with flips (and intensity jitter); returns the network of
     the epoch with the best validation AUC. ``validate(net)`` scores the validation cases
     (default: the network on ``xv``), for models whose cases are not single inputs."""
@@ -200,7 +200,7 @@ def _fit_outputs(val_scores: np.ndarray, val_labels: np.ndarray
                                                            sensitivity=TARGET_SENSITIVITY)
 
 
-def write_bundle(out: str | Path, net: Any, meta: dict) -> Path:  # noqa: ANN401
+def write_bundle(out: str | Path, net: Any, meta: dict) -> Path:
     """``<out>.pt`` (half-precision state dict) and ``<out>.json``, each written atomically;
     returns the JSON path (what ``--model`` takes)."""
     import io
@@ -359,7 +359,7 @@ def _untrained_card(name: str) -> dict:
     return {"name": name, "version": "training", "intended_use": "", "training_data": ""}
 
 
-def patch_image_scores(net: Any, x: np.ndarray) -> np.ndarray:  # noqa: ANN401
+def patch_image_scores(net: Any, x: np.ndarray) -> np.ndarray:
     """Image scores of a patch network (mean of the top three patch logits)."""
     from radguard.triage.model import PatchTriageModel
 
@@ -432,7 +432,7 @@ def lesion_regions(data: MiasData, rows: np.ndarray, rng: np.random.Generator | 
 
 
 def fit_malignancy(data: MiasData, train_rows: np.ndarray, val_rows: np.ndarray, *,
-                   epochs: int, seed: int = 0, log: Log = _quiet) -> Any:  # noqa: ANN401
+                   epochs: int, seed: int = 0, log: Log = _quiet) -> Any:
     """The benign-vs-malignant region network from the lesions of two sets of images."""
     rng = np.random.default_rng(seed)
     x, y, _ = lesion_regions(data, train_rows, rng, per_lesion=8)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from radguard import __version__
 from radguard.dicom.io import peek
@@ -144,10 +144,10 @@ def embed_dataset(ds: Dataset, key: WatermarkKey, *, signer: str = "") -> Datase
     out.add_new(0x00080008, "CS", image_type)
     new_instance = new_uid()
     out.add_new(0x00080018, "UI", new_instance)
-    out.file_meta.MediaStorageSOPInstanceUID = new_instance
+    out.file_meta.MediaStorageSOPInstanceUID = UID(new_instance)
     sop_class = str(peek(ds, "SOPClassUID", "") or "")
     if sop_class:
-        out.file_meta.MediaStorageSOPClassUID = sop_class
+        out.file_meta.MediaStorageSOPClassUID = UID(sop_class)
     description = (f"radguard reversible watermark {SCHEME} v{VERSION}: pixel values changed "
                    "by at most a few levels; 'radguard watermark restore' recovers the "
                    "original bit for bit")

@@ -23,6 +23,7 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -159,7 +160,8 @@ def decode_export_mark(img: np.ndarray, key: WatermarkKey) -> ExportMark:
     return ExportMark(export_id, crc == _crc16(export_id), confidence, word)
 
 
-def register_export(registry: str | os.PathLike[str], export_id: int, record: dict) -> None:
+def register_export(registry: str | os.PathLike[str], export_id: int,
+                    record: dict[str, Any]) -> None:
     """Append one export to the JSON-lines registry (created if missing)."""
     path = Path(registry)
     entry = {"export_id": f"{export_id:012x}",
@@ -169,7 +171,7 @@ def register_export(registry: str | os.PathLike[str], export_id: int, record: di
         fh.write(previous + (json.dumps(entry) + "\n").encode())
 
 
-def lookup_export(registry: str | os.PathLike[str], export_id: int) -> dict | None:
+def lookup_export(registry: str | os.PathLike[str], export_id: int) -> dict[str, Any] | None:
     """The registry entry for ``export_id``, if any."""
     path = Path(registry)
     if not path.exists():

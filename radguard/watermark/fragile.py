@@ -103,7 +103,7 @@ def _full_block_tags(work: np.ndarray, layout: TagLayout, key: bytes, context: b
     b = layout.block
     n_bits = layout.rows * b
     n_bytes = min(32, -(-n_bits // 8))
-    raw = memoryview(cube).cast("B")
+    raw = cube.data.cast("B")
     step = b * b * 4
     digests = bytearray()
     # keyed once, then copied per block: the same digest as keying each block's hash anew

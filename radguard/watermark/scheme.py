@@ -28,6 +28,7 @@ from radguard.watermark.base import (
     LAYOUTS,
     FrameCheck,
     Identity,
+    Split,
     UnauthenticatedPayload,
     WatermarkError,
     max_threshold,
@@ -75,9 +76,9 @@ def embed_frame(frame: np.ndarray, key: WatermarkKey, identity: Identity, *, lo:
     # (the 70 dB cap on 12-16 bit data, 2 levels below 12 bits); then, for small or noisy
     # images only, larger thresholds up to the cap
     preferred = t_max if bits_stored >= 12 else min(2, t_max)
-    cache: dict[tuple[int, int], tuple] = {}
+    cache: dict[tuple[int, int], tuple[Split, int, np.ndarray, int]] = {}
 
-    def candidate(layout: tuple[int, int]) -> tuple:
+    def candidate(layout: tuple[int, int]) -> tuple[Split, int, np.ndarray, int]:
         # estimated capacity for every T at once (computed once per layout, when needed)
         if layout not in cache:
             sp = split(original, *layout)

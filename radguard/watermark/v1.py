@@ -15,6 +15,7 @@ import hmac
 import secrets
 import struct
 import zlib
+from typing import Any
 
 import numpy as np
 
@@ -126,7 +127,7 @@ def try_embed(original: np.ndarray, sp: Split, key: WatermarkKey, id_bytes: byte
     return None
 
 
-Parsed = tuple[tuple, Split, bytes, int]
+Parsed = tuple[tuple[Any, ...], Split, bytes, int]
 
 
 def read_header(frame: np.ndarray) -> Parsed | None:

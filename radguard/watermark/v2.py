@@ -268,7 +268,7 @@ def check(frame: np.ndarray, key: WatermarkKey, frame_index: int) -> FrameCheck 
     header = read_header(frame)
     key_ok = header is not None and header.key_check == key_check(key, header.head_start)
     anchor = None if key_ok else read_anchor(frame, key)
-    if key_ok:
+    if key_ok and header is not None:
         geo, nonce = header.geo, header.nonce
     elif anchor is not None and anchor[2]:
         geo, nonce = anchor[0], anchor[1]
@@ -295,6 +295,7 @@ def check(frame: np.ndarray, key: WatermarkKey, frame_index: int) -> FrameCheck 
     if not key_ok:
         result.problem = "watermark header damaged: the payload cannot be read"
         return result
+    assert header is not None  # key_ok
     result.params["threshold"] = header.threshold
     try:
         result.identity = _identity(key, header)[0]

@@ -344,7 +344,7 @@ def test_cli_deid_batch_goes_on_after_bad_files(tmp_path, pki, monkeypatch):
     # an unexpected error in one file (not bad input) is reported for that file only
     real = deid_module.Deidentifier.deidentify
 
-    def flaky(self, ds):  # noqa: ANN001, ANN202
+    def flaky(self, ds):
         if ds.get("Modality") == "DX":
             raise ValueError("boom")
         return real(self, ds)

@@ -159,7 +159,7 @@ def test_threads_share_one_monitor(fitted):
         try:
             for study, row, score in share:
                 monitor.observe(study, row, score=score, site="x")
-        except Exception as exc:  # noqa: BLE001 - collected for the assertion below
+        except Exception as exc:  # collected for the assertion below
             errors.append(exc)
 
     threads = [threading.Thread(target=observe, args=(rows[i::4],)) for i in range(4)]
@@ -386,7 +386,7 @@ def test_episodes_reach_the_audit_log_and_a_webhook(tmp_path):
     received = []
 
     class Receiver(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 - the http.server API
+        def do_POST(self):  # the http.server API
             received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
             self.send_response(204)
             self.end_headers()

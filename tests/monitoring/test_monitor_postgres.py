@@ -142,7 +142,7 @@ def test_concurrent_monitors_lose_no_update(db, tmp_path):
             start.wait(30)
             for i in range(k, n, 2):
                 raised[k] += gateways[k].observe(f"s{i}", row, score=0.3)
-        except BaseException as exc:  # noqa: BLE001 - collected for the assertion below
+        except BaseException as exc:  # collected for the assertion below
             errors.append(exc)
 
     threads = [threading.Thread(target=observe, args=(k,)) for k in (0, 1)]

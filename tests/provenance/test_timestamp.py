@@ -77,7 +77,7 @@ def tsa(pki):
     (folder / "tsa.cnf").write_text(TSA_CONFIG.format(dir=folder))
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
+        def do_POST(self):
             query = self.rfile.read(int(self.headers["Content-Length"]))
             with tempfile.TemporaryDirectory() as tmp:
                 (Path(tmp) / "q.tsq").write_bytes(query)

@@ -845,7 +845,7 @@ def hashed(monkeypatch) -> list[int]:
     passes: list[int] = []
 
     class Counted(verify_module.MacStream):
-        def add_elements(self, ds: Dataset, tags) -> None:  # noqa: ANN001
+        def add_elements(self, ds: Dataset, tags) -> None:
             tags = list(tags)
             passes.append(len(tags))
             super().add_elements(ds, tags)

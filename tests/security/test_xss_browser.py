@@ -24,7 +24,7 @@ class _Listener(http.server.BaseHTTPRequestHandler):
     hits: list[str] = []
     attack = b""
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:  # http.server's naming
         type(self).hits.append(self.path)
         body = self.attack if self.path == "/attack" else b"x"
         self.send_response(200)
@@ -50,7 +50,7 @@ def listener() -> Iterator[tuple[int, type[_Listener]]]:
     server.server_close()
 
 
-def _settle(driver) -> None:  # noqa: ANN001
+def _settle(driver) -> None:
     """Give error handlers and injected scripts time to run."""
     driver.execute_script("return Promise.all(Array.from(document.images).map("
                           "i => i.complete ? 1 : new Promise(r => i.onload = i.onerror = r)))")
