@@ -13,11 +13,11 @@ from typing import Any
 
 import click
 
-from radguard.cli_common import _progress
+from radguard.cli.common import _progress
 from radguard.errors import RadguardError
 
 __all__ = ["DEFAULT_STORE_ENV", "calibration_options", "default_store", "note_unknown_source",
-           "open_scores", "register"]
+           "open_scores"]
 
 DEFAULT_STORE_ENV = "RADGUARD_CALIBRATION"
 
@@ -256,11 +256,6 @@ def held(source: str | None, accept: tuple[str, ...], discard: tuple[str, ...],
                        f"{values})")
     if not waiting and not as_json:
         click.echo("nothing held for review", err=True)
-
-
-def register(main: click.Group) -> None:
-    """Attach ``radguard forensics`` to the main group."""
-    main.add_command(forensics)
 
 
 def note_unknown_source(scores: Any, source: str) -> None:  # noqa: ANN401
