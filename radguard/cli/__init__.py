@@ -81,15 +81,13 @@ class _Group(click.Group):
                 raise
             _err(_os_error_message(exc))
             ctx.exit(2)
-        except ImportError as exc:
-            extra = missing_extra(exc)
-            if extra is None or os.environ.get("RADGUARD_DEBUG"):
-                raise
-            click.echo(extra_message(ctx.invoked_subcommand or "", extra), err=True)
-            ctx.exit(2)
         except Exception as exc:
             if os.environ.get("RADGUARD_DEBUG"):
                 raise
+            extra = missing_extra(exc) if isinstance(exc, ImportError) else None
+            if extra is not None:  # an optional dependency not installed: say which extra
+                click.echo(extra_message(ctx.invoked_subcommand or "", extra), err=True)
+                ctx.exit(2)
             if isinstance(exc, sqlite3.OperationalError) and \
                     (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in _SQLITE_STORAGE_ERRORS:
                 _err(f"database file cannot be used: {exc} "
