@@ -362,31 +362,6 @@ def dataset_adjudicate_resolve(readers: str, adjudicated: str, out_path: str, ru
 
 # -- de-identification -----------------------------------------------------------------------
 
-def _pseudonym_key(path: str | None) -> tuple[bytes | None, str]:
-    """The key that keeps pseudonyms and UIDs consistent across runs (made if missing)."""
-    if not path:
-        return None, "pseudonyms consistent within this run only (give --pseudonym-key)"
-    import os
-    import secrets
-
-    from radguard.fileio import atomic_write_bytes
-    from radguard.governance.deid import DeidError
-
-    p = Path(path)
-    if p.exists():
-        try:
-            key = bytes.fromhex(p.read_text().strip())
-        except (OSError, ValueError) as exc:
-            raise DeidError(f"{p}: not a radguard pseudonym key (64 hex digits)") from exc
-        if len(key) < 16:
-            raise DeidError(f"{p}: pseudonym key too short")
-        return key, f"pseudonym key {p}"
-    key = secrets.token_bytes(32)
-    atomic_write_bytes(p, key.hex().encode() + b"\n", 0o600)
-    os.chmod(p, 0o600)
-    return key, f"new pseudonym key written to {p} (keep it secret; it links future runs)"
-
-
 def _region(text: str) -> tuple[int, int, int, int]:
     try:
         x, y, w, h = (int(v) for v in text.split(","))
@@ -421,11 +396,18 @@ def deid(inputs: tuple[str, ...], out: str, options_text: str, pseudonym_key: st
     reported and skipped; exits 1 if any input failed or needs a look for burned-in text, 2
     if none could be de-identified."""
     from radguard.dicom.io import iter_dicom_paths
-    from radguard.governance.deid import Deidentifier, DeidOptions, deidentify_file
+    from radguard.governance.deid import (
+        Deidentifier,
+        DeidOptions,
+        deidentify_file,
+    )
+    from radguard.governance.deid import (
+        pseudonym_key as read_pseudonym_key,
+    )
 
     options = DeidOptions.parse(options_text)
     signer = _signer(key, cert, passphrase_file)
-    secret, note = _pseudonym_key(pseudonym_key)
+    secret, note = read_pseudonym_key(pseudonym_key)
     tool = Deidentifier(secret, options, blank_regions=[_region(r) for r in regions])
     paths = list(iter_dicom_paths(inputs))
     if not paths:

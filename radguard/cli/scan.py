@@ -65,27 +65,15 @@ def dicom_info(paths: tuple[str, ...], no_pixels: bool) -> None:
 def dicom_audit(paths: tuple[str, ...], as_json: bool) -> None:
     """Header consistency checks (UIDs, dates, pixels vs header, provenance flags), per file
     and across the files given. Exit 1 if any medium or high finding."""
-    from radguard.dicom.io import iter_dicom_paths, read_dataset
-    from radguard.forensics import check_collection, check_metadata
+    from radguard.dicom.io import iter_dicom_paths
+    from radguard.forensics import audit_files
 
     files = list(iter_dicom_paths(paths))
     if not files:
         raise RadguardError("no input files found")
-    per_file: dict[str, list[dict[str, str]]] = {}
-    loaded = []
     with _progress(len(files), "auditing") as progress:
         task = progress.add_task("audit", total=len(files))
-        for f in files:
-            try:
-                ds = read_dataset(f, stop_before_pixels=False)
-                per_file[str(f)] = [x.to_dict() for x in check_metadata(ds)]
-                loaded.append((str(f), ds))
-            except RadguardError as exc:
-                per_file[str(f)] = [{"code": "unreadable", "severity": "high",
-                                     "message": str(exc)}]
-            progress.advance(task)
-    for name, finding in check_collection(loaded):
-        per_file[name].append(finding.to_dict())
+        per_file = audit_files(files, on_file=lambda _f: progress.advance(task))
     worst = False
     for name, findings in per_file.items():
         worst |= any(x["severity"] in ("medium", "high") for x in findings)

@@ -38,9 +38,8 @@ def triage_predict(paths: tuple[str, ...], model_name: str, as_json: bool,
     suspicion, and whether the model's operating point calls it positive. Images outside the
     model's scope get a reason, never a score. Exit 1 if any image could not be scored."""
     from radguard.dicom.io import iter_dicom_paths
-    from radguard.images import read_pixels
     from radguard.triage.model import load_model
-    from radguard.triage.results import write_results
+    from radguard.triage.results import SCORE_COLUMNS, score_file, score_row, unscored_record
 
     model = load_model(model_name)
     files = list(iter_dicom_paths(paths))
@@ -55,22 +54,11 @@ def triage_predict(paths: tuple[str, ...], model_name: str, as_json: bool,
         task = progress.add_task("predict", total=len(files))
         for i, f in enumerate(files):
             try:
-                image = read_pixels(f)
-                pixels, modality, ds = image.pixels, image.modality, image.dataset
-                prediction = model.predict(pixels, modality=modality, path=str(f))
-                record = prediction.to_dict()
-                scored.append({"id": f.name, "path": str(f), "score": prediction.probability,
-                               "suspicion": prediction.suspicion,
-                               "positive": int(prediction.positive),
-                               "model": model.card.name, "version": model.card.version})
-                if out_dir:
-                    record.update(write_results(model, prediction, pixels, ds,
-                                                out_dir / f"{i:05d}-{f.stem}"))
+                record = score_file(model, f, out_dir / f"{i:05d}-{f.stem}" if out_dir else None,
+                                    on_scored=lambda p, f=f: scored.append(score_row(model, f, p)))
             except RadguardError as exc:
                 all_ok = False
-                record = {"path": str(f), "probability": None, "suspicion": None,
-                          "model": model.card.name, "version": model.card.version,
-                          "error": str(exc)}
+                record = unscored_record(model, f, exc)
             if as_json:
                 click.echo(json.dumps(record))
             elif record.get("error"):
@@ -85,8 +73,7 @@ def triage_predict(paths: tuple[str, ...], model_name: str, as_json: bool,
     if csv_path:
         from radguard.fileio import write_csv
 
-        write_csv(csv_path, scored, ["id", "path", "score", "suspicion", "positive", "model",
-                                      "version"])
+        write_csv(csv_path, scored, SCORE_COLUMNS)
     sys.exit(0 if all_ok else 1)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import click
@@ -163,31 +162,10 @@ def watermark_restore(source: str, out: str, key_path: str) -> None:
 def watermark_export(source: str, out: str, key_path: str, quality: int,
                      registry: str) -> None:
     """Export an 8-bit copy carrying a robust, traceable export ID."""
-    import io as _io
+    from radguard.watermark import export_file, load_key
 
-    from PIL import Image
-
-    from radguard.dicom.io import peek, read_dataset
-    from radguard.dicom.pixels import pixel_info
-    from radguard.fileio import atomic_write_bytes
-    from radguard.images import display_frame
-    from radguard.watermark import embed_export_mark, load_key, new_export_id, register_export
-
-    key = load_key(key_path)
-    ds = read_dataset(source)
-    if pixel_info(ds).samples_per_pixel != 1:
-        raise RadguardError(f"{source}: only monochrome images can be exported with a mark")
-    grey = display_frame(ds)
-    export_id = new_export_id()
-    marked = embed_export_mark(grey, key, export_id)
-    buf = _io.BytesIO()
-    fmt = "JPEG" if Path(out).suffix.lower() in (".jpg", ".jpeg") else "PNG"
-    Image.fromarray(marked).save(buf, fmt, **({"quality": quality} if fmt == "JPEG" else {}))
-    atomic_write_bytes(out, buf.getvalue())
-    register_export(registry, export_id, {
-        "sop_instance_uid": str(peek(ds, "SOPInstanceUID", "") or ""),
-        "study_instance_uid": str(peek(ds, "StudyInstanceUID", "") or ""),
-        "source": source, "file": out})
+    export_id = export_file(source, out, load_key(key_path), quality=quality,
+                            registry=registry)
     click.echo(f"exported {source} -> {out} (export ID {export_id:012x}, registered in "
                f"{registry})")
 
