@@ -135,8 +135,13 @@ def test_bare_install_signs_and_verifies(bare_env: Path, tmp_path: Path) -> None
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert verified.stdout.startswith("VALID")
 
-    marked = run("watermark", "keygen", "-o", "wm.key")
-    assert marked.returncode == 0, marked.stderr
+    for command in (["watermark", "keygen", "-o", "wm.key"],
+                    ["watermark", "embed", str(NIH_DX), "-o", "marked.dcm", "--key", "wm.key",
+                     "--identity", "DX Room 1"],
+                    ["watermark", "check", "marked.dcm", "--key", "wm.key"],
+                    ["deid", str(NIH_DX), "-o", "deid"]):
+        done = run(*command)
+        assert done.returncode == 0, f"{command}: {done.stdout}{done.stderr}"
     audit = run("dicom", "audit", str(NIH_DX))
     assert audit.returncode in (0, 1), audit.stderr  # findings, not a missing dependency
     assert "extra" not in audit.stderr

@@ -6,6 +6,7 @@ validly signed), 2 bad usage or bad input, or a file that cannot be read or writ
 permission, read-only file system, file too large, disk full: outputs are written atomically,
 so nothing half-written is left), 3 internal error, 130 interrupted, 141 the reader of the
 output went away (``radguard verify ... | head``).
+
 The package has one module per command group, each command a thin wrapper over a library
 function the Python API exposes too: :mod:`~radguard.cli.provenance` (keys, sign, verify),
 :mod:`~radguard.cli.watermark`, :mod:`~radguard.cli.scan` (dicom, scan),
