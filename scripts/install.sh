@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install radguard and everything it needs on a fresh Debian machine (run as root or with sudo).
-#   bash scripts/install.sh          # runtime: dcmtk + the radguard package + the OHIF Viewer
+#   bash scripts/install.sh          # runtime: dcmtk + radguard[all] + the OHIF Viewer
 #   bash scripts/install.sh --dev    # plus test and lint tools
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,7 +33,9 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
-extras=""
+# every extra (ai, gateway, scale, onnx: pyproject.toml), so the gateway, triage, forensics
+# and archive audits all work; --dev adds the test and lint tools (and pulls [all] too)
+extras="[all]"
 if [ "${1:-}" = "--dev" ]; then extras="[dev]"; fi
 python -m pip install --quiet --disable-pip-version-check -e ".${extras}"
 # pyenv installs console scripts behind shims that must be regenerated

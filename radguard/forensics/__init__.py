@@ -10,7 +10,7 @@
 """
 
 from radguard.forensics.cues import CueError
-from radguard.forensics.metadata import Finding, check_collection, check_metadata
+from radguard.forensics.metadata import Finding, audit_files, check_collection, check_metadata
 from radguard.forensics.scan import VERDICTS, ScanResult, scan_file, write_heatmap
 from radguard.forensics.synthetic import Cue, SyntheticDetector, SyntheticResult, load_detector
 from radguard.forensics.tamper import TamperError, TamperResult, detect_tamper
@@ -25,6 +25,7 @@ __all__ = [
     "SyntheticResult",
     "TamperError",
     "TamperResult",
+    "audit_files",
     "check_collection",
     "check_metadata",
     "detect_tamper",

@@ -79,13 +79,16 @@ __all__ = [
     "CalibrationError",
     "CalibrationFile",
     "CalibrationPolicy",
+    "KnownRealRun",
     "OperatingPoint",
     "SourceScores",
     "Threshold",
     "conformal_threshold",
     "known_real_scores",
     "needed",
+    "not_known_real",
     "operating_point",
+    "record_known_real",
 ]
 
 #: the origin prefix of scores held for review (recorded, not counted)
@@ -533,3 +536,69 @@ class SourceScores:
         with self._lock:
             self._points.pop(source, None)
             self._calibrated = None
+
+
+@dataclass
+class KnownRealRun:
+    """What :func:`record_known_real` did: images added, already known (same content), and
+    the files skipped (``path: reason``)."""
+
+    added: int = 0
+    known: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+
+def not_known_real(result: Any) -> str:  # noqa: ANN401 (forensics.scan.ScanResult)
+    """Why a file given as known-real is not taken as such ('' when it is): what the
+    gateway would not record either."""
+    if any(f.code == "synthetic-data" for f in result.findings):
+        return "declared synthetic (Synthetic Data = YES)"
+    if result.signature == "invalid":
+        return "its signature no longer matches: not the signed original"
+    if result.watermark == "changed":
+        return "its watermark shows changed blocks: not the original"
+    if result.marked and not result.restored:
+        return ("it carries radguard's watermark and was not restored (give "
+                "--watermark-key): its pixels are not the device's")
+    return ""
+
+
+def _unscored(result: Any) -> str:  # noqa: ANN401
+    """Why no detector scored a file: the first reason that says so."""
+    for reason in result.reasons:
+        if "not applied" in reason or "cannot" in reason or "too small" in reason:
+            return reason
+    return result.reasons[0] if result.reasons else "no detector could score it"
+
+
+def record_known_real(scores: SourceScores, source: str,
+                      files: Sequence[str | os.PathLike[str]], *,
+                      watermark_key: Any = None, detector: Any = None,  # noqa: ANN401
+                      on_file: Any = None) -> KnownRealRun:  # noqa: ANN401
+    """Score ``files`` (known-real images of ``source``, as it normally sends them) with the
+    content detectors and record them in ``scores`` (origin ``offline``), each image once
+    by its content hash; files declared synthetic, altered, still watermarked or that no
+    detector scores are skipped with the reason. ``on_file`` is called after each file."""
+    import hashlib
+
+    from radguard.forensics.scan import scan_file
+    from radguard.forensics.synthetic import load_detector
+
+    detector = detector if detector is not None else load_detector()
+    run = KnownRealRun()
+    for f in files:
+        result = scan_file(f, watermark_key=watermark_key, detector=detector)
+        values = {"synthetic": result.synthetic_score,
+                  "local_edit": result.tamper.local_edit_score if result.tamper else None}
+        values = {k: float(v) for k, v in values.items() if v is not None}
+        refused = not_known_real(result)
+        if refused or not values:
+            run.skipped.append(f"{f}: {refused or _unscored(result)}")
+        else:
+            item = hashlib.sha256(Path(f).read_bytes()).hexdigest()
+            new = scores.record(source, values, item=item, origin="offline")
+            run.added += bool(new)
+            run.known += not new
+        if on_file is not None:
+            on_file(f)
+    return run

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import os
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import cast
 
@@ -32,7 +33,7 @@ from radguard.dicom.pixels import pixel_array, pixel_info
 from radguard.dicom.uids import is_valid_uid
 from radguard.errors import RadguardError
 
-__all__ = ["Finding", "check_collection", "check_metadata"]
+__all__ = ["Finding", "audit_files", "check_collection", "check_metadata"]
 
 SEVERITIES = ("info", "low", "medium", "high")
 _ACQUISITION_MODALITIES = {"CR", "DX", "MG", "CT", "MR", "XA", "RF", "US", "NM", "PT", "IO"}
@@ -284,3 +285,28 @@ def check_collection(datasets: Iterable[tuple[str, Dataset]]) -> list[tuple[str,
                                           f"Study Instance UID {study} is shared by "
                                           f"{len(patients)} different patients")))
     return out
+
+
+def audit_files(files: Iterable[str | os.PathLike[str]], *,
+                on_file: Callable[[str], None] | None = None
+                ) -> dict[str, list[dict[str, str]]]:
+    """Header findings (as dicts) of each file, by path: its own checks, then those across
+    all the files (:func:`check_collection`); a file that cannot be read has one high
+    ``unreadable`` finding. ``on_file`` is called after each file."""
+    from radguard.dicom.io import read_dataset
+
+    per_file: dict[str, list[dict[str, str]]] = {}
+    loaded = []
+    for f in files:
+        try:
+            ds = read_dataset(f, stop_before_pixels=False)
+            per_file[str(f)] = [x.to_dict() for x in check_metadata(ds)]
+            loaded.append((str(f), ds))
+        except RadguardError as exc:
+            per_file[str(f)] = [{"code": "unreadable", "severity": "high",
+                                 "message": str(exc)}]
+        if on_file is not None:
+            on_file(str(f))
+    for name, finding in check_collection(loaded):
+        per_file[name].append(finding.to_dict())
+    return per_file

@@ -52,7 +52,7 @@ from radguard import __version__
 from radguard.errors import RadguardError
 
 __all__ = ["OPTION_CODES", "DeidError", "DeidOptions", "DeidReport", "Deidentifier",
-           "deidentify_file", "profile_table"]
+           "deidentify_file", "profile_table", "pseudonym_key"]
 
 # CID 7050 De-identification Method codes (scheme DCM)
 BASIC_PROFILE_CODE = ("113100", "Basic Application Confidentiality Profile")
@@ -499,3 +499,26 @@ def deidentify_file(src: str | os.PathLike[str], out_dir: str | os.PathLike[str]
     dst = Path(out_dir) / f"{name}.dcm"
     write_dataset(ds, dst, transfer_syntax)
     return dst, report
+
+
+def pseudonym_key(path: str | os.PathLike[str] | None) -> tuple[bytes | None, str]:
+    """The key that keeps pseudonyms and UIDs consistent across runs, read from ``path``
+    (64 hex digits) or made there (mode 0600) when missing, and a note saying which; None
+    (consistent within one run only) without a path."""
+    if not path:
+        return None, "pseudonyms consistent within this run only (give --pseudonym-key)"
+    from radguard.fileio import atomic_write_bytes
+
+    p = Path(path)
+    if p.exists():
+        try:
+            key = bytes.fromhex(p.read_text().strip())
+        except (OSError, ValueError) as exc:
+            raise DeidError(f"{p}: not a radguard pseudonym key (64 hex digits)") from exc
+        if len(key) < 16:
+            raise DeidError(f"{p}: pseudonym key too short")
+        return key, f"pseudonym key {p}"
+    key = secrets.token_bytes(32)
+    atomic_write_bytes(p, key.hex().encode() + b"\n", 0o600)
+    os.chmod(p, 0o600)
+    return key, f"new pseudonym key written to {p} (keep it secret; it links future runs)"

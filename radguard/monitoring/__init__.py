@@ -27,6 +27,13 @@ from radguard.monitoring.notify import (
     WebhookNotifier,
     notifiers_from_config,
 )
+from radguard.monitoring.tables import (
+    apply_labels,
+    fit_reference_table,
+    ingest_table,
+    read_labels,
+    read_reference,
+)
 
 __all__ = [
     "IMAGE_FEATURES",
@@ -46,14 +53,19 @@ __all__ = [
     "NotifyError",
     "Signal",
     "WebhookNotifier",
+    "apply_labels",
     "calibrate_decay",
     "calibrate_threshold",
     "chi2_test",
     "estimate_performance",
+    "fit_reference_table",
     "image_features",
+    "ingest_table",
     "ks_test",
     "metadata_features",
     "mmd_test",
     "notifiers_from_config",
     "psi",
+    "read_labels",
+    "read_reference",
 ]

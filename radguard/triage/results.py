@@ -11,6 +11,8 @@ first, and nothing is written or stored unless all of them were.
 from __future__ import annotations
 
 import io
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +22,8 @@ from pydicom.dataset import Dataset
 from radguard.errors import RadguardError
 from radguard.triage.model import Prediction, TriageModel
 
-__all__ = ["FINDINGS", "ResultSet", "build_results", "write_results"]
+__all__ = ["FINDINGS", "SCORE_COLUMNS", "ResultSet", "build_results", "score_file", "score_row",
+           "unscored_record", "write_results"]
 
 # what each reference model's positive class means, as an SR finding (SNOMED CT)
 FINDINGS = {"chest": ("Pneumonia", ("233604007", "SCT")),
@@ -129,3 +132,44 @@ def write_results(model: TriageModel, prediction: Prediction, pixels: np.ndarray
             Path(done).unlink(missing_ok=True)
         raise RadguardError(f"cannot write the results ({exc.strerror or exc})") from exc
     return written
+
+
+#: The columns of a scores CSV (``radguard triage predict --csv``), ready for ``evaluate``.
+SCORE_COLUMNS = ["id", "path", "score", "suspicion", "positive", "model", "version"]
+
+
+def score_file(model: TriageModel, path: str | os.PathLike[str],
+               out_prefix: str | os.PathLike[str] | None = None, *,
+               on_scored: Callable[[Prediction], None] | None = None) -> dict[str, object]:
+    """Score one image file (DICOM, PNG, JPEG) with ``model``: its JSON record
+    (:meth:`Prediction.to_dict`), with the results written under ``out_prefix`` when given
+    (:func:`write_results`: overlay, and for DICOM the SR, SEG and SC). ``on_scored`` gets
+    the prediction before anything is written. Raises RadguardError for an image outside
+    the model's scope or one that cannot be read."""
+    from radguard.images import read_pixels
+
+    image = read_pixels(path)
+    prediction = model.predict(image.pixels, modality=image.modality, path=str(path))
+    record = prediction.to_dict()
+    if on_scored is not None:
+        on_scored(prediction)
+    if out_prefix is not None:
+        record.update(write_results(model, prediction, image.pixels, image.dataset,
+                                    Path(out_prefix)))
+    return record
+
+
+def score_row(model: TriageModel, path: str | os.PathLike[str],
+              prediction: Prediction) -> dict[str, object]:
+    """One row of a scores CSV (:data:`SCORE_COLUMNS`): id = the file name, score = the
+    calibrated probability."""
+    return {"id": Path(path).name, "path": str(path), "score": prediction.probability,
+            "suspicion": prediction.suspicion, "positive": int(prediction.positive),
+            "model": model.card.name, "version": model.card.version}
+
+
+def unscored_record(model: TriageModel, path: str | os.PathLike[str],
+                    error: Exception) -> dict[str, object]:
+    """The JSON record of an image the model gave no score, with the reason."""
+    return {"path": str(path), "probability": None, "suspicion": None,
+            "model": model.card.name, "version": model.card.version, "error": str(error)}

@@ -31,8 +31,8 @@ from radguard.errors import RadguardError
 from radguard.fileio import atomic_writer
 from radguard.watermark.keys import WatermarkKey
 
-__all__ = ["ExportMark", "decode_export_mark", "embed_export_mark", "new_export_id",
-           "register_export", "lookup_export"]
+__all__ = ["ExportMark", "decode_export_mark", "embed_export_mark", "export_file",
+           "new_export_id", "register_export", "lookup_export"]
 
 GRID = 32
 ID_BITS = 48
@@ -185,3 +185,34 @@ def lookup_export(registry: str | os.PathLike[str], export_id: int) -> dict[str,
         if entry.get("export_id") == wanted:
             return entry
     return None
+
+
+def export_file(source: str | os.PathLike[str], out: str | os.PathLike[str],
+                key: WatermarkKey, *, quality: int = 90,
+                registry: str | os.PathLike[str] = "radguard-exports.jsonl") -> int:
+    """Write an 8-bit copy of the monochrome DICOM image ``source`` to ``out`` (JPEG for a
+    .jpg/.jpeg name at ``quality``, else PNG) carrying the robust mark of a new export ID,
+    and record the ID with the instance's UIDs in ``registry``; returns the ID."""
+    import io
+
+    from PIL import Image
+
+    from radguard.dicom.io import peek, read_dataset
+    from radguard.dicom.pixels import pixel_info
+    from radguard.fileio import atomic_write_bytes
+    from radguard.images import display_frame
+
+    ds = read_dataset(source)
+    if pixel_info(ds).samples_per_pixel != 1:
+        raise ExportMarkError(f"{source}: only monochrome images can be exported with a mark")
+    export_id = new_export_id()
+    marked = embed_export_mark(display_frame(ds), key, export_id)
+    buf = io.BytesIO()
+    fmt = "JPEG" if Path(out).suffix.lower() in (".jpg", ".jpeg") else "PNG"
+    Image.fromarray(marked).save(buf, fmt, **({"quality": quality} if fmt == "JPEG" else {}))
+    atomic_write_bytes(out, buf.getvalue())
+    register_export(registry, export_id, {
+        "sop_instance_uid": str(peek(ds, "SOPInstanceUID", "") or ""),
+        "study_instance_uid": str(peek(ds, "StudyInstanceUID", "") or ""),
+        "source": os.fspath(source), "file": os.fspath(out)})
+    return export_id

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from radguard.cli_common import _progress, _read_passphrase, _workers_option
+from radguard.cli.common import _progress, _read_passphrase, _workers_option
 
 
 def _audit_log(path: str | None):  # noqa: ANN202
@@ -362,31 +362,6 @@ def dataset_adjudicate_resolve(readers: str, adjudicated: str, out_path: str, ru
 
 # -- de-identification -----------------------------------------------------------------------
 
-def _pseudonym_key(path: str | None) -> tuple[bytes | None, str]:
-    """The key that keeps pseudonyms and UIDs consistent across runs (made if missing)."""
-    if not path:
-        return None, "pseudonyms consistent within this run only (give --pseudonym-key)"
-    import os
-    import secrets
-
-    from radguard.fileio import atomic_write_bytes
-    from radguard.governance.deid import DeidError
-
-    p = Path(path)
-    if p.exists():
-        try:
-            key = bytes.fromhex(p.read_text().strip())
-        except (OSError, ValueError) as exc:
-            raise DeidError(f"{p}: not a radguard pseudonym key (64 hex digits)") from exc
-        if len(key) < 16:
-            raise DeidError(f"{p}: pseudonym key too short")
-        return key, f"pseudonym key {p}"
-    key = secrets.token_bytes(32)
-    atomic_write_bytes(p, key.hex().encode() + b"\n", 0o600)
-    os.chmod(p, 0o600)
-    return key, f"new pseudonym key written to {p} (keep it secret; it links future runs)"
-
-
 def _region(text: str) -> tuple[int, int, int, int]:
     try:
         x, y, w, h = (int(v) for v in text.split(","))
@@ -421,11 +396,18 @@ def deid(inputs: tuple[str, ...], out: str, options_text: str, pseudonym_key: st
     reported and skipped; exits 1 if any input failed or needs a look for burned-in text, 2
     if none could be de-identified."""
     from radguard.dicom.io import iter_dicom_paths
-    from radguard.governance.deid import Deidentifier, DeidOptions, deidentify_file
+    from radguard.governance.deid import (
+        Deidentifier,
+        DeidOptions,
+        deidentify_file,
+    )
+    from radguard.governance.deid import (
+        pseudonym_key as read_pseudonym_key,
+    )
 
     options = DeidOptions.parse(options_text)
     signer = _signer(key, cert, passphrase_file)
-    secret, note = _pseudonym_key(pseudonym_key)
+    secret, note = read_pseudonym_key(pseudonym_key)
     tool = Deidentifier(secret, options, blank_regions=[_region(r) for r in regions])
     paths = list(iter_dicom_paths(inputs))
     if not paths:
@@ -617,141 +599,3 @@ def audit_archive_command(source: str, results_path: str | None, workers: int,
     if len(summary.attention) > 20:
         click.echo(f"  ... {len(summary.attention) - 20} more (see {results})")
     sys.exit(1 if summary.attention else 0)
-
-
-def _check_processes(_ctx: click.Context, _param: click.Parameter,
-                     value: str | None) -> int | str | None:
-    """--check-processes: "auto" or a whole number 0-32."""
-    if value is None or value == "auto":
-        return value
-    if not value.isdigit() or int(value) > 32:
-        raise click.BadParameter(f'{value!r}: "auto" or a number 0-32')
-    return int(value)
-
-
-@click.command()
-@click.option("--config", "config_path", type=click.Path(dir_okay=False),
-              help="TOML configuration (see radguard/gateway/config.py for every key).")
-@click.option("--data-dir", help="Store folder (default radguard-data).")
-@click.option("--dicom-port", type=click.IntRange(0, 65535),
-              help="C-STORE/C-ECHO port (default 11112; 0 picks a free one).")
-@click.option("--http-port", type=click.IntRange(0, 65535), help="HTTP port (default 8080).")
-@click.option("--ae-title", help="Our AE title (default RADGUARD).")
-@click.option("--host", help="Address to listen on (default 127.0.0.1).")
-@click.option("--forward", "forward_dimse", help="PACS to forward to, AE@host:port.")
-@click.option("--db-url", help="PostgreSQL URL for the index and queue (default: SQLite in "
-                                "the data folder).")
-@click.option("--check-processes", callback=_check_processes, metavar="auto|N",
-              help="Run the checks in N separate processes (default auto: one per core, at "
-                   "most 4, none on a single core; 0: in the gateway process).")
-def serve(config_path: str | None, data_dir: str | None, dicom_port: int | None,
-          http_port: int | None, ae_title: str | None, host: str | None,
-          forward_dimse: str | None, db_url: str | None,
-          check_processes: int | str | None) -> None:
-    """Run the gateway: receive (C-STORE), verify, scan, triage, quarantine or forward.
-    Stops cleanly on Ctrl-C or SIGTERM; a restart resumes unfinished work."""
-    import signal
-    import threading
-
-    from radguard.gateway import Gateway, load_config
-
-    config = load_config(config_path, data_dir=data_dir, dicom_port=dicom_port,
-                         http_port=http_port, ae_title=ae_title, host=host,
-                         forward_dimse=forward_dimse, db_url=db_url,
-                         check_processes=check_processes)
-    gateway = Gateway(config)
-    gateway.start()
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    click.echo(f"radguard gateway {config.ae_title} listening for DICOM on "
-               f"{config.host}:{gateway.dicom.port}; worklist and DICOMweb on "
-               f"http://{config.host}:{gateway.http_port}/ ; store {config.data_dir}", err=True)
-    for layer, state in gateway.pipeline.layers().items():
-        click.echo(f"  {layer}: {state}", err=True)
-    stop.wait()
-    click.echo("stopping...", err=True)
-    gateway.stop()
-
-
-@click.group()
-def user() -> None:
-    """Gateway users (roles: technologist, radiologist, admin, auditor) and their tokens."""
-
-
-def _data_dir_option(func):  # noqa: ANN001, ANN202
-    func = click.option("--db-url", help="PostgreSQL URL, when the gateway uses one.")(func)
-    return click.option("--data-dir", default="radguard-data", show_default=True,
-                        help="The gateway's store folder.")(func)
-
-
-@user.command("add")
-@click.argument("name")
-@click.option("--role", type=click.Choice(["technologist", "radiologist", "admin", "auditor"]),
-              required=True)
-@click.option("--password-file", type=click.Path(dir_okay=False),
-              help="File whose first line is the password (default: asked for).")
-@_data_dir_option
-def user_add(name: str, role: str, password_file: str | None, data_dir: str,
-             db_url: str | None) -> None:
-    """Create a user, or reset one's password and role (which revokes its tokens)."""
-    from radguard.gateway.auth import Users
-    from radguard.gateway.store import Store
-
-    if password_file:
-        password = (_read_passphrase(password_file) or b"").decode()
-    else:
-        password = click.prompt("password", hide_input=True, confirmation_prompt=True)
-    revoked = Users(Store(data_dir, db_url)).add(name, role, password)
-    _audit_log(str(Path(data_dir) / "audit.jsonl")).append(
-        "user.add", name, {"role": role, **({"tokens_revoked": revoked} if revoked else {})})
-    click.echo(f"user {name} ({role}) saved" + (f"; {revoked} token(s) revoked" if revoked
-                                                 else ""))
-
-
-@user.command("token")
-@click.argument("name")
-@click.option("--days", type=click.IntRange(1, 365), default=30, show_default=True)
-@_data_dir_option
-def user_token(name: str, days: int, data_dir: str, db_url: str | None) -> None:
-    """Issue a bearer token (printed once; radguard keeps only its hash)."""
-    from radguard.gateway.auth import Users
-    from radguard.gateway.store import Store
-
-    token = Users(Store(data_dir, db_url)).issue_token(name, days)
-    _audit_log(str(Path(data_dir) / "audit.jsonl")).append("user.token", name, {"days": days})
-    click.echo(token)
-
-
-@user.command("revoke")
-@click.argument("name")
-@_data_dir_option
-def user_revoke(name: str, data_dir: str, db_url: str | None) -> None:
-    """Revoke every token of a user (its web sessions end with their next request)."""
-    from radguard.gateway.auth import Users
-    from radguard.gateway.store import Store
-
-    revoked = Users(Store(data_dir, db_url)).revoke_all(name)
-    _audit_log(str(Path(data_dir) / "audit.jsonl")).append("user.revoke", name,
-                                                           {"tokens": revoked})
-    click.echo(f"user {name}: {revoked} token(s) revoked")
-
-
-@user.command("remove")
-@click.argument("name")
-@_data_dir_option
-def user_remove(name: str, data_dir: str, db_url: str | None) -> None:
-    """Delete a user and all its tokens (its web sessions end at once)."""
-    from radguard.gateway.auth import Users
-    from radguard.gateway.store import Store
-
-    revoked = Users(Store(data_dir, db_url)).remove(name)
-    _audit_log(str(Path(data_dir) / "audit.jsonl")).append("user.remove", name,
-                                                           {"tokens": revoked})
-    click.echo(f"user {name} removed ({revoked} token(s) revoked)")
-
-
-def register(main: click.Group) -> None:
-    """Attach the governance commands to the main ``radguard`` group."""
-    for command in (dataset, audit, deid, audit_archive_command, serve, user):
-        main.add_command(command)

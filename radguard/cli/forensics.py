@@ -4,7 +4,6 @@ known-real images (:mod:`radguard.forensics.calibration`), and the store ``radgu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -13,11 +12,11 @@ from typing import Any
 
 import click
 
-from radguard.cli_common import _progress
+from radguard.cli.common import _progress
 from radguard.errors import RadguardError
 
 __all__ = ["DEFAULT_STORE_ENV", "calibration_options", "default_store", "note_unknown_source",
-           "open_scores", "register"]
+           "open_scores"]
 
 DEFAULT_STORE_ENV = "RADGUARD_CALIBRATION"
 
@@ -99,8 +98,7 @@ def calibrate(folders: tuple[str, ...], source: str, key_path: str | None, as_js
     normally arrives (same processing). Each image counts once, however often it is given.
     Prints the source's thresholds and whether it is calibrated."""
     from radguard.dicom.io import iter_dicom_paths
-    from radguard.forensics.calibration import DETECTORS
-    from radguard.forensics.scan import scan_file
+    from radguard.forensics.calibration import DETECTORS, record_known_real
     from radguard.forensics.synthetic import load_detector
 
     source = source.strip()
@@ -116,24 +114,11 @@ def calibrate(folders: tuple[str, ...], source: str, key_path: str | None, as_js
     files = list(iter_dicom_paths(folders))
     if not files:
         raise RadguardError("no input files found")
-    added = known = 0
-    skipped: list[str] = []
     with _progress(len(files), "calibrating") as progress:
         task = progress.add_task("calibrate", total=len(files))
-        for f in files:
-            result = scan_file(f, watermark_key=key, detector=detector)
-            values = {"synthetic": result.synthetic_score,
-                      "local_edit": result.tamper.local_edit_score if result.tamper else None}
-            values = {k: float(v) for k, v in values.items() if v is not None}
-            refused = _not_known_real(result)
-            if refused or not values:
-                skipped.append(f"{f}: {refused or _unscored(result)}")
-            else:
-                item = hashlib.sha256(Path(f).read_bytes()).hexdigest()
-                new = scores.record(source, values, item=item, origin="offline")
-                added += bool(new)
-                known += not new
-            progress.advance(task)
+        run = record_known_real(scores, source, files, watermark_key=key, detector=detector,
+                                on_file=lambda _f: progress.advance(task))
+    added, known, skipped = run.added, run.known, run.skipped
     point = scores.point(source)
     if as_json:
         click.echo(json.dumps({"added": added, "already_known": known, "skipped": skipped,
@@ -151,29 +136,6 @@ def calibrate(folders: tuple[str, ...], source: str, key_path: str | None, as_js
     if not added + known:
         click.echo("radguard: no image could be recorded", err=True)
         sys.exit(1)
-
-
-def _not_known_real(result: Any) -> str:  # noqa: ANN401 (forensics.scan.ScanResult)
-    """Why a file given as known-real is not taken as such ('' when it is): what the
-    gateway would not record either."""
-    if any(f.code == "synthetic-data" for f in result.findings):
-        return "declared synthetic (Synthetic Data = YES)"
-    if result.signature == "invalid":
-        return "its signature no longer matches: not the signed original"
-    if result.watermark == "changed":
-        return "its watermark shows changed blocks: not the original"
-    if result.marked and not result.restored:
-        return ("it carries radguard's watermark and was not restored (give "
-                "--watermark-key): its pixels are not the device's")
-    return ""
-
-
-def _unscored(result: Any) -> str:  # noqa: ANN401
-    """Why no detector scored a file: the first reason that says so."""
-    for reason in result.reasons:
-        if "not applied" in reason or "cannot" in reason or "too small" in reason:
-            return reason
-    return result.reasons[0] if result.reasons else "no detector could score it"
 
 
 def _print_point(point: Any, detectors: tuple[str, ...], scores: Any) -> None:  # noqa: ANN401
@@ -256,11 +218,6 @@ def held(source: str | None, accept: tuple[str, ...], discard: tuple[str, ...],
                        f"{values})")
     if not waiting and not as_json:
         click.echo("nothing held for review", err=True)
-
-
-def register(main: click.Group) -> None:
-    """Attach ``radguard forensics`` to the main group."""
-    main.add_command(forensics)
 
 
 def note_unknown_source(scores: Any, source: str) -> None:  # noqa: ANN401
