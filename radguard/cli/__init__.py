@@ -61,7 +61,7 @@ class _Group(click.Group):
     """Turns RadguardError, and files that cannot be read or written, into a one-line
     message and exit code 2; hides tracebacks."""
 
-    def invoke(self, ctx: click.Context) -> Any:  # noqa: ANN401
+    def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except RadguardError as exc:

@@ -87,7 +87,7 @@ _passphrase_option = click.option(
 )
 
 
-def _progress(total: int, label: str):  # noqa: ANN202
+def _progress(total: int, label: str):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 

@@ -30,7 +30,7 @@ def default_store() -> Path:
 
 
 def open_scores(store: str | None, target: float, provisional: float, *,
-                create: bool = True) -> Any:  # noqa: ANN401
+                create: bool = True) -> Any:
     """The known-real scores of ``store``: a calibration file (created when missing and
     ``create``), or a gateway's data folder (its SQLite database, so an offline calibration
     seeds a gateway); the default store when None."""
@@ -60,7 +60,7 @@ def open_scores(store: str | None, target: float, provisional: float, *,
     return SourceScores(CalibrationFile(path), policy)
 
 
-def calibration_options(func: Any) -> Any:  # noqa: ANN401
+def calibration_options(func: Any) -> Any:
     """--store, --target and --provisional, shared by the commands that read a calibration."""
     func = click.option(
         "--provisional", "provisional_rate", type=float, default=0.01, show_default=True,
@@ -138,7 +138,7 @@ def calibrate(folders: tuple[str, ...], source: str, key_path: str | None, as_js
         sys.exit(1)
 
 
-def _print_point(point: Any, detectors: tuple[str, ...], scores: Any) -> None:  # noqa: ANN401
+def _print_point(point: Any, detectors: tuple[str, ...], scores: Any) -> None:
     colour = {"calibrated": "green", "provisional": "yellow"}.get(point.status, "red")
     click.echo(f"{click.style(point.status.upper(), fg=colour, bold=True)} {point.source}")
     known = scores.scores(point.source)
@@ -220,7 +220,7 @@ def held(source: str | None, accept: tuple[str, ...], discard: tuple[str, ...],
         click.echo("nothing held for review", err=True)
 
 
-def note_unknown_source(scores: Any, source: str) -> None:  # noqa: ANN401
+def note_unknown_source(scores: Any, source: str) -> None:
     """Warn (stderr) when ``radguard scan --source`` names a source the store does not
     know: a typo would otherwise make every unsigned image unverifiable in silence."""
     if source not in scores.counts():

@@ -74,7 +74,7 @@ def user() -> None:
     """Gateway users (roles: technologist, radiologist, admin, auditor) and their tokens."""
 
 
-def _data_dir_option(func):  # noqa: ANN001, ANN202
+def _data_dir_option(func):  # noqa: ANN001
     func = click.option("--db-url", help="PostgreSQL URL, when the gateway uses one.")(func)
     return click.option("--data-dir", default="radguard-data", show_default=True,
                         help="The gateway's store folder.")(func)

@@ -12,7 +12,7 @@ import click
 from radguard.cli.common import _progress, _read_passphrase, _workers_option
 
 
-def _audit_log(path: str | None):  # noqa: ANN202
+def _audit_log(path: str | None):
     from radguard.governance.auditlog import AuditLog
 
     return AuditLog(path)
@@ -23,7 +23,7 @@ _audit_option = click.option(
     help="Audit log to append to (default $RADGUARD_AUDIT_LOG or ~/.radguard/audit.jsonl).")
 
 
-def _signer(key: str | None, cert: str | None, passphrase_file: str | None):  # noqa: ANN202
+def _signer(key: str | None, cert: str | None, passphrase_file: str | None):
     if not key and not cert:
         return None
     if not (key and cert):
@@ -259,7 +259,7 @@ _rule_options = [
 ]
 
 
-def _with_rule(func):  # noqa: ANN001, ANN202
+def _with_rule(func):  # noqa: ANN001
     for option in reversed(_rule_options):
         func = option(func)
     return func
@@ -475,7 +475,7 @@ def audit() -> None:
     """The hash-chained audit log: verify it, show its head, list entries."""
 
 
-def _chain(log_path: str | None, db_url: str | None):  # noqa: ANN202
+def _chain(log_path: str | None, db_url: str | None):
     """The log file, or the chain in the database gateways sharing one keep."""
     if not db_url:
         return _audit_log(log_path)

@@ -127,7 +127,7 @@ def monitor_ingest(stream: str, db_path: str, audit_path: str | None) -> None:
     click.echo(f"{count} studies ingested; {mon.seq} in total")
 
 
-def _print_alarm(alarm: Any) -> None:  # noqa: ANN401 - a monitoring.Alarm
+def _print_alarm(alarm: Any) -> None:
     """One line per alarm: an episode opened."""
     click.echo(f"ALARM study {alarm.seq} ({alarm.study_id}) site {alarm.site}: "
                f"{alarm.detector} of {alarm.feature} ({alarm.direction}), episode "

@@ -85,7 +85,7 @@ def keys_ca(name: str, out: str, algorithm: str | None, days: int | None,
     click.echo(f"CA certificate: {cert_path}  ({describe_name(cert.subject)})")
 
 
-def _issue(identity: Any, out: str, algorithm: str | None, days: int | None,  # noqa: ANN401
+def _issue(identity: Any, out: str, algorithm: str | None, days: int | None,
            passphrase_file: str | None, force: bool, ca_key: str | None, ca_cert: str | None,
            ca_passphrase_file: str | None) -> None:
     from radguard.provenance.keys import (

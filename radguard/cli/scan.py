@@ -161,7 +161,7 @@ def scan(paths: tuple[str, ...], trust_paths: tuple[str, ...], key_path: str | N
     sys.exit(0 if all_ok else 1)
 
 
-def _print_scan(result: Any, as_json: bool) -> None:  # noqa: ANN401
+def _print_scan(result: Any, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(result.to_dict()))
         return

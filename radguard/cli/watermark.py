@@ -37,7 +37,7 @@ def watermark_keygen(out: str, force: bool) -> None:
     click.echo(f"watermark key: {out} (0600, fingerprint {key.fingerprint})")
 
 
-def _load_pixels_or_dataset(path: str) -> tuple[Any, Any, int]:  # noqa: ANN401
+def _load_pixels_or_dataset(path: str) -> tuple[Any, Any, int]:
     """(dataset or None, pixels or None, bits) for a DICOM or raster input."""
     from radguard.dicom.io import read_dataset
     from radguard.images import is_dicom_path, read_grey

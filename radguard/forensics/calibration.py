@@ -548,7 +548,7 @@ class KnownRealRun:
     skipped: list[str] = field(default_factory=list)
 
 
-def not_known_real(result: Any) -> str:  # noqa: ANN401 (forensics.scan.ScanResult)
+def not_known_real(result: Any) -> str:
     """Why a file given as known-real is not taken as such ('' when it is): what the
     gateway would not record either."""
     if any(f.code == "synthetic-data" for f in result.findings):
@@ -563,7 +563,7 @@ def not_known_real(result: Any) -> str:  # noqa: ANN401 (forensics.scan.ScanResu
     return ""
 
 
-def _unscored(result: Any) -> str:  # noqa: ANN401
+def _unscored(result: Any) -> str:
     """Why no detector scored a file: the first reason that says so."""
     for reason in result.reasons:
         if "not applied" in reason or "cannot" in reason or "too small" in reason:
@@ -573,8 +573,8 @@ def _unscored(result: Any) -> str:  # noqa: ANN401
 
 def record_known_real(scores: SourceScores, source: str,
                       files: Sequence[str | os.PathLike[str]], *,
-                      watermark_key: Any = None, detector: Any = None,  # noqa: ANN401
-                      on_file: Any = None) -> KnownRealRun:  # noqa: ANN401
+                      watermark_key: Any = None, detector: Any = None,
+                      on_file: Any = None) -> KnownRealRun:
     """Score ``files`` (known-real images of ``source``, as it normally sends them) with the
     content detectors and record them in ``scores`` (origin ``offline``), each image once
     by its content hash; files declared synthetic, altered, still watermarked or that no
@@ -588,9 +588,9 @@ def record_known_real(scores: SourceScores, source: str,
     run = KnownRealRun()
     for f in files:
         result = scan_file(f, watermark_key=watermark_key, detector=detector)
-        values = {"synthetic": result.synthetic_score,
-                  "local_edit": result.tamper.local_edit_score if result.tamper else None}
-        values = {k: float(v) for k, v in values.items() if v is not None}
+        found = {"synthetic": result.synthetic_score,
+                 "local_edit": result.tamper.local_edit_score if result.tamper else None}
+        values = {k: float(v) for k, v in found.items() if v is not None}
         refused = not_known_real(result)
         if refused or not values:
             run.skipped.append(f"{f}: {refused or _unscored(result)}")
