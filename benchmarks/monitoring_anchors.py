@@ -169,20 +169,28 @@ def _nml_alerts(df, metrics: Sequence[str], prefix: str,
 # NannyML
 
 
+def _fitted_binary(kind: str, ref_scores: np.ndarray, ref_labels: np.ndarray,
+                   threshold: float, chunk_size: int, metrics: Sequence[str]):
+    """NannyML's ``kind`` (CBPE or PerformanceCalculator) for a binary classifier at
+    ``threshold``, fitted on the labelled reference."""
+    scores, labels, _ = _labelled(ref_scores, ref_labels)
+    fitted = getattr(_nml(), kind)(
+        problem_type="classification_binary", y_pred_proba="score", y_pred="pred",
+        y_true="label", metrics=list(metrics), chunker=_chunker(chunk_size))
+    with _quiet():
+        fitted.fit(_frame(scores, threshold, labels))
+    return fitted
+
+
 class NannyCbpe:
     """CBPE fitted once on a reference; ``.alerts(stream_scores)`` per stream."""
 
     def __init__(self, ref_scores: np.ndarray, ref_labels: np.ndarray, *, threshold: float,
                  chunk_size: int, metrics: Sequence[str] = CBPE_METRICS) -> None:
-        nml = _nml()
         self.threshold, self.chunk_size, self.metrics = float(threshold), int(chunk_size), tuple(
             metrics)
-        scores, labels, _ = _labelled(ref_scores, ref_labels)
-        self._estimator = nml.CBPE(
-            problem_type="classification_binary", y_pred_proba="score", y_pred="pred",
-            y_true="label", metrics=list(self.metrics), chunker=_chunker(chunk_size))
-        with _quiet():
-            self._estimator.fit(_frame(scores, self.threshold, labels))
+        self._estimator = _fitted_binary("CBPE", ref_scores, ref_labels, self.threshold,
+                                         self.chunk_size, self.metrics)
 
     def alerts(self, stream_scores: np.ndarray) -> list[Alert]:
         if len(stream_scores) < self.chunk_size:
@@ -239,18 +247,13 @@ class NannyRealized:
 
     def __init__(self, ref_scores: np.ndarray, ref_labels: np.ndarray, *, threshold: float,
                  chunk_size: int, metrics: Sequence[str] = CBPE_METRICS) -> None:
-        nml = _nml()
         unknown = set(metrics) - set(CBPE_METRICS)
         if unknown:
             raise ValueError(f"NannyRealized supports {CBPE_METRICS}, not {sorted(unknown)}")
         self.threshold, self.chunk_size, self.metrics = float(threshold), int(chunk_size), tuple(
             metrics)
-        scores, labels, _ = _labelled(ref_scores, ref_labels)
-        self._calc = nml.PerformanceCalculator(
-            problem_type="classification_binary", y_pred_proba="score", y_pred="pred",
-            y_true="label", metrics=list(self.metrics), chunker=_chunker(chunk_size))
-        with _quiet():
-            self._calc.fit(_frame(scores, self.threshold, labels))
+        self._calc = _fitted_binary("PerformanceCalculator", ref_scores, ref_labels,
+                                    self.threshold, self.chunk_size, self.metrics)
 
     def alerts(self, stream_scores: np.ndarray, stream_labels: np.ndarray, *,
                exact: bool = False) -> list[Alert]:

@@ -57,9 +57,24 @@ def chromium(profile: Path, *flags: str, log_network: bool = False) -> object:
     return browser
 
 
-def small_images(folder: Path, n: int, *, studies: int = 25, seed: int = 0) -> dict[Path, str]:
-    """``n`` small secondary-capture images with their own UIDs in ``studies`` studies:
-    path -> SOP Instance UID."""
+def fitted_monitor(folder: Path) -> Path:
+    """A drift monitor database fitted on 60 random 32x32 images (grey levels 0-254), in
+    ``folder``."""
+    from radguard.monitoring import IMAGE_FEATURES, Monitor, image_features
+
+    rng = np.random.default_rng(3)
+    rows = [image_features(rng.integers(0, 255, (32, 32)), 255.0) for _ in range(60)]
+    monitor = Monitor(folder / "monitor.db")
+    monitor.fit_reference(np.array([[f[n] for n in IMAGE_FEATURES] for f in rows]),
+                          list(IMAGE_FEATURES))
+    monitor.close()
+    return folder / "monitor.db"
+
+
+def small_images(folder: Path, n: int, *, studies: int = 25, seed: int = 0,
+                 low: int = 0) -> dict[Path, str]:
+    """``n`` small secondary-capture images with their own UIDs in ``studies`` studies,
+    grey levels ``low``-254: path -> SOP Instance UID."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     study_uids = [generate_uid() for _ in range(studies)]
@@ -80,7 +95,7 @@ def small_images(folder: Path, n: int, *, studies: int = 25, seed: int = 0) -> d
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated = ds.BitsStored = 8
         ds.HighBit, ds.PixelRepresentation = 7, 0
-        ds.PixelData = rng.integers(0, 255, (32, 32), dtype=np.uint8).tobytes()
+        ds.PixelData = rng.integers(low, 255, (32, 32), dtype=np.uint8).tobytes()
         path = folder / f"img{i:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         out[path] = str(ds.SOPInstanceUID)

@@ -24,6 +24,7 @@ from pydicom.uid import (
 
 from radguard.gateway import Gateway, GatewayConfig
 from radguard.gateway.auth import Users
+from tests.gateway.conftest import fitted_monitor
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on mangled values
 
@@ -100,19 +101,6 @@ def _watermark_key(tmp_path):
 
     generate_key_file(tmp_path / "wm.key")
     return tmp_path / "wm.key"
-
-
-def fitted_monitor(tmp_path):
-    """A drift monitor database fitted on 60 random images, in ``tmp_path``."""
-    from radguard.monitoring import IMAGE_FEATURES, Monitor, image_features
-
-    rng = np.random.default_rng(3)
-    rows = [image_features(rng.integers(0, 255, (32, 32)), 255.0) for _ in range(60)]
-    monitor = Monitor(tmp_path / "monitor.db")
-    monitor.fit_reference(np.array([[f[n] for n in IMAGE_FEATURES] for f in rows]),
-                          list(IMAGE_FEATURES))
-    monitor.close()
-    return tmp_path / "monitor.db"
 
 
 def test_ten_thousand_malformed_objects(tmp_path):

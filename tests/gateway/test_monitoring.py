@@ -8,37 +8,12 @@ import json
 import threading
 
 import httpx
-import numpy as np
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from radguard.dicom.web import DicomWebClient
 from radguard.gateway.config import ConfigError, GatewayConfig
-from radguard.monitoring import IMAGE_FEATURES, Monitor, image_features
-from tests.gateway.conftest import web_gateway
+from tests.gateway.conftest import fitted_monitor, small_images, web_gateway
 from tests.security.conftest import wait_until
-
-
-def _image(pixels: np.ndarray) -> bytes:
-    import io
-
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.PatientID, ds.PatientName, ds.Modality = "P1", "Test^Drift", "OT"
-    ds.Rows = ds.Columns = 32
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit, ds.PixelRepresentation = 7, 0
-    ds.PixelData = pixels.astype(np.uint8).tobytes()
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
 
 
 class _Receiver(http.server.BaseHTTPRequestHandler):
@@ -55,23 +30,19 @@ class _Receiver(http.server.BaseHTTPRequestHandler):
 
 
 def test_a_shift_is_one_episode_on_the_worklist_and_the_webhook(tmp_path):
-    rng = np.random.default_rng(3)
-    reference = [image_features(rng.integers(0, 255, (32, 32)), 255.0) for _ in range(60)]
-    monitor = Monitor(tmp_path / "monitor.db")
-    monitor.fit_reference(np.array([[f[n] for n in IMAGE_FEATURES] for f in reference]),
-                          list(IMAGE_FEATURES))
-    monitor.close()
+    monitor_db = fitted_monitor(tmp_path)
+    # a "new scanner": every image much brighter than the reference's (grey levels 0-254)
+    bright = small_images(tmp_path / "bright", 30, studies=30, low=200)
     _Receiver.received = []
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    gateway = web_gateway(tmp_path / "data", monitor_db=str(tmp_path / "monitor.db"),
+    gateway = web_gateway(tmp_path / "data", monitor_db=str(monitor_db),
                           notify_webhook=f"http://127.0.0.1:{server.server_port}/radguard")
     try:
         client = DicomWebClient(f"http://127.0.0.1:{gateway.http_port}/dicom-web/",
                                 token=gateway.tokens["tech"])
-        # a "new scanner": every image much brighter than the reference's
-        for _ in range(30):
-            client.store([_image(rng.integers(200, 256, (32, 32)))])
+        for path in bright:
+            client.store([path.read_bytes()])
         assert gateway.wait_idle(120)
         wait_until(lambda: _Receiver.received, 30, "the webhook")
         page = httpx.get(f"http://127.0.0.1:{gateway.http_port}/",

@@ -1030,7 +1030,7 @@ def test_a_full_disk_inside_the_pipeline_requeues_and_never_judges(small_disk, t
     claimed instances go back to the queue (before: quarantined as "pipeline failed"), and
     when space returns they are checked and end ``done``."""
     from radguard.gateway import Gateway, GatewayConfig
-    from tests.gateway.test_fuzz import fitted_monitor
+    from tests.gateway.conftest import fitted_monitor
 
     caplog.set_level("DEBUG", logger="radguard.gateway")
     store = Store(tmp_path / "data")
@@ -1110,7 +1110,7 @@ def test_a_long_storage_outage_in_the_pipeline_never_quarantines(small_disk, tmp
     double across claims, and it ends ``done`` once space returns."""
     from radguard.gateway import Gateway, GatewayConfig
     from radguard.gateway.service import MAX_ATTEMPTS
-    from tests.gateway.test_fuzz import fitted_monitor
+    from tests.gateway.conftest import fitted_monitor
 
     waits = scale_back_off(monkeypatch)
     store = Store(tmp_path / "data")
